@@ -1,0 +1,303 @@
+//! The CPU backend: f32 activations in `Vec`s, weights in their stored dtype widened to f32 tile
+//! by tile inside the GEMM. Work is split across rayon's pool by output columns (GEMM) or rows
+//! (everything else); inner loops are written so LLVM vectorises them.
+
+use rayon::prelude::*;
+
+use crate::rope::{RopeTable, rotate_row};
+use crate::{Backend, HostWeight, Result, WeightData, shape_err};
+
+/// `data: [rows, cols] f32`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// Output columns per GEMM task: enough work per task to amortise widening a tile of weights,
+/// few enough tasks to balance across cores.
+const GEMM_COLS_PER_TASK: usize = 64;
+/// Below this many elements an elementwise op runs on the calling thread.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(shape_err(
+            op,
+            format!("{what} has {got} values, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+fn vector_f32(w: &HostWeight) -> Vec<f32> {
+    w.data.to_f32_vec()
+}
+
+/// `out[m, c] = x[m, k] · w_tileᵀ` with `w_tile: [c, k]` f32, through matrixmultiply's sgemm.
+fn sgemm_tile(x: &[f32], m: usize, k: usize, w_tile: &[f32], c: usize, out: &mut [f32]) {
+    // SAFETY: matrixmultiply reads `m*k` values of `x` with strides (k, 1), `k*c` values of
+    // `w_tile` with strides (1, k) — i.e. the transpose of a row-major [c, k] tile — and writes
+    // `m*c` values of `out` with strides (c, 1). All three slices have exactly those lengths
+    // (asserted by the caller's shape checks and the tile split below).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            c,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w_tile.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            c as isize,
+            1,
+        );
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = HostWeight;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_weight(&self, w: HostWeight) -> Result<HostWeight> {
+        Ok(w)
+    }
+
+    fn weight_shape(&self, w: &HostWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CpuTensor> {
+        check_len("tensor", "data", data.len(), rows * cols)?;
+        Ok(CpuTensor { rows, cols, data })
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    fn shape(&self, t: &CpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn to_host(&self, t: &CpuTensor) -> Vec<f32> {
+        t.data.clone()
+    }
+
+    fn embedding(&self, table: &HostWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let d = table.cols;
+        let mut data = vec![0.0; ids.len() * d];
+        for (row, &id) in data.chunks_exact_mut(d).zip(ids) {
+            if id as usize >= table.rows {
+                return Err(crate::KernelError::TokenOutOfRange {
+                    id,
+                    vocab: table.rows,
+                });
+            }
+            table.data.widen_into(id as usize * d, row);
+        }
+        Ok(CpuTensor {
+            rows: ids.len(),
+            cols: d,
+            data,
+        })
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &HostWeight,
+        bias: Option<&HostWeight>,
+    ) -> Result<CpuTensor> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if w.cols != k {
+            return Err(shape_err(
+                "linear",
+                format!("x is [{m}, {k}] but w is [{n}, {}]", w.cols),
+            ));
+        }
+        if let Some(b) = bias {
+            check_len("linear", "bias", b.data.len(), n)?;
+        }
+        let tiles: Vec<(usize, Vec<f32>)> = (0..n)
+            .step_by(GEMM_COLS_PER_TASK)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| {
+                let c = GEMM_COLS_PER_TASK.min(n - j0);
+                let mut out = vec![0.0f32; m * c];
+                match &w.data {
+                    WeightData::F32(v) => {
+                        sgemm_tile(&x.data, m, k, &v[j0 * k..(j0 + c) * k], c, &mut out)
+                    }
+                    _ => {
+                        let mut tile = vec![0.0f32; c * k];
+                        w.data.widen_into(j0 * k, &mut tile);
+                        sgemm_tile(&x.data, m, k, &tile, c, &mut out);
+                    }
+                }
+                (j0, out)
+            })
+            .collect();
+        let mut data = vec![0.0f32; m * n];
+        for (j0, tile) in tiles {
+            let c = tile.len() / m.max(1);
+            for i in 0..m {
+                data[i * n + j0..i * n + j0 + c].copy_from_slice(&tile[i * c..(i + 1) * c]);
+            }
+        }
+        if let Some(b) = bias {
+            let b = vector_f32(b);
+            for row in data.chunks_exact_mut(n) {
+                for (o, bb) in row.iter_mut().zip(&b) {
+                    *o += bb;
+                }
+            }
+        }
+        Ok(CpuTensor {
+            rows: m,
+            cols: n,
+            data,
+        })
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &HostWeight, eps: f32) -> Result<CpuTensor> {
+        check_len("rms_norm", "weight", w.data.len(), x.cols)?;
+        let g = vector_f32(w);
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+            let ms = row.iter().map(|&v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for (v, gg) in row.iter_mut().zip(&g) {
+                *v = *v * inv * gg;
+            }
+        });
+        Ok(out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        w: &HostWeight,
+        b: &HostWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        check_len("layer_norm", "weight", w.data.len(), x.cols)?;
+        check_len("layer_norm", "bias", b.data.len(), x.cols)?;
+        let (g, bb) = (vector_f32(w), vector_f32(b));
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+            let n = row.len() as f32;
+            let mean = row.iter().sum::<f32>() / n;
+            let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, gg), bv) in row.iter_mut().zip(&g).zip(&bb) {
+                *v = (*v - mean) * inv * gg + bv;
+            }
+        });
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()> {
+        if x.cols != heads * table.head_dim || positions.len() != x.rows {
+            return Err(shape_err(
+                "rope",
+                format!(
+                    "x is [{}, {}], {} positions, {heads} heads of {}",
+                    x.rows,
+                    x.cols,
+                    positions.len(),
+                    table.head_dim
+                ),
+            ));
+        }
+        x.data
+            .par_chunks_mut(x.cols.max(1))
+            .zip(positions)
+            .for_each(|(row, &pos)| rotate_row(row, pos, table));
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        check_len("swiglu", "up", up.data.len(), gate.data.len())?;
+        let mut out = gate.clone();
+        let f = |(o, u): (&mut f32, &f32)| {
+            let g = *o;
+            *o = g / (1.0 + (-g).exp()) * u;
+        };
+        if out.data.len() >= PARALLEL_MIN_ELEMS {
+            out.data.par_iter_mut().zip(&up.data).for_each(f);
+        } else {
+            out.data.iter_mut().zip(&up.data).for_each(f);
+        }
+        Ok(out)
+    }
+
+    fn relu_inplace(&self, x: &mut CpuTensor) {
+        x.data.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+
+    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        check_len("add", "y", y.data.len(), x.data.len())?;
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn softmax_inplace(&self, x: &mut CpuTensor) {
+        x.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - m).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        });
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            if r >= x.rows {
+                return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
+            }
+            data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(CpuTensor {
+            rows: rows.len(),
+            cols: x.cols,
+            data,
+        })
+    }
+}
