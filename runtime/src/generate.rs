@@ -1,0 +1,383 @@
+//! `strata generate`: an offline batch job over a JSONL file of prompts.
+//!
+//! The scheduler keeps up to `batch_size` sequences in flight. Newly admitted sequences are
+//! prefilled together (one forward over all their prompt tokens), then every running sequence
+//! advances one token per decode step; a sequence that finishes is written to OUT at once, its KV
+//! blocks go back to the pool, and the next item takes its place (ragged, continuous batching).
+//! Bad items become error records and the job goes on.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+use strata_kernels::Backend;
+
+use crate::forward::{ForwardError, Row, Transformer};
+use crate::jobio::{BadLine, ErrorRecord, ItemInput, JobIoError, JobItem, OutputRecord, OutputWriter, id_key, read_input};
+use crate::kv::{KvBlockPool, KvBlockTable, KvGeometry, SeqId};
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplingParams};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub ignore_eos: bool,
+    pub chat: bool,
+    pub batch_size: usize,
+    pub resume: bool,
+    pub block_tokens: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Io(#[from] JobIoError),
+    #[error("forward pass failed: {0}")]
+    Forward(#[from] ForwardError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The run summary `--stats-json` writes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct JobStats {
+    pub model: String,
+    pub backend: String,
+    pub items_total: usize,
+    pub items_ok: usize,
+    pub items_failed: usize,
+    pub items_skipped_resume: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub wall_seconds: f64,
+    pub weight_load_seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub peak_kv_bytes: usize,
+    pub batch_size: usize,
+    pub kv_block_tokens: usize,
+}
+
+/// A sequence in flight.
+struct Running {
+    item: JobItem,
+    seq: SeqId,
+    sampler: Sampler,
+    prompt_len: usize,
+    /// Prompt ids, emptied once prefill has consumed them.
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    max_new: usize,
+    /// The token sampled last, not yet fed through the model.
+    next: u32,
+}
+
+struct Job<'a, 'm, B: Backend> {
+    model: &'m Model,
+    tf: Transformer<'m, B>,
+    opts: &'a GenerateOptions,
+    table: KvBlockTable,
+    pool: KvBlockPool,
+    out: OutputWriter,
+    stats: JobStats,
+    next_seq: u64,
+    progress: ProgressBar,
+}
+
+/// Runs the job; returns its statistics (`items_failed > 0` means some items have error records).
+pub fn run<B: Backend>(model: &Model, backend: B, resident: bool, opts: &GenerateOptions) -> Result<JobStats, GenerateError> {
+    let started = Instant::now();
+    if opts.chat && model.tokenizer.as_ref().is_none_or(|t| !t.has_chat_template()) {
+        return Err(GenerateError::Usage(format!("--chat: model `{}` has no chat template", model.spec)));
+    }
+    let lines = read_input(&opts.input)?;
+    let (out, done) = OutputWriter::open(&opts.output, opts.resume)?;
+    let tf = Transformer::new(backend, model, opts.block_tokens, resident)
+        .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
+    let cfg = &model.config;
+    let geometry = KvGeometry { layers: cfg.layers, kv_heads: cfg.kv_heads, head_dim: cfg.head_dim, block_tokens: opts.block_tokens };
+    let progress = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(lines.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} items  {msg}  [{elapsed_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut job = Job {
+        model,
+        tf,
+        opts,
+        table: KvBlockTable::new(),
+        pool: KvBlockPool::new(geometry, None),
+        out,
+        stats: JobStats {
+            model: model.spec.clone(),
+            batch_size: opts.batch_size,
+            kv_block_tokens: opts.block_tokens,
+            items_total: lines.len(),
+            ..JobStats::default()
+        },
+        next_seq: 0,
+        progress,
+    };
+    job.stats.backend = job.tf.backend_name().to_string();
+    let pending = job.skip_done(lines, &done)?;
+    job.schedule(pending)?;
+    job.out.sync()?;
+    job.progress.finish_and_clear();
+    let s = &mut job.stats;
+    s.wall_seconds = started.elapsed().as_secs_f64();
+    s.prefill_tokens_per_s = rate(s.prompt_tokens, s.prefill_seconds);
+    s.decode_tokens_per_s = rate(s.generated_tokens, s.decode_seconds);
+    s.weight_load_seconds = job.tf.timings.weight_load_s;
+    s.peak_rss_bytes = peak_rss_bytes();
+    s.peak_kv_bytes = job.pool.peak_bytes();
+    Ok(job.stats)
+}
+
+fn rate(tokens: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 }
+}
+
+/// Peak resident set size of this process (Linux `ru_maxrss`, KiB → bytes).
+pub fn peak_rss_bytes() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer we pass, which points at zeroed,
+    // properly aligned storage of the right type that outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage returned 0, so it initialised the struct.
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_maxrss.max(0) as u64 * 1024
+}
+
+impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
+    /// Writes error records for bad lines, drops items already in OUT, returns the rest.
+    fn skip_done(&mut self, lines: Vec<Result<JobItem, BadLine>>, done: &HashSet<String>) -> Result<VecDeque<JobItem>, GenerateError> {
+        let mut pending = VecDeque::new();
+        let mut seen = HashSet::new();
+        for l in lines {
+            match l {
+                Ok(item) => {
+                    let key = id_key(&item.id);
+                    if done.contains(&key) {
+                        self.stats.items_skipped_resume += 1;
+                        self.progress.inc(1);
+                    } else if !seen.insert(key) {
+                        self.fail(&item.id, item.line, "duplicate id: an earlier line has the same id")?;
+                    } else {
+                        pending.push_back(item);
+                    }
+                }
+                Err(bad) => {
+                    if done.contains(&id_key(&bad.id)) && !bad.id.is_null() {
+                        self.stats.items_skipped_resume += 1;
+                        self.progress.inc(1);
+                    } else {
+                        self.fail(&bad.id, bad.line, &bad.error)?;
+                    }
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    fn fail(&mut self, id: &Value, line: usize, error: &str) -> Result<(), GenerateError> {
+        self.out.write(&ErrorRecord { id, error, line })?;
+        self.stats.items_failed += 1;
+        self.progress.inc(1);
+        Ok(())
+    }
+
+    fn schedule(&mut self, mut pending: VecDeque<JobItem>) -> Result<(), GenerateError> {
+        let mut running: Vec<Running> = Vec::new();
+        loop {
+            let mut admitted = Vec::new();
+            while running.len() + admitted.len() < self.opts.batch_size.max(1) {
+                let Some(item) = pending.pop_front() else { break };
+                match self.prepare(item) {
+                    Ok(r) if r.max_new == 0 => self.write_done(&r, "length")?,
+                    Ok(r) => {
+                        self.table.add_sequence(r.seq, self.model.config.layers);
+                        admitted.push(r);
+                    }
+                    Err((item, msg)) => self.fail(&item.id, item.line, &msg)?,
+                }
+            }
+            if !admitted.is_empty() {
+                self.prefill(&mut admitted)?;
+                for r in admitted {
+                    self.finish_or_keep(r, &mut running)?;
+                }
+            }
+            if running.is_empty() {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.decode_step(&mut running)?;
+            for r in std::mem::take(&mut running) {
+                self.finish_or_keep(r, &mut running)?;
+            }
+        }
+    }
+
+    /// Tokenizes and checks one item.
+    fn prepare(&mut self, item: JobItem) -> Result<Running, (JobItem, String)> {
+        let cfg = &self.model.config;
+        let ids = match &item.input {
+            ItemInput::Ids(ids) => ids.clone(),
+            ItemInput::Prompt(text) => {
+                let Some(tok) = &self.model.tokenizer else {
+                    return Err((item, format!("model `{}` has no tokenizer: give `input_ids` instead of `prompt`", self.model.spec)));
+                };
+                let encoded = if self.opts.chat {
+                    tok.render_chat(text).and_then(|t| tok.encode(&t, false))
+                } else {
+                    tok.encode(text, true)
+                };
+                match encoded {
+                    Ok(ids) => ids,
+                    Err(e) => return Err((item, e)),
+                }
+            }
+        };
+        if ids.is_empty() {
+            return Err((item, "empty prompt: it has no tokens".into()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab) {
+            return Err((item, format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab)));
+        }
+        if ids.len() >= cfg.max_context {
+            return Err((item, format!("prompt has {} tokens; the model's context is {} ({})", ids.len(), cfg.max_context, cfg.max_context_source)));
+        }
+        if !item.stop.is_empty() && self.model.tokenizer.is_none() {
+            return Err((item, "`stop` strings need a tokenizer; this model has none".into()));
+        }
+        let max_new = item.max_new_tokens.unwrap_or(self.opts.max_new_tokens).min(cfg.max_context - ids.len());
+        let seq = SeqId(self.next_seq);
+        self.next_seq += 1;
+        let params = SamplingParams {
+            temperature: item.temperature.unwrap_or(self.opts.temperature),
+            top_p: item.top_p.unwrap_or(self.opts.top_p),
+            seed: item.seed.unwrap_or(self.opts.seed),
+        };
+        Ok(Running { seq, sampler: Sampler::new(params), prompt_len: ids.len(), prompt: ids, generated: Vec::new(), max_new, next: 0, item })
+    }
+
+    fn prefill(&mut self, batch: &mut [Running]) -> Result<(), GenerateError> {
+        let _span = tracing::info_span!("prefill", sequences = batch.len()).entered();
+        let t0 = Instant::now();
+        let mut rows = Vec::new();
+        let mut last = Vec::new();
+        for r in batch.iter() {
+            rows.extend(r.prompt.iter().enumerate().map(|(pos, &token)| Row { seq: r.seq, pos, token }));
+            last.push(rows.len() - 1);
+        }
+        let logits = self.tf.forward(&rows, &last, &mut self.table, &mut self.pool)?;
+        for (r, l) in batch.iter_mut().zip(&logits) {
+            r.prompt = Vec::new();
+            r.next = r.sampler.sample(l);
+        }
+        self.stats.prompt_tokens += rows.len();
+        self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn decode_step(&mut self, running: &mut [Running]) -> Result<(), GenerateError> {
+        let _span = tracing::debug_span!("decode", sequences = running.len()).entered();
+        let t0 = Instant::now();
+        let rows: Vec<Row> = running
+            .iter()
+            .map(|r| Row { seq: r.seq, pos: r.prompt_len + r.generated.len() - 1, token: r.next })
+            .collect();
+        let wanted: Vec<usize> = (0..rows.len()).collect();
+        let logits = self.tf.forward(&rows, &wanted, &mut self.table, &mut self.pool)?;
+        for (r, l) in running.iter_mut().zip(&logits) {
+            r.next = r.sampler.sample(l);
+        }
+        self.stats.decode_seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Takes `r.next` as generated, then either finishes `r` (writing its record) or keeps it.
+    fn finish_or_keep(&mut self, mut r: Running, running: &mut Vec<Running>) -> Result<(), GenerateError> {
+        let cfg = &self.model.config;
+        let is_eos = cfg.eos_token_ids.contains(&r.next) && !self.opts.ignore_eos;
+        let reason = if is_eos {
+            Some("eos")
+        } else {
+            r.generated.push(r.next);
+            self.stats.generated_tokens += 1;
+            if self.hits_stop(&r) {
+                Some("stop")
+            } else if r.generated.len() >= r.max_new {
+                Some("length")
+            } else {
+                None
+            }
+        };
+        match reason {
+            None => running.push(r),
+            Some(reason) => {
+                self.write_done(&r, reason)?;
+                self.table.remove_sequence(r.seq, &mut self.pool);
+            }
+        }
+        Ok(())
+    }
+
+    fn hits_stop(&self, r: &Running) -> bool {
+        if r.item.stop.is_empty() {
+            return false;
+        }
+        let Some(tok) = &self.model.tokenizer else { return false };
+        tok.decode(&r.generated).is_ok_and(|text| r.item.stop.iter().any(|s| text.contains(s.as_str())))
+    }
+
+    fn write_done(&mut self, r: &Running, reason: &str) -> Result<(), GenerateError> {
+        let text = match &self.model.tokenizer {
+            Some(tok) => {
+                let mut t = tok.decode(&r.generated).unwrap_or_default();
+                if reason == "stop" {
+                    if let Some(cut) = r.item.stop.iter().filter_map(|s| t.find(s.as_str())).min() {
+                        t.truncate(cut);
+                    }
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        self.out.write(&OutputRecord {
+            id: &r.item.id,
+            output_ids: &r.generated,
+            text: text.as_deref(),
+            prompt_tokens: r.prompt_len,
+            generated_tokens: r.generated.len(),
+            finish_reason: reason,
+        })?;
+        self.stats.items_ok += 1;
+        self.progress.inc(1);
+        let tps = rate(self.stats.generated_tokens, self.stats.decode_seconds + self.stats.prefill_seconds);
+        self.progress.set_message(format!("{tps:.1} tok/s"));
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! strata's runtime: models and weights ([`model`]), the KV block table ([`kv`]), the forward
+//! pass ([`forward`]), sampling, tokenization and the offline batch job ([`generate`]) behind the
+//! `strata` binary.
+
+pub mod error;
+pub mod forward;
+pub mod generate;
+pub mod jobio;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+/// Memory the OS says is available now (`MemAvailable`), in bytes; `None` off Linux.
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether to keep every layer's weights in memory (else they are loaded layer by layer on each
+/// forward pass): yes when they take at most 70% of the memory available now.
+pub fn weights_fit_in_memory(cfg: &model::ModelConfig, widened_to_f32: bool) -> bool {
+    let bytes = if widened_to_f32 { cfg.param_count() * 4 } else { forward::weight_bytes(cfg) };
+    mem_available_bytes().is_none_or(|avail| bytes <= avail / 10 * 7)
+}

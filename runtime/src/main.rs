@@ -1,0 +1,168 @@
+//! The `strata` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use strata_kernels::CpuBackend;
+use strata_runtime::generate::{self, GenerateOptions};
+use strata_runtime::model::{self, Family};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Run large language models on one machine: offline batch inference over JSONL files of prompts.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate continuations for every item of a JSONL file of prompts.
+    ///
+    /// Each input line is {"id": .., "prompt": "text"} or {"id": .., "input_ids": [..]}, with
+    /// optional per-line "max_new_tokens", "temperature", "top_p", "seed" and "stop". Each result
+    /// is appended to OUT as soon as its sequence finishes. Exit status: 0 when every item
+    /// succeeded, 3 when some items have error records in OUT, 1 when the job could not run.
+    Generate(GenerateArgs),
+    /// Print a model's architecture, parameter count, dtypes and KV bytes per token.
+    Info {
+        /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N].
+        #[arg(long)]
+        model: String,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N].
+    #[arg(long)]
+    model: String,
+    /// JSONL file of prompts.
+    #[arg(long)]
+    input: PathBuf,
+    /// JSONL file of results (appended; refused if it exists, unless --resume).
+    #[arg(long)]
+    output: PathBuf,
+    /// Tokens to generate per item unless the line says otherwise.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed for sampling, used by every item that has no "seed" of its own.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Wrap each text prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Sequences in flight at once.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Continue an interrupted job: skip ids already present in OUT.
+    #[arg(long)]
+    resume: bool,
+    /// Write a JSON run summary (tokens, seconds, tokens/s, peak memory) here.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 32)]
+    kv_block_tokens: usize,
+    /// CPU threads for compute (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Info { model } => run_info(&model).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if a.kv_block_tokens == 0 {
+        anyhow::bail!("--kv-block-tokens must be at least 1");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if a.temperature < 0.0 {
+        anyhow::bail!("--temperature must be >= 0, got {}", a.temperature);
+    }
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global()?;
+    }
+    let model = model::open(&a.model)?;
+    let resident = strata_runtime::weights_fit_in_memory(&model.config, false);
+    if !resident {
+        eprintln!("note: {} does not fit in memory; streaming its weights layer by layer", a.model);
+    }
+    let opts = GenerateOptions {
+        input: a.input,
+        output: a.output,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        chat: a.chat,
+        batch_size: a.batch_size,
+        resume: a.resume,
+        block_tokens: a.kv_block_tokens,
+    };
+    let stats = generate::run(&model, CpuBackend::new(), resident, &opts)?;
+    if let Some(path) = a.stats_json {
+        let text = serde_json::to_string_pretty(&stats)?;
+        std::fs::write(&path, text + "\n").map_err(|e| anyhow::anyhow!("{}: cannot write stats: {e}", path.display()))?;
+    }
+    eprintln!(
+        "done: {} ok, {} failed, {} skipped (already in output); prefill {:.1} tok/s, decode {:.2} tok/s",
+        stats.items_ok, stats.items_failed, stats.items_skipped_resume, stats.prefill_tokens_per_s, stats.decode_tokens_per_s
+    );
+    Ok(if stats.items_failed > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+fn run_info(spec: &str) -> anyhow::Result<()> {
+    let m = model::open(spec)?;
+    let c = &m.config;
+    let params = c.param_count();
+    println!("model:            {}", m.spec);
+    println!("architecture:     {} (family {})", c.model_type, c.family.name());
+    println!("parameters:       {params} ({:.2} B)", params as f64 / 1e9);
+    println!("weights:          {} — {}", c.dtype.name(), m.weights.describe());
+    println!("layers:           {}", c.layers);
+    println!("hidden size:      {}", c.hidden);
+    println!("attention heads:  {} query, {} key/value, head dim {}", c.heads, c.kv_heads, c.head_dim);
+    println!("mlp size:         {}", c.intermediate);
+    println!("vocabulary:       {}", c.vocab);
+    println!("context:          {} tokens ({})", c.max_context, c.max_context_source);
+    if c.family != Family::Opt {
+        println!("rope:             theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+    }
+    println!("tied embeddings:  {}", c.tie_embeddings);
+    println!("kv bytes/token:   {} (f32 K and V, all layers)", c.kv_bytes_per_token());
+    match &m.tokenizer {
+        Some(t) => println!("tokenizer:        {} tokens, chat template: {}", t.vocab_size(), if t.has_chat_template() { "yes" } else { "no" }),
+        None => println!("tokenizer:        none (give input_ids)"),
+    }
+    println!("eos token ids:    {:?}", c.eos_token_ids);
+    Ok(())
+}
