@@ -21,6 +21,9 @@ pub struct CpuBackend;
 /// Output columns per GEMM task: enough work per task to amortise widening a tile of weights,
 /// few enough tasks to balance across cores.
 const GEMM_COLS_PER_TASK: usize = 64;
+/// Up to this many rows, `linear` runs as dot products straight off the row-major weights
+/// (decode: memory-bound, and packing a weight tile for sgemm would triple its traffic).
+const GEMV_MAX_ROWS: usize = 8;
 /// Below this many elements an elementwise op runs on the calling thread.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
@@ -67,6 +70,43 @@ fn sgemm_tile(x: &[f32], m: usize, k: usize, w_tile: &[f32], c: usize, out: &mut
             c as isize,
             1,
         );
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Sixteen independent accumulators: two AVX registers' worth, so LLVM vectorises the loop.
+    let mut lanes = [0.0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out[m, c] = x[m, k] · w[j0 .. j0 + c, :]ᵀ`, one weight row at a time (widened if needed).
+fn gemv_tile(x: &[f32], m: usize, k: usize, w: &WeightData, j0: usize, c: usize, out: &mut [f32]) {
+    let mut row = vec![0.0f32; k];
+    for j in 0..c {
+        let wr: &[f32] = match w {
+            WeightData::F32(v) => &v[(j0 + j) * k..(j0 + j + 1) * k],
+            _ => {
+                w.widen_into((j0 + j) * k, &mut row);
+                &row
+            }
+        };
+        for i in 0..m {
+            out[i * c + j] = dot(&x[i * k..(i + 1) * k], wr);
+        }
     }
 }
 
@@ -149,6 +189,10 @@ impl Backend for CpuBackend {
             .map(|j0| {
                 let c = GEMM_COLS_PER_TASK.min(n - j0);
                 let mut out = vec![0.0f32; m * c];
+                if m <= GEMV_MAX_ROWS {
+                    gemv_tile(&x.data, m, k, &w.data, j0, c, &mut out);
+                    return (j0, out);
+                }
                 match &w.data {
                     WeightData::F32(v) => {
                         sgemm_tile(&x.data, m, k, &v[j0 * k..(j0 + c) * k], c, &mut out)

@@ -1,6 +1,7 @@
 //! Weights as they come out of a checkpoint: a shape and data in their stored dtype. GGUF block
 //! formats are dequantized by the loader before they get here, so kernels see f32/f16/bf16 only.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,16 +57,9 @@ impl WeightData {
         let end = start + out.len();
         match self {
             WeightData::F32(v) => out.copy_from_slice(&v[start..end]),
-            WeightData::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..end]) {
-                    *o = x.to_f32();
-                }
-            }
-            WeightData::BF16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..end]) {
-                    *o = x.to_f32();
-                }
-            }
+            // `half`'s slice conversions use F16C / SIMD when the CPU has them.
+            WeightData::F16(v) => v[start..end].convert_to_f32_slice(out),
+            WeightData::BF16(v) => v[start..end].convert_to_f32_slice(out),
         }
     }
     pub fn to_f32_vec(&self) -> Vec<f32> {

@@ -10,7 +10,11 @@ pub enum ModelError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Field { path: String, field: String, message: String },
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
     #[error("model `{spec}`: {message}")]
     Spec { spec: String, message: String },
     #[error(transparent)]
@@ -21,13 +25,23 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Self::File { path: path.display().to_string(), message: message.into() }
+        Self::File {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
     }
     pub fn field(path: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Field { path: path.display().to_string(), field: field.into(), message: message.into() }
+        Self::Field {
+            path: path.display().to_string(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub fn spec(spec: &str, message: impl Into<String>) -> Self {
-        Self::Spec { spec: spec.to_string(), message: message.into() }
+        Self::Spec {
+            spec: spec.to_string(),
+            message: message.into(),
+        }
     }
 }
 

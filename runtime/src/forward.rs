@@ -91,15 +91,29 @@ fn upload<B: Backend>(b: &B, src: &dyn WeightSource, name: WeightName) -> ModelR
     Ok(b.upload_weight(src.load(name)?)?)
 }
 
-fn load_layer<B: Backend>(b: &B, cfg: &ModelConfig, src: &dyn WeightSource, i: usize) -> ModelResult<LayerWeights<B::Weight>> {
+fn load_layer<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    i: usize,
+) -> ModelResult<LayerWeights<B::Weight>> {
     use LayerTensor::*;
     let w = |t| upload(b, src, WeightName::Layer(i, t));
     let opt = cfg.family == Family::Opt;
     let maybe = |on: bool, t| if on { w(t).map(Some) } else { Ok(None) };
     let mlp = if opt {
-        Mlp::Relu { fc1: w(Fc1)?, fc1_b: w(Fc1Bias)?, fc2: w(Fc2)?, fc2_b: w(Fc2Bias)? }
+        Mlp::Relu {
+            fc1: w(Fc1)?,
+            fc1_b: w(Fc1Bias)?,
+            fc2: w(Fc2)?,
+            fc2_b: w(Fc2Bias)?,
+        }
     } else {
-        Mlp::SwiGlu { gate: w(Gate)?, up: w(Up)?, down: w(Down)? }
+        Mlp::SwiGlu {
+            gate: w(Gate)?,
+            up: w(Up)?,
+            down: w(Down)?,
+        }
     };
     Ok(LayerWeights {
         attn_norm: w(AttnNorm)?,
@@ -120,18 +134,31 @@ fn load_layer<B: Backend>(b: &B, cfg: &ModelConfig, src: &dyn WeightSource, i: u
 
 impl<'m, B: Backend> Transformer<'m, B> {
     /// Loads the model's global tensors, and every layer too when `resident`.
-    pub fn new(backend: B, model: &'m Model, block_tokens: usize, resident: bool) -> ModelResult<Self> {
+    pub fn new(
+        backend: B,
+        model: &'m Model,
+        block_tokens: usize,
+        resident: bool,
+    ) -> ModelResult<Self> {
         let cfg = model.config.clone();
         let src = model.weights.as_ref();
         let opt = cfg.family == Family::Opt;
         let layers = if resident {
-            Layers::Resident((0..cfg.layers).map(|i| load_layer(&backend, &cfg, src, i)).collect::<ModelResult<_>>()?)
+            Layers::Resident(
+                (0..cfg.layers)
+                    .map(|i| load_layer(&backend, &cfg, src, i))
+                    .collect::<ModelResult<_>>()?,
+            )
         } else {
             Layers::Streamed
         };
         let embed = upload(&backend, src, WeightName::Embed)?;
         check_shape(&backend, &embed, cfg.vocab, cfg.hidden, "embedding table")?;
-        let lm_head = if cfg.tie_embeddings { None } else { Some(upload(&backend, src, WeightName::LmHead)?) };
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(upload(&backend, src, WeightName::LmHead)?)
+        };
         let attention = AttentionGeometry {
             n_heads: cfg.heads,
             n_kv_heads: cfg.kv_heads,
@@ -140,9 +167,17 @@ impl<'m, B: Backend> Transformer<'m, B> {
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
         };
         Ok(Self {
-            pos_embed: if opt { Some(upload(&backend, src, WeightName::PosEmbed)?) } else { None },
+            pos_embed: if opt {
+                Some(upload(&backend, src, WeightName::PosEmbed)?)
+            } else {
+                None
+            },
             final_norm: upload(&backend, src, WeightName::FinalNorm)?,
-            final_norm_b: if opt { Some(upload(&backend, src, WeightName::FinalNormBias)?) } else { None },
+            final_norm_b: if opt {
+                Some(upload(&backend, src, WeightName::FinalNormBias)?)
+            } else {
+                None
+            },
             rope: RopeTable::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling),
             backend,
             cfg,
@@ -199,10 +234,18 @@ impl<'m, B: Backend> Transformer<'m, B> {
         let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
         let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
         let flat = b.to_host(&logits);
-        Ok(flat.chunks_exact(self.cfg.vocab).map(<[f32]>::to_vec).collect())
+        Ok(flat
+            .chunks_exact(self.cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
-    fn norm(&self, x: &B::Tensor, w: &B::Weight, bias: Option<&B::Weight>) -> Result<B::Tensor, ForwardError> {
+    fn norm(
+        &self,
+        x: &B::Tensor,
+        w: &B::Weight,
+        bias: Option<&B::Weight>,
+    ) -> Result<B::Tensor, ForwardError> {
         Ok(match bias {
             Some(bias) => self.backend.layer_norm(x, w, bias, self.cfg.norm_eps)?,
             None => self.backend.rms_norm(x, w, self.cfg.norm_eps)?,
@@ -233,7 +276,14 @@ impl<'m, B: Backend> Transformer<'m, B> {
         let (qh, kh, vh) = (b.to_host(&q), b.to_host(&k), b.to_host(&v));
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         for (r, row) in rows.iter().enumerate() {
-            table.append(pool, row.seq, layer, row.pos, &kh[r * kvd..(r + 1) * kvd], &vh[r * kvd..(r + 1) * kvd])?;
+            table.append(
+                pool,
+                row.seq,
+                layer,
+                row.pos,
+                &kh[r * kvd..(r + 1) * kvd],
+                &vh[r * kvd..(r + 1) * kvd],
+            )?;
         }
         let attn = self.attend(&qh, rows, layer, table, pool);
         let attn = b.tensor(rows.len(), qd, attn)?;
@@ -246,7 +296,12 @@ impl<'m, B: Backend> Transformer<'m, B> {
                 let act = b.swiglu(&b.linear(&h, gate, None)?, &b.linear(&h, up, None)?)?;
                 b.linear(&act, down, None)?
             }
-            Mlp::Relu { fc1, fc1_b, fc2, fc2_b } => {
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => {
                 let mut a = b.linear(&h, fc1, Some(fc1_b))?;
                 b.relu_inplace(&mut a);
                 b.linear(&a, fc2, Some(fc2_b))?
@@ -257,7 +312,14 @@ impl<'m, B: Backend> Transformer<'m, B> {
     }
 
     /// Attends every row over its sequence's blocks in this layer; returns `[rows, q_dim]`.
-    fn attend(&self, q: &[f32], rows: &[Row], layer: usize, table: &KvBlockTable, pool: &KvBlockPool) -> Vec<f32> {
+    fn attend(
+        &self,
+        q: &[f32],
+        rows: &[Row],
+        layer: usize,
+        table: &KvBlockTable,
+        pool: &KvBlockPool,
+    ) -> Vec<f32> {
         let qd = self.cfg.q_dim();
         let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.seq).collect();
         seqs.sort();
@@ -268,7 +330,11 @@ impl<'m, B: Backend> Transformer<'m, B> {
             .enumerate()
             .map(|(r, row)| {
                 let si = seqs.binary_search(&row.seq).unwrap_or(0);
-                AttentionQuery { q: &q[r * qd..(r + 1) * qd], pos: row.pos, blocks: &views[si] }
+                AttentionQuery {
+                    q: &q[r * qd..(r + 1) * qd],
+                    pos: row.pos,
+                    blocks: &views[si],
+                }
             })
             .collect();
         // Split each query's KV into chunks when there are too few queries to fill the cores.
@@ -281,7 +347,13 @@ impl<'m, B: Backend> Transformer<'m, B> {
     }
 }
 
-fn check_shape<B: Backend>(b: &B, w: &B::Weight, rows: usize, cols: usize, what: &str) -> ModelResult<()> {
+fn check_shape<B: Backend>(
+    b: &B,
+    w: &B::Weight,
+    rows: usize,
+    cols: usize,
+    what: &str,
+) -> ModelResult<()> {
     let (r, c) = b.weight_shape(w);
     if (r, c) != (rows, cols) {
         return Err(crate::error::ModelError::spec(

@@ -17,7 +17,10 @@ use serde_json::Value;
 use strata_kernels::Backend;
 
 use crate::forward::{ForwardError, Row, Transformer};
-use crate::jobio::{BadLine, ErrorRecord, ItemInput, JobIoError, JobItem, OutputRecord, OutputWriter, id_key, read_input};
+use crate::jobio::{
+    BadLine, ErrorRecord, ItemInput, JobIoError, JobItem, OutputRecord, OutputWriter, id_key,
+    read_input,
+};
 use crate::kv::{KvBlockPool, KvBlockTable, KvGeometry, SeqId};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
@@ -97,17 +100,35 @@ struct Job<'a, 'm, B: Backend> {
 }
 
 /// Runs the job; returns its statistics (`items_failed > 0` means some items have error records).
-pub fn run<B: Backend>(model: &Model, backend: B, resident: bool, opts: &GenerateOptions) -> Result<JobStats, GenerateError> {
+pub fn run<B: Backend>(
+    model: &Model,
+    backend: B,
+    resident: bool,
+    opts: &GenerateOptions,
+) -> Result<JobStats, GenerateError> {
     let started = Instant::now();
-    if opts.chat && model.tokenizer.as_ref().is_none_or(|t| !t.has_chat_template()) {
-        return Err(GenerateError::Usage(format!("--chat: model `{}` has no chat template", model.spec)));
+    if opts.chat
+        && model
+            .tokenizer
+            .as_ref()
+            .is_none_or(|t| !t.has_chat_template())
+    {
+        return Err(GenerateError::Usage(format!(
+            "--chat: model `{}` has no chat template",
+            model.spec
+        )));
     }
     let lines = read_input(&opts.input)?;
     let (out, done) = OutputWriter::open(&opts.output, opts.resume)?;
     let tf = Transformer::new(backend, model, opts.block_tokens, resident)
         .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
     let cfg = &model.config;
-    let geometry = KvGeometry { layers: cfg.layers, kv_heads: cfg.kv_heads, head_dim: cfg.head_dim, block_tokens: opts.block_tokens };
+    let geometry = KvGeometry {
+        layers: cfg.layers,
+        kv_heads: cfg.kv_heads,
+        head_dim: cfg.head_dim,
+        block_tokens: opts.block_tokens,
+    };
     let progress = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(lines.len() as u64);
         bar.set_style(
@@ -151,7 +172,11 @@ pub fn run<B: Backend>(model: &Model, backend: B, resident: bool, opts: &Generat
 }
 
 fn rate(tokens: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 }
+    if seconds > 0.0 {
+        tokens as f64 / seconds
+    } else {
+        0.0
+    }
 }
 
 /// Peak resident set size of this process (Linux `ru_maxrss`, KiB → bytes).
@@ -170,7 +195,11 @@ pub fn peak_rss_bytes() -> u64 {
 
 impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
     /// Writes error records for bad lines, drops items already in OUT, returns the rest.
-    fn skip_done(&mut self, lines: Vec<Result<JobItem, BadLine>>, done: &HashSet<String>) -> Result<VecDeque<JobItem>, GenerateError> {
+    fn skip_done(
+        &mut self,
+        lines: Vec<Result<JobItem, BadLine>>,
+        done: &HashSet<String>,
+    ) -> Result<VecDeque<JobItem>, GenerateError> {
         let mut pending = VecDeque::new();
         let mut seen = HashSet::new();
         for l in lines {
@@ -181,7 +210,11 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
                         self.stats.items_skipped_resume += 1;
                         self.progress.inc(1);
                     } else if !seen.insert(key) {
-                        self.fail(&item.id, item.line, "duplicate id: an earlier line has the same id")?;
+                        self.fail(
+                            &item.id,
+                            item.line,
+                            "duplicate id: an earlier line has the same id",
+                        )?;
                     } else {
                         pending.push_back(item);
                     }
@@ -211,7 +244,9 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         loop {
             let mut admitted = Vec::new();
             while running.len() + admitted.len() < self.opts.batch_size.max(1) {
-                let Some(item) = pending.pop_front() else { break };
+                let Some(item) = pending.pop_front() else {
+                    break;
+                };
                 match self.prepare(item) {
                     Ok(r) if r.max_new == 0 => self.write_done(&r, "length")?,
                     Ok(r) => {
@@ -247,7 +282,13 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             ItemInput::Ids(ids) => ids.clone(),
             ItemInput::Prompt(text) => {
                 let Some(tok) = &self.model.tokenizer else {
-                    return Err((item, format!("model `{}` has no tokenizer: give `input_ids` instead of `prompt`", self.model.spec)));
+                    return Err((
+                        item,
+                        format!(
+                            "model `{}` has no tokenizer: give `input_ids` instead of `prompt`",
+                            self.model.spec
+                        ),
+                    ));
                 };
                 let encoded = if self.opts.chat {
                     tok.render_chat(text).and_then(|t| tok.encode(&t, false))
@@ -264,15 +305,35 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             return Err((item, "empty prompt: it has no tokens".into()));
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab) {
-            return Err((item, format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab)));
+            return Err((
+                item,
+                format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    cfg.vocab
+                ),
+            ));
         }
         if ids.len() >= cfg.max_context {
-            return Err((item, format!("prompt has {} tokens; the model's context is {} ({})", ids.len(), cfg.max_context, cfg.max_context_source)));
+            return Err((
+                item,
+                format!(
+                    "prompt has {} tokens; the model's context is {} ({})",
+                    ids.len(),
+                    cfg.max_context,
+                    cfg.max_context_source
+                ),
+            ));
         }
         if !item.stop.is_empty() && self.model.tokenizer.is_none() {
-            return Err((item, "`stop` strings need a tokenizer; this model has none".into()));
+            return Err((
+                item,
+                "`stop` strings need a tokenizer; this model has none".into(),
+            ));
         }
-        let max_new = item.max_new_tokens.unwrap_or(self.opts.max_new_tokens).min(cfg.max_context - ids.len());
+        let max_new = item
+            .max_new_tokens
+            .unwrap_or(self.opts.max_new_tokens)
+            .min(cfg.max_context - ids.len());
         let seq = SeqId(self.next_seq);
         self.next_seq += 1;
         let params = SamplingParams {
@@ -280,7 +341,16 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             top_p: item.top_p.unwrap_or(self.opts.top_p),
             seed: item.seed.unwrap_or(self.opts.seed),
         };
-        Ok(Running { seq, sampler: Sampler::new(params), prompt_len: ids.len(), prompt: ids, generated: Vec::new(), max_new, next: 0, item })
+        Ok(Running {
+            seq,
+            sampler: Sampler::new(params),
+            prompt_len: ids.len(),
+            prompt: ids,
+            generated: Vec::new(),
+            max_new,
+            next: 0,
+            item,
+        })
     }
 
     fn prefill(&mut self, batch: &mut [Running]) -> Result<(), GenerateError> {
@@ -289,10 +359,16 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         let mut rows = Vec::new();
         let mut last = Vec::new();
         for r in batch.iter() {
-            rows.extend(r.prompt.iter().enumerate().map(|(pos, &token)| Row { seq: r.seq, pos, token }));
+            rows.extend(r.prompt.iter().enumerate().map(|(pos, &token)| Row {
+                seq: r.seq,
+                pos,
+                token,
+            }));
             last.push(rows.len() - 1);
         }
-        let logits = self.tf.forward(&rows, &last, &mut self.table, &mut self.pool)?;
+        let logits = self
+            .tf
+            .forward(&rows, &last, &mut self.table, &mut self.pool)?;
         for (r, l) in batch.iter_mut().zip(&logits) {
             r.prompt = Vec::new();
             r.next = r.sampler.sample(l);
@@ -307,10 +383,16 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         let t0 = Instant::now();
         let rows: Vec<Row> = running
             .iter()
-            .map(|r| Row { seq: r.seq, pos: r.prompt_len + r.generated.len() - 1, token: r.next })
+            .map(|r| Row {
+                seq: r.seq,
+                pos: r.prompt_len + r.generated.len() - 1,
+                token: r.next,
+            })
             .collect();
         let wanted: Vec<usize> = (0..rows.len()).collect();
-        let logits = self.tf.forward(&rows, &wanted, &mut self.table, &mut self.pool)?;
+        let logits = self
+            .tf
+            .forward(&rows, &wanted, &mut self.table, &mut self.pool)?;
         for (r, l) in running.iter_mut().zip(&logits) {
             r.next = r.sampler.sample(l);
         }
@@ -319,7 +401,11 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
     }
 
     /// Takes `r.next` as generated, then either finishes `r` (writing its record) or keeps it.
-    fn finish_or_keep(&mut self, mut r: Running, running: &mut Vec<Running>) -> Result<(), GenerateError> {
+    fn finish_or_keep(
+        &mut self,
+        mut r: Running,
+        running: &mut Vec<Running>,
+    ) -> Result<(), GenerateError> {
         let cfg = &self.model.config;
         let is_eos = cfg.eos_token_ids.contains(&r.next) && !self.opts.ignore_eos;
         let reason = if is_eos {
@@ -349,8 +435,11 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         if r.item.stop.is_empty() {
             return false;
         }
-        let Some(tok) = &self.model.tokenizer else { return false };
-        tok.decode(&r.generated).is_ok_and(|text| r.item.stop.iter().any(|s| text.contains(s.as_str())))
+        let Some(tok) = &self.model.tokenizer else {
+            return false;
+        };
+        tok.decode(&r.generated)
+            .is_ok_and(|text| r.item.stop.iter().any(|s| text.contains(s.as_str())))
     }
 
     fn write_done(&mut self, r: &Running, reason: &str) -> Result<(), GenerateError> {
@@ -376,7 +465,10 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         })?;
         self.stats.items_ok += 1;
         self.progress.inc(1);
-        let tps = rate(self.stats.generated_tokens, self.stats.decode_seconds + self.stats.prefill_seconds);
+        let tps = rate(
+            self.stats.generated_tokens,
+            self.stats.decode_seconds + self.stats.prefill_seconds,
+        );
         self.progress.set_message(format!("{tps:.1} tok/s"));
         Ok(())
     }

@@ -19,7 +19,10 @@ pub enum JobIoError {
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> JobIoError {
-    JobIoError::File { path: path.display().to_string(), message: message.into() }
+    JobIoError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +58,8 @@ pub fn id_key(id: &Value) -> String {
 }
 
 pub fn read_input(path: &Path) -> Result<Vec<Result<JobItem, BadLine>>, JobIoError> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read input: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| file_err(path, format!("cannot read input: {e}")))?;
     Ok(text
         .lines()
         .enumerate()
@@ -66,38 +70,71 @@ pub fn read_input(path: &Path) -> Result<Vec<Result<JobItem, BadLine>>, JobIoErr
 
 pub fn parse_line(line: usize, text: &str) -> Result<JobItem, BadLine> {
     let bad = |id: Value, error: String| BadLine { line, id, error };
-    let v: Value = serde_json::from_str(text).map_err(|e| bad(Value::Null, format!("invalid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad(Value::Null, "expected a JSON object".into()))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| bad(Value::Null, format!("invalid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad(Value::Null, "expected a JSON object".into()))?;
     let id = match obj.get("id") {
         Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
-        Some(other) => return Err(bad(Value::Null, format!("`id` must be a string or a number, found {other}"))),
+        Some(other) => {
+            return Err(bad(
+                Value::Null,
+                format!("`id` must be a string or a number, found {other}"),
+            ));
+        }
         None => return Err(bad(Value::Null, "missing `id`".into())),
     };
     let input = match (obj.get("prompt"), obj.get("input_ids")) {
-        (Some(_), Some(_)) => return Err(bad(id, "give either `prompt` or `input_ids`, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                id,
+                "give either `prompt` or `input_ids`, not both".into(),
+            ));
+        }
         (Some(Value::String(p)), None) => ItemInput::Prompt(p.clone()),
-        (Some(other), None) => return Err(bad(id, format!("`prompt` must be a string, found {other}"))),
+        (Some(other), None) => {
+            return Err(bad(id, format!("`prompt` must be a string, found {other}")));
+        }
         (None, Some(Value::Array(ids))) => {
             let mut out = Vec::with_capacity(ids.len());
             for t in ids {
                 match t.as_u64().filter(|&x| x <= u32::MAX as u64) {
                     Some(x) => out.push(x as u32),
-                    None => return Err(bad(id, format!("`input_ids` must hold non-negative integers, found {t}"))),
+                    None => {
+                        return Err(bad(
+                            id,
+                            format!("`input_ids` must hold non-negative integers, found {t}"),
+                        ));
+                    }
                 }
             }
             ItemInput::Ids(out)
         }
-        (None, Some(other)) => return Err(bad(id, format!("`input_ids` must be a list of integers, found {other}"))),
+        (None, Some(other)) => {
+            return Err(bad(
+                id,
+                format!("`input_ids` must be a list of integers, found {other}"),
+            ));
+        }
         (None, None) => return Err(bad(id, "missing `prompt` or `input_ids`".into())),
     };
     let num = |key: &str| -> Result<Option<f64>, BadLine> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).ok_or_else(|| bad(id.clone(), format!("`{key}` must be a number, found {x}"))),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad(id.clone(), format!("`{key}` must be a number, found {x}"))),
         }
     };
     let max_new_tokens = match num("max_new_tokens")? {
-        Some(x) if x < 0.0 || x.fract() != 0.0 => return Err(bad(id, format!("`max_new_tokens` must be a non-negative integer, found {x}"))),
+        Some(x) if x < 0.0 || x.fract() != 0.0 => {
+            return Err(bad(
+                id,
+                format!("`max_new_tokens` must be a non-negative integer, found {x}"),
+            ));
+        }
         other => other.map(|x| x as usize),
     };
     let temperature = num("temperature")?.map(|x| x as f32);
@@ -110,21 +147,47 @@ pub fn parse_line(line: usize, text: &str) -> Result<JobItem, BadLine> {
     }
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => None,
-        Some(s) => Some(s.as_u64().ok_or_else(|| bad(id.clone(), format!("`seed` must be a non-negative integer, found {s}")))?),
+        Some(s) => Some(s.as_u64().ok_or_else(|| {
+            bad(
+                id.clone(),
+                format!("`seed` must be a non-negative integer, found {s}"),
+            )
+        })?),
     };
     let stop = match obj.get("stop") {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|s| s.as_str().map(str::to_string).ok_or_else(|| bad(id.clone(), format!("`stop` entries must be strings, found {s}"))))
+            .map(|s| {
+                s.as_str().map(str::to_string).ok_or_else(|| {
+                    bad(
+                        id.clone(),
+                        format!("`stop` entries must be strings, found {s}"),
+                    )
+                })
+            })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(bad(id, format!("`stop` must be a string or a list of strings, found {other}"))),
+        Some(other) => {
+            return Err(bad(
+                id,
+                format!("`stop` must be a string or a list of strings, found {other}"),
+            ));
+        }
     };
     if stop.iter().any(String::is_empty) {
         return Err(bad(id, "`stop` strings must not be empty".into()));
     }
-    Ok(JobItem { line, id, input, max_new_tokens, temperature, top_p, seed, stop })
+    Ok(JobItem {
+        line,
+        id,
+        input,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+    })
 }
 
 #[derive(Serialize)]
@@ -164,7 +227,10 @@ impl OutputWriter {
     pub fn open(path: &Path, resume: bool) -> Result<(Self, HashSet<String>), JobIoError> {
         let exists_nonempty = path.metadata().map(|m| m.len() > 0).unwrap_or(false);
         if exists_nonempty && !resume {
-            return Err(file_err(path, "output file already exists; pass --resume to continue it, or remove it"));
+            return Err(file_err(
+                path,
+                "output file already exists; pass --resume to continue it, or remove it",
+            ));
         }
         let mut file = OpenOptions::new()
             .read(true)
@@ -175,29 +241,53 @@ impl OutputWriter {
         let mut done = HashSet::new();
         if exists_nonempty {
             let mut text = String::new();
-            file.read_to_string(&mut text).map_err(|e| file_err(path, format!("cannot read for --resume: {e}")))?;
+            file.read_to_string(&mut text)
+                .map_err(|e| file_err(path, format!("cannot read for --resume: {e}")))?;
             let complete = text.rfind('\n').map_or(0, |i| i + 1);
             if complete < text.len() {
-                file.set_len(complete as u64).map_err(|e| file_err(path, format!("cannot cut torn last line: {e}")))?;
-                file.seek(SeekFrom::End(0)).map_err(|e| file_err(path, e.to_string()))?;
-                tracing::warn!("{}: dropped a torn last line from an interrupted run", path.display());
+                file.set_len(complete as u64)
+                    .map_err(|e| file_err(path, format!("cannot cut torn last line: {e}")))?;
+                file.seek(SeekFrom::End(0))
+                    .map_err(|e| file_err(path, e.to_string()))?;
+                tracing::warn!(
+                    "{}: dropped a torn last line from an interrupted run",
+                    path.display()
+                );
             }
             for (i, line) in text[..complete].lines().enumerate() {
-                match serde_json::from_str::<Value>(line).ok().and_then(|v| v.get("id").cloned()) {
+                match serde_json::from_str::<Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("id").cloned())
+                {
                     Some(id) => {
                         done.insert(id_key(&id));
                     }
-                    None => tracing::warn!("{}:{}: not an output record, ignored by --resume", path.display(), i + 1),
+                    None => tracing::warn!(
+                        "{}:{}: not an output record, ignored by --resume",
+                        path.display(),
+                        i + 1
+                    ),
                 }
             }
         }
-        Ok((Self { file, path: path.to_path_buf(), unsynced: 0, last_sync: Instant::now() }, done))
+        Ok((
+            Self {
+                file,
+                path: path.to_path_buf(),
+                unsynced: 0,
+                last_sync: Instant::now(),
+            },
+            done,
+        ))
     }
 
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<(), JobIoError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| file_err(&self.path, e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(record).map_err(|e| file_err(&self.path, e.to_string()))?;
         line.push(b'\n');
-        self.file.write_all(&line).map_err(|e| file_err(&self.path, format!("cannot write output: {e}")))?;
+        self.file
+            .write_all(&line)
+            .map_err(|e| file_err(&self.path, format!("cannot write output: {e}")))?;
         self.unsynced += 1;
         if self.unsynced >= SYNC_EVERY_LINES || self.last_sync.elapsed() >= SYNC_EVERY {
             self.sync()?;
@@ -207,7 +297,9 @@ impl OutputWriter {
 
     pub fn sync(&mut self) -> Result<(), JobIoError> {
         if self.unsynced > 0 {
-            self.file.sync_data().map_err(|e| file_err(&self.path, format!("cannot sync output: {e}")))?;
+            self.file
+                .sync_data()
+                .map_err(|e| file_err(&self.path, format!("cannot sync output: {e}")))?;
         }
         self.unsynced = 0;
         self.last_sync = Instant::now();
@@ -227,9 +319,16 @@ mod tests {
 
     #[test]
     fn parses_good_lines_and_names_problems_in_bad_ones() {
-        let ok = parse_line(1, r#"{"id": 3, "prompt": "hi", "max_new_tokens": 5, "stop": ["\n"], "seed": 9}"#).expect("ok");
+        let ok = parse_line(
+            1,
+            r#"{"id": 3, "prompt": "hi", "max_new_tokens": 5, "stop": ["\n"], "seed": 9}"#,
+        )
+        .expect("ok");
         assert_eq!(ok.input, ItemInput::Prompt("hi".into()));
-        assert_eq!((ok.max_new_tokens, ok.seed, ok.stop.len()), (Some(5), Some(9), 1));
+        assert_eq!(
+            (ok.max_new_tokens, ok.seed, ok.stop.len()),
+            (Some(5), Some(9), 1)
+        );
         let ids = parse_line(2, r#"{"id": "a", "input_ids": [1, 2, 3]}"#).expect("ids");
         assert_eq!(ids.input, ItemInput::Ids(vec![1, 2, 3]));
         for (text, needle) in [
@@ -239,7 +338,10 @@ mod tests {
             (r#"{"id": 1}"#, "missing `prompt`"),
             (r#"{"id": 1, "input_ids": [1, -2]}"#, "non-negative"),
             (r#"{"id": 1, "prompt": "x", "top_p": 0}"#, "top_p"),
-            (r#"{"id": 1, "prompt": "x", "max_new_tokens": 1.5}"#, "max_new_tokens"),
+            (
+                r#"{"id": 1, "prompt": "x", "max_new_tokens": 1.5}"#,
+                "max_new_tokens",
+            ),
         ] {
             let err = parse_line(7, text).expect_err(text);
             assert!(err.error.contains(needle), "{text}: {}", err.error);
@@ -253,10 +355,18 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("out.jsonl");
         std::fs::write(&path, "{\"id\":1,\"output_ids\":[]}\n{\"id\":\"b\",\"error\":\"x\",\"line\":2}\n{\"id\":3,\"outp").expect("write");
-        assert!(OutputWriter::open(&path, false).is_err(), "refuses to clobber without --resume");
+        assert!(
+            OutputWriter::open(&path, false).is_err(),
+            "refuses to clobber without --resume"
+        );
         let (mut w, done) = OutputWriter::open(&path, true).expect("resume");
         assert_eq!(done, HashSet::from(["1".to_string(), "\"b\"".to_string()]));
-        w.write(&ErrorRecord { id: &Value::from(4), error: "e", line: 4 }).expect("append");
+        w.write(&ErrorRecord {
+            id: &Value::from(4),
+            error: "e",
+            line: 4,
+        })
+        .expect("append");
         drop(w);
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 3);

@@ -23,7 +23,10 @@ pub struct SeqId(pub u64);
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
     #[error("the KV cache is full: {capacity} blocks of {bytes_per_block} bytes are in use")]
-    OutOfBlocks { capacity: usize, bytes_per_block: usize },
+    OutOfBlocks {
+        capacity: usize,
+        bytes_per_block: usize,
+    },
     #[error("sequence {0:?} is not in the block table")]
     UnknownSequence(SeqId),
     #[error("position {pos} of sequence {seq:?} written out of order (next is {next})")]
@@ -65,7 +68,14 @@ pub struct KvBlockPool {
 
 impl KvBlockPool {
     pub fn new(geometry: KvGeometry, capacity: Option<usize>) -> Self {
-        Self { geometry, blocks: Vec::new(), free: Vec::new(), capacity, in_use: 0, peak_in_use: 0 }
+        Self {
+            geometry,
+            blocks: Vec::new(),
+            free: Vec::new(),
+            capacity,
+            in_use: 0,
+            peak_in_use: 0,
+        }
     }
 
     pub fn geometry(&self) -> KvGeometry {
@@ -83,7 +93,10 @@ impl KvBlockPool {
                     });
                 }
                 let n = self.geometry.block_elems();
-                self.blocks.push(Block { k: vec![0.0; n], v: vec![0.0; n] });
+                self.blocks.push(Block {
+                    k: vec![0.0; n],
+                    v: vec![0.0; n],
+                });
                 BlockId((self.blocks.len() - 1) as u32)
             }
         };
@@ -111,8 +124,10 @@ impl KvBlockPool {
         let block = &mut self.blocks[id.0 as usize];
         for h in 0..g.kv_heads {
             let dst = (h * g.block_tokens + slot) * g.head_dim;
-            block.k[dst..dst + g.head_dim].copy_from_slice(&k[h * g.head_dim..(h + 1) * g.head_dim]);
-            block.v[dst..dst + g.head_dim].copy_from_slice(&v[h * g.head_dim..(h + 1) * g.head_dim]);
+            block.k[dst..dst + g.head_dim]
+                .copy_from_slice(&k[h * g.head_dim..(h + 1) * g.head_dim]);
+            block.v[dst..dst + g.head_dim]
+                .copy_from_slice(&v[h * g.head_dim..(h + 1) * g.head_dim]);
         }
     }
 }
@@ -134,7 +149,13 @@ impl KvBlockTable {
     }
 
     pub fn add_sequence(&mut self, seq: SeqId, layers: usize) {
-        self.seqs.insert(seq, SeqBlocks { blocks: vec![Vec::new(); layers], len: vec![0; layers] });
+        self.seqs.insert(
+            seq,
+            SeqBlocks {
+                blocks: vec![Vec::new(); layers],
+                len: vec![0; layers],
+            },
+        );
     }
 
     /// Frees every block of `seq`.
@@ -162,9 +183,16 @@ impl KvBlockTable {
         v: &[f32],
     ) -> Result<(), KvError> {
         let bt = pool.geometry().block_tokens;
-        let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         if pos != s.len[layer] {
-            return Err(KvError::OutOfOrder { seq, pos, next: s.len[layer] });
+            return Err(KvError::OutOfOrder {
+                seq,
+                pos,
+                next: s.len[layer],
+            });
         }
         if pos % bt == 0 {
             let id = pool.alloc()?;
@@ -177,16 +205,28 @@ impl KvBlockTable {
     }
 
     /// Views of `(seq, layer)`'s blocks in position order, for attention.
-    pub fn views<'p>(&self, pool: &'p KvBlockPool, seq: SeqId, layer: usize) -> Vec<KvBlockView<'p>> {
+    pub fn views<'p>(
+        &self,
+        pool: &'p KvBlockPool,
+        seq: SeqId,
+        layer: usize,
+    ) -> Vec<KvBlockView<'p>> {
         let bt = pool.geometry().block_tokens;
-        let Some(s) = self.seqs.get(&seq) else { return Vec::new() };
+        let Some(s) = self.seqs.get(&seq) else {
+            return Vec::new();
+        };
         let len = s.len[layer];
         s.blocks[layer]
             .iter()
             .enumerate()
             .map(|(j, id)| {
                 let b = &pool.blocks[id.0 as usize];
-                KvBlockView { k: &b.k, v: &b.v, start_pos: j * bt, len: bt.min(len - j * bt) }
+                KvBlockView {
+                    k: &b.k,
+                    v: &b.v,
+                    start_pos: j * bt,
+                    len: bt.min(len - j * bt),
+                }
             })
             .collect()
     }
@@ -197,7 +237,12 @@ mod tests {
     use super::*;
 
     fn geometry() -> KvGeometry {
-        KvGeometry { layers: 2, kv_heads: 2, head_dim: 3, block_tokens: 4 }
+        KvGeometry {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 3,
+            block_tokens: 4,
+        }
     }
 
     #[test]
@@ -211,11 +256,25 @@ mod tests {
             table.append(&mut pool, s, 0, pos, &k, &k).expect("append");
         }
         let views = table.views(&pool, s, 0);
-        assert_eq!(views.iter().map(|v| (v.start_pos, v.len)).collect::<Vec<_>>(), vec![(0, 4), (4, 4), (8, 1)]);
+        assert_eq!(
+            views
+                .iter()
+                .map(|v| (v.start_pos, v.len))
+                .collect::<Vec<_>>(),
+            vec![(0, 4), (4, 4), (8, 1)]
+        );
         // Token 5, KV head 1 lives at [1, slot 1, :] of block 1.
-        assert_eq!(&views[1].k[(4 + 1) * 3..(4 + 1) * 3 + 3], &[53.0, 54.0, 55.0]);
+        assert_eq!(
+            &views[1].k[(4 + 1) * 3..(4 + 1) * 3 + 3],
+            &[53.0, 54.0, 55.0]
+        );
         assert_eq!(pool.in_use(), 3);
-        assert!(table.append(&mut pool, s, 0, 3, &[0.0; 6], &[0.0; 6]).is_err(), "out of order");
+        assert!(
+            table
+                .append(&mut pool, s, 0, 3, &[0.0; 6], &[0.0; 6])
+                .is_err(),
+            "out of order"
+        );
         table.remove_sequence(s, &mut pool);
         assert_eq!(pool.in_use(), 0);
     }
@@ -225,7 +284,9 @@ mod tests {
         let mut pool = KvBlockPool::new(geometry(), Some(1));
         let mut table = KvBlockTable::new();
         table.add_sequence(SeqId(0), 2);
-        table.append(&mut pool, SeqId(0), 0, 0, &[0.0; 6], &[0.0; 6]).expect("first");
+        table
+            .append(&mut pool, SeqId(0), 0, 0, &[0.0; 6], &[0.0; 6])
+            .expect("first");
         let err = table.append(&mut pool, SeqId(0), 1, 0, &[0.0; 6], &[0.0; 6]);
         assert!(matches!(err, Err(KvError::OutOfBlocks { .. })));
     }

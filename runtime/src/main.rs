@@ -9,7 +9,11 @@ use strata_runtime::generate::{self, GenerateOptions};
 use strata_runtime::model::{self, Family};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Run large language models on one machine: offline batch inference over JSONL files of prompts.")]
+#[command(
+    name = "strata",
+    version,
+    about = "Run large language models on one machine: offline batch inference over JSONL files of prompts."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,10 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -108,12 +115,17 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--temperature must be >= 0, got {}", a.temperature);
     }
     if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()?;
     }
     let model = model::open(&a.model)?;
     let resident = strata_runtime::weights_fit_in_memory(&model.config, false);
     if !resident {
-        eprintln!("note: {} does not fit in memory; streaming its weights layer by layer", a.model);
+        eprintln!(
+            "note: {} does not fit in memory; streaming its weights layer by layer",
+            a.model
+        );
     }
     let opts = GenerateOptions {
         input: a.input,
@@ -131,13 +143,22 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let stats = generate::run(&model, CpuBackend::new(), resident, &opts)?;
     if let Some(path) = a.stats_json {
         let text = serde_json::to_string_pretty(&stats)?;
-        std::fs::write(&path, text + "\n").map_err(|e| anyhow::anyhow!("{}: cannot write stats: {e}", path.display()))?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| anyhow::anyhow!("{}: cannot write stats: {e}", path.display()))?;
     }
     eprintln!(
         "done: {} ok, {} failed, {} skipped (already in output); prefill {:.1} tok/s, decode {:.2} tok/s",
-        stats.items_ok, stats.items_failed, stats.items_skipped_resume, stats.prefill_tokens_per_s, stats.decode_tokens_per_s
+        stats.items_ok,
+        stats.items_failed,
+        stats.items_skipped_resume,
+        stats.prefill_tokens_per_s,
+        stats.decode_tokens_per_s
     );
-    Ok(if stats.items_failed > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if stats.items_failed > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn run_info(spec: &str) -> anyhow::Result<()> {
@@ -145,22 +166,46 @@ fn run_info(spec: &str) -> anyhow::Result<()> {
     let c = &m.config;
     let params = c.param_count();
     println!("model:            {}", m.spec);
-    println!("architecture:     {} (family {})", c.model_type, c.family.name());
+    println!(
+        "architecture:     {} (family {})",
+        c.model_type,
+        c.family.name()
+    );
     println!("parameters:       {params} ({:.2} B)", params as f64 / 1e9);
-    println!("weights:          {} — {}", c.dtype.name(), m.weights.describe());
+    println!(
+        "weights:          {} — {}",
+        c.dtype.name(),
+        m.weights.describe()
+    );
     println!("layers:           {}", c.layers);
     println!("hidden size:      {}", c.hidden);
-    println!("attention heads:  {} query, {} key/value, head dim {}", c.heads, c.kv_heads, c.head_dim);
+    println!(
+        "attention heads:  {} query, {} key/value, head dim {}",
+        c.heads, c.kv_heads, c.head_dim
+    );
     println!("mlp size:         {}", c.intermediate);
     println!("vocabulary:       {}", c.vocab);
-    println!("context:          {} tokens ({})", c.max_context, c.max_context_source);
+    println!(
+        "context:          {} tokens ({})",
+        c.max_context, c.max_context_source
+    );
     if c.family != Family::Opt {
-        println!("rope:             theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+        println!(
+            "rope:             theta {} scaling {:?}",
+            c.rope_theta, c.rope_scaling
+        );
     }
     println!("tied embeddings:  {}", c.tie_embeddings);
-    println!("kv bytes/token:   {} (f32 K and V, all layers)", c.kv_bytes_per_token());
+    println!(
+        "kv bytes/token:   {} (f32 K and V, all layers)",
+        c.kv_bytes_per_token()
+    );
     match &m.tokenizer {
-        Some(t) => println!("tokenizer:        {} tokens, chat template: {}", t.vocab_size(), if t.has_chat_template() { "yes" } else { "no" }),
+        Some(t) => println!(
+            "tokenizer:        {} tokens, chat template: {}",
+            t.vocab_size(),
+            if t.has_chat_template() { "yes" } else { "no" }
+        ),
         None => println!("tokenizer:        none (give input_ids)"),
     }
     println!("eos token ids:    {:?}", c.eos_token_ids);

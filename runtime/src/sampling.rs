@@ -20,7 +20,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, state: params.seed }
+        Self {
+            params,
+            state: params.seed,
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -29,8 +32,11 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+            .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut kept = 0.0;
@@ -73,14 +79,22 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, top_p: 1.0, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 1,
+        });
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
     }
 
     #[test]
     fn same_seed_same_tokens_and_top_p_cuts_the_tail() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let p = SamplingParams { temperature: 0.8, top_p: 0.9, seed: 42 };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 42,
+        };
         let run = |p| {
             let mut s = Sampler::new(p);
             (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()

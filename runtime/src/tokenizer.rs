@@ -27,7 +27,13 @@ impl TextTokenizer {
         eos_token: Option<String>,
         origin: String,
     ) -> Self {
-        Self { inner, chat_template, bos_token, eos_token, origin }
+        Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            origin,
+        }
     }
 
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from a model folder.
@@ -48,7 +54,11 @@ impl TextTokenizer {
                 Some(Value::Array(list)) => list
                     .iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .and_then(|t| t.get("template").and_then(Value::as_str).map(str::to_string)),
+                    .and_then(|t| {
+                        t.get("template")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    }),
                 _ => None,
             };
             bos = special_token_text(cfg.get("bos_token"));
@@ -56,9 +66,18 @@ impl TextTokenizer {
         }
         let jinja = dir.join("chat_template.jinja");
         if template.is_none() && jinja.exists() {
-            template = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::file(&jinja, e.to_string()))?);
+            template = Some(
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| ModelError::file(&jinja, e.to_string()))?,
+            );
         }
-        Ok(Some(Self::new(inner, template, bos, eos, path.display().to_string())))
+        Ok(Some(Self::new(
+            inner,
+            template,
+            bos,
+            eos,
+            path.display().to_string(),
+        )))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -89,21 +108,29 @@ impl TextTokenizer {
 
     /// Decodes generated ids, leaving special tokens out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.inner.decode(ids, true).map_err(|e| format!("tokenizer {}: {e}", self.origin))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| format!("tokenizer {}: {e}", self.origin))
     }
 
     /// Renders the model's chat template for one user message, with the generation prompt.
     pub fn render_chat(&self, user_message: &str) -> Result<String, String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| format!("--chat was given but the model ({}) has no chat template", self.origin))?;
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            format!(
+                "--chat was given but the model ({}) has no chat template",
+                self.origin
+            )
+        })?;
         let mut env = Environment::new();
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-        env.add_template("chat", template).map_err(|e| format!("chat template of {}: {e}", self.origin))?;
+        env.add_template("chat", template)
+            .map_err(|e| format!("chat template of {}: {e}", self.origin))?;
         let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
         tmpl.render(context! {
             messages => vec![context! { role => "user", content => user_message }],

@@ -1,1 +1,147 @@
-//! End-to-end tests live in `tests/tests/`; this library holds their shared helpers.
+//! Helpers shared by the end-to-end tests in `tests/tests/`: locating fixtures, running a model's
+//! forward pass directly (prefill, greedy decode, logits at every position), and comparing logits.
+
+use std::path::PathBuf;
+
+use strata_kernels::CpuBackend;
+use strata_runtime::forward::{Row, Transformer};
+use strata_runtime::kv::{KvBlockPool, KvBlockTable, KvGeometry, SeqId};
+use strata_runtime::model::Model;
+use strata_runtime::sampling::argmax;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(rel)
+}
+
+/// A model with an empty KV cache, ready to run sequences through.
+pub struct Engine<'m> {
+    pub tf: Transformer<'m, CpuBackend>,
+    pub table: KvBlockTable,
+    pub pool: KvBlockPool,
+    next_seq: u64,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m Model, block_tokens: usize) -> Self {
+        let c = &model.config;
+        let tf =
+            Transformer::new(CpuBackend::new(), model, block_tokens, true).expect("load model");
+        let geometry = KvGeometry {
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            block_tokens,
+        };
+        Self {
+            tf,
+            table: KvBlockTable::new(),
+            pool: KvBlockPool::new(geometry, None),
+            next_seq: 0,
+        }
+    }
+
+    fn new_seq(&mut self) -> SeqId {
+        let s = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.table.add_sequence(s, self.tf.config().layers);
+        s
+    }
+
+    /// Logits `[vocab]` at every position of `ids` (one prefill), for a fresh sequence.
+    pub fn all_logits(&mut self, ids: &[u32]) -> Vec<Vec<f32>> {
+        let s = self.new_seq();
+        let rows: Vec<Row> = ids
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| Row { seq: s, pos, token })
+            .collect();
+        let want: Vec<usize> = (0..rows.len()).collect();
+        let out = self
+            .tf
+            .forward(&rows, &want, &mut self.table, &mut self.pool)
+            .expect("forward");
+        self.table.remove_sequence(s, &mut self.pool);
+        out
+    }
+
+    /// Prefills each prompt (all in one forward), then decodes `n` greedy tokens for all of them
+    /// together, one decode step per token. Returns the last prompt position's logits and the
+    /// greedy tokens, per prompt. EOS does not stop generation.
+    pub fn greedy_batch(&mut self, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<f32>, Vec<u32>)> {
+        let seqs: Vec<SeqId> = prompts.iter().map(|_| self.new_seq()).collect();
+        let mut rows = Vec::new();
+        let mut last = Vec::new();
+        for (p, &s) in prompts.iter().zip(&seqs) {
+            rows.extend(
+                p.iter()
+                    .enumerate()
+                    .map(|(pos, &token)| Row { seq: s, pos, token }),
+            );
+            last.push(rows.len() - 1);
+        }
+        let first = self
+            .tf
+            .forward(&rows, &last, &mut self.table, &mut self.pool)
+            .expect("prefill");
+        let mut out: Vec<(Vec<f32>, Vec<u32>)> =
+            first.iter().map(|l| (l.clone(), vec![argmax(l)])).collect();
+        for step in 1..n {
+            let rows: Vec<Row> = seqs
+                .iter()
+                .zip(prompts)
+                .zip(&out)
+                .map(|((&s, p), o)| Row {
+                    seq: s,
+                    pos: p.len() + step - 1,
+                    token: o.1[step - 1],
+                })
+                .collect();
+            let want: Vec<usize> = (0..rows.len()).collect();
+            let logits = self
+                .tf
+                .forward(&rows, &want, &mut self.table, &mut self.pool)
+                .expect("decode");
+            for (o, l) in out.iter_mut().zip(&logits) {
+                o.1.push(argmax(l));
+            }
+        }
+        for s in seqs {
+            self.table.remove_sequence(s, &mut self.pool);
+        }
+        out
+    }
+}
+
+/// `max |got - want| / max |want|`.
+pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "logit vector lengths differ");
+    let scale = want.iter().fold(1e-12f64, |a, &b| a.max(b.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |a, (&g, &w)| a.max((g as f64 - w).abs() / scale))
+}
+
+pub fn json_u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
+}
+
+pub fn json_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

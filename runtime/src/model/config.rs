@@ -79,13 +79,18 @@ impl ModelConfig {
 
     /// Parameters per layer and in total (embeddings counted once when tied).
     pub fn param_count(&self) -> u64 {
-        let (h, q, kv, f) =
-            (self.hidden as u64, self.q_dim() as u64, self.kv_dim() as u64, self.intermediate as u64);
+        let (h, q, kv, f) = (
+            self.hidden as u64,
+            self.q_dim() as u64,
+            self.kv_dim() as u64,
+            self.intermediate as u64,
+        );
         let attn = h * q + 2 * h * kv + q * h;
         let per_layer = match self.family {
             Family::Opt => attn + q + 2 * kv + h + 2 * h * f + f + h + 4 * h,
             Family::Llama | Family::Qwen2 => {
-                let bias = if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
+                let bias =
+                    if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
                 attn + bias + 3 * h * f + 2 * h
             }
         };
@@ -103,14 +108,23 @@ impl ModelConfig {
         if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
             return bad(
                 "num_key_value_heads",
-                format!("{} query heads cannot be grouped over {} KV heads", self.heads, self.kv_heads),
+                format!(
+                    "{} query heads cannot be grouped over {} KV heads",
+                    self.heads, self.kv_heads
+                ),
             );
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("head dimension {} must be even and non-zero", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("head dimension {} must be even and non-zero", self.head_dim),
+            );
         }
         if self.layers == 0 || self.hidden == 0 || self.vocab == 0 {
-            return bad("num_hidden_layers", "layers, hidden size and vocabulary must be non-zero".into());
+            return bad(
+                "num_hidden_layers",
+                "layers, hidden size and vocabulary must be non-zero".into(),
+            );
         }
         Ok(())
     }
@@ -132,44 +146,82 @@ impl Fields<'_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
     pub fn usize(&self, key: &str) -> ModelResult<usize> {
-        let v = self.get(key).ok_or_else(|| ModelError::field(self.path, self.name(key), "missing"))?;
-        v.as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| ModelError::field(self.path, self.name(key), format!("expected a non-negative integer, found {v}")))
+        let v = self
+            .get(key)
+            .ok_or_else(|| ModelError::field(self.path, self.name(key), "missing"))?;
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            ModelError::field(
+                self.path,
+                self.name(key),
+                format!("expected a non-negative integer, found {v}"),
+            )
+        })
     }
     pub fn usize_or(&self, key: &str, default: usize) -> ModelResult<usize> {
-        if self.get(key).is_some() { self.usize(key) } else { Ok(default) }
+        if self.get(key).is_some() {
+            self.usize(key)
+        } else {
+            Ok(default)
+        }
     }
     pub fn f64(&self, key: &str) -> ModelResult<f64> {
-        let v = self.get(key).ok_or_else(|| ModelError::field(self.path, self.name(key), "missing"))?;
-        v.as_f64().ok_or_else(|| ModelError::field(self.path, self.name(key), format!("expected a number, found {v}")))
+        let v = self
+            .get(key)
+            .ok_or_else(|| ModelError::field(self.path, self.name(key), "missing"))?;
+        v.as_f64().ok_or_else(|| {
+            ModelError::field(
+                self.path,
+                self.name(key),
+                format!("expected a number, found {v}"),
+            )
+        })
     }
     pub fn f64_or(&self, key: &str, default: f64) -> ModelResult<f64> {
-        if self.get(key).is_some() { self.f64(key) } else { Ok(default) }
+        if self.get(key).is_some() {
+            self.f64(key)
+        } else {
+            Ok(default)
+        }
     }
     pub fn bool_or(&self, key: &str, default: bool) -> ModelResult<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| ModelError::field(self.path, self.name(key), format!("expected true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ModelError::field(
+                    self.path,
+                    self.name(key),
+                    format!("expected true or false, found {v}"),
+                )
+            }),
         }
     }
     pub fn str(&self, key: &str) -> ModelResult<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| ModelError::field(self.path, self.name(key), format!("expected a string, found {v}"))),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| {
+                ModelError::field(
+                    self.path,
+                    self.name(key),
+                    format!("expected a string, found {v}"),
+                )
+            }),
         }
     }
     /// An integer or a list of integers (as `eos_token_id` may be).
     pub fn ids(&self, key: &str) -> ModelResult<Vec<u32>> {
-        let err = |v: &Value| ModelError::field(self.path, self.name(key), format!("expected a token id or a list of them, found {v}"));
+        let err = |v: &Value| {
+            ModelError::field(
+                self.path,
+                self.name(key),
+                format!("expected a token id or a list of them, found {v}"),
+            )
+        };
         match self.get(key) {
             None => Ok(vec![]),
-            Some(Value::Array(items)) => items.iter().map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| err(x))).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| err(x)))
+                .collect(),
             Some(v) => v.as_u64().map(|i| vec![i as u32]).ok_or_else(|| err(v)),
         }
     }
@@ -179,14 +231,25 @@ impl Fields<'_> {
 /// the older top-level `rope_theta` and `rope_scaling`.
 pub(crate) fn parse_rope(f: &Fields<'_>) -> ModelResult<(f64, RopeScaling)> {
     if let Some(params) = f.get("rope_parameters") {
-        let p = Fields { path: f.path, obj: params, prefix: "rope_parameters." };
+        let p = Fields {
+            path: f.path,
+            obj: params,
+            prefix: "rope_parameters.",
+        };
         let theta = p.f64_or("rope_theta", f.f64_or("rope_theta", 10000.0)?)?;
         return Ok((theta, parse_scaling(&p)?));
     }
     let theta = f.f64_or("rope_theta", 10000.0)?;
     match f.get("rope_scaling") {
         None => Ok((theta, RopeScaling::None)),
-        Some(s) => Ok((theta, parse_scaling(&Fields { path: f.path, obj: s, prefix: "rope_scaling." })?)),
+        Some(s) => Ok((
+            theta,
+            parse_scaling(&Fields {
+                path: f.path,
+                obj: s,
+                prefix: "rope_scaling.",
+            })?,
+        )),
     }
 }
 
@@ -197,7 +260,9 @@ fn parse_scaling(s: &Fields<'_>) -> ModelResult<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: s.f64("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: s.f64("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: s.f64("factor")?,
             low_freq_factor: s.f64("low_freq_factor")?,
@@ -213,12 +278,20 @@ fn parse_scaling(s: &Fields<'_>) -> ModelResult<RopeScaling> {
 }
 
 pub(crate) fn parse_dtype(f: &Fields<'_>) -> ModelResult<Option<DType>> {
-    let key = if f.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let key = if f.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
     match f.str(key)? {
         None => Ok(None),
         Some("float32") => Ok(Some(DType::F32)),
         Some("float16") => Ok(Some(DType::F16)),
         Some("bfloat16") => Ok(Some(DType::BF16)),
-        Some(other) => Err(ModelError::field(f.path, key, format!("dtype `{other}` is not supported (float32, float16, bfloat16)"))),
+        Some(other) => Err(ModelError::field(
+            f.path,
+            key,
+            format!("dtype `{other}` is not supported (float32, float16, bfloat16)"),
+        )),
     }
 }

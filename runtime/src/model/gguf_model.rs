@@ -33,12 +33,24 @@ pub fn open(path: &Path) -> ModelResult<(ModelConfig, GgufSource, TextTokenizer)
     let u = |k: &str| -> ModelResult<usize> { Ok(file.get_u32(k)? as usize) };
     let hidden = u("llama.embedding_length")?;
     let heads = u("llama.attention.head_count")?;
-    let kv_heads = if file.get("llama.attention.head_count_kv").is_some() { u("llama.attention.head_count_kv")? } else { heads };
-    let theta = if file.get("llama.rope.freq_base").is_some() { file.get_f32("llama.rope.freq_base")? as f64 } else { 10000.0 };
+    let kv_heads = if file.get("llama.attention.head_count_kv").is_some() {
+        u("llama.attention.head_count_kv")?
+    } else {
+        heads
+    };
+    let theta = if file.get("llama.rope.freq_base").is_some() {
+        file.get_f32("llama.rope.freq_base")? as f64
+    } else {
+        10000.0
+    };
     if let Some(v) = file.get("llama.rope.scaling.type") {
         let kind = file.get_str("llama.rope.scaling.type")?;
         if kind != "none" {
-            return Err(ModelError::field(path, "llama.rope.scaling.type", format!("RoPE scaling `{kind}` ({v:?}) is not supported in GGUF files")));
+            return Err(ModelError::field(
+                path,
+                "llama.rope.scaling.type",
+                format!("RoPE scaling `{kind}` ({v:?}) is not supported in GGUF files"),
+            ));
         }
     }
     let tok = gguf_tokenizer::from_gguf(&file)?;
@@ -77,7 +89,12 @@ pub fn open(path: &Path) -> ModelResult<(ModelConfig, GgufSource, TextTokenizer)
         tok.eos_id.and_then(|id| tok.tokenizer.id_to_token(id)),
         path.display().to_string(),
     );
-    let source = GgufSource { file, path: path.to_path_buf(), heads, kv_heads };
+    let source = GgufSource {
+        file,
+        path: path.to_path_buf(),
+        heads,
+        kv_heads,
+    };
     Ok((config, source, tokenizer))
 }
 
@@ -102,13 +119,25 @@ impl WeightSource for GgufSource {
         let tname = match name {
             WeightName::Embed => "token_embd.weight".to_string(),
             WeightName::FinalNorm => "output_norm.weight".to_string(),
-            WeightName::LmHead if self.file.has_tensor("output.weight") => "output.weight".to_string(),
+            WeightName::LmHead if self.file.has_tensor("output.weight") => {
+                "output.weight".to_string()
+            }
             WeightName::LmHead => "token_embd.weight".to_string(),
             WeightName::Layer(i, t) => match layer_tensor_name(t) {
                 Some(n) => format!("blk.{i}.{n}.weight"),
-                None => return Err(ModelError::file(&self.path, format!("GGUF llama models have no {t:?} tensor"))),
+                None => {
+                    return Err(ModelError::file(
+                        &self.path,
+                        format!("GGUF llama models have no {t:?} tensor"),
+                    ));
+                }
             },
-            other => return Err(ModelError::file(&self.path, format!("GGUF llama models have no {other:?} tensor"))),
+            other => {
+                return Err(ModelError::file(
+                    &self.path,
+                    format!("GGUF llama models have no {other:?} tensor"),
+                ));
+            }
         };
         let w = self.file.tensor(&tname)?;
         Ok(match name {

@@ -16,15 +16,29 @@ use super::weights::{LayerTensor, WeightName, WeightSource};
 use crate::error::{ModelError, ModelResult};
 
 pub(crate) fn read_json(path: &Path) -> ModelResult<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("invalid JSON at line {}, column {}: {e}", e.line(), e.column())))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        ModelError::file(
+            path,
+            format!(
+                "invalid JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
 }
 
 /// Parses `config.json` (and `generation_config.json` beside it for EOS ids).
 pub fn parse_config(dir: &Path) -> ModelResult<ModelConfig> {
     let path = dir.join("config.json");
     let json = read_json(&path)?;
-    let f = Fields { path: &path, obj: &json, prefix: "" };
+    let f = Fields {
+        path: &path,
+        obj: &json,
+        prefix: "",
+    };
     let model_type = f
         .str("model_type")?
         .ok_or_else(|| ModelError::field(&path, "model_type", "missing"))?
@@ -36,7 +50,9 @@ pub fn parse_config(dir: &Path) -> ModelResult<ModelConfig> {
             return Err(ModelError::field(
                 &path,
                 "model_type",
-                format!("model type `{other}` is not supported (supported: llama, mistral, qwen2, opt)"),
+                format!(
+                    "model type `{other}` is not supported (supported: llama, mistral, qwen2, opt)"
+                ),
             ));
         }
     };
@@ -45,7 +61,11 @@ pub fn parse_config(dir: &Path) -> ModelResult<ModelConfig> {
     let gen_path = dir.join("generation_config.json");
     if gen_path.exists() {
         let gen_json = read_json(&gen_path)?;
-        let g = Fields { path: &gen_path, obj: &gen_json, prefix: "" };
+        let g = Fields {
+            path: &gen_path,
+            obj: &gen_json,
+            prefix: "",
+        };
         let eos = g.ids("eos_token_id")?;
         if !eos.is_empty() {
             cfg.eos_token_ids = eos;
@@ -62,11 +82,19 @@ fn parse_llama_like(f: &Fields<'_>, model_type: &str) -> ModelResult<ModelConfig
     let path = f.path;
     if let Some(act) = f.str("hidden_act")? {
         if act != "silu" {
-            return Err(ModelError::field(path, "hidden_act", format!("activation `{act}` is not supported (silu)")));
+            return Err(ModelError::field(
+                path,
+                "hidden_act",
+                format!("activation `{act}` is not supported (silu)"),
+            ));
         }
     }
     if f.bool_or("mlp_bias", false)? {
-        return Err(ModelError::field(path, "mlp_bias", "MLP biases are not supported"));
+        return Err(ModelError::field(
+            path,
+            "mlp_bias",
+            "MLP biases are not supported",
+        ));
     }
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
@@ -78,12 +106,19 @@ fn parse_llama_like(f: &Fields<'_>, model_type: &str) -> ModelResult<ModelConfig
     // sequences are confined to the window (checked per item, naming this field).
     let window = match model_type {
         "mistral" => f.get("sliding_window").and_then(Value::as_u64),
-        "qwen2" if f.bool_or("use_sliding_window", false)? => f.get("sliding_window").and_then(Value::as_u64),
+        "qwen2" if f.bool_or("use_sliding_window", false)? => {
+            f.get("sliding_window").and_then(Value::as_u64)
+        }
         _ => None,
     };
     let (max_context, source) = match window {
-        Some(w) if (w as usize) < max_pos => (w as usize, format!("{}: sliding_window", path.display())),
-        _ => (max_pos, format!("{}: max_position_embeddings", path.display())),
+        Some(w) if (w as usize) < max_pos => {
+            (w as usize, format!("{}: sliding_window", path.display()))
+        }
+        _ => (
+            max_pos,
+            format!("{}: max_position_embeddings", path.display()),
+        ),
     };
     Ok(ModelConfig {
         family: if qwen { Family::Qwen2 } else { Family::Llama },
@@ -121,15 +156,29 @@ fn parse_opt(f: &Fields<'_>) -> ModelResult<ModelConfig> {
     let hidden = f.usize("hidden_size")?;
     let proj = f.usize_or("word_embed_proj_dim", hidden)?;
     if proj != hidden {
-        return Err(ModelError::field(path, "word_embed_proj_dim", format!("{proj} differs from hidden_size {hidden}; projected embeddings are not supported")));
+        return Err(ModelError::field(
+            path,
+            "word_embed_proj_dim",
+            format!(
+                "{proj} differs from hidden_size {hidden}; projected embeddings are not supported"
+            ),
+        ));
     }
     if let Some(act) = f.str("activation_function")? {
         if act != "relu" {
-            return Err(ModelError::field(path, "activation_function", format!("activation `{act}` is not supported (relu)")));
+            return Err(ModelError::field(
+                path,
+                "activation_function",
+                format!("activation `{act}` is not supported (relu)"),
+            ));
         }
     }
     if !f.bool_or("enable_bias", true)? || !f.bool_or("layer_norm_elementwise_affine", true)? {
-        return Err(ModelError::field(path, "enable_bias", "OPT without biases or affine LayerNorms is not supported"));
+        return Err(ModelError::field(
+            path,
+            "enable_bias",
+            "OPT without biases or affine LayerNorms is not supported",
+        ));
     }
     let heads = f.usize("num_attention_heads")?;
     let max_pos = f.usize("max_position_embeddings")?;
@@ -180,21 +229,42 @@ impl SafetensorsSource {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let file = File::open(&path).map_err(|e| ModelError::file(&path, format!("cannot open: {e}")))?;
+            let file = File::open(&path)
+                .map_err(|e| ModelError::file(&path, format!("cannot open: {e}")))?;
             // SAFETY: the map is read-only and lives as long as `Shard`; a file truncated by
             // another process while mapped would fault, which is the accepted contract of
             // memory-mapped model loading (the same one torch and candle make).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::file(&path, format!("cannot map: {e}")))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| ModelError::file(&path, format!("not a valid safetensors file ({e}); is it truncated?")))?;
+            let mmap = unsafe { Mmap::map(&file) }
+                .map_err(|e| ModelError::file(&path, format!("cannot map: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                ModelError::file(
+                    &path,
+                    format!("not a valid safetensors file ({e}); is it truncated?"),
+                )
+            })?;
             for name in st.names() {
                 index.insert(name.to_string(), shards.len());
             }
             shards.push(Shard { path, mmap });
         }
-        let probe = if cfg.family == Family::Opt { "decoder.embed_tokens.weight" } else { "embed_tokens.weight" };
-        let prefix = if index.contains_key(&format!("model.{probe}")) { "model." } else { "" }.to_string();
-        Ok(Self { family: cfg.family, tie_embeddings: cfg.tie_embeddings, shards, index, prefix })
+        let probe = if cfg.family == Family::Opt {
+            "decoder.embed_tokens.weight"
+        } else {
+            "embed_tokens.weight"
+        };
+        let prefix = if index.contains_key(&format!("model.{probe}")) {
+            "model."
+        } else {
+            ""
+        }
+        .to_string();
+        Ok(Self {
+            family: cfg.family,
+            tie_embeddings: cfg.tie_embeddings,
+            shards,
+            index,
+            prefix,
+        })
     }
 
     fn tensor_name(&self, name: WeightName) -> String {
@@ -207,11 +277,15 @@ impl SafetensorsSource {
             WeightName::FinalNorm if opt => format!("{p}decoder.final_layer_norm.weight"),
             WeightName::FinalNormBias => format!("{p}decoder.final_layer_norm.bias"),
             WeightName::FinalNorm => format!("{p}norm.weight"),
-            WeightName::LmHead if self.tie_embeddings || (opt && !self.index.contains_key("lm_head.weight")) => {
+            WeightName::LmHead
+                if self.tie_embeddings || (opt && !self.index.contains_key("lm_head.weight")) =>
+            {
                 self.tensor_name(WeightName::Embed)
             }
             WeightName::LmHead => "lm_head.weight".to_string(),
-            WeightName::Layer(i, t) if opt => format!("{p}decoder.layers.{i}.{}", opt_layer_name(t)),
+            WeightName::Layer(i, t) if opt => {
+                format!("{p}decoder.layers.{i}.{}", opt_layer_name(t))
+            }
             WeightName::Layer(i, t) => format!("{p}layers.{i}.{}", llama_layer_name(t)),
         }
     }
@@ -267,20 +341,30 @@ fn shard_files(dir: &Path) -> ModelResult<Vec<PathBuf>> {
     }
     let index_path = dir.join("model.safetensors.index.json");
     if !index_path.exists() {
-        return Err(ModelError::file(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
+        return Err(ModelError::file(
+            dir,
+            "no model.safetensors or model.safetensors.index.json in this folder",
+        ));
     }
     let index = read_json(&index_path)?;
     let map = index
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| ModelError::field(&index_path, "weight_map", "missing or not an object"))?;
-    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
     files.sort();
     files.dedup();
     let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
     for p in &paths {
         if !p.exists() {
-            return Err(ModelError::field(&index_path, "weight_map", format!("lists {} which does not exist", p.display())));
+            return Err(ModelError::field(
+                &index_path,
+                "weight_map",
+                format!("lists {} which does not exist", p.display()),
+            ));
         }
     }
     Ok(paths)
@@ -289,25 +373,57 @@ fn shard_files(dir: &Path) -> ModelResult<Vec<PathBuf>> {
 impl WeightSource for SafetensorsSource {
     fn load(&self, name: WeightName) -> ModelResult<HostWeight> {
         let tname = self.tensor_name(name);
-        let shard = self.index.get(&tname).map(|&i| &self.shards[i]).ok_or_else(|| {
-            ModelError::spec("safetensors", format!("tensor `{tname}` is missing from the checkpoint"))
-        })?;
+        let shard = self
+            .index
+            .get(&tname)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| {
+                ModelError::spec(
+                    "safetensors",
+                    format!("tensor `{tname}` is missing from the checkpoint"),
+                )
+            })?;
         let st = SafeTensors::deserialize(&shard.mmap)
             .map_err(|e| ModelError::file(&shard.path, format!("invalid safetensors: {e}")))?;
-        let view = st.tensor(&tname).map_err(|e| ModelError::file(&shard.path, format!("tensor `{tname}`: {e}")))?;
+        let view = st
+            .tensor(&tname)
+            .map_err(|e| ModelError::file(&shard.path, format!("tensor `{tname}`: {e}")))?;
         let shape = view.shape();
         let (rows, cols) = match shape {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            _ => return Err(ModelError::file(&shard.path, format!("tensor `{tname}` has shape {shape:?}; expected 1 or 2 dimensions"))),
+            _ => {
+                return Err(ModelError::file(
+                    &shard.path,
+                    format!("tensor `{tname}` has shape {shape:?}; expected 1 or 2 dimensions"),
+                ));
+            }
         };
         let bytes = view.data();
         let data = match view.dtype() {
-            StDtype::F32 => WeightData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-            StDtype::F16 => WeightData::F16(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()),
-            StDtype::BF16 => WeightData::BF16(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect()),
+            StDtype::F32 => WeightData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            StDtype::F16 => WeightData::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+            StDtype::BF16 => WeightData::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
             other => {
-                return Err(ModelError::file(&shard.path, format!("tensor `{tname}` has dtype {other:?}; supported: F32, F16, BF16")));
+                return Err(ModelError::file(
+                    &shard.path,
+                    format!("tensor `{tname}` has dtype {other:?}; supported: F32, F16, BF16"),
+                ));
             }
         };
         Ok(HostWeight::new(rows, cols, data)?)

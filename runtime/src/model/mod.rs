@@ -31,7 +31,12 @@ pub fn open(spec: &str) -> ModelResult<Model> {
     if let Some(preset) = spec.strip_prefix("synthetic:") {
         let config = synthetic::config(preset)?;
         let weights = Box::new(synthetic::SyntheticSource::new(config.clone()));
-        return Ok(Model { spec: spec.to_string(), config, weights, tokenizer: None });
+        return Ok(Model {
+            spec: spec.to_string(),
+            config,
+            weights,
+            tokenizer: None,
+        });
     }
     let path = Path::new(spec);
     if !path.exists() {
@@ -45,12 +50,25 @@ pub fn open(spec: &str) -> ModelResult<Model> {
         let weights = Box::new(hf::SafetensorsSource::open(path, &config)?);
         let tokenizer = TextTokenizer::from_hf_dir(path)?;
         if config.eos_token_ids.is_empty() {
-            if let Some(id) = tokenizer.as_ref().and_then(|t| t.eos_token().and_then(|e| t.token_id(e))) {
+            if let Some(id) = tokenizer
+                .as_ref()
+                .and_then(|t| t.eos_token().and_then(|e| t.token_id(e)))
+            {
                 config.eos_token_ids.push(id);
             }
         }
-        return Ok(Model { spec: spec.to_string(), config, weights, tokenizer });
+        return Ok(Model {
+            spec: spec.to_string(),
+            config,
+            weights,
+            tokenizer,
+        });
     }
     let (config, weights, tokenizer) = gguf_model::open(path)?;
-    Ok(Model { spec: spec.to_string(), config, weights: Box::new(weights), tokenizer: Some(tokenizer) })
+    Ok(Model {
+        spec: spec.to_string(),
+        config,
+        weights: Box::new(weights),
+        tokenizer: Some(tokenizer),
+    })
 }

@@ -25,7 +25,17 @@ struct Preset {
 }
 
 const fn opt(name: &'static str, hidden: usize, layers: usize, heads: usize) -> Preset {
-    Preset { name, family: Family::Opt, hidden, layers, heads, kv_heads: heads, intermediate: 4 * hidden, vocab: 50272, max_context: 2048 }
+    Preset {
+        name,
+        family: Family::Opt,
+        hidden,
+        layers,
+        heads,
+        kv_heads: heads,
+        intermediate: 4 * hidden,
+        vocab: 50272,
+        max_context: 2048,
+    }
 }
 
 const PRESETS: &[Preset] = &[
@@ -36,12 +46,72 @@ const PRESETS: &[Preset] = &[
     opt("opt-30b", 7168, 48, 56),
     opt("opt-66b", 9216, 64, 72),
     opt("opt-175b", 12288, 96, 96),
-    Preset { name: "llama-2-7b", family: Family::Llama, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, intermediate: 11008, vocab: 32000, max_context: 4096 },
-    Preset { name: "llama-3-8b", family: Family::Llama, hidden: 4096, layers: 32, heads: 32, kv_heads: 8, intermediate: 14336, vocab: 128256, max_context: 131072 },
-    Preset { name: "qwen2.5-7b", family: Family::Qwen2, hidden: 3584, layers: 28, heads: 28, kv_heads: 4, intermediate: 18944, vocab: 152064, max_context: 32768 },
-    Preset { name: "tiny-llama", family: Family::Llama, hidden: 64, layers: 2, heads: 4, kv_heads: 2, intermediate: 128, vocab: 256, max_context: 1024 },
-    Preset { name: "tiny-qwen2", family: Family::Qwen2, hidden: 64, layers: 2, heads: 4, kv_heads: 2, intermediate: 128, vocab: 256, max_context: 1024 },
-    Preset { name: "tiny-opt", family: Family::Opt, hidden: 64, layers: 2, heads: 4, kv_heads: 4, intermediate: 256, vocab: 256, max_context: 1024 },
+    Preset {
+        name: "llama-2-7b",
+        family: Family::Llama,
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 32,
+        intermediate: 11008,
+        vocab: 32000,
+        max_context: 4096,
+    },
+    Preset {
+        name: "llama-3-8b",
+        family: Family::Llama,
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        intermediate: 14336,
+        vocab: 128256,
+        max_context: 131072,
+    },
+    Preset {
+        name: "qwen2.5-7b",
+        family: Family::Qwen2,
+        hidden: 3584,
+        layers: 28,
+        heads: 28,
+        kv_heads: 4,
+        intermediate: 18944,
+        vocab: 152064,
+        max_context: 32768,
+    },
+    Preset {
+        name: "tiny-llama",
+        family: Family::Llama,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        vocab: 256,
+        max_context: 1024,
+    },
+    Preset {
+        name: "tiny-qwen2",
+        family: Family::Qwen2,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        vocab: 256,
+        max_context: 1024,
+    },
+    Preset {
+        name: "tiny-opt",
+        family: Family::Opt,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 4,
+        intermediate: 256,
+        vocab: 256,
+        max_context: 1024,
+    },
 ];
 
 pub fn preset_names() -> Vec<&'static str> {
@@ -54,17 +124,35 @@ pub fn config(spec: &str) -> ModelResult<ModelConfig> {
     let mut parts = spec.split(':');
     let name = parts.next().unwrap_or_default();
     let p = PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
-        ModelError::spec(&full, format!("unknown preset `{name}` (known: {})", preset_names().join(", ")))
+        ModelError::spec(
+            &full,
+            format!(
+                "unknown preset `{name}` (known: {})",
+                preset_names().join(", ")
+            ),
+        )
     })?;
     let mut layers = p.layers;
     for opt in parts {
         match opt.split_once('=') {
             Some(("layers", n)) => {
-                layers = n.parse().ok().filter(|&n| n >= 1 && n <= p.layers).ok_or_else(|| {
-                    ModelError::spec(&full, format!("`layers={n}` must be between 1 and {}", p.layers))
-                })?;
+                layers = n
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1 && n <= p.layers)
+                    .ok_or_else(|| {
+                        ModelError::spec(
+                            &full,
+                            format!("`layers={n}` must be between 1 and {}", p.layers),
+                        )
+                    })?;
             }
-            _ => return Err(ModelError::spec(&full, format!("unknown option `{opt}` (known: layers=N)"))),
+            _ => {
+                return Err(ModelError::spec(
+                    &full,
+                    format!("unknown option `{opt}` (known: layers=N)"),
+                ));
+            }
         }
     }
     let tiny = name.starts_with("tiny-");
@@ -72,7 +160,12 @@ pub fn config(spec: &str) -> ModelResult<ModelConfig> {
         (Family::Opt, _) => (0.0, RopeScaling::None, 1e-5),
         (_, "llama-3-8b") => (
             500000.0,
-            RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 },
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
             1e-5,
         ),
         (_, "qwen2.5-7b") => (1_000_000.0, RopeScaling::None, 1e-6),
@@ -166,7 +259,11 @@ pub(crate) fn splitmix64(state: &mut u64) -> u64 {
 
 fn name_seed(name: WeightName) -> u64 {
     // FNV-1a over the Debug form: stable across runs and platforms.
-    format!("{name:?}").bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    format!("{name:?}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 const CHUNK: usize = 1 << 16;
@@ -174,23 +271,40 @@ const CHUNK: usize = 1 << 16;
 impl WeightSource for SyntheticSource {
     fn load(&self, name: WeightName) -> ModelResult<HostWeight> {
         // A tied model's head is its embedding table.
-        let name = if name == WeightName::LmHead && self.cfg.tie_embeddings { WeightName::Embed } else { name };
+        let name = if name == WeightName::LmHead && self.cfg.tie_embeddings {
+            WeightName::Embed
+        } else {
+            name
+        };
         let (rows, cols, fill) = self.shape(name);
         let seed = name_seed(name);
         let mut values = vec![0.0f32; rows * cols];
-        values.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-            let mut s = seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-            for v in chunk.iter_mut() {
-                *v = match fill {
-                    Fill::One => 1.0,
-                    Fill::Uniform(a) => ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a,
-                };
-            }
-        });
-        Ok(HostWeight::new(rows, cols, WeightData::F32(values).cast(self.cfg.dtype))?)
+        values
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut s = seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                for v in chunk.iter_mut() {
+                    *v = match fill {
+                        Fill::One => 1.0,
+                        Fill::Uniform(a) => {
+                            ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+                                * a
+                        }
+                    };
+                }
+            });
+        Ok(HostWeight::new(
+            rows,
+            cols,
+            WeightData::F32(values).cast(self.cfg.dtype),
+        )?)
     }
 
     fn describe(&self) -> String {
-        format!("synthetic weights ({}), generated on demand", self.cfg.dtype.name())
+        format!(
+            "synthetic weights ({}), generated on demand",
+            self.cfg.dtype.name()
+        )
     }
 }
