@@ -61,6 +61,8 @@ pub struct JobStats {
     pub items_skipped_resume: usize,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Tokens produced by decode steps (each sequence's first token comes from its prefill).
+    pub decode_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     pub prefill_tokens_per_s: f64,
@@ -164,11 +166,19 @@ pub fn run<B: Backend>(
     let s = &mut job.stats;
     s.wall_seconds = started.elapsed().as_secs_f64();
     s.prefill_tokens_per_s = rate(s.prompt_tokens, s.prefill_seconds);
-    s.decode_tokens_per_s = rate(s.generated_tokens, s.decode_seconds);
+    s.decode_tokens_per_s = rate(s.decode_tokens, s.decode_seconds);
     s.weight_load_seconds = job.tf.timings.weight_load_s;
     s.peak_rss_bytes = peak_rss_bytes();
     s.peak_kv_bytes = job.pool.peak_bytes();
     Ok(job.stats)
+}
+
+fn reject(item: JobItem, error: impl Into<String>) -> BadLine {
+    BadLine {
+        line: item.line,
+        id: item.id,
+        error: error.into(),
+    }
 }
 
 fn rate(tokens: usize, seconds: f64) -> f64 {
@@ -253,7 +263,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
                         self.table.add_sequence(r.seq, self.model.config.layers);
                         admitted.push(r);
                     }
-                    Err((item, msg)) => self.fail(&item.id, item.line, &msg)?,
+                    Err(bad) => self.fail(&bad.id, bad.line, &bad.error)?,
                 }
             }
             if !admitted.is_empty() {
@@ -276,13 +286,13 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
     }
 
     /// Tokenizes and checks one item.
-    fn prepare(&mut self, item: JobItem) -> Result<Running, (JobItem, String)> {
+    fn prepare(&mut self, item: JobItem) -> Result<Running, BadLine> {
         let cfg = &self.model.config;
         let ids = match &item.input {
             ItemInput::Ids(ids) => ids.clone(),
             ItemInput::Prompt(text) => {
                 let Some(tok) = &self.model.tokenizer else {
-                    return Err((
+                    return Err(reject(
                         item,
                         format!(
                             "model `{}` has no tokenizer: give `input_ids` instead of `prompt`",
@@ -297,15 +307,15 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
                 };
                 match encoded {
                     Ok(ids) => ids,
-                    Err(e) => return Err((item, e)),
+                    Err(e) => return Err(reject(item, e)),
                 }
             }
         };
         if ids.is_empty() {
-            return Err((item, "empty prompt: it has no tokens".into()));
+            return Err(reject(item, "empty prompt: it has no tokens"));
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab) {
-            return Err((
+            return Err(reject(
                 item,
                 format!(
                     "token id {bad} is outside the vocabulary (size {})",
@@ -314,7 +324,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             ));
         }
         if ids.len() >= cfg.max_context {
-            return Err((
+            return Err(reject(
                 item,
                 format!(
                     "prompt has {} tokens; the model's context is {} ({})",
@@ -325,9 +335,9 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             ));
         }
         if !item.stop.is_empty() && self.model.tokenizer.is_none() {
-            return Err((
+            return Err(reject(
                 item,
-                "`stop` strings need a tokenizer; this model has none".into(),
+                "`stop` strings need a tokenizer; this model has none",
             ));
         }
         let max_new = item
@@ -396,6 +406,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         for (r, l) in running.iter_mut().zip(&logits) {
             r.next = r.sampler.sample(l);
         }
+        self.stats.decode_tokens += rows.len();
         self.stats.decode_seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -446,10 +457,10 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         let text = match &self.model.tokenizer {
             Some(tok) => {
                 let mut t = tok.decode(&r.generated).unwrap_or_default();
-                if reason == "stop" {
-                    if let Some(cut) = r.item.stop.iter().filter_map(|s| t.find(s.as_str())).min() {
-                        t.truncate(cut);
-                    }
+                if reason == "stop"
+                    && let Some(cut) = r.item.stop.iter().filter_map(|s| t.find(s.as_str())).min()
+                {
+                    t.truncate(cut);
                 }
                 Some(t)
             }

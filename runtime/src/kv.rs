@@ -194,7 +194,7 @@ impl KvBlockTable {
                 next: s.len[layer],
             });
         }
-        if pos % bt == 0 {
+        if pos.is_multiple_of(bt) {
             let id = pool.alloc()?;
             s.blocks[layer].push(id);
         }

@@ -27,9 +27,14 @@ pub struct Engine<'m> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model, block_tokens: usize) -> Self {
+        Self::with_residency(model, block_tokens, true)
+    }
+
+    /// `resident = false` loads each layer's weights from the source on every forward pass.
+    pub fn with_residency(model: &'m Model, block_tokens: usize, resident: bool) -> Self {
         let c = &model.config;
         let tf =
-            Transformer::new(CpuBackend::new(), model, block_tokens, true).expect("load model");
+            Transformer::new(CpuBackend::new(), model, block_tokens, resident).expect("load model");
         let geometry = KvGeometry {
             layers: c.layers,
             kv_heads: c.kv_heads,

@@ -105,7 +105,7 @@ impl ModelConfig {
 
     pub(crate) fn validate(&self, path: &Path) -> ModelResult<()> {
         let bad = |field: &str, msg: String| Err(ModelError::field(path, field, msg));
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -114,7 +114,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("head dimension {} must be even and non-zero", self.head_dim),

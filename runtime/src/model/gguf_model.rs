@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use strata_kernels::{DType, HostWeight, RopeScaling};
 
 use super::config::{Family, ModelConfig};
-use super::gguf::{GgufFile, unpermute_qk};
+use super::gguf::{GgufError, GgufFile, unpermute_qk};
 use super::gguf_tokenizer;
 use super::weights::{LayerTensor, WeightName, WeightSource};
 use crate::error::{ModelError, ModelResult};
@@ -22,6 +22,20 @@ pub struct GgufSource {
 
 pub fn open(path: &Path) -> ModelResult<(ModelConfig, GgufSource, TextTokenizer)> {
     let file = GgufFile::open(path)?;
+    // Refuse unsupported tensor types now, before any work, rather than halfway through loading.
+    if let Some(t) = file
+        .tensor_infos()
+        .iter()
+        .find(|t| !t.ggml_type.is_supported())
+    {
+        return Err(GgufError::UnsupportedType {
+            path: path.display().to_string(),
+            name: t.name.clone(),
+            type_name: t.ggml_type.name().into(),
+            type_id: t.ggml_type.0,
+        }
+        .into());
+    }
     let arch = file.get_str("general.architecture")?.to_string();
     if arch != "llama" {
         return Err(ModelError::field(

@@ -80,14 +80,14 @@ pub fn parse_config(dir: &Path) -> ModelResult<ModelConfig> {
 
 fn parse_llama_like(f: &Fields<'_>, model_type: &str) -> ModelResult<ModelConfig> {
     let path = f.path;
-    if let Some(act) = f.str("hidden_act")? {
-        if act != "silu" {
-            return Err(ModelError::field(
-                path,
-                "hidden_act",
-                format!("activation `{act}` is not supported (silu)"),
-            ));
-        }
+    if let Some(act) = f.str("hidden_act")?
+        && act != "silu"
+    {
+        return Err(ModelError::field(
+            path,
+            "hidden_act",
+            format!("activation `{act}` is not supported (silu)"),
+        ));
     }
     if f.bool_or("mlp_bias", false)? {
         return Err(ModelError::field(
@@ -164,14 +164,14 @@ fn parse_opt(f: &Fields<'_>) -> ModelResult<ModelConfig> {
             ),
         ));
     }
-    if let Some(act) = f.str("activation_function")? {
-        if act != "relu" {
-            return Err(ModelError::field(
-                path,
-                "activation_function",
-                format!("activation `{act}` is not supported (relu)"),
-            ));
-        }
+    if let Some(act) = f.str("activation_function")?
+        && act != "relu"
+    {
+        return Err(ModelError::field(
+            path,
+            "activation_function",
+            format!("activation `{act}` is not supported (relu)"),
+        ));
     }
     if !f.bool_or("enable_bias", true)? || !f.bool_or("layer_norm_elementwise_affine", true)? {
         return Err(ModelError::field(

@@ -49,13 +49,12 @@ pub fn open(spec: &str) -> ModelResult<Model> {
         let mut config = hf::parse_config(path)?;
         let weights = Box::new(hf::SafetensorsSource::open(path, &config)?);
         let tokenizer = TextTokenizer::from_hf_dir(path)?;
-        if config.eos_token_ids.is_empty() {
-            if let Some(id) = tokenizer
+        if config.eos_token_ids.is_empty()
+            && let Some(id) = tokenizer
                 .as_ref()
                 .and_then(|t| t.eos_token().and_then(|e| t.token_id(e)))
-            {
-                config.eos_token_ids.push(id);
-            }
+        {
+            config.eos_token_ids.push(id);
         }
         return Ok(Model {
             spec: spec.to_string(),

@@ -268,6 +268,32 @@ fn name_seed(name: WeightName) -> u64 {
 
 const CHUNK: usize = 1 << 16;
 
+/// `n` values of `fill`, deterministic in `seed`, each chunk from its own stream (so the result
+/// does not depend on how rayon splits the work), converted by `conv`.
+fn fill_values<T: Send + Copy + Default>(
+    n: usize,
+    seed: u64,
+    fill: Fill,
+    conv: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let mut values = vec![T::default(); n];
+    values
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut s = seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+            for v in chunk.iter_mut() {
+                *v = conv(match fill {
+                    Fill::One => 1.0,
+                    Fill::Uniform(a) => {
+                        ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+                    }
+                });
+            }
+        });
+    values
+}
+
 impl WeightSource for SyntheticSource {
     fn load(&self, name: WeightName) -> ModelResult<HostWeight> {
         // A tied model's head is its embedding table.
@@ -278,27 +304,14 @@ impl WeightSource for SyntheticSource {
         };
         let (rows, cols, fill) = self.shape(name);
         let seed = name_seed(name);
-        let mut values = vec![0.0f32; rows * cols];
-        values
-            .par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                let mut s = seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-                for v in chunk.iter_mut() {
-                    *v = match fill {
-                        Fill::One => 1.0,
-                        Fill::Uniform(a) => {
-                            ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
-                                * a
-                        }
-                    };
-                }
-            });
-        Ok(HostWeight::new(
-            rows,
-            cols,
-            WeightData::F32(values).cast(self.cfg.dtype),
-        )?)
+        let n = rows * cols;
+        // Generated straight into the stored dtype, chunk by chunk: no f32 copy of the whole tensor.
+        let data = match self.cfg.dtype {
+            DType::F32 => WeightData::F32(fill_values(n, seed, fill, |x| x)),
+            DType::F16 => WeightData::F16(fill_values(n, seed, fill, half::f16::from_f32)),
+            DType::BF16 => WeightData::BF16(fill_values(n, seed, fill, half::bf16::from_f32)),
+        };
+        Ok(HostWeight::new(rows, cols, data)?)
     }
 
     fn describe(&self) -> String {
