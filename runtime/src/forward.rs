@@ -10,12 +10,11 @@
 
 use std::time::Instant;
 
-use strata_kernels::attention::{AttentionQuery, attend_batch};
 use strata_kernels::{AttentionGeometry, Backend, RopeTable};
 use tracing::debug_span;
 
 use crate::error::ModelResult;
-use crate::kv::{KvBlockPool, KvBlockTable, KvError, SeqId};
+use crate::kv::{KvCache, KvError, SeqId, TierQuery};
 use crate::model::{Family, LayerTensor, Model, ModelConfig, WeightName, WeightSource};
 
 /// One token of one sequence at one position.
@@ -204,8 +203,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
         &mut self,
         rows: &[Row],
         logit_rows: &[usize],
-        table: &mut KvBlockTable,
-        pool: &mut KvBlockPool,
+        kv: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
         let b = &self.backend;
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
@@ -220,12 +218,12 @@ impl<'m, B: Backend> Transformer<'m, B> {
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             match &self.layers {
-                Layers::Resident(ls) => x = self.layer(&ls[i], i, x, rows, table, pool)?,
+                Layers::Resident(ls) => x = self.layer(&ls[i], i, x, rows, kv)?,
                 Layers::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
                     self.timings.weight_load_s += t0.elapsed().as_secs_f64();
-                    x = self.layer(&lw, i, x, rows, table, pool)?;
+                    x = self.layer(&lw, i, x, rows, kv)?;
                 }
             }
         }
@@ -258,8 +256,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
         layer: usize,
         mut x: B::Tensor,
         rows: &[Row],
-        table: &mut KvBlockTable,
-        pool: &mut KvBlockPool,
+        kv: &mut KvCache,
     ) -> Result<B::Tensor, ForwardError> {
         let b = &self.backend;
         let cfg = &self.cfg;
@@ -276,8 +273,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
         let (qh, kh, vh) = (b.to_host(&q), b.to_host(&k), b.to_host(&v));
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         for (r, row) in rows.iter().enumerate() {
-            table.append(
-                pool,
+            kv.append(
                 row.seq,
                 layer,
                 row.pos,
@@ -285,7 +281,20 @@ impl<'m, B: Backend> Transformer<'m, B> {
                 &vh[r * kvd..(r + 1) * kvd],
             )?;
         }
-        let attn = self.attend(&qh, rows, layer, table, pool);
+        let queries: Vec<TierQuery<'_>> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| TierQuery {
+                seq: row.seq,
+                pos: row.pos,
+                q: &qh[r * qd..(r + 1) * qd],
+            })
+            .collect();
+        let attn: Vec<f32> = kv
+            .attend(layer, &queries, &self.attention)?
+            .into_iter()
+            .flat_map(|p| p.o)
+            .collect();
         let attn = b.tensor(rows.len(), qd, attn)?;
         let o = b.linear(&attn, &w.o, w.o_b.as_ref())?;
         b.add_inplace(&mut x, &o)?;
@@ -309,41 +318,6 @@ impl<'m, B: Backend> Transformer<'m, B> {
         };
         b.add_inplace(&mut x, &out)?;
         Ok(x)
-    }
-
-    /// Attends every row over its sequence's blocks in this layer; returns `[rows, q_dim]`.
-    fn attend(
-        &self,
-        q: &[f32],
-        rows: &[Row],
-        layer: usize,
-        table: &KvBlockTable,
-        pool: &KvBlockPool,
-    ) -> Vec<f32> {
-        let qd = self.cfg.q_dim();
-        let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.seq).collect();
-        seqs.sort();
-        seqs.dedup();
-        let views: Vec<_> = seqs.iter().map(|&s| table.views(pool, s, layer)).collect();
-        let queries: Vec<AttentionQuery<'_>> = rows
-            .iter()
-            .enumerate()
-            .map(|(r, row)| {
-                let si = seqs.binary_search(&row.seq).unwrap_or(0);
-                AttentionQuery {
-                    q: &q[r * qd..(r + 1) * qd],
-                    pos: row.pos,
-                    blocks: &views[si],
-                }
-            })
-            .collect();
-        // Split each query's KV into chunks when there are too few queries to fill the cores.
-        let threads = rayon::current_num_threads().max(1);
-        let max_blocks = views.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let splits = (2 * threads).div_ceil(queries.len().max(1)).max(1);
-        let chunk = max_blocks.div_ceil(splits);
-        let partials = attend_batch(&queries, &self.attention, chunk);
-        partials.into_iter().flat_map(|p| p.o).collect()
     }
 }
 

@@ -21,7 +21,8 @@ use crate::jobio::{
     BadLine, ErrorRecord, ItemInput, JobIoError, JobItem, OutputRecord, OutputWriter, id_key,
     read_input,
 };
-use crate::kv::{KvBlockPool, KvBlockTable, KvGeometry, SeqId};
+use crate::kv::policy::SinkAndRecent;
+use crate::kv::{DiskTierConfig, KvCache, KvCacheConfig, KvError, KvGeometry, KvMetrics, SeqId};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -38,6 +39,11 @@ pub struct GenerateOptions {
     pub batch_size: usize,
     pub resume: bool,
     pub block_tokens: usize,
+    /// Host KV tier budget in bytes.
+    pub host_kv_bytes: u64,
+    /// The disk KV tier, when `--disk-dir` is given.
+    pub disk: Option<DiskTierConfig>,
+    pub hot_policy: SinkAndRecent,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +54,8 @@ pub enum GenerateError {
     Forward(#[from] ForwardError),
     #[error("{0}")]
     Usage(String),
+    #[error("KV cache: {0}")]
+    Kv(#[from] KvError),
 }
 
 /// The run summary `--stats-json` writes.
@@ -73,6 +81,8 @@ pub struct JobStats {
     pub peak_kv_bytes: usize,
     pub batch_size: usize,
     pub kv_block_tokens: usize,
+    /// Blocks per tier, bytes per link, seconds per attention engine.
+    pub kv: KvMetrics,
 }
 
 /// A sequence in flight.
@@ -93,8 +103,7 @@ struct Job<'a, 'm, B: Backend> {
     model: &'m Model,
     tf: Transformer<'m, B>,
     opts: &'a GenerateOptions,
-    table: KvBlockTable,
-    pool: KvBlockPool,
+    kv: KvCache,
     out: OutputWriter,
     stats: JobStats,
     next_seq: u64,
@@ -145,8 +154,12 @@ pub fn run<B: Backend>(
         model,
         tf,
         opts,
-        table: KvBlockTable::new(),
-        pool: KvBlockPool::new(geometry, None),
+        kv: KvCache::new(KvCacheConfig {
+            geometry,
+            host_bytes: opts.host_kv_bytes,
+            disk: opts.disk.clone(),
+            policy: Box::new(opts.hot_policy),
+        })?,
         out,
         stats: JobStats {
             model: model.spec.clone(),
@@ -169,7 +182,8 @@ pub fn run<B: Backend>(
     s.decode_tokens_per_s = rate(s.decode_tokens, s.decode_seconds);
     s.weight_load_seconds = job.tf.timings.weight_load_s;
     s.peak_rss_bytes = peak_rss_bytes();
-    s.peak_kv_bytes = job.pool.peak_bytes();
+    s.kv = job.kv.metrics();
+    s.peak_kv_bytes = (s.kv.host_blocks_peak + s.kv.disk_blocks_peak) * s.kv.bytes_per_block;
     Ok(job.stats)
 }
 
@@ -260,7 +274,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
                 match self.prepare(item) {
                     Ok(r) if r.max_new == 0 => self.write_done(&r, "length")?,
                     Ok(r) => {
-                        self.table.add_sequence(r.seq, self.model.config.layers);
+                        self.kv.add_sequence(r.seq);
                         admitted.push(r);
                     }
                     Err(bad) => self.fail(&bad.id, bad.line, &bad.error)?,
@@ -376,9 +390,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             }));
             last.push(rows.len() - 1);
         }
-        let logits = self
-            .tf
-            .forward(&rows, &last, &mut self.table, &mut self.pool)?;
+        let logits = self.tf.forward(&rows, &last, &mut self.kv)?;
         for (r, l) in batch.iter_mut().zip(&logits) {
             r.prompt = Vec::new();
             r.next = r.sampler.sample(l);
@@ -400,9 +412,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             })
             .collect();
         let wanted: Vec<usize> = (0..rows.len()).collect();
-        let logits = self
-            .tf
-            .forward(&rows, &wanted, &mut self.table, &mut self.pool)?;
+        let logits = self.tf.forward(&rows, &wanted, &mut self.kv)?;
         for (r, l) in running.iter_mut().zip(&logits) {
             r.next = r.sampler.sample(l);
         }
@@ -436,7 +446,7 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             None => running.push(r),
             Some(reason) => {
                 self.write_done(&r, reason)?;
-                self.table.remove_sequence(r.seq, &mut self.pool);
+                self.kv.remove_sequence(r.seq).map_err(ForwardError::Kv)?;
             }
         }
         Ok(())

@@ -10,6 +10,7 @@ pub mod kv;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
+pub mod units;
 
 /// Memory the OS says is available now (`MemAvailable`), in bytes; `None` off Linux.
 pub fn mem_available_bytes() -> Option<u64> {

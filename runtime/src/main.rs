@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use strata_kernels::CpuBackend;
 use strata_runtime::generate::{self, GenerateOptions};
+use strata_runtime::kv::DiskTierConfig;
+use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::model::{self, Family};
 
 #[derive(Parser)]
@@ -27,7 +29,7 @@ enum Command {
     /// optional per-line "max_new_tokens", "temperature", "top_p", "seed" and "stop". Each result
     /// is appended to OUT as soon as its sequence finishes. Exit status: 0 when every item
     /// succeeded, 3 when some items have error records in OUT, 1 when the job could not run.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Print a model's architecture, parameter count, dtypes and KV bytes per token.
     Info {
         /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N].
@@ -74,12 +76,41 @@ struct GenerateArgs {
     /// Write a JSON run summary (tokens, seconds, tokens/s, peak memory) here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
-    /// Tokens per KV cache block.
+    /// Tokens per KV cache block (the unit of placement and of disk IO).
     #[arg(long, default_value_t = 32)]
     kv_block_tokens: usize,
+    /// Host memory for the KV cache (e.g. 8GiB). Default: half the memory available at start.
+    /// When it fills, the coldest blocks spill to --disk-dir (or the job stops with an error
+    /// saying so, when there is no disk tier).
+    #[arg(long, value_parser = parse_size_arg)]
+    host_mem: Option<u64>,
+    /// Directory on a fast disk for the disk KV tier (preallocated files, removed at exit).
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Disk space for the KV cache in --disk-dir (e.g. 64GiB). Default: half the free space,
+    /// at most 64GiB. Checked against the free space at start.
+    #[arg(long, value_parser = parse_size_arg, requires = "disk_dir")]
+    disk_mem: Option<u64>,
+    /// Disk IO engine: io_uring, a pread/pwrite thread pool, or auto (io_uring when the kernel
+    /// allows it; STRATA_IO_ENGINE=sync forces the pool).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
+    io_engine: String,
+    /// Disk reads and writes in flight at once.
+    #[arg(long, default_value_t = 32)]
+    io_queue_depth: usize,
+    /// KV blocks at the start of each sequence kept in host memory (attention sinks).
+    #[arg(long, default_value_t = 1)]
+    kv_sink_blocks: usize,
+    /// Most recent KV blocks of each sequence kept in host memory.
+    #[arg(long, default_value_t = 4)]
+    kv_recent_blocks: usize,
     /// CPU threads for compute (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    strata_runtime::units::parse_size(s)
 }
 
 fn main() -> ExitCode {
@@ -92,11 +123,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => run_generate(args),
+        Command::Generate(args) => run_generate(*args),
         Command::Info { model } => run_info(&model).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        // Our error messages already carry their causes; print each once.
+        eprintln!("error: {e}");
         ExitCode::FAILURE
     })
 }
@@ -139,6 +171,24 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size,
         resume: a.resume,
         block_tokens: a.kv_block_tokens,
+        host_kv_bytes: a.host_mem.unwrap_or_else(default_host_kv_bytes),
+        disk: match a.disk_dir {
+            None => None,
+            Some(dir) => Some(DiskTierConfig {
+                bytes: match a.disk_mem {
+                    Some(b) => b,
+                    None => default_disk_bytes(&dir)?,
+                },
+                dir,
+                engine: a.io_engine.parse()?,
+                queue_depth: a.io_queue_depth.max(1),
+                faults: std::env::var("STRATA_FAULTS").ok(),
+            }),
+        },
+        hot_policy: SinkAndRecent {
+            sink_blocks: a.kv_sink_blocks,
+            recent_blocks: a.kv_recent_blocks,
+        },
     };
     let stats = generate::run(&model, CpuBackend::new(), resident, &opts)?;
     if let Some(path) = a.stats_json {
@@ -159,6 +209,21 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Half the memory available now, at least 64 MiB.
+fn default_host_kv_bytes() -> u64 {
+    strata_runtime::mem_available_bytes()
+        .map_or(4 << 30, |b| b / 2)
+        .max(64 << 20)
+}
+
+/// Half the free space of `dir`, at most 64 GiB.
+fn default_disk_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("--disk-dir {}: {e}", dir.display()))?;
+    let free = strata_storage::free_bytes(dir)?;
+    Ok((free / 2).min(64 << 30))
 }
 
 fn run_info(spec: &str) -> anyhow::Result<()> {

@@ -24,28 +24,54 @@ pub enum StorageError {
     Open { path: PathBuf, source: io::Error },
 
     #[error("{}", not_enough_space(dir, *need_bytes, *free_bytes))]
-    NotEnoughSpace { dir: PathBuf, need_bytes: u64, free_bytes: u64 },
+    NotEnoughSpace {
+        dir: PathBuf,
+        need_bytes: u64,
+        free_bytes: u64,
+    },
 
     #[error("cannot preallocate {} for {}: {source}", fmt_bytes(*bytes), path.display())]
-    Preallocate { path: PathBuf, bytes: u64, source: io::Error },
+    Preallocate {
+        path: PathBuf,
+        bytes: u64,
+        source: io::Error,
+    },
 
     #[error("IO engine {engine} is unavailable: {reason}")]
-    EngineUnavailable { engine: &'static str, reason: String },
+    EngineUnavailable {
+        engine: &'static str,
+        reason: String,
+    },
 
     #[error("io_uring {op} failed: {source}")]
     Ring { op: &'static str, source: io::Error },
 
     #[error("IO error at {} offset {offset} ({len} bytes): {source}", path.display())]
-    Io { path: PathBuf, offset: u64, len: usize, source: io::Error },
+    Io {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        source: io::Error,
+    },
 
     #[error("no space left on the device writing {} at offset {offset}", path.display())]
     NoSpace { path: PathBuf, offset: u64 },
 
     #[error("short {op} of {} at offset {offset}: {got} of {expected} bytes", path.display())]
-    ShortIo { op: &'static str, path: PathBuf, offset: u64, expected: usize, got: usize },
+    ShortIo {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        expected: usize,
+        got: usize,
+    },
 
     #[error("checksum mismatch in disk slot {slot} ({} offset {offset})", path.display())]
-    Corrupt { slot: u32, path: PathBuf, offset: u64 },
+    Corrupt {
+        slot: u32,
+        path: PathBuf,
+        offset: u64,
+    },
 
     #[error("the block store is full ({capacity_slots} slots in use)")]
     Full { capacity_slots: u32 },
@@ -88,15 +114,6 @@ impl std::error::Error for SubmitError {
     }
 }
 
-/// The error of a streaming read: the store failed, or the caller's callback did.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError<E> {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error("block callback failed: {0}")]
-    Callback(E),
-}
-
 /// `1.5 GiB`, `256.0 KiB`, `512 B`: binary units with one decimal, as in error messages.
 pub fn fmt_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -105,7 +122,8 @@ pub fn fmt_bytes(bytes: u64) -> String {
     }
     let mut value = bytes as f64 / 1024.0;
     let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
+    // Promote when one decimal would print 1024.0.
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
         value /= 1024.0;
         unit += 1;
     }
@@ -131,6 +149,7 @@ mod tests {
         assert_eq!(fmt_bytes(512), "512 B");
         assert_eq!(fmt_bytes(256 << 10), "256.0 KiB");
         assert_eq!(fmt_bytes(64 << 30), "64.0 GiB");
+        assert_eq!(fmt_bytes((1 << 40) - (1 << 20)), "1.0 TiB");
     }
 
     #[test]

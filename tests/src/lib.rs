@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use strata_kernels::CpuBackend;
 use strata_runtime::forward::{Row, Transformer};
-use strata_runtime::kv::{KvBlockPool, KvBlockTable, KvGeometry, SeqId};
+use strata_runtime::kv::policy::SinkAndRecent;
+use strata_runtime::kv::{DiskTierConfig, KvCache, KvCacheConfig, KvGeometry, SeqId};
 use strata_runtime::model::Model;
 use strata_runtime::sampling::argmax;
 
@@ -17,21 +18,38 @@ pub fn fixture(rel: &str) -> PathBuf {
     workspace_root().join("tests/fixtures").join(rel)
 }
 
+/// Where the KV cache lives in a test: host only, or a small host tier over a disk tier.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// Host KV budget in blocks (`None`: plenty).
+    pub host_blocks: Option<usize>,
+    pub disk: Option<DiskTierConfig>,
+    pub policy: SinkAndRecent,
+}
+
 /// A model with an empty KV cache, ready to run sequences through.
 pub struct Engine<'m> {
     pub tf: Transformer<'m, CpuBackend>,
-    pub table: KvBlockTable,
-    pub pool: KvBlockPool,
+    pub kv: KvCache,
     next_seq: u64,
 }
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model, block_tokens: usize) -> Self {
-        Self::with_residency(model, block_tokens, true)
+        Self::with_placement(model, block_tokens, true, Placement::default())
     }
 
     /// `resident = false` loads each layer's weights from the source on every forward pass.
     pub fn with_residency(model: &'m Model, block_tokens: usize, resident: bool) -> Self {
+        Self::with_placement(model, block_tokens, resident, Placement::default())
+    }
+
+    pub fn with_placement(
+        model: &'m Model,
+        block_tokens: usize,
+        resident: bool,
+        placement: Placement,
+    ) -> Self {
         let c = &model.config;
         let tf =
             Transformer::new(CpuBackend::new(), model, block_tokens, resident).expect("load model");
@@ -41,10 +59,20 @@ impl<'m> Engine<'m> {
             head_dim: c.head_dim,
             block_tokens,
         };
+        let stride = geometry.bytes_per_block().next_multiple_of(4096) as u64;
+        let host_bytes = placement
+            .host_blocks
+            .map_or(256 << 20, |b| b as u64 * stride);
+        let kv = KvCache::new(KvCacheConfig {
+            geometry,
+            host_bytes,
+            disk: placement.disk,
+            policy: Box::new(placement.policy),
+        })
+        .expect("KV cache");
         Self {
             tf,
-            table: KvBlockTable::new(),
-            pool: KvBlockPool::new(geometry, None),
+            kv,
             next_seq: 0,
         }
     }
@@ -52,7 +80,7 @@ impl<'m> Engine<'m> {
     fn new_seq(&mut self) -> SeqId {
         let s = SeqId(self.next_seq);
         self.next_seq += 1;
-        self.table.add_sequence(s, self.tf.config().layers);
+        self.kv.add_sequence(s);
         s
     }
 
@@ -67,9 +95,9 @@ impl<'m> Engine<'m> {
         let want: Vec<usize> = (0..rows.len()).collect();
         let out = self
             .tf
-            .forward(&rows, &want, &mut self.table, &mut self.pool)
+            .forward(&rows, &want, &mut self.kv)
             .expect("forward");
-        self.table.remove_sequence(s, &mut self.pool);
+        self.kv.remove_sequence(s).expect("free KV");
         out
     }
 
@@ -90,7 +118,7 @@ impl<'m> Engine<'m> {
         }
         let first = self
             .tf
-            .forward(&rows, &last, &mut self.table, &mut self.pool)
+            .forward(&rows, &last, &mut self.kv)
             .expect("prefill");
         let mut out: Vec<(Vec<f32>, Vec<u32>)> =
             first.iter().map(|l| (l.clone(), vec![argmax(l)])).collect();
@@ -106,16 +134,13 @@ impl<'m> Engine<'m> {
                 })
                 .collect();
             let want: Vec<usize> = (0..rows.len()).collect();
-            let logits = self
-                .tf
-                .forward(&rows, &want, &mut self.table, &mut self.pool)
-                .expect("decode");
+            let logits = self.tf.forward(&rows, &want, &mut self.kv).expect("decode");
             for (o, l) in out.iter_mut().zip(&logits) {
                 o.1.push(argmax(l));
             }
         }
         for s in seqs {
-            self.table.remove_sequence(s, &mut self.pool);
+            self.kv.remove_sequence(s).expect("free KV");
         }
         out
     }

@@ -1,0 +1,320 @@
+//! The disk tier. One worker thread owns the block store, and with it the IO ring: one owner of
+//! the ring, commands in FIFO order. It does two jobs:
+//! - **Spill writes** ([`DiskTier::write`]): host blocks handed down by the tier manager, written
+//!   in the background while compute goes on.
+//! - **Storage attention** ([`DiskTier::attend`]): for each group of queries (the rows of one
+//!   sequence), it streams that sequence's disk blocks through the IO backend and attends each
+//!   block as its read completes, so the attention math overlaps the reads still in flight. Only
+//!   the queries go in and `(o, lse)` partials come back: InstInfer's in-storage attention,
+//!   emulated on the host. The worker counts the KV bytes a computational storage drive would
+//!   have kept off the host link.
+//!
+//! Because commands run in FIFO order, a read always sees every earlier write to its slot, so a
+//! block is readable as soon as its spill is queued. Slot bookkeeping (reserve and free) happens
+//! on the caller's side. The worker only moves bytes and does math. A failed write is sticky: it
+//! is reported with the next attention reply, never silently dropped.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use strata_kernels::attention::attend_partial;
+use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
+use strata_storage::{
+    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, free_bytes,
+};
+
+use super::KvError;
+
+#[derive(Clone, Debug)]
+pub struct DiskTierConfig {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub engine: IoEngine,
+    pub queue_depth: usize,
+    /// Fault injection for tests (see `strata_storage`'s fault format), e.g. from `STRATA_FAULTS`.
+    pub faults: Option<String>,
+}
+
+/// One disk block to attend: the tier's slot index and the positions it holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DiskBlock {
+    pub slot: u32,
+    pub start_pos: usize,
+    pub len: usize,
+}
+
+/// The queries of one sequence (`(row, q, pos)`) and that sequence's disk blocks.
+pub(crate) struct DiskGroup {
+    pub rows: Vec<(usize, Vec<f32>, usize)>,
+    pub blocks: Vec<DiskBlock>,
+}
+
+type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
+
+enum Command {
+    Write(Vec<(u32, Vec<u8>)>),
+    Attend {
+        groups: Vec<DiskGroup>,
+        geometry: AttentionGeometry,
+        reply: Sender<AttendReply>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DiskStats {
+    pub bytes_read: u64,
+    pub result_bytes: u64,
+    pub attend_seconds: f64,
+    pub write_seconds: f64,
+}
+
+pub(crate) struct DiskTier {
+    tx: Option<Sender<Command>>,
+    worker: Option<JoinHandle<()>>,
+    free: Vec<u32>,
+    capacity: usize,
+    engine: String,
+    stats: Arc<Mutex<DiskStats>>,
+}
+
+impl DiskTier {
+    pub fn open(cfg: DiskTierConfig, bytes_per_block: usize) -> Result<Self, KvError> {
+        let faults = cfg.faults.as_deref().map(FaultConfig::parse).transpose()?;
+        // The budget is checked against the free space before anything is allocated, so an
+        // impossible --disk-mem is reported as what it is (and by how much it is short).
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| StorageError::Open {
+            path: cfg.dir.clone(),
+            source,
+        })?;
+        let free = free_bytes(&cfg.dir)?;
+        if cfg.bytes > free {
+            return Err(StorageError::NotEnoughSpace {
+                dir: cfg.dir,
+                need_bytes: cfg.bytes,
+                free_bytes: free,
+            }
+            .into());
+        }
+        let store = BlockStore::open(BlockStoreConfig {
+            dir: cfg.dir,
+            capacity_bytes: cfg.bytes,
+            slot_bytes: bytes_per_block,
+            engine: cfg.engine,
+            queue_depth: cfg.queue_depth,
+            faults,
+        })?;
+        let capacity = store.capacity_slots() as usize;
+        let engine = store.engine_name().to_string();
+        let stats = Arc::new(Mutex::new(DiskStats::default()));
+        let (tx, rx) = channel();
+        let worker_stats = Arc::clone(&stats);
+        let worker = std::thread::Builder::new()
+            .name("strata-disk".into())
+            .spawn(move || Worker::new(store, bytes_per_block, worker_stats).run(rx))
+            .map_err(|_| KvError::WorkerGone)?;
+        Ok(Self {
+            tx: Some(tx),
+            worker: Some(worker),
+            free: (0..capacity as u32).rev().collect(),
+            capacity,
+            engine,
+            stats,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.capacity - self.free.len()
+    }
+
+    pub fn engine_name(&self) -> &str {
+        &self.engine
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Reserves a slot for a block about to be written (bookkeeping only).
+    pub fn reserve(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    pub fn free(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), KvError> {
+        self.tx
+            .as_ref()
+            .ok_or(KvError::WorkerGone)?
+            .send(cmd)
+            .map_err(|_| KvError::WorkerGone)
+    }
+
+    /// Queues blocks to be written; returns at once.
+    pub fn write(&mut self, blocks: Vec<(u32, Vec<u8>)>) -> Result<(), KvError> {
+        self.send(Command::Write(blocks))
+    }
+
+    /// Queues storage attention for `groups`; the partials arrive on the returned channel.
+    pub fn attend(
+        &mut self,
+        groups: Vec<DiskGroup>,
+        geometry: AttentionGeometry,
+    ) -> Result<Receiver<AttendReply>, KvError> {
+        let (reply, rx) = channel();
+        self.send(Command::Attend {
+            groups,
+            geometry,
+            reply,
+        })?;
+        Ok(rx)
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        // Closing the channel stops the worker after the queued commands; joining it drains the
+        // IO before the store (and its files) goes away.
+        self.tx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+struct Worker {
+    store: BlockStore,
+    /// The store's slots, allocated once; the tier's slot index `i` is `slots[i]`.
+    slots: Vec<DiskSlot>,
+    bytes_per_block: usize,
+    stats: Arc<Mutex<DiskStats>>,
+    /// The first failed write, reported with the next attention reply.
+    failed: Option<StorageError>,
+}
+
+impl Worker {
+    fn new(mut store: BlockStore, bytes_per_block: usize, stats: Arc<Mutex<DiskStats>>) -> Self {
+        let slots = (0..store.capacity_slots())
+            .map_while(|_| store.alloc_slot().ok())
+            .collect();
+        Self {
+            store,
+            slots,
+            bytes_per_block,
+            stats,
+            failed: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        for cmd in rx {
+            match cmd {
+                Command::Write(blocks) => self.write(blocks),
+                Command::Attend {
+                    groups,
+                    geometry,
+                    reply,
+                } => {
+                    let result = match self.failed.take() {
+                        Some(e) => Err(KvError::Storage(e)),
+                        None => self.attend(groups, &geometry),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, blocks: Vec<(u32, Vec<u8>)>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let t0 = Instant::now();
+        let items: Vec<(DiskSlot, &[u8])> = blocks
+            .iter()
+            .map(|(i, data)| (self.slots[*i as usize], data.as_slice()))
+            .collect();
+        if let Err(e) = self.store.write_blocks(&items) {
+            self.failed = Some(e);
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.write_seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+
+    fn attend(
+        &mut self,
+        groups: Vec<DiskGroup>,
+        g: &AttentionGeometry,
+    ) -> Result<Vec<(usize, Partial)>, KvError> {
+        let t0 = Instant::now();
+        let e = g.block_elems();
+        let mut out = Vec::new();
+        let mut bytes_read = 0u64;
+        for group in groups {
+            let slots: Vec<DiskSlot> = group
+                .blocks
+                .iter()
+                .map(|b| self.slots[b.slot as usize])
+                .collect();
+            let mut acc: Vec<Partial> = group
+                .rows
+                .iter()
+                .map(|_| Partial::empty(g.n_heads, g.head_dim))
+                .collect();
+            let bpb = self.bytes_per_block;
+            self.store.read_blocks(&slots, |i, bytes| {
+                let data = f32_view(&bytes[..bpb]);
+                let b = group.blocks[i];
+                let view = KvBlockView {
+                    k: &data[..e],
+                    v: &data[e..2 * e],
+                    start_pos: b.start_pos,
+                    len: b.len,
+                };
+                for (r, (_, q, pos)) in group.rows.iter().enumerate() {
+                    let p = attend_partial(q, *pos, std::slice::from_ref(&view), g);
+                    acc[r] = Partial::merge(
+                        &[std::mem::replace(&mut acc[r], Partial::empty(0, 0)), p],
+                        g.n_heads,
+                        g.head_dim,
+                    );
+                }
+                bytes_read += bpb as u64;
+                Ok::<(), StorageError>(())
+            })?;
+            out.extend(group.rows.iter().map(|(row, _, _)| *row).zip(acc));
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.bytes_read += bytes_read;
+            s.result_bytes += (out.len() * g.n_heads * (g.head_dim + 1) * 4) as u64;
+            s.attend_seconds += t0.elapsed().as_secs_f64();
+        }
+        Ok(out)
+    }
+}
+
+/// Reinterprets a block read from disk as f32s (K then V, little-endian as written).
+fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only yields the aligned middle;
+    // staging buffers are page-aligned, so prefix and suffix are empty in practice.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    if pre.is_empty() && post.is_empty() {
+        std::borrow::Cow::Borrowed(mid)
+    } else {
+        std::borrow::Cow::Owned(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+}

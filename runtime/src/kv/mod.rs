@@ -1,0 +1,80 @@
+//! The KV cache: fixed-size token blocks spread over tiers, plus the block table that says where
+//! each block lives (vLLM's design, with tiers).
+//!
+//! - A block holds `block_tokens` tokens of one sequence in one layer: K then V, each
+//!   `[kv_heads, block_tokens, head_dim] f32`.
+//! - [`KvCache`] is the tier manager. It keeps the block table, enforces each tier's budget,
+//!   places new blocks in the host tier (the hottest tier on a CPU-only machine), and spills
+//!   blocks to the disk tier when the host budget is full. Which blocks stay hot is a
+//!   [`policy::PlacementPolicy`]. Spilled bytes move in the background: the disk worker owns the
+//!   block store and writes while compute goes on.
+//! - Attention runs where the blocks are. The host engine (rayon threads) attends over
+//!   host-resident blocks. The storage attention engine, on the disk worker, streams disk blocks
+//!   and attends as they arrive. Each tier returns `(o, lse)` partials per query, and the partials
+//!   are merged exactly.
+//!
+//! Invariants:
+//! - Block `j` of `(seq, layer)` holds positions `j*B .. j*B + filled`, filled in order.
+//! - The last (writable) block of every `(seq, layer)` is always in the host tier.
+//! - Blocks in use never exceed a tier's capacity (`metrics` records the peaks; tests assert
+//!   them).
+
+mod cache;
+mod disk;
+pub mod policy;
+
+pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierQuery};
+pub use disk::DiskTierConfig;
+pub use strata_storage::IoEngine;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_tokens: usize,
+}
+
+impl KvGeometry {
+    /// f32 values in one block's K (and again in its V).
+    pub fn block_elems(&self) -> usize {
+        self.kv_heads * self.block_tokens * self.head_dim
+    }
+    /// Bytes of one block: K and V.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.block_elems() * 4
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error(
+        "the host KV budget is full ({blocks} blocks of {bytes_per_block} bytes) and there is no disk tier; raise --host-mem or give --disk-dir"
+    )]
+    HostFull {
+        blocks: usize,
+        bytes_per_block: usize,
+    },
+    #[error(
+        "--host-mem holds {capacity} KV blocks, but the running sequences need at least {needed} (one writable block per sequence and layer); raise --host-mem or lower --batch-size"
+    )]
+    HostTooSmall { capacity: usize, needed: usize },
+    #[error(
+        "the disk KV budget is full ({blocks} blocks of {bytes_per_block} bytes); raise --disk-mem"
+    )]
+    DiskFull {
+        blocks: usize,
+        bytes_per_block: usize,
+    },
+    #[error("disk tier: {0}")]
+    Storage(#[from] strata_storage::StorageError),
+    #[error("the disk worker stopped unexpectedly")]
+    WorkerGone,
+    #[error("sequence {0:?} is not in the block table")]
+    UnknownSequence(SeqId),
+    #[error("position {pos} of sequence {seq:?} written out of order (next is {next})")]
+    OutOfOrder { seq: SeqId, pos: usize, next: usize },
+}

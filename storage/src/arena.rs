@@ -1,0 +1,286 @@
+//! The host arena: one aligned, zeroed allocation made at start-up, and [`ArenaSlots`], an arena
+//! carved into fixed-size slots with an O(1) free list (the host KV tier's storage).
+//!
+//! Invariants:
+//! - a [`HostArena`] is exactly one `std::alloc` allocation of `len` bytes aligned to `align`
+//!   (a power of two, at least 4096); it is freed once, when the arena is dropped, and never
+//!   resized, so addresses handed to the kernel (io_uring fixed buffers) stay valid for its life;
+//! - the base pointer never leaves this crate;
+//! - [`ArenaSlots`]: slot `i` is `[i * stride, i * stride + slot_bytes)` with `stride` the slot
+//!   size rounded up to the arena alignment, so every slot starts aligned (f32 views are sound);
+//!   `in_use() + free list length == capacity()` at all times, and a slot is on the free list
+//!   if and only if its `in_use` bit is clear (double frees are refused).
+//!
+//! Page-locking: the arena will be registered with CUDA (`cuMemHostRegister`) so host↔device
+//! copies run from pinned memory. That call will be made from inside this crate (a hook taking
+//! the driver's register function), keeping the raw pointer here; until then the memory is
+//! ordinary pageable memory, which io_uring and pread/pwrite use just as well.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+use crate::error::StorageError;
+
+/// The smallest alignment an arena gets: a page, which O_DIRECT and DMA both accept.
+pub const MIN_ARENA_ALIGN: usize = 4096;
+
+/// One aligned, zeroed allocation of host memory.
+pub struct HostArena {
+    base: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the arena owns its allocation outright; it is plain memory with no thread affinity,
+// and all access goes through `&self`/`&mut self` methods or through handles (`IoBuf`,
+// `ArenaSlots`) that guarantee disjoint regions.
+unsafe impl Send for HostArena {}
+// SAFETY: `&HostArena` only exposes the length and alignment; the pointer is crate-private and
+// crate code derives disjoint regions from it.
+unsafe impl Sync for HostArena {}
+
+impl HostArena {
+    /// Allocates `total_bytes` zeroed bytes aligned to `align`, a power of two (raised to 4096
+    /// if smaller).
+    pub fn new(total_bytes: usize, align: usize) -> Result<HostArena, StorageError> {
+        if total_bytes == 0 || !align.is_power_of_two() {
+            return Err(StorageError::InvalidConfig(format!(
+                "host arena of {total_bytes} bytes aligned to {align}: size must be non-zero and \
+                 alignment a power of two"
+            )));
+        }
+        let align = align.max(MIN_ARENA_ALIGN);
+        let alloc_err = || StorageError::Alloc {
+            bytes: total_bytes as u64,
+            align,
+        };
+        let layout = Layout::from_size_align(total_bytes, align).map_err(|_| alloc_err())?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(raw).ok_or_else(alloc_err)?;
+        Ok(HostArena { base, layout })
+    }
+
+    /// Size of the allocation in bytes.
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Always false: an arena has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Alignment of the base address in bytes.
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+
+    /// Base address; crate-private so raw pointers stay in this crate.
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+}
+
+impl Drop for HostArena {
+    fn drop(&mut self) {
+        // SAFETY: `base` was returned by `alloc_zeroed(self.layout)` and is freed only here.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+/// Index of one slot of an [`ArenaSlots`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(u32);
+
+impl SlotId {
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
+/// An arena carved into `capacity()` slots of `slot_bytes` bytes with an O(1) free list.
+pub struct ArenaSlots {
+    arena: HostArena,
+    slot_bytes: usize,
+    stride: usize,
+    free: Vec<u32>,    // stack of free slot indices; top is handed out next
+    in_use: Vec<bool>, // [capacity] true while allocated
+}
+
+impl ArenaSlots {
+    /// Carves `arena` into slots of `slot_bytes` (a non-zero multiple of 4 so f32 views fit).
+    pub fn new(arena: HostArena, slot_bytes: usize) -> Result<ArenaSlots, StorageError> {
+        if slot_bytes == 0 || !slot_bytes.is_multiple_of(4) {
+            return Err(StorageError::InvalidConfig(format!(
+                "slot size {slot_bytes} bytes must be a non-zero multiple of 4"
+            )));
+        }
+        let stride = slot_bytes.next_multiple_of(arena.align());
+        let capacity = arena.len() / stride;
+        let capacity = u32::try_from(capacity).map_err(|_| {
+            StorageError::InvalidConfig(format!("{capacity} slots exceed the u32 slot index"))
+        })?;
+        Ok(ArenaSlots {
+            arena,
+            slot_bytes,
+            stride,
+            free: (0..capacity).rev().collect(),
+            in_use: vec![false; capacity as usize],
+        })
+    }
+
+    /// Allocates one arena of `slots * round_up(slot_bytes, 4096)` bytes and carves it.
+    pub fn with_slots(slots: usize, slot_bytes: usize) -> Result<ArenaSlots, StorageError> {
+        let stride = slot_bytes.next_multiple_of(MIN_ARENA_ALIGN);
+        let total = stride.checked_mul(slots).ok_or_else(|| {
+            StorageError::InvalidConfig(format!("{slots} slots of {slot_bytes} bytes overflow"))
+        })?;
+        ArenaSlots::new(HostArena::new(total, MIN_ARENA_ALIGN)?, slot_bytes)
+    }
+
+    /// Takes a free slot, or `None` when all `capacity()` slots are in use. O(1).
+    pub fn alloc(&mut self) -> Option<SlotId> {
+        let index = self.free.pop()?;
+        self.in_use[index as usize] = true;
+        Some(SlotId(index))
+    }
+
+    /// Returns a slot to the free list. O(1). Refuses foreign ids and double frees.
+    pub fn free(&mut self, id: SlotId) -> Result<(), StorageError> {
+        match self.in_use.get_mut(id.0 as usize) {
+            None => Err(StorageError::InvalidSlot {
+                slot: id.0,
+                reason: "out of range",
+            }),
+            Some(false) => Err(StorageError::InvalidSlot {
+                slot: id.0,
+                reason: "already free",
+            }),
+            Some(bit) => {
+                *bit = false;
+                self.free.push(id.0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The bytes of a slot. Panics if `id` is out of range (an id from another arena): ids are
+    /// produced by `alloc`, never by input.
+    pub fn slot(&self, id: SlotId) -> &[u8] {
+        let start = self.offset_of(id);
+        // SAFETY: `offset_of` checked that `[start, start + slot_bytes)` lies inside the arena;
+        // the memory is initialized (zeroed at allocation); `&self` forbids concurrent `&mut`.
+        unsafe { std::slice::from_raw_parts(self.arena.base_ptr().add(start), self.slot_bytes) }
+    }
+
+    /// The bytes of a slot, mutably. Panics on an out-of-range id, as [`ArenaSlots::slot`].
+    pub fn slot_mut(&mut self, id: SlotId) -> &mut [u8] {
+        let start = self.offset_of(id);
+        // SAFETY: as in `slot`, and `&mut self` makes this the only live view of the arena.
+        unsafe { std::slice::from_raw_parts_mut(self.arena.base_ptr().add(start), self.slot_bytes) }
+    }
+
+    /// The slot as `slot_bytes / 4` f32 values.
+    pub fn slot_f32(&self, id: SlotId) -> &[f32] {
+        let start = self.offset_of(id);
+        // SAFETY: in bounds as in `slot`; the address is aligned to the arena alignment (≥ 4096)
+        // because `stride` is a multiple of it; `slot_bytes % 4 == 0`; every bit pattern is a
+        // valid f32.
+        unsafe {
+            let ptr = self.arena.base_ptr().add(start).cast::<f32>();
+            std::slice::from_raw_parts(ptr, self.slot_bytes / 4)
+        }
+    }
+
+    /// The slot as `slot_bytes / 4` f32 values, mutably.
+    pub fn slot_f32_mut(&mut self, id: SlotId) -> &mut [f32] {
+        let start = self.offset_of(id);
+        // SAFETY: as in `slot_f32`, and `&mut self` makes this the only live view.
+        unsafe {
+            let ptr = self.arena.base_ptr().add(start).cast::<f32>();
+            std::slice::from_raw_parts_mut(ptr, self.slot_bytes / 4)
+        }
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.in_use.len()
+    }
+
+    /// Number of allocated slots.
+    pub fn in_use(&self) -> usize {
+        self.capacity() - self.free.len()
+    }
+
+    /// Size of one slot in bytes.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    fn offset_of(&self, id: SlotId) -> usize {
+        let index = id.0 as usize;
+        assert!(
+            index < self.in_use.len(),
+            "slot {index} is not a slot of this arena"
+        );
+        index * self.stride
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_is_aligned_and_zeroed() -> Result<(), StorageError> {
+        let arena = HostArena::new(3 * 4096 + 5, 4096)?;
+        assert_eq!(arena.base_ptr() as usize % 4096, 0);
+        assert_eq!(arena.len(), 3 * 4096 + 5);
+        // SAFETY: the arena is `len` initialized bytes and no other view exists.
+        let bytes = unsafe { std::slice::from_raw_parts(arena.base_ptr(), arena.len()) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        assert!(HostArena::new(0, 4096).is_err());
+        assert!(HostArena::new(4096, 3000).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn slots_never_exceed_capacity_and_free_list_is_exact() -> Result<(), StorageError> {
+        let mut slots = ArenaSlots::with_slots(8, 1000)?;
+        assert_eq!(slots.capacity(), 8);
+        let mut taken = Vec::new();
+        while let Some(id) = slots.alloc() {
+            assert!(slots.in_use() <= slots.capacity());
+            taken.push(id);
+        }
+        assert_eq!(taken.len(), 8);
+        assert_eq!(slots.in_use(), 8);
+        assert!(slots.alloc().is_none());
+        slots.free(taken[3])?;
+        assert!(slots.free(taken[3]).is_err(), "double free must be refused");
+        assert_eq!(slots.in_use(), 7);
+        assert_eq!(slots.alloc(), Some(taken[3]));
+        for id in taken {
+            slots.free(id)?;
+        }
+        assert_eq!(slots.in_use(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn slots_are_disjoint_and_f32_views_alias_bytes() -> Result<(), StorageError> {
+        let mut slots = ArenaSlots::with_slots(4, 4096 + 8)?;
+        let ids: Vec<SlotId> = (0..4).filter_map(|_| slots.alloc()).collect();
+        for (k, &id) in ids.iter().enumerate() {
+            slots.slot_mut(id).fill(k as u8 + 1);
+        }
+        for (k, &id) in ids.iter().enumerate() {
+            assert!(slots.slot(id).iter().all(|&b| b == k as u8 + 1));
+        }
+        slots.slot_f32_mut(ids[1])[0] = 1.5;
+        assert_eq!(&slots.slot(ids[1])[..4], &1.5f32.to_ne_bytes());
+        assert_eq!(slots.slot_f32(ids[1]).len(), (4096 + 8) / 4);
+        assert!(ArenaSlots::with_slots(2, 6).is_err());
+        Ok(())
+    }
+}

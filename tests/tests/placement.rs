@@ -1,0 +1,204 @@
+//! Placement equivalence: the KV cache's placement must not change results. The golden fixtures
+//! and SmolLM2 give identical greedy tokens, and logits equal within float rounding of the LSE
+//! merge, with all KV in host memory and with a host budget so small that most blocks live on
+//! disk. This holds for both IO engines, and each tier's accounting stays within its budget.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use strata_runtime::kv::policy::SinkAndRecent;
+use strata_runtime::kv::{DiskTierConfig, IoEngine};
+use strata_runtime::model;
+use strata_tests::{Engine, Placement, fixture, workspace_root};
+
+/// Last-prompt-position logits and greedy tokens of one sequence.
+type Greedy = (Vec<f32>, Vec<u32>);
+
+fn disk(engine: IoEngine, tag: &str) -> DiskTierConfig {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("strata-placement-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    DiskTierConfig {
+        dir,
+        bytes: 64 << 20,
+        engine,
+        queue_depth: 8,
+        faults: None,
+    }
+}
+
+fn engines() -> Vec<IoEngine> {
+    let mut e = vec![IoEngine::Sync];
+    match strata_storage::probe_io_uring() {
+        Ok(()) => e.push(IoEngine::Uring),
+        Err(err) => {
+            eprintln!("io_uring placement runs skipped: io_uring is unavailable here ({err})")
+        }
+    }
+    e
+}
+
+/// Greedy tokens and last logits of `prompts` (run one at a time and as one batch) under
+/// `placement`; returns them plus (host peak, host capacity, disk peak, disk capacity).
+fn run(
+    spec: &str,
+    prompts: &[Vec<u32>],
+    n: usize,
+    bt: usize,
+    placement: Placement,
+) -> (Vec<Greedy>, [usize; 5]) {
+    let m = model::open(spec).unwrap();
+    let mut e = Engine::with_placement(&m, bt, true, placement);
+    let mut out: Vec<_> = prompts
+        .iter()
+        .map(|p| e.greedy_batch(std::slice::from_ref(p), n).remove(0))
+        .collect();
+    out.extend(e.greedy_batch(prompts, n));
+    let k = e.kv.metrics();
+    (
+        out,
+        [
+            k.host_blocks_peak,
+            k.host_capacity_blocks,
+            k.disk_blocks_peak,
+            k.disk_capacity_blocks,
+            k.spilled_blocks as usize,
+        ],
+    )
+}
+
+fn prompts_of(dir: &std::path::Path) -> (Vec<Vec<u32>>, usize) {
+    let e = strata_tests::read_json(&dir.join("expected.json"));
+    let cases = e["cases"].as_array().unwrap();
+    let prompts = cases
+        .iter()
+        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
+        .collect();
+    (prompts, e["max_new_tokens"].as_u64().unwrap() as usize)
+}
+
+fn assert_same(reference: &[Greedy], tiered: &[Greedy], what: &str) {
+    for (i, ((l0, t0), (l1, t1))) in reference.iter().zip(tiered).enumerate() {
+        assert_eq!(t0, t1, "{what}: run {i}: greedy tokens differ");
+        let scale = l0.iter().fold(1e-6f32, |a, b| a.max(b.abs()));
+        let err = l0
+            .iter()
+            .zip(l1)
+            .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()))
+            / scale;
+        assert!(
+            err < 1e-5,
+            "{what}: run {i}: logits differ by {err:e} (relative)"
+        );
+    }
+}
+
+#[test]
+fn golden_models_give_identical_tokens_with_most_kv_on_disk() {
+    for name in ["llama-gqa", "qwen2-tied", "opt"] {
+        let dir = fixture(&format!("golden/{name}"));
+        let spec = dir.to_str().unwrap();
+        let (prompts, n) = prompts_of(&dir);
+        // Block of 4 tokens: a 40-token prompt plus 12 new tokens spans 13 blocks per layer.
+        let (reference, _) = run(spec, &prompts, n, 4, Placement::default());
+        for engine in engines() {
+            for policy in [
+                SinkAndRecent {
+                    sink_blocks: 1,
+                    recent_blocks: 1,
+                },
+                SinkAndRecent {
+                    sink_blocks: 0,
+                    recent_blocks: 0,
+                },
+            ] {
+                // 2 layers x 4 sequences need 8 writable blocks; 10 leaves almost nothing else.
+                let placement = Placement {
+                    host_blocks: Some(10),
+                    disk: Some(disk(engine, name)),
+                    policy,
+                };
+                let (tiered, [hp, hc, dp, dc, spilled]) = run(spec, &prompts, n, 4, placement);
+                assert_same(
+                    &reference,
+                    &tiered,
+                    &format!("{name} {engine:?} {policy:?}"),
+                );
+                assert!(
+                    hp <= hc && dp <= dc,
+                    "{name}: budgets exceeded: host {hp}/{hc}, disk {dp}/{dc}"
+                );
+                assert!(
+                    spilled > 0 && dp > hp,
+                    "{name}: most KV should have lived on disk (host {hp}, disk {dp})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_host_budget_too_small_for_the_writable_blocks_is_a_clear_error() {
+    let m = model::open(fixture("golden/llama-gqa").to_str().unwrap()).unwrap();
+    let placement = Placement {
+        host_blocks: Some(1),
+        disk: Some(disk(IoEngine::Sync, "tiny")),
+        policy: SinkAndRecent::default(),
+    };
+    let mut e = Engine::with_placement(&m, 4, true, placement);
+    let s = strata_runtime::kv::SeqId(0);
+    e.kv.add_sequence(s);
+    let rows: Vec<_> = (0..3)
+        .map(|pos| strata_runtime::forward::Row {
+            seq: s,
+            pos,
+            token: 5,
+        })
+        .collect();
+    let err =
+        e.tf.forward(&rows, &[2], &mut e.kv)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("--host-mem"), "{err}");
+}
+
+#[test]
+fn smollm2_gives_identical_tokens_with_most_kv_on_disk() {
+    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        assert!(
+            std::env::var("STRATA_REQUIRE_SMOLLM2").as_deref() != Ok("1"),
+            "{} is missing",
+            path.display()
+        );
+        eprintln!(
+            "skipped: {} is missing (run scripts/get-smollm2.sh)",
+            path.display()
+        );
+        return;
+    }
+    let spec = path.to_str().unwrap();
+    let reference = strata_tests::read_json(&fixture("smollm2/reference.json"));
+    let prompts: Vec<Vec<u32>> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
+        .collect();
+    let (host_only, _) = run(spec, &prompts, 8, 8, Placement::default());
+    for engine in engines() {
+        // 30 layers x 4 sequences = 120 writable blocks; 130 keeps most of the rest on disk.
+        let placement = Placement {
+            host_blocks: Some(130),
+            disk: Some(disk(engine, "smollm2")),
+            policy: SinkAndRecent::default(),
+        };
+        let (tiered, [hp, hc, dp, dc, _]) = run(spec, &prompts, 8, 8, placement);
+        assert_same(&host_only, &tiered, &format!("smollm2 {engine:?}"));
+        assert!(
+            hp <= hc && dp <= dc && dp > 0,
+            "host {hp}/{hc}, disk {dp}/{dc}"
+        );
+    }
+}
