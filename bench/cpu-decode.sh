@@ -14,7 +14,7 @@ python3 - "$batch" "$prompt_len" > "$work/in.jsonl" <<'PY'
 import json, sys
 batch, n = int(sys.argv[1]), int(sys.argv[2])
 for i in range(batch):
-    print(json.dumps({"id": i, "input_ids": [(17 * i + 31 * j) % 1000 + 100 for j in range(n)]}))
+    print(json.dumps({"id": i, "input_ids": [(17 * i + 31 * j) % 400 + 50 for j in range(n)]}))
 PY
 "$strata" generate --model "$model" --input "$work/in.jsonl" --output "$work/out.jsonl" \
   --batch-size "$batch" --max-new-tokens "$gen_len" --ignore-eos --stats-json "$work/stats.json" "$@"

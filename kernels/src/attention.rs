@@ -28,9 +28,6 @@ impl AttentionGeometry {
     pub fn block_elems(&self) -> usize {
         self.n_kv_heads * self.block_tokens * self.head_dim
     }
-    fn kv_head_of(&self, head: usize) -> usize {
-        head / (self.n_heads / self.n_kv_heads)
-    }
 }
 
 /// A read-only view of one KV block: `k`, `v: [kv_heads, block_tokens, head_dim]`, of which the
@@ -90,81 +87,148 @@ impl Partial {
     }
 }
 
-/// Online-softmax state of one head while it streams over tokens.
-struct HeadAccumulator<'a> {
-    max: f32,
-    sum: f32,
-    acc: &'a mut [f32],
+/// `exp(x)` to about 2e-7 relative error, branch-free so it vectorises: `2^n · e^r` with
+/// `n = round(x / ln 2)` and a degree-6 polynomial for `e^r` on `|r| ≤ ln 2 / 2` (Cephes' `expf`
+/// coefficients). Inputs below -87.3 give about 1e-38 (treated as zero weight by the softmax).
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in any vector width.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-impl HeadAccumulator<'_> {
-    #[inline]
-    fn push(&mut self, score: f32, v: &[f32]) {
-        if score > self.max {
-            let correction = (self.max - score).exp();
-            self.sum *= correction;
-            for a in self.acc.iter_mut() {
-                *a *= correction;
-            }
-            self.max = score;
-        }
-        let p = (score - self.max).exp();
-        self.sum += p;
-        for (a, x) in self.acc.iter_mut().zip(v) {
-            *a += p * x;
-        }
-    }
-}
-
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators so the compiler keeps a vector register per lane group.
     let mut lanes = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..8 {
-            lanes[l] += a[c * 8 + l] * b[c * 8 + l];
+            lanes[l] += x[l] * y[l];
         }
     }
-    let mut s: f32 = lanes.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Attends one query `q: [n_heads, head_dim]` at position `q_pos` over `blocks`, single-threaded.
+///
+/// Runs the AVX2+FMA build of the kernel when the CPU has it (checked at run time, so one binary
+/// serves every x86-64 machine), the portable build otherwise.
 pub fn attend_partial(
     q: &[f32],
     q_pos: usize,
     blocks: &[KvBlockView<'_>],
     g: &AttentionGeometry,
 ) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: `attend_partial_avx2` only requires AVX2 and FMA, which the CPU was just
+        // checked to have.
+        return unsafe { attend_partial_avx2(q, q_pos, blocks, g) };
+    }
+    attend_partial_portable(q, q_pos, blocks, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_partial_avx2(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
+    attend_partial_portable(q, q_pos, blocks, g)
+}
+
+/// The kernel. For each KV head, the query heads of its group are processed together, so each
+/// K and V row is read once per group (GQA without replicating KV). Within a block, all scores
+/// come first; then the running max is updated once per block (one rescale of the accumulators
+/// per block, not per token); then the exponentials are taken as one vectorised pass; then V is
+/// accumulated.
+#[inline(always)]
+fn attend_partial_portable(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
     let hd = g.head_dim;
+    let bt = g.block_tokens;
+    let group = g.n_heads / g.n_kv_heads;
     let mut out = Partial::empty(g.n_heads, hd);
-    for (h, acc) in out.o.chunks_exact_mut(hd).enumerate() {
-        let qh = &q[h * hd..(h + 1) * hd];
-        let kvh = g.kv_head_of(h);
-        let mut state = HeadAccumulator {
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-            acc,
-        };
+    let mut max = vec![f32::NEG_INFINITY; group];
+    let mut sum = vec![0.0f32; group];
+    // scores: [group, block_tokens]
+    let mut scores = vec![0.0f32; group * bt];
+    for kvh in 0..g.n_kv_heads {
+        max.fill(f32::NEG_INFINITY);
+        sum.fill(0.0);
+        let heads = kvh * group..(kvh + 1) * group;
+        let qg = &q[heads.start * hd..heads.end * hd];
+        let acc = &mut out.o[heads.start * hd..heads.end * hd];
+        let base = kvh * bt * hd;
         for b in blocks {
             let visible = b.len.min((q_pos + 1).saturating_sub(b.start_pos));
-            let base = kvh * g.block_tokens * hd;
-            for t in 0..visible {
-                let k = &b.k[base + t * hd..base + (t + 1) * hd];
-                let v = &b.v[base + t * hd..base + (t + 1) * hd];
-                state.push(dot(qh, k) * g.scale, v);
+            if visible == 0 {
+                continue;
+            }
+            let kb = &b.k[base..base + visible * hd];
+            let vb = &b.v[base..base + visible * hd];
+            for (t, k) in kb.chunks_exact(hd).enumerate() {
+                for i in 0..group {
+                    scores[i * bt + t] = dot(&qg[i * hd..(i + 1) * hd], k) * g.scale;
+                }
+            }
+            for i in 0..group {
+                let s = &mut scores[i * bt..i * bt + visible];
+                let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                if block_max > max[i] {
+                    let c = fast_exp(max[i] - block_max);
+                    sum[i] *= c;
+                    acc[i * hd..(i + 1) * hd].iter_mut().for_each(|a| *a *= c);
+                    max[i] = block_max;
+                }
+                let m = max[i];
+                s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+                sum[i] += s.iter().sum::<f32>();
+            }
+            for (t, v) in vb.chunks_exact(hd).enumerate() {
+                for i in 0..group {
+                    let p = scores[i * bt + t];
+                    acc[i * hd..(i + 1) * hd]
+                        .iter_mut()
+                        .zip(v)
+                        .for_each(|(a, x)| *a += p * x);
+                }
             }
         }
-        if state.sum > 0.0 {
-            let (max, sum) = (state.max, state.sum);
-            for a in state.acc.iter_mut() {
-                *a /= sum;
+        for i in 0..group {
+            if sum[i] > 0.0 {
+                acc[i * hd..(i + 1) * hd]
+                    .iter_mut()
+                    .for_each(|a| *a /= sum[i]);
+                out.lse[heads.start + i] = max[i] + sum[i].ln();
             }
-            out.lse[h] = max + sum.ln();
         }
     }
     out
@@ -224,4 +288,23 @@ pub fn attend_batch(
 fn visible_blocks<'a>(blocks: &'a [KvBlockView<'a>], pos: usize) -> &'a [KvBlockView<'a>] {
     let n = blocks.iter().take_while(|b| b.start_pos <= pos).count();
     &blocks[..n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_accurate_where_softmax_uses_it() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = (-87.0 + 88.0 * i as f64 / 200_000.0) as f32;
+            let want = (x as f64).exp();
+            let got = fast_exp(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "max relative error {worst:e}");
+        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
 }

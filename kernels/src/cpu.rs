@@ -73,7 +73,7 @@ fn sgemm_tile(x: &[f32], m: usize, k: usize, w_tile: &[f32], c: usize, out: &mut
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Sixteen independent accumulators: two AVX registers' worth, so LLVM vectorises the loop.
     let mut lanes = [0.0f32; 16];
@@ -94,7 +94,42 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `out[m, c] = x[m, k] · w[j0 .. j0 + c, :]ᵀ`, one weight row at a time (widened if needed).
+/// Uses the AVX2+FMA build when the CPU has it (checked at run time).
 fn gemv_tile(x: &[f32], m: usize, k: usize, w: &WeightData, j0: usize, c: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: `gemv_tile_avx2` only requires AVX2 and FMA, which the CPU was just checked to
+        // have.
+        unsafe { gemv_tile_avx2(x, m, k, w, j0, c, out) };
+        return;
+    }
+    gemv_tile_portable(x, m, k, w, j0, c, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gemv_tile_avx2(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &WeightData,
+    j0: usize,
+    c: usize,
+    out: &mut [f32],
+) {
+    gemv_tile_portable(x, m, k, w, j0, c, out);
+}
+
+#[inline(always)]
+fn gemv_tile_portable(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &WeightData,
+    j0: usize,
+    c: usize,
+    out: &mut [f32],
+) {
     let mut row = vec![0.0f32; k];
     for j in 0..c {
         let wr: &[f32] = match w {

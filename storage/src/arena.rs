@@ -2,7 +2,8 @@
 //! carved into fixed-size slots with an O(1) free list (the host KV tier's storage).
 //!
 //! Invariants:
-//! - a [`HostArena`] is exactly one `std::alloc` allocation of `len` bytes aligned to `align`
+//! - a [`HostArena`] is exactly one allocation (an anonymous `mmap` for page alignment, else
+//!   `std::alloc`) of `len` bytes aligned to `align`
 //!   (a power of two, at least 4096); it is freed once, when the arena is dropped, and never
 //!   resized, so addresses handed to the kernel (io_uring fixed buffers) stay valid for its life;
 //! - the base pointer never leaves this crate;
@@ -28,6 +29,8 @@ pub const MIN_ARENA_ALIGN: usize = 4096;
 pub struct HostArena {
     base: NonNull<u8>,
     layout: Layout,
+    /// Allocated with `mmap` (page alignment) rather than the global allocator.
+    mapped: bool,
 }
 
 // SAFETY: the arena owns its allocation outright; it is plain memory with no thread affinity,
@@ -54,10 +57,40 @@ impl HostArena {
             align,
         };
         let layout = Layout::from_size_align(total_bytes, align).map_err(|_| alloc_err())?;
+        if align == MIN_ARENA_ALIGN {
+            // Anonymous mmap: page-aligned, zeroed by the kernel and committed lazily, so a large
+            // budget costs nothing until blocks are written (an aligned `alloc_zeroed` would
+            // memset every page up front).
+            // SAFETY: a private anonymous mapping of a non-zero length with no address hint has
+            // no preconditions; the result is checked against MAP_FAILED below.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    total_bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                return Err(alloc_err());
+            }
+            let base = NonNull::new(raw.cast::<u8>()).ok_or_else(alloc_err)?;
+            return Ok(HostArena {
+                base,
+                layout,
+                mapped: true,
+            });
+        }
         // SAFETY: `layout` has a non-zero size (checked above).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let base = NonNull::new(raw).ok_or_else(alloc_err)?;
-        Ok(HostArena { base, layout })
+        Ok(HostArena {
+            base,
+            layout,
+            mapped: false,
+        })
     }
 
     /// Size of the allocation in bytes.
@@ -83,8 +116,14 @@ impl HostArena {
 
 impl Drop for HostArena {
     fn drop(&mut self) {
-        // SAFETY: `base` was returned by `alloc_zeroed(self.layout)` and is freed only here.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        if self.mapped {
+            // SAFETY: `base` is the start of a mapping of exactly `layout.size()` bytes made in
+            // `new`, unmapped only here; no borrow of it outlives the arena.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), self.layout.size()) };
+        } else {
+            // SAFETY: `base` was returned by `alloc_zeroed(self.layout)` and is freed only here.
+            unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -282,5 +321,24 @@ mod tests {
         assert_eq!(slots.slot_f32(ids[1]).len(), (4096 + 8) / 4);
         assert!(ArenaSlots::with_slots(2, 6).is_err());
         Ok(())
+    }
+}
+
+/// Views bytes read from the store as the f32s they were written from (little-endian, as the
+/// host wrote them). Staging buffers are page-aligned, so this borrows; an unaligned slice
+/// (never produced by this crate) is copied instead.
+pub fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only hands out the correctly
+    // aligned middle part of the slice.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    if pre.is_empty() && post.is_empty() {
+        std::borrow::Cow::Borrowed(mid)
+    } else {
+        std::borrow::Cow::Owned(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
     }
 }

@@ -14,7 +14,9 @@ use clap::Parser;
 use rayon::prelude::*;
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
 use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
-use strata_storage::{ArenaSlots, BlockStore, BlockStoreConfig, DiskSlot, IoEngine, StorageError};
+use strata_storage::{
+    ArenaSlots, BlockStore, BlockStoreConfig, DiskSlot, IoEngine, StorageError, f32_view,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -158,10 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (t_storage, disk_p) = best(a.reps, || {
         let mut acc = Partial::empty(g.n_heads, g.head_dim);
         let r = store.read_blocks(&slots, |i, bytes| {
-            let f: Vec<f32> = bytes[..bpb]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let f = f32_view(&bytes[..bpb]);
             let v = KvBlockView {
                 k: &f[..e],
                 v: &f[e..2 * e],

@@ -20,10 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use strata_kernels::attention::attend_partial;
 use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
 use strata_storage::{
-    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, free_bytes,
+    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, f32_view,
+    free_bytes,
 };
 
 use super::KvError;
@@ -257,64 +259,76 @@ impl Worker {
     ) -> Result<Vec<(usize, Partial)>, KvError> {
         let t0 = Instant::now();
         let e = g.block_elems();
-        let mut out = Vec::new();
         let mut bytes_read = 0u64;
-        for group in groups {
-            let slots: Vec<DiskSlot> = group
-                .blocks
-                .iter()
-                .map(|b| self.slots[b.slot as usize])
-                .collect();
-            let mut acc: Vec<Partial> = group
-                .rows
-                .iter()
-                .map(|_| Partial::empty(g.n_heads, g.head_dim))
-                .collect();
-            let bpb = self.bytes_per_block;
-            self.store.read_blocks(&slots, |i, bytes| {
-                let data = f32_view(&bytes[..bpb]);
-                let b = group.blocks[i];
-                let view = KvBlockView {
-                    k: &data[..e],
-                    v: &data[e..2 * e],
-                    start_pos: b.start_pos,
-                    len: b.len,
-                };
-                for (r, (_, q, pos)) in group.rows.iter().enumerate() {
-                    let p = attend_partial(q, *pos, std::slice::from_ref(&view), g);
-                    acc[r] = Partial::merge(
-                        &[std::mem::replace(&mut acc[r], Partial::empty(0, 0)), p],
-                        g.n_heads,
-                        g.head_dim,
-                    );
-                }
-                bytes_read += bpb as u64;
-                Ok::<(), StorageError>(())
-            })?;
-            out.extend(group.rows.iter().map(|(row, _, _)| *row).zip(acc));
-        }
+        // Every group's blocks go into one streaming read, so the queue stays full across
+        // sequences instead of draining at the end of each one.
+        let order: Vec<(usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, gr)| (0..gr.blocks.len()).map(move |bi| (gi, bi)))
+            .collect();
+        let slots: Vec<DiskSlot> = order
+            .iter()
+            .map(|&(gi, bi)| self.slots[groups[gi].blocks[bi].slot as usize])
+            .collect();
+        let mut acc: Vec<Vec<Partial>> = groups
+            .iter()
+            .map(|gr| {
+                gr.rows
+                    .iter()
+                    .map(|_| Partial::empty(g.n_heads, g.head_dim))
+                    .collect()
+            })
+            .collect();
+        let bpb = self.bytes_per_block;
+        self.store.read_blocks(&slots, |i, bytes| {
+            let (gi, bi) = order[i];
+            let group = &groups[gi];
+            let data = f32_view(&bytes[..bpb]);
+            let b = group.blocks[bi];
+            let view = KvBlockView {
+                k: &data[..e],
+                v: &data[e..2 * e],
+                start_pos: b.start_pos,
+                len: b.len,
+            };
+            // One block, every row of its sequence: rows in parallel when there are many (a
+            // prefill), inline for a decode step's single row.
+            let step = |(acc, (_, q, pos)): (&mut Partial, &(usize, Vec<f32>, usize))| {
+                let p = attend_partial(q, *pos, std::slice::from_ref(&view), g);
+                *acc = Partial::merge(
+                    &[std::mem::replace(acc, Partial::empty(0, 0)), p],
+                    g.n_heads,
+                    g.head_dim,
+                );
+            };
+            if group.rows.len() >= 8 {
+                acc[gi]
+                    .par_iter_mut()
+                    .zip(group.rows.par_iter())
+                    .for_each(step);
+            } else {
+                acc[gi].iter_mut().zip(group.rows.iter()).for_each(step);
+            }
+            bytes_read += bpb as u64;
+            Ok::<(), StorageError>(())
+        })?;
+        let out: Vec<(usize, Partial)> = groups
+            .iter()
+            .zip(acc)
+            .flat_map(|(gr, a)| {
+                gr.rows
+                    .iter()
+                    .map(|(row, _, _)| *row)
+                    .zip(a)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         if let Ok(mut s) = self.stats.lock() {
             s.bytes_read += bytes_read;
             s.result_bytes += (out.len() * g.n_heads * (g.head_dim + 1) * 4) as u64;
             s.attend_seconds += t0.elapsed().as_secs_f64();
         }
         Ok(out)
-    }
-}
-
-/// Reinterprets a block read from disk as f32s (K then V, little-endian as written).
-fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
-    // SAFETY: every bit pattern is a valid f32, and `align_to` only yields the aligned middle;
-    // staging buffers are page-aligned, so prefix and suffix are empty in practice.
-    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
-    if pre.is_empty() && post.is_empty() {
-        std::borrow::Cow::Borrowed(mid)
-    } else {
-        std::borrow::Cow::Owned(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
     }
 }

@@ -101,6 +101,18 @@ const PRESETS: &[Preset] = &[
         vocab: 256,
         max_context: 1024,
     },
+    // Long-context tiering runs on a CPU: a small model whose KV still reaches 100K+ tokens.
+    Preset {
+        name: "tiny-long",
+        family: Family::Llama,
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 1,
+        intermediate: 512,
+        vocab: 512,
+        max_context: 131072,
+    },
     Preset {
         name: "tiny-opt",
         family: Family::Opt,
