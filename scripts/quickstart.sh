@@ -15,6 +15,9 @@ mkdir -p out
   --stats-json out/stats.json
 echo
 echo "answers (out/answers.jsonl):"
-python3 -c 'import json,sys
-for l in open("out/answers.jsonl"):
-    r = json.loads(l); print(f"[{r[\"id\"]}] {r.get(\"text\", r.get(\"error\"))!r}")' 2>/dev/null || cat out/answers.jsonl
+python3 - <<'PY' 2>/dev/null || cat out/answers.jsonl
+import json
+for line in open("out/answers.jsonl"):
+    r = json.loads(line)
+    print("[%s] %s" % (r["id"], r.get("text", r.get("error"))))
+PY
