@@ -266,6 +266,25 @@ impl ArenaSlots {
     }
 }
 
+/// Views bytes read from the store as the f32s they were written from (little-endian, as the
+/// host wrote them). Staging buffers are page-aligned, so this borrows; an unaligned slice
+/// (never produced by this crate) is copied instead.
+pub fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only hands out the correctly
+    // aligned middle part of the slice.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    if pre.is_empty() && post.is_empty() {
+        std::borrow::Cow::Borrowed(mid)
+    } else {
+        std::borrow::Cow::Owned(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,24 +340,5 @@ mod tests {
         assert_eq!(slots.slot_f32(ids[1]).len(), (4096 + 8) / 4);
         assert!(ArenaSlots::with_slots(2, 6).is_err());
         Ok(())
-    }
-}
-
-/// Views bytes read from the store as the f32s they were written from (little-endian, as the
-/// host wrote them). Staging buffers are page-aligned, so this borrows; an unaligned slice
-/// (never produced by this crate) is copied instead.
-pub fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
-    // SAFETY: every bit pattern is a valid f32, and `align_to` only hands out the correctly
-    // aligned middle part of the slice.
-    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
-    if pre.is_empty() && post.is_empty() {
-        std::borrow::Cow::Borrowed(mid)
-    } else {
-        std::borrow::Cow::Owned(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
     }
 }

@@ -24,7 +24,7 @@ pub mod store;
 pub use arena::{ArenaSlots, HostArena, MIN_ARENA_ALIGN, SlotId, f32_view};
 pub use error::{StorageError, SubmitError, fmt_bytes};
 pub use io::{
-    Completion, FAULTS_ENV, FaultConfig, FaultyBackend, FileIdx, IO_ENGINE_ENV, IoBackend,
+    Completion, FAULTS_ENV, FaultConfig, FaultyBackend, FileIdx, IO_ENGINE_ENV, IoBackend, IoDir,
     IoEngine, SyncBackend, UringBackend, open_backend, open_direct, probe_io_uring,
 };
 pub use pool::{IoBuf, IoBufPool};

@@ -27,7 +27,7 @@ use std::io;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use super::{Completion, FileIdx, IoBackend};
+use super::{Completion, FileIdx, IoBackend, IoDir};
 use crate::error::{StorageError, SubmitError};
 use crate::pool::IoBuf;
 
@@ -203,34 +203,6 @@ impl FaultyBackend {
         (errno, fault)
     }
 
-    fn submit(
-        &mut self,
-        write: bool,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        len: usize,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let (errno, fault) = self.decide(file, offset, write, len);
-        if let Some(errno) = errno {
-            let result = Err(io::Error::from_raw_os_error(errno));
-            self.ready.push(Completion { tag, result, buf });
-            return Ok(());
-        }
-        let inner_tag = self.next_tag;
-        self.next_tag += 1;
-        let submitted = if write {
-            let len = fault.short_to.unwrap_or(len);
-            self.inner.submit_write(file, offset, buf, len, inner_tag)
-        } else {
-            self.inner.submit_read(file, offset, buf, inner_tag)
-        };
-        submitted?;
-        self.pending.insert(inner_tag, Pending { tag, fault });
-        Ok(())
-    }
-
     /// Applies the decided faults to inner completions; parks delayed ones.
     fn absorb(&mut self, completions: Vec<Completion>) {
         for mut c in completions {
@@ -276,26 +248,33 @@ impl IoBackend for FaultyBackend {
         }
     }
 
-    fn submit_read(
+    fn submit(
         &mut self,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let len = buf.len();
-        self.submit(false, file, offset, buf, len, tag)
-    }
-
-    fn submit_write(
-        &mut self,
+        dir: IoDir,
         file: FileIdx,
         offset: u64,
         buf: IoBuf,
         len: usize,
         tag: u64,
     ) -> Result<(), SubmitError> {
-        self.submit(true, file, offset, buf, len, tag)
+        let write = dir == IoDir::Write;
+        let (errno, fault) = self.decide(file, offset, write, len);
+        if let Some(errno) = errno {
+            let result = Err(io::Error::from_raw_os_error(errno));
+            self.ready.push(Completion { tag, result, buf });
+            return Ok(());
+        }
+        let inner_tag = self.next_tag;
+        self.next_tag += 1;
+        let submitted = if write {
+            let len = fault.short_to.unwrap_or(len);
+            self.inner.submit_write(file, offset, buf, len, inner_tag)
+        } else {
+            self.inner.submit_read(file, offset, buf, inner_tag)
+        };
+        submitted?;
+        self.pending.insert(inner_tag, Pending { tag, fault });
+        Ok(())
     }
 
     fn wait(&mut self, min: usize) -> Result<Vec<Completion>, StorageError> {

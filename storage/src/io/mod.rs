@@ -52,17 +52,30 @@ pub trait IoBackend: Send {
     /// `"io_uring"`, `"sync"` or `"faulty(<inner>)"`.
     fn name(&self) -> &'static str;
 
-    /// Queues a read of `buf.len()` bytes at `offset` of `file` into `buf`; `tag` comes back with
-    /// the completion. May only queue: the IO starts at the latest on the next [`wait`].
-    ///
-    /// [`wait`]: IoBackend::wait
+    /// Queues a transfer of the first `len` bytes of `buf` at `offset` of `file`: into `buf`
+    /// for [`IoDir::Read`], from it for [`IoDir::Write`]. `tag` comes back with the completion,
+    /// and so does the buffer (on refusal, inside the [`SubmitError`]).
+    fn submit(
+        &mut self,
+        dir: IoDir,
+        file: FileIdx,
+        offset: u64,
+        buf: IoBuf,
+        len: usize,
+        tag: u64,
+    ) -> Result<(), SubmitError>;
+
+    /// Queues a read of `buf.len()` bytes at `offset` of `file` into `buf`.
     fn submit_read(
         &mut self,
         file: FileIdx,
         offset: u64,
         buf: IoBuf,
         tag: u64,
-    ) -> Result<(), SubmitError>;
+    ) -> Result<(), SubmitError> {
+        let len = buf.len();
+        self.submit(IoDir::Read, file, offset, buf, len, tag)
+    }
 
     /// Queues a write of the first `len` bytes of `buf` at `offset` of `file`.
     fn submit_write(
@@ -72,7 +85,9 @@ pub trait IoBackend: Send {
         buf: IoBuf,
         len: usize,
         tag: u64,
-    ) -> Result<(), SubmitError>;
+    ) -> Result<(), SubmitError> {
+        self.submit(IoDir::Write, file, offset, buf, len, tag)
+    }
 
     /// Submits what is queued, waits for at least `min` completions (`0` polls) and returns all
     /// that are ready. `min` is capped at `in_flight()`.
@@ -80,6 +95,13 @@ pub trait IoBackend: Send {
 
     /// Operations submitted and not yet returned by `wait`.
     fn in_flight(&self) -> usize;
+}
+
+/// The direction of one transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDir {
+    Read,
+    Write,
 }
 
 /// Which IO engine to use (`--io-engine {auto,uring,sync}`).

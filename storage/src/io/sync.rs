@@ -17,7 +17,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{Completion, FileIdx, IoBackend, MAX_TRANSIENT_RETRIES, check_submit, is_transient};
+use super::{
+    Completion, FileIdx, IoBackend, IoDir, MAX_TRANSIENT_RETRIES, check_submit, is_transient,
+};
 use crate::error::{StorageError, SubmitError};
 use crate::pool::IoBuf;
 
@@ -67,38 +69,6 @@ impl SyncBackend {
             workers,
             in_flight: 0,
         })
-    }
-
-    fn submit(
-        &mut self,
-        write: bool,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        len: usize,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let buf = check_submit(self.file_count, file, buf, len)?;
-        let Some(requests) = self.requests.as_ref() else {
-            return Err(SubmitError::new(StorageError::WorkersGone, buf));
-        };
-        let request = Request {
-            write,
-            file,
-            offset,
-            buf,
-            len,
-            tag,
-        };
-        match requests.send(request) {
-            Ok(()) => {
-                self.in_flight += 1;
-                Ok(())
-            }
-            Err(crossbeam_channel::SendError(r)) => {
-                Err(SubmitError::new(StorageError::WorkersGone, r.buf))
-            }
-        }
     }
 }
 
@@ -158,26 +128,37 @@ impl IoBackend for SyncBackend {
         "sync"
     }
 
-    fn submit_read(
+    fn submit(
         &mut self,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let len = buf.len();
-        self.submit(false, file, offset, buf, len, tag)
-    }
-
-    fn submit_write(
-        &mut self,
+        dir: IoDir,
         file: FileIdx,
         offset: u64,
         buf: IoBuf,
         len: usize,
         tag: u64,
     ) -> Result<(), SubmitError> {
-        self.submit(true, file, offset, buf, len, tag)
+        let write = dir == IoDir::Write;
+        let buf = check_submit(self.file_count, file, buf, len)?;
+        let Some(requests) = self.requests.as_ref() else {
+            return Err(SubmitError::new(StorageError::WorkersGone, buf));
+        };
+        let request = Request {
+            write,
+            file,
+            offset,
+            buf,
+            len,
+            tag,
+        };
+        match requests.send(request) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(crossbeam_channel::SendError(r)) => {
+                Err(SubmitError::new(StorageError::WorkersGone, r.buf))
+            }
+        }
     }
 
     fn wait(&mut self, min: usize) -> Result<Vec<Completion>, StorageError> {

@@ -27,7 +27,9 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{Completion, FileIdx, IoBackend, MAX_TRANSIENT_RETRIES, check_submit, is_transient};
+use super::{
+    Completion, FileIdx, IoBackend, IoDir, MAX_TRANSIENT_RETRIES, check_submit, is_transient,
+};
 use crate::error::{StorageError, SubmitError};
 use crate::pool::{IoBuf, IoBufPool};
 
@@ -259,29 +261,6 @@ impl UringBackend {
     fn live_ops(&self) -> usize {
         self.ops.len() - self.free_ops.len()
     }
-
-    fn submit(
-        &mut self,
-        write: bool,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        len: usize,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let buf = check_submit(self.files.len(), file, buf, len)?;
-        self.add_op(Op {
-            write,
-            file,
-            offset,
-            buf,
-            len,
-            done: 0,
-            tag,
-            retries: 0,
-        });
-        Ok(())
-    }
 }
 
 /// Registers the pool's buffers as fixed buffers; false (with a warning) when it cannot.
@@ -318,26 +297,28 @@ impl IoBackend for UringBackend {
         "io_uring"
     }
 
-    fn submit_read(
+    fn submit(
         &mut self,
-        file: FileIdx,
-        offset: u64,
-        buf: IoBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
-        let len = buf.len();
-        self.submit(false, file, offset, buf, len, tag)
-    }
-
-    fn submit_write(
-        &mut self,
+        dir: IoDir,
         file: FileIdx,
         offset: u64,
         buf: IoBuf,
         len: usize,
         tag: u64,
     ) -> Result<(), SubmitError> {
-        self.submit(true, file, offset, buf, len, tag)
+        let write = dir == IoDir::Write;
+        let buf = check_submit(self.files.len(), file, buf, len)?;
+        self.add_op(Op {
+            write,
+            file,
+            offset,
+            buf,
+            len,
+            done: 0,
+            tag,
+            retries: 0,
+        });
+        Ok(())
     }
 
     fn wait(&mut self, min: usize) -> Result<Vec<Completion>, StorageError> {
