@@ -12,6 +12,8 @@
 
 use rayon::prelude::*;
 
+use crate::simd::dot;
+
 /// The shape facts every attention kernel needs. Grouped-query attention maps query head `h` to
 /// KV head `h / (n_heads / n_kv_heads)`; KV is never replicated.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -108,26 +110,6 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators so the compiler keeps a vector register per lane group.
-    let mut lanes = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Attends one query `q: [n_heads, head_dim]` at position `q_pos` over `blocks`, single-threaded.

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::rope::{RopeTable, rotate_row};
+use crate::simd::dot;
 use crate::{Backend, HostWeight, Result, WeightData, shape_err};
 
 /// `data: [rows, cols] f32`, row-major.
@@ -71,26 +72,6 @@ fn sgemm_tile(x: &[f32], m: usize, k: usize, w_tile: &[f32], c: usize, out: &mut
             1,
         );
     }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Sixteen independent accumulators: two AVX registers' worth, so LLVM vectorises the loop.
-    let mut lanes = [0.0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `out[m, c] = x[m, k] · w[j0 .. j0 + c, :]ᵀ`, one weight row at a time (widened if needed).
