@@ -2,8 +2,7 @@
 //!
 //! - [`Backend`]: the ops a model's forward pass needs, over f32 activations and weights kept in
 //!   their stored dtype. [`CpuBackend`] implements it today (multi-threaded with rayon, GEMMs
-//!   through `matrixmultiply`); [`CudaBackend`] implements it on an NVIDIA GPU (cudarc with
-//!   dynamic loading: the same binary runs with or without CUDA).
+//!   through `matrixmultiply`); the CUDA backend will implement the same trait.
 //! - [`attention`]: attention over KV *blocks* returning mergeable partials `(o, lse)` and the exact
 //!   LSE merge. Every tier (GPU, host, storage) produces partials under this one contract.
 //! - [`reference`]: plain scalar versions of every kernel, the oracles the fast ones are tested
@@ -13,7 +12,6 @@
 
 pub mod attention;
 mod cpu;
-pub mod cuda;
 mod dtype;
 pub mod reference;
 mod rope;
@@ -21,7 +19,6 @@ mod simd;
 
 pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};
-pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo};
 pub use dtype::{DType, HostWeight, WeightData};
 pub use rope::{RopeScaling, RopeTable};
 
@@ -33,9 +30,6 @@ pub enum KernelError {
     Shape { op: &'static str, detail: String },
     #[error("token id {id} is outside the vocabulary of {vocab} entries")]
     TokenOutOfRange { id: u32, vocab: usize },
-    /// A GPU call failed (out of memory, a launch error, a lost device).
-    #[error("CUDA error in {op}: {detail}")]
-    Device { op: &'static str, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, KernelError>;
