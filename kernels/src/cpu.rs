@@ -147,20 +147,20 @@ impl Backend for CpuBackend {
         Ok(CpuTensor { rows, cols, data })
     }
 
-    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor {
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor {
             rows,
             cols,
             data: vec![0.0; rows * cols],
-        }
+        })
     }
 
     fn shape(&self, t: &CpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn to_host(&self, t: &CpuTensor) -> Vec<f32> {
-        t.data.clone()
+    fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
     }
 
     fn embedding(&self, table: &HostWeight, ids: &[u32]) -> Result<CpuTensor> {
@@ -322,8 +322,9 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn relu_inplace(&self, x: &mut CpuTensor) {
+    fn relu_inplace(&self, x: &mut CpuTensor) -> Result<()> {
         x.data.iter_mut().for_each(|v| *v = v.max(0.0));
+        Ok(())
     }
 
     fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
@@ -332,7 +333,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn softmax_inplace(&self, x: &mut CpuTensor) {
+    fn softmax_inplace(&self, x: &mut CpuTensor) -> Result<()> {
         x.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0.0;
@@ -344,6 +345,7 @@ impl Backend for CpuBackend {
                 *v /= sum;
             }
         });
+        Ok(())
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {

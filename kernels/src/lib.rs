@@ -2,7 +2,8 @@
 //!
 //! - [`Backend`]: the ops a model's forward pass needs, over f32 activations and weights kept in
 //!   their stored dtype. [`CpuBackend`] implements it today (multi-threaded with rayon, GEMMs
-//!   through `matrixmultiply`); the CUDA backend will implement the same trait.
+//!   through `matrixmultiply`); [`CudaBackend`] implements it on an NVIDIA GPU (cudarc with
+//!   dynamic loading: the same binary runs with or without CUDA).
 //! - [`attention`]: attention over KV *blocks* returning mergeable partials `(o, lse)` and the exact
 //!   LSE merge. Every tier (GPU, host, storage) produces partials under this one contract.
 //! - [`reference`]: plain scalar versions of every kernel, the oracles the fast ones are tested
@@ -12,6 +13,7 @@
 
 pub mod attention;
 mod cpu;
+pub mod cuda;
 mod dtype;
 pub mod reference;
 mod rope;
@@ -19,6 +21,7 @@ mod simd;
 
 pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};
+pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo};
 pub use dtype::{DType, HostWeight, WeightData};
 pub use rope::{RopeScaling, RopeTable};
 
@@ -30,6 +33,9 @@ pub enum KernelError {
     Shape { op: &'static str, detail: String },
     #[error("token id {id} is outside the vocabulary of {vocab} entries")]
     TokenOutOfRange { id: u32, vocab: usize },
+    /// A GPU call failed (out of memory, a launch error, a lost device).
+    #[error("CUDA error in {op}: {detail}")]
+    Device { op: &'static str, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, KernelError>;
@@ -56,9 +62,9 @@ pub trait Backend: Send + Sync {
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
     /// Uploads `data: [rows, cols]`.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Tensor>;
-    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
-    fn to_host(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 
     /// `out[r] = table[ids[r]]`; `table: [vocab, dim]`, `out: [ids.len(), dim]`.
     fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
@@ -90,11 +96,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// `out = silu(gate) * up`, elementwise.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
-    fn relu_inplace(&self, x: &mut Self::Tensor);
+    fn relu_inplace(&self, x: &mut Self::Tensor) -> Result<()>;
     /// `x += y`, elementwise.
     fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// Row-wise softmax in place.
-    fn softmax_inplace(&self, x: &mut Self::Tensor);
+    fn softmax_inplace(&self, x: &mut Self::Tensor) -> Result<()>;
     /// Copies rows `rows` of `x` into a new tensor, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 }

@@ -231,7 +231,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
         let last = b.gather_rows(&x, logit_rows)?;
         let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
         let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        let flat = b.to_host(&logits);
+        let flat = b.to_host(&logits)?;
         Ok(flat
             .chunks_exact(self.cfg.vocab)
             .map(<[f32]>::to_vec)
@@ -270,7 +270,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
             b.rope(&mut q, cfg.heads, &positions, &self.rope)?;
             b.rope(&mut k, cfg.kv_heads, &positions, &self.rope)?;
         }
-        let (qh, kh, vh) = (b.to_host(&q), b.to_host(&k), b.to_host(&v));
+        let (qh, kh, vh) = (b.to_host(&q)?, b.to_host(&k)?, b.to_host(&v)?);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         for (r, row) in rows.iter().enumerate() {
             kv.append(
@@ -312,7 +312,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
                 fc2_b,
             } => {
                 let mut a = b.linear(&h, fc1, Some(fc1_b))?;
-                b.relu_inplace(&mut a);
+                b.relu_inplace(&mut a)?;
                 b.linear(&a, fc2, Some(fc2_b))?
             }
         };

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use strata_kernels::CpuBackend;
+use strata_kernels::{CpuBackend, CudaBackend};
 use strata_runtime::generate::{self, GenerateOptions};
 use strata_runtime::kv::DiskTierConfig;
 use strata_runtime::kv::policy::SinkAndRecent;
@@ -30,11 +30,12 @@ enum Command {
     /// is appended to OUT as soon as its sequence finishes. Exit status: 0 when every item
     /// succeeded, 3 when some items have error records in OUT, 1 when the job could not run.
     Generate(Box<GenerateArgs>),
-    /// Print a model's architecture, parameter count, dtypes and KV bytes per token.
+    /// Print the GPU strata would use (or why none), and with --model a model's architecture,
+    /// parameter count, dtypes and KV bytes per token.
     Info {
         /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N].
         #[arg(long)]
-        model: String,
+        model: Option<String>,
     },
 }
 
@@ -107,6 +108,48 @@ struct GenerateArgs {
     /// CPU threads for compute (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to compute: cuda (GPU 0, or cuda:N), cpu, or auto (the GPU when one is usable,
+    /// else the CPU, with a note saying why).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
+}
+
+/// The `--device` choice.
+#[derive(Clone, Copy, Debug)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got `{s}`")),
+    }
+}
+
+/// Opens the GPU `device` asks for: `None` means the CPU.
+fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(n) => CudaBackend::new(n)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+        Device::Auto => match CudaBackend::new(0) {
+            Ok(gpu) => Ok(Some(gpu)),
+            Err(e) => {
+                eprintln!("note: no usable GPU ({e}); computing on the CPU");
+                Ok(None)
+            }
+        },
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -124,7 +167,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(*args),
-        Command::Info { model } => run_info(&model).map(|()| ExitCode::SUCCESS),
+        Command::Info { model } => run_info(model.as_deref()).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         // Our error messages already carry their causes; print each once.
@@ -190,7 +233,17 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             recent_blocks: a.kv_recent_blocks,
         },
     };
-    let stats = generate::run(&model, CpuBackend::new(), resident, &opts)?;
+    let stats = match open_gpu(a.device)? {
+        None => generate::run(&model, CpuBackend::new(), resident, &opts)?,
+        Some(gpu) => {
+            eprintln!("note: computing on {}", gpu.device_info());
+            let stats = generate::run(&model, gpu.clone(), resident, &opts)?;
+            if let Some(e) = gpu.deferred_error() {
+                anyhow::bail!("the GPU failed during the job: {e}");
+            }
+            stats
+        }
+    };
     if let Some(path) = a.stats_json {
         let text = serde_json::to_string_pretty(&stats)?;
         std::fs::write(&path, text + "\n")
@@ -226,7 +279,28 @@ fn default_disk_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
     Ok((free / 2).min(64 << 30))
 }
 
-fn run_info(spec: &str) -> anyhow::Result<()> {
+/// The `gpu:` lines of `strata info`: the device strata would use, or why there is none.
+fn print_gpu() {
+    match CudaBackend::new(0) {
+        Ok(gpu) => {
+            println!("gpu:              {}", gpu.device_info());
+            if let Ok((free, _)) = gpu.memory_info() {
+                println!(
+                    "gpu memory free:  {:.2} GiB",
+                    free as f64 / (1u64 << 30) as f64
+                );
+            }
+            println!("gpu kernels:      {}", gpu.kernel_origin());
+        }
+        Err(e) => println!("gpu:              none usable ({e}); computing on the CPU"),
+    }
+}
+
+fn run_info(spec: Option<&str>) -> anyhow::Result<()> {
+    let Some(spec) = spec else {
+        print_gpu();
+        return Ok(());
+    };
     let m = model::open(spec)?;
     let c = &m.config;
     let params = c.param_count();
@@ -274,5 +348,6 @@ fn run_info(spec: &str) -> anyhow::Result<()> {
         None => println!("tokenizer:        none (give input_ids)"),
     }
     println!("eos token ids:    {:?}", c.eos_token_ids);
+    print_gpu();
     Ok(())
 }

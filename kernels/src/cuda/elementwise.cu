@@ -1,0 +1,60 @@
+// Elementwise kernels and row gathers. All grid-stride over `n` elements.
+
+// out[r, :] = widen(table[ids[r], :]); table: [vocab, dim] T, out: [n_ids, dim] f32.
+// Ids are range-checked on the host. Also serves gather_rows (T = float).
+template <typename T>
+__device__ void gather_rows(float* out, const T* table, const u32* ids, u64 n_ids, u64 dim) {
+    const u64 n = n_ids * dim;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const u64 r = i / dim, c = i - r * dim;
+        out[i] = to_f32(table[(u64)ids[r] * dim + c]);
+    }
+}
+
+extern "C" __global__ void embedding_f32(float* out, const float* table, const u32* ids, u64 n_ids, u64 dim) {
+    gather_rows(out, table, ids, n_ids, dim);
+}
+extern "C" __global__ void embedding_f16(float* out, const f16* table, const u32* ids, u64 n_ids, u64 dim) {
+    gather_rows(out, table, ids, n_ids, dim);
+}
+extern "C" __global__ void embedding_bf16(float* out, const bf16* table, const u32* ids, u64 n_ids, u64 dim) {
+    gather_rows(out, table, ids, n_ids, dim);
+}
+
+// x = hi + lo with hi = round(x) and lo = round(x - hi) in T: two half-precision terms that carry
+// ~16 (bf16) or ~22 (f16) bits of x, so a GEMM over both keeps f32-like accuracy on tensor cores.
+// (x - hi is exact in f32.)
+template <typename T>
+__device__ void split(T* hi, T* lo, const float* x, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const float v = x[i];
+        const T h = from_f32<T>(v);
+        hi[i] = h;
+        lo[i] = from_f32<T>(v - to_f32(h));
+    }
+}
+
+extern "C" __global__ void split_f16(f16* hi, f16* lo, const float* x, u64 n) { split(hi, lo, x, n); }
+extern "C" __global__ void split_bf16(bf16* hi, bf16* lo, const float* x, u64 n) { split(hi, lo, x, n); }
+
+// out: [rows, cols] += bias: [cols] (broadcast over rows); n = rows * cols.
+extern "C" __global__ void bias_add(float* out, const float* bias, u64 n, u64 cols) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) out[i] += bias[i % cols];
+}
+
+extern "C" __global__ void add_inplace(float* x, const float* y, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) x[i] += y[i];
+}
+
+// max(v, 0); NaN becomes 0, as Rust's f32::max does.
+extern "C" __global__ void relu_inplace(float* x, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) x[i] = fmaxf(x[i], 0.0f);
+}
+
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up, in the CPU backend's order.
+extern "C" __global__ void swiglu(float* out, const float* gate, const float* up, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}

@@ -1,0 +1,211 @@
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` on the GPU; the three paths and their precision are
+//! described in the module header of `cuda`.
+//!
+//! cuBLAS is column-major: row-major `w: [n, k]` is the column-major `k × n` matrix `W`, row-major
+//! `x: [m, k]` is `X` (`k × m`), and row-major `out: [m, n]` is `O` (`n × m`). So `O = Wᵀ · X`:
+//! `gemm(transa = T, transb = N, m = n, n = m, k, lda = k, ldb = k, ldc = n)`.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+
+use super::{Inner, WeightBuf, device_err, kernels};
+use crate::{Result, shape_err};
+
+const OP: &str = "linear";
+
+pub(super) fn linear(
+    be: &Inner,
+    x: &CudaSlice<f32>,
+    m: usize,
+    k: usize,
+    w: &super::CudaWeight,
+    bias: Option<&CudaSlice<f32>>,
+) -> Result<CudaSlice<f32>> {
+    let n = w.rows;
+    let mut out = be.output(OP, m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    let dims = Dims::new(m, k, n)?;
+    be.ctx.bind_to_thread().map_err(|e| device_err(OP, e))?;
+    if k == 0 {
+        be.stream
+            .memset_zeros(&mut out)
+            .map_err(|e| device_err(OP, e))?;
+    } else {
+        let kn = &be.k;
+        match &w.data {
+            WeightBuf::F32(ws) => sgemm(be, ws, x, &mut out, dims)?,
+            WeightBuf::F16(ws) if m <= kernels::GEMV_MAX_ROWS => {
+                gemv(be, &kn.gemv_f16, ws, x, &mut out, dims)?
+            }
+            WeightBuf::BF16(ws) if m <= kernels::GEMV_MAX_ROWS => {
+                gemv(be, &kn.gemv_bf16, ws, x, &mut out, dims)?
+            }
+            WeightBuf::F16(ws) => split_gemm(
+                be,
+                &kn.split_f16,
+                cudaDataType_t::CUDA_R_16F,
+                ws,
+                x,
+                &mut out,
+                dims,
+            )?,
+            WeightBuf::BF16(ws) => split_gemm(
+                be,
+                &kn.split_bf16,
+                cudaDataType_t::CUDA_R_16BF,
+                ws,
+                x,
+                &mut out,
+                dims,
+            )?,
+        }
+    }
+    if let Some(b) = bias {
+        let (total, cols) = ((m * n) as u64, n as u64);
+        let mut l = be.stream.launch_builder(&be.k.bias_add);
+        l.arg(&mut out).arg(b).arg(&total).arg(&cols);
+        // SAFETY: bias_add(float* out, const float* bias, u64 n, u64 cols); `out` holds m * n
+        // values and `bias` n (checked by the caller).
+        unsafe { l.launch(kernels::elementwise(m * n)) }.map_err(|e| device_err(OP, e))?;
+    }
+    Ok(out)
+}
+
+/// The problem size, checked to fit cuBLAS's `int` dimensions.
+#[derive(Clone, Copy)]
+struct Dims {
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Dims {
+    fn new(m: usize, k: usize, n: usize) -> Result<Self> {
+        let limit = i32::MAX as usize;
+        if m > limit || k > limit || n > limit || m * k > isize::MAX as usize {
+            return Err(shape_err(
+                OP,
+                format!("[{m}, {k}] x [{n}, {k}] exceeds cuBLAS's 32-bit dimensions"),
+            ));
+        }
+        Ok(Self { m, k, n })
+    }
+    fn cublas(self) -> (i32, i32, i32) {
+        // In range by construction.
+        (self.n as i32, self.m as i32, self.k as i32)
+    }
+}
+
+fn sgemm(
+    be: &Inner,
+    w: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    d: Dims,
+) -> Result<()> {
+    let (cm, cn, ck) = d.cublas();
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: cm,
+        n: cn,
+        k: ck,
+        alpha: 1.0f32,
+        lda: ck,
+        ldb: ck,
+        beta: 0.0f32,
+        ldc: cm,
+    };
+    // SAFETY: column-major A = w is k × n (lda = k, n * k values), B = x is k × m (ldb = k,
+    // m * k values), C = out is n × m (ldc = n, m * n values): every access is in bounds. All
+    // three live on the handle's stream.
+    unsafe { be.blas.gemm(cfg, w, x, out) }.map_err(|e| device_err(OP, e))
+}
+
+fn gemv<T: DeviceRepr>(
+    be: &Inner,
+    f: &CudaFunction,
+    w: &CudaSlice<T>,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    d: Dims,
+) -> Result<()> {
+    let (m, k, n) = (d.m as u32, d.k as u64, d.n as u64);
+    let mut l = be.stream.launch_builder(f);
+    l.arg(out).arg(x).arg(w).arg(&m).arg(&k).arg(&n);
+    // SAFETY: gemv_{f16,bf16}(float* out, const float* x, const T* w, u32 m, u64 k, u64 n) with
+    // T the element type of `w`; m <= GEMV_MAX_ROWS; `out` holds m * n values, `x` m * k, `w`
+    // n * k.
+    unsafe { l.launch(kernels::gemv(d.n)) }.map_err(|e| device_err(OP, e))?;
+    Ok(())
+}
+
+fn split_gemm<T: DeviceRepr>(
+    be: &Inner,
+    split: &CudaFunction,
+    dtype: cudaDataType_t,
+    w: &CudaSlice<T>,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    d: Dims,
+) -> Result<()> {
+    let len = d.m * d.k;
+    // SAFETY: both buffers are written in full by the split kernel below before the GEMMs read
+    // them.
+    let mut hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+    // SAFETY: as above.
+    let mut lo = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+    let len64 = len as u64;
+    let mut l = be.stream.launch_builder(split);
+    l.arg(&mut hi).arg(&mut lo).arg(x).arg(&len64);
+    // SAFETY: split_{f16,bf16}(T* hi, T* lo, const float* x, u64 n) with T the element type of
+    // `hi`/`lo`; all three hold `len` values.
+    unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
+
+    let (cm, cn, ck) = d.cublas();
+    let s = &be.stream;
+    let (w_ptr, _w) = w.device_ptr(s);
+    let (hi_ptr, _hi) = hi.device_ptr(s);
+    let (lo_ptr, _lo) = lo.device_ptr(s);
+    let (out_ptr, _out) = out.device_ptr_mut(s);
+    let alpha = 1.0f32;
+    for (b_ptr, beta) in [(hi_ptr, 0.0f32), (lo_ptr, 1.0f32)] {
+        // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
+        // C = out: n × m, f32), with A and B in `dtype` (f16 or bf16, matching T), f32 compute
+        // and f32 output, a combination cublasGemmEx supports. `alpha`/`beta` are host scalars
+        // read during the call (host pointer mode, the default). All buffers live on the
+        // handle's stream, in order after the split kernel.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *be.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                cm,
+                cn,
+                ck,
+                (&alpha as *const f32).cast::<c_void>(),
+                w_ptr as *const c_void,
+                dtype,
+                ck,
+                b_ptr as *const c_void,
+                dtype,
+                ck,
+                (&beta as *const f32).cast::<c_void>(),
+                out_ptr as *mut c_void,
+                cudaDataType_t::CUDA_R_32F,
+                cm,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| device_err(OP, e))?;
+    }
+    Ok(())
+}

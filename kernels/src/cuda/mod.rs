@@ -1,0 +1,650 @@
+//! The CUDA backend: the [`Backend`] ops on one NVIDIA GPU, through cudarc with dynamic loading
+//! (the same binary runs on machines with and without CUDA; [`CudaBackend::new`] says why it
+//! cannot run, and never panics).
+//!
+//! - **State.** One context, one stream, one cuBLAS handle, and the kernel table, all made once
+//!   in [`CudaBackend::new`]. Every op is enqueued on the stream in call order, so no event
+//!   tracking is needed (cudarc's per-buffer events are switched off). Buffers are allocated
+//!   stream-ordered and freed when dropped.
+//! - **Tensors** are `[rows, cols]` f32 in device memory. **Weights** keep their stored dtype
+//!   (f32/f16/bf16), except vectors (one row or one column: norm scales, biases), which are
+//!   widened to f32 at upload: exact, tiny, and it keeps the norm and bias kernels single-typed.
+//! - **Kernels** are the `.cu` files of this folder, compiled by NVRTC at start (see `compile`),
+//!   with `--fmad=false`. Elementwise, norm, softmax and RoPE kernels follow the CPU backend's
+//!   formulas in f32 (statistics are tree sums instead of sequential ones).
+//! - **`linear`** (`out = x · wᵀ + bias`; the cuBLAS layout mapping is in `linear.rs`):
+//!   - f32 weights: cuBLAS SGEMM (full f32; cuBLAS does not use TF32 unless asked).
+//!   - f16/bf16 weights, up to 8 rows (decode): the `gemv_*` kernel, f32 activation × widened
+//!     weight, f32 accumulation — the CPU backend's math.
+//!   - f16/bf16 weights, more rows (prefill): the activation is split into two half-precision
+//!     terms `hi + lo` (`hi = round(x)`, `lo = round(x − hi)`) and cuBLAS GemmEx runs twice on
+//!     tensor cores with f16/bf16 inputs, f32 compute and **f32 output** (`C += w · lo` after
+//!     `C = w · hi`). The activation is then carried to about 2⁻¹⁷ (bf16) or 2⁻²² (f16) relative
+//!     instead of 2⁻⁹ / 2⁻¹² for one rounding, at twice the GEMM work. f16 activations beyond
+//!     ±65504 overflow, as they would in an f16 model run in f16.
+//! - **Errors.** Every op returns [`KernelError::Device`] on a CUDA failure. Failures the driver
+//!   can only record (cudarc notes errors raised inside `Drop`) are kept as a *deferred error*:
+//!   the next op returns it, and [`CudaBackend::deferred_error`] reports it.
+
+mod compile;
+mod device;
+mod kernels;
+mod linear;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg};
+
+pub use compile::{KernelOrigin, default_ptx_cache_dir};
+pub use device::{CudaUnavailable, DeviceInfo, probe};
+
+use crate::{Backend, DType, HostWeight, KernelError, Result, RopeTable, WeightData, shape_err};
+use kernels::Kernels;
+
+/// An f32 activation matrix `[rows, cols]` in device memory.
+pub struct CudaTensor {
+    rows: usize,
+    cols: usize,
+    /// At least `rows * cols` values (one, for an empty tensor). `None` only when the allocation
+    /// of [`Backend::zeros`] failed; the failure is the backend's deferred error.
+    data: Option<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaTensor[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// A weight `[rows, cols]` in device memory, in its stored dtype (vectors widened to f32).
+pub struct CudaWeight {
+    rows: usize,
+    cols: usize,
+    data: WeightBuf,
+}
+
+enum WeightBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<half::f16>),
+    BF16(CudaSlice<half::bf16>),
+}
+
+impl CudaWeight {
+    /// The dtype kept on the device.
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            WeightBuf::F32(_) => DType::F32,
+            WeightBuf::F16(_) => DType::F16,
+            WeightBuf::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dtype = self.dtype().name();
+        write!(f, "CudaWeight[{}, {}] {dtype}", self.rows, self.cols)
+    }
+}
+
+/// The CUDA backend. Cloning is cheap and shares the device state.
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    info: DeviceInfo,
+    origin: KernelOrigin,
+    blas: CudaBlas,
+    k: Kernels,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    /// The first error an infallible trait method hit (see the module header).
+    deferred: Mutex<Option<String>>,
+    /// Fill every new output with NaN before the kernel that writes it (for tests).
+    poison: AtomicBool,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.inner.info)
+    }
+}
+
+fn device_err(op: &'static str, e: impl std::fmt::Display) -> KernelError {
+    KernelError::Device {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(shape_err(
+            op,
+            format!("{what} has {got} values, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `device`, with the PTX cache in its default place.
+    pub fn new(device: usize) -> std::result::Result<Self, CudaUnavailable> {
+        Self::with_ptx_cache(device, default_ptx_cache_dir())
+    }
+
+    /// Opens CUDA device `device`, caching compiled kernels in `ptx_cache` (none: no cache).
+    pub fn with_ptx_cache(
+        device: usize,
+        ptx_cache: Option<PathBuf>,
+    ) -> std::result::Result<Self, CudaUnavailable> {
+        device::libraries_present()?;
+        let devices = probe()?;
+        let info = devices
+            .get(device)
+            .cloned()
+            .ok_or(CudaUnavailable::NoSuchDevice {
+                device,
+                count: devices.len(),
+            })?;
+        let setup = |detail: String| CudaUnavailable::Setup { device, detail };
+        device::guard(
+            || {
+                let ctx = CudaContext::new(device).map_err(|e| setup(e.to_string()))?;
+                // SAFETY: this backend issues all its work on the one stream made below, in
+                // program order, so cudarc's cross-stream events are not needed; buffers made
+                // before this call (none) would keep theirs.
+                unsafe { ctx.disable_event_tracking() };
+                let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
+                let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
+                let (k, origin) = compile::build_module(
+                    &ctx,
+                    info.compute_capability,
+                    ptx_cache.as_deref(),
+                    Kernels::bind,
+                )
+                .map_err(|detail| CudaUnavailable::Kernels { device, detail })?;
+                Ok(CudaBackend {
+                    inner: Arc::new(Inner {
+                        info: info.clone(),
+                        origin,
+                        blas,
+                        k,
+                        stream,
+                        ctx,
+                        deferred: Mutex::new(None),
+                        poison: AtomicBool::new(false),
+                    }),
+                })
+            },
+            |msg| setup(format!("the CUDA bindings panicked: {msg}")),
+        )
+    }
+
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// Whether the kernels were compiled in this process or loaded from the PTX cache.
+    pub fn kernel_origin(&self) -> &KernelOrigin {
+        &self.inner.origin
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.inner
+            .ctx
+            .mem_get_info()
+            .map_err(|e| device_err("mem_get_info", e))
+    }
+
+    /// Waits for all enqueued work; returns any error it raised.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.check("synchronize")?;
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| device_err("synchronize", e))
+    }
+
+    /// When on, every output buffer is filled with NaN before the kernel that should write all
+    /// of it, so a kernel that skips an element is caught. For tests; it costs a memset per op.
+    pub fn poison_outputs(&self, on: bool) {
+        self.inner.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// The first error hit by an op that cannot return one (`zeros`, `to_host`, `relu_inplace`,
+    /// `softmax_inplace`), if any. Every fallible op returns it too.
+    pub fn deferred_error(&self) -> Option<String> {
+        self.inner.deferred.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+impl Inner {
+    /// Returns the deferred error, or one the driver recorded where it could not return it
+    /// (cudarc records failures inside `Drop`).
+    fn check(&self, op: &'static str) -> Result<()> {
+        if let Err(e) = self.ctx.check_err() {
+            self.defer(e.to_string());
+        }
+        match self.deferred.lock().ok().and_then(|g| g.clone()) {
+            Some(msg) => Err(device_err(
+                op,
+                format!("an earlier CUDA operation failed: {msg}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn defer(&self, msg: String) {
+        if let Ok(mut g) = self.deferred.lock()
+            && g.is_none()
+        {
+            *g = Some(msg);
+        }
+    }
+
+    /// An output buffer of `n` f32 (at least one), NaN-filled when poisoning.
+    fn output(&self, op: &'static str, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: the buffer is uninitialised; every caller launches a kernel that writes all
+        // `n` values before anything reads them (or fills it first, below).
+        let mut buf =
+            unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| device_err(op, e))?;
+        if self.poison.load(Ordering::Relaxed) {
+            let bytes = buf.len() * std::mem::size_of::<f32>();
+            let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` addresses `bytes` bytes of the live allocation `buf`, used on its own
+            // stream; all-ones bytes make every f32 a NaN.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream())
+            }
+            .map_err(|e| device_err(op, e))?;
+        }
+        Ok(buf)
+    }
+
+    /// Copies `data` to a new device buffer (one unused element when `data` is empty).
+    fn upload<T: DeviceRepr>(&self, op: &'static str, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            // SAFETY: an empty tensor's buffer is never read.
+            return unsafe { self.stream.alloc::<T>(1) }.map_err(|e| device_err(op, e));
+        }
+        self.stream.clone_htod(data).map_err(|e| device_err(op, e))
+    }
+
+    fn buf<'t>(&self, op: &'static str, t: &'t CudaTensor) -> Result<&'t CudaSlice<f32>> {
+        self.check(op)?;
+        t.data
+            .as_ref()
+            .ok_or_else(|| device_err(op, "tensor has no storage (its allocation failed)"))
+    }
+
+    fn buf_mut<'t>(
+        &self,
+        op: &'static str,
+        t: &'t mut CudaTensor,
+    ) -> Result<&'t mut CudaSlice<f32>> {
+        self.check(op)?;
+        t.data
+            .as_mut()
+            .ok_or_else(|| device_err(op, "tensor has no storage (its allocation failed)"))
+    }
+
+    /// A weight that must be an f32 vector of `len` values (norm scales, biases).
+    fn vector<'w>(
+        &self,
+        op: &'static str,
+        w: &'w CudaWeight,
+        len: usize,
+    ) -> Result<&'w CudaSlice<f32>> {
+        check_len(op, "weight vector", w.rows * w.cols, len)?;
+        match &w.data {
+            WeightBuf::F32(b) => Ok(b),
+            _ => Err(shape_err(
+                op,
+                format!("expected a vector, got a [{}, {}] matrix", w.rows, w.cols),
+            )),
+        }
+    }
+
+    fn tensor(rows: usize, cols: usize, data: CudaSlice<f32>) -> CudaTensor {
+        CudaTensor {
+            rows,
+            cols,
+            data: Some(data),
+        }
+    }
+
+    /// Copies rows `ids` of `table: [_, dim]` (widened to f32) into a new `[ids.len(), dim]`.
+    fn gather<T>(
+        &self,
+        op: &'static str,
+        f: &cudarc::driver::CudaFunction,
+        table: &CudaSlice<T>,
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<CudaTensor> {
+        let n = ids.len() * dim;
+        let mut out = self.output(op, n)?;
+        if n > 0 {
+            let ids_dev = self.upload(op, ids)?;
+            let (n_ids, dim64) = (ids.len() as u64, dim as u64);
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&mut out)
+                .arg(table)
+                .arg(&ids_dev)
+                .arg(&n_ids)
+                .arg(&dim64);
+            // SAFETY: `f` is one of the `embedding_*` kernels, (T* out, const T* table,
+            // const u32* ids, u64 n_ids, u64 dim), with T matching `table`'s element type; `out`
+            // holds n_ids * dim values and every id was checked against the table's rows.
+            unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(Self::tensor(ids.len(), dim, out))
+    }
+
+    /// Checks that `rows` rows fit one launch of a row kernel (one block per row).
+    fn rows_fit(op: &'static str, rows: usize) -> Result<()> {
+        if rows > i32::MAX as usize {
+            return Err(shape_err(op, format!("{rows} rows exceed one launch")));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload_weight(&self, w: HostWeight) -> Result<CudaWeight> {
+        let be = &self.inner;
+        be.check("upload_weight")?;
+        let op = "upload_weight";
+        let is_vector = w.rows == 1 || w.cols == 1;
+        let data = match w.data {
+            WeightData::F32(v) => WeightBuf::F32(be.upload(op, &v)?),
+            other if is_vector => WeightBuf::F32(be.upload(op, &other.to_f32_vec())?),
+            WeightData::F16(v) => WeightBuf::F16(be.upload(op, &v)?),
+            WeightData::BF16(v) => WeightBuf::BF16(be.upload(op, &v)?),
+        };
+        Ok(CudaWeight {
+            rows: w.rows,
+            cols: w.cols,
+            data,
+        })
+    }
+
+    fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaTensor> {
+        check_len("tensor", "data", data.len(), rows * cols)?;
+        self.inner.check("tensor")?;
+        let buf = self.inner.upload("tensor", &data)?;
+        Ok(Inner::tensor(rows, cols, buf))
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.inner.check("zeros")?;
+        let data = self
+            .inner
+            .stream
+            .alloc_zeros::<f32>((rows * cols).max(1))
+            .map_err(|e| device_err("zeros", e))?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: Some(data),
+        })
+    }
+
+    fn shape(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let n = t.rows * t.cols;
+        let be = &self.inner;
+        be.check("to_host")?;
+        let buf = be.buf("to_host", t)?;
+        let mut out = vec![0.0f32; n];
+        if n > 0 {
+            be.stream
+                .memcpy_dtoh(&buf.slice(0..n), &mut out)
+                .and_then(|()| be.stream.synchronize())
+                .map_err(|e| device_err("to_host", e))?;
+        }
+        Ok(out)
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        let be = &self.inner;
+        be.check("embedding")?;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(KernelError::TokenOutOfRange {
+                id,
+                vocab: table.rows,
+            });
+        }
+        let (k, d) = (&be.k, table.cols);
+        match &table.data {
+            WeightBuf::F32(t) => be.gather("embedding", &k.embedding_f32, t, ids, d),
+            WeightBuf::F16(t) => be.gather("embedding", &k.embedding_f16, t, ids, d),
+            WeightBuf::BF16(t) => be.gather("embedding", &k.embedding_bf16, t, ids, d),
+        }
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if w.cols != k {
+            return Err(shape_err(
+                "linear",
+                format!("x is [{m}, {k}] but w is [{n}, {}]", w.cols),
+            ));
+        }
+        let bias = bias.map(|b| be.vector("linear", b, n)).transpose()?;
+        let xb = be.buf("linear", x)?;
+        let out = linear::linear(be, xb, m, k, w, bias)?;
+        Ok(Inner::tensor(m, n, out))
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "rms_norm";
+        let (rows, cols) = (x.rows, x.cols);
+        let wb = be.vector(op, w, cols)?;
+        let xb = be.buf(op, x)?;
+        Inner::rows_fit(op, rows)?;
+        let mut out = be.output(op, rows * cols)?;
+        if rows * cols > 0 {
+            let cols64 = cols as u64;
+            let mut b = be.stream.launch_builder(&be.k.rms_norm);
+            b.arg(&mut out).arg(xb).arg(wb).arg(&cols64).arg(&eps);
+            // SAFETY: rms_norm(float* out, const float* x, const float* w, u64 cols, float eps),
+            // one block per row; `out` and `x` hold rows * cols values, `w` cols values.
+            unsafe { b.launch(kernels::per_row(rows)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(Inner::tensor(rows, cols, out))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        b: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "layer_norm";
+        let (rows, cols) = (x.rows, x.cols);
+        let wb = be.vector(op, w, cols)?;
+        let bb = be.vector(op, b, cols)?;
+        let xb = be.buf(op, x)?;
+        Inner::rows_fit(op, rows)?;
+        let mut out = be.output(op, rows * cols)?;
+        if rows * cols > 0 {
+            let cols64 = cols as u64;
+            let mut l = be.stream.launch_builder(&be.k.layer_norm);
+            l.arg(&mut out)
+                .arg(xb)
+                .arg(wb)
+                .arg(bb)
+                .arg(&cols64)
+                .arg(&eps);
+            // SAFETY: layer_norm(float* out, const float* x, const float* w, const float* b,
+            // u64 cols, float eps), one block per row; `out`/`x` hold rows * cols values,
+            // `w`/`b` cols values each.
+            unsafe { l.launch(kernels::per_row(rows)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(Inner::tensor(rows, cols, out))
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        heads: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()> {
+        let be = &self.inner;
+        let op = "rope";
+        let hd = table.head_dim;
+        if x.cols != heads * hd || positions.len() != x.rows || table.inv_freq.len() < hd / 2 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "x is [{}, {}], {} positions, {heads} heads of {hd}, {} frequencies",
+                    x.rows,
+                    x.cols,
+                    positions.len(),
+                    table.inv_freq.len()
+                ),
+            ));
+        }
+        let n = x.rows * heads * (hd / 2);
+        let (rows, xb) = (x.rows as u64, be.buf_mut(op, x)?);
+        if n == 0 {
+            return Ok(());
+        }
+        // [rows] positions as f32 (the CPU's `pos as f32`), then [head_dim / 2] frequencies.
+        let pos_freq: Vec<f32> = positions
+            .iter()
+            .map(|&p| p as f32)
+            .chain(table.inv_freq[..hd / 2].iter().copied())
+            .collect();
+        let pf = be.upload(op, &pos_freq)?;
+        let (heads64, hd64) = (heads as u64, hd as u64);
+        let mut b = be.stream.launch_builder(&be.k.rope_inplace);
+        b.arg(xb).arg(&pf).arg(&rows).arg(&heads64).arg(&hd64);
+        // SAFETY: rope_inplace(float* x, const float* pos_freq, u64 rows, u64 heads,
+        // u64 head_dim); `x` holds rows * heads * head_dim values, `pos_freq` rows + head_dim / 2.
+        unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "swiglu";
+        let n = gate.rows * gate.cols;
+        check_len(op, "up", up.rows * up.cols, n)?;
+        let (gb, ub) = (be.buf(op, gate)?, be.buf(op, up)?);
+        let mut out = be.output(op, n)?;
+        if n > 0 {
+            let n64 = n as u64;
+            let mut b = be.stream.launch_builder(&be.k.swiglu);
+            b.arg(&mut out).arg(gb).arg(ub).arg(&n64);
+            // SAFETY: swiglu(float* out, const float* gate, const float* up, u64 n); all three
+            // buffers hold n values.
+            unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(Inner::tensor(gate.rows, gate.cols, out))
+    }
+
+    fn relu_inplace(&self, x: &mut CudaTensor) -> Result<()> {
+        let be = &self.inner;
+        let n = x.rows * x.cols;
+        be.check("relu")?;
+        be.buf_mut("relu", x).and_then(|xb| {
+            if n == 0 {
+                return Ok(());
+            }
+            let n64 = n as u64;
+            let mut b = be.stream.launch_builder(&be.k.relu_inplace);
+            b.arg(xb).arg(&n64);
+            // SAFETY: relu_inplace(float* x, u64 n); `x` holds n values.
+            unsafe { b.launch(kernels::elementwise(n)) }
+                .map(drop)
+                .map_err(|e| device_err("relu", e))
+        })
+    }
+
+    fn add_inplace(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        let be = &self.inner;
+        let op = "add";
+        let n = x.rows * x.cols;
+        check_len(op, "y", y.rows * y.cols, n)?;
+        let yb = be.buf(op, y)?;
+        let xb = be.buf_mut(op, x)?;
+        if n > 0 {
+            let n64 = n as u64;
+            let mut b = be.stream.launch_builder(&be.k.add_inplace);
+            b.arg(xb).arg(yb).arg(&n64);
+            // SAFETY: add_inplace(float* x, const float* y, u64 n); both hold n values.
+            unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(())
+    }
+
+    fn softmax_inplace(&self, x: &mut CudaTensor) -> Result<()> {
+        let be = &self.inner;
+        let (rows, cols) = (x.rows, x.cols);
+        be.check("softmax")?;
+        Inner::rows_fit("softmax", rows)
+            .and_then(|()| be.buf_mut("softmax", x))
+            .and_then(|xb| {
+                if rows * cols == 0 {
+                    return Ok(());
+                }
+                let cols64 = cols as u64;
+                let mut b = be.stream.launch_builder(&be.k.softmax_inplace);
+                b.arg(xb).arg(&cols64);
+                // SAFETY: softmax_inplace(float* x, u64 cols), one block per row; `x` holds
+                // rows * cols values.
+                unsafe { b.launch(kernels::per_row(rows)) }
+                    .map(drop)
+                    .map_err(|e| device_err("softmax", e))
+            })
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "gather_rows";
+        let ids = rows
+            .iter()
+            .map(|&r| {
+                if r >= x.rows {
+                    return Err(shape_err(op, format!("row {r} of {}", x.rows)));
+                }
+                u32::try_from(r).map_err(|_| shape_err(op, format!("row {r} exceeds u32")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let xb = be.buf(op, x)?;
+        be.gather(op, &be.k.embedding_f32, xb, &ids, x.cols)
+    }
+}

@@ -1,0 +1,412 @@
+//! Every CUDA op against the scalar reference (f64) and the CPU backend, on random inputs fresh
+//! per run (the seed is printed; `STRATA_TEST_SEED` replays one), several shapes including odd
+//! sizes and sizes that straddle a block (256 threads), a warp (32) and the GEMV/GEMM switch
+//! (8 rows), with every output poisoned (NaN) before the kernel that must write it.
+//!
+//! Tolerances, relative to the largest |value| of the expected output:
+//! - `linear`, f32 weights (cuBLAS SGEMM) and f16/bf16 weights up to 8 rows (GEMV kernel, f32
+//!   activations): 1e-5 against the f64 reference.
+//! - `linear`, f16/bf16 weights over 8 rows (activation split into two half-precision terms,
+//!   cuBLAS GemmEx, f32 output): 2e-5 against the f64 reference.
+//!
+//! Measured on an H100 (CUDA 13.0): f32 2.7e-7; f16/bf16 GEMV 1.0e-7; f16 split GEMM 9.6e-7,
+//! bf16 split GEMM 2.3e-6; RoPE 1.8e-7 against the CPU backend.
+//! - RMSNorm, LayerNorm: 1e-5; SwiGLU, softmax: 1e-6; RoPE: 2e-6 against the CPU backend (the
+//!   same f32 angle; only cosf/sinf ulps differ) and 1e-3 against the f64 reference, as on the
+//!   CPU; embedding, gather_rows, ReLU and add: exact.
+//!
+//! Without a GPU (or driver, NVRTC, cuBLAS) every test prints `skipped: <reason>` and passes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::OnceLock;
+
+use strata_kernels::cuda::KernelOrigin;
+use strata_kernels::{
+    Backend, CpuBackend, CudaBackend, CudaUnavailable, DType, HostWeight, RopeScaling, RopeTable,
+    WeightData, reference,
+};
+
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(7);
+    let s = std::env::var("STRATA_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(s);
+    eprintln!("STRATA_TEST_SEED={s}");
+    s
+}
+
+/// One backend shared by every test of this binary (poisoning on), or why there is none.
+fn gpu() -> Option<&'static CudaBackend> {
+    static GPU: OnceLock<Result<CudaBackend, CudaUnavailable>> = OnceLock::new();
+    match GPU.get_or_init(|| {
+        CudaBackend::new(0).inspect(|b| {
+            b.poison_outputs(true);
+            eprintln!("gpu: {} — kernels {}", b.device_info(), b.kernel_origin());
+        })
+    }) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
+    got.iter().zip(want).fold(0.0f32, |a, (g, w)| {
+        // A NaN (a poisoned element left unwritten) must fail.
+        let e = (g - w).abs() / scale;
+        if e.is_nan() { f32::INFINITY } else { a.max(e) }
+    })
+}
+
+fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
+    let data = WeightData::F32(rng.vec(rows * cols)).cast(dtype);
+    HostWeight::new(rows, cols, data).unwrap()
+}
+
+fn up(gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> strata_kernels::CudaTensor {
+    gpu.tensor(rows, cols, data.to_vec()).unwrap()
+}
+
+#[test]
+fn linear_matches_reference_for_every_dtype_path_and_shape() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(seed());
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let (mut worst_gemv, mut worst_gemm) = (0.0f32, 0.0f32);
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 64, 63),
+            (3, 37, 129),
+            (8, 100, 33),
+            (9, 96, 65),
+            (17, 96, 64),
+            (33, 255, 257),
+            (64, 512, 384),
+        ] {
+            for with_bias in [false, true] {
+                let w = weight(&mut rng, n, k, dtype);
+                let b = HostWeight::vector(WeightData::F32(rng.vec(n)).cast(dtype));
+                let x = rng.vec(m * k);
+                let bias = with_bias.then_some(&b);
+                let want = reference::linear(&x, m, &w, bias);
+                let (wg, bg) = (
+                    gpu.upload_weight(w.clone()).unwrap(),
+                    gpu.upload_weight(b.clone()).unwrap(),
+                );
+                let got = gpu
+                    .linear(&up(gpu, m, k, &x), &wg, with_bias.then_some(&bg))
+                    .unwrap();
+                assert_eq!(gpu.shape(&got), (m, n));
+                let err = max_rel_err(&gpu.to_host(&got).unwrap(), &want);
+                let (tol, worst) = if dtype == DType::F32 || m <= 8 {
+                    (1e-5, &mut worst_gemv)
+                } else {
+                    (2e-5, &mut worst_gemm)
+                };
+                *worst = worst.max(err);
+                assert!(
+                    err < tol,
+                    "{dtype:?} m={m} k={k} n={n} bias={with_bias}: rel err {err:.2e} (tol {tol:.0e})"
+                );
+            }
+        }
+        if dtype == DType::F32 {
+            eprintln!("linear F32: max rel err {worst_gemv:.2e} (SGEMM)");
+        } else {
+            eprintln!(
+                "linear {dtype:?}: max rel err {worst_gemv:.2e} (≤ 8 rows, GEMV), \
+                 {worst_gemm:.2e} (> 8 rows, split GemmEx)"
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_edge_shapes_and_errors() {
+    let Some(gpu) = gpu() else { return };
+    let w = gpu
+        .upload_weight(HostWeight::new(2, 3, WeightData::F32(vec![1.0; 6])).unwrap())
+        .unwrap();
+    let x = gpu.tensor(1, 4, vec![0.0; 4]).unwrap();
+    assert!(gpu.linear(&x, &w, None).is_err(), "k mismatch");
+    let empty = gpu.tensor(0, 3, vec![]).unwrap();
+    let out = gpu.linear(&empty, &w, None).unwrap();
+    assert_eq!(gpu.shape(&out), (0, 2));
+    assert!(gpu.to_host(&out).unwrap().is_empty());
+    // k = 0: the product is empty, the output is the bias.
+    let w0 = gpu
+        .upload_weight(HostWeight::new(2, 0, WeightData::BF16(vec![])).unwrap())
+        .unwrap();
+    let b = gpu
+        .upload_weight(HostWeight::vector(WeightData::F32(vec![1.5, -2.0])))
+        .unwrap();
+    let out = gpu
+        .linear(&gpu.tensor(3, 0, vec![]).unwrap(), &w0, Some(&b))
+        .unwrap();
+    assert_eq!(
+        gpu.to_host(&out).unwrap(),
+        [1.5, -2.0, 1.5, -2.0, 1.5, -2.0]
+    );
+    assert!(gpu.deferred_error().is_none());
+}
+
+#[test]
+fn norms_activations_softmax_match_reference() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(seed());
+    for (rows, cols) in [(1, 1), (1, 7), (4, 64), (9, 576), (3, 4097), (300, 33)] {
+        for wdtype in [DType::F32, DType::BF16] {
+            let x = rng.vec(rows * cols);
+            let w = HostWeight::vector(WeightData::F32(rng.vec(cols)).cast(wdtype));
+            let b = HostWeight::vector(WeightData::F32(rng.vec(cols)).cast(wdtype));
+            let (wf, bf) = (w.data.to_f32_vec(), b.data.to_f32_vec());
+            let (wg, bg) = (
+                gpu.upload_weight(w.clone()).unwrap(),
+                gpu.upload_weight(b.clone()).unwrap(),
+            );
+            let t = up(gpu, rows, cols, &x);
+            let what = format!("[{rows}, {cols}] {wdtype:?}");
+
+            let got = gpu.to_host(&gpu.rms_norm(&t, &wg, 1e-5).unwrap()).unwrap();
+            let err = max_rel_err(&got, &reference::rms_norm(&x, cols, &wf, 1e-5));
+            assert!(err < 1e-5, "rms_norm {what}: {err:.2e}");
+            let got = gpu
+                .to_host(&gpu.layer_norm(&t, &wg, &bg, 1e-5).unwrap())
+                .unwrap();
+            let err = max_rel_err(&got, &reference::layer_norm(&x, cols, &wf, &bf, 1e-5));
+            assert!(err < 1e-5, "layer_norm {what}: {err:.2e}");
+        }
+        let x = rng.vec(rows * cols);
+        let u = rng.vec(rows * cols);
+        let (t, ut) = (up(gpu, rows, cols, &x), up(gpu, rows, cols, &u));
+        let got = gpu.to_host(&gpu.swiglu(&t, &ut).unwrap()).unwrap();
+        let err = max_rel_err(&got, &reference::swiglu(&x, &u));
+        assert!(err < 1e-6, "swiglu [{rows}, {cols}]: {err:.2e}");
+
+        let mut r = up(gpu, rows, cols, &x);
+        gpu.relu_inplace(&mut r).unwrap();
+        assert_eq!(gpu.to_host(&r).unwrap(), reference::relu(&x), "relu");
+
+        let mut a = up(gpu, rows, cols, &x);
+        gpu.add_inplace(&mut a, &ut).unwrap();
+        let want: Vec<f32> = x.iter().zip(&u).map(|(a, b)| a + b).collect();
+        assert_eq!(gpu.to_host(&a).unwrap(), want, "add");
+
+        // Softmax over logits of realistic spread.
+        let logits: Vec<f32> = x.iter().map(|v| v * 20.0).collect();
+        let mut s = up(gpu, rows, cols, &logits);
+        gpu.softmax_inplace(&mut s).unwrap();
+        let err = max_rel_err(
+            &gpu.to_host(&s).unwrap(),
+            &reference::softmax(&logits, cols),
+        );
+        assert!(err < 1e-6, "softmax [{rows}, {cols}]: {err:.2e}");
+
+        // The CPU backend agrees too (same formulas, different summation order).
+        let ct = cpu.tensor(rows, cols, x.clone()).unwrap();
+        let cw = HostWeight::vector(WeightData::F32(vec![1.0; cols]));
+        let want = cpu.rms_norm(&ct, &cw, 1e-6).unwrap().data;
+        let got = gpu
+            .rms_norm(&t, &gpu.upload_weight(cw).unwrap(), 1e-6)
+            .unwrap();
+        assert!(max_rel_err(&gpu.to_host(&got).unwrap(), &want) < 1e-5);
+    }
+    let t = gpu.tensor(2, 3, vec![0.0; 6]).unwrap();
+    let short = gpu
+        .upload_weight(HostWeight::vector(WeightData::F32(vec![1.0; 2])))
+        .unwrap();
+    assert!(gpu.rms_norm(&t, &short, 1e-5).is_err(), "weight length");
+    let mut a = gpu.tensor(2, 3, vec![0.0; 6]).unwrap();
+    assert!(
+        gpu.add_inplace(&mut a, &gpu.tensor(1, 3, vec![0.0; 3]).unwrap())
+            .is_err()
+    );
+    assert!(gpu.deferred_error().is_none());
+}
+
+#[test]
+fn embedding_and_gather_rows_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(seed());
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (vocab, dim) in [(50, 24), (1000, 577), (3, 1)] {
+            let table = weight(&mut rng, vocab, dim, dtype);
+            let ids: Vec<u32> = (0..37).map(|i| (i * 7919 % vocab) as u32).collect();
+            let tg = gpu.upload_weight(table.clone()).unwrap();
+            let got = gpu.embedding(&tg, &ids).unwrap();
+            assert_eq!(gpu.shape(&got), (ids.len(), dim));
+            assert_eq!(
+                gpu.to_host(&got).unwrap(),
+                reference::embedding(&table, &ids),
+                "{dtype:?}"
+            );
+            assert!(
+                matches!(
+                    gpu.embedding(&tg, &[vocab as u32]),
+                    Err(strata_kernels::KernelError::TokenOutOfRange { .. })
+                ),
+                "out-of-range id is an error"
+            );
+        }
+    }
+    let x = rng.vec(9 * 13);
+    let t = up(gpu, 9, 13, &x);
+    let rows = [8usize, 0, 3, 3];
+    let got = gpu.gather_rows(&t, &rows).unwrap();
+    let want: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| x[r * 13..(r + 1) * 13].to_vec())
+        .collect();
+    assert_eq!(gpu.to_host(&got).unwrap(), want);
+    assert!(gpu.gather_rows(&t, &[9]).is_err());
+    assert_eq!(gpu.shape(&gpu.gather_rows(&t, &[]).unwrap()), (0, 13));
+}
+
+#[test]
+fn rope_matches_cpu_with_and_without_scaling() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(seed());
+    let scalings = [
+        RopeScaling::None,
+        RopeScaling::Linear { factor: 4.0 },
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        },
+    ];
+    let mut worst = (0.0f32, 0.0f32);
+    for scaling in &scalings {
+        for (heads, hd) in [(1, 2), (3, 16), (4, 64), (9, 128)] {
+            let table = RopeTable::new(hd, 10000.0, scaling);
+            // Far positions are checked against the CPU only: their f32 angle is off by up to
+            // half an ulp of the position (4e-3 rad at 131071) on both, as in transformers.
+            for (positions, check_ref) in [
+                (&[0usize, 1, 5, 1000, 4097][..], true),
+                (&[65537usize, 131071][..], false),
+            ] {
+                let x = rng.vec(positions.len() * heads * hd);
+                let mut g = up(gpu, positions.len(), heads * hd, &x);
+                gpu.rope(&mut g, heads, positions, &table).unwrap();
+                let got = gpu.to_host(&g).unwrap();
+                let mut c = cpu.tensor(positions.len(), heads * hd, x.clone()).unwrap();
+                cpu.rope(&mut c, heads, positions, &table).unwrap();
+                let what = format!("{scaling:?} heads={heads} hd={hd} positions={positions:?}");
+                let vs_cpu = max_rel_err(&got, &c.data);
+                worst.0 = worst.0.max(vs_cpu);
+                assert!(vs_cpu < 2e-6, "{what}: vs CPU {vs_cpu:.2e}");
+                if check_ref {
+                    let vs_ref = max_rel_err(&got, &reference::rope(&x, positions, &table));
+                    worst.1 = worst.1.max(vs_ref);
+                    assert!(vs_ref < 1e-3, "{what}: vs reference {vs_ref:.2e}");
+                }
+            }
+        }
+    }
+    eprintln!(
+        "rope: max rel err {:.2e} vs CPU, {:.2e} vs f64 reference",
+        worst.0, worst.1
+    );
+    let table = RopeTable::new(8, 10000.0, &RopeScaling::None);
+    let mut t = gpu.tensor(2, 16, vec![0.0; 32]).unwrap();
+    assert!(gpu.rope(&mut t, 2, &[0], &table).is_err(), "positions");
+    assert!(gpu.rope(&mut t, 3, &[0, 1], &table).is_err(), "heads");
+}
+
+/// A cached kernel module is reused; a corrupted entry, or one the driver refuses, is compiled
+/// again and rewritten.
+#[test]
+fn ptx_cache_hits_and_recovers_from_bad_entries() {
+    let Some(_) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("strata-ptx-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = || CudaBackend::with_ptx_cache(0, Some(dir.clone())).unwrap();
+    let first = open();
+    let KernelOrigin::Compiled {
+        cached_at: Some(path),
+        seconds,
+    } = first.kernel_origin().clone()
+    else {
+        panic!(
+            "first open must compile and cache: {}",
+            first.kernel_origin()
+        )
+    };
+    eprintln!("ptx cache: compiled + loaded in {seconds:.2} s");
+    assert!(matches!(open().kernel_origin(), KernelOrigin::Cache { .. }));
+
+    // Torn entry (checksum mismatch).
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    assert!(matches!(
+        open().kernel_origin(),
+        KernelOrigin::Compiled { .. }
+    ));
+    // An entry with a valid checksum but PTX the driver refuses.
+    let bad = "this is not PTX\n";
+    let header = text.split_once('\n').unwrap().0;
+    let sum = format!("{:016x}", fnv1a64(bad.as_bytes()));
+    let forged = format!("{}{sum}\n{bad}", &header[..header.len() - 16]);
+    std::fs::write(&path, forged).unwrap();
+    let again = open();
+    assert!(matches!(
+        again.kernel_origin(),
+        KernelOrigin::Compiled { .. }
+    ));
+    // ...and the rewritten entry works.
+    assert!(matches!(open().kernel_origin(), KernelOrigin::Cache { .. }));
+    let x = again.tensor(1, 3, vec![-1.0, 0.0, 2.0]).unwrap();
+    let mut y = again.tensor(1, 3, vec![0.5; 3]).unwrap();
+    again.add_inplace(&mut y, &x).unwrap();
+    assert_eq!(again.to_host(&y).unwrap(), [-0.5, 0.5, 2.5]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cache checksum (64-bit FNV-1a of the PTX), as `compile.rs` computes it for one part.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes.iter().chain(&[0xffu8]) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[test]
+fn missing_devices_are_errors_not_panics() {
+    match CudaBackend::new(usize::MAX) {
+        Ok(_) => panic!("device usize::MAX cannot exist"),
+        Err(e) => eprintln!("device usize::MAX: {e}"),
+    }
+    if let Some(gpu) = gpu() {
+        let (free, total) = gpu.memory_info().unwrap();
+        assert!(free <= total && total > 0);
+    }
+}
