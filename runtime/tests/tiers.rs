@@ -229,3 +229,30 @@ fn a_disk_budget_larger_than_the_free_space_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn a_full_disk_tier_is_a_clear_error_and_keeps_finished_lines() {
+    let d = tmpdir("diskfull");
+    let disk_dir = d.join("kv");
+    let (o, out) = generate(
+        &d,
+        "out.jsonl",
+        &[
+            "--host-mem",
+            "48KiB",
+            "--disk-dir",
+            disk_dir.to_str().unwrap(),
+            "--disk-mem",
+            "16KiB",
+            "--io-engine",
+            "sync",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--disk-mem"), "{}", stderr(&o));
+    // Whatever finished before the tier filled is still in OUT, intact.
+    for line in std::fs::read_to_string(&out).unwrap_or_default().lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+}

@@ -272,15 +272,21 @@ impl KvCache {
             });
         }
         candidates.sort_unstable();
-        // Spill a batch (1/16 of the tier) so writes are large and spills are rare.
-        let batch = (self.host.capacity() / 16).clamp(1, candidates.len());
+        // Spill a batch (1/16 of the tier) so writes are large and spills are rare, but never
+        // more than the disk tier has room for: every moved block gets its slot before it moves.
+        let room = disk.capacity() - disk.in_use();
+        if room == 0 {
+            return Err(KvError::DiskFull {
+                blocks: disk.capacity(),
+                bytes_per_block: bpb,
+            });
+        }
+        let batch = (self.host.capacity() / 16)
+            .clamp(1, candidates.len())
+            .min(room);
         let t0 = Instant::now();
         let mut writes = Vec::with_capacity(batch);
         for &(_, seq, layer, j) in &candidates[..batch] {
-            let dslot = disk.reserve().ok_or(KvError::DiskFull {
-                blocks: disk.capacity(),
-                bytes_per_block: bpb,
-            })?;
             let Some(block) = self
                 .seqs
                 .get_mut(&seq)
@@ -291,6 +297,7 @@ impl KvCache {
             let Loc::Host(hslot) = block.loc else {
                 continue;
             };
+            let Some(dslot) = disk.reserve() else { break };
             writes.push((dslot, self.host.slot(hslot)[..bpb].to_vec()));
             self.host.free(hslot)?;
             block.loc = Loc::Disk(dslot);
