@@ -26,6 +26,7 @@
 //!   can only record (cudarc notes errors raised inside `Drop`) are kept as a *deferred error*:
 //!   the next op returns it, and [`CudaBackend::deferred_error`] reports it.
 
+mod attention;
 mod compile;
 mod device;
 mod kernels;
@@ -38,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg};
 
+pub use attention::{DeviceBlockTables, DevicePartial, KvBlockShape, KvPool, choose_splits};
 pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
 
@@ -101,6 +103,7 @@ struct Inner {
     origin: KernelOrigin,
     blas: CudaBlas,
     k: Kernels,
+    attn: attention::AttentionKernels,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     /// The first error an infallible trait method hit (see the module header).
@@ -162,11 +165,11 @@ impl CudaBackend {
                 unsafe { ctx.disable_event_tracking() };
                 let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
-                let (k, origin) = compile::build_module(
+                let ((k, attn), origin) = compile::build_module(
                     &ctx,
                     info.compute_capability,
                     ptx_cache.as_deref(),
-                    Kernels::bind,
+                    |m| Ok((Kernels::bind(m)?, attention::AttentionKernels::bind(m)?)),
                 )
                 .map_err(|detail| CudaUnavailable::Kernels { device, detail })?;
                 Ok(CudaBackend {
@@ -175,6 +178,7 @@ impl CudaBackend {
                         origin,
                         blas,
                         k,
+                        attn,
                         stream,
                         ctx,
                         deferred: Mutex::new(None),

@@ -1,0 +1,389 @@
+// Paged decode attention, split along the KV (flash-decoding), and the exact LSE merge.
+//
+// KV pool: blocks of `[2 (K, V), kv_heads, block_tokens, head_dim]` in T (f32, f16 or bf16);
+// block_tables `[batch, max_blocks]` u32 block ids in position order; seq_lens `[batch]`.
+// One decode query per sequence sees every one of its `seq_len` tokens.
+//
+// attn_decode_*: grid (splits, kv_heads * head_chunks, batch), ATTN_WARPS warps. A CTA attends
+// one split (a run of whole blocks) of one sequence for ALL the query heads of one GQA group (at
+// most GP of them; larger groups take several head chunks), so each K and V row is read once per
+// group. Each lane owns VEC = 16 / sizeof(T) consecutive dims of one token (one 16-byte load of K
+// and one of V); LPT lanes cover a token, TPW tokens share a warp step; scores are reduced over
+// the LPT lanes with shuffles. Softmax is online in f32, in base 2 (q is pre-scaled by
+// scale * log2 e). The warps of a CTA are merged through shared memory; the result is a partial
+// `(o, lse)` per (sequence, head, split), lse in natural log, -inf (and o = 0) when empty.
+//
+// attn_merge_splits / attn_merge_parts: one warp per (sequence, head) row, the formula of
+// Partial::merge: M = max lse_i, w_i = exp(lse_i - M), o = sum w_i o_i / sum w_i,
+// lse = M + ln sum w_i; parts with w_i = 0 contribute nothing (not even a NaN).
+
+#define ATTN_WARPS 4
+#define ATTN_UNROLL 4
+#define ATTN_GENERIC_MAX_DIM 256
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+// Eight f16 / bf16 or four f32 values of one 16-byte load, widened to f32.
+__device__ __forceinline__ void widen(const uint4& r, float* out, const f16*) {
+    const u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f16 lo, hi;
+        lo.bits = (unsigned short)(w[i] & 0xffffu);
+        hi.bits = (unsigned short)(w[i] >> 16);
+        out[2 * i] = to_f32(lo);
+        out[2 * i + 1] = to_f32(hi);
+    }
+}
+
+__device__ __forceinline__ void widen(const uint4& r, float* out, const bf16*) {
+    const u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void widen(const uint4& r, float* out, const float*) {
+    out[0] = __uint_as_float(r.x);
+    out[1] = __uint_as_float(r.y);
+    out[2] = __uint_as_float(r.z);
+    out[3] = __uint_as_float(r.w);
+}
+
+// Which tokens a CTA covers: split `s` of `splits` over `len` tokens, in whole blocks.
+__device__ __forceinline__ void split_range(u32 len, u32 splits, u32 s, u32 bt, u32* t0, u32* t1) {
+    u64 per = ((u64)len + splits - 1) / splits;
+    per = (per + bt - 1) / bt * bt;
+    const u64 a = (u64)s * per;
+    const u64 b = a + per;
+    *t0 = (u32)(a < len ? a : len);
+    *t1 = (u32)(b < len ? b : len);
+}
+
+// The CTA's warps each hold (m, l, acc) over their tokens in base-2 units; merges them and
+// writes the CTA's partial. s_m, s_l: [ATTN_WARPS][GP]; s_acc: [ATTN_WARPS][GP][dim].
+template <int GP>
+__device__ void cta_finish(const float* s_m, const float* s_l, const float* s_acc, u32 dim,
+                           u32 g_count, float* out_o, float* out_lse, u64 row0, u32 splits,
+                           u32 split) {
+    for (u32 idx = threadIdx.x; idx < g_count * dim; idx += blockDim.x) {
+        const u32 g = idx / dim, d = idx % dim;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, s_m[w * GP + g]);
+        float l = 0.0f, o = 0.0f;
+        if (mx != NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) {
+                const float c = exp2f(s_m[w * GP + g] - mx);
+                l = fmaf(c, s_l[w * GP + g], l);
+                o = fmaf(c, s_acc[(w * GP + g) * dim + d], o);
+            }
+        }
+        const u64 row = (row0 + g) * splits + split;
+        out_o[row * dim + d] = l > 0.0f ? o / l : 0.0f;
+        if (d == 0) out_lse[row] = l > 0.0f ? (mx + log2f(l)) * ATTN_LN2 : NEG_INF;
+    }
+}
+
+// The specialised kernel: head_dim D with D * sizeof(T) a multiple of 16 and D / VEC lanes
+// (a power of two, at most 32) per token.
+template <typename T, int D, int GP>
+__device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ out_lse,
+                                 const float* __restrict__ q, const T* __restrict__ pool,
+                                 const u32* __restrict__ block_tables,
+                                 const u32* __restrict__ seq_lens, u32 max_blocks, u32 n_heads,
+                                 u32 kv_heads, u32 bt, u32 splits, float scale_log2) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int LPT = D / VEC;
+    constexpr int TPW = 32 / LPT;
+    constexpr int STEP = TPW * ATTN_UNROLL;
+    __shared__ float s_m[ATTN_WARPS * GP], s_l[ATTN_WARPS * GP];
+    __shared__ float s_acc[ATTN_WARPS * GP * D];
+
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 ts = lane / LPT, c = lane % LPT;
+    const u32 split = blockIdx.x, b = blockIdx.z;
+    const u32 group = n_heads / kv_heads;
+    const u32 chunks = (group + GP - 1) / GP;
+    const u32 kvh = blockIdx.y / chunks, hc = blockIdx.y % chunks;
+    const u32 g_count = min((u32)GP, group - hc * GP);
+    const u64 row0 = (u64)b * n_heads + kvh * group + hc * GP;
+    u32 t0, t1;
+    split_range(seq_lens[b], splits, split, bt, &t0, &t1);
+
+    float qv[GP][VEC];
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            qv[g][i] = (u32)g < g_count ? q[(row0 + g) * D + c * VEC + i] * scale_log2 : 0.0f;
+    }
+    float m[GP], l[GP], acc[GP][VEC];
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) acc[g][i] = 0.0f;
+    }
+
+    const u64 half_block = (u64)kv_heads * bt * D;  // elements of K (or V) in one block
+    const u64 head_off = (u64)kvh * bt * D + c * VEC;
+    const u32* table = block_tables + (u64)b * max_blocks;
+    const bool pow2 = (bt & (bt - 1)) == 0;
+    const u32 shift = __popc(bt - 1);
+
+    for (u32 base = t0 + warp * STEP; base < t1; base += ATTN_WARPS * STEP) {
+        uint4 kr[ATTN_UNROLL], vr[ATTN_UNROLL];
+        bool ok[ATTN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            const u32 t = base + u * TPW + ts;
+            ok[u] = t < t1;
+            kr[u] = make_uint4(0, 0, 0, 0);
+            vr[u] = make_uint4(0, 0, 0, 0);
+            if (ok[u]) {
+                const u32 blk = pow2 ? (t >> shift) : (t / bt);
+                const u32 slot = pow2 ? (t & (bt - 1)) : (t % bt);
+                const u64 off = (u64)table[blk] * 2 * half_block + head_off + (u64)slot * D;
+                kr[u] = *reinterpret_cast<const uint4*>(pool + off);
+                vr[u] = *reinterpret_cast<const uint4*>(pool + off + half_block);
+            }
+        }
+        float s[ATTN_UNROLL][GP];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            float k[VEC];
+            widen(kr[u], k, pool);
+#pragma unroll
+            for (int g = 0; g < GP; g++) {
+                float p = 0.0f;
+#pragma unroll
+                for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+                s[u][g] = ok[u] ? p : NEG_INF;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GP; g++) {
+            float mx = s[0][g];
+#pragma unroll
+            for (int u = 1; u < ATTN_UNROLL; u++) mx = fmaxf(mx, s[u][g]);
+#pragma unroll
+            for (int o = LPT; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_new = fmaxf(m[g], mx);
+            const float corr = exp2f(m[g] - m_new);
+            m[g] = m_new;
+            l[g] *= corr;
+#pragma unroll
+            for (int i = 0; i < VEC; i++) acc[g][i] *= corr;
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; u++) {
+                s[u][g] = exp2f(s[u][g] - m_new);
+                l[g] += s[u][g];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            float v[VEC];
+            widen(vr[u], v, pool);
+#pragma unroll
+            for (int g = 0; g < GP; g++) {
+#pragma unroll
+                for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(s[u][g], v[i], acc[g][i]);
+            }
+        }
+    }
+
+    // Sum the token sub-groups of the warp (same dims, same running max).
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+#pragma unroll
+        for (int o = LPT; o < 32; o <<= 1) {
+            l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+        }
+    }
+    if (ts == 0) {
+#pragma unroll
+        for (int g = 0; g < GP; g++) {
+#pragma unroll
+            for (int i = 0; i < VEC; i++) s_acc[(warp * GP + g) * D + c * VEC + i] = acc[g][i];
+            if (c == 0) {
+                s_m[warp * GP + g] = m[g];
+                s_l[warp * GP + g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    cta_finish<GP>(s_m, s_l, s_acc, D, g_count, out_o, out_lse, row0, splits, split);
+}
+
+// The fallback: any head_dim up to ATTN_GENERIC_MAX_DIM, any alignment; one token per warp
+// step, dims lane, lane + 32, ...; up to 8 query heads per CTA.
+template <typename T>
+__device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict__ out_lse,
+                                    const float* __restrict__ q, const T* __restrict__ pool,
+                                    const u32* __restrict__ block_tables,
+                                    const u32* __restrict__ seq_lens, u32 max_blocks,
+                                    u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits,
+                                    float scale_log2) {
+    constexpr int GP = 8;
+    constexpr int DPL = ATTN_GENERIC_MAX_DIM / 32;
+    __shared__ float s_m[ATTN_WARPS * GP], s_l[ATTN_WARPS * GP];
+    __shared__ float s_acc[ATTN_WARPS * GP * ATTN_GENERIC_MAX_DIM];
+
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 split = blockIdx.x, b = blockIdx.z;
+    const u32 group = n_heads / kv_heads;
+    const u32 chunks = (group + GP - 1) / GP;
+    const u32 kvh = blockIdx.y / chunks, hc = blockIdx.y % chunks;
+    const u32 g_count = min((u32)GP, group - hc * GP);
+    const u64 row0 = (u64)b * n_heads + kvh * group + hc * GP;
+    u32 t0, t1;
+    split_range(seq_lens[b], splits, split, bt, &t0, &t1);
+
+    float qv[GP][DPL], m[GP], l[GP], acc[GP][DPL];
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < DPL; j++) {
+            const u32 d = lane + 32 * j;
+            qv[g][j] = ((u32)g < g_count && d < head_dim) ? q[(row0 + g) * head_dim + d] * scale_log2
+                                                         : 0.0f;
+            acc[g][j] = 0.0f;
+        }
+    }
+    const u64 half_block = (u64)kv_heads * bt * head_dim;
+    const u32* table = block_tables + (u64)b * max_blocks;
+    for (u32 t = t0 + warp; t < t1; t += ATTN_WARPS) {
+        const u64 off = (u64)table[t / bt] * 2 * half_block + ((u64)kvh * bt + t % bt) * head_dim;
+        float k[DPL], v[DPL];
+#pragma unroll
+        for (int j = 0; j < DPL; j++) {
+            const u32 d = lane + 32 * j;
+            k[j] = d < head_dim ? to_f32(pool[off + d]) : 0.0f;
+            v[j] = d < head_dim ? to_f32(pool[off + half_block + d]) : 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < GP; g++) {
+            float p = 0.0f;
+#pragma unroll
+            for (int j = 0; j < DPL; j++) p = fmaf(qv[g][j], k[j], p);
+            p = warp_sum(p);
+            const float m_new = fmaxf(m[g], p);
+            const float corr = exp2f(m[g] - m_new);
+            const float e = exp2f(p - m_new);
+            m[g] = m_new;
+            l[g] = fmaf(l[g], corr, e);
+#pragma unroll
+            for (int j = 0; j < DPL; j++) acc[g][j] = fmaf(e, v[j], acc[g][j] * corr);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+#pragma unroll
+        for (int j = 0; j < DPL; j++) {
+            const u32 d = lane + 32 * j;
+            if (d < head_dim) s_acc[(warp * GP + g) * head_dim + d] = acc[g][j];
+        }
+        if (lane == 0) {
+            s_m[warp * GP + g] = m[g];
+            s_l[warp * GP + g] = l[g];
+        }
+    }
+    __syncthreads();
+    cta_finish<GP>(s_m, s_l, s_acc, head_dim, g_count, out_o, out_lse, row0, splits, split);
+}
+
+#define ATTN_FAST(NAME, T, D, GP)                                                               \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                               \
+        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tables,    \
+             const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt,  \
+             u32 splits, float scale_log2) {                                                    \
+        attn_decode_fast<T, D, GP>(out_o, out_lse, q, pool, tables, lens, max_blocks, n_heads,  \
+                                   kv_heads, bt, splits, scale_log2);                           \
+    }
+
+#define ATTN_FAST_ALL_GROUPS(TN, T, D)                        \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g1, T, D, 1)          \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g2, T, D, 2)          \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g4, T, D, 4)          \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g8, T, D, 8)
+
+ATTN_FAST_ALL_GROUPS(f32, float, 64)
+ATTN_FAST_ALL_GROUPS(f32, float, 128)
+ATTN_FAST_ALL_GROUPS(f16, f16, 64)
+ATTN_FAST_ALL_GROUPS(f16, f16, 128)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 64)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 128)
+
+#define ATTN_GENERIC(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                               \
+        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tables,    \
+             const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt,  \
+             u32 splits, float scale_log2) {                                                    \
+        attn_decode_generic<T>(out_o, out_lse, q, pool, tables, lens, max_blocks, n_heads,      \
+                               kv_heads, head_dim, bt, splits, scale_log2);                     \
+    }
+
+ATTN_GENERIC(attn_decode_f32_generic, float)
+ATTN_GENERIC(attn_decode_f16_generic, f16)
+ATTN_GENERIC(attn_decode_bf16_generic, bf16)
+
+// Merges `n` partials of one row; part i's lse is lse_at(i) and its o[d] is o_at(i, d).
+template <typename LseAt, typename OAt>
+__device__ void merge_row(u32 n, u32 dim, LseAt lse_at, OAt o_at, float* o_out, float* lse_out) {
+    const u32 lane = threadIdx.x & 31u;
+    float mx = NEG_INF;
+    for (u32 i = lane; i < n; i += 32) mx = fmaxf(mx, lse_at(i));
+    mx = warp_max(mx);
+    if (mx == NEG_INF) {
+        for (u32 d = lane; d < dim; d += 32) o_out[d] = 0.0f;
+        if (lane == 0) *lse_out = NEG_INF;
+        return;
+    }
+    float total = 0.0f;
+    for (u32 i = lane; i < n; i += 32) total += expf(lse_at(i) - mx);
+    total = warp_sum(total);
+    for (u32 d = lane; d < dim; d += 32) {
+        float o = 0.0f;
+        for (u32 i = 0; i < n; i++) {
+            const float w = expf(lse_at(i) - mx);
+            if (w != 0.0f) o = fmaf(w, o_at(i, d), o);
+        }
+        o_out[d] = o / total;
+    }
+    if (lane == 0) *lse_out = mx + logf(total);
+}
+
+// Partials of the split kernel: o [rows, splits, dim], lse [rows, splits].
+extern "C" __global__ void attn_merge_splits(float* o, float* lse, const float* part_o,
+                                             const float* part_lse, u32 splits, u32 rows,
+                                             u32 dim) {
+    const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const float* pl = part_lse + row * splits;
+    const float* po = part_o + row * splits * dim;
+    merge_row(
+        splits, dim, [&](u32 i) { return pl[i]; }, [&](u32 i, u32 d) { return po[(u64)i * dim + d]; },
+        o + row * dim, lse + row);
+}
+
+// Partials in separate buffers: o_ptrs[i] -> [rows, dim], lse_ptrs[i] -> [rows].
+extern "C" __global__ void attn_merge_parts(float* o, float* lse, const u64* o_ptrs,
+                                            const u64* lse_ptrs, u32 n, u32 rows, u32 dim) {
+    const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    merge_row(
+        n, dim, [&](u32 i) { return ((const float*)lse_ptrs[i])[row]; },
+        [&](u32 i, u32 d) { return ((const float*)o_ptrs[i])[row * dim + d]; }, o + row * dim,
+        lse + row);
+}

@@ -1,0 +1,711 @@
+//! Paged decode attention on the GPU, split along the KV (flash-decoding), and the exact merge of
+//! partials — the GPU tier of "attention where the data lives" (DESIGN.md).
+//!
+//! - **Pool.** A [`KvPool`] is one device buffer of `n_blocks` blocks, each
+//!   `[2 (K, V), kv_heads, block_tokens, head_dim]` contiguous, in f32, f16 or bf16 (f16 is the
+//!   production case; the math is f32 whatever the storage).
+//! - **Tables.** [`DeviceBlockTables`]: per sequence, its block ids in position order
+//!   (`[batch, max_blocks] u32`, padded) and its length (`[batch] u32`), checked at upload.
+//! - **Decode.** [`CudaBackend::decode_attention`] attends one query per sequence
+//!   (`q: [batch, n_heads * head_dim] f32`) over all of that sequence's tokens and returns a
+//!   [`DevicePartial`] (`o: [batch, n_heads * head_dim]`, `lse: [batch, n_heads]`, natural log,
+//!   `-inf` with `o = 0` for an empty sequence) — the contract of [`crate::attention::Partial`].
+//!   Kernel 1 gives each CTA one (sequence, KV head, split) and every query head of that GQA
+//!   group (KV read once per group); the number of splits is chosen so that even batch 1 fills
+//!   every SM. Kernel 2 merges the splits (skipped when there is one).
+//! - **Specialisation.** head_dim 64 and 128 with 16-byte loads and groups of 1, 2, 4 or 8 query
+//!   heads per CTA (larger groups take several CTAs); any other head_dim up to 256 runs a generic
+//!   kernel.
+//! - **Merge.** [`CudaBackend::merge_partials`] merges partials from different tiers (a GPU
+//!   partial, a host partial uploaded with [`CudaBackend::tensor`], ...) with the formula of
+//!   `Partial::merge`.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+use super::{CudaBackend, CudaTensor, Inner, check_len, device_err};
+use crate::{AttentionGeometry, DType, KernelError, Result, shape_err};
+
+/// Warps per decode CTA; `ATTN_WARPS` in attention.cu.
+const DECODE_THREADS: u32 = 4 * 32;
+/// head_dim at most for the generic kernel; `ATTN_GENERIC_MAX_DIM` in attention.cu.
+const GENERIC_MAX_DIM: usize = 256;
+/// Query heads per CTA of each specialised kernel; the generic kernel takes 8.
+const GROUP_SIZES: [usize; 4] = [1, 2, 4, 8];
+const FAST_DIMS: [usize; 2] = [64, 128];
+/// A split covers at least this many tokens (rounded up to whole blocks).
+const MIN_SPLIT_TOKENS: usize = 64;
+const MAX_SPLITS: usize = 256;
+/// Rows (sequence × head) per block of the merge kernels: one warp each.
+const MERGE_THREADS: u32 = 256;
+
+/// The shape of one KV block: `[2 (K, V), kv_heads, block_tokens, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBlockShape {
+    pub kv_heads: usize,
+    pub block_tokens: usize,
+    pub head_dim: usize,
+}
+
+impl KvBlockShape {
+    /// Values of K (or of V) in one block.
+    pub fn half_elems(&self) -> usize {
+        self.kv_heads * self.block_tokens * self.head_dim
+    }
+    /// Values of K and V in one block.
+    pub fn block_elems(&self) -> usize {
+        2 * self.half_elems()
+    }
+}
+
+enum PoolBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+/// KV blocks in device memory: `[n_blocks, 2, kv_heads, block_tokens, head_dim]` in `dtype`.
+pub struct KvPool {
+    shape: KvBlockShape,
+    n_blocks: usize,
+    data: PoolBuf,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KvPool[{} x {:?}] {}",
+            self.n_blocks,
+            self.shape,
+            self.dtype().name()
+        )
+    }
+}
+
+impl KvPool {
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            PoolBuf::F32(_) => DType::F32,
+            PoolBuf::F16(_) => DType::F16,
+            PoolBuf::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn shape(&self) -> KvBlockShape {
+        self.shape
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    pub fn bytes(&self) -> usize {
+        self.n_blocks * self.shape.block_elems() * self.dtype().size_bytes()
+    }
+}
+
+/// Block tables and lengths of a batch of sequences, in device memory.
+#[derive(Debug)]
+pub struct DeviceBlockTables {
+    batch: usize,
+    block_tokens: usize,
+    /// Columns of `tables` (at least 1).
+    max_blocks: usize,
+    /// The largest block id a sequence uses, if any sequence is non-empty.
+    max_block_id: Option<u32>,
+    max_len: usize,
+    total_tokens: usize,
+    /// `[batch, max_blocks] u32`, unused entries 0.
+    tables: CudaSlice<u32>,
+    /// `[batch] u32`.
+    lens: CudaSlice<u32>,
+}
+
+impl DeviceBlockTables {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Tokens over all sequences (what one decode step reads, times the bytes per token).
+    pub fn total_tokens(&self) -> usize {
+        self.total_tokens
+    }
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+/// Partials on the device: `o: [rows, n_heads * head_dim] f32`, `lse: [rows, n_heads] f32`.
+#[derive(Debug)]
+pub struct DevicePartial {
+    pub o: CudaTensor,
+    pub lse: CudaTensor,
+}
+
+/// The attention kernels of the compiled program (see attention.cu for their signatures).
+pub(crate) struct AttentionKernels {
+    /// `[dtype][dim][group]`: dtype f32, f16, bf16; dim as `FAST_DIMS`; group as `GROUP_SIZES`.
+    fast: Vec<CudaFunction>,
+    /// `[dtype]`.
+    generic: Vec<CudaFunction>,
+    merge_splits: CudaFunction,
+    merge_parts: CudaFunction,
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+fn dtype_index(d: DType) -> usize {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+impl AttentionKernels {
+    pub(crate) fn bind(module: &Arc<CudaModule>) -> std::result::Result<Self, String> {
+        let load = |name: String| {
+            module
+                .load_function(&name)
+                .map_err(|e| format!("kernel `{name}` missing: {e}"))
+        };
+        let mut fast = Vec::new();
+        let mut generic = Vec::new();
+        for dt in DTYPES {
+            for d in FAST_DIMS {
+                for g in GROUP_SIZES {
+                    fast.push(load(format!("attn_decode_{}_d{d}_g{g}", dt.name()))?);
+                }
+            }
+            generic.push(load(format!("attn_decode_{}_generic", dt.name()))?);
+        }
+        Ok(Self {
+            fast,
+            generic,
+            merge_splits: load("attn_merge_splits".into())?,
+            merge_parts: load("attn_merge_parts".into())?,
+        })
+    }
+
+    /// The kernel for `dtype`, `head_dim` and a GQA group of `group` heads, and the query heads
+    /// it takes per CTA.
+    fn decode(&self, dtype: DType, head_dim: usize, group: usize) -> (&CudaFunction, usize) {
+        let t = dtype_index(dtype);
+        let per_cta = GROUP_SIZES
+            .iter()
+            .copied()
+            .find(|&g| g >= group)
+            .unwrap_or(8);
+        match FAST_DIMS.iter().position(|&d| d == head_dim) {
+            Some(di) => {
+                let gi = GROUP_SIZES.iter().position(|&g| g == per_cta).unwrap_or(3);
+                let idx = (t * FAST_DIMS.len() + di) * GROUP_SIZES.len() + gi;
+                (&self.fast[idx], per_cta)
+            }
+            None => (&self.generic[t], 8),
+        }
+    }
+}
+
+/// The number of splits: minimises (waves of CTAs) × (blocks per split), the smallest count
+/// within 3% of the best. `resident` is how many CTAs the GPU runs at once.
+pub fn choose_splits(
+    ctas_per_split: usize,
+    max_len: usize,
+    block_tokens: usize,
+    resident: usize,
+) -> usize {
+    let blocks = max_len.div_ceil(block_tokens.max(1)).max(1);
+    let min_blocks = MIN_SPLIT_TOKENS.div_ceil(block_tokens.max(1)).max(1);
+    let cap = (blocks / min_blocks).clamp(1, MAX_SPLITS);
+    let base = ctas_per_split.max(1);
+    let resident = resident.max(1);
+    let cost = |s: usize| (base * s).div_ceil(resident) * blocks.div_ceil(s);
+    let best = (1..=cap).map(cost).min().unwrap_or(1);
+    (1..=cap)
+        .find(|&s| cost(s) * 100 <= best * 103)
+        .unwrap_or(1)
+}
+
+impl CudaBackend {
+    /// A pool of `n_blocks` zeroed KV blocks of `shape` in `dtype`.
+    pub fn kv_pool(&self, dtype: DType, shape: KvBlockShape, n_blocks: usize) -> Result<KvPool> {
+        let be = &self.inner;
+        let op = "kv_pool";
+        be.check(op)?;
+        if shape.kv_heads == 0 || shape.block_tokens == 0 || shape.head_dim == 0 {
+            return Err(shape_err(op, format!("empty block shape {shape:?}")));
+        }
+        let n = n_blocks
+            .checked_mul(shape.block_elems())
+            .ok_or_else(|| shape_err(op, format!("{n_blocks} blocks overflow")))?
+            .max(1);
+        let s = &be.stream;
+        let data = match dtype {
+            DType::F32 => PoolBuf::F32(s.alloc_zeros(n).map_err(|e| device_err(op, e))?),
+            DType::F16 => PoolBuf::F16(s.alloc_zeros(n).map_err(|e| device_err(op, e))?),
+            DType::BF16 => PoolBuf::BF16(s.alloc_zeros(n).map_err(|e| device_err(op, e))?),
+        };
+        Ok(KvPool {
+            shape,
+            n_blocks,
+            data,
+        })
+    }
+
+    /// Writes blocks `first_block ..` of `pool` from `blocks: [n, 2, kv_heads, block_tokens,
+    /// head_dim] f32`, rounded to the pool's dtype (round to nearest even).
+    pub fn kv_pool_write(
+        &self,
+        pool: &mut KvPool,
+        first_block: usize,
+        blocks: &[f32],
+    ) -> Result<()> {
+        let be = &self.inner;
+        let op = "kv_pool_write";
+        be.check(op)?;
+        let per = pool.shape.block_elems();
+        if !blocks.len().is_multiple_of(per) || first_block + blocks.len() / per > pool.n_blocks {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{} values from block {first_block}: not whole blocks of {per}, or past the \
+                     pool's {} blocks",
+                    blocks.len(),
+                    pool.n_blocks
+                ),
+            ));
+        }
+        let range = first_block * per..first_block * per + blocks.len();
+        if range.is_empty() {
+            return Ok(());
+        }
+        let s = &be.stream;
+        let r = match &mut pool.data {
+            PoolBuf::F32(d) => s.memcpy_htod(blocks, &mut d.slice_mut(range)),
+            PoolBuf::F16(d) => {
+                let h: Vec<f16> = blocks.iter().map(|&x| f16::from_f32(x)).collect();
+                s.memcpy_htod(&h, &mut d.slice_mut(range))
+            }
+            PoolBuf::BF16(d) => {
+                let h: Vec<bf16> = blocks.iter().map(|&x| bf16::from_f32(x)).collect();
+                s.memcpy_htod(&h, &mut d.slice_mut(range))
+            }
+        };
+        // The host vectors above die with this call: wait for the copy to have read them.
+        r.and_then(|()| s.synchronize())
+            .map_err(|e| device_err(op, e))
+    }
+
+    /// Fills the whole pool by repeating its first `src_blocks` blocks (for benchmarks: a large
+    /// pool of realistic data without uploading all of it).
+    pub fn kv_pool_tile(&self, pool: &mut KvPool, src_blocks: usize) -> Result<()> {
+        let be = &self.inner;
+        let op = "kv_pool_tile";
+        be.check(op)?;
+        if src_blocks == 0 || src_blocks > pool.n_blocks {
+            return Err(shape_err(
+                op,
+                format!("{src_blocks} of {} blocks", pool.n_blocks),
+            ));
+        }
+        let block_bytes = pool.shape.block_elems() * pool.dtype().size_bytes();
+        let total = pool.n_blocks * block_bytes;
+        let s = &be.stream;
+        let (base, _sync) = match &mut pool.data {
+            PoolBuf::F32(d) => d.device_ptr_mut(s),
+            PoolBuf::F16(d) => d.device_ptr_mut(s),
+            PoolBuf::BF16(d) => d.device_ptr_mut(s),
+        };
+        let mut done = src_blocks * block_bytes;
+        while done < total {
+            let len = done.min(total - done);
+            // SAFETY: source [0, len) and destination [done, done + len) lie inside the pool's
+            // `total`-byte allocation and do not overlap (len <= done); the copy is ordered on
+            // the pool's stream.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    base + done as u64,
+                    base,
+                    len,
+                    s.cu_stream(),
+                )
+            }
+            .map_err(|e| device_err(op, e))?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Uploads the block tables of a batch: sequence `i` has `seq_lens[i]` tokens in blocks
+    /// `tables[i][..ceil(seq_lens[i] / block_tokens)]`, in position order.
+    pub fn upload_block_tables<T: AsRef<[u32]>>(
+        &self,
+        tables: &[T],
+        seq_lens: &[usize],
+        block_tokens: usize,
+    ) -> Result<DeviceBlockTables> {
+        let be = &self.inner;
+        let op = "upload_block_tables";
+        be.check(op)?;
+        check_len(op, "seq_lens", seq_lens.len(), tables.len())?;
+        if block_tokens == 0 {
+            return Err(shape_err(op, "block_tokens is 0"));
+        }
+        let mut max_blocks = 1;
+        let mut max_block_id = None;
+        for (i, (t, &len)) in tables.iter().zip(seq_lens).enumerate() {
+            let need = len.div_ceil(block_tokens);
+            let t = t.as_ref();
+            if t.len() < need || u32::try_from(len).is_err() {
+                return Err(shape_err(
+                    op,
+                    format!(
+                        "sequence {i}: {len} tokens need {need} blocks, the table has {}",
+                        t.len()
+                    ),
+                ));
+            }
+            max_blocks = max_blocks.max(need);
+            max_block_id = t[..need].iter().copied().max().max(max_block_id);
+        }
+        let mut flat = vec![0u32; tables.len() * max_blocks];
+        for ((row, t), &len) in flat.chunks_exact_mut(max_blocks).zip(tables).zip(seq_lens) {
+            let need = len.div_ceil(block_tokens);
+            row[..need].copy_from_slice(&t.as_ref()[..need]);
+        }
+        let lens: Vec<u32> = seq_lens.iter().map(|&l| l as u32).collect();
+        Ok(DeviceBlockTables {
+            batch: tables.len(),
+            block_tokens,
+            max_blocks,
+            max_block_id,
+            max_len: seq_lens.iter().copied().max().unwrap_or(0),
+            total_tokens: seq_lens.iter().sum(),
+            tables: be.upload(op, &flat)?,
+            lens: be.upload(op, &lens)?,
+        })
+    }
+
+    /// The number of splits [`CudaBackend::decode_attention`] uses for this batch.
+    pub fn decode_splits(
+        &self,
+        tables: &DeviceBlockTables,
+        pool: &KvPool,
+        g: &AttentionGeometry,
+    ) -> usize {
+        let group = g.n_heads / g.n_kv_heads.max(1);
+        let (f, per_cta) = self.inner.attn.decode(pool.dtype(), g.head_dim, group);
+        let chunks = group.div_ceil(per_cta).max(1);
+        let occupancy = f
+            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(2);
+        let resident = self.inner.info.multiprocessors.max(1) as usize * occupancy;
+        choose_splits(
+            tables.batch * g.n_kv_heads * chunks,
+            tables.max_len,
+            g.block_tokens,
+            resident,
+        )
+    }
+
+    /// Decode attention of `q: [batch, n_heads * head_dim] f32` (one query per sequence, seeing
+    /// all its tokens) over the blocks of `pool` named by `tables`.
+    pub fn decode_attention(
+        &self,
+        q: &CudaTensor,
+        pool: &KvPool,
+        tables: &DeviceBlockTables,
+        g: &AttentionGeometry,
+    ) -> Result<DevicePartial> {
+        let splits = self.decode_splits(tables, pool, g);
+        self.decode_attention_with_splits(q, pool, tables, g, splits)
+    }
+
+    /// [`CudaBackend::decode_attention`] with a given number of splits (1..=1024; splits past a
+    /// sequence's end are empty and contribute nothing).
+    pub fn decode_attention_with_splits(
+        &self,
+        q: &CudaTensor,
+        pool: &KvPool,
+        tables: &DeviceBlockTables,
+        g: &AttentionGeometry,
+        splits: usize,
+    ) -> Result<DevicePartial> {
+        let be = &self.inner;
+        let op = "decode_attention";
+        check_decode(q, pool, tables, g, splits)?;
+        let (batch, hd, n_heads) = (tables.batch, g.head_dim, g.n_heads);
+        let group = n_heads / g.n_kv_heads;
+        let (f, per_cta) = be.attn.decode(pool.dtype(), hd, group);
+        let chunks = group.div_ceil(per_cta);
+        let rows = batch * n_heads;
+        let qb = be.buf(op, q)?;
+        let mut o = be.output(op, rows * hd)?;
+        let mut lse = be.output(op, rows)?;
+        if rows == 0 {
+            return Ok(partial(batch, n_heads, hd, o, lse));
+        }
+        let (mut po, mut pl) = if splits > 1 {
+            (
+                Some(be.output(op, rows * splits * hd)?),
+                Some(be.output(op, rows * splits)?),
+            )
+        } else {
+            (None, None)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, (g.n_kv_heads * chunks) as u32, batch as u32),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let u = |x: usize| x as u32;
+        let (max_blocks, nh, kvh, d, bt, s) = (
+            u(tables.max_blocks),
+            u(n_heads),
+            u(g.n_kv_heads),
+            u(hd),
+            u(g.block_tokens),
+            u(splits),
+        );
+        let scale_log2 = g.scale * std::f32::consts::LOG2_E;
+        let mut b = be.stream.launch_builder(f);
+        match (&mut po, &mut pl) {
+            (Some(po), Some(pl)) => b.arg(po).arg(pl),
+            _ => b.arg(&mut o).arg(&mut lse),
+        };
+        b.arg(qb);
+        match &pool.data {
+            PoolBuf::F32(p) => b.arg(p),
+            PoolBuf::F16(p) => b.arg(p),
+            PoolBuf::BF16(p) => b.arg(p),
+        };
+        b.arg(&tables.tables)
+            .arg(&tables.lens)
+            .arg(&max_blocks)
+            .arg(&nh)
+            .arg(&kvh)
+            .arg(&d)
+            .arg(&bt)
+            .arg(&s)
+            .arg(&scale_log2);
+        // SAFETY: attn_decode_*(float* out_o, float* out_lse, const float* q, const T* pool,
+        // const u32* tables, const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads,
+        // u32 head_dim, u32 bt, u32 splits, float scale_log2), T the pool's dtype. `check_decode`
+        // verified the shapes: q holds batch * n_heads * head_dim values, the outputs rows *
+        // splits * head_dim and rows * splits, every block id a sequence reads is below the
+        // pool's n_blocks, and tables is [batch, max_blocks] with lens [batch].
+        unsafe { b.launch(cfg) }.map_err(|e| device_err(op, e))?;
+        if let (Some(po), Some(pl)) = (&po, &pl) {
+            let n_rows = u(rows);
+            let mut m = be.stream.launch_builder(&be.attn.merge_splits);
+            m.arg(&mut o)
+                .arg(&mut lse)
+                .arg(po)
+                .arg(pl)
+                .arg(&s)
+                .arg(&n_rows)
+                .arg(&d);
+            // SAFETY: attn_merge_splits(float* o, float* lse, const float* part_o,
+            // const float* part_lse, u32 splits, u32 rows, u32 dim); part_o holds rows * splits
+            // * dim values, part_lse rows * splits, o rows * dim, lse rows.
+            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(partial(batch, n_heads, hd, o, lse))
+    }
+
+    /// Merges partials over disjoint token sets (e.g. from different tiers) into the partial
+    /// over their union: every part `o: [rows, n_heads * head_dim]`, `lse: [rows, n_heads]`.
+    pub fn merge_partials(&self, parts: &[&DevicePartial]) -> Result<DevicePartial> {
+        let be = &self.inner;
+        let op = "merge_partials";
+        be.check(op)?;
+        let first = parts
+            .first()
+            .ok_or_else(|| shape_err(op, "no partials to merge"))?;
+        let (batch, n_heads) = (first.lse.rows, first.lse.cols);
+        let width = first.o.cols;
+        if first.o.rows != batch || n_heads == 0 || !width.is_multiple_of(n_heads) {
+            return Err(shape_err(
+                op,
+                format!("o is [{}, {width}], lse [{batch}, {n_heads}]", first.o.rows),
+            ));
+        }
+        for p in parts {
+            if (p.o.rows, p.o.cols, p.lse.rows, p.lse.cols) != (batch, width, batch, n_heads) {
+                return Err(shape_err(op, "partials differ in shape"));
+            }
+        }
+        let (hd, rows) = (width / n_heads, batch * n_heads);
+        if rows > u32::MAX as usize || parts.len() > u32::MAX as usize {
+            return Err(shape_err(op, format!("{rows} rows exceed one launch")));
+        }
+        let mut o = be.output(op, rows * hd)?;
+        let mut lse = be.output(op, rows)?;
+        if rows > 0 {
+            let mut o_ptrs = Vec::with_capacity(parts.len());
+            let mut l_ptrs = Vec::with_capacity(parts.len());
+            let mut guards = Vec::with_capacity(2 * parts.len());
+            for p in parts {
+                let (op_, g1) = be.buf(op, &p.o)?.device_ptr(&be.stream);
+                let (lp, g2) = be.buf(op, &p.lse)?.device_ptr(&be.stream);
+                o_ptrs.push(op_);
+                l_ptrs.push(lp);
+                guards.push(g1);
+                guards.push(g2);
+            }
+            let (o_dev, l_dev) = (be.upload(op, &o_ptrs)?, be.upload(op, &l_ptrs)?);
+            let (n, n_rows, d) = (parts.len() as u32, rows as u32, hd as u32);
+            let mut m = be.stream.launch_builder(&be.attn.merge_parts);
+            m.arg(&mut o)
+                .arg(&mut lse)
+                .arg(&o_dev)
+                .arg(&l_dev)
+                .arg(&n)
+                .arg(&n_rows)
+                .arg(&d);
+            // SAFETY: attn_merge_parts(float* o, float* lse, const u64* o_ptrs,
+            // const u64* lse_ptrs, u32 n, u32 rows, u32 dim); each pointer addresses a live part
+            // of rows * dim (o) or rows (lse) values, checked above, kept alive by `parts` until
+            // the kernel has run (it is ordered before any later free on this stream).
+            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+            drop(guards);
+        }
+        Ok(partial(batch, n_heads, hd, o, lse))
+    }
+
+    /// Runs `f` between two timing events on the backend's stream; returns the milliseconds
+    /// the GPU spent between them and `f`'s result.
+    pub fn time_ms<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+        let be = &self.inner;
+        let op = "time_ms";
+        be.check(op)?;
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let e0 = be
+            .stream
+            .record_event(flags)
+            .map_err(|e| device_err(op, e))?;
+        let out = f()?;
+        let e1 = be
+            .stream
+            .record_event(flags)
+            .map_err(|e| device_err(op, e))?;
+        e1.synchronize().map_err(|e| device_err(op, e))?;
+        let ms = e0.elapsed_ms(&e1).map_err(|e| device_err(op, e))?;
+        Ok((ms as f64, out))
+    }
+
+    /// Milliseconds per device-to-device copy of `bytes` bytes: `reps` copies between two
+    /// buffers, timed together, best of `trials`.
+    pub fn copy_time_ms(&self, bytes: usize, reps: usize, trials: usize) -> Result<f64> {
+        let be = &self.inner;
+        let op = "copy_time_ms";
+        be.check(op)?;
+        let src = be
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| device_err(op, e))?;
+        let mut dst = be
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| device_err(op, e))?;
+        let copy = |dst: &mut CudaSlice<u8>| {
+            be.stream
+                .memcpy_dtod(&src, dst)
+                .map_err(|e| device_err(op, e))
+        };
+        copy(&mut dst)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..trials.max(1) {
+            let (ms, ()) = self.time_ms(|| (0..reps.max(1)).try_for_each(|_| copy(&mut dst)))?;
+            best = best.min(ms / reps.max(1) as f64);
+        }
+        Ok(best)
+    }
+}
+
+fn partial(
+    batch: usize,
+    n_heads: usize,
+    hd: usize,
+    o: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+) -> DevicePartial {
+    DevicePartial {
+        o: Inner::tensor(batch, n_heads * hd, o),
+        lse: Inner::tensor(batch, n_heads, lse),
+    }
+}
+
+fn merge_cfg(rows: usize) -> LaunchConfig {
+    let per_block = (MERGE_THREADS / 32) as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
+        block_dim: (MERGE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_decode(
+    q: &CudaTensor,
+    pool: &KvPool,
+    tables: &DeviceBlockTables,
+    g: &AttentionGeometry,
+    splits: usize,
+) -> Result<()> {
+    let op = "decode_attention";
+    let err = |d: String| Err::<(), KernelError>(shape_err(op, d));
+    let s = pool.shape;
+    if (s.kv_heads, s.block_tokens, s.head_dim) != (g.n_kv_heads, g.block_tokens, g.head_dim)
+        || tables.block_tokens != g.block_tokens
+    {
+        return err(format!(
+            "pool blocks {s:?} and tables of {} tokens per block do not match {g:?}",
+            tables.block_tokens
+        ));
+    }
+    if g.n_kv_heads == 0 || !g.n_heads.is_multiple_of(g.n_kv_heads) || g.head_dim == 0 {
+        return err(format!(
+            "{} heads over {} KV heads",
+            g.n_heads, g.n_kv_heads
+        ));
+    }
+    if !FAST_DIMS.contains(&g.head_dim) && g.head_dim > GENERIC_MAX_DIM {
+        return err(format!("head_dim {} > {GENERIC_MAX_DIM}", g.head_dim));
+    }
+    if (q.rows, q.cols) != (tables.batch, g.n_heads * g.head_dim) {
+        return err(format!(
+            "q is [{}, {}], expected [{}, {}]",
+            q.rows,
+            q.cols,
+            tables.batch,
+            g.n_heads * g.head_dim
+        ));
+    }
+    if let Some(id) = tables.max_block_id
+        && id as usize >= pool.n_blocks
+    {
+        return err(format!(
+            "block id {id} outside the pool of {}",
+            pool.n_blocks
+        ));
+    }
+    let group = g.n_heads / g.n_kv_heads;
+    let ctas_y = g.n_kv_heads * group.div_ceil(8).max(1);
+    if !(1..=1024).contains(&splits) || tables.batch > 65_535 || ctas_y > 65_535 {
+        return err(format!(
+            "{splits} splits, batch {}, {ctas_y} head groups exceed one launch",
+            tables.batch
+        ));
+    }
+    let rows = tables.batch * g.n_heads;
+    if rows
+        .checked_mul(splits * g.head_dim)
+        .is_none_or(|n| n > u32::MAX as usize * 64)
+    {
+        return err(format!("{rows} rows x {splits} splits too large"));
+    }
+    Ok(())
+}
