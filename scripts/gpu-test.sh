@@ -28,6 +28,8 @@ if [[ "${1:-}" == "--collect" ]]; then
     [[ -n "$test_bin" ]] || { echo "no test binary: run cargo test --release -p strata-kernels --no-run" >&2; exit 1; }
     [[ -x target/release/strata ]] || { echo "no strata binary: run cargo build --release" >&2; exit 1; }
     cp "$test_bin" "$dest/cuda_vs_cpu"
+    att_bin=$(ls -t target/release/deps/cuda_attention-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+    [[ -n "$att_bin" ]] && cp "$att_bin" "$dest/cuda_attention"
     cp target/release/strata "$dest/strata"
     echo "copied $test_bin and target/release/strata to $dest/"
     exit 0
@@ -61,6 +63,17 @@ if "$test_bin" --nocapture 2>&1 | tee "$log"; then
     if grep -q '^skipped:' "$log"; then fail "kernel tests skipped: $(grep -m1 '^skipped:' "$log")"; fi
 else
     fail "kernel tests"
+fi
+
+echo "== decode attention: paged split-KV kernel vs the f64 reference and the CPU"
+if [[ -x "$bin/cuda_attention" ]]; then
+    if "$bin/cuda_attention" --nocapture 2>&1 | tee "$log"; then
+        if grep -q '^skipped:' "$log"; then fail "attention tests skipped: $(grep -m1 '^skipped:' "$log")"; fi
+    else
+        fail "attention tests"
+    fi
+else
+    fail "no $bin/cuda_attention (rebuild the tests and --collect again)"
 fi
 
 echo "== strata info"
