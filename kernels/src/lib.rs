@@ -18,6 +18,7 @@ mod dtype;
 pub mod reference;
 mod rope;
 mod simd;
+pub mod testing;
 
 pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};

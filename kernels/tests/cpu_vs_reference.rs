@@ -5,47 +5,11 @@
 
 use half::{bf16, f16};
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
+use strata_kernels::testing::{SplitMix as Rng, max_rel_err, test_seed};
 use strata_kernels::{
     AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KvBlockView, Partial, RopeScaling,
     RopeTable, WeightData, reference,
 };
-
-struct Rng(u64);
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next_f32()).collect()
-    }
-}
-
-fn seed() -> u64 {
-    // Fresh inputs per run (the seed is printed so a failure can be replayed).
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    let s = std::env::var("STRATA_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(s);
-    eprintln!("STRATA_TEST_SEED={s}");
-    s
-}
-
-fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0.0f32, |a, (g, w)| a.max((g - w).abs() / scale))
-}
 
 fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
     let data = WeightData::F32(rng.vec(rows * cols)).cast(dtype);
@@ -54,7 +18,7 @@ fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
 
 #[test]
 fn linear_matches_reference_for_every_dtype_and_shape() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     let cpu = CpuBackend::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for (m, k, n) in [
@@ -86,7 +50,7 @@ fn linear_rejects_mismatched_shapes() {
 
 #[test]
 fn norms_activations_softmax_and_embedding_match_reference() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     let cpu = CpuBackend::new();
     for (rows, cols) in [(1, 7), (4, 64), (9, 576)] {
         let x = rng.vec(rows * cols);
@@ -129,7 +93,7 @@ fn norms_activations_softmax_and_embedding_match_reference() {
 
 #[test]
 fn rope_matches_reference_with_and_without_llama3_scaling() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     let cpu = CpuBackend::new();
     let scalings = [
         RopeScaling::None,
@@ -217,7 +181,7 @@ fn assert_partials_close(got: &Partial, want: &Partial, tol: f32, what: &str) {
 
 #[test]
 fn block_attention_and_merge_match_the_reference() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     for (n_heads, n_kv, hd, bt, tokens) in [
         (4, 4, 16, 4, 1),
         (4, 2, 16, 4, 9),

@@ -19,70 +19,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
-
 use rayon::prelude::*;
 use strata_kernels::attention::attend_partial;
 use strata_kernels::cuda::{DeviceBlockTables, DevicePartial, KvBlockShape, KvPool};
+use strata_kernels::testing::{SplitMix as Rng, test_gpu, test_seed};
 use strata_kernels::{
-    AttentionGeometry, Backend, CudaBackend, CudaUnavailable, DType, KvBlockView, Partial,
-    reference,
+    AttentionGeometry, Backend, CudaBackend, DType, KvBlockView, Partial, reference,
 };
 
 /// (query heads, KV heads, head_dim, block tokens).
 type Dims = (usize, usize, usize, usize);
-
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next_f32() * scale).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
-        }
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    let s = std::env::var("STRATA_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(s);
-    eprintln!("STRATA_TEST_SEED={s}");
-    s
-}
-
-/// One backend shared by every test of this binary (poisoning on), or why there is none.
-fn gpu() -> Option<&'static CudaBackend> {
-    static GPU: OnceLock<Result<CudaBackend, CudaUnavailable>> = OnceLock::new();
-    match GPU.get_or_init(|| {
-        CudaBackend::new(0).inspect(|b| {
-            b.poison_outputs(true);
-            eprintln!("gpu: {} — kernels {}", b.device_info(), b.kernel_origin());
-        })
-    }) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 fn round(x: f32, dtype: DType) -> f32 {
     match dtype {
@@ -136,7 +82,7 @@ impl Case {
         }
         let be = shape.block_elems();
         let mut host: Vec<f32> = rng
-            .vec(n_blocks * be, 1.0)
+            .vec_scaled(n_blocks * be, 1.0)
             .into_iter()
             .map(|x| round(x, dtype))
             .collect();
@@ -159,7 +105,7 @@ impl Case {
         let dev_tables = gpu
             .upload_block_tables(&tables, lens, block_tokens)
             .unwrap();
-        let q = rng.vec(lens.len() * n_heads * head_dim, 2.0);
+        let q = rng.vec_scaled(lens.len() * n_heads * head_dim, 2.0);
         Case {
             g,
             lens: lens.to_vec(),
@@ -305,8 +251,8 @@ fn check(
 
 #[test]
 fn decode_matches_reference_and_cpu_over_shapes() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     for dtype in [DType::F32, DType::F16] {
         let (mut w_ref, mut w_cpu) = (0.0f32, 0.0f32);
         for hd in [64, 128] {
@@ -338,8 +284,8 @@ fn decode_matches_reference_and_cpu_over_shapes() {
 
 #[test]
 fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     let mut worst = (0.0f32, 0.0f32);
     let cases: [(DType, Dims, &[usize]); 8] = [
         (DType::F32, (8, 2, 96, 16), &[1000, 3, 16]), // generic head_dim
@@ -363,8 +309,8 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
 
 #[test]
 fn decode_gives_the_same_result_for_any_split_count() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     for dtype in [DType::F32, DType::F16] {
         let case = Case::new(gpu, &mut rng, dtype, (32, 8, 128, 16), &[1000, 40, 4096]);
         let want = case.expected();
@@ -390,8 +336,8 @@ fn decode_gives_the_same_result_for_any_split_count() {
 /// partial from the CPU kernel, uploaded) merges on the GPU into the whole.
 #[test]
 fn merge_of_parts_equals_the_whole() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     let (nh, kvh, hd, bt) = (32, 8, 128, 16);
     let lens = [2000usize, 333];
     let case = Case::new(gpu, &mut rng, DType::F16, (nh, kvh, hd, bt), &lens);
@@ -492,8 +438,8 @@ fn merge_of_parts_equals_the_whole() {
 
 #[test]
 fn decode_and_merge_reject_bad_inputs() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     let case = Case::new(gpu, &mut rng, DType::F16, (8, 2, 64, 16), &[40]);
     let q = gpu.tensor(1, 8 * 64, case.q.clone()).unwrap();
     // Geometry that does not match the pool.

@@ -19,68 +19,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
-
 use strata_kernels::cuda::KernelOrigin;
+use strata_kernels::testing::{SplitMix as Rng, max_rel_err, test_gpu, test_seed};
 use strata_kernels::{
-    Backend, CpuBackend, CudaBackend, CudaUnavailable, DType, HostWeight, RopeScaling, RopeTable,
-    WeightData, reference,
+    Backend, CpuBackend, CudaBackend, DType, HostWeight, RopeScaling, RopeTable, WeightData,
+    reference,
 };
-
-struct Rng(u64);
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next_f32()).collect()
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    let s = std::env::var("STRATA_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(s);
-    eprintln!("STRATA_TEST_SEED={s}");
-    s
-}
-
-/// One backend shared by every test of this binary (poisoning on), or why there is none.
-fn gpu() -> Option<&'static CudaBackend> {
-    static GPU: OnceLock<Result<CudaBackend, CudaUnavailable>> = OnceLock::new();
-    match GPU.get_or_init(|| {
-        CudaBackend::new(0).inspect(|b| {
-            b.poison_outputs(true);
-            eprintln!("gpu: {} — kernels {}", b.device_info(), b.kernel_origin());
-        })
-    }) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
-
-fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
-    got.iter().zip(want).fold(0.0f32, |a, (g, w)| {
-        // A NaN (a poisoned element left unwritten) must fail.
-        let e = (g - w).abs() / scale;
-        if e.is_nan() { f32::INFINITY } else { a.max(e) }
-    })
-}
 
 fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
     let data = WeightData::F32(rng.vec(rows * cols)).cast(dtype);
@@ -93,8 +37,8 @@ fn up(gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> strata_kerne
 
 #[test]
 fn linear_matches_reference_for_every_dtype_path_and_shape() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let (mut worst_gemv, mut worst_gemm) = (0.0f32, 0.0f32);
         for (m, k, n) in [
@@ -147,7 +91,7 @@ fn linear_matches_reference_for_every_dtype_path_and_shape() {
 
 #[test]
 fn linear_edge_shapes_and_errors() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = test_gpu() else { return };
     let w = gpu
         .upload_weight(HostWeight::new(2, 3, WeightData::F32(vec![1.0; 6])).unwrap())
         .unwrap();
@@ -176,9 +120,9 @@ fn linear_edge_shapes_and_errors() {
 
 #[test]
 fn norms_activations_softmax_match_reference() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = test_gpu() else { return };
     let cpu = CpuBackend::new();
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     for (rows, cols) in [(1, 1), (1, 7), (4, 64), (9, 576), (3, 4097), (300, 33)] {
         for wdtype in [DType::F32, DType::BF16] {
             let x = rng.vec(rows * cols);
@@ -251,8 +195,8 @@ fn norms_activations_softmax_match_reference() {
 
 #[test]
 fn embedding_and_gather_rows_are_exact() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = Rng(seed());
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for (vocab, dim) in [(50, 24), (1000, 577), (3, 1)] {
             let table = weight(&mut rng, vocab, dim, dtype);
@@ -289,9 +233,9 @@ fn embedding_and_gather_rows_are_exact() {
 
 #[test]
 fn rope_matches_cpu_with_and_without_scaling() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = test_gpu() else { return };
     let cpu = CpuBackend::new();
-    let mut rng = Rng(seed());
+    let mut rng = Rng(test_seed());
     let scalings = [
         RopeScaling::None,
         RopeScaling::Linear { factor: 4.0 },
@@ -344,7 +288,7 @@ fn rope_matches_cpu_with_and_without_scaling() {
 /// again and rewritten.
 #[test]
 fn ptx_cache_hits_and_recovers_from_bad_entries() {
-    let Some(_) = gpu() else { return };
+    let Some(_) = test_gpu() else { return };
     let dir = std::env::temp_dir().join(format!("strata-ptx-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let open = || CudaBackend::with_ptx_cache(0, Some(dir.clone())).unwrap();
@@ -405,7 +349,7 @@ fn missing_devices_are_errors_not_panics() {
         Ok(_) => panic!("device usize::MAX cannot exist"),
         Err(e) => eprintln!("device usize::MAX: {e}"),
     }
-    if let Some(gpu) = gpu() {
+    if let Some(gpu) = test_gpu() {
         let (free, total) = gpu.memory_info().unwrap();
         assert!(free <= total && total > 0);
     }

@@ -16,6 +16,7 @@
 //! says why and exits with status 2).
 
 use strata_kernels::cuda::{DeviceBlockTables, KvBlockShape};
+use strata_kernels::testing::SplitMix;
 use strata_kernels::{AttentionGeometry, Backend, CudaBackend, DType, KernelError};
 
 const BATCHES: [usize; 4] = [1, 8, 32, 64];
@@ -23,20 +24,6 @@ const CONTEXTS: [usize; 3] = [4096, 32 * 1024, 128 * 1024];
 const GIB: usize = 1 << 30;
 /// The tables of consecutive steps rotate over at least this much KV.
 const ROTATE_BYTES: usize = 512 << 20;
-
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
 
 fn main() {
     if let Err(e) = run() {
@@ -78,10 +65,10 @@ fn run() -> Result<(), String> {
     let pool_bytes = want.min(free.saturating_sub(2 * GIB));
     let n_blocks = pool_bytes / block_bytes;
     let mut pool = gpu.kv_pool(DType::F16, shape, n_blocks).map_err(ke)?;
-    let mut rng = Rng(0x5eed);
+    let mut rng = SplitMix(0x5eed);
     let seed_blocks = 64.min(n_blocks);
     let data: Vec<f32> = (0..seed_blocks * shape.block_elems())
-        .map(|_| rng.f32())
+        .map(|_| rng.next_f32())
         .collect();
     gpu.kv_pool_write(&mut pool, 0, &data).map_err(ke)?;
     gpu.kv_pool_tile(&mut pool, seed_blocks).map_err(ke)?;
@@ -123,7 +110,7 @@ fn run() -> Result<(), String> {
             )
             .map_err(ke)?;
             let q: Vec<f32> = (0..batch * g.n_heads * g.head_dim)
-                .map(|_| rng.f32())
+                .map(|_| rng.next_f32())
                 .collect();
             let q = gpu.tensor(batch, g.n_heads * g.head_dim, q).map_err(ke)?;
             let splits = gpu.decode_splits(&tables[0], &pool, &g);
@@ -162,7 +149,7 @@ fn run() -> Result<(), String> {
 /// blocks of the pool.
 fn rotated_tables(
     gpu: &CudaBackend,
-    rng: &mut Rng,
+    rng: &mut SplitMix,
     batch: usize,
     blocks_per_seq: usize,
     rotations: usize,

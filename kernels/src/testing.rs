@@ -1,0 +1,84 @@
+//! What the kernel tests and benchmarks share: a seeded random stream, the run's seed (fresh per
+//! run, printed, replayable with `STRATA_TEST_SEED`), a NaN-aware relative-error measure, and the
+//! shared GPU backend (or the reason there is none, printed as `skipped: ...`).
+
+use std::sync::OnceLock;
+
+use crate::{CudaBackend, CudaUnavailable};
+
+/// SplitMix64: a tiny seeded random stream.
+#[derive(Clone, Debug)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn vec_scaled(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
+        }
+    }
+}
+
+/// This run's seed: `STRATA_TEST_SEED` when set, else the clock. Printed, so a failure replays.
+pub fn test_seed() -> u64 {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(7);
+    let s = std::env::var("STRATA_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(clock);
+    eprintln!("STRATA_TEST_SEED={s}");
+    s
+}
+
+/// `max |got - want| / max |want|`; a NaN in `got` (a poisoned element left unwritten) counts
+/// as an infinite error.
+pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
+    got.iter().zip(want).fold(0.0f32, |a, (g, w)| {
+        let e = (g - w).abs() / scale;
+        if e.is_nan() { f32::INFINITY } else { a.max(e) }
+    })
+}
+
+/// One GPU backend shared by every test of a binary, with output poisoning on; `None` (after
+/// printing `skipped: <reason>`) on a machine without a usable GPU.
+pub fn test_gpu() -> Option<&'static CudaBackend> {
+    static GPU: OnceLock<Result<CudaBackend, CudaUnavailable>> = OnceLock::new();
+    match GPU.get_or_init(|| {
+        CudaBackend::new(0).inspect(|b| {
+            b.poison_outputs(true);
+            eprintln!("gpu: {} — kernels {}", b.device_info(), b.kernel_origin());
+        })
+    }) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
