@@ -1,3 +1,30 @@
-//! strata's planner: model spec + workload + hardware profile -> a frozen `Policy` and a predicted
-//! time breakdown. Pure (no CUDA, no IO). Empty until the planner issue lands; the crate exists so
-//! the workspace has the layout DESIGN.md gives from the start.
+//! strata's planner: model spec + workload + budgets + hardware profile → a frozen, serialisable
+//! [`Policy`] and a predicted time breakdown per stream ([`Prediction`]).
+//!
+//! Pure: no CUDA, no threads, and no IO except [`HardwareProfile::load`] / [`HardwareProfile::save`],
+//! the thin edge that reads and writes the profile file `strata calibrate` will produce.
+//!
+//! - [`model`]: what the planner knows of a model and a job (bytes, FLOPs, KV and hidden-state
+//!   bytes per token; batch and lengths; per-tier budgets).
+//! - [`profile`]: the measured (or reference) hardware profile, versioned JSON.
+//! - [`policy`]: the policy space — policy as data, validated, interpreted by one executor.
+//! - [`cost`]: the overlap-aware cost model and the memory footprint of a policy.
+//! - [`search`]: enumeration of a discretised policy space, feasibility, best + runners-up.
+//!
+//! Invariants: every policy [`plan`] returns fits the budgets under [`cost::memory`]; the cost model
+//! never looks at the budgets, so more memory in any tier can only enlarge the feasible set and
+//! never predicts a slower plan.
+
+pub mod cost;
+pub mod error;
+pub mod model;
+pub mod policy;
+pub mod profile;
+pub mod search;
+
+pub use cost::{PhaseTime, Prediction, Stream, StreamTimes, TierBytes, memory, predict};
+pub use error::{PlanError, ProfileError, Shortfall};
+pub use model::{Budgets, MlpKind, ModelSpec, Workload};
+pub use policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
+pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};
+pub use search::{Alternative, Plan, SearchSpace, plan, plan_with};

@@ -37,6 +37,46 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Choose a policy for a workload and budgets, and predict its time per stream.
+    ///
+    /// Prints the chosen placement of weights and KV, where attention runs, what is recomputed,
+    /// the block schedule, the predicted time per decode step and per prefill broken down by
+    /// stream, what bounds it, and the throughput it implies.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N].
+    #[arg(long)]
+    model: String,
+    /// Sequences in flight.
+    #[arg(long)]
+    batch: u64,
+    /// Prompt tokens per sequence.
+    #[arg(long)]
+    prompt_len: u64,
+    /// Tokens generated per sequence.
+    #[arg(long)]
+    gen_len: u64,
+    /// GPU memory strata may use (default: the profile's GPU capacity).
+    #[arg(long, value_parser = parse_size_arg)]
+    gpu_mem: Option<u64>,
+    /// Host memory strata may use (default: the profile's host capacity).
+    #[arg(long, value_parser = parse_size_arg)]
+    host_mem: Option<u64>,
+    /// Disk space strata may use (default: the profile's disk capacity).
+    #[arg(long, value_parser = parse_size_arg)]
+    disk_mem: Option<u64>,
+    /// Hardware profile (JSON). Default: a built-in reference profile of an H100 machine.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Also list the alternatives considered and why they lost.
+    #[arg(long)]
+    explain: bool,
+    /// Print JSON (profile, workload, budgets, policy, prediction, alternatives) instead.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +208,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => run_generate(*args),
         Command::Info { model } => run_info(model.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => run_plan(&args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         // Our error messages already carry their causes; print each once.
@@ -349,5 +390,203 @@ fn run_info(spec: Option<&str>) -> anyhow::Result<()> {
     }
     println!("eos token ids:    {:?}", c.eos_token_ids);
     print_gpu();
+    Ok(())
+}
+
+fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
+    use strata_planner::{Budgets, HardwareProfile, MlpKind, ModelSpec, Tier, Workload};
+    use strata_runtime::units::format_size;
+
+    let m = model::open(&a.model)?;
+    let c = &m.config;
+    let workload = Workload {
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+    };
+    let len = workload.final_len();
+    if len > c.max_context as u64 {
+        anyhow::bail!(
+            "--prompt-len {} + --gen-len {} = {len} tokens is beyond {}'s context of {} ({})",
+            a.prompt_len,
+            a.gen_len,
+            a.model,
+            c.max_context,
+            c.max_context_source
+        );
+    }
+    let dtype_bytes = c.dtype.size_bytes() as u64;
+    let spec = ModelSpec {
+        name: a.model.clone(),
+        layers: c.layers as u64,
+        hidden: c.hidden as u64,
+        heads: c.heads as u64,
+        kv_heads: c.kv_heads as u64,
+        head_dim: c.head_dim as u64,
+        intermediate: c.intermediate as u64,
+        vocab: c.vocab as u64,
+        weight_dtype_bytes: dtype_bytes,
+        // The GPU cache stores K and V in the weights' dtype.
+        kv_dtype_bytes: dtype_bytes,
+        mlp: match c.family {
+            Family::Opt => MlpKind::Plain,
+            Family::Llama | Family::Qwen2 => MlpKind::Gated,
+        },
+    };
+    let profile = match &a.profile {
+        Some(path) => HardwareProfile::load(path)?,
+        None => HardwareProfile::h100_reference(),
+    };
+    let budgets = Budgets {
+        gpu_bytes: a.gpu_mem.unwrap_or(profile.gpu_bytes),
+        host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
+        disk_bytes: a.disk_mem.unwrap_or(profile.disk_bytes),
+    };
+    let plan = strata_planner::plan(&spec, &workload, &budgets, &profile)?;
+    if a.json {
+        let out = serde_json::json!({
+            "model": spec,
+            "workload": workload,
+            "budgets": budgets,
+            "profile": {
+                "machine": profile.machine,
+                "measured_at": profile.measured_at,
+                "reference": profile.reference,
+                "file": a.profile,
+            },
+            "policy": plan.policy,
+            "prediction": plan.prediction,
+            "alternatives": plan.alternatives,
+            "considered": plan.considered,
+            "feasible": plan.feasible,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let p = &plan.policy;
+    let pred = &plan.prediction;
+    let pct = |x: f64| format!("{:.0}%", x * 100.0);
+    let split = |s: &strata_planner::TierSplit| {
+        format!(
+            "gpu {} / host {} / disk {}",
+            pct(s.gpu),
+            pct(s.host),
+            pct(s.disk)
+        )
+    };
+    println!(
+        "model:      {} ({} layers, {} per layer in {}; KV {} and hidden state {} per token per layer)",
+        a.model,
+        spec.layers,
+        format_size(spec.weight_bytes_per_layer()),
+        c.dtype.name(),
+        format_size(spec.kv_bytes_per_token_per_layer()),
+        format_size(spec.hidden_bytes_per_token())
+    );
+    println!(
+        "workload:   batch {}, prompt {} tokens, generate {} tokens",
+        a.batch, a.prompt_len, a.gen_len
+    );
+    println!(
+        "budgets:    gpu {}, host {}, disk {}",
+        format_size(budgets.gpu_bytes),
+        format_size(budgets.host_bytes),
+        format_size(budgets.disk_bytes)
+    );
+    match (&a.profile, profile.reference) {
+        (Some(path), false) => println!("profile:    {} ({})", path.display(), profile.machine),
+        (Some(path), true) => println!(
+            "profile:    {} — a reference profile ({}), not a measurement of this machine",
+            path.display(),
+            profile.machine
+        ),
+        (None, _) => println!(
+            "profile:    built-in reference profile ({}), NOT a measurement of this machine \
+             (strata cannot measure this machine yet; pass --profile FILE to use your own figures)",
+            profile.machine
+        ),
+    }
+    println!("policy:");
+    println!("  weights:    {}", split(&p.weights));
+    println!(
+        "  kv cache:   newest {} tokens of each sequence on {}; older tokens {}",
+        p.kv.hot_window_tokens,
+        p.kv.hot_tier.name(),
+        split(&p.kv.cold)
+    );
+    println!(
+        "  recompute:  share of older tokens stored as hidden states: {}",
+        split(&p.recompute)
+    );
+    let attention = |t: Tier| {
+        if p.kv.cold.get(t) * (1.0 - p.recompute.get(t)) > 0.0 || p.kv.hot_tier == t {
+            p.attention(t).describe()
+        } else {
+            "no KV there".to_string()
+        }
+    };
+    println!(
+        "  attention:  gpu KV on the GPU; host KV: {}; disk KV: {}",
+        attention(Tier::Host),
+        attention(Tier::Disk)
+    );
+    println!(
+        "  schedule:   {} GPU batch(es) of {} sequences, KV blocks of {} tokens, prefetch depth {}",
+        p.num_gpu_batches, p.gpu_batch_size, p.kv_block_tokens, p.prefetch_depth
+    );
+    println!(
+        "memory:     gpu {}, host {}, disk {}",
+        format_size(pred.memory.gpu),
+        format_size(pred.memory.host),
+        format_size(pred.memory.disk)
+    );
+    let (d, f) = (&pred.decode_step, &pred.prefill);
+    println!("prediction, per layer (ms)   decode step   prefill");
+    for s in strata_planner::Stream::ALL {
+        println!(
+            "  {:<26} {:>11.3}  {:>8.3}",
+            s.name(),
+            d.per_layer.get(s) * 1e3,
+            f.per_layer.get(s) * 1e3
+        );
+    }
+    println!(
+        "  {:<26} {:>11.3}  {:>8.3}",
+        "layer, streams overlapped",
+        d.layer_s * 1e3,
+        f.layer_s * 1e3
+    );
+    println!(
+        "  {:<26} {:>11.3}  {:>8.3}",
+        "whole model (+ pipeline fill)",
+        d.total_s * 1e3,
+        f.total_s * 1e3
+    );
+    println!(
+        "  {:<26} {:>11}  {:>8}",
+        "bound by",
+        d.bound_by.name(),
+        f.bound_by.name()
+    );
+    println!(
+        "throughput: decode {:.1} tokens/s; whole job {:.1} generated tokens/s ({:.2} s: prefill {:.2} s + {} steps × {:.2} ms)",
+        pred.decode_tokens_per_s,
+        pred.tokens_per_s,
+        pred.total_s,
+        f.total_s,
+        a.gen_len,
+        d.total_s * 1e3
+    );
+    println!(
+        "searched:   {} policies, {} within the budgets",
+        plan.considered, plan.feasible
+    );
+    if a.explain {
+        println!("alternatives (best of each kind that lost):");
+        for alt in &plan.alternatives {
+            println!("  - {}", alt.label);
+            println!("      {}", alt.why);
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,426 @@
+//! The overlap-aware cost model and the memory footprint of a policy.
+//!
+//! Notation: `N` batch, `k` GPU batches, `L` layers, `W` weight bytes per layer, `kvb` KV bytes
+//! per token per layer, `hb` hidden-state bytes per token, `w_t` weight fraction on tier `t`.
+//!
+//! **Token split.** A sequence of `c` tokens has `min(window, c)` hot tokens on the hot tier and
+//! `cold = c − hot` tokens split by `kv.cold`; of tier `t`'s cold tokens a share `r_t` is stored as
+//! hidden states (recompute), the rest as KV. A tier's KV tokens are attended near the data for a
+//! fraction `a_t` (host: host threads; disk: the storage engine, which reads them to the host) and
+//! fetched to the GPU for the rest; GPU-resident and regenerated KV are attended on the GPU.
+//!
+//! **Decode step, per layer, whole batch**, at the mean decode context `c = s + (n+1)/2`:
+//! - weights: `h2d = (w_host + w_disk)·W`, `disk_read = w_disk·W` (once per layer: the block
+//!   schedule reuses them across the `k` GPU batches); HBM reads `k·W`; FLOPs `2·params·N`.
+//! - fetched KV (`(1−a_t)` of host/disk KV tokens): `h2d += kv·kvb`, disk adds `disk_read`.
+//! - attend-near KV: `host_attention += kv·kvb` (disk also `disk_read += kv·kvb`); only `q`
+//!   (`N·q_width` activations) crosses down and `(o, lse)` (`N·heads·(head_dim+1)·4`) up.
+//! - recompute tokens: `hb` each over `h2d` (and `disk_read` from disk), then
+//!   `2·hidden·kv_width` FLOPs to regenerate K, V and HBM `hb + 2·kvb` (read h, write and read KV).
+//! - GPU attention: `4·q_width` FLOPs and `kvb` HBM bytes per (query, key) pair on the GPU.
+//! - new tokens: `N` tokens' KV land on the hot tier and `N` age into the cold split (KV from the
+//!   hot tier, hidden states from the GPU): `d2h` when leaving the GPU, `disk_write` into disk.
+//!
+//! **Prefill, per layer**: the same weight traffic once; FLOPs `2·params·N·s + 2·s(s+1)·q_width·N`
+//! (causal); every prompt token's KV or hidden state written to its tier (`d2h`, `disk_write`).
+//!
+//! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
+//! bandwidth) + k · layer overhead`. Disk bandwidth depends on request size (weights: 4 MiB
+//! chunks; KV: one block of one sequence in one layer), see [`HardwareProfile::disk_read_bps`].
+//! **Overlap**: streams run concurrently, so a layer costs the max over streams — except that
+//! near-data attention of a GPU batch must finish before that batch's output projection, so
+//! host attention overlaps GPU compute only across GPU batches: that pair costs
+//! `max(g, a) + min(g, a)/k`. A phase costs `L · layer + fill`, where the pipeline fill/drain
+//! `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
+//!
+//! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
+//! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
+//! `(depth+1)·(streamed weights of a layer + fetched/regenerated KV of one GPU batch in one layer)`,
+//! prefill activations of one GPU batch over a chunk of ≤ 2048 tokens, logits; the batch's prompt
+//! hidden states between layers (on the GPU with one GPU batch; otherwise in host memory with
+//! `depth+1` GPU batches' worth on the GPU, and `N·s·hb` each way over PCIe per prefill layer);
+//! pinned host staging `(depth+1)·(disk bytes of one layer, one GPU batch)`.
+//!
+//! Not modelled yet: layer 0 recomputed from token ids, prefix sharing, jitter between layers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelSpec, Workload};
+use crate::policy::{PerTier, Policy, Tier};
+use crate::profile::HardwareProfile;
+
+/// Bytes per tier.
+pub type TierBytes = PerTier<u64>;
+
+/// Prompt tokens per sequence processed at once in prefill (activation buffers are sized for it).
+pub const PREFILL_CHUNK_TOKENS: u64 = 2048;
+const WEIGHT_REQUEST_BYTES: u64 = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    GpuCompute,
+    H2d,
+    D2h,
+    HostAttention,
+    DiskRead,
+    DiskWrite,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 6] = [
+        Stream::GpuCompute,
+        Stream::H2d,
+        Stream::D2h,
+        Stream::HostAttention,
+        Stream::DiskRead,
+        Stream::DiskWrite,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::GpuCompute => "gpu compute",
+            Stream::H2d => "host→device",
+            Stream::D2h => "device→host",
+            Stream::HostAttention => "host attention",
+            Stream::DiskRead => "disk read",
+            Stream::DiskWrite => "disk write",
+        }
+    }
+}
+
+/// Seconds per stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamTimes {
+    pub gpu_compute_s: f64,
+    pub h2d_s: f64,
+    pub d2h_s: f64,
+    pub host_attention_s: f64,
+    pub disk_read_s: f64,
+    pub disk_write_s: f64,
+}
+
+impl StreamTimes {
+    pub fn get(&self, s: Stream) -> f64 {
+        match s {
+            Stream::GpuCompute => self.gpu_compute_s,
+            Stream::H2d => self.h2d_s,
+            Stream::D2h => self.d2h_s,
+            Stream::HostAttention => self.host_attention_s,
+            Stream::DiskRead => self.disk_read_s,
+            Stream::DiskWrite => self.disk_write_s,
+        }
+    }
+
+    /// The slowest stream and its time (the first of equals, in [`Stream::ALL`] order).
+    pub fn max(&self) -> (Stream, f64) {
+        let mut best = (Stream::GpuCompute, self.gpu_compute_s);
+        for s in Stream::ALL {
+            if self.get(s) > best.1 {
+                best = (s, self.get(s));
+            }
+        }
+        best
+    }
+
+    pub fn sum(&self) -> f64 {
+        Stream::ALL.iter().map(|&s| self.get(s)).sum()
+    }
+}
+
+/// One phase (a decode step, or the prefill): per-layer stream times and the phase's total.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    pub per_layer: StreamTimes,
+    pub bound_by: Stream,
+    /// One layer, streams overlapped.
+    pub layer_s: f64,
+    /// Pipeline fill and drain, paid once per phase.
+    pub pipeline_fill_s: f64,
+    /// `layers · layer_s + pipeline_fill_s`.
+    pub total_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// One decode step (one token for every sequence) at the mean decode context.
+    pub decode_step: PhaseTime,
+    pub prefill: PhaseTime,
+    /// What bounds the decode step.
+    pub bound_by: Stream,
+    /// `batch / decode_step.total_s`.
+    pub decode_tokens_per_s: f64,
+    /// Generated tokens over the whole job: `batch·gen_len / total_s`.
+    pub tokens_per_s: f64,
+    /// `prefill.total_s + gen_len · decode_step.total_s`.
+    pub total_s: f64,
+    /// Peak bytes per tier (see the module header).
+    pub memory: TierBytes,
+}
+
+/// Bytes and FLOPs of one layer of one phase.
+#[derive(Default)]
+struct Traffic {
+    flops: f64,
+    hbm: f64,
+    h2d: f64,
+    d2h: f64,
+    host_attention: f64,
+    disk_read_weights: f64,
+    disk_read_kv: f64,
+    disk_read_hidden: f64,
+    disk_write: f64,
+    launches: f64,
+}
+
+impl Traffic {
+    /// Stored bytes moving between tiers.
+    fn move_bytes(&mut self, from: Tier, to: Tier, bytes: f64) {
+        match (from, to) {
+            (a, b) if a == b => {}
+            (Tier::Gpu, _) => self.d2h += bytes,
+            (_, Tier::Gpu) => self.h2d += bytes,
+            _ => {}
+        }
+        if to == Tier::Disk && from != Tier::Disk {
+            self.disk_write += bytes;
+        }
+    }
+}
+
+/// Per-sequence tokens per tier at context `c`: (stored as KV, stored as hidden states).
+fn split_tokens(p: &Policy, c: f64) -> PerTier<(f64, f64)> {
+    let hot = (p.kv.hot_window_tokens as f64).min(c);
+    let cold = c - hot;
+    let per = |t: Tier| {
+        let cold_t = cold * p.kv.cold.get(t);
+        let r = p.recompute.get(t);
+        let hot_t = if p.kv.hot_tier == t { hot } else { 0.0 };
+        (cold_t * (1.0 - r) + hot_t, cold_t * r)
+    };
+    PerTier {
+        gpu: per(Tier::Gpu),
+        host: per(Tier::Host),
+        disk: per(Tier::Disk),
+    }
+}
+
+struct Sizes {
+    w: f64,
+    kvb: f64,
+    hb: f64,
+    n: f64,
+    k: f64,
+}
+
+fn sizes(m: &ModelSpec, wl: &Workload, p: &Policy) -> Sizes {
+    Sizes {
+        w: m.weight_bytes_per_layer() as f64,
+        kvb: m.kv_bytes_per_token_per_layer() as f64,
+        hb: m.hidden_bytes_per_token() as f64,
+        n: wl.batch as f64,
+        k: p.num_gpu_batches as f64,
+    }
+}
+
+fn weight_traffic(t: &mut Traffic, p: &Policy, z: &Sizes) {
+    t.h2d += (p.weights.host + p.weights.disk) * z.w;
+    t.disk_read_weights += p.weights.disk * z.w;
+    t.hbm += z.k * z.w;
+    t.launches += z.k;
+}
+
+/// New tokens (`tokens` in all, across the batch) entering the cache: their KV goes to the hot
+/// tier and an equal number age from it into the cold split.
+fn write_traffic(t: &mut Traffic, p: &Policy, z: &Sizes, tokens: f64) {
+    let src = if p.kv.hot_window_tokens > 0 {
+        t.move_bytes(Tier::Gpu, p.kv.hot_tier, tokens * z.kvb);
+        p.kv.hot_tier
+    } else {
+        Tier::Gpu
+    };
+    for tier in Tier::ALL {
+        let share = tokens * p.kv.cold.get(tier);
+        let r = p.recompute.get(tier);
+        t.move_bytes(src, tier, share * (1.0 - r) * z.kvb);
+        t.move_bytes(Tier::Gpu, tier, share * r * z.hb);
+    }
+}
+
+fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
+    let z = sizes(m, wl, p);
+    let mut t = Traffic::default();
+    weight_traffic(&mut t, p, &z);
+    t.flops += m.gemm_flops_per_token_per_layer() * z.n;
+    let split = split_tokens(p, wl.mean_decode_context());
+    let attn_flops_per_key = m.attention_flops_per_token_per_layer(1.0);
+    for tier in Tier::ALL {
+        let (kv_seq, hid_seq) = split.get(tier);
+        let (kv, hid) = (kv_seq * z.n, hid_seq * z.n);
+        let near = kv * p.attention(tier).near_fraction();
+        let on_gpu = kv - near;
+        t.flops += attn_flops_per_key * (on_gpu + hid);
+        t.flops += m.recompute_flops_per_token_per_layer() * hid;
+        t.hbm += on_gpu * z.kvb + hid * (z.hb + 2.0 * z.kvb);
+        if tier == Tier::Gpu {
+            continue;
+        }
+        t.h2d += on_gpu * z.kvb + hid * z.hb;
+        t.host_attention += near * z.kvb;
+        if tier == Tier::Disk {
+            t.disk_read_kv += kv * z.kvb;
+            t.disk_read_hidden += hid * z.hb;
+        }
+        if near > 0.0 {
+            let ab = m.weight_dtype_bytes as f64;
+            t.h2d += z.n * m.q_width() as f64 * ab;
+            t.d2h += z.n * (m.heads * (m.head_dim + 1) * 4) as f64;
+        }
+    }
+    write_traffic(&mut t, p, &z, z.n);
+    t
+}
+
+fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
+    let z = sizes(m, wl, p);
+    let s = wl.prompt_len as f64;
+    let mut t = Traffic::default();
+    weight_traffic(&mut t, p, &z);
+    t.flops += m.gemm_flops_per_token_per_layer() * z.n * s;
+    t.flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
+    // Activations in and out of HBM: about 4 hidden-sized and 2 MLP-sized tensors per token.
+    let ab = m.weight_dtype_bytes as f64;
+    t.hbm += z.n * s * (4 * m.hidden + 2 * m.intermediate) as f64 * ab;
+    if p.num_gpu_batches > 1 {
+        // Each GPU batch's hidden states come in from and go back to host memory.
+        let hidden = z.n * s * z.hb;
+        t.h2d += hidden;
+        t.d2h += hidden;
+    }
+    let split = split_tokens(p, s);
+    for tier in Tier::ALL {
+        let (kv, hid) = split.get(tier);
+        t.move_bytes(Tier::Gpu, tier, kv * z.n * z.kvb + hid * z.n * z.hb);
+    }
+    t
+}
+
+fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) -> StreamTimes {
+    let block = p.kv_block_tokens;
+    let kv_request = m.kv_bytes_per_token_per_layer() * block;
+    let hidden_request = m.hidden_bytes_per_token() * block;
+    let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes);
+    let memory = t.hbm / (hw.hbm_gbps * 1e9);
+    StreamTimes {
+        gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
+        h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
+        d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
+        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9),
+        disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
+            + t.disk_read_kv / hw.disk_read_bps(kv_request)
+            + t.disk_read_hidden / hw.disk_read_bps(hidden_request),
+        disk_write_s: t.disk_write / hw.disk_write_bps(kv_request.min(hidden_request)),
+    }
+}
+
+fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
+    let (mut bound_by, mut layer_s) = st.max();
+    // Host attention of GPU batch b overlaps GPU work only on other GPU batches.
+    let (g, a) = (st.gpu_compute_s, st.host_attention_s);
+    let coupled = g.max(a) + g.min(a) / p.num_gpu_batches as f64;
+    if coupled > layer_s {
+        layer_s = coupled;
+        bound_by = if g >= a {
+            Stream::GpuCompute
+        } else {
+            Stream::HostAttention
+        };
+    }
+    let pipeline_fill_s = (st.sum() - st.max().1) / p.prefetch_depth as f64;
+    PhaseTime {
+        per_layer: st,
+        bound_by,
+        layer_s,
+        pipeline_fill_s,
+        total_s: m.layers as f64 * layer_s + pipeline_fill_s,
+    }
+}
+
+/// Predicted times of `p` on `hw` (the policy is assumed valid for `wl`; see [`Policy::validate`]).
+pub fn predict(m: &ModelSpec, wl: &Workload, p: &Policy, hw: &HardwareProfile) -> Prediction {
+    let decode = phase(stream_times(&decode_traffic(m, wl, p), m, p, hw), m, p);
+    let prefill = if wl.prompt_len == 0 {
+        phase(StreamTimes::default(), m, p)
+    } else {
+        phase(stream_times(&prefill_traffic(m, wl, p), m, p, hw), m, p)
+    };
+    let n = wl.gen_len as f64;
+    let total_s = prefill.total_s + n * decode.total_s;
+    Prediction {
+        decode_step: decode,
+        prefill,
+        bound_by: decode.bound_by,
+        decode_tokens_per_s: wl.batch as f64 / decode.total_s,
+        tokens_per_s: if total_s > 0.0 {
+            wl.batch as f64 * n / total_s
+        } else {
+            0.0
+        },
+        total_s,
+        memory: memory(m, wl, p),
+    }
+}
+
+/// Peak bytes per tier of `p` (see the module header for what is counted).
+pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
+    let z = sizes(m, wl, p);
+    let layers = m.layers as f64;
+    let block = p.kv_block_tokens as f64;
+    let blocks = |tokens: f64| (tokens / block - 1e-9).ceil().max(0.0) * block;
+    let split = split_tokens(p, wl.final_len() as f64);
+    let slots = (p.prefetch_depth + 1) as f64;
+    let g = p.gpu_batch_size as f64;
+    let ab = m.weight_dtype_bytes as f64;
+
+    let mut bytes = [0.0f64; 3];
+    let mut fetched_per_batch = 0.0; // one layer, one GPU batch: bytes landing on the GPU
+    let mut disk_per_batch = 0.0; // one layer, one GPU batch: bytes read from disk
+    for (i, tier) in Tier::ALL.into_iter().enumerate() {
+        let (kv, hid) = split.get(tier);
+        bytes[i] += z.n * layers * (blocks(kv) * z.kvb + blocks(hid) * z.hb);
+        bytes[i] += p.weights.get(tier) * z.w * layers;
+        let fetched_kv = if tier == Tier::Gpu {
+            0.0
+        } else {
+            kv * (1.0 - p.attention(tier).near_fraction())
+        };
+        fetched_per_batch += g * (fetched_kv * z.kvb + hid * (z.hb + z.kvb));
+        if tier == Tier::Disk {
+            disk_per_batch += g * (kv * z.kvb + hid * z.hb);
+        }
+    }
+    let streamed_weights = (1.0 - p.weights.gpu) * z.w;
+    let chunk = wl.prompt_len.clamp(1, PREFILL_CHUNK_TOKENS) as f64;
+    // The batch's hidden states between layers: on the GPU with one GPU batch, else parked in
+    // host memory with `depth+1` GPU batches' worth on the GPU.
+    let batch_hidden = z.n * wl.prompt_len.max(1) as f64 * z.hb;
+    let gpu_hidden = if p.num_gpu_batches == 1 {
+        batch_hidden
+    } else {
+        bytes[1] += batch_hidden;
+        slots * batch_hidden / z.k
+    };
+    let activations = g * chunk * (4 * m.hidden + 2 * m.intermediate) as f64 * ab
+        + gpu_hidden
+        + g * m.vocab as f64 * 4.0;
+    bytes[0] +=
+        m.embedding_bytes() as f64 + slots * (streamed_weights + fetched_per_batch) + activations;
+    if disk_per_batch > 0.0 || p.weights.disk > 0.0 {
+        bytes[1] += slots * (disk_per_batch + p.weights.disk * z.w);
+    }
+    PerTier {
+        gpu: bytes[0].ceil() as u64,
+        host: bytes[1].ceil() as u64,
+        disk: bytes[2].ceil() as u64,
+    }
+}

@@ -1,0 +1,233 @@
+//! The hardware profile: what the cost model knows of a machine. `strata calibrate` will measure
+//! it and write it as JSON (this module defines the format, [`PROFILE_VERSION`]); until then the
+//! reference profiles below stand in, and every consumer must say so to the user.
+//!
+//! Units: bandwidths in GB/s (10⁹ bytes per second, each byte counted once), GEMM rates in
+//! TFLOP/s, capacities in bytes. Invariants (checked on load): every rate is finite and > 0;
+//! `version == PROFILE_VERSION`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProfileError;
+
+/// Bumped whenever a field is added, removed or changes meaning.
+pub const PROFILE_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GemmTflops {
+    pub f32: f64,
+    pub f16: f64,
+    pub bf16: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HardwareProfile {
+    pub version: u32,
+    /// What was measured (`NVIDIA H100 80GB HBM3, 16-core Xeon, virtio disk`).
+    pub machine: String,
+    /// When (ISO 8601), or `reference: …` for a built-in profile.
+    pub measured_at: String,
+    /// True for a built-in reference profile, not a measurement of this machine.
+    pub reference: bool,
+    /// False when "GPU" means the CPU itself (GPU tier = the compute device's working memory).
+    pub has_gpu: bool,
+    /// Dense GEMM throughput per weight dtype.
+    pub gemm_tflops: GemmTflops,
+    /// GPU memory bandwidth (bytes read + written).
+    pub hbm_gbps: f64,
+    /// Host → device from pinned memory.
+    pub h2d_gbps: f64,
+    /// Device → host into pinned memory.
+    pub d2h_gbps: f64,
+    /// Host DRAM copy bandwidth (all cores).
+    pub host_mem_gbps: f64,
+    /// KV bytes per second the host attention engine reads while attending (all cores).
+    pub host_attention_gbps: f64,
+    /// Disk read through the chosen IO engine at a large request size.
+    pub disk_read_gbps: f64,
+    pub disk_write_gbps: f64,
+    /// Request size at which the disk reaches half its bandwidth: effective bandwidth at request
+    /// size `r` is `disk_gbps · r / (r + disk_half_bandwidth_request_bytes)`.
+    pub disk_half_bandwidth_request_bytes: u64,
+    /// Fixed GPU cost per layer per GPU batch (kernel launches, syncs), microseconds.
+    pub gpu_layer_overhead_us: f64,
+    pub gpu_bytes: u64,
+    pub host_bytes: u64,
+    pub disk_bytes: u64,
+    pub cpu_cores: u32,
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+impl HardwareProfile {
+    /// The H100 machine measured on 2026-11-22 (the project's GPU notes, §7 "Measured numbers").
+    /// Where two runs differ, the lower figure is used.
+    pub fn h100_reference() -> Self {
+        HardwareProfile {
+            version: PROFILE_VERSION,
+            machine: "NVIDIA H100 80GB HBM3 (PCIe Gen5 x16), 16-core Xeon, virtio disk".into(),
+            measured_at: "reference: H100 machine measured 2026-11-22, not this machine".into(),
+            reference: true,
+            has_gpu: true,
+            gemm_tflops: GemmTflops {
+                // Not measured: FP32 through TF32 tensor cores is far below bf16; a guess.
+                f32: 200.0,
+                // cuBLAS 4096³: f16 718 / 728, bf16 728 / 750 TFLOP/s.
+                f16: 718.0,
+                bf16: 728.0,
+            },
+            // d2d copy 1487 GB/s copied = 2975 GB/s read + written.
+            hbm_gbps: 2975.0,
+            // Pinned 1 GiB copies: H2D 52.6 / 54.8, D2H 53.9 / 55.1 GB/s.
+            h2d_gbps: 52.6,
+            d2h_gbps: 53.9,
+            // Rust copy_from_slice, 16 threads: 41.3 / 28.0 GB/s copied.
+            host_mem_gbps: 28.0,
+            // Not measured yet: assumed equal to the host copy bandwidth (a read-only scan).
+            host_attention_gbps: 28.0,
+            // io_uring O_DIRECT QD32 × 1 MiB: 1.41 / 1.52 GB/s (QD128 × 4 MiB: 1.69 / 1.57);
+            // write 8 MiB + fsync 1.68 / 1.44. The figures here are large-request asymptotes:
+            // with half bandwidth at 64 KiB, 1 MiB requests get 94% (1.41 / 0.94 = 1.5).
+            disk_read_gbps: 1.5,
+            disk_write_gbps: 1.53,
+            disk_half_bandwidth_request_bytes: 64 * 1024,
+            gpu_layer_overhead_us: 40.0,
+            // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
+            gpu_bytes: (79.18 * GIB) as u64,
+            host_bytes: (125.0 * GIB) as u64,
+            disk_bytes: (64.0 * GIB) as u64,
+            cpu_cores: 16,
+        }
+    }
+
+    /// A small machine with no GPU: the "GPU" tier is the CPU's working memory, so host ↔ GPU
+    /// transfers are DRAM copies. Order-of-magnitude figures for a few cores, not measurements.
+    pub fn cpu_only_reference() -> Self {
+        HardwareProfile {
+            version: PROFILE_VERSION,
+            machine: "CPU only (a few cores, DDR4/5, NVMe)".into(),
+            measured_at: "reference: order-of-magnitude figures, not this machine".into(),
+            reference: true,
+            has_gpu: false,
+            gemm_tflops: GemmTflops {
+                f32: 0.2,
+                f16: 0.1,
+                bf16: 0.1,
+            },
+            hbm_gbps: 20.0,
+            h2d_gbps: 10.0,
+            d2h_gbps: 10.0,
+            host_mem_gbps: 10.0,
+            host_attention_gbps: 10.0,
+            disk_read_gbps: 2.0,
+            disk_write_gbps: 1.0,
+            disk_half_bandwidth_request_bytes: 128 * 1024,
+            gpu_layer_overhead_us: 5.0,
+            gpu_bytes: (8.0 * GIB) as u64,
+            host_bytes: (16.0 * GIB) as u64,
+            disk_bytes: (64.0 * GIB) as u64,
+            cpu_cores: 2,
+        }
+    }
+
+    /// GEMM FLOP/s for a weight dtype of `bytes` bytes (2 → the slower of f16 and bf16).
+    pub fn gemm_flops(&self, bytes: u64) -> f64 {
+        let tflops = if bytes >= 4 {
+            self.gemm_tflops.f32
+        } else {
+            self.gemm_tflops.f16.min(self.gemm_tflops.bf16)
+        };
+        tflops * 1e12
+    }
+
+    /// Effective disk read bandwidth in bytes/s at request size `request_bytes`.
+    pub fn disk_read_bps(&self, request_bytes: u64) -> f64 {
+        self.disk_read_gbps * 1e9 * disk_efficiency(request_bytes, self)
+    }
+
+    pub fn disk_write_bps(&self, request_bytes: u64) -> f64 {
+        self.disk_write_gbps * 1e9 * disk_efficiency(request_bytes, self)
+    }
+
+    pub fn from_json(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        let err = |source| ProfileError::Parse {
+            path: path.to_path_buf(),
+            source,
+        };
+        let v: VersionOnly = serde_json::from_str(text).map_err(err)?;
+        if v.version != PROFILE_VERSION {
+            return Err(ProfileError::Version {
+                path: path.to_path_buf(),
+                found: v.version,
+                expected: PROFILE_VERSION,
+            });
+        }
+        let p: HardwareProfile = serde_json::from_str(text).map_err(err)?;
+        p.validate(path)?;
+        Ok(p)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let text = self.to_json();
+        std::fs::write(path, text + "\n").map_err(|source| ProfileError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of numbers and strings always serialises.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ProfileError> {
+        let rates = [
+            ("gemm_tflops.f32", self.gemm_tflops.f32),
+            ("gemm_tflops.f16", self.gemm_tflops.f16),
+            ("gemm_tflops.bf16", self.gemm_tflops.bf16),
+            ("hbm_gbps", self.hbm_gbps),
+            ("h2d_gbps", self.h2d_gbps),
+            ("d2h_gbps", self.d2h_gbps),
+            ("host_mem_gbps", self.host_mem_gbps),
+            ("host_attention_gbps", self.host_attention_gbps),
+            ("disk_read_gbps", self.disk_read_gbps),
+            ("disk_write_gbps", self.disk_write_gbps),
+        ];
+        for (field, v) in rates {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    reason: "a finite number > 0",
+                });
+            }
+        }
+        if !(self.gpu_layer_overhead_us.is_finite() && self.gpu_layer_overhead_us >= 0.0) {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                field: "gpu_layer_overhead_us",
+                reason: "a finite number ≥ 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+fn disk_efficiency(request_bytes: u64, p: &HardwareProfile) -> f64 {
+    let r = request_bytes.max(1) as f64;
+    r / (r + p.disk_half_bandwidth_request_bytes as f64)
+}

@@ -1,0 +1,127 @@
+//! `strata plan` end to end: JSON that scripts can read and that respects the budgets, and a
+//! clear error naming the short tier when nothing fits.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn plan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn json_output_parses_and_respects_the_budgets() {
+    let out = plan(&[
+        "--model",
+        "synthetic:opt-30b",
+        "--batch",
+        "32",
+        "--prompt-len",
+        "512",
+        "--gen-len",
+        "32",
+        "--gpu-mem",
+        "24GiB",
+        "--host-mem",
+        "64GiB",
+        "--disk-mem",
+        "1TiB",
+        "--json",
+        "--explain",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mem = &v["prediction"]["memory"];
+    assert!(mem["gpu"].as_u64().unwrap() <= 24 * GIB);
+    assert!(mem["host"].as_u64().unwrap() <= 64 * GIB);
+    assert!(mem["disk"].as_u64().unwrap() <= 1024 * GIB);
+    assert_eq!(v["budgets"]["gpu_bytes"].as_u64().unwrap(), 24 * GIB);
+    assert_eq!(v["profile"]["reference"], Value::Bool(true));
+    let policy: strata_planner::Policy = serde_json::from_value(v["policy"].clone()).unwrap();
+    let weights = policy.weights.gpu + policy.weights.host + policy.weights.disk;
+    assert!((weights - 1.0).abs() < 1e-9);
+    assert_eq!(policy.gpu_batch_size * policy.num_gpu_batches, 32);
+    assert!(v["prediction"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(!v["alternatives"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn text_output_says_the_profile_is_a_reference() {
+    let out = plan(&[
+        "--model",
+        "synthetic:llama-3-8b",
+        "--batch",
+        "8",
+        "--prompt-len",
+        "4096",
+        "--gen-len",
+        "64",
+        "--gpu-mem",
+        "24GiB",
+        "--host-mem",
+        "32GiB",
+        "--explain",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NOT a measurement of this machine"), "{text}");
+    assert!(text.contains("bound by"), "{text}");
+    assert!(text.contains("alternatives"), "{text}");
+}
+
+#[test]
+fn impossible_budget_names_the_short_tier() {
+    let out = plan(&[
+        "--model",
+        "synthetic:opt-30b",
+        "--batch",
+        "32",
+        "--prompt-len",
+        "512",
+        "--gen-len",
+        "32",
+        "--gpu-mem",
+        "256MiB",
+        "--host-mem",
+        "1TiB",
+        "--disk-mem",
+        "1TiB",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no policy fits"), "{err}");
+    assert!(err.contains("gpu memory is short by"), "{err}");
+}
+
+#[test]
+fn lengths_beyond_the_model_context_are_refused() {
+    let out = plan(&[
+        "--model",
+        "synthetic:opt-30b",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "4096",
+        "--gen-len",
+        "32",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context"), "{err}");
+}
