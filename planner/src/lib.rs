@@ -23,7 +23,7 @@ pub mod profile;
 pub mod search;
 
 pub use cost::{PhaseTime, Prediction, Stream, StreamTimes, TierBytes, memory, predict};
-pub use error::{PlanError, ProfileError, Shortfall};
+pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use model::{Budgets, MlpKind, ModelSpec, Workload};
 pub use policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
 pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};

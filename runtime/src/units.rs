@@ -30,20 +30,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok((value * scale).round() as u64)
 }
 
-/// `1.50 GiB`-style rendering for messages.
+/// `1.50 GiB`-style rendering for messages (the planner's, so plans and errors agree).
 pub fn format_size(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", units[i])
-    }
+    strata_planner::human_bytes(bytes)
 }
 
 #[cfg(test)]
