@@ -57,6 +57,20 @@ impl Partial {
         }
     }
 
+    /// Folds `other` (over tokens disjoint from `self`'s) into `self`: the running form of
+    /// [`Partial::merge`], for engines that attend block by block or tier by tier.
+    pub fn merge_in(&mut self, other: Partial) {
+        let (n_heads, head_dim) = (self.lse.len(), self.o.len() / self.lse.len().max(1));
+        let this = std::mem::replace(
+            self,
+            Partial {
+                o: Vec::new(),
+                lse: Vec::new(),
+            },
+        );
+        *self = Partial::merge(&[this, other], n_heads, head_dim);
+    }
+
     /// Merges partials over disjoint token sets into the partial over their union.
     pub fn merge(parts: &[Partial], n_heads: usize, head_dim: usize) -> Partial {
         let mut out = Partial::empty(n_heads, head_dim);

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use crate::{CudaBackend, CudaUnavailable};
+use crate::{CudaBackend, CudaUnavailable, DType, HostWeight, RopeScaling, WeightData};
 
 /// SplitMix64: a tiny seeded random stream.
 #[derive(Clone, Debug)]
@@ -33,11 +33,32 @@ impl SplitMix {
         (0..n).map(|_| self.next_f32() * scale).collect()
     }
 
+    /// A `rows × cols` weight of uniform values, rounded to `dtype`.
+    pub fn weight(&mut self, rows: usize, cols: usize, dtype: DType) -> HostWeight {
+        let data = WeightData::F32(self.vec(rows * cols)).cast(dtype);
+        HostWeight { rows, cols, data }
+    }
+
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
         }
     }
+}
+
+/// The RoPE variants every RoPE test covers: none, linear, and Llama-3 scaling with a short
+/// original context so the scaling changes frequencies at small head dims.
+pub fn rope_scalings() -> [RopeScaling; 3] {
+    [
+        RopeScaling::None,
+        RopeScaling::Linear { factor: 4.0 },
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        },
+    ]
 }
 
 /// This run's seed: `STRATA_TEST_SEED` when set, else the clock. Printed, so a failure replays.

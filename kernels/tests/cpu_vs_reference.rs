@@ -5,16 +5,11 @@
 
 use half::{bf16, f16};
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
-use strata_kernels::testing::{SplitMix as Rng, max_rel_err, test_seed};
+use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_seed};
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KvBlockView, Partial, RopeScaling,
-    RopeTable, WeightData, reference,
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KvBlockView, Partial, RopeTable,
+    WeightData, reference,
 };
-
-fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
-    let data = WeightData::F32(rng.vec(rows * cols)).cast(dtype);
-    HostWeight::new(rows, cols, data).expect("shape")
-}
 
 #[test]
 fn linear_matches_reference_for_every_dtype_and_shape() {
@@ -28,7 +23,7 @@ fn linear_matches_reference_for_every_dtype_and_shape() {
             (17, 96, 64),
             (5, 200, 65),
         ] {
-            let w = weight(&mut rng, n, k, dtype);
+            let w = rng.weight(n, k, dtype);
             let b = HostWeight::vector(WeightData::F32(rng.vec(n)).cast(dtype));
             let x = rng.vec(m * k);
             let want = reference::linear(&x, m, &w, Some(&b));
@@ -79,12 +74,12 @@ fn norms_activations_softmax_and_embedding_match_reference() {
         assert!(max_rel_err(&s.data, &reference::softmax(&x, cols)) < 1e-6);
     }
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let table = weight(&mut rng, 50, 24, dtype);
+        let table = rng.weight(50, 24, dtype);
         let ids = [0u32, 49, 7, 7];
         let got = cpu.embedding(&table, &ids).expect("embedding");
         assert_eq!(got.data, reference::embedding(&table, &ids));
     }
-    let table = weight(&mut rng, 5, 4, DType::F32);
+    let table = rng.weight(5, 4, DType::F32);
     assert!(
         cpu.embedding(&table, &[5]).is_err(),
         "out-of-range id is an error"
@@ -95,16 +90,7 @@ fn norms_activations_softmax_and_embedding_match_reference() {
 fn rope_matches_reference_with_and_without_llama3_scaling() {
     let mut rng = Rng(test_seed());
     let cpu = CpuBackend::new();
-    let scalings = [
-        RopeScaling::None,
-        RopeScaling::Linear { factor: 4.0 },
-        RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 64.0,
-        },
-    ];
+    let scalings = rope_scalings();
     for scaling in &scalings {
         for (heads, hd) in [(1, 2), (3, 16), (4, 64)] {
             let table = RopeTable::new(hd, 10000.0, scaling);

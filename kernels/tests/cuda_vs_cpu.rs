@@ -20,16 +20,11 @@
 #![allow(clippy::unwrap_used)]
 
 use strata_kernels::cuda::KernelOrigin;
-use strata_kernels::testing::{SplitMix as Rng, max_rel_err, test_gpu, test_seed};
+use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_gpu, test_seed};
 use strata_kernels::{
     Backend, CpuBackend, CudaBackend, DType, HostWeight, RopeScaling, RopeTable, WeightData,
     reference,
 };
-
-fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> HostWeight {
-    let data = WeightData::F32(rng.vec(rows * cols)).cast(dtype);
-    HostWeight::new(rows, cols, data).unwrap()
-}
 
 fn up(gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> strata_kernels::CudaTensor {
     gpu.tensor(rows, cols, data.to_vec()).unwrap()
@@ -52,7 +47,7 @@ fn linear_matches_reference_for_every_dtype_path_and_shape() {
             (64, 512, 384),
         ] {
             for with_bias in [false, true] {
-                let w = weight(&mut rng, n, k, dtype);
+                let w = rng.weight(n, k, dtype);
                 let b = HostWeight::vector(WeightData::F32(rng.vec(n)).cast(dtype));
                 let x = rng.vec(m * k);
                 let bias = with_bias.then_some(&b);
@@ -199,7 +194,7 @@ fn embedding_and_gather_rows_are_exact() {
     let mut rng = Rng(test_seed());
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for (vocab, dim) in [(50, 24), (1000, 577), (3, 1)] {
-            let table = weight(&mut rng, vocab, dim, dtype);
+            let table = rng.weight(vocab, dim, dtype);
             let ids: Vec<u32> = (0..37).map(|i| (i * 7919 % vocab) as u32).collect();
             let tg = gpu.upload_weight(table.clone()).unwrap();
             let got = gpu.embedding(&tg, &ids).unwrap();
@@ -236,16 +231,7 @@ fn rope_matches_cpu_with_and_without_scaling() {
     let Some(gpu) = test_gpu() else { return };
     let cpu = CpuBackend::new();
     let mut rng = Rng(test_seed());
-    let scalings = [
-        RopeScaling::None,
-        RopeScaling::Linear { factor: 4.0 },
-        RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 64.0,
-        },
-    ];
+    let scalings = rope_scalings();
     let mut worst = (0.0f32, 0.0f32);
     for scaling in &scalings {
         for (heads, hd) in [(1, 2), (3, 16), (4, 64), (9, 128)] {

@@ -22,11 +22,7 @@ pub fn mem_available_bytes() -> Option<u64> {
 
 /// Whether to keep every layer's weights in memory (else they are loaded layer by layer on each
 /// forward pass): yes when they take at most 70% of the memory available now.
-pub fn weights_fit_in_memory(cfg: &model::ModelConfig, widened_to_f32: bool) -> bool {
-    let bytes = if widened_to_f32 {
-        cfg.param_count() * 4
-    } else {
-        forward::weight_bytes(cfg)
-    };
+pub fn weights_fit_in_memory(cfg: &model::ModelConfig) -> bool {
+    let bytes = forward::weight_bytes(cfg);
     mem_available_bytes().is_none_or(|avail| bytes <= avail / 10 * 7)
 }

@@ -236,7 +236,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             .build_global()?;
     }
     let model = model::open(&a.model)?;
-    let resident = strata_runtime::weights_fit_in_memory(&model.config, false);
+    let resident = strata_runtime::weights_fit_in_memory(&model.config);
     if !resident {
         eprintln!(
             "note: {} does not fit in memory; streaming its weights layer by layer",

@@ -38,21 +38,6 @@ struct Args {
     reps: usize,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mul) = if let Some(n) = t.strip_suffix("gib") {
-        (n, 1u64 << 30)
-    } else if let Some(n) = t.strip_suffix("mib") {
-        (n, 1 << 20)
-    } else {
-        (t.as_str(), 1)
-    };
-    num.trim()
-        .parse::<u64>()
-        .map(|n| n * mul)
-        .map_err(|_| format!("bad size {s:?} (use e.g. 512MiB, 1GiB)"))
-}
-
 fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     let mut out = None;
     let mut best = f64::INFINITY;
@@ -76,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let e = g.block_elems();
     let bpb = 2 * e * 4;
-    let blocks = (parse_size(&a.kv_mem)? as usize / bpb).max(1);
+    let blocks = (strata_runtime::units::parse_size(&a.kv_mem)? as usize / bpb).max(1);
     let kv_bytes = (blocks * bpb) as f64;
     let tokens = blocks * a.block_tokens;
     println!(
@@ -168,11 +153,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 len: a.block_tokens,
             };
             let p = attend_partial(&q, tokens, std::slice::from_ref(&v), &g);
-            acc = Partial::merge(
-                &[std::mem::replace(&mut acc, Partial::empty(0, 0)), p],
-                g.n_heads,
-                g.head_dim,
-            );
+            acc.merge_in(p);
             Ok::<(), StorageError>(())
         });
         r.map(|()| acc)

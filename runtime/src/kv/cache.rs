@@ -163,9 +163,14 @@ impl KvCache {
 
     /// Tokens stored for `(seq, layer)`.
     pub fn len(&self, seq: SeqId, layer: usize) -> usize {
-        self.seqs
+        // Every block but the last is full (blocks fill in order), so this is O(1).
+        let blocks = self
+            .seqs
             .get(&seq)
-            .map_or(0, |s| s.layers[layer].iter().map(|b| b.filled).sum())
+            .map_or(&[][..], |s| &s.layers[layer][..]);
+        blocks
+            .last()
+            .map_or(0, |b| (blocks.len() - 1) * self.g.block_tokens + b.filled)
     }
 
     /// Appends the KV of the token at `pos` (the next position) of `seq` in `layer`;
@@ -388,14 +393,7 @@ impl KvCache {
 
         if let Some(rx) = pending {
             for (row, p) in rx.recv().map_err(|_| KvError::WorkerGone)?? {
-                partials[row] = Partial::merge(
-                    &[
-                        std::mem::replace(&mut partials[row], Partial::empty(0, 0)),
-                        p,
-                    ],
-                    ag.n_heads,
-                    ag.head_dim,
-                );
+                partials[row].merge_in(p);
             }
         }
         Ok(partials)

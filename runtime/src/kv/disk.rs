@@ -296,11 +296,7 @@ impl Worker {
             // prefill), inline for a decode step's single row.
             let step = |(acc, (_, q, pos)): (&mut Partial, &(usize, Vec<f32>, usize))| {
                 let p = attend_partial(q, *pos, std::slice::from_ref(&view), g);
-                *acc = Partial::merge(
-                    &[std::mem::replace(acc, Partial::empty(0, 0)), p],
-                    g.n_heads,
-                    g.head_dim,
-                );
+                acc.merge_in(p);
             };
             if group.rows.len() >= 8 {
                 acc[gi]
