@@ -8,9 +8,9 @@
 # machine (no CUDA needed there; the binaries load CUDA at run time), then copy.
 #
 #   # on the build machine, in this repository:
-#   cargo test --release -p strata-kernels --no-run   # target/release/deps/cuda_vs_cpu-<hash>
+#   cargo test --release -p strata-kernels -p strata-tests --no-run   # the GPU test binaries
 #   cargo build --release                             # target/release/strata
-#   scripts/gpu-test.sh --collect gpu-bin             # copies both into gpu-bin/
+#   scripts/gpu-test.sh --collect gpu-bin             # copies them into gpu-bin/
 #   # copy gpu-bin/, scripts/gpu-test.sh and tests/fixtures/golden/ to the GPU machine, keeping
 #   # this layout (or copy the whole repository without target/), then there:
 #   scripts/gpu-test.sh gpu-bin
@@ -20,26 +20,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# GPU test binaries: kernel tests (strata-kernels) and tier placement tests (strata-tests).
+TEST_BINS=(cuda_vs_cpu cuda_attention cuda_kvtier cuda_prefill gpu_tiers)
+
 if [[ "${1:-}" == "--collect" ]]; then
     dest="${2:?usage: scripts/gpu-test.sh --collect DIR}"
     mkdir -p "$dest"
-    # The newest cuda_vs_cpu test binary (cargo keeps older hashes around).
-    test_bin=$(ls -t target/release/deps/cuda_vs_cpu-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-    [[ -n "$test_bin" ]] || { echo "no test binary: run cargo test --release -p strata-kernels --no-run" >&2; exit 1; }
     [[ -x target/release/strata ]] || { echo "no strata binary: run cargo build --release" >&2; exit 1; }
-    cp "$test_bin" "$dest/cuda_vs_cpu"
-    att_bin=$(ls -t target/release/deps/cuda_attention-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-    [[ -n "$att_bin" ]] && cp "$att_bin" "$dest/cuda_attention"
+    for t in "${TEST_BINS[@]}"; do
+        # The newest build of each test (cargo keeps older hashes around).
+        b=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+        [[ -n "$b" ]] || { echo "no $t test binary: run cargo test --release -p strata-kernels -p strata-tests --no-run" >&2; exit 1; }
+        cp "$b" "$dest/$t"
+    done
     cp target/release/strata "$dest/strata"
-    echo "copied $test_bin and target/release/strata to $dest/"
+    echo "copied ${TEST_BINS[*]} and strata to $dest/"
     exit 0
 fi
 
 bin="${1:-target/release}"
-test_bin="$bin/cuda_vs_cpu"
-[[ -x "$test_bin" ]] || test_bin=$(ls -t "$bin"/deps/cuda_vs_cpu-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
 strata="$bin/strata"
-[[ -x "$test_bin" && -x "$strata" ]] || { echo "need $bin/cuda_vs_cpu and $bin/strata (see the top of this script)" >&2; exit 1; }
+for t in "${TEST_BINS[@]}"; do
+    [[ -x "$bin/$t" ]] || { echo "need $bin/$t (see the top of this script)" >&2; exit 1; }
+done
+[[ -x "$strata" ]] || { echo "need $bin/strata (see the top of this script)" >&2; exit 1; }
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
@@ -51,30 +55,23 @@ else
 fi
 have=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')
 have=${have:-unknown}
-need=$( (grep -ao 'GLIBC_2\.[0-9]*' "$strata" "$test_bin" || true) | cut -d: -f2 | sort -uV | tail -1)
+need=$( (grep -ao 'GLIBC_2\.[0-9]*' "$strata" "$bin/cuda_vs_cpu" || true) | cut -d: -f2 | sort -uV | tail -1)
 echo "glibc: system $have, binaries need ${need#GLIBC_}"
 if [[ "$have" != unknown ]] && [[ "$(printf '%s\n%s\n' "${need#GLIBC_}" "$have" | sort -V | tail -1)" != "$have" ]]; then
     fail "the binaries need glibc ${need#GLIBC_} but this system has $have: build on an older system"
 fi
 
-echo "== kernels: CUDA vs CPU reference"
+# Test binaries find the fixtures through STRATA_REPO (this repository, wherever it was copied).
+export STRATA_REPO="$PWD"
 log=$(mktemp)
-if "$test_bin" --nocapture 2>&1 | tee "$log"; then
-    if grep -q '^skipped:' "$log"; then fail "kernel tests skipped: $(grep -m1 '^skipped:' "$log")"; fi
-else
-    fail "kernel tests"
-fi
-
-echo "== decode attention: paged split-KV kernel vs the f64 reference and the CPU"
-if [[ -x "$bin/cuda_attention" ]]; then
-    if "$bin/cuda_attention" --nocapture 2>&1 | tee "$log"; then
-        if grep -q '^skipped:' "$log"; then fail "attention tests skipped: $(grep -m1 '^skipped:' "$log")"; fi
+for t in "${TEST_BINS[@]}"; do
+    echo "== $t"
+    if "$bin/$t" --nocapture --test-threads 1 2>&1 | tee "$log"; then
+        if grep -q '^skipped:' "$log"; then fail "$t skipped: $(grep -m1 '^skipped:' "$log")"; fi
     else
-        fail "attention tests"
+        fail "$t"
     fi
-else
-    fail "no $bin/cuda_attention (rebuild the tests and --collect again)"
-fi
+done
 
 echo "== strata info"
 "$strata" info || fail "strata info"
@@ -95,28 +92,45 @@ with open(sys.argv[2], "w") as f:
         f.write(json.dumps({"id": i, "input_ids": c["input_ids"],
                             "max_new_tokens": len(c["greedy_ids"])}) + "\n")
 PY
+        # cpu; cuda with every block in the GPU tier (f32 KV, the fixtures' precision); cuda
+        # with a GPU tier of 20-40 blocks and a host tier of 12, so most KV spills to host memory and
+        # on to disk.
+        runs=(
+            "cpu|--device cpu"
+            "cuda|--device cuda --kv-dtype f32"
+            "tiered|--device cuda --kv-dtype f32 --kv-block-tokens 4 --gpu-kv-mem 40KiB --prefill-chunk 16 --host-mem 48KiB --disk-dir $work/disk --disk-mem 64MiB --kv-recent-blocks 1"
+        )
         ran=1
-        for dev in cpu cuda; do
-            "$strata" generate --model "$fx" --device "$dev" --ignore-eos --batch-size 4 \
-                --input "$work/$name.in.jsonl" --output "$work/$name.$dev.jsonl" 2>"$work/$name.$dev.log" \
-                || { cat "$work/$name.$dev.log"; fail "$name: generate --device $dev"; ran=0; }
+        for r in "${runs[@]}"; do
+            tag=${r%%|*}
+            # shellcheck disable=SC2086
+            "$strata" generate --model "$fx" ${r#*|} --ignore-eos --batch-size 4 \
+                --input "$work/$name.in.jsonl" --output "$work/$name.$tag.jsonl" \
+                --stats-json "$work/$name.$tag.stats.json" 2>"$work/$name.$tag.log" \
+                || { cat "$work/$name.$tag.log"; fail "$name: generate ($tag)"; ran=0; }
         done
         [[ $ran -eq 1 ]] || continue
-        python3 - "$fx/expected.json" "$work/$name.cpu.jsonl" "$work/$name.cuda.jsonl" "$name" <<'PY' || fail "$name: tokens differ"
+        python3 - "$fx/expected.json" "$work" "$name" <<'PY' || fail "$name: tokens differ"
 import json, sys
 want = [c["greedy_ids"] for c in json.load(open(sys.argv[1]))["cases"]]
-def read(p):
-    return {r["id"]: r.get("output_ids") for r in map(json.loads, open(p))}
-cpu, cuda = read(sys.argv[2]), read(sys.argv[3])
+work, name = sys.argv[2], sys.argv[3]
+def read(tag):
+    return {r["id"]: r.get("output_ids") for r in map(json.loads, open(f"{work}/{name}.{tag}.jsonl"))}
+cpu, cuda, tiered = read("cpu"), read("cuda"), read("tiered")
+kv = json.load(open(f"{work}/{name}.tiered.stats.json"))["kv"]
 ok = True
 for i, w in enumerate(want):
     same = cuda.get(i) == cpu.get(i)
     golden = cuda.get(i) == w
-    ok &= same and golden
-    print(f"{sys.argv[4]} case {i}: {len(w)} tokens, cuda == cpu: {same}, cuda == transformers: {golden}")
+    tier = tiered.get(i) == w
+    ok &= same and golden and tier
+    print(f"{name} case {i}: {len(w)} tokens, cuda == cpu: {same}, cuda == transformers: {golden}, "
+          f"gpu+host+disk == transformers: {tier}")
+print(f"{name} tiered run: gpu blocks {kv['gpu_blocks_peak']}/{kv['gpu_capacity_blocks']}, "
+      f"{kv['gpu_spilled_blocks']} spilled to host, {kv['spilled_blocks']} to disk")
 sys.exit(0 if ok else 1)
 PY
-        grep -h '^note: computing on' "$work/$name.cuda.log" | head -1 || true
+        grep -h '^note: ' "$work/$name.tiered.log" | head -3 || true
     done
     rm -rf "$work"
 fi

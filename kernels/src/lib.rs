@@ -22,7 +22,7 @@ pub mod testing;
 
 pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};
-pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo};
+pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo, GemmPrecision};
 pub use dtype::{DType, HostWeight, WeightData};
 pub use rope::{RopeScaling, RopeTable};
 
@@ -104,4 +104,22 @@ pub trait Backend: Send + Sync {
     fn softmax_inplace(&self, x: &mut Self::Tensor) -> Result<()>;
     /// Copies rows `rows` of `x` into a new tensor, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// The index of the largest value of each row (the first on ties): greedy sampling without
+    /// moving whole logits rows to the host.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
+        let (_, cols) = self.shape(x);
+        let flat = self.to_host(x)?;
+        Ok(flat
+            .chunks_exact(cols.max(1))
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
 }

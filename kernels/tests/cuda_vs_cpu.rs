@@ -8,6 +8,10 @@
 //!   activations): 1e-5 against the f64 reference.
 //! - `linear`, f16/bf16 weights over 8 rows (activation split into two half-precision terms,
 //!   cuBLAS GemmEx, f32 output): 2e-5 against the f64 reference.
+//! - `linear` in `GemmPrecision::Rounded` (activation rounded once to the weight dtype, one
+//!   GemmEx): 2e-5 against the CPU backend fed the same rounded activation; against the CPU
+//!   backend fed the f32 activation, per element `|Δ| ≤ (u + 2k·2⁻²⁴) · Σᵢ|xᵢ·wⱼᵢ|` with
+//!   `u = 2⁻⁸` (bf16) or `2⁻¹¹` (f16), the bound of one rounding plus f32 accumulation.
 //!
 //! Measured on an H100 (CUDA 13.0): f32 2.7e-7; f16/bf16 GEMV 1.0e-7; f16 split GEMM 9.6e-7,
 //! bf16 split GEMM 2.3e-6; RoPE 1.8e-7 against the CPU backend.
@@ -22,8 +26,8 @@
 use strata_kernels::cuda::KernelOrigin;
 use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_gpu, test_seed};
 use strata_kernels::{
-    Backend, CpuBackend, CudaBackend, DType, HostWeight, RopeScaling, RopeTable, WeightData,
-    reference,
+    Backend, CpuBackend, CudaBackend, DType, GemmPrecision, HostWeight, RopeScaling, RopeTable,
+    WeightData, reference,
 };
 
 fn up(gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> strata_kernels::CudaTensor {
@@ -339,4 +343,96 @@ fn missing_devices_are_errors_not_panics() {
         let (free, total) = gpu.memory_info().unwrap();
         assert!(free <= total && total > 0);
     }
+}
+
+/// `GemmPrecision::Rounded` against the CPU backend: it is exactly the GEMM of the activation
+/// rounded once to the weight dtype (round to nearest even), so against the f32 activation each
+/// output stays within one rounding's bound, `u · Σᵢ|xᵢ·wⱼᵢ|` (bf16 `u = 2⁻⁸`, f16 `u = 2⁻¹¹`),
+/// plus f32 accumulation on both sides (`2k · 2⁻²⁴ · Σᵢ|xᵢ·wⱼᵢ|`). `Split` stays within 2e-5 of
+/// the f64 reference, and the GEMV path (≤ 8 rows) is the same in both modes.
+#[test]
+fn linear_rounded_mode_is_one_rounding_of_the_activation() {
+    let Some(_) = test_gpu() else { return };
+    // A backend of its own: the mode is per backend, and the shared one serves other tests in
+    // parallel.
+    let gpu = CudaBackend::new(0).unwrap();
+    gpu.poison_outputs(true);
+    assert_eq!(gpu.gemm_precision(), GemmPrecision::Split, "default");
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(test_seed());
+    for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+        let (mut worst_split, mut worst_same_x, mut worst_exact) = (0.0f32, 0.0f32, 0.0f32);
+        let mut worst_of_bound = 0.0f64;
+        for (m, k, n) in [
+            (8, 100, 33),
+            (9, 96, 65),
+            (17, 96, 64),
+            (33, 255, 257),
+            (64, 512, 384),
+            (200, 4096, 256),
+        ] {
+            let what = format!("{dtype:?} m={m} k={k} n={n}");
+            let w = rng.weight(n, k, dtype);
+            let x = rng.vec(m * k);
+            let x_rounded = WeightData::F32(x.clone()).cast(dtype).to_f32_vec();
+            let on_cpu = |x: &[f32]| {
+                let t = cpu.tensor(m, k, x.to_vec()).unwrap();
+                cpu.linear(&t, &w, None).unwrap().data
+            };
+            let (want, want_rounded) = (on_cpu(&x), on_cpu(&x_rounded));
+            let wg = gpu.upload_weight(w.clone()).unwrap();
+            let xg = up(&gpu, m, k, &x);
+            let run = |p: GemmPrecision| {
+                gpu.set_gemm_precision(p);
+                assert_eq!(gpu.gemm_precision(), p);
+                gpu.to_host(&gpu.linear(&xg, &wg, None).unwrap()).unwrap()
+            };
+            let split = run(GemmPrecision::Split);
+            let rounded = run(GemmPrecision::Rounded);
+            gpu.set_gemm_precision(GemmPrecision::Split);
+
+            let err = max_rel_err(&split, &reference::linear(&x, m, &w, None));
+            worst_split = worst_split.max(err);
+            assert!(err < 2e-5, "{what}: Split rel err {err:.2e}");
+            if m <= 8 {
+                // GEMV: f32 activations in both modes.
+                assert_eq!(rounded, split, "{what}: GEMV differs between modes");
+                continue;
+            }
+            let err = max_rel_err(&rounded, &want_rounded);
+            worst_same_x = worst_same_x.max(err);
+            assert!(err < 2e-5, "{what}: Rounded vs CPU on rounded x: {err:.2e}");
+            let err = max_rel_err(&rounded, &want);
+            worst_exact = worst_exact.max(err);
+            // The rounding really happens: one rounding is far coarser than Split's 2e-5.
+            assert!(err > 2e-5, "{what}: Rounded looks unrounded ({err:.2e})");
+
+            let wf = w.data.to_f32_vec();
+            let acc = 2.0 * k as f64 * 2f64.powi(-24);
+            for r in 0..m {
+                for j in 0..n {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let wr = &wf[j * k..(j + 1) * k];
+                    let s: f64 = xr
+                        .iter()
+                        .zip(wr)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    let d = (rounded[r * n + j] as f64 - want[r * n + j] as f64).abs();
+                    assert!(
+                        d <= (u + acc) * s,
+                        "{what} [{r}, {j}]: |Δ| {d:.3e} > bound {:.3e}",
+                        (u + acc) * s
+                    );
+                    worst_of_bound = worst_of_bound.max(d / (u * s));
+                }
+            }
+        }
+        eprintln!(
+            "linear {dtype:?} Rounded: {worst_same_x:.2e} vs CPU on the rounded activation, \
+             {worst_exact:.2e} vs CPU on f32 (largest |Δ| = {worst_of_bound:.3} of u·Σ|x·w|); \
+             Split {worst_split:.2e} vs f64 reference"
+        );
+    }
+    assert!(gpu.deferred_error().is_none());
 }

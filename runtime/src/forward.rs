@@ -10,7 +10,12 @@
 
 use std::time::Instant;
 
-use strata_kernels::{AttentionGeometry, Backend, RopeTable};
+use strata_kernels::cuda::{Fetched, PinnedWeight};
+use strata_kernels::{
+    AttentionGeometry, Backend, CpuBackend, CudaBackend, CudaWeight, HostWeight, RopeTable,
+};
+
+type KernelResult<T> = strata_kernels::Result<T>;
 use tracing::debug_span;
 
 use crate::error::ModelResult;
@@ -58,17 +63,173 @@ struct LayerWeights<W> {
     mlp: Mlp<W>,
 }
 
-/// Weights resident for the whole run, or loaded per use.
-enum Layers<W> {
-    Resident(Vec<LayerWeights<W>>),
+/// Where the layers' weights live between forward passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// On the backend for the whole run.
+    Resident,
+    /// Staged in (page-locked) host memory once, fetched layer by layer with the next layer's
+    /// copy overlapping this layer's compute. Backends that do not stage stream instead.
+    Staged,
+    /// Loaded from the weight source (file or generator) for every use.
     Streamed,
 }
 
-pub struct Transformer<'m, B: Backend> {
+/// A staged layer on its way to the device: its weights, the mark to wait for, its bytes.
+type FetchedLayer<B> = (
+    LayerWeights<<B as Backend>::Weight>,
+    <B as RuntimeBackend>::Fetched,
+    u64,
+);
+
+enum Layers<W, S> {
+    Resident(Vec<LayerWeights<W>>),
+    Staged(Vec<LayerWeights<S>>),
+    Streamed,
+}
+
+/// What the forward pass needs from a backend beyond [`Backend`]'s ops:
+/// - where a layer meets the KV cache: append the rows' K and V, then attend each row over its
+///   sequence. The default keeps K, V and attention in the host and disk tiers (the CPU backend's
+///   way, and the GPU's when the cache has no GPU tier); the CUDA backend appends into and
+///   attends over its GPU tier on the device;
+/// - weights that do not stay resident: a backend that computes away from host memory stages
+///   them there once (page-locked) and fetches each layer per pass, overlapping the next layer's
+///   copy with this layer's compute; the CPU streams them from their source instead.
+pub trait RuntimeBackend: Backend {
+    /// A weight staged in host memory for fast fetches.
+    type Staged: Send + Sync;
+    /// A mark on the fetches enqueued so far.
+    type Fetched;
+
+    /// Stages `w` for per-pass fetches, or `None` when this backend does not stage.
+    fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<Self::Staged>>;
+    /// Starts fetching a staged weight; usable once [`RuntimeBackend::wait_fetched`] has been
+    /// called on a later mark.
+    fn fetch_weight(&self, w: &Self::Staged) -> KernelResult<Self::Weight>;
+    fn fetched(&self) -> KernelResult<Self::Fetched>;
+    fn wait_fetched(&self, mark: &Self::Fetched) -> KernelResult<()>;
+    fn staged_bytes(&self, w: &Self::Staged) -> u64;
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_and_attend(
+        &self,
+        kv: &mut KvCache,
+        layer: usize,
+        rows: &[Row],
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        ag: &AttentionGeometry,
+    ) -> Result<Self::Tensor, ForwardError> {
+        host_append_and_attend(self, kv, layer, rows, q, k, v, ag)
+    }
+}
+
+impl RuntimeBackend for CpuBackend {
+    type Staged = HostWeight;
+    type Fetched = ();
+
+    fn stage_weight(&self, _: HostWeight) -> KernelResult<Option<HostWeight>> {
+        Ok(None)
+    }
+    fn fetch_weight(&self, w: &HostWeight) -> KernelResult<HostWeight> {
+        Ok(w.clone())
+    }
+    fn fetched(&self) -> KernelResult<()> {
+        Ok(())
+    }
+    fn wait_fetched(&self, _: &()) -> KernelResult<()> {
+        Ok(())
+    }
+    fn staged_bytes(&self, w: &HostWeight) -> u64 {
+        (w.data.len() * w.data.dtype().size_bytes()) as u64
+    }
+}
+
+impl RuntimeBackend for CudaBackend {
+    type Staged = PinnedWeight;
+    type Fetched = Fetched;
+
+    fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<PinnedWeight>> {
+        self.pin_weight(w).map(Some)
+    }
+    fn fetch_weight(&self, w: &PinnedWeight) -> KernelResult<CudaWeight> {
+        CudaBackend::fetch_weight(self, w)
+    }
+    fn fetched(&self) -> KernelResult<Fetched> {
+        CudaBackend::fetched(self)
+    }
+    fn wait_fetched(&self, mark: &Fetched) -> KernelResult<()> {
+        CudaBackend::wait_fetched(self, mark)
+    }
+    fn staged_bytes(&self, w: &PinnedWeight) -> u64 {
+        w.bytes() as u64
+    }
+
+    fn append_and_attend(
+        &self,
+        kv: &mut KvCache,
+        layer: usize,
+        rows: &[Row],
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        ag: &AttentionGeometry,
+    ) -> Result<Self::Tensor, ForwardError> {
+        if !kv.has_gpu_tier() {
+            return host_append_and_attend(self, kv, layer, rows, q, k, v, ag);
+        }
+        let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
+        kv.append_device(layer, &at, k, v)?;
+        Ok(kv.attend_device(layer, &at, q, ag)?)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn host_append_and_attend<B: Backend + ?Sized>(
+    b: &B,
+    kv: &mut KvCache,
+    layer: usize,
+    rows: &[Row],
+    q: &B::Tensor,
+    k: &B::Tensor,
+    v: &B::Tensor,
+    ag: &AttentionGeometry,
+) -> Result<B::Tensor, ForwardError> {
+    let (qh, kh, vh) = (b.to_host(q)?, b.to_host(k)?, b.to_host(v)?);
+    let (qd, kvd) = (ag.n_heads * ag.head_dim, ag.n_kv_heads * ag.head_dim);
+    for (r, row) in rows.iter().enumerate() {
+        kv.append(
+            row.seq,
+            layer,
+            row.pos,
+            &kh[r * kvd..(r + 1) * kvd],
+            &vh[r * kvd..(r + 1) * kvd],
+        )?;
+    }
+    let queries: Vec<TierQuery<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| TierQuery {
+            seq: row.seq,
+            pos: row.pos,
+            q: &qh[r * qd..(r + 1) * qd],
+        })
+        .collect();
+    let attn: Vec<f32> = kv
+        .attend(layer, &queries, ag)?
+        .into_iter()
+        .flat_map(|p| p.o)
+        .collect();
+    Ok(b.tensor(rows.len(), qd, attn)?)
+}
+
+pub struct Transformer<'m, B: RuntimeBackend> {
     backend: B,
     cfg: ModelConfig,
     source: &'m dyn WeightSource,
-    layers: Layers<B::Weight>,
+    layers: Layers<B::Weight, B::Staged>,
     embed: B::Weight,
     pos_embed: Option<B::Weight>,
     final_norm: B::Weight,
@@ -80,10 +241,11 @@ pub struct Transformer<'m, B: Backend> {
     pub timings: LayerTimings,
 }
 
-/// Seconds spent loading streamed weights (zero when resident).
+/// Seconds spent loading streamed weights (zero when resident), and bytes fetched from staging.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LayerTimings {
     pub weight_load_s: f64,
+    pub weight_bytes_fetched: u64,
 }
 
 fn upload<B: Backend>(b: &B, src: &dyn WeightSource, name: WeightName) -> ModelResult<B::Weight> {
@@ -96,10 +258,18 @@ fn load_layer<B: Backend>(
     src: &dyn WeightSource,
     i: usize,
 ) -> ModelResult<LayerWeights<B::Weight>> {
+    layer_with(cfg, i, |name| upload(b, src, name))
+}
+
+/// A layer's tensors, each made by `make` from its name (the set depends on the family).
+fn layer_with<W, E>(
+    cfg: &ModelConfig,
+    i: usize,
+    mut make: impl FnMut(WeightName) -> Result<W, E>,
+) -> Result<LayerWeights<W>, E> {
     use LayerTensor::*;
-    let w = |t| upload(b, src, WeightName::Layer(i, t));
+    let mut w = |t| make(WeightName::Layer(i, t));
     let opt = cfg.family == Family::Opt;
-    let maybe = |on: bool, t| if on { w(t).map(Some) } else { Ok(None) };
     let mlp = if opt {
         Mlp::Relu {
             fc1: w(Fc1)?,
@@ -114,42 +284,98 @@ fn load_layer<B: Backend>(
             down: w(Down)?,
         }
     };
+    let (qkv_b, o_b) = (cfg.qkv_bias, cfg.o_bias);
     Ok(LayerWeights {
         attn_norm: w(AttnNorm)?,
-        attn_norm_b: maybe(opt, AttnNormBias)?,
+        attn_norm_b: if opt { Some(w(AttnNormBias)?) } else { None },
         q: w(Q)?,
         k: w(K)?,
         v: w(V)?,
         o: w(O)?,
-        q_b: maybe(cfg.qkv_bias, QBias)?,
-        k_b: maybe(cfg.qkv_bias, KBias)?,
-        v_b: maybe(cfg.qkv_bias, VBias)?,
-        o_b: maybe(cfg.o_bias, OBias)?,
+        q_b: if qkv_b { Some(w(QBias)?) } else { None },
+        k_b: if qkv_b { Some(w(KBias)?) } else { None },
+        v_b: if qkv_b { Some(w(VBias)?) } else { None },
+        o_b: if o_b { Some(w(OBias)?) } else { None },
         mlp_norm: w(MlpNorm)?,
-        mlp_norm_b: maybe(opt, MlpNormBias)?,
+        mlp_norm_b: if opt { Some(w(MlpNormBias)?) } else { None },
         mlp,
     })
 }
 
-impl<'m, B: Backend> Transformer<'m, B> {
-    /// Loads the model's global tensors, and every layer too when `resident`.
+impl<W> LayerWeights<W> {
+    /// The same layer with every tensor mapped by `f`.
+    fn try_map<V, E>(&self, f: impl Fn(&W) -> Result<V, E>) -> Result<LayerWeights<V>, E> {
+        let opt = |w: &Option<W>| w.as_ref().map(&f).transpose();
+        let mlp = match &self.mlp {
+            Mlp::SwiGlu { gate, up, down } => Mlp::SwiGlu {
+                gate: f(gate)?,
+                up: f(up)?,
+                down: f(down)?,
+            },
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => Mlp::Relu {
+                fc1: f(fc1)?,
+                fc1_b: f(fc1_b)?,
+                fc2: f(fc2)?,
+                fc2_b: f(fc2_b)?,
+            },
+        };
+        Ok(LayerWeights {
+            attn_norm: f(&self.attn_norm)?,
+            attn_norm_b: opt(&self.attn_norm_b)?,
+            q: f(&self.q)?,
+            k: f(&self.k)?,
+            v: f(&self.v)?,
+            o: f(&self.o)?,
+            q_b: opt(&self.q_b)?,
+            k_b: opt(&self.k_b)?,
+            v_b: opt(&self.v_b)?,
+            o_b: opt(&self.o_b)?,
+            mlp_norm: f(&self.mlp_norm)?,
+            mlp_norm_b: opt(&self.mlp_norm_b)?,
+            mlp,
+        })
+    }
+}
+
+impl<'m, B: RuntimeBackend> Transformer<'m, B> {
+    /// Loads the model's global tensors, and every layer too when `resident` (else layers are
+    /// streamed from their source).
     pub fn new(
         backend: B,
         model: &'m Model,
         block_tokens: usize,
         resident: bool,
     ) -> ModelResult<Self> {
+        let residency = if resident {
+            Residency::Resident
+        } else {
+            Residency::Streamed
+        };
+        Self::with_residency(backend, model, block_tokens, residency)
+    }
+
+    pub fn with_residency(
+        backend: B,
+        model: &'m Model,
+        block_tokens: usize,
+        residency: Residency,
+    ) -> ModelResult<Self> {
         let cfg = model.config.clone();
         let src = model.weights.as_ref();
         let opt = cfg.family == Family::Opt;
-        let layers = if resident {
-            Layers::Resident(
+        let layers = match residency {
+            Residency::Resident => Layers::Resident(
                 (0..cfg.layers)
                     .map(|i| load_layer(&backend, &cfg, src, i))
                     .collect::<ModelResult<_>>()?,
-            )
-        } else {
-            Layers::Streamed
+            ),
+            Residency::Staged => stage_layers(&backend, &cfg, src)?,
+            Residency::Streamed => Layers::Streamed,
         };
         let embed = upload(&backend, src, WeightName::Embed)?;
         check_shape(&backend, &embed, cfg.vocab, cfg.hidden, "embedding table")?;
@@ -205,6 +431,33 @@ impl<'m, B: Backend> Transformer<'m, B> {
         logit_rows: &[usize],
         kv: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let logits = self.forward_logits(rows, logit_rows, kv)?;
+        let flat = self.backend.to_host(&logits)?;
+        Ok(flat
+            .chunks_exact(self.cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// [`Transformer::forward`] for greedy decoding: the argmax of each logits row, computed
+    /// where the logits are (only the token ids come back to the host).
+    pub fn forward_greedy(
+        &mut self,
+        rows: &[Row],
+        logit_rows: &[usize],
+        kv: &mut KvCache,
+    ) -> Result<Vec<u32>, ForwardError> {
+        let logits = self.forward_logits(rows, logit_rows, kv)?;
+        Ok(self.backend.argmax_rows(&logits)?)
+    }
+
+    /// The logits `[logit_rows.len(), vocab]`, left on the backend.
+    pub fn forward_logits(
+        &mut self,
+        rows: &[Row],
+        logit_rows: &[usize],
+        kv: &mut KvCache,
+    ) -> Result<B::Tensor, ForwardError> {
         let b = &self.backend;
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         // x: [rows, hidden]
@@ -215,10 +468,27 @@ impl<'m, B: Backend> Transformer<'m, B> {
             let p = b.embedding(pe, &ids)?;
             b.add_inplace(&mut x, &p)?;
         }
+        // Staged layers: layer i + 1's copy is enqueued before layer i's kernels (double
+        // buffering: two layers on the device at a time).
+        let mut next = match &self.layers {
+            Layers::Staged(ls) => Some(self.fetch(&ls[0])?),
+            _ => None,
+        };
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             match &self.layers {
                 Layers::Resident(ls) => x = self.layer(&ls[i], i, x, rows, kv)?,
+                Layers::Staged(ls) => {
+                    let Some((lw, mark, bytes)) = next.take() else {
+                        unreachable!("layer {i} was fetched before layer {}", i.max(1) - 1)
+                    };
+                    b.wait_fetched(&mark)?;
+                    self.timings.weight_bytes_fetched += bytes;
+                    if i + 1 < ls.len() {
+                        next = Some(self.fetch(&ls[i + 1])?);
+                    }
+                    x = self.layer(&lw, i, x, rows, kv)?;
+                }
                 Layers::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
@@ -230,12 +500,17 @@ impl<'m, B: Backend> Transformer<'m, B> {
         let _span = debug_span!("logits").entered();
         let last = b.gather_rows(&x, logit_rows)?;
         let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
-        let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        let flat = b.to_host(&logits)?;
-        Ok(flat
-            .chunks_exact(self.cfg.vocab)
-            .map(<[f32]>::to_vec)
-            .collect())
+        Ok(b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?)
+    }
+
+    /// Starts fetching a staged layer; returns it and the mark to wait for before using it.
+    fn fetch(&self, staged: &LayerWeights<B::Staged>) -> Result<FetchedLayer<B>, ForwardError> {
+        let bytes = std::cell::Cell::new(0u64);
+        let lw = staged.try_map(|w| {
+            bytes.set(bytes.get() + self.backend.staged_bytes(w));
+            self.backend.fetch_weight(w)
+        })?;
+        Ok((lw, self.backend.fetched()?, bytes.get()))
     }
 
     fn norm(
@@ -270,32 +545,7 @@ impl<'m, B: Backend> Transformer<'m, B> {
             b.rope(&mut q, cfg.heads, &positions, &self.rope)?;
             b.rope(&mut k, cfg.kv_heads, &positions, &self.rope)?;
         }
-        let (qh, kh, vh) = (b.to_host(&q)?, b.to_host(&k)?, b.to_host(&v)?);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        for (r, row) in rows.iter().enumerate() {
-            kv.append(
-                row.seq,
-                layer,
-                row.pos,
-                &kh[r * kvd..(r + 1) * kvd],
-                &vh[r * kvd..(r + 1) * kvd],
-            )?;
-        }
-        let queries: Vec<TierQuery<'_>> = rows
-            .iter()
-            .enumerate()
-            .map(|(r, row)| TierQuery {
-                seq: row.seq,
-                pos: row.pos,
-                q: &qh[r * qd..(r + 1) * qd],
-            })
-            .collect();
-        let attn: Vec<f32> = kv
-            .attend(layer, &queries, &self.attention)?
-            .into_iter()
-            .flat_map(|p| p.o)
-            .collect();
-        let attn = b.tensor(rows.len(), qd, attn)?;
+        let attn = b.append_and_attend(kv, layer, rows, &q, &k, &v, &self.attention)?;
         let o = b.linear(&attn, &w.o, w.o_b.as_ref())?;
         b.add_inplace(&mut x, &o)?;
         // MLP block.
@@ -319,6 +569,35 @@ impl<'m, B: Backend> Transformer<'m, B> {
         b.add_inplace(&mut x, &out)?;
         Ok(x)
     }
+}
+
+/// Stages every layer in host memory, or streams when the backend does not stage.
+fn stage_layers<B: RuntimeBackend>(
+    b: &B,
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+) -> ModelResult<Layers<B::Weight, B::Staged>> {
+    enum Stop {
+        Declined,
+        Failed(crate::error::ModelError),
+    }
+    let mut layers = Vec::with_capacity(cfg.layers);
+    for i in 0..cfg.layers {
+        let lw = layer_with(cfg, i, |name| {
+            let w = src.load(name).map_err(Stop::Failed)?;
+            match b.stage_weight(w) {
+                Ok(Some(s)) => Ok(s),
+                Ok(None) => Err(Stop::Declined),
+                Err(e) => Err(Stop::Failed(e.into())),
+            }
+        });
+        match lw {
+            Ok(lw) => layers.push(lw),
+            Err(Stop::Declined) => return Ok(Layers::Streamed),
+            Err(Stop::Failed(e)) => return Err(e),
+        }
+    }
+    Ok(Layers::Staged(layers))
 }
 
 fn check_shape<B: Backend>(

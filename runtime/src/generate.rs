@@ -14,9 +14,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
-use strata_kernels::Backend;
 
-use crate::forward::{ForwardError, Row, Transformer};
+use crate::forward::{ForwardError, Residency, Row, RuntimeBackend, Transformer};
 use crate::jobio::{
     BadLine, ErrorRecord, ItemInput, JobIoError, JobItem, OutputRecord, OutputWriter, id_key,
     read_input,
@@ -44,6 +43,10 @@ pub struct GenerateOptions {
     /// The disk KV tier, when `--disk-dir` is given.
     pub disk: Option<DiskTierConfig>,
     pub hot_policy: SinkAndRecent,
+    /// The GPU KV tier, when computing on a GPU with `--gpu-mem` room for KV.
+    pub gpu: Option<crate::kv::GpuTierConfig>,
+    /// Prompt tokens per forward pass during prefill (a long prompt, or many, runs in chunks).
+    pub prefill_chunk: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,8 @@ pub struct JobStats {
     pub decode_tokens_per_s: f64,
     pub wall_seconds: f64,
     pub weight_load_seconds: f64,
+    /// Weight bytes copied from page-locked host memory to the GPU (staged weights).
+    pub weight_bytes_fetched: u64,
     pub peak_rss_bytes: u64,
     pub peak_kv_bytes: usize,
     pub batch_size: usize,
@@ -99,7 +104,7 @@ struct Running {
     next: u32,
 }
 
-struct Job<'a, 'm, B: Backend> {
+struct Job<'a, 'm, B: RuntimeBackend> {
     model: &'m Model,
     tf: Transformer<'m, B>,
     opts: &'a GenerateOptions,
@@ -111,10 +116,10 @@ struct Job<'a, 'm, B: Backend> {
 }
 
 /// Runs the job; returns its statistics (`items_failed > 0` means some items have error records).
-pub fn run<B: Backend>(
+pub fn run<B: RuntimeBackend>(
     model: &Model,
     backend: B,
-    resident: bool,
+    residency: Residency,
     opts: &GenerateOptions,
 ) -> Result<JobStats, GenerateError> {
     let started = Instant::now();
@@ -131,7 +136,7 @@ pub fn run<B: Backend>(
     }
     let lines = read_input(&opts.input)?;
     let (out, done) = OutputWriter::open(&opts.output, opts.resume)?;
-    let tf = Transformer::new(backend, model, opts.block_tokens, resident)
+    let tf = Transformer::with_residency(backend, model, opts.block_tokens, residency)
         .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
     let cfg = &model.config;
     let geometry = KvGeometry {
@@ -158,6 +163,7 @@ pub fn run<B: Backend>(
             geometry,
             host_bytes: opts.host_kv_bytes,
             disk: opts.disk.clone(),
+            gpu: opts.gpu.clone(),
             policy: Box::new(opts.hot_policy),
         })?,
         out,
@@ -181,9 +187,11 @@ pub fn run<B: Backend>(
     s.prefill_tokens_per_s = rate(s.prompt_tokens, s.prefill_seconds);
     s.decode_tokens_per_s = rate(s.decode_tokens, s.decode_seconds);
     s.weight_load_seconds = job.tf.timings.weight_load_s;
+    s.weight_bytes_fetched = job.tf.timings.weight_bytes_fetched;
     s.peak_rss_bytes = peak_rss_bytes();
     s.kv = job.kv.metrics();
-    s.peak_kv_bytes = (s.kv.host_blocks_peak + s.kv.disk_blocks_peak) * s.kv.bytes_per_block;
+    s.peak_kv_bytes = (s.kv.host_blocks_peak + s.kv.disk_blocks_peak) * s.kv.bytes_per_block
+        + s.kv.gpu_blocks_peak * s.kv.gpu_bytes_per_block;
     Ok(job.stats)
 }
 
@@ -217,7 +225,7 @@ pub fn peak_rss_bytes() -> u64 {
     usage.ru_maxrss.max(0) as u64 * 1024
 }
 
-impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
+impl<'a, 'm, B: RuntimeBackend> Job<'a, 'm, B> {
     /// Writes error records for bad lines, drops items already in OUT, returns the rest.
     fn skip_done(
         &mut self,
@@ -381,23 +389,64 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
         let _span = tracing::info_span!("prefill", sequences = batch.len()).entered();
         let t0 = Instant::now();
         let mut rows = Vec::new();
+        // (sequence index in `batch`, row index in `rows`) of each prompt's last token.
         let mut last = Vec::new();
-        for r in batch.iter() {
+        for (i, r) in batch.iter().enumerate() {
             rows.extend(r.prompt.iter().enumerate().map(|(pos, &token)| Row {
                 seq: r.seq,
                 pos,
                 token,
             }));
-            last.push(rows.len() - 1);
+            last.push((i, rows.len() - 1));
         }
-        let logits = self.tf.forward(&rows, &last, &mut self.kv)?;
-        for (r, l) in batch.iter_mut().zip(&logits) {
+        // Chunks of at most `prefill_chunk` rows; a prompt may straddle two chunks (its KV is
+        // appended in order either way). Each chunk samples the prompts that end in it.
+        let chunk = self.opts.prefill_chunk.max(1);
+        let mut start = 0;
+        let mut ends = last.iter().peekable();
+        while start < rows.len() {
+            let end = (start + chunk).min(rows.len());
+            let mut here = Vec::new();
+            while let Some(&&(i, row)) = ends.peek() {
+                if row >= end {
+                    break;
+                }
+                here.push((i, row - start));
+                ends.next();
+            }
+            let logit_rows: Vec<usize> = here.iter().map(|h| h.1).collect();
+            let picks = self.sample(batch, &here, &rows[start..end], &logit_rows)?;
+            for (&(i, _), t) in here.iter().zip(picks) {
+                batch[i].next = t;
+            }
+            start = end;
+        }
+        for r in batch.iter_mut() {
             r.prompt = Vec::new();
-            r.next = r.sampler.sample(l);
         }
         self.stats.prompt_tokens += rows.len();
         self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Runs `rows` and samples the next token of `seqs[j].0` (an index into `running`) from the
+    /// logits of row `logit_rows[j]`: greedy picks are made by the backend, where the logits are.
+    fn sample(
+        &mut self,
+        running: &mut [Running],
+        seqs: &[(usize, usize)],
+        rows: &[Row],
+        logit_rows: &[usize],
+    ) -> Result<Vec<u32>, GenerateError> {
+        if seqs.iter().all(|&(i, _)| running[i].sampler.is_greedy()) {
+            return Ok(self.tf.forward_greedy(rows, logit_rows, &mut self.kv)?);
+        }
+        let logits = self.tf.forward(rows, logit_rows, &mut self.kv)?;
+        Ok(seqs
+            .iter()
+            .zip(&logits)
+            .map(|(&(i, _), l)| running[i].sampler.sample(l))
+            .collect())
     }
 
     fn decode_step(&mut self, running: &mut [Running]) -> Result<(), GenerateError> {
@@ -412,9 +461,10 @@ impl<'a, 'm, B: Backend> Job<'a, 'm, B> {
             })
             .collect();
         let wanted: Vec<usize> = (0..rows.len()).collect();
-        let logits = self.tf.forward(&rows, &wanted, &mut self.kv)?;
-        for (r, l) in running.iter_mut().zip(&logits) {
-            r.next = r.sampler.sample(l);
+        let seqs: Vec<(usize, usize)> = wanted.iter().map(|&i| (i, i)).collect();
+        let picks = self.sample(running, &seqs, &rows, &wanted)?;
+        for (r, t) in running.iter_mut().zip(picks) {
+            r.next = t;
         }
         self.stats.decode_tokens += rows.len();
         self.stats.decode_seconds += t0.elapsed().as_secs_f64();

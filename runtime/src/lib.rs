@@ -5,6 +5,7 @@
 pub mod error;
 pub mod forward;
 pub mod generate;
+pub mod gpu_budget;
 pub mod jobio;
 pub mod kv;
 pub mod model;

@@ -4,11 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use strata_kernels::{CpuBackend, CudaBackend};
+use strata_kernels::{CpuBackend, CudaBackend, DType, GemmPrecision};
+use strata_runtime::forward::Residency;
 use strata_runtime::generate::{self, GenerateOptions};
-use strata_runtime::kv::DiskTierConfig;
+use strata_runtime::gpu_budget;
 use strata_runtime::kv::policy::SinkAndRecent;
+use strata_runtime::kv::{DiskTierConfig, GpuTierConfig};
 use strata_runtime::model::{self, Family};
+use strata_runtime::units::format_size as human_bytes;
 
 #[derive(Parser)]
 #[command(
@@ -152,6 +155,32 @@ struct GenerateArgs {
     /// else the CPU, with a note saying why).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
+    /// GPU memory strata may use (weights, activations and the GPU KV tier), e.g. 24GiB.
+    /// Default: 92% of the memory free on the GPU at start. The weights stay on the GPU when
+    /// they fit with room for KV; otherwise they stream layer by layer from host memory. What
+    /// is left after weights and activations holds KV blocks; colder blocks spill to host
+    /// memory (--host-mem) and then to --disk-dir.
+    #[arg(long, value_parser = parse_size_arg)]
+    gpu_mem: Option<u64>,
+    /// GPU memory for KV blocks (the GPU tier), e.g. 8GiB. Default: what --gpu-mem leaves after
+    /// the weights and activations. Must fit in that.
+    #[arg(long, value_parser = parse_size_arg)]
+    gpu_kv_mem: Option<u64>,
+    /// Storage type of KV blocks in the GPU tier: auto (the model's dtype when it is f16 or
+    /// bf16, else f32), f32, f16 or bf16. Blocks spilled to host memory or disk keep exactly
+    /// these values (widened to f32).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
+    kv_dtype: String,
+    /// Prompt tokens per forward pass during prefill: long prompts (or many at once) run in
+    /// chunks of this many tokens, which bounds activation memory.
+    #[arg(long, default_value_t = 8192)]
+    prefill_chunk: usize,
+    /// GPU GEMMs with half-precision weights: `split` carries the f32 activation as two
+    /// half-precision terms (two tensor-core GEMMs, close to f32 results), `rounded` rounds it
+    /// once to the weight dtype (one GEMM, what PyTorch does in bf16; about twice as fast for
+    /// prefill).
+    #[arg(long, default_value = "split", value_parser = ["split", "rounded"])]
+    gpu_gemm: String,
 }
 
 /// The `--device` choice.
@@ -224,6 +253,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     if a.kv_block_tokens == 0 {
         anyhow::bail!("--kv-block-tokens must be at least 1");
     }
+    if a.prefill_chunk == 0 {
+        anyhow::bail!("--prefill-chunk must be at least 1");
+    }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
@@ -236,13 +268,108 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             .build_global()?;
     }
     let model = model::open(&a.model)?;
-    let resident = strata_runtime::weights_fit_in_memory(&model.config);
-    if !resident {
-        eprintln!(
-            "note: {} does not fit in memory; streaming its weights layer by layer",
-            a.model
-        );
-    }
+    let gpu = open_gpu(a.device)?;
+    let mut gpu_tier = None;
+    let residency = match &gpu {
+        None => {
+            if a.gpu_mem.is_some() || a.gpu_kv_mem.is_some() {
+                anyhow::bail!("--gpu-mem / --gpu-kv-mem: no GPU in use (see `strata info`)");
+            }
+            if strata_runtime::weights_fit_in_memory(&model.config) {
+                Residency::Resident
+            } else {
+                eprintln!(
+                    "note: {} does not fit in memory; streaming its weights layer by layer",
+                    a.model
+                );
+                Residency::Streamed
+            }
+        }
+        Some(gpu) => {
+            gpu.set_gemm_precision(match a.gpu_gemm.as_str() {
+                "rounded" => GemmPrecision::Rounded,
+                _ => GemmPrecision::Split,
+            });
+            let (free, total) = gpu.memory_info()?;
+            let budget = match a.gpu_mem {
+                Some(b) if b > total as u64 => anyhow::bail!(
+                    "--gpu-mem {} is more than the GPU has ({})",
+                    human_bytes(b),
+                    human_bytes(total as u64)
+                ),
+                Some(b) => b,
+                None => free as u64 / 100 * 92,
+            };
+            let rows = a.prefill_chunk;
+            let mut split = gpu_budget::split(&model.config, budget, rows, a.batch_size);
+            if let Some(kv) = a.gpu_kv_mem {
+                if kv > split.kv_bytes {
+                    anyhow::bail!(
+                        "--gpu-kv-mem {} is more than the {} that --gpu-mem {} leaves after \
+                         weights ({}) and activations ({})",
+                        human_bytes(kv),
+                        human_bytes(split.kv_bytes),
+                        human_bytes(budget),
+                        human_bytes(split.weight_bytes),
+                        human_bytes(split.workspace_bytes)
+                    );
+                }
+                split.kv_bytes = kv;
+            }
+            let kv_dtype = match a.kv_dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                _ => gpu_budget::auto_kv_dtype(&model.config),
+            };
+            let cfg = &model.config;
+            let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
+            // Every sequence's writable block in every layer, plus one prefill chunk's blocks.
+            let min_blocks = (a.batch_size * cfg.layers
+                + rows.div_ceil(a.kv_block_tokens)
+                + a.batch_size) as u64;
+            eprintln!(
+                "note: GPU budget {}: weights {} ({}), activations {}, KV {}",
+                human_bytes(budget),
+                human_bytes(split.weight_bytes),
+                if split.resident_weights {
+                    "resident"
+                } else {
+                    "streamed layer by layer"
+                },
+                human_bytes(split.workspace_bytes),
+                human_bytes(split.kv_bytes)
+            );
+            if split.kv_bytes / block_bytes >= min_blocks {
+                gpu_tier = Some(GpuTierConfig {
+                    backend: gpu.clone(),
+                    bytes: split.kv_bytes,
+                    dtype: kv_dtype,
+                });
+            } else {
+                eprintln!(
+                    "note: no GPU KV tier: {} of KV room holds {} blocks of {}, fewer than the {} \
+                     this batch needs; KV stays in host memory and attention runs on the CPU",
+                    human_bytes(split.kv_bytes),
+                    split.kv_bytes / block_bytes,
+                    human_bytes(block_bytes),
+                    min_blocks
+                );
+            }
+            if split.resident_weights {
+                Residency::Resident
+            } else if strata_runtime::weights_fit_in_memory(&model.config) {
+                Residency::Staged
+            } else {
+                eprintln!(
+                    "note: {} fits neither the GPU budget nor host memory; streaming its weights \
+                     from their source layer by layer",
+                    a.model
+                );
+                Residency::Streamed
+            }
+        }
+    };
     let opts = GenerateOptions {
         input: a.input,
         output: a.output,
@@ -273,12 +400,14 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             sink_blocks: a.kv_sink_blocks,
             recent_blocks: a.kv_recent_blocks,
         },
+        gpu: gpu_tier,
+        prefill_chunk: a.prefill_chunk,
     };
-    let stats = match open_gpu(a.device)? {
-        None => generate::run(&model, CpuBackend::new(), resident, &opts)?,
+    let stats = match gpu {
+        None => generate::run(&model, CpuBackend::new(), residency, &opts)?,
         Some(gpu) => {
             eprintln!("note: computing on {}", gpu.device_info());
-            let stats = generate::run(&model, gpu.clone(), resident, &opts)?;
+            let stats = generate::run(&model, gpu.clone(), residency, &opts)?;
             if let Some(e) = gpu.deferred_error() {
                 anyhow::bail!("the GPU failed during the job: {e}");
             }

@@ -26,6 +26,11 @@ impl Sampler {
         }
     }
 
+    /// Greedy: the pick is the argmax, which the backend can compute where the logits are.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);

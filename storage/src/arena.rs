@@ -241,6 +241,19 @@ impl ArenaSlots {
         }
     }
 
+    /// The arena's base address and length in bytes, for page-locking it for DMA (a GPU copy
+    /// engine). Writing through the pointer is the caller's `unsafe` business.
+    pub fn raw_region(&self) -> (*mut u8, usize) {
+        (self.arena.base_ptr(), self.arena.len())
+    }
+
+    /// A slot's first byte, for a DMA engine to write into (see [`ArenaSlots::raw_region`]).
+    /// Panics on an out-of-range id, as [`ArenaSlots::slot`].
+    pub fn slot_ptr(&mut self, id: SlotId) -> *mut u8 {
+        let start = self.offset_of(id);
+        self.arena.base_ptr().wrapping_add(start)
+    }
+
     /// Number of slots.
     pub fn capacity(&self) -> usize {
         self.in_use.len()

@@ -4,37 +4,46 @@
 use std::path::PathBuf;
 
 use strata_kernels::CpuBackend;
-use strata_runtime::forward::{Row, Transformer};
+use strata_runtime::forward::{Row, RuntimeBackend, Transformer};
 use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{DiskTierConfig, KvCache, KvCacheConfig, KvGeometry, SeqId};
+use strata_runtime::kv::{
+    DiskTierConfig, GpuTierConfig, KvCache, KvCacheConfig, KvGeometry, SeqId,
+};
 use strata_runtime::model::Model;
 use strata_runtime::sampling::argmax;
 
+/// The repository root: `STRATA_REPO` when set (test binaries copied to another machine), else
+/// where this crate was built.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    match std::env::var_os("STRATA_REPO") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
     workspace_root().join("tests/fixtures").join(rel)
 }
 
-/// Where the KV cache lives in a test: host only, or a small host tier over a disk tier.
+/// Where the KV cache lives in a test: host only, or a small host tier over a disk tier, with a
+/// GPU tier above them when computing on a GPU.
 #[derive(Clone, Debug, Default)]
 pub struct Placement {
     /// Host KV budget in blocks (`None`: plenty).
     pub host_blocks: Option<usize>,
     pub disk: Option<DiskTierConfig>,
+    pub gpu: Option<GpuTierConfig>,
     pub policy: SinkAndRecent,
 }
 
 /// A model with an empty KV cache, ready to run sequences through.
-pub struct Engine<'m> {
-    pub tf: Transformer<'m, CpuBackend>,
+pub struct Engine<'m, B: RuntimeBackend = CpuBackend> {
+    pub tf: Transformer<'m, B>,
     pub kv: KvCache,
     next_seq: u64,
 }
 
-impl<'m> Engine<'m> {
+impl<'m> Engine<'m, CpuBackend> {
     pub fn new(model: &'m Model, block_tokens: usize) -> Self {
         Self::with_placement(model, block_tokens, true, Placement::default())
     }
@@ -50,9 +59,20 @@ impl<'m> Engine<'m> {
         resident: bool,
         placement: Placement,
     ) -> Self {
+        Engine::with_backend(CpuBackend::new(), model, block_tokens, resident, placement)
+    }
+}
+
+impl<'m, B: RuntimeBackend> Engine<'m, B> {
+    pub fn with_backend(
+        backend: B,
+        model: &'m Model,
+        block_tokens: usize,
+        resident: bool,
+        placement: Placement,
+    ) -> Self {
         let c = &model.config;
-        let tf =
-            Transformer::new(CpuBackend::new(), model, block_tokens, resident).expect("load model");
+        let tf = Transformer::new(backend, model, block_tokens, resident).expect("load model");
         let geometry = KvGeometry {
             layers: c.layers,
             kv_heads: c.kv_heads,
@@ -67,6 +87,7 @@ impl<'m> Engine<'m> {
             geometry,
             host_bytes,
             disk: placement.disk,
+            gpu: placement.gpu,
             policy: Box::new(placement.policy),
         })
         .expect("KV cache");

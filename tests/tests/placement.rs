@@ -117,6 +117,7 @@ fn golden_models_give_identical_tokens_with_most_kv_on_disk() {
                 let placement = Placement {
                     host_blocks: Some(10),
                     disk: Some(disk(engine, name)),
+                    gpu: None,
                     policy,
                 };
                 let (tiered, [hp, hc, dp, dc, spilled]) = run(spec, &prompts, n, 4, placement);
@@ -144,6 +145,7 @@ fn a_host_budget_too_small_for_the_writable_blocks_is_a_clear_error() {
     let placement = Placement {
         host_blocks: Some(1),
         disk: Some(disk(IoEngine::Sync, "tiny")),
+        gpu: None,
         policy: SinkAndRecent::default(),
     };
     let mut e = Engine::with_placement(&m, 4, true, placement);
@@ -192,6 +194,7 @@ fn smollm2_gives_identical_tokens_with_most_kv_on_disk() {
         let placement = Placement {
             host_blocks: Some(130),
             disk: Some(disk(engine, "smollm2")),
+            gpu: None,
             policy: SinkAndRecent::default(),
         };
         let (tiered, [hp, hc, dp, dc, _]) = run(spec, &prompts, 8, 8, placement);

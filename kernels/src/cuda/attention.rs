@@ -62,7 +62,7 @@ impl KvBlockShape {
     }
 }
 
-enum PoolBuf {
+pub(super) enum PoolBuf {
     F32(CudaSlice<f32>),
     F16(CudaSlice<f16>),
     BF16(CudaSlice<bf16>),
@@ -72,7 +72,7 @@ enum PoolBuf {
 pub struct KvPool {
     shape: KvBlockShape,
     n_blocks: usize,
-    data: PoolBuf,
+    pub(super) data: PoolBuf,
 }
 
 impl std::fmt::Debug for KvPool {

@@ -20,13 +20,15 @@ use cudarc::driver::{CudaContext, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The program's source files, in the order they are concatenated.
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 8] = [
     ("common.cuh", include_str!("common.cuh")),
     ("elementwise.cu", include_str!("elementwise.cu")),
     ("norm.cu", include_str!("norm.cu")),
     ("rope.cu", include_str!("rope.cu")),
     ("gemv.cu", include_str!("gemv.cu")),
     ("attention.cu", include_str!("attention.cu")),
+    ("kvtier.cu", include_str!("kvtier.cu")),
+    ("prefill.cu", include_str!("prefill.cu")),
 ];
 
 const CACHE_MAGIC: &str = "// strata-ptx v1 fnv1a64=";

@@ -1,11 +1,12 @@
-//! `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` on the GPU; the three paths and their precision are
-//! described in the module header of `cuda`.
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` on the GPU; the paths, the two GEMM precision modes
+//! ([`GemmPrecision`]) and their error bounds are described in the module header of `cuda`.
 //!
 //! cuBLAS is column-major: row-major `w: [n, k]` is the column-major `k × n` matrix `W`, row-major
 //! `x: [m, k]` is `X` (`k × m`), and row-major `out: [m, n]` is `O` (`n × m`). So `O = Wᵀ · X`:
 //! `gemm(transa = T, transb = N, m = n, n = m, k, lda = k, ldb = k, ldc = n)`.
 
 use std::ffi::c_void;
+use std::sync::atomic::Ordering;
 
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
@@ -17,6 +18,36 @@ use super::{Inner, WeightBuf, device_err, kernels};
 use crate::{Result, shape_err};
 
 const OP: &str = "linear";
+
+/// How `linear` feeds an f32 activation to the tensor-core GEMM when the weight is f16/bf16 and
+/// the activation has more than `GEMV_MAX_ROWS` rows (the GEMV path for fewer rows is the same
+/// in both modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmPrecision {
+    /// The activation is split into `hi + lo` half-precision terms and the GEMM runs twice
+    /// (`C = w · hi`, then `C += w · lo`): nearly f32-exact, twice the tensor-core work.
+    #[default]
+    Split,
+    /// The activation is rounded once to the weight's dtype (nearest even) and the GEMM runs once,
+    /// f32 accumulation and f32 output: what a bf16/f16 PyTorch model does, half the work.
+    Rounded,
+}
+
+impl GemmPrecision {
+    pub(super) fn to_u8(self) -> u8 {
+        match self {
+            GemmPrecision::Split => 0,
+            GemmPrecision::Rounded => 1,
+        }
+    }
+
+    pub(super) fn from_u8(v: u8) -> Self {
+        match v {
+            1 => GemmPrecision::Rounded,
+            _ => GemmPrecision::Split,
+        }
+    }
+}
 
 pub(super) fn linear(
     be: &Inner,
@@ -39,6 +70,7 @@ pub(super) fn linear(
             .map_err(|e| device_err(OP, e))?;
     } else {
         let kn = &be.k;
+        let mode = GemmPrecision::from_u8(be.gemm_precision.load(Ordering::Relaxed));
         match &w.data {
             WeightBuf::F32(ws) => sgemm(be, ws, x, &mut out, dims)?,
             WeightBuf::F16(ws) if m <= kernels::GEMV_MAX_ROWS => {
@@ -47,19 +79,21 @@ pub(super) fn linear(
             WeightBuf::BF16(ws) if m <= kernels::GEMV_MAX_ROWS => {
                 gemv(be, &kn.gemv_bf16, ws, x, &mut out, dims)?
             }
-            WeightBuf::F16(ws) => split_gemm(
+            WeightBuf::F16(ws) => half_gemm(
                 be,
                 &kn.split_f16,
                 cudaDataType_t::CUDA_R_16F,
+                mode,
                 ws,
                 x,
                 &mut out,
                 dims,
             )?,
-            WeightBuf::BF16(ws) => split_gemm(
+            WeightBuf::BF16(ws) => half_gemm(
                 be,
                 &kn.split_bf16,
                 cudaDataType_t::CUDA_R_16BF,
+                mode,
                 ws,
                 x,
                 &mut out,
@@ -147,10 +181,19 @@ fn gemv<T: DeviceRepr>(
     Ok(())
 }
 
-fn split_gemm<T: DeviceRepr>(
+/// `out = x · wᵀ` with `w` in f16/bf16 (`T`, `dtype`) on tensor cores: the activation is
+/// converted by the `split` kernel, then cuBLAS GemmEx runs once (`Rounded`: `C = w · hi`) or
+/// twice (`Split`: `C = w · hi`, then `C += w · lo`), f32 compute and f32 output.
+///
+/// `Rounded` uses the same `split` kernel (its `hi` is exactly the round-to-nearest-even
+/// conversion) and ignores `lo`; a dedicated one-output kernel would save the `m · k · 2` bytes
+/// of `lo` writes, a few µs per call at prefill sizes.
+#[allow(clippy::too_many_arguments)]
+fn half_gemm<T: DeviceRepr>(
     be: &Inner,
     split: &CudaFunction,
     dtype: cudaDataType_t,
+    mode: GemmPrecision,
     w: &CudaSlice<T>,
     x: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
@@ -176,7 +219,11 @@ fn split_gemm<T: DeviceRepr>(
     let (lo_ptr, _lo) = lo.device_ptr(s);
     let (out_ptr, _out) = out.device_ptr_mut(s);
     let alpha = 1.0f32;
-    for (b_ptr, beta) in [(hi_ptr, 0.0f32), (lo_ptr, 1.0f32)] {
+    let passes: &[(u64, f32)] = match mode {
+        GemmPrecision::Split => &[(hi_ptr, 0.0), (lo_ptr, 1.0)],
+        GemmPrecision::Rounded => &[(hi_ptr, 0.0)],
+    };
+    for &(b_ptr, beta) in passes {
         // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
         // C = out: n × m, f32), with A and B in `dtype` (f16 or bf16, matching T), f32 compute
         // and f32 output, a combination cublasGemmEx supports. `alpha`/`beta` are host scalars

@@ -16,12 +16,19 @@
 //!   - f32 weights: cuBLAS SGEMM (full f32; cuBLAS does not use TF32 unless asked).
 //!   - f16/bf16 weights, up to 8 rows (decode): the `gemv_*` kernel, f32 activation × widened
 //!     weight, f32 accumulation — the CPU backend's math.
-//!   - f16/bf16 weights, more rows (prefill): the activation is split into two half-precision
-//!     terms `hi + lo` (`hi = round(x)`, `lo = round(x − hi)`) and cuBLAS GemmEx runs twice on
-//!     tensor cores with f16/bf16 inputs, f32 compute and **f32 output** (`C += w · lo` after
-//!     `C = w · hi`). The activation is then carried to about 2⁻¹⁷ (bf16) or 2⁻²² (f16) relative
-//!     instead of 2⁻⁹ / 2⁻¹² for one rounding, at twice the GEMM work. f16 activations beyond
-//!     ±65504 overflow, as they would in an f16 model run in f16.
+//!   - f16/bf16 weights, more rows (prefill): cuBLAS GemmEx on tensor cores with f16/bf16
+//!     inputs, f32 compute and **f32 output**, in one of two modes ([`GemmPrecision`], set per
+//!     backend with [`CudaBackend::set_gemm_precision`]):
+//!     - `Split` (the default): the activation is split into two half-precision terms `hi + lo`
+//!       (`hi = round(x)`, `lo = round(x − hi)`) and GemmEx runs twice (`C += w · lo` after
+//!       `C = w · hi`). The activation is carried to about 2⁻¹⁷ (bf16) or 2⁻²² (f16) relative,
+//!       at twice the GEMM work.
+//!     - `Rounded`: the activation is rounded once to the weight's dtype (nearest even, at most
+//!       2⁻⁸ (bf16) or 2⁻¹¹ (f16) relative per element) and GemmEx runs once: the math of a
+//!       bf16/f16 PyTorch model (which also rounds the activation, there when it is stored), at
+//!       half the tensor-core work.
+//!
+//!     In both modes f16 activations beyond ±65504 overflow, as they would in an f16 model.
 //! - **Errors.** Every op returns [`KernelError::Device`] on a CUDA failure. Failures the driver
 //!   can only record (cudarc notes errors raised inside `Drop`) are kept as a *deferred error*:
 //!   the next op returns it, and [`CudaBackend::deferred_error`] reports it.
@@ -30,10 +37,13 @@ mod attention;
 mod compile;
 mod device;
 mod kernels;
+mod kvtier;
 mod linear;
+mod prefill;
+mod staging;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -42,6 +52,10 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRep
 pub use attention::{DeviceBlockTables, DevicePartial, KvBlockShape, KvPool, choose_splits};
 pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
+pub use kvtier::{CopyTicket, HostRegistration};
+pub use linear::GemmPrecision;
+pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
+pub use staging::{Fetched, PinnedWeight};
 
 use crate::{Backend, DType, HostWeight, KernelError, Result, RopeTable, WeightData, shape_err};
 use kernels::Kernels;
@@ -104,12 +118,19 @@ struct Inner {
     blas: CudaBlas,
     k: Kernels,
     attn: attention::AttentionKernels,
+    kvt: kvtier::KvTierKernels,
+    prefill: prefill::PrefillKernels,
     stream: Arc<CudaStream>,
+    /// Host <-> device copies that overlap compute (spills, weight prefetch); ordered against
+    /// `stream` by events.
+    copy: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     /// The first error an infallible trait method hit (see the module header).
     deferred: Mutex<Option<String>>,
     /// Fill every new output with NaN before the kernel that writes it (for tests).
     poison: AtomicBool,
+    /// The f16/bf16 GEMM mode, a [`GemmPrecision`] as `GemmPrecision::to_u8`.
+    gemm_precision: AtomicU8,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -164,12 +185,20 @@ impl CudaBackend {
                 // before this call (none) would keep theirs.
                 unsafe { ctx.disable_event_tracking() };
                 let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
+                let copy = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
-                let ((k, attn), origin) = compile::build_module(
+                let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
                     info.compute_capability,
                     ptx_cache.as_deref(),
-                    |m| Ok((Kernels::bind(m)?, attention::AttentionKernels::bind(m)?)),
+                    |m| {
+                        Ok((
+                            Kernels::bind(m)?,
+                            attention::AttentionKernels::bind(m)?,
+                            kvtier::KvTierKernels::bind(m)?,
+                            prefill::PrefillKernels::bind(m)?,
+                        ))
+                    },
                 )
                 .map_err(|detail| CudaUnavailable::Kernels { device, detail })?;
                 Ok(CudaBackend {
@@ -179,10 +208,14 @@ impl CudaBackend {
                         blas,
                         k,
                         attn,
+                        kvt,
+                        prefill,
                         stream,
+                        copy,
                         ctx,
                         deferred: Mutex::new(None),
                         poison: AtomicBool::new(false),
+                        gemm_precision: AtomicU8::new(GemmPrecision::default().to_u8()),
                     }),
                 })
             },
@@ -220,6 +253,18 @@ impl CudaBackend {
     /// of it, so a kernel that skips an element is caught. For tests; it costs a memset per op.
     pub fn poison_outputs(&self, on: bool) {
         self.inner.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// How `linear` runs f16/bf16 GEMMs of more than 8 rows from now on (see the module header);
+    /// shared by every clone of this backend.
+    pub fn set_gemm_precision(&self, p: GemmPrecision) {
+        self.inner
+            .gemm_precision
+            .store(p.to_u8(), Ordering::Relaxed);
+    }
+
+    pub fn gemm_precision(&self) -> GemmPrecision {
+        GemmPrecision::from_u8(self.inner.gemm_precision.load(Ordering::Relaxed))
     }
 
     /// The first error hit by an op that cannot return one (`zeros`, `to_host`, `relu_inplace`,
@@ -634,6 +679,10 @@ impl Backend for CudaBackend {
                     .map(drop)
                     .map_err(|e| device_err("softmax", e))
             })
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+        self.argmax_device(x)
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {

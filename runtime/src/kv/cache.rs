@@ -9,7 +9,11 @@ use strata_kernels::attention::{AttentionQuery, attend_batch};
 use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
 use strata_storage::{ArenaSlots, SlotId};
 
+use strata_kernels::cuda::{DevicePartial, SeqBlocks as GpuSeqBlocks};
+use strata_kernels::{Backend, CudaTensor};
+
 use super::disk::{DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
+use super::gpu::{GpuTier, GpuTierConfig};
 use super::policy::PlacementPolicy;
 use super::{KvError, KvGeometry, SeqId};
 
@@ -18,6 +22,8 @@ pub struct KvCacheConfig {
     /// Host tier budget in bytes (rounded down to whole blocks).
     pub host_bytes: u64,
     pub disk: Option<DiskTierConfig>,
+    /// The GPU tier (hottest): new blocks go there, and its cold blocks spill to the host tier.
+    pub gpu: Option<GpuTierConfig>,
     pub policy: Box<dyn PlacementPolicy>,
 }
 
@@ -25,6 +31,17 @@ pub struct KvCacheConfig {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KvMetrics {
     pub bytes_per_block: usize,
+    /// GPU tier: blocks it holds, its peak, and the bytes of one block in its dtype.
+    pub gpu_capacity_blocks: usize,
+    pub gpu_blocks_peak: usize,
+    pub gpu_bytes_per_block: usize,
+    pub gpu_kv_dtype: Option<String>,
+    /// Blocks moved GPU → host (widened to f32), and their bytes (the device→host link).
+    pub gpu_spilled_blocks: u64,
+    pub bytes_gpu_to_host: u64,
+    /// Queries sent down and host/disk partials sent up for GPU-computed layers (host↔device).
+    pub bytes_queries_to_host: u64,
+    pub bytes_partials_to_gpu: u64,
     pub host_capacity_blocks: usize,
     pub host_blocks_peak: usize,
     pub disk_capacity_blocks: usize,
@@ -45,6 +62,8 @@ pub struct KvMetrics {
 }
 
 enum Loc {
+    /// A block of the GPU tier's pool.
+    Gpu(u32),
     Host(SlotId),
     /// An index into the disk tier's slots.
     Disk(u32),
@@ -60,6 +79,10 @@ struct SeqBlocks {
     layers: Vec<Vec<Block>>,
 }
 
+/// A sequence's blocks as the GPU sees them in one layer: its GPU-resident blocks `(pool id,
+/// first position, tokens)` in position order, and whether any block lives in another tier.
+type GpuView = (Vec<(u32, usize, usize)>, bool);
+
 /// One query of a batch for one layer: `q: [n_heads, head_dim]` at `pos` of `seq`.
 #[derive(Clone, Copy, Debug)]
 pub struct TierQuery<'a> {
@@ -70,6 +93,9 @@ pub struct TierQuery<'a> {
 
 pub struct KvCache {
     g: KvGeometry,
+    /// Declared before `host`: its copies land in host slots and its page-locking of the host
+    /// arena must end before the arena is unmapped.
+    gpu: Option<GpuTier>,
     host: ArenaSlots,
     disk: Option<DiskTier>,
     seqs: HashMap<SeqId, SeqBlocks>,
@@ -91,8 +117,12 @@ impl KvCache {
         }
         let host = ArenaSlots::with_slots(slots, bpb)?;
         let disk = cfg.disk.map(|d| DiskTier::open(d, bpb)).transpose()?;
+        let gpu = cfg.gpu.map(|c| GpuTier::new(c, &g)).transpose()?;
         let metrics = KvMetrics {
             bytes_per_block: bpb,
+            gpu_capacity_blocks: gpu.as_ref().map_or(0, GpuTier::capacity),
+            gpu_bytes_per_block: gpu.as_ref().map_or(0, GpuTier::bytes_per_block),
+            gpu_kv_dtype: gpu.as_ref().map(|t| t.pool.dtype().name().to_string()),
             host_capacity_blocks: host.capacity(),
             disk_capacity_blocks: disk.as_ref().map_or(0, DiskTier::capacity),
             disk_io_engine: disk.as_ref().map(|d| d.engine_name().to_string()),
@@ -100,6 +130,7 @@ impl KvCache {
         };
         Ok(Self {
             g,
+            gpu,
             host,
             disk,
             seqs: HashMap::new(),
@@ -150,7 +181,18 @@ impl KvCache {
         };
         for b in s.layers.into_iter().flatten() {
             match b.loc {
-                Loc::Host(slot) => self.host.free(slot)?,
+                Loc::Gpu(i) => {
+                    if let Some(t) = &mut self.gpu {
+                        t.free(i);
+                    }
+                }
+                Loc::Host(slot) => {
+                    // A spill may still be copying into this slot.
+                    if let Some(t) = &mut self.gpu {
+                        t.settle()?;
+                    }
+                    self.host.free(slot)?
+                }
                 Loc::Disk(i) => {
                     if let Some(d) = &mut self.disk {
                         d.free(i);
@@ -192,6 +234,11 @@ impl KvCache {
             return Err(KvError::OutOfOrder { seq, pos, next });
         }
         let g = self.g;
+        if self.gpu.is_some() {
+            return Err(KvError::Gpu(
+                "host append with a GPU tier: the GPU path appends with append_device".into(),
+            ));
+        }
         if pos.is_multiple_of(g.block_tokens) {
             let slot = self.host_slot()?;
             self.seqs
@@ -211,7 +258,9 @@ impl KvCache {
             return Err(KvError::UnknownSequence(seq));
         };
         let Loc::Host(slot) = block.loc else {
-            unreachable!("the writable block of a sequence is always host-resident");
+            return Err(KvError::Gpu(
+                "host append into a GPU-resident block (use append_device with a GPU tier)".into(),
+            ));
         };
         let t = block.filled;
         block.filled += 1;
@@ -239,7 +288,16 @@ impl KvCache {
         Ok(slot)
     }
 
+    pub fn has_gpu_tier(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    pub fn gpu_blocks_in_use(&self) -> usize {
+        self.gpu.as_ref().map_or(0, GpuTier::in_use)
+    }
+
     fn note_peaks(&mut self) {
+        self.metrics.gpu_blocks_peak = self.metrics.gpu_blocks_peak.max(self.gpu_blocks_in_use());
         self.metrics.host_blocks_peak = self.metrics.host_blocks_peak.max(self.host.in_use());
         let disk = self.disk_blocks_in_use();
         self.metrics.disk_blocks_peak = self.metrics.disk_blocks_peak.max(disk);
@@ -249,6 +307,10 @@ impl KvCache {
     /// disk tier: reserve disk slots, hand the bytes to the disk worker, free the host slots.
     /// The write itself happens on the worker, overlapping compute.
     fn spill(&mut self) -> Result<(), KvError> {
+        if let Some(t) = &mut self.gpu {
+            // The blocks about to be written to disk may still be landing from the GPU.
+            t.settle()?;
+        }
         let bpb = self.g.bytes_per_block();
         let Some(disk) = self.disk.as_mut() else {
             return Err(KvError::HostFull {
@@ -349,7 +411,7 @@ impl KvCache {
                         start_pos: j * self.g.block_tokens,
                         len: b.filled,
                     }),
-                    Loc::Host(_) => None,
+                    Loc::Host(_) | Loc::Gpu(_) => None,
                 })
                 .collect();
             if !disk_blocks.is_empty() {
@@ -371,6 +433,9 @@ impl KvCache {
         };
 
         // Host attention over host-resident blocks.
+        if let Some(t) = &mut self.gpu {
+            t.settle()?;
+        }
         let t0 = Instant::now();
         let views: Vec<Vec<KvBlockView<'_>>> =
             seqs.iter().map(|s| self.host_views(*s, layer)).collect();
@@ -417,8 +482,275 @@ impl KvCache {
                         len: b.filled,
                     })
                 }
-                Loc::Disk(_) => None,
+                Loc::Disk(_) | Loc::Gpu(_) => None,
             })
             .collect()
+    }
+
+    /// Appends the K and V of `rows` (each `(seq, pos)`, positions the next of their sequence,
+    /// a sequence's rows in order) for `layer` from device tensors `k`, `v: [rows, kv_heads *
+    /// head_dim]` into the GPU tier. New blocks come from the GPU tier; when it lacks room, its
+    /// coldest blocks spill to the host tier first (all at once, before any slot is handed out,
+    /// so no block this call fills can be chosen).
+    pub fn append_device(
+        &mut self,
+        layer: usize,
+        rows: &[(SeqId, usize)],
+        k: &CudaTensor,
+        v: &CudaTensor,
+    ) -> Result<(), KvError> {
+        let bt = self.g.block_tokens;
+        // Check order and count the new blocks this call needs.
+        let mut next: HashMap<SeqId, usize> = HashMap::new();
+        let mut new_blocks = 0;
+        for &(seq, pos) in rows {
+            if !self.seqs.contains_key(&seq) {
+                return Err(KvError::UnknownSequence(seq));
+            }
+            let n = next.entry(seq).or_insert_with(|| self.len(seq, layer));
+            if pos != *n {
+                return Err(KvError::OutOfOrder { seq, pos, next: *n });
+            }
+            *n += 1;
+            if pos.is_multiple_of(bt) {
+                new_blocks += 1;
+            }
+        }
+        let Some(gpu) = self.gpu.as_ref() else {
+            return Err(KvError::Gpu("append_device without a GPU tier".into()));
+        };
+        let free = gpu.capacity() - gpu.in_use();
+        if new_blocks > free {
+            self.spill_gpu(new_blocks - free, new_blocks)?;
+        }
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        let mut slots = Vec::with_capacity(rows.len());
+        for &(seq, pos) in rows {
+            let blocks = &mut self
+                .seqs
+                .get_mut(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer];
+            if pos.is_multiple_of(bt) {
+                let id = gpu.alloc().ok_or(KvError::GpuTooSmall {
+                    capacity: gpu.capacity(),
+                    needed: new_blocks,
+                    bytes_per_block: gpu.bytes_per_block(),
+                })?;
+                blocks.push(Block {
+                    loc: Loc::Gpu(id),
+                    filled: 0,
+                });
+            }
+            let Some(block) = blocks.last_mut() else {
+                return Err(KvError::UnknownSequence(seq));
+            };
+            let Loc::Gpu(id) = block.loc else {
+                return Err(KvError::Gpu(format!(
+                    "the writable block of {seq:?} in layer {layer} is not on the GPU"
+                )));
+            };
+            slots.push(id * bt as u32 + block.filled as u32);
+            block.filled += 1;
+        }
+        self.note_peaks();
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        gpu.backend
+            .kv_append(&mut gpu.pool, k, v, &slots)
+            .map_err(|e| KvError::Gpu(e.to_string()))
+    }
+
+    /// Moves at least `need` of the coldest GPU blocks (by policy; never a sequence's writable
+    /// last block) to the host tier, in a batch of 1/16 of the tier when there are enough.
+    /// `wanted` is what the caller asked for, for the error when the tier cannot make room.
+    fn spill_gpu(&mut self, need: usize, wanted: usize) -> Result<(), KvError> {
+        let Some(gpu) = self.gpu.as_ref() else {
+            return Ok(());
+        };
+        let capacity = gpu.capacity();
+        let mut candidates: Vec<(u64, SeqId, usize, usize)> = Vec::new();
+        for (&seq, s) in &self.seqs {
+            for (layer, blocks) in s.layers.iter().enumerate() {
+                for (j, b) in blocks
+                    .iter()
+                    .enumerate()
+                    .take(blocks.len().saturating_sub(1))
+                {
+                    if matches!(b.loc, Loc::Gpu(_)) {
+                        candidates.push((self.policy.keep_rank(j, blocks.len()), seq, layer, j));
+                    }
+                }
+            }
+        }
+        if candidates.len() < need {
+            return Err(KvError::GpuTooSmall {
+                capacity,
+                needed: wanted + (self.gpu_blocks_in_use() - candidates.len()),
+                bytes_per_block: gpu.bytes_per_block(),
+            });
+        }
+        candidates.sort_unstable();
+        let batch = (capacity / 16).clamp(need, candidates.len());
+        let t0 = Instant::now();
+        let mut moves = Vec::with_capacity(batch);
+        for &(_, seq, layer, j) in &candidates[..batch] {
+            let slot = self.host_slot()?;
+            let Some(block) = self
+                .seqs
+                .get_mut(&seq)
+                .and_then(|s| s.layers[layer].get_mut(j))
+            else {
+                self.host.free(slot)?;
+                continue;
+            };
+            let Loc::Gpu(id) = block.loc else {
+                self.host.free(slot)?;
+                continue;
+            };
+            block.loc = Loc::Host(slot);
+            moves.push((id, slot));
+        }
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        gpu.export(&mut self.host, &moves)?;
+        for &(id, _) in &moves {
+            gpu.free(id);
+        }
+        self.metrics.gpu_spilled_blocks += moves.len() as u64;
+        self.metrics.bytes_gpu_to_host += (moves.len() * self.g.bytes_per_block()) as u64;
+        tracing::debug!(
+            blocks = moves.len(),
+            seconds = t0.elapsed().as_secs_f64(),
+            "spilled gpu -> host"
+        );
+        self.note_peaks();
+        Ok(())
+    }
+
+    /// Attention for a layer computed on the GPU: `q: [rows, n_heads * head_dim]` on the device,
+    /// row `r` at `rows[r] = (seq, pos)`. GPU-resident blocks are attended on the device (the
+    /// split-KV decode kernel when every row is its sequence's only and newest token, else the
+    /// causal prefill kernel); blocks in the host and disk tiers are attended where they live,
+    /// and the partials are merged on the GPU. Returns `o: [rows, n_heads * head_dim]`.
+    pub fn attend_device(
+        &mut self,
+        layer: usize,
+        rows: &[(SeqId, usize)],
+        q: &CudaTensor,
+        ag: &AttentionGeometry,
+    ) -> Result<CudaTensor, KvError> {
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
+        let bt = self.g.block_tokens;
+        let gpu = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| KvError::Gpu("attend_device without a GPU tier".into()))?;
+        let be = gpu.backend.clone();
+        // Per row's sequence: its GPU blocks (id, start position, filled) in position order, and
+        // whether any block lives elsewhere.
+        let mut per_seq: HashMap<SeqId, GpuView> = HashMap::new();
+        for &(seq, _) in rows {
+            if per_seq.contains_key(&seq) {
+                continue;
+            }
+            let blocks = &self
+                .seqs
+                .get(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer];
+            let mut on_gpu = Vec::new();
+            let mut elsewhere = false;
+            for (j, b) in blocks.iter().enumerate() {
+                match b.loc {
+                    Loc::Gpu(id) => on_gpu.push((id, j * bt, b.filled)),
+                    _ => elsewhere = true,
+                }
+            }
+            per_seq.insert(seq, (on_gpu, elsewhere));
+        }
+        let decode = {
+            let mut seen = std::collections::HashSet::new();
+            rows.iter()
+                .all(|&(seq, pos)| seen.insert(seq) && pos + 1 == self.len(seq, layer))
+        };
+        let gpu_part = if decode {
+            // Every listed block is full except the tail: the decode kernel's table contract.
+            let tables: Vec<Vec<u32>> = rows
+                .iter()
+                .map(|(s, _)| per_seq[s].0.iter().map(|b| b.0).collect())
+                .collect();
+            let lens: Vec<usize> = rows
+                .iter()
+                .map(|(s, _)| per_seq[s].0.iter().map(|b| b.2).sum())
+                .collect();
+            let t = be.upload_block_tables(&tables, &lens, bt).map_err(err)?;
+            be.decode_attention(q, &gpu.pool, &t, ag).map_err(err)?
+        } else {
+            self.prefill_on_gpu(&be, rows, &per_seq, q, ag)?
+        };
+        if !per_seq.values().any(|(_, elsewhere)| *elsewhere) {
+            return Ok(gpu_part.o);
+        }
+        // Host and disk tiers: queries down, partials up, merged on the GPU.
+        let qh = be.to_host(q).map_err(err)?;
+        let qd = ag.n_heads * ag.head_dim;
+        self.metrics.bytes_queries_to_host += (qh.len() * 4) as u64;
+        let queries: Vec<TierQuery<'_>> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, &(seq, pos))| TierQuery {
+                seq,
+                pos,
+                q: &qh[r * qd..(r + 1) * qd],
+            })
+            .collect();
+        let parts = self.attend(layer, &queries, ag)?;
+        let mut o = Vec::with_capacity(rows.len() * qd);
+        let mut lse = Vec::with_capacity(rows.len() * ag.n_heads);
+        for p in parts {
+            o.extend_from_slice(&p.o);
+            lse.extend_from_slice(&p.lse);
+        }
+        self.metrics.bytes_partials_to_gpu += ((o.len() + lse.len()) * 4) as u64;
+        let host_part = DevicePartial {
+            o: be.tensor(rows.len(), qd, o).map_err(err)?,
+            lse: be.tensor(rows.len(), ag.n_heads, lse).map_err(err)?,
+        };
+        Ok(be.merge_partials(&[&gpu_part, &host_part]).map_err(err)?.o)
+    }
+
+    /// Causal attention of `rows` over their sequences' GPU-resident blocks (prefill chunks).
+    fn prefill_on_gpu(
+        &self,
+        be: &strata_kernels::CudaBackend,
+        rows: &[(SeqId, usize)],
+        per_seq: &HashMap<SeqId, GpuView>,
+        q: &CudaTensor,
+        ag: &AttentionGeometry,
+    ) -> Result<DevicePartial, KvError> {
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
+        let gpu = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| KvError::Gpu("prefill without a GPU tier".into()))?;
+        // Sequences in order of first appearance; rows name them by index.
+        let mut order: HashMap<SeqId, u32> = HashMap::new();
+        let mut seqs = Vec::new();
+        let mut at = Vec::with_capacity(rows.len());
+        for &(seq, pos) in rows {
+            let b = *order.entry(seq).or_insert_with(|| {
+                let blocks = &per_seq[&seq].0;
+                seqs.push(GpuSeqBlocks {
+                    ids: blocks.iter().map(|b| b.0).collect(),
+                    starts: blocks.iter().map(|b| b.1 as u32).collect(),
+                    last_len: blocks.last().map_or(0, |b| b.2),
+                });
+                (seqs.len() - 1) as u32
+            });
+            at.push((b, pos as u32));
+        }
+        let tables = be.upload_paged_tables(&gpu.pool, &seqs).map_err(err)?;
+        let qrows = be.upload_query_rows(&at).map_err(err)?;
+        be.prefill_attention(&gpu.pool, &tables, q, &qrows, ag.n_heads, ag.scale)
+            .map_err(err)
     }
 }

@@ -21,10 +21,12 @@
 
 mod cache;
 mod disk;
+mod gpu;
 pub mod policy;
 
 pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierQuery};
 pub use disk::DiskTierConfig;
+pub use gpu::GpuTierConfig;
 pub use strata_storage::IoEngine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,6 +71,16 @@ pub enum KvError {
         blocks: usize,
         bytes_per_block: usize,
     },
+    #[error(
+        "--gpu-mem holds {capacity} KV blocks of {bytes_per_block} bytes, but this step needs {needed} at once (the writable block of every sequence and layer, plus the blocks of one prefill chunk); raise --gpu-mem, or lower --batch-size or --prefill-chunk"
+    )]
+    GpuTooSmall {
+        capacity: usize,
+        needed: usize,
+        bytes_per_block: usize,
+    },
+    #[error("GPU KV tier: {0}")]
+    Gpu(String),
     #[error("disk tier: {0}")]
     Storage(#[from] strata_storage::StorageError),
     #[error("the disk worker stopped unexpectedly")]

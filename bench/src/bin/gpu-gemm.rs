@@ -1,0 +1,243 @@
+//! `CudaBackend::linear` on Llama-3-8B's projection shapes, in both GEMM precision modes, to line
+//! up against `bench/torch/matmul.py` (PyTorch bf16 `x @ w.T`, same shapes, same table and JSON).
+//!
+//! - **What is timed**: one `Backend::linear` call, f32 activation `x: [m, k]`, bf16 weight
+//!   `w: [n, k]`, f32 output `[m, n]`: for m > 8 the activation conversion (split or round) and
+//!   the cuBLAS GemmEx call(s); for m ≤ 8 the GEMV kernel (the same in both modes). Output
+//!   allocation is stream-ordered and included, as in the forward pass.
+//! - **How**: CUDA events around `calls` back-to-back calls; a rep's time per call is the
+//!   events' span divided by `calls`; the table shows the median of `--reps` reps after
+//!   `--warmup` untimed ones. Calls rotate over enough copies of the weight (≥ 256 MiB together)
+//!   that the 50 MiB L2 cache never serves one call's weight from the previous call.
+//! - **Columns**: ms per call; TFLOP/s = 2·m·n·k / time; for m ≤ 8, GB/s of weight bytes read
+//!   (n·k·2 B / time; the activation and output are negligible there).
+//! - **Modes**: `split` (the default: activation split into bf16 hi + lo, two GEMMs) and
+//!   `rounded` (activation rounded once to bf16, one GEMM; what PyTorch's bf16 matmul computes,
+//!   with its activation already in bf16).
+//!
+//! `gpu-gemm [--reps 20] [--warmup 3] [--m 1,16,64,512,2048,16384] [--json FILE]` (needs an
+//! NVIDIA GPU; without one it says why and exits with status 2).
+
+use std::fmt::Write as _;
+
+use clap::Parser;
+use rayon::prelude::*;
+use strata_kernels::testing::SplitMix;
+use strata_kernels::{
+    Backend, CudaBackend, CudaTensor, CudaWeight, DType, GemmPrecision, HostWeight, KernelError,
+    WeightData,
+};
+
+/// Llama-3-8B's linear layers: (name, n = out features, k = in features).
+const SHAPES: [(&str, usize, usize); 5] = [
+    ("q/o", 4096, 4096),
+    ("k/v", 1024, 4096),
+    ("gate/up", 14336, 4096),
+    ("down", 4096, 14336),
+    ("lm_head", 128256, 4096),
+];
+/// Rows up to which `linear` uses the GEMV kernel (and the table reports weight GB/s).
+const DECODE_ROWS: usize = 8;
+/// Weight copies rotate over at least this many bytes, several times the L2 cache.
+const ROTATE_BYTES: usize = 256 << 20;
+const MIB: f64 = (1u64 << 20) as f64;
+
+#[derive(Parser)]
+struct Args {
+    /// Timed repetitions per (shape, m, mode); the median is reported.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Activation rows, comma-separated.
+    #[arg(long, default_value = "1,16,64,512,2048,16384", value_delimiter = ',')]
+    m: Vec<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+struct Row {
+    name: &'static str,
+    n: usize,
+    k: usize,
+    m: usize,
+    mode: &'static str,
+    ms: f64,
+    tflops: f64,
+    /// Weight bytes read per second, for m ≤ 8.
+    gbps: Option<f64>,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("gpu-gemm: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let gpu = CudaBackend::new(0).map_err(|e| format!("no GPU: {e}"))?;
+    let ke = |e: KernelError| e.to_string();
+    let device = gpu.device_info().to_string();
+    println!("GPU: {device}; kernels {}", gpu.kernel_origin());
+    println!(
+        "linear: f32 x [m, k] · bf16 w [n, k]ᵀ → f32 [m, n]; median of {} reps ({} warm-up)",
+        a.reps, a.warmup
+    );
+    println!();
+    println!("| shape | n | k | m | mode | ms | TFLOP/s | weight GB/s |");
+    println!("|---|---:|---:|---:|---|---:|---:|---:|");
+    let mut rows = Vec::new();
+    let mut seed = 0x5eed_u64;
+    for (name, n, k) in SHAPES {
+        seed += 1;
+        let w = random_weight(n, k, seed);
+        let copies = ROTATE_BYTES.div_ceil(w.size_bytes()).clamp(1, 64);
+        let ws = (0..copies)
+            .map(|_| gpu.upload_weight(w.clone()))
+            .collect::<Result<Vec<CudaWeight>, _>>()
+            .map_err(ke)?;
+        drop(w);
+        for &m in &a.m {
+            let (free, _) = gpu.memory_info().map_err(ke)?;
+            // x (f32) + hi/lo (bf16) + out (f32), with 1 GiB to spare.
+            let need = m * k * (4 + 2 + 2) + m * n * 4 + (1 << 30);
+            if need > free {
+                println!(
+                    "| {name} | {n} | {k} | {m} | | skipped: needs {:.0} MiB, {:.0} free | | |",
+                    need as f64 / MIB,
+                    free as f64 / MIB
+                );
+                continue;
+            }
+            let x = gpu
+                .tensor(m, k, random_vec(m * k, seed ^ m as u64))
+                .map_err(ke)?;
+            let modes: &[(GemmPrecision, &str)] = if m <= DECODE_ROWS {
+                // One GEMV path for both modes: time it once.
+                &[(GemmPrecision::Split, "gemv")]
+            } else {
+                &[
+                    (GemmPrecision::Split, "split"),
+                    (GemmPrecision::Rounded, "rounded"),
+                ]
+            };
+            for &(mode, label) in modes {
+                gpu.set_gemm_precision(mode);
+                let ms = median_ms(&gpu, &x, &ws, a.warmup, a.reps).map_err(ke)?;
+                let flops = 2.0 * (m * n * k) as f64;
+                let row = Row {
+                    name,
+                    n,
+                    k,
+                    m,
+                    mode: label,
+                    ms,
+                    tflops: flops / (ms * 1e-3) / 1e12,
+                    gbps: (m <= DECODE_ROWS).then(|| (n * k * 2) as f64 / (ms * 1e-3) / 1e9),
+                };
+                println!(
+                    "| {name} | {n} | {k} | {m} | {label} | {:.4} | {:.1} | {} |",
+                    row.ms,
+                    row.tflops,
+                    row.gbps.map(|g| format!("{g:.0}")).unwrap_or_default()
+                );
+                rows.push(row);
+            }
+            gpu.set_gemm_precision(GemmPrecision::Split);
+        }
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, to_json(&device, a, &rows))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Median milliseconds per `linear` call: each rep times one call per weight copy (at least 4
+/// calls) between two CUDA events.
+fn median_ms(
+    gpu: &CudaBackend,
+    x: &CudaTensor,
+    ws: &[CudaWeight],
+    warmup: usize,
+    reps: usize,
+) -> Result<f64, KernelError> {
+    let calls = ws.len().max(4);
+    let rep = || {
+        gpu.time_ms(|| {
+            for i in 0..calls {
+                gpu.linear(x, &ws[i % ws.len()], None)?;
+            }
+            Ok(())
+        })
+    };
+    for _ in 0..warmup {
+        rep()?;
+    }
+    let mut times = (0..reps.max(1))
+        .map(|_| rep().map(|(ms, ())| ms / calls as f64))
+        .collect::<Result<Vec<f64>, _>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Uniform values in [-1, 1), generated in parallel chunks of a seeded stream.
+fn random_vec(len: usize, seed: u64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 20;
+    let mut v = vec![0.0f32; len];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+        let mut rng = SplitMix(seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64));
+        c.iter_mut().for_each(|x| *x = rng.next_f32());
+    });
+    v
+}
+
+/// A `[n, k]` bf16 weight of uniform values scaled like a trained projection (±√(3/k)).
+fn random_weight(n: usize, k: usize, seed: u64) -> HostWeight {
+    let scale = (3.0 / k as f32).sqrt();
+    let mut v = random_vec(n * k, seed);
+    v.par_iter_mut().for_each(|x| *x *= scale);
+    HostWeight {
+        rows: n,
+        cols: k,
+        data: WeightData::F32(v).cast(DType::BF16),
+    }
+}
+
+/// The schema `bench/torch/matmul.py` writes too.
+fn to_json(device: &str, a: &Args, rows: &[Row]) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "{{\n  \"tool\": \"strata\",\n  \"device\": \"{}\",\n  \"activation\": \"f32\",\n  \
+         \"weight\": \"bf16\",\n  \"output\": \"f32\",\n  \"reps\": {},\n  \"warmup\": {},\n  \
+         \"results\": [",
+        esc(device),
+        a.reps,
+        a.warmup
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let gbps = r.gbps.map_or("null".to_string(), |g| format!("{g:.1}"));
+        let _ = write!(
+            s,
+            "{}\n    {{\"shape\": \"{}\", \"n\": {}, \"k\": {}, \"m\": {}, \"mode\": \"{}\", \
+             \"ms\": {:.6}, \"tflops\": {:.2}, \"weight_gbps\": {gbps}}}",
+            if i == 0 { "" } else { "," },
+            r.name,
+            r.n,
+            r.k,
+            r.m,
+            r.mode,
+            r.ms,
+            r.tflops
+        );
+    }
+    s.push_str("\n  ]\n}\n");
+    s
+}

@@ -1,0 +1,89 @@
+// The GPU KV tier's data movement: appending rows' K and V into pool blocks, exporting blocks
+// (widened to f32) for a spill to host memory, and the argmax of logits rows.
+
+__device__ __forceinline__ void store_rn(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_rn(f16* p, float x) { *p = from_f32<f16>(x); }
+__device__ __forceinline__ void store_rn(bf16* p, float x) { *p = from_f32<bf16>(x); }
+
+// k, v: [rows, kv_heads * head_dim] f32; slots[r] = block * bt + offset of row r's token.
+// Pool blocks are [2 (K, V), kv_heads, bt, head_dim]; values are rounded to nearest even.
+template <typename T>
+__device__ void kv_append(T* pool, const float* k, const float* v, const u32* slots, u64 rows,
+                          u32 kv_heads, u32 head_dim, u32 bt) {
+    const u64 width = (u64)kv_heads * head_dim;
+    const u64 half = width * bt;
+    const u64 n = rows * width;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const u64 r = i / width, c = i - r * width;
+        const u32 h = (u32)(c / head_dim), d = (u32)(c - (u64)h * head_dim);
+        const u32 slot = slots[r];
+        const u64 block = slot / bt, t = slot - block * bt;
+        const u64 at = block * 2 * half + ((u64)h * bt + t) * head_dim + d;
+        store_rn(pool + at, k[i]);
+        store_rn(pool + at + half, v[i]);
+    }
+}
+
+extern "C" __global__ void kv_append_f32(float* pool, const float* k, const float* v, const u32* slots, u64 rows, u32 kv_heads, u32 head_dim, u32 bt) {
+    kv_append(pool, k, v, slots, rows, kv_heads, head_dim, bt);
+}
+extern "C" __global__ void kv_append_f16(f16* pool, const float* k, const float* v, const u32* slots, u64 rows, u32 kv_heads, u32 head_dim, u32 bt) {
+    kv_append(pool, k, v, slots, rows, kv_heads, head_dim, bt);
+}
+extern "C" __global__ void kv_append_bf16(bf16* pool, const float* k, const float* v, const u32* slots, u64 rows, u32 kv_heads, u32 head_dim, u32 bt) {
+    kv_append(pool, k, v, slots, rows, kv_heads, head_dim, bt);
+}
+
+// out: [n_ids, block_elems] f32 = widen(pool[ids[i]]).
+template <typename T>
+__device__ void kv_export(float* out, const T* pool, const u32* ids, u64 n_ids, u64 block_elems) {
+    const u64 n = n_ids * block_elems;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const u64 b = i / block_elems, e = i - b * block_elems;
+        out[i] = to_f32(pool[(u64)ids[b] * block_elems + e]);
+    }
+}
+
+extern "C" __global__ void kv_export_f32(float* out, const float* pool, const u32* ids, u64 n_ids, u64 block_elems) {
+    kv_export(out, pool, ids, n_ids, block_elems);
+}
+extern "C" __global__ void kv_export_f16(float* out, const f16* pool, const u32* ids, u64 n_ids, u64 block_elems) {
+    kv_export(out, pool, ids, n_ids, block_elems);
+}
+extern "C" __global__ void kv_export_bf16(float* out, const bf16* pool, const u32* ids, u64 n_ids, u64 block_elems) {
+    kv_export(out, pool, ids, n_ids, block_elems);
+}
+
+// out[r] = the first index of the largest value of row r of x: [rows, cols] (NaN never wins,
+// like the CPU sampler's greedy pick). One block of ROW_THREADS per row.
+extern "C" __global__ void argmax_rows(u32* out, const float* x, u64 cols) {
+    __shared__ float s_v[ROW_THREADS];
+    __shared__ u32 s_i[ROW_THREADS];
+    const float* row = x + (u64)blockIdx.x * cols;
+    float best = NEG_INF;
+    u32 at = 0xffffffffu;
+    for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = row[c];
+        if (v > best || (at == 0xffffffffu && v == v)) {
+            best = v;
+            at = (u32)c;
+        }
+    }
+    s_v[threadIdx.x] = best;
+    s_i[threadIdx.x] = at;
+    __syncthreads();
+    for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float v = s_v[threadIdx.x + s];
+            const u32 i = s_i[threadIdx.x + s];
+            const float b = s_v[threadIdx.x];
+            const u32 j = s_i[threadIdx.x];
+            if (i != 0xffffffffu && (j == 0xffffffffu || v > b || (v == b && i < j))) {
+                s_v[threadIdx.x] = v;
+                s_i[threadIdx.x] = i;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = s_i[0] == 0xffffffffu ? 0u : s_i[0];
+}

@@ -1,0 +1,317 @@
+//! The GPU KV tier's data movement (the mechanism; which blocks move is the runtime's policy):
+//!
+//! - [`CudaBackend::kv_append`]: a layer's new K and V rows, straight from the projection
+//!   outputs, into their pool slots (rounded to the pool's dtype on the way).
+//! - [`CudaBackend::kv_export_async`]: pool blocks widened to f32 and copied to page-locked host
+//!   memory on the *copy stream*, so a spill to the host tier overlaps the compute stream. The
+//!   returned [`CopyTicket`] is the only way to know the bytes have landed.
+//! - [`CudaBackend::register_host`]: page-locks memory Rust already owns (the host KV arena), so
+//!   the copies above run at PCIe speed and straight into the arena slots (no staging copy).
+//! - [`CudaBackend::argmax_device`]: greedy picks on the device, so a decode step moves
+//!   `rows × 4` bytes to the host instead of `rows × vocab × 4`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, CudaSlice, DevicePtr, PushKernelArg};
+
+use super::attention::{KvPool, PoolBuf};
+use super::{CudaBackend, CudaTensor, device_err, kernels};
+use crate::{DType, Result, shape_err};
+
+pub(crate) struct KvTierKernels {
+    /// `[dtype]`: f32, f16, bf16.
+    append: Vec<CudaFunction>,
+    export: Vec<CudaFunction>,
+    argmax: CudaFunction,
+}
+
+impl KvTierKernels {
+    pub(crate) fn bind(module: &Arc<CudaModule>) -> std::result::Result<Self, String> {
+        let load = |name: String| {
+            module
+                .load_function(&name)
+                .map_err(|e| format!("kernel `{name}` missing: {e}"))
+        };
+        let mut append = Vec::new();
+        let mut export = Vec::new();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            append.push(load(format!("kv_append_{}", dt.name()))?);
+            export.push(load(format!("kv_export_{}", dt.name()))?);
+        }
+        Ok(Self {
+            append,
+            export,
+            argmax: load("argmax_rows".into())?,
+        })
+    }
+}
+
+fn dtype_index(d: DType) -> usize {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+/// A copy in flight on the copy stream. Its destination must not be read (or freed) before
+/// [`CopyTicket::wait`] returns; dropping the ticket waits too.
+pub struct CopyTicket {
+    done: Option<CudaEvent>,
+    /// The device staging buffer the copy reads; freed only after the copy is done.
+    staging: Option<CudaSlice<f32>>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for CopyTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CopyTicket({} bytes)", self.bytes)
+    }
+}
+
+impl CopyTicket {
+    /// Bytes this copy moves.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Blocks until the copy has landed; returns its error, if any.
+    pub fn wait(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let r = match self.done.take() {
+            Some(e) => e.synchronize().map_err(|e| device_err("copy", e)),
+            None => Ok(()),
+        };
+        self.staging = None;
+        r
+    }
+}
+
+impl Drop for CopyTicket {
+    fn drop(&mut self) {
+        // The destination may be freed right after: never leave a copy writing into it.
+        let _ = self.finish();
+    }
+}
+
+/// Host memory page-locked for the GPU while this lives.
+pub struct HostRegistration {
+    ptr: usize,
+    ctx: Arc<cudarc::driver::CudaContext>,
+}
+
+impl std::fmt::Debug for HostRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostRegistration({:#x})", self.ptr)
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` was registered by `register_host` and is unregistered once, here.
+        let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr as *mut _) };
+    }
+}
+
+impl CudaBackend {
+    /// Writes row `r` of `k`, `v: [rows, kv_heads * head_dim] f32` into `pool` at slot
+    /// `slots[r]` (= block × block_tokens + offset).
+    pub fn kv_append(
+        &self,
+        pool: &mut KvPool,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let be = &self.inner;
+        let op = "kv_append";
+        let shape = pool.shape();
+        let width = shape.kv_heads * shape.head_dim;
+        for (what, t) in [("k", k), ("v", v)] {
+            if (t.rows, t.cols) != (slots.len(), width) {
+                return Err(shape_err(
+                    op,
+                    format!(
+                        "{what} is [{}, {}], expected [{}, {width}]",
+                        t.rows,
+                        t.cols,
+                        slots.len()
+                    ),
+                ));
+            }
+        }
+        let capacity = pool.n_blocks() * shape.block_tokens;
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= capacity) {
+            return Err(shape_err(
+                op,
+                format!("slot {bad} is past the pool's {capacity} token slots"),
+            ));
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (kb, vb) = (be.buf(op, k)?, be.buf(op, v)?);
+        let slots_d = be.upload(op, slots)?;
+        let f = &be.kvt.append[dtype_index(pool.dtype())];
+        let (rows, kvh, hd, bt) = (
+            slots.len() as u64,
+            shape.kv_heads as u32,
+            shape.head_dim as u32,
+            shape.block_tokens as u32,
+        );
+        let mut l = be.stream.launch_builder(f);
+        match &mut pool.data {
+            PoolBuf::F32(d) => l.arg(d),
+            PoolBuf::F16(d) => l.arg(d),
+            PoolBuf::BF16(d) => l.arg(d),
+        };
+        l.arg(kb)
+            .arg(vb)
+            .arg(&slots_d)
+            .arg(&rows)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&bt);
+        // SAFETY: kv_append_T(T* pool, const float* k, const float* v, const u32* slots, u64 rows,
+        // u32 kv_heads, u32 head_dim, u32 bt): k and v hold rows × kv_heads × head_dim values,
+        // every slot is inside the pool (checked above).
+        unsafe { l.launch(kernels::elementwise(slots.len() * width)) }
+            .map_err(|e| device_err(op, e))?;
+        Ok(())
+    }
+
+    /// Page-locks `len` bytes at `ptr` for fast, asynchronous copies.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` must be memory this process owns and keeps mapped for as long as the
+    /// returned registration lives.
+    pub unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<HostRegistration> {
+        let be = &self.inner;
+        be.ctx
+            .bind_to_thread()
+            .map_err(|e| device_err("register_host", e))?;
+        // SAFETY: the caller guarantees the range is owned and stays mapped; flags 0 = plain
+        // page-locked (not write-combined: the CPU reads this memory).
+        unsafe { cudarc::driver::sys::cuMemHostRegister_v2(ptr.cast(), len, 0) }
+            .result()
+            .map_err(|e| device_err("register_host", e))?;
+        Ok(HostRegistration {
+            ptr: ptr as usize,
+            ctx: be.ctx.clone(),
+        })
+    }
+
+    /// Starts copying pool blocks `ids[i]`, widened to f32, to host memory `dst[i]` (each at
+    /// least one block's `block_elems` f32). The export kernel runs on the compute stream (so it
+    /// sees every append enqueued before it, and later appends into these blocks come after it);
+    /// the copies run on the copy stream.
+    ///
+    /// # Safety
+    /// Every `dst[i]` must stay valid, and must not be read or written by anyone else, until the
+    /// returned ticket has been waited on or dropped. Page-locked memory (see
+    /// [`CudaBackend::register_host`]) makes the copy asynchronous; other memory works, slowly.
+    pub unsafe fn kv_export_async(
+        &self,
+        pool: &KvPool,
+        ids: &[u32],
+        dst: &[*mut f32],
+    ) -> Result<CopyTicket> {
+        let be = &self.inner;
+        let op = "kv_export";
+        be.check(op)?;
+        if ids.len() != dst.len() {
+            return Err(shape_err(
+                op,
+                format!("{} blocks but {} destinations", ids.len(), dst.len()),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&b| b as usize >= pool.n_blocks()) {
+            return Err(shape_err(
+                op,
+                format!("block {bad} is past the pool's {}", pool.n_blocks()),
+            ));
+        }
+        let per = pool.shape().block_elems();
+        if ids.is_empty() {
+            return Ok(CopyTicket {
+                done: None,
+                staging: None,
+                bytes: 0,
+            });
+        }
+        let mut staging = be.output(op, ids.len() * per)?;
+        let ids_d = be.upload(op, ids)?;
+        let (n, per64) = (ids.len() as u64, per as u64);
+        let mut l = be
+            .stream
+            .launch_builder(&be.kvt.export[dtype_index(pool.dtype())]);
+        l.arg(&mut staging);
+        match &pool.data {
+            PoolBuf::F32(d) => l.arg(d),
+            PoolBuf::F16(d) => l.arg(d),
+            PoolBuf::BF16(d) => l.arg(d),
+        };
+        l.arg(&ids_d).arg(&n).arg(&per64);
+        // SAFETY: kv_export_T(float* out, const T* pool, const u32* ids, u64 n, u64 block_elems):
+        // `staging` holds n × block_elems values and every id is inside the pool.
+        unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
+            .map_err(|e| device_err(op, e))?;
+        let exported = be
+            .stream
+            .record_event(None)
+            .map_err(|e| device_err(op, e))?;
+        be.copy.wait(&exported).map_err(|e| device_err(op, e))?;
+        {
+            let (base, _sync) = staging.device_ptr(&be.copy);
+            for (i, &d) in dst.iter().enumerate() {
+                // SAFETY: the caller keeps `d` valid and untouched for `per` f32 until the ticket
+                // is done; the source is block i of `staging`, alive until then too (the ticket
+                // owns it), and written by the export kernel the copy stream waited for.
+                let host = unsafe { std::slice::from_raw_parts_mut(d, per) };
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        host,
+                        base + (i * per * 4) as u64,
+                        be.copy.cu_stream(),
+                    )
+                }
+                .map_err(|e| device_err(op, e))?;
+            }
+        }
+        let done = be.copy.record_event(None).map_err(|e| device_err(op, e))?;
+        // The staging buffer is freed on the compute stream when the ticket ends: make that
+        // stream wait for the copies, so the memory is not reused under them.
+        be.stream.wait(&done).map_err(|e| device_err(op, e))?;
+        Ok(CopyTicket {
+            done: Some(done),
+            staging: Some(staging),
+            bytes: ids.len() * per * 4,
+        })
+    }
+
+    /// The index of the largest value of each row of `x` (the first on ties; NaN never wins).
+    pub fn argmax_device(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+        let be = &self.inner;
+        let op = "argmax_rows";
+        let xb = be.buf(op, x)?;
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        if x.cols == 0 {
+            return Ok(vec![0; x.rows]);
+        }
+        super::Inner::rows_fit(op, x.rows)?;
+        // SAFETY: every one of the `rows` values is written by the kernel below.
+        let mut out = unsafe { be.stream.alloc::<u32>(x.rows) }.map_err(|e| device_err(op, e))?;
+        let cols = x.cols as u64;
+        let mut l = be.stream.launch_builder(&be.kvt.argmax);
+        l.arg(&mut out).arg(xb).arg(&cols);
+        // SAFETY: argmax_rows(u32* out, const float* x, u64 cols): one block per row of x.
+        unsafe { l.launch(kernels::per_row(x.rows)) }.map_err(|e| device_err(op, e))?;
+        be.stream.clone_dtoh(&out).map_err(|e| device_err(op, e))
+    }
+}

@@ -1,0 +1,467 @@
+// Causal prefill attention over the paged KV pool, FlashAttention-2 style.
+//
+// Inputs (see prefill.rs for the host side):
+// - pool: blocks `[2 (K, V), kv_heads, bt, head_dim]` in T;
+// - paged tables, CSR by sequence: blk_ids / blk_starts `[entries]` (block id, position of its
+//   first token; starts strictly increasing and multiples of bt), seq_first `[batch + 1]`,
+//   seq_tokens `[batch]` (valid tokens over the listed blocks: all full but the last);
+// - query rows: q `[rows, n_heads * head_dim]` f32, row_pos `[rows]`, and tiles `[n_tiles, 8]`
+//   u32 = (row0, nrows, b, min_pos, max_pos, 0, 0, 0): runs of at most BM consecutive rows of
+//   one sequence with increasing positions.
+// A key at position p is seen by a query at position pos iff p <= pos. Output: o
+// `[rows, n_heads * head_dim]` and lse `[rows, n_heads]` (natural log; -inf, o = 0 when a row
+// sees no key), as the decode kernel.
+//
+// prefill_mma_*: one CTA per (tile, query head), W warps of 16 query rows (BM = 16 W). Q is
+// loaded once (f32, pre-scaled by scale * log2 e, rounded to T) into registers as mma A
+// fragments. Key tiles of PF_BN = 64 slots of the listed blocks (in list order, so position gaps
+// cost nothing) are copied with cp.async into shared memory (double-buffered, rows of 16-byte
+// chunks XOR-swizzled so ldmatrix is conflict-free; slots past the valid tokens are zero-filled),
+// S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, T inputs, f32 accumulators),
+// and the softmax is online in f32, base 2. Key tiles start at the first listed block and stop
+// at the last one that starts at or before the tile's last position; a warp skips a key tile
+// that starts after its last row, and masks (per element, by position) only the tiles that end
+// after its first row. Slot addresses and positions of key tile j + 2 are computed into shared
+// memory while tile j runs.
+//
+// prefill_generic_*: any head_dim up to PF_GENERIC_MAX_DIM, any dtype, no tensor cores (f32
+// pools, odd head dims, GPUs before sm_80): one warp per query row, f32 math.
+
+#define PF_BN 64
+#define PF_NONE 0xffffffffu
+#define PF_GENERIC_MAX_DIM 256
+#define PF_LN2 0.6931471805599453f
+
+__device__ __forceinline__ u32 pf_smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float pf_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#if __CUDA_ARCH__ >= 800
+
+// 16 bytes global -> shared, bypassing L1; `src_bytes` 0 fills the destination with zeros.
+__device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void pf_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void pf_cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+__device__ __forceinline__ void pf_ldsm_x4(u32 addr, u32* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void pf_ldsm_x4_t(u32 addr, u32* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a * b on one 16x8x16 tile; a: 4 regs (16x16, row), b: 2 regs (16x8, col), c: 4 f32.
+__device__ __forceinline__ void pf_mma(float* c, const u32* a, u32 b0, u32 b1, const f16*) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void pf_mma(float* c, const u32* a, u32 b0, u32 b1, const bf16*) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 rounded (to nearest even) into one register, `lo` in the low half.
+__device__ __forceinline__ u32 pf_pack(float lo, float hi, const f16*) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 pf_pack(float lo, float hi, const bf16*) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Byte offset of 16-byte chunk `ch` of row `r` in a tile of rows of D elements of 2 bytes.
+template <int D>
+__device__ __forceinline__ u32 pf_swz(u32 r, u32 ch) {
+    return r * (D * 2) + ((ch ^ (r & 7u)) << 4);
+}
+
+template <typename T, int D, int W>
+__device__ __forceinline__ void prefill_mma(
+    float* __restrict__ out_o, float* __restrict__ out_lse, const float* __restrict__ q,
+    const T* __restrict__ pool, const u32* __restrict__ tiles, const u32* __restrict__ row_pos,
+    const u32* __restrict__ blk_ids, const u32* __restrict__ blk_starts,
+    const u32* __restrict__ seq_first, const u32* __restrict__ seq_tokens, u32 n_heads,
+    u32 kv_heads, u32 bt, float scale_log2) {
+    constexpr int BM = 16 * W;
+    constexpr int THREADS = 32 * W;
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    constexpr int KT = D / 16;  // k-steps of S = Q K^T
+    constexpr int ND = D / 8;   // n8 tiles of O
+    constexpr u32 ROW_BYTES = D * 2;
+    constexpr u32 TILE_BYTES = PF_BN * ROW_BYTES;
+    extern __shared__ __align__(128) unsigned char pf_smem[];
+    // Q [BM][D] | K [2][PF_BN][D] | V [2][PF_BN][D] | krow u32 [2][PF_BN] | kpos u32 [2][PF_BN]
+    // krow: the slot's K row in the pool, in rows of D elements (its V row is kv_heads * bt
+    // further), PF_NONE for a slot past the valid tokens; kpos: its position, PF_NONE likewise.
+    unsigned char* s_q = pf_smem;
+    u32* s_krow = reinterpret_cast<u32*>(pf_smem + BM * ROW_BYTES + 4 * TILE_BYTES);
+    u32* s_kpos = s_krow + 2 * PF_BN;
+    const u32 q_base = pf_smem_addr(s_q);
+    const u32 k_base = q_base + BM * ROW_BYTES;
+    const u32 v_base = k_base + 2 * TILE_BYTES;
+
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 g = lane >> 2, t4 = lane & 3u;
+    const u32 h = blockIdx.x % n_heads, tile = blockIdx.x / n_heads;
+    const uint4 td = reinterpret_cast<const uint4*>(tiles)[2 * (u64)tile];
+    const u32 row0 = td.x, nrows = td.y, b = td.z;
+    const u32 max_pos = tiles[8 * (u64)tile + 4];
+    const u32 kvh = h / (n_heads / kv_heads);
+    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
+
+    // Listed blocks that start at or before the tile's last position (starts increase).
+    u32 lo = 0, hi = n_listed;
+    while (lo < hi) {
+        const u32 mid = (lo + hi) >> 1;
+        if (blk_starts[first + mid] <= max_pos) lo = mid + 1;
+        else hi = mid;
+    }
+    const u32 n_slots = min(lo * bt, seq_tokens[b]);
+    const u32 n_ktiles = (n_slots + PF_BN - 1) / PF_BN;
+    const u32 v_rows = kv_heads * bt;  // from a K row to its V row
+
+    // Slot addresses and positions of key tile `kt` into buffer `buf` (threads 0 .. PF_BN-1).
+    auto slot_info = [&](u32 kt, u32 buf) {
+        if (tid < PF_BN) {
+            const u32 s = kt * PF_BN + tid;
+            u32 kpos = PF_NONE, krow = PF_NONE;
+            if (s < n_slots) {
+                const u32 e = s / bt, o = s - e * bt;
+                kpos = blk_starts[first + e] + o;
+                krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
+            }
+            s_kpos[buf * PF_BN + tid] = kpos;
+            s_krow[buf * PF_BN + tid] = krow;
+        }
+    };
+    // K (extra = 0) or V (extra = v_rows) of the tile described in `buf`, into `dst`. Every
+    // chunk a thread copies is chunk `tid % CPR` of its row (THREADS is a multiple of CPR).
+    const T* pool_ch = pool + (tid % CPR) * 8;
+    // The slot rows are read first: the compiler keeps shared loads behind a preceding asm.
+    constexpr int LOADS = PF_BN * CPR / THREADS;
+    auto load_kv = [&](u32 buf, u32 dst, u32 extra) {
+        u32 krow[LOADS];
+#pragma unroll
+        for (int i = 0; i < LOADS; i++) krow[i] = s_krow[buf * PF_BN + (tid + i * THREADS) / CPR];
+#pragma unroll
+        for (int i = 0; i < LOADS; i++) {
+            const u32 c = tid + i * THREADS;
+            const u32 r = c / CPR, ch = c % CPR;
+            const bool valid = krow[i] != PF_NONE;
+            const T* src = pool_ch + (u64)(valid ? krow[i] + extra : 0u) * D;
+            pf_cp_async16(dst + pf_swz<D>(r, ch), src, valid ? 16u : 0u);
+        }
+    };
+
+    slot_info(0, 0);
+    slot_info(1, 1);
+    // Q, scaled and rounded to T; rows past the tile are zero.
+    const u64 q_stride = (u64)n_heads * D;
+#pragma unroll
+    for (int i = 0; i < BM * CPR / THREADS; i++) {
+        const u32 c = tid + i * THREADS;
+        const u32 r = c / CPR, ch = c % CPR;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < nrows) {
+            const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
+            const float4 x = *reinterpret_cast<const float4*>(src);
+            const float4 y = *reinterpret_cast<const float4*>(src + 4);
+            v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
+            v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
+            v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
+            v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
+        }
+        *reinterpret_cast<uint4*>(s_q + pf_swz<D>(r, ch)) = v;
+    }
+    __syncthreads();
+    if (n_ktiles > 0) load_kv(0, k_base, 0);
+    pf_cp_commit();
+    if (n_ktiles > 0) load_kv(0, v_base, v_rows);
+    pf_cp_commit();
+
+    // This thread's rows (wr + g, wr + g + 8) and the warp's first and last positions; rows past
+    // the tile take its last position (computed, never stored).
+    const u32 wr = warp * 16;
+    const bool warp_rows = wr < nrows;
+    const u32 last_row = nrows - 1;
+    const u32 pos_a = row_pos[row0 + min(wr + g, last_row)];
+    const u32 pos_b = row_pos[row0 + min(wr + g + 8, last_row)];
+    const u32 warp_min = row_pos[row0 + min(wr, last_row)];
+    const u32 warp_max = row_pos[row0 + min(wr + 15, last_row)];
+
+    u32 qf[KT][4];
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+        const u32 r = wr + (lane & 7u) + ((lane >> 3) & 1u) * 8;
+        pf_ldsm_x4(q_base + pf_swz<D>(r, 2 * kk + (lane >> 4)), qf[kk]);
+    }
+
+    float o[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
+
+    // ldmatrix lanes: K (non-transposed) rows key0 + (lane & 7) + 8 (lane >> 4), chunk
+    // 2 kk + ((lane >> 3) & 1); V (transposed) rows key0 + (lane & 7) + 8 ((lane >> 3) & 1),
+    // chunk 2 dp + (lane >> 4).
+    const u32 k_row = (lane & 7u) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1u;
+    const u32 v_row = (lane & 7u) + ((lane >> 3) & 1u) * 8, v_ch = lane >> 4;
+
+    for (u32 j = 0; j < n_ktiles; j++) {
+        const u32 buf = j & 1u;
+        pf_cp_wait1();  // K of tile j has landed
+        __syncthreads();
+        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, k_base + (buf ^ 1u) * TILE_BYTES, 0);
+        pf_cp_commit();
+
+        const u32 kmin = s_kpos[buf * PF_BN];
+        const u32 kmax = s_kpos[buf * PF_BN + PF_BN - 1];
+        const bool active = warp_rows && kmin <= warp_max;
+        float s[8][4];
+        if (active) {
+#pragma unroll
+            for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            const u32 kb = k_base + buf * TILE_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++) {
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    u32 r[4];
+                    pf_ldsm_x4(kb + pf_swz<D>(np * 16 + k_row, 2 * kk + k_ch), r);
+                    pf_mma(s[2 * np], qf[kk], r[0], r[1], pool);
+                    pf_mma(s[2 * np + 1], qf[kk], r[2], r[3], pool);
+                }
+            }
+            if (kmax > warp_min) {  // some key of the tile is after some row of the warp
+#pragma unroll
+                for (int n = 0; n < 8; n++) {
+                    const uint2 kp =
+                        *reinterpret_cast<const uint2*>(s_kpos + buf * PF_BN + n * 8 + 2 * t4);
+                    if (kp.x > pos_a) s[n][0] = NEG_INF;
+                    if (kp.y > pos_a) s[n][1] = NEG_INF;
+                    if (kp.x > pos_b) s[n][2] = NEG_INF;
+                    if (kp.y > pos_b) s[n][3] = NEG_INF;
+                }
+            }
+            float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            // A row that has seen nothing yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
+            const float base_a = mx_a == NEG_INF ? 0.0f : mx_a;
+            const float base_b = mx_b == NEG_INF ? 0.0f : mx_b;
+            const float corr_a = pf_exp2(m_a - base_a), corr_b = pf_exp2(m_b - base_b);
+            m_a = mx_a;
+            m_b = mx_b;
+            float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                s[n][0] = pf_exp2(s[n][0] - base_a);
+                s[n][1] = pf_exp2(s[n][1] - base_a);
+                s[n][2] = pf_exp2(s[n][2] - base_b);
+                s[n][3] = pf_exp2(s[n][3] - base_b);
+                sum_a += s[n][0] + s[n][1];
+                sum_b += s[n][2] + s[n][3];
+            }
+            l_a = l_a * corr_a + sum_a;
+            l_b = l_b * corr_b + sum_b;
+#pragma unroll
+            for (int n = 0; n < ND; n++) {
+                o[n][0] *= corr_a;
+                o[n][1] *= corr_a;
+                o[n][2] *= corr_b;
+                o[n][3] *= corr_b;
+            }
+        }
+
+        pf_cp_wait1();  // V of tile j has landed
+        __syncthreads();
+        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, v_base + (buf ^ 1u) * TILE_BYTES, v_rows);
+        pf_cp_commit();
+        if (j + 2 < n_ktiles) slot_info(j + 2, buf);
+
+        if (active) {
+            const u32 vb = v_base + buf * TILE_BYTES;
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++) {
+                u32 a[4];
+                a[0] = pf_pack(s[2 * ks][0], s[2 * ks][1], pool);
+                a[1] = pf_pack(s[2 * ks][2], s[2 * ks][3], pool);
+                a[2] = pf_pack(s[2 * ks + 1][0], s[2 * ks + 1][1], pool);
+                a[3] = pf_pack(s[2 * ks + 1][2], s[2 * ks + 1][3], pool);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    u32 r[4];
+                    pf_ldsm_x4_t(vb + pf_swz<D>(ks * 16 + v_row, 2 * dp + v_ch), r);
+                    pf_mma(o[2 * dp], a, r[0], r[1], pool);
+                    pf_mma(o[2 * dp + 1], a, r[2], r[3], pool);
+                }
+            }
+        }
+    }
+    pf_cp_wait1();
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
+    const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+    const u32 ra = wr + g, rb = wr + g + 8;
+    if (ra < nrows) {
+        const u64 row = row0 + ra;
+        float* dst = out_o + row * q_stride + h * D + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < ND; n++)
+            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
+        if (t4 == 0) out_lse[row * n_heads + h] = l_a > 0.0f ? (m_a + log2f(l_a)) * PF_LN2 : NEG_INF;
+    }
+    if (rb < nrows) {
+        const u64 row = row0 + rb;
+        float* dst = out_o + row * q_stride + h * D + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < ND; n++)
+            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
+        if (t4 == 0) out_lse[row * n_heads + h] = l_b > 0.0f ? (m_b + log2f(l_b)) * PF_LN2 : NEG_INF;
+    }
+}
+
+#define PF_MMA_BODY(T, D, W)                                                                  \
+    prefill_mma<T, D, W>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,        \
+                         seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
+#else
+// Before sm_80 (no cp.async, no bf16 mma): the host runs the generic kernel instead.
+#define PF_MMA_BODY(T, D, W) __trap();
+#endif
+
+#define PF_MMA(NAME, T, D, W)                                                                 \
+    extern "C" __global__ void __launch_bounds__(W * 32, 12 / W)                                    \
+        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
+             const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
+             const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,  \
+             float scale_log2) {                                                              \
+        PF_MMA_BODY(T, D, W)                                                                  \
+    }
+
+PF_MMA(prefill_mma_f16_d64_w4, f16, 64, 4)
+PF_MMA(prefill_mma_f16_d64_w8, f16, 64, 8)
+PF_MMA(prefill_mma_f16_d128_w4, f16, 128, 4)
+PF_MMA(prefill_mma_f16_d128_w8, f16, 128, 8)
+PF_MMA(prefill_mma_bf16_d64_w4, bf16, 64, 4)
+PF_MMA(prefill_mma_bf16_d64_w8, bf16, 64, 8)
+PF_MMA(prefill_mma_bf16_d128_w4, bf16, 128, 4)
+PF_MMA(prefill_mma_bf16_d128_w8, bf16, 128, 8)
+
+// The fallback: tiles as above (any size up to blockDim), one warp per row (rows warp,
+// warp + warps, ...), dims lane, lane + 32, ...; walks the listed blocks in order and stops at
+// the first key after the row's position.
+template <typename T>
+__device__ void prefill_generic(float* __restrict__ out_o, float* __restrict__ out_lse,
+                                const float* __restrict__ q, const T* __restrict__ pool,
+                                const u32* __restrict__ tiles, const u32* __restrict__ row_pos,
+                                const u32* __restrict__ blk_ids,
+                                const u32* __restrict__ blk_starts,
+                                const u32* __restrict__ seq_first,
+                                const u32* __restrict__ seq_tokens, u32 n_heads, u32 kv_heads,
+                                u32 head_dim, u32 bt, float scale_log2) {
+    constexpr int DPL = PF_GENERIC_MAX_DIM / 32;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const u32 h = blockIdx.x % n_heads, tile = blockIdx.x / n_heads;
+    const u32 row0 = tiles[8 * (u64)tile], nrows = tiles[8 * (u64)tile + 1];
+    const u32 b = tiles[8 * (u64)tile + 2];
+    const u32 kvh = h / (n_heads / kv_heads);
+    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
+    const u32 total = seq_tokens[b];
+    const u64 half_block = (u64)kv_heads * bt * head_dim;
+    const u64 q_stride = (u64)n_heads * head_dim;
+
+    for (u32 r = warp; r < nrows; r += warps) {
+        const u64 row = row0 + r;
+        const u32 pos = row_pos[row];
+        float qv[DPL], acc[DPL];
+#pragma unroll
+        for (int j = 0; j < DPL; j++) {
+            const u32 d = lane + 32 * j;
+            qv[j] = d < head_dim ? q[row * q_stride + h * head_dim + d] * scale_log2 : 0.0f;
+            acc[j] = 0.0f;
+        }
+        float m = NEG_INF, l = 0.0f;
+        for (u32 e = 0; e < n_listed; e++) {
+            const u32 start = blk_starts[first + e];
+            if (start > pos) break;
+            const u32 cnt = min(bt, min(total - e * bt, pos - start + 1));
+            const u64 base = (u64)blk_ids[first + e] * 2 * half_block + (u64)kvh * bt * head_dim;
+            for (u32 t = 0; t < cnt; t++) {
+                const u64 off = base + (u64)t * head_dim;
+                float p = 0.0f;
+#pragma unroll
+                for (int j = 0; j < DPL; j++) {
+                    const u32 d = lane + 32 * j;
+                    if (d < head_dim) p = fmaf(qv[j], to_f32(pool[off + d]), p);
+                }
+                p = warp_sum(p);
+                const float m_new = fmaxf(m, p);
+                const float corr = exp2f(m - m_new);
+                const float w = exp2f(p - m_new);
+                m = m_new;
+                l = fmaf(l, corr, w);
+#pragma unroll
+                for (int j = 0; j < DPL; j++) {
+                    const u32 d = lane + 32 * j;
+                    const float v = d < head_dim ? to_f32(pool[off + half_block + d]) : 0.0f;
+                    acc[j] = fmaf(w, v, acc[j] * corr);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DPL; j++) {
+            const u32 d = lane + 32 * j;
+            if (d < head_dim) out_o[row * q_stride + h * head_dim + d] = l > 0.0f ? acc[j] / l : 0.0f;
+        }
+        if (lane == 0) out_lse[row * n_heads + h] = l > 0.0f ? (m + log2f(l)) * PF_LN2 : NEG_INF;
+    }
+}
+
+#define PF_GENERIC(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128)                                         \
+        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
+             const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
+             const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads,          \
+             u32 head_dim, u32 bt, float scale_log2) {                                        \
+        prefill_generic<T>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,      \
+                           seq_first, seq_tokens, n_heads, kv_heads, head_dim, bt,            \
+                           scale_log2);                                                       \
+    }
+
+PF_GENERIC(prefill_generic_f32, float)
+PF_GENERIC(prefill_generic_f16, f16)
+PF_GENERIC(prefill_generic_bf16, bf16)

@@ -1,0 +1,607 @@
+//! Causal prefill attention on the GPU over the paged KV pool: FlashAttention-2 style tiles on
+//! tensor cores (prefill.cu), for the rows of one forward call (prompt chunks of any number of
+//! sequences), returning mergeable partials like decode.
+//!
+//! - **Tables.** [`DevicePagedTables`]: per sequence, the blocks the GPU tier holds — a *subset*
+//!   of the sequence's blocks in position order ([`SeqBlocks`]: ids, the position of each
+//!   block's first token, and the valid tokens of the last listed block; every other listed
+//!   block is full). Blocks not listed (on the host or disk tiers) are simply not attended: the
+//!   result is the partial over the listed tokens, to merge with the other tiers' partials.
+//!   Checked at upload: ids inside the pool, starts multiples of `block_tokens` and strictly
+//!   increasing, lengths in range.
+//! - **Rows.** [`DeviceQueryRows`]: `(sequence, position)` per query row, uploaded once per
+//!   forward call; a sequence's rows are consecutive and in increasing position (a prompt
+//!   chunk, which may start mid-sequence). Cut at upload into tiles of 64 and of 128 rows of one
+//!   sequence, ordered by decreasing last position (the heaviest tiles start first).
+//! - **Attention.** [`CudaBackend::prefill_attention`]: every row of `q: [rows, n_heads *
+//!   head_dim] f32` attends causally (key position <= row position) over its sequence's listed
+//!   blocks; GQA maps query head `h` to KV head `h / (n_heads / kv_heads)` (KV never
+//!   replicated). Output [`DevicePartial`]: `o: [rows, n_heads * head_dim]`, `lse: [rows,
+//!   n_heads]` (natural log; `-inf` and `o = 0` for a row that sees no key).
+//! - **Kernels.** f16/bf16 pools with head_dim 64 or 128 on sm_80 or newer: the tensor-core
+//!   kernel (q and P rounded to the pool's dtype for the mma, f32 accumulation and softmax), in
+//!   two tile sizes (64 rows × 4 warps, 128 rows × 8 warps). Every other pool (f32, other head
+//!   dims up to 256, older GPUs): a generic kernel in f32 math.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::attention::{DevicePartial, KvPool, PoolBuf};
+use super::{CudaBackend, CudaTensor, Inner, device_err};
+use crate::{DType, KernelError, Result, shape_err};
+
+/// Key slots per tile; `PF_BN` in prefill.cu.
+const KEY_TILE: usize = 64;
+/// head_dim at most for the generic kernel; `PF_GENERIC_MAX_DIM` in prefill.cu.
+const GENERIC_MAX_DIM: usize = 256;
+const GENERIC_THREADS: u32 = 128;
+/// head_dims of the tensor-core kernel.
+const MMA_DIMS: [usize; 2] = [64, 128];
+/// Words per tile descriptor: row0, nrows, b, min_pos, max_pos, 3 unused.
+const TILE_WORDS: usize = 8;
+
+/// Which kernel [`CudaBackend::prefill_attention_with`] runs (benchmarks and tests; the
+/// default, `Auto`, is what [`CudaBackend::prefill_attention`] does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// The tensor-core kernel with the tile size chosen for the call, where the pool allows
+    /// it; else the generic kernel.
+    Auto,
+    /// The tensor-core kernel, 64 query rows (4 warps) per CTA.
+    Mma64,
+    /// The tensor-core kernel, 128 query rows (8 warps) per CTA.
+    Mma128,
+    /// The generic (f32 math, no tensor cores) kernel.
+    Generic,
+}
+
+/// The blocks of one sequence that the GPU pool holds, in position order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqBlocks {
+    /// Pool block ids.
+    pub ids: Vec<u32>,
+    /// The position of each block's first token: multiples of `block_tokens`, strictly
+    /// increasing (gaps allowed: the blocks between live in other tiers).
+    pub starts: Vec<u32>,
+    /// Valid tokens of the last listed block, `1..=block_tokens` (ignored when no block is
+    /// listed); every other listed block is full.
+    pub last_len: usize,
+}
+
+impl SeqBlocks {
+    /// All the blocks of a sequence of `len` tokens, `ids[i]` holding positions
+    /// `i * block_tokens ..`; `ids` must name at least `ceil(len / block_tokens)` blocks (extra
+    /// ids are ignored).
+    pub fn contiguous(ids: &[u32], len: usize, block_tokens: usize) -> Result<SeqBlocks> {
+        let op = "SeqBlocks::contiguous";
+        if block_tokens == 0 {
+            return Err(shape_err(op, "block_tokens is 0"));
+        }
+        let need = len.div_ceil(block_tokens);
+        if ids.len() < need {
+            return Err(shape_err(
+                op,
+                format!("{len} tokens need {need} blocks, {} given", ids.len()),
+            ));
+        }
+        let starts = (0..need)
+            .map(|i| {
+                u32::try_from(i * block_tokens)
+                    .map_err(|_| shape_err(op, format!("{len} tokens exceed u32 positions")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(SeqBlocks {
+            ids: ids[..need].to_vec(),
+            starts,
+            last_len: len - need.saturating_sub(1) * block_tokens,
+        })
+    }
+
+    /// Valid tokens over the listed blocks.
+    pub fn tokens(&self, block_tokens: usize) -> usize {
+        match self.ids.len() {
+            0 => 0,
+            n => (n - 1) * block_tokens + self.last_len,
+        }
+    }
+}
+
+/// [`SeqBlocks`] of a batch in device memory, CSR by sequence.
+#[derive(Debug)]
+pub struct DevicePagedTables {
+    batch: usize,
+    block_tokens: usize,
+    /// The largest listed block id, if any block is listed.
+    max_block_id: Option<u32>,
+    /// `[entries] u32` each: block id, position of its first token.
+    ids: CudaSlice<u32>,
+    starts: CudaSlice<u32>,
+    /// `[batch + 1] u32`: sequence `b` lists entries `seq_first[b] .. seq_first[b + 1]`.
+    seq_first: CudaSlice<u32>,
+    /// `[batch] u32`: valid tokens over the listed blocks.
+    seq_tokens: CudaSlice<u32>,
+}
+
+impl DevicePagedTables {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+}
+
+/// Tile descriptors `[n, TILE_WORDS] u32` for one tile size.
+#[derive(Debug)]
+struct TileList {
+    n: usize,
+    data: CudaSlice<u32>,
+}
+
+/// The query rows of one forward call in device memory (see the module header).
+#[derive(Debug)]
+pub struct DeviceQueryRows {
+    rows: usize,
+    /// The largest sequence index of any row.
+    max_b: Option<u32>,
+    /// `[rows] u32`.
+    row_pos: CudaSlice<u32>,
+    /// Tiles of at most 64 rows, and of at most 128.
+    tiles64: TileList,
+    tiles128: TileList,
+}
+
+impl DeviceQueryRows {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// The prefill kernels of the compiled program (see prefill.cu for their signatures).
+pub(crate) struct PrefillKernels {
+    /// `[dtype f16, bf16][dim as MMA_DIMS][rows 64, 128]`, each with whether its shared memory
+    /// limit could be raised to what it needs.
+    mma: Vec<(CudaFunction, bool)>,
+    /// `[dtype f32, f16, bf16]`.
+    generic: Vec<CudaFunction>,
+}
+
+/// Warps of the tensor-core kernel for a tile of `rows` rows (16 rows a warp).
+fn mma_warps(rows: usize) -> usize {
+    rows / 16
+}
+
+/// Dynamic shared memory of the tensor-core kernel: Q, K and V twice, slot rows and positions.
+fn mma_smem_bytes(head_dim: usize, rows: usize) -> usize {
+    rows * head_dim * 2 + 4 * KEY_TILE * head_dim * 2 + 2 * KEY_TILE * 4 * 2
+}
+
+impl PrefillKernels {
+    pub(crate) fn bind(module: &Arc<CudaModule>) -> std::result::Result<Self, String> {
+        let load = |name: String| {
+            module
+                .load_function(&name)
+                .map_err(|e| format!("kernel `{name}` missing: {e}"))
+        };
+        let mut mma = Vec::new();
+        for dt in [DType::F16, DType::BF16] {
+            for d in MMA_DIMS {
+                for rows in [64, 128] {
+                    let f = load(format!(
+                        "prefill_mma_{}_d{d}_w{}",
+                        dt.name(),
+                        mma_warps(rows)
+                    ))?;
+                    // A device with less shared memory per block refuses; that kernel is then
+                    // not used (the generic one runs).
+                    let ok = f
+                        .set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            mma_smem_bytes(d, rows) as i32,
+                        )
+                        .is_ok();
+                    mma.push((f, ok));
+                }
+            }
+        }
+        let generic = [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .map(|dt| load(format!("prefill_generic_{}", dt.name())))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        Ok(Self { mma, generic })
+    }
+
+    /// The tensor-core kernel for `dtype`, `head_dim` and tiles of `rows` rows, if there is one
+    /// and it can run.
+    fn mma(&self, dtype: DType, head_dim: usize, rows: usize) -> Option<&CudaFunction> {
+        let t = match dtype {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            DType::F32 => return None,
+        };
+        let d = MMA_DIMS.iter().position(|&x| x == head_dim)?;
+        let r = usize::from(rows == 128);
+        let (f, ok) = &self.mma[(t * MMA_DIMS.len() + d) * 2 + r];
+        ok.then_some(f)
+    }
+
+    fn generic(&self, dtype: DType) -> &CudaFunction {
+        &self.generic[match dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        }]
+    }
+}
+
+/// Tiles of at most `size` rows over runs of one sequence, heaviest (latest last position)
+/// first: `(row0, nrows, b, min_pos, max_pos)` each, flattened to `TILE_WORDS` words.
+fn cut_tiles(rows: &[(u32, u32)], size: usize) -> (usize, Vec<u32>) {
+    let mut tiles: Vec<[u32; TILE_WORDS]> = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let b = rows[start].0;
+        let end = start
+            + rows[start..]
+                .iter()
+                .take_while(|r| r.0 == b)
+                .take(size)
+                .count();
+        // Row indices fit u32: checked by the caller.
+        tiles.push([
+            start as u32,
+            (end - start) as u32,
+            b,
+            rows[start].1,
+            rows[end - 1].1,
+            0,
+            0,
+            0,
+        ]);
+        start = end;
+    }
+    tiles.sort_by_key(|t| std::cmp::Reverse(t[4]));
+    (tiles.len(), tiles.concat())
+}
+
+impl CudaBackend {
+    /// Uploads the blocks the GPU pool holds for each sequence of a batch (sequence `b` of the
+    /// query rows is `seqs[b]`), checked against `pool`.
+    pub fn upload_paged_tables(
+        &self,
+        pool: &KvPool,
+        seqs: &[SeqBlocks],
+    ) -> Result<DevicePagedTables> {
+        let be = &self.inner;
+        let op = "upload_paged_tables";
+        be.check(op)?;
+        let bt = pool.shape().block_tokens;
+        let err = |i: usize, d: String| shape_err(op, format!("sequence {i}: {d}"));
+        let mut ids = Vec::new();
+        let mut starts = Vec::new();
+        let mut seq_first = vec![0u32];
+        let mut seq_tokens = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            if s.starts.len() != s.ids.len() {
+                return Err(err(
+                    i,
+                    format!("{} block ids, {} starts", s.ids.len(), s.starts.len()),
+                ));
+            }
+            if !s.ids.is_empty() && !(1..=bt).contains(&s.last_len) {
+                return Err(err(
+                    i,
+                    format!("last block holds {} tokens, not 1..={bt}", s.last_len),
+                ));
+            }
+            if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= pool.n_blocks()) {
+                return Err(err(
+                    i,
+                    format!("block id {id} outside the pool of {}", pool.n_blocks()),
+                ));
+            }
+            for (k, &p) in s.starts.iter().enumerate() {
+                if !(p as usize).is_multiple_of(bt) || p as u64 + bt as u64 > u32::MAX as u64 {
+                    return Err(err(
+                        i,
+                        format!("block {k} starts at {p}: not a multiple of {bt} below 2^32"),
+                    ));
+                }
+                if k > 0 && p <= s.starts[k - 1] {
+                    return Err(err(
+                        i,
+                        format!(
+                            "block {k} starts at {p}, not after block {} at {}",
+                            k - 1,
+                            s.starts[k - 1]
+                        ),
+                    ));
+                }
+            }
+            let tokens =
+                u32::try_from(s.tokens(bt)).map_err(|_| err(i, "more than 2^32 tokens".into()))?;
+            ids.extend_from_slice(&s.ids);
+            starts.extend_from_slice(&s.starts);
+            seq_first.push(
+                u32::try_from(ids.len()).map_err(|_| shape_err(op, "over 2^32 blocks listed"))?,
+            );
+            seq_tokens.push(tokens);
+        }
+        Ok(DevicePagedTables {
+            batch: seqs.len(),
+            block_tokens: bt,
+            max_block_id: ids.iter().copied().max(),
+            ids: be.upload(op, &ids)?,
+            starts: be.upload(op, &starts)?,
+            seq_first: be.upload(op, &seq_first)?,
+            seq_tokens: be.upload(op, &seq_tokens)?,
+        })
+    }
+
+    /// Uploads the query rows of one forward call: `(sequence index, position)` per row; a
+    /// sequence's rows consecutive, positions strictly increasing, below `u32::MAX`.
+    pub fn upload_query_rows(&self, rows: &[(u32, u32)]) -> Result<DeviceQueryRows> {
+        let be = &self.inner;
+        let op = "upload_query_rows";
+        be.check(op)?;
+        if u32::try_from(rows.len()).is_err() {
+            return Err(shape_err(op, format!("{} rows exceed u32", rows.len())));
+        }
+        let mut finished = HashSet::new();
+        for (i, w) in rows.windows(2).enumerate() {
+            let ((b0, p0), (b1, p1)) = (w[0], w[1]);
+            if b0 == b1 && p1 <= p0 {
+                return Err(shape_err(
+                    op,
+                    format!(
+                        "rows {i} and {} of sequence {b0}: position {p1} after {p0}",
+                        i + 1
+                    ),
+                ));
+            }
+            if b0 != b1 && (!finished.insert(b0) || finished.contains(&b1)) {
+                return Err(shape_err(
+                    op,
+                    format!("rows of sequence {b1} (row {}) are not consecutive", i + 1),
+                ));
+            }
+        }
+        if let Some(&(b, p)) = rows.iter().find(|r| r.1 == u32::MAX) {
+            return Err(shape_err(
+                op,
+                format!("sequence {b}: position {p} is reserved"),
+            ));
+        }
+        let pos: Vec<u32> = rows.iter().map(|r| r.1).collect();
+        let tile_list = |size| -> Result<TileList> {
+            let (n, data) = cut_tiles(rows, size);
+            Ok(TileList {
+                n,
+                data: be.upload(op, &data)?,
+            })
+        };
+        Ok(DeviceQueryRows {
+            rows: rows.len(),
+            max_b: rows.iter().map(|r| r.0).max(),
+            row_pos: be.upload(op, &pos)?,
+            tiles64: tile_list(64)?,
+            tiles128: tile_list(128)?,
+        })
+    }
+
+    /// Causal attention of every query row over the blocks `tables` lists for its sequence (see
+    /// the module header); `q: [rows, n_heads * head_dim] f32`, the KV geometry from `pool`.
+    pub fn prefill_attention(
+        &self,
+        pool: &KvPool,
+        tables: &DevicePagedTables,
+        q: &CudaTensor,
+        rows: &DeviceQueryRows,
+        n_heads: usize,
+        scale: f32,
+    ) -> Result<DevicePartial> {
+        self.prefill_attention_with(pool, tables, q, rows, n_heads, scale, PrefillKernel::Auto)
+    }
+
+    /// The kernel `Auto` picks for this call.
+    pub fn prefill_kernel(
+        &self,
+        pool: &KvPool,
+        rows: &DeviceQueryRows,
+        n_heads: usize,
+    ) -> PrefillKernel {
+        let be = &self.inner;
+        let (dtype, hd) = (pool.dtype(), pool.shape().head_dim);
+        let allowed = self.mma_allowed(pool);
+        let has = |r| allowed && be.prefill.mma(dtype, hd, r).is_some();
+        // 128-row tiles read each key tile once per 128 rows instead of 64; 64-row tiles keep
+        // the GPU busier when there are few tiles.
+        let sms = be.info.multiprocessors.max(1) as usize;
+        let few = rows.tiles128.n * n_heads < 2 * sms;
+        match (has(64), has(128)) {
+            (true, true) if few => PrefillKernel::Mma64,
+            (_, true) => PrefillKernel::Mma128,
+            (true, false) => PrefillKernel::Mma64,
+            (false, false) => PrefillKernel::Generic,
+        }
+    }
+
+    /// Whether the tensor-core kernel may run on `pool` (dtype, GPU generation, and pool rows
+    /// addressable in 32 bits).
+    fn mma_allowed(&self, pool: &KvPool) -> bool {
+        let s = pool.shape();
+        let pool_rows = pool.n_blocks() as u64 * 2 * s.kv_heads as u64 * s.block_tokens as u64;
+        self.inner.info.compute_capability >= (8, 0)
+            && pool.dtype() != DType::F32
+            && MMA_DIMS.contains(&s.head_dim)
+            && pool_rows < u32::MAX as u64
+    }
+
+    /// [`CudaBackend::prefill_attention`] with a chosen kernel; a tensor-core kernel the pool
+    /// or the GPU does not allow is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention_with(
+        &self,
+        pool: &KvPool,
+        tables: &DevicePagedTables,
+        q: &CudaTensor,
+        rows: &DeviceQueryRows,
+        n_heads: usize,
+        scale: f32,
+        kernel: PrefillKernel,
+    ) -> Result<DevicePartial> {
+        let be = &self.inner;
+        let op = "prefill_attention";
+        be.check(op)?;
+        check_prefill(pool, tables, q, rows, n_heads)?;
+        let s = pool.shape();
+        let (hd, n_rows) = (s.head_dim, rows.rows);
+        let kernel = match kernel {
+            PrefillKernel::Auto => self.prefill_kernel(pool, rows, n_heads),
+            k => k,
+        };
+        let mma_rows = match kernel {
+            PrefillKernel::Mma64 => Some(64),
+            PrefillKernel::Mma128 => Some(128),
+            _ => None,
+        };
+        let mma = match mma_rows {
+            Some(r) => Some(
+                be.prefill
+                    .mma(pool.dtype(), hd, r)
+                    .filter(|_| self.mma_allowed(pool))
+                    .ok_or_else(|| {
+                        shape_err(
+                            op,
+                            format!(
+                                "no tensor-core kernel for {} pools of head_dim {hd} on this GPU",
+                                pool.dtype().name()
+                            ),
+                        )
+                    })?,
+            ),
+            None if hd > GENERIC_MAX_DIM => {
+                return Err(shape_err(op, format!("head_dim {hd} > {GENERIC_MAX_DIM}")));
+            }
+            None => None,
+        };
+        let tiles = if mma_rows == Some(128) {
+            &rows.tiles128
+        } else {
+            &rows.tiles64
+        };
+        let ctas = tiles.n * n_heads;
+        if ctas > i32::MAX as usize {
+            return Err(shape_err(op, format!("{ctas} CTAs exceed one launch")));
+        }
+        let qb = be.buf(op, q)?;
+        let mut o = be.output(op, n_rows * n_heads * hd)?;
+        let mut lse = be.output(op, n_rows * n_heads)?;
+        if ctas > 0 {
+            let u = |x: usize| x as u32;
+            let (nh, kvh, d, bt) = (u(n_heads), u(s.kv_heads), u(hd), u(s.block_tokens));
+            let scale_log2 = scale * std::f32::consts::LOG2_E;
+            let (f, cfg) = match (mma, mma_rows) {
+                (Some(f), Some(r)) => (
+                    f,
+                    LaunchConfig {
+                        grid_dim: (u(ctas), 1, 1),
+                        block_dim: (u(mma_warps(r) * 32), 1, 1),
+                        shared_mem_bytes: u(mma_smem_bytes(hd, r)),
+                    },
+                ),
+                _ => (
+                    be.prefill.generic(pool.dtype()),
+                    LaunchConfig {
+                        grid_dim: (u(ctas), 1, 1),
+                        block_dim: (GENERIC_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                ),
+            };
+            let mut b = be.stream.launch_builder(f);
+            b.arg(&mut o).arg(&mut lse).arg(qb);
+            match &pool.data {
+                PoolBuf::F32(p) => b.arg(p),
+                PoolBuf::F16(p) => b.arg(p),
+                PoolBuf::BF16(p) => b.arg(p),
+            };
+            b.arg(&tiles.data)
+                .arg(&rows.row_pos)
+                .arg(&tables.ids)
+                .arg(&tables.starts)
+                .arg(&tables.seq_first)
+                .arg(&tables.seq_tokens)
+                .arg(&nh)
+                .arg(&kvh);
+            if mma.is_none() {
+                b.arg(&d);
+            }
+            b.arg(&bt).arg(&scale_log2);
+            // SAFETY: prefill_mma_*(float* o, float* lse, const float* q, const T* pool,
+            // const u32* tiles, const u32* row_pos, const u32* blk_ids, const u32* blk_starts,
+            // const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,
+            // float scale_log2), and prefill_generic_* the same with u32 head_dim before bt; T
+            // is the pool's dtype. `check_prefill` verified the shapes: q and o hold rows *
+            // n_heads * head_dim values, lse rows * n_heads; every tile (built at upload) covers
+            // rows of one sequence b < the tables' batch; every listed block id is inside the
+            // pool, and for the tensor-core kernel every pool row index fits u32 below
+            // PF_NONE (`mma_allowed`) and its dynamic shared memory limit was raised at bind.
+            unsafe { b.launch(cfg) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(DevicePartial {
+            o: Inner::tensor(n_rows, n_heads * hd, o),
+            lse: Inner::tensor(n_rows, n_heads, lse),
+        })
+    }
+}
+
+fn check_prefill(
+    pool: &KvPool,
+    tables: &DevicePagedTables,
+    q: &CudaTensor,
+    rows: &DeviceQueryRows,
+    n_heads: usize,
+) -> Result<()> {
+    let op = "prefill_attention";
+    let err = |d: String| Err::<(), KernelError>(shape_err(op, d));
+    let s = pool.shape();
+    if tables.block_tokens != s.block_tokens {
+        return err(format!(
+            "tables of {} tokens per block, pool blocks {s:?}",
+            tables.block_tokens
+        ));
+    }
+    if n_heads == 0 || !n_heads.is_multiple_of(s.kv_heads) || u32::try_from(n_heads).is_err() {
+        return err(format!("{n_heads} heads over {} KV heads", s.kv_heads));
+    }
+    if (q.rows, q.cols) != (rows.rows, n_heads * s.head_dim) {
+        return err(format!(
+            "q is [{}, {}], expected [{}, {}]",
+            q.rows,
+            q.cols,
+            rows.rows,
+            n_heads * s.head_dim
+        ));
+    }
+    if let Some(b) = rows.max_b
+        && b as usize >= tables.batch
+    {
+        return err(format!(
+            "a row of sequence {b}, the tables hold {}",
+            tables.batch
+        ));
+    }
+    if let Some(id) = tables.max_block_id
+        && id as usize >= pool.n_blocks()
+    {
+        return err(format!(
+            "block id {id} outside the pool of {}",
+            pool.n_blocks()
+        ));
+    }
+    Ok(())
+}

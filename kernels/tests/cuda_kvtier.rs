@@ -1,0 +1,134 @@
+//! The GPU KV tier's data movement against plain host arithmetic, on random inputs fresh per run
+//! (`STRATA_TEST_SEED` replays one): appends land in the right slot of the right block, rounded
+//! to nearest even for f16 / bf16 and bit-exact for f32; exports widen every block back exactly
+//! (so the host tier holds the GPU tier's values); argmax picks the first maximum of each row.
+//! Without a GPU every test prints `skipped: <reason>` and passes.
+
+#![allow(clippy::unwrap_used)]
+
+use strata_kernels::cuda::KvBlockShape;
+use strata_kernels::testing::{SplitMix as Rng, test_gpu, test_seed};
+use strata_kernels::{Backend, DType};
+
+fn round(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+    }
+}
+
+#[test]
+fn appends_land_in_their_slots_and_exports_widen_them_exactly() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (kv_heads, head_dim, bt) in [(2, 64, 16), (1, 96, 5), (8, 128, 32)] {
+            let shape = KvBlockShape {
+                kv_heads,
+                block_tokens: bt,
+                head_dim,
+            };
+            let n_blocks = 7;
+            let mut pool = gpu.kv_pool(dtype, shape, n_blocks).unwrap();
+            // Fill every slot of every block, in shuffled order over three append calls.
+            let mut slots: Vec<u32> = (0..(n_blocks * bt) as u32).collect();
+            rng.shuffle(&mut slots);
+            let width = kv_heads * head_dim;
+            let mut want = vec![f32::NAN; n_blocks * shape.block_elems()];
+            for part in slots.chunks(slots.len().div_ceil(3)) {
+                let k = rng.vec_scaled(part.len() * width, 4.0);
+                let v = rng.vec_scaled(part.len() * width, 4.0);
+                let kt = gpu.tensor(part.len(), width, k.clone()).unwrap();
+                let vt = gpu.tensor(part.len(), width, v.clone()).unwrap();
+                gpu.kv_append(&mut pool, &kt, &vt, part).unwrap();
+                for (r, &slot) in part.iter().enumerate() {
+                    let (b, t) = (slot as usize / bt, slot as usize % bt);
+                    for h in 0..kv_heads {
+                        for d in 0..head_dim {
+                            let at = b * shape.block_elems() + (h * bt + t) * head_dim + d;
+                            want[at] = round(k[r * width + h * head_dim + d], dtype);
+                            want[at + shape.half_elems()] =
+                                round(v[r * width + h * head_dim + d], dtype);
+                        }
+                    }
+                }
+            }
+            // Export in a shuffled block order into separate host buffers.
+            let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
+            rng.shuffle(&mut ids);
+            let mut host: Vec<Vec<f32>> = ids
+                .iter()
+                .map(|_| vec![f32::NAN; shape.block_elems()])
+                .collect();
+            let dst: Vec<*mut f32> = host.iter_mut().map(|h| h.as_mut_ptr()).collect();
+            // SAFETY: the buffers outlive the ticket, which is waited on before they are read.
+            let ticket = unsafe { gpu.kv_export_async(&pool, &ids, &dst) }.unwrap();
+            assert_eq!(ticket.bytes(), n_blocks * shape.block_elems() * 4);
+            ticket.wait().unwrap();
+            for (h, &id) in host.iter().zip(&ids) {
+                let e = shape.block_elems();
+                let w = &want[id as usize * e..(id as usize + 1) * e];
+                let same = h.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "seed {seed}: {dtype:?} {shape:?}: block {id} differs after append + export"
+                );
+            }
+        }
+    }
+    eprintln!("seed {seed}: append + export exact for f32, f16, bf16 pools");
+}
+
+#[test]
+fn bad_slots_and_shapes_are_errors() {
+    let Some(gpu) = test_gpu() else { return };
+    let shape = KvBlockShape {
+        kv_heads: 2,
+        block_tokens: 4,
+        head_dim: 8,
+    };
+    let mut pool = gpu.kv_pool(DType::BF16, shape, 2).unwrap();
+    let k = gpu.tensor(1, 16, vec![1.0; 16]).unwrap();
+    let err = gpu.kv_append(&mut pool, &k, &k, &[8]).unwrap_err();
+    assert!(err.to_string().contains("past the pool"), "{err}");
+    let short = gpu.tensor(1, 8, vec![1.0; 8]).unwrap();
+    let err = gpu.kv_append(&mut pool, &short, &short, &[0]).unwrap_err();
+    assert!(err.to_string().contains("expected [1, 16]"), "{err}");
+    let mut buf = vec![0f32; shape.block_elems()];
+    // SAFETY: the buffer outlives the call (which fails before copying anything).
+    let err = unsafe { gpu.kv_export_async(&pool, &[2], &[buf.as_mut_ptr()]) }.unwrap_err();
+    assert!(err.to_string().contains("past the pool"), "{err}");
+}
+
+#[test]
+fn argmax_picks_the_first_maximum_of_each_row() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    for (rows, cols) in [(1, 1), (3, 7), (64, 128_256), (5, 1000)] {
+        let mut x = rng.vec(rows * cols);
+        // Ties: copy each row's maximum to a later and an earlier column.
+        for r in 0..rows {
+            let row = &mut x[r * cols..(r + 1) * cols];
+            let (at, &m) = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap();
+            row[cols - 1] = m;
+            row[at / 2] = m;
+        }
+        let t = gpu.tensor(rows, cols, x.clone()).unwrap();
+        let got = gpu.argmax_rows(&t).unwrap();
+        let want = strata_kernels::CpuBackend::new()
+            .argmax_rows(
+                &strata_kernels::CpuBackend::new()
+                    .tensor(rows, cols, x)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(got, want, "seed {seed}: [{rows}, {cols}]");
+    }
+}

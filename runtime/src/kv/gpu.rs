@@ -1,0 +1,161 @@
+//! The GPU tier: KV blocks in one device pool (`--gpu-mem`), the slot allocator, and the
+//! background spill of cold blocks to the host tier. The block table itself stays in
+//! [`super::KvCache`]; this module owns the device-side mechanism.
+//!
+//! Spills: the export kernel widens the chosen blocks to f32 on the compute stream, then the copy
+//! stream moves them straight into their host-arena slots (page-locked the first time a slot of
+//! each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
+//! before anything reads the host tier (host attention, a host → disk spill) or the next spill.
+
+use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool};
+use strata_kernels::{CudaBackend, DType};
+use strata_storage::{ArenaSlots, SlotId};
+
+use super::{KvError, KvGeometry};
+
+/// The GPU tier's budget and dtype.
+#[derive(Clone, Debug)]
+pub struct GpuTierConfig {
+    pub backend: CudaBackend,
+    /// Device memory for KV blocks (rounded down to whole blocks).
+    pub bytes: u64,
+    /// The pool's storage dtype; K and V are rounded to it when appended. Blocks spilled to the
+    /// host tier are widened back to f32 exactly, so every tier holds the same values.
+    pub dtype: DType,
+}
+
+/// Page-locking granularity of the host arena.
+const REGISTER_CHUNK: usize = 64 << 20;
+
+pub(super) struct GpuTier {
+    pub backend: CudaBackend,
+    pub pool: KvPool,
+    free: Vec<u32>,
+    /// The spill whose copies may still be landing in host slots.
+    pending: Option<CopyTicket>,
+    /// Per 64 MiB chunk of the host arena: registered yet?
+    registered: Vec<Option<HostRegistration>>,
+}
+
+impl GpuTier {
+    pub fn new(cfg: GpuTierConfig, g: &KvGeometry) -> Result<Self, KvError> {
+        let shape = KvBlockShape {
+            kv_heads: g.kv_heads,
+            block_tokens: g.block_tokens,
+            head_dim: g.head_dim,
+        };
+        let block_bytes = shape.block_elems() * cfg.dtype.size_bytes();
+        let n = usize::try_from(cfg.bytes / block_bytes as u64).unwrap_or(usize::MAX);
+        let n = n.min(u32::MAX as usize);
+        if n == 0 {
+            return Err(KvError::GpuTooSmall {
+                capacity: 0,
+                needed: 1,
+                bytes_per_block: block_bytes,
+            });
+        }
+        let pool = cfg
+            .backend
+            .kv_pool(cfg.dtype, shape, n)
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        Ok(Self {
+            backend: cfg.backend,
+            pool,
+            free: (0..n as u32).rev().collect(),
+            pending: None,
+            registered: Vec::new(),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.pool.n_blocks()
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.capacity() - self.free.len()
+    }
+
+    pub fn bytes_per_block(&self) -> usize {
+        self.pool.shape().block_elems() * self.pool.dtype().size_bytes()
+    }
+
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Returns a block to the free list. Work enqueued later on the compute stream (an append
+    /// into the reused block) is ordered after everything enqueued before, including an export
+    /// of its old contents.
+    pub fn free(&mut self, id: u32) {
+        self.free.push(id);
+    }
+
+    /// Waits for the spill in flight, if any.
+    pub fn settle(&mut self) -> Result<(), KvError> {
+        match self.pending.take() {
+            Some(t) => t.wait().map_err(|e| KvError::Gpu(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts copying GPU blocks `moves[i].0` into host slots `moves[i].1` (already allocated).
+    pub fn export(
+        &mut self,
+        host: &mut ArenaSlots,
+        moves: &[(u32, SlotId)],
+    ) -> Result<(), KvError> {
+        self.settle()?;
+        let (base, len) = host.raw_region();
+        let slot_bytes = host.slot_bytes();
+        let mut dst = Vec::with_capacity(moves.len());
+        for &(_, slot) in moves {
+            let p = host.slot_ptr(slot);
+            self.register(base, len, p as usize - base as usize, slot_bytes)?;
+            dst.push(p.cast::<f32>());
+        }
+        let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
+        // SAFETY: each destination is a distinct allocated host slot of `slot_bytes` bytes (one
+        // block widened to f32), page-locked above. Nothing reads or frees host slots before
+        // `settle` waits for this ticket: the cache calls `settle` before host attention, before
+        // a host → disk spill, before the next export, and when it drops.
+        let t = unsafe { self.backend.kv_export_async(&self.pool, &ids, &dst) }
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        self.pending = Some(t);
+        Ok(())
+    }
+
+    /// Page-locks the arena chunks covering `[offset, offset + len)`.
+    fn register(
+        &mut self,
+        base: *mut u8,
+        arena_len: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), KvError> {
+        let chunks = arena_len.div_ceil(REGISTER_CHUNK);
+        if self.registered.len() < chunks {
+            self.registered.resize_with(chunks, || None);
+        }
+        for c in offset / REGISTER_CHUNK..=(offset + len - 1) / REGISTER_CHUNK {
+            if self.registered[c].is_some() {
+                continue;
+            }
+            let start = c * REGISTER_CHUNK;
+            let n = REGISTER_CHUNK.min(arena_len - start);
+            // SAFETY: `[start, start + n)` lies inside the host arena, which the cache owns and
+            // drops after this tier (field order of `KvCache`), so it stays mapped while
+            // registered.
+            let r = unsafe { self.backend.register_host(base.wrapping_add(start), n) }
+                .map_err(|e| KvError::Gpu(e.to_string()))?;
+            self.registered[c] = Some(r);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GpuTier {
+    fn drop(&mut self) {
+        // Never leave a copy writing into host memory that is about to be unmapped.
+        let _ = self.settle();
+    }
+}

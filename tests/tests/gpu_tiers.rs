@@ -1,0 +1,210 @@
+//! Placement equivalence with the GPU tier in play: the golden fixtures run on the GPU with their
+//! KV all in HBM, with a GPU tier so small that most blocks spill to host memory, and with GPU,
+//! host and disk tiers all holding part of it. Every placement gives the greedy tokens of
+//! transformers and of the CPU, and logits within the golden tolerance; each tier stays within
+//! its budget and the spills really happened. Without a usable GPU the tests say they skipped.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use strata_kernels::{CudaBackend, DType, testing::test_gpu};
+use strata_runtime::kv::policy::SinkAndRecent;
+use strata_runtime::kv::{DiskTierConfig, GpuTierConfig, IoEngine, KvMetrics};
+use strata_runtime::model::{self, Model};
+use strata_tests::{Engine, Placement, fixture, json_f64s, json_u32s, max_rel_err, read_json};
+
+const LOGIT_REL_TOL: f64 = 1e-4;
+const FIXTURES: [&str; 4] = ["llama-gqa", "llama-gqa-bf16", "qwen2-tied", "opt"];
+const BLOCK_TOKENS: usize = 4;
+
+struct Expected {
+    prompts: Vec<Vec<u32>>,
+    greedy: Vec<Vec<u32>>,
+    last_logits: Vec<Vec<f64>>,
+}
+
+fn expected(name: &str) -> Expected {
+    let e = read_json(&fixture(&format!("golden/{name}/expected.json")));
+    let cases = e["cases"].as_array().unwrap();
+    Expected {
+        prompts: cases.iter().map(|c| json_u32s(&c["input_ids"])).collect(),
+        greedy: cases.iter().map(|c| json_u32s(&c["greedy_ids"])).collect(),
+        last_logits: cases.iter().map(|c| json_f64s(&c["last_logits"])).collect(),
+    }
+}
+
+fn gpu_tier(gpu: &CudaBackend, m: &Model, blocks: usize, dtype: DType) -> GpuTierConfig {
+    let c = &m.config;
+    let block_bytes = 2 * c.kv_dim() * BLOCK_TOKENS * dtype.size_bytes();
+    GpuTierConfig {
+        backend: gpu.clone(),
+        bytes: (blocks * block_bytes) as u64,
+        dtype,
+    }
+}
+
+fn disk(tag: &str) -> DiskTierConfig {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("strata-gpu-tiers-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    DiskTierConfig {
+        dir,
+        bytes: 64 << 20,
+        engine: IoEngine::Sync,
+        queue_depth: 8,
+        faults: None,
+    }
+}
+
+/// A GPU tier that holds about half the ragged batch's blocks but always the writable block of
+/// every sequence and layer plus one layer's prefill: (its blocks, the writable blocks).
+fn small_gpu_tier(m: &Model, e: &Expected) -> (usize, usize) {
+    let layers = m.config.layers;
+    let n = e.greedy.iter().map(Vec::len).min().unwrap();
+    let blocks = |len: usize| len.div_ceil(BLOCK_TOKENS);
+    let total: usize = e.prompts.iter().map(|p| blocks(p.len() + n)).sum::<usize>() * layers;
+    let one_layer_prefill: usize = e.prompts.iter().map(|p| blocks(p.len())).sum();
+    let tails = e.prompts.len() * layers;
+    let small = (total / 2).max(tails + one_layer_prefill);
+    assert!(small < total, "the fixture is too short to force a spill");
+    (small, tails)
+}
+
+/// Each prompt alone, then all of them as one ragged batch: (last logits, greedy tokens) each.
+fn run(engine: &mut Engine<'_, CudaBackend>, e: &Expected) -> Vec<(Vec<f32>, Vec<u32>)> {
+    let n = e.greedy.iter().map(Vec::len).min().unwrap();
+    let mut out: Vec<_> = e
+        .prompts
+        .iter()
+        .map(|p| engine.greedy_batch(std::slice::from_ref(p), n).remove(0))
+        .collect();
+    out.extend(engine.greedy_batch(&e.prompts, n));
+    out
+}
+
+fn check(name: &str, what: &str, e: &Expected, got: &[(Vec<f32>, Vec<u32>)], tol: f64) {
+    let cases = e.prompts.len();
+    for (i, (logits, tokens)) in got.iter().enumerate() {
+        let c = i % cases;
+        let n = tokens.len();
+        assert_eq!(
+            tokens[..],
+            e.greedy[c][..n],
+            "{name} {what}: case {c} tokens"
+        );
+        let err = max_rel_err(logits, &e.last_logits[c]);
+        assert!(
+            err <= tol,
+            "{name} {what}: case {c} logits rel err {err:.2e} > {tol:.0e}"
+        );
+    }
+}
+
+fn within_budgets(name: &str, what: &str, k: &KvMetrics) {
+    assert!(
+        k.gpu_blocks_peak <= k.gpu_capacity_blocks,
+        "{name} {what}: {k:?}"
+    );
+    assert!(
+        k.host_blocks_peak <= k.host_capacity_blocks,
+        "{name} {what}: {k:?}"
+    );
+    assert!(
+        k.disk_blocks_peak <= k.disk_capacity_blocks,
+        "{name} {what}: {k:?}"
+    );
+}
+
+#[test]
+fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
+    let Some(gpu) = test_gpu() else { return };
+    for name in FIXTURES {
+        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let e = expected(name);
+        let (small, tails) = small_gpu_tier(&m, &e);
+        let placements = [
+            ("GPU only", 4096, None, None),
+            ("GPU + host", small, None, None),
+            (
+                "GPU + host + disk",
+                small,
+                Some(tails + 4),
+                Some(disk(name)),
+            ),
+        ];
+        for (what, gpu_blocks, host_blocks, disk) in placements {
+            let placement = Placement {
+                host_blocks,
+                disk,
+                gpu: Some(gpu_tier(gpu, &m, gpu_blocks, DType::F32)),
+                policy: SinkAndRecent {
+                    sink_blocks: 1,
+                    recent_blocks: 1,
+                },
+            };
+            let mut engine = Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, true, placement);
+            let got = run(&mut engine, &e);
+            check(name, what, &e, &got, LOGIT_REL_TOL);
+            let k = engine.kv.metrics();
+            within_budgets(name, what, &k);
+            eprintln!(
+                "{name} {what}: gpu peak {}/{} blocks, {} spilled to host, host peak {}, disk peak {}",
+                k.gpu_blocks_peak,
+                k.gpu_capacity_blocks,
+                k.gpu_spilled_blocks,
+                k.host_blocks_peak,
+                k.disk_blocks_peak
+            );
+            if what != "GPU only" {
+                assert!(k.gpu_spilled_blocks > 0, "{name} {what}: nothing spilled");
+            }
+            if what.ends_with("disk") {
+                assert!(
+                    k.spilled_blocks > 0,
+                    "{name} {what}: nothing reached the disk"
+                );
+            }
+        }
+    }
+}
+
+/// With bf16 KV in the GPU tier, blocks spilled to host and disk keep exactly the bf16 values, so
+/// the three-tier run gives the tokens of the GPU-only run, and logits equal within the float
+/// rounding of the LSE merge.
+#[test]
+fn half_precision_kv_is_the_same_in_every_tier() {
+    let Some(gpu) = test_gpu() else { return };
+    for name in FIXTURES {
+        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let e = expected(name);
+        let (small, tails) = small_gpu_tier(&m, &e);
+        let mut results = Vec::new();
+        for (gpu_blocks, host_blocks, disk) in [
+            (4096, None, None),
+            (small, Some(tails + 4), Some(disk(&format!("{name}-bf16")))),
+        ] {
+            let placement = Placement {
+                host_blocks,
+                disk,
+                gpu: Some(gpu_tier(gpu, &m, gpu_blocks, DType::BF16)),
+                policy: SinkAndRecent::default(),
+            };
+            let mut engine = Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, true, placement);
+            results.push(run(&mut engine, &e));
+        }
+        for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+            assert_eq!(
+                a.1, b.1,
+                "{name}: bf16 KV, sequence {i}: tokens differ across tiers"
+            );
+            let want: Vec<f64> = a.0.iter().map(|&x| x as f64).collect();
+            let err = max_rel_err(&b.0, &want);
+            assert!(
+                err <= 1e-5,
+                "{name}: bf16 KV, sequence {i}: logits rel err {err:.2e}"
+            );
+        }
+        eprintln!("{name}: bf16 KV: GPU only and GPU + host + disk agree");
+    }
+}
