@@ -45,6 +45,11 @@ fn linear_matches_reference_for_every_dtype_path_and_shape() {
             (1, 64, 63),
             (3, 37, 129),
             (8, 100, 33),
+            // The GEMV's 16-byte path (k a multiple of 8) at every column grouping, and a split k.
+            (2, 264, 65),
+            (3, 264, 65),
+            (5, 1024, 97),
+            (8, 4096, 130),
             (9, 96, 65),
             (17, 96, 64),
             (33, 255, 257),

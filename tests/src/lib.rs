@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use strata_kernels::CpuBackend;
-use strata_runtime::forward::{Row, RuntimeBackend, Transformer};
+use strata_runtime::forward::{Residency, Row, RuntimeBackend, Transformer};
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{
     DiskTierConfig, GpuTierConfig, KvCache, KvCacheConfig, KvGeometry, SeqId,
@@ -59,7 +59,12 @@ impl<'m> Engine<'m, CpuBackend> {
         resident: bool,
         placement: Placement,
     ) -> Self {
-        Engine::with_backend(CpuBackend::new(), model, block_tokens, resident, placement)
+        let residency = if resident {
+            Residency::Resident
+        } else {
+            Residency::Streamed
+        };
+        Engine::with_backend(CpuBackend::new(), model, block_tokens, residency, placement)
     }
 }
 
@@ -68,11 +73,12 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
         backend: B,
         model: &'m Model,
         block_tokens: usize,
-        resident: bool,
+        residency: Residency,
         placement: Placement,
     ) -> Self {
         let c = &model.config;
-        let tf = Transformer::new(backend, model, block_tokens, resident).expect("load model");
+        let tf = Transformer::with_residency(backend, model, block_tokens, residency)
+            .expect("load model");
         let geometry = KvGeometry {
             layers: c.layers,
             kv_heads: c.kv_heads,

@@ -1,14 +1,16 @@
 //! Placement equivalence with the GPU tier in play: the golden fixtures run on the GPU with their
 //! KV all in HBM, with a GPU tier so small that most blocks spill to host memory, and with GPU,
-//! host and disk tiers all holding part of it. Every placement gives the greedy tokens of
-//! transformers and of the CPU, and logits within the golden tolerance; each tier stays within
-//! its budget and the spills really happened. Without a usable GPU the tests say they skipped.
+//! host and disk tiers all holding part of it; with weights resident, and staged in page-locked
+//! host memory (fetched layer by layer on the copy stream). Every placement gives the greedy
+//! tokens of transformers and of the CPU, and logits within the golden tolerance; each tier stays
+//! within its budget and the spills really happened. Without a usable GPU the tests say they skipped.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 
 use strata_kernels::{CudaBackend, DType, testing::test_gpu};
+use strata_runtime::forward::Residency;
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{DiskTierConfig, GpuTierConfig, IoEngine, KvMetrics};
 use strata_runtime::model::{self, Model};
@@ -124,16 +126,24 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
         let e = expected(name);
         let (small, tails) = small_gpu_tier(&m, &e);
         let placements = [
-            ("GPU only", 4096, None, None),
-            ("GPU + host", small, None, None),
+            ("GPU only", 4096, None, None, Residency::Resident),
+            (
+                "GPU only, staged weights",
+                4096,
+                None,
+                None,
+                Residency::Staged,
+            ),
+            ("GPU + host", small, None, None, Residency::Resident),
             (
                 "GPU + host + disk",
                 small,
                 Some(tails + 4),
                 Some(disk(name)),
+                Residency::Staged,
             ),
         ];
-        for (what, gpu_blocks, host_blocks, disk) in placements {
+        for (what, gpu_blocks, host_blocks, disk, residency) in placements {
             let placement = Placement {
                 host_blocks,
                 disk,
@@ -143,8 +153,15 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                     recent_blocks: 1,
                 },
             };
-            let mut engine = Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, true, placement);
+            let mut engine =
+                Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, residency, placement);
             let got = run(&mut engine, &e);
+            if residency == Residency::Staged {
+                assert!(
+                    engine.tf.timings.weight_bytes_fetched > 0,
+                    "{name} {what}: no fetches"
+                );
+            }
             check(name, what, &e, &got, LOGIT_REL_TOL);
             let k = engine.kv.metrics();
             within_budgets(name, what, &k);
@@ -156,7 +173,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 k.host_blocks_peak,
                 k.disk_blocks_peak
             );
-            if what != "GPU only" {
+            if !what.starts_with("GPU only") {
                 assert!(k.gpu_spilled_blocks > 0, "{name} {what}: nothing spilled");
             }
             if what.ends_with("disk") {
@@ -190,7 +207,13 @@ fn half_precision_kv_is_the_same_in_every_tier() {
                 gpu: Some(gpu_tier(gpu, &m, gpu_blocks, DType::BF16)),
                 policy: SinkAndRecent::default(),
             };
-            let mut engine = Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, true, placement);
+            let mut engine = Engine::with_backend(
+                gpu.clone(),
+                &m,
+                BLOCK_TOKENS,
+                Residency::Resident,
+                placement,
+            );
             results.push(run(&mut engine, &e));
         }
         for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {

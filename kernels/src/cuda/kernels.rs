@@ -51,8 +51,14 @@ const MAX_BLOCKS: usize = 1 << 16;
 const ROW_THREADS: u32 = 256;
 /// Rows a GEMV kernel handles at once; `GEMV_MAX_ROWS` in gemv.cu.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
-/// Warps (output columns in flight) per GEMV block.
-const GEMV_WARPS: u32 = 8;
+/// Warps per GEMV block; `GEMV_WARPS` in gemv.cu.
+const GEMV_WARPS: usize = 8;
+/// Warps a GEMV launch aims for: about 16 per SM of a 132-SM H100, each lane with eight 16-byte
+/// weight loads in flight (≈ 8 MiB over the GPU), well past what hides HBM latency. Outputs too
+/// narrow to give one warp per column group that many split k instead.
+const GEMV_TARGET_WARPS: usize = 2048;
+/// Fewest weights of a row a k-slice gets when k is split (2 chunks of 8 per lane at 8 slices).
+const GEMV_MIN_SLICE: usize = 512;
 
 /// A grid-stride launch over `n > 0` elements.
 pub(crate) fn elementwise(n: usize) -> LaunchConfig {
@@ -75,12 +81,31 @@ pub(crate) fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
-/// One warp per output column, grid-stride over `n > 0` columns.
-pub(crate) fn gemv(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(GEMV_WARPS as usize).clamp(1, MAX_BLOCKS);
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for `m` in `1..=GEMV_MAX_ROWS`, `k, n > 0`: blocks of
+/// `(32, S, G)` threads, `G = GEMV_WARPS / S` column groups of `C` adjacent columns (`C` from
+/// `m`, as `gemv_cols` in gemv.cu), each group's k range split into `S` slices (a warp each), one
+/// block per tile of `G · C` columns, grid-stride past `MAX_BLOCKS`. `S` (1, 2, 4 or 8) grows
+/// while the launch has fewer than `GEMV_TARGET_WARPS` warps and each slice keeps at least
+/// `GEMV_MIN_SLICE` weights. The kernel is correct for any such geometry; this only tunes it.
+pub(crate) fn gemv(m: usize, k: usize, n: usize) -> LaunchConfig {
+    let cols_per_warp = match m {
+        0..=2 => 1,
+        3..=4 => 2,
+        _ => 4,
+    };
+    let column_warps = n.div_ceil(cols_per_warp);
+    let mut slices = 1;
+    while slices < GEMV_WARPS
+        && column_warps * slices < GEMV_TARGET_WARPS
+        && k / (slices * 2) >= GEMV_MIN_SLICE
+    {
+        slices *= 2;
+    }
+    let groups = GEMV_WARPS / slices;
+    let blocks = n.div_ceil(groups * cols_per_warp).clamp(1, MAX_BLOCKS);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
-        block_dim: (GEMV_WARPS * 32, 1, 1),
+        block_dim: (32, slices as u32, groups as u32),
         shared_mem_bytes: 0,
     }
 }

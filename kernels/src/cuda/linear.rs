@@ -175,9 +175,10 @@ fn gemv<T: DeviceRepr>(
     let mut l = be.stream.launch_builder(f);
     l.arg(out).arg(x).arg(w).arg(&m).arg(&k).arg(&n);
     // SAFETY: gemv_{f16,bf16}(float* out, const float* x, const T* w, u32 m, u64 k, u64 n) with
-    // T the element type of `w`; m <= GEMV_MAX_ROWS; `out` holds m * n values, `x` m * k, `w`
-    // n * k.
-    unsafe { l.launch(kernels::gemv(d.n)) }.map_err(|e| device_err(OP, e))?;
+    // T the element type of `w`; 1 <= m <= GEMV_MAX_ROWS (the caller's match), k, n > 0; `out`
+    // holds m * n values, `x` m * k, `w` n * k; the kernel reads only those and writes each
+    // output once, for any launch geometry of the `(32, S, G)` shape `kernels::gemv` builds.
+    unsafe { l.launch(kernels::gemv(d.m, d.k, d.n)) }.map_err(|e| device_err(OP, e))?;
     Ok(())
 }
 

@@ -592,23 +592,38 @@ impl KvCache {
         candidates.sort_unstable();
         let batch = (capacity / 16).clamp(need, candidates.len());
         let t0 = Instant::now();
-        let mut moves = Vec::with_capacity(batch);
-        for &(_, seq, layer, j) in &candidates[..batch] {
-            let slot = self.host_slot()?;
-            let Some(block) = self
+        // Take every host slot before any block changes tier: taking one may spill host blocks
+        // to disk, and a block moved here is not in host memory until its export lands.
+        let mut slots = Vec::with_capacity(batch);
+        while slots.len() < batch {
+            match self.host_slot() {
+                Ok(s) => slots.push(s),
+                Err(_) if slots.len() >= need => break,
+                Err(e) => {
+                    for s in slots {
+                        self.host.free(s)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut moves = Vec::with_capacity(slots.len());
+        for (&(_, seq, layer, j), slot) in candidates.iter().zip(slots) {
+            let block = self
                 .seqs
                 .get_mut(&seq)
-                .and_then(|s| s.layers[layer].get_mut(j))
-            else {
-                self.host.free(slot)?;
-                continue;
-            };
-            let Loc::Gpu(id) = block.loc else {
-                self.host.free(slot)?;
-                continue;
-            };
-            block.loc = Loc::Host(slot);
-            moves.push((id, slot));
+                .and_then(|s| s.layers[layer].get_mut(j));
+            match block {
+                Some(Block {
+                    loc: loc @ Loc::Gpu(_),
+                    ..
+                }) => {
+                    let Loc::Gpu(id) = *loc else { continue };
+                    *loc = Loc::Host(slot);
+                    moves.push((id, slot));
+                }
+                _ => self.host.free(slot)?,
+            }
         }
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         gpu.export(&mut self.host, &moves)?;
