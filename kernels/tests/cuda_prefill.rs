@@ -8,7 +8,7 @@
 //! 8; blocks of 16 and 32 tokens; several sequences of different lengths (not multiples of the
 //! tile or the block) in one call, in shuffled order; chunks that start mid-sequence; tables
 //! that list a non-contiguous subset of a sequence's blocks, or none; f16, bf16 and f32 pools.
-//! Every kernel the pool allows runs (64- and 128-row tensor-core tiles, the generic kernel, the
+//! Every kernel the pool allows runs (each tensor-core kernel shape, the generic kernel, the
 //! automatic choice).
 //!
 //! Tolerances: `o` relative to the largest |value| of the row's expected output (all heads),

@@ -6,8 +6,8 @@
 //!   tokens (positions 0..seq) attends causally over its prompt's KV, paged in a pool of
 //!   `--block-tokens`-token blocks (block ids shuffled); f32 `q: [batch·seq, 32·128]`, f32
 //!   outputs `o` (same shape) and `lse: [batch·seq, 32]`. Output allocation is stream-ordered
-//!   and included, as in the forward pass; the upload of the tables and rows (once per forward
-//!   call, shared by every layer) is not.
+//!   and included, as in the forward pass (a hit in the stream's memory pool: see `median_ms`);
+//!   the upload of the tables and rows (once per forward call, shared by every layer) is not.
 //! - **How**: CUDA events around `--calls` back-to-back calls; a rep's time per call is the
 //!   events' span divided by the calls; the median of `--reps` reps after `--warmup` untimed
 //!   ones.
@@ -18,14 +18,14 @@
 //!
 //! `gpu-prefill [--reps 10] [--warmup 2] [--calls 3] [--shapes 64:512,16:2048,4:8192,1:16384]
 //! [--dtypes bf16,f16] [--kernels auto] [--block-tokens 32] [--json FILE]` (`--kernels` takes
-//! `auto`, `mma64`, `mma128`, `generic`; needs an NVIDIA GPU; without one it says why and exits
-//! with status 2).
+//! `auto`, `mma64`, `mma128`, `generic`; needs an NVIDIA GPU; without one it says
+//! why and exits with status 2).
 
 use std::fmt::Write as _;
 
 use clap::Parser;
 use rayon::prelude::*;
-use strata_kernels::cuda::{KvBlockShape, KvPool, PrefillKernel, SeqBlocks};
+use strata_kernels::cuda::{DevicePartial, KvBlockShape, KvPool, PrefillKernel, SeqBlocks};
 use strata_kernels::testing::SplitMix;
 use strata_kernels::{Backend, CudaBackend, DType, KernelError};
 
@@ -182,7 +182,6 @@ fn run(a: &Args) -> Result<(), String> {
                         1.0 / (HEAD_DIM as f32).sqrt(),
                         kernel,
                     )
-                    .map(drop)
                 };
                 let ms = median_ms(&gpu, call, a).map_err(ke)?;
                 let visible = (batch * seq * (seq + 1) / 2) as f64;
@@ -262,16 +261,23 @@ fn paged_pool(
 }
 
 /// Median milliseconds per call: each rep times `calls` calls between two CUDA events.
+///
+/// The last call's outputs are kept until just before the next call, which then reuses their
+/// memory from the stream-ordered pool. Dropped earlier, they would sit free in the pool at the
+/// rep's synchronisation, which returns free memory to the driver, and the next rep's first call
+/// would time the driver mapping fresh memory (hundreds of MiB of outputs) rather than the kernel.
 fn median_ms(
     gpu: &CudaBackend,
-    call: impl Fn() -> Result<(), KernelError>,
+    call: impl Fn() -> Result<DevicePartial, KernelError>,
     a: &Args,
 ) -> Result<f64, KernelError> {
     let calls = a.calls.max(1);
-    let rep = || {
+    let mut held: Option<DevicePartial> = None;
+    let mut rep = || {
         gpu.time_ms(|| {
             for _ in 0..calls {
-                call()?;
+                drop(held.take());
+                held = Some(call()?);
             }
             Ok(())
         })
@@ -279,9 +285,10 @@ fn median_ms(
     for _ in 0..a.warmup {
         rep()?;
     }
-    let mut times = (0..a.reps.max(1))
-        .map(|_| rep().map(|(ms, ())| ms / calls as f64))
-        .collect::<Result<Vec<f64>, _>>()?;
+    let mut times = Vec::with_capacity(a.reps.max(1));
+    for _ in 0..a.reps.max(1) {
+        times.push(rep()?.0 / calls as f64);
+    }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }

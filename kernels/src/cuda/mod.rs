@@ -139,6 +139,27 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
+/// Keeps memory freed by stream-ordered frees in the device's default pool instead of returning
+/// it to the OS at every synchronisation: a forward pass frees and reallocates the same large
+/// activation buffers every layer and synchronises every step, and remapping them cost about
+/// 0.3 ms per 512 MiB on an H100.
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the default pool of the context's device (valid for the
+    // context's lifetime); the attribute takes a pointer to a u64, alive for the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+    }
+}
+
 fn device_err(op: &'static str, e: impl std::fmt::Display) -> KernelError {
     KernelError::Device {
         op,
@@ -184,6 +205,7 @@ impl CudaBackend {
                 // program order, so cudarc's cross-stream events are not needed; buffers made
                 // before this call (none) would keep theirs.
                 unsafe { ctx.disable_event_tracking() };
+                keep_freed_memory(&ctx).map_err(|e| setup(e.to_string()))?;
                 let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let copy = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;

@@ -12,17 +12,19 @@
 // `[rows, n_heads * head_dim]` and lse `[rows, n_heads]` (natural log; -inf, o = 0 when a row
 // sees no key), as the decode kernel.
 //
-// prefill_mma_*: one CTA per (tile, query head), W warps of 16 query rows (BM = 16 W). Q is
-// loaded once (f32, pre-scaled by scale * log2 e, rounded to T) into registers as mma A
-// fragments. Key tiles of PF_BN = 64 slots of the listed blocks (in list order, so position gaps
-// cost nothing) are copied with cp.async into shared memory (double-buffered, rows of 16-byte
-// chunks XOR-swizzled so ldmatrix is conflict-free; slots past the valid tokens are zero-filled),
-// S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, T inputs, f32 accumulators),
+// prefill_mma_*: one CTA per (tile, query head), 4 warps of 16 (r64) or 32 (r128) query rows.
+// Q is loaded once (f32, pre-scaled by scale * log2 e, rounded to T) into shared memory, and
+// for r64 from there into registers as mma A fragments. Key tiles of PF_BN = 64 slots of the
+// listed blocks (in list order, so position gaps cost nothing) are copied with cp.async into
+// shared memory (two stages; rows of 16-byte chunks XOR-swizzled so ldmatrix is conflict-free;
+// slots past the valid tokens are zero-filled); S = Q K^T and O += P V run on tensor cores
+// (mma.sync m16n8k16, T inputs, f32 accumulators; r128 feeds each K/V fragment to two m-tiles),
 // and the softmax is online in f32, base 2. Key tiles start at the first listed block and stop
 // at the last one that starts at or before the tile's last position; a warp skips a key tile
 // that starts after its last row, and masks (per element, by position) only the tiles that end
 // after its first row. Slot addresses and positions of key tile j + 2 are computed into shared
-// memory while tile j runs.
+// memory while tile j runs. GQA: query head h reads KV head h / (n_heads / kv_heads); the CTAs
+// of one tile's heads are adjacent in the grid, so a group's K/V tiles are read from L2.
 //
 // prefill_generic_*: any head_dim up to PF_GENERIC_MAX_DIM, any dtype, no tensor cores (f32
 // pools, odd head dims, GPUs before sm_80): one warp per query row, f32 math.
@@ -97,30 +99,38 @@ __device__ __forceinline__ u32 pf_swz(u32 r, u32 ch) {
     return r * (D * 2) + ((ch ^ (r & 7u)) << 4);
 }
 
-template <typename T, int D, int W>
+// W warps of MT m-tiles (16 rows each): a CTA takes BM = 16 W MT query rows. With MT = 1 the
+// warp keeps its Q fragments in registers (Q's shared copy then lives in stage 1 of the K/V
+// ring until the loop overwrites it); with MT = 2 each K/V fragment read from shared memory
+// feeds two mma (half the shared-memory traffic per FLOP) and Q is read from shared memory.
+template <typename T, int D, int W, int MT>
 __device__ __forceinline__ void prefill_mma(
     float* __restrict__ out_o, float* __restrict__ out_lse, const float* __restrict__ q,
     const T* __restrict__ pool, const u32* __restrict__ tiles, const u32* __restrict__ row_pos,
     const u32* __restrict__ blk_ids, const u32* __restrict__ blk_starts,
     const u32* __restrict__ seq_first, const u32* __restrict__ seq_tokens, u32 n_heads,
     u32 kv_heads, u32 bt, float scale_log2) {
-    constexpr int BM = 16 * W;
+    constexpr int WR = 16 * MT;  // rows per warp
+    constexpr int BM = W * WR;
     constexpr int THREADS = 32 * W;
+    constexpr bool QREG = MT == 1;
     constexpr int CPR = D / 8;  // 16-byte chunks per row
     constexpr int KT = D / 16;  // k-steps of S = Q K^T
     constexpr int ND = D / 8;   // n8 tiles of O
     constexpr u32 ROW_BYTES = D * 2;
     constexpr u32 TILE_BYTES = PF_BN * ROW_BYTES;
+    constexpr u32 STAGE = 2 * TILE_BYTES;
+    static_assert(!QREG || BM * ROW_BYTES <= STAGE, "Q must fit in one K/V stage");
     extern __shared__ __align__(128) unsigned char pf_smem[];
-    // Q [BM][D] | K [2][PF_BN][D] | V [2][PF_BN][D] | krow u32 [2][PF_BN] | kpos u32 [2][PF_BN]
-    // krow: the slot's K row in the pool, in rows of D elements (its V row is kv_heads * bt
-    // further), PF_NONE for a slot past the valid tokens; kpos: its position, PF_NONE likewise.
-    unsigned char* s_q = pf_smem;
-    u32* s_krow = reinterpret_cast<u32*>(pf_smem + BM * ROW_BYTES + 4 * TILE_BYTES);
+    // Stages 0, 1: K [PF_BN][D] then V [PF_BN][D] | krow u32 [2][PF_BN] | kpos u32 [2][PF_BN] |
+    // Q [BM][D] (unless QREG). krow: the slot's K row in the pool, in rows of D elements (its V
+    // row is kv_heads * bt further), PF_NONE for a slot past the valid tokens; kpos: its
+    // position, PF_NONE likewise.
+    u32* s_krow = reinterpret_cast<u32*>(pf_smem + 2 * STAGE);
     u32* s_kpos = s_krow + 2 * PF_BN;
+    unsigned char* s_q = QREG ? pf_smem + STAGE : pf_smem + 2 * STAGE + 4 * PF_BN * 4;
+    const u32 base = pf_smem_addr(pf_smem);
     const u32 q_base = pf_smem_addr(s_q);
-    const u32 k_base = q_base + BM * ROW_BYTES;
-    const u32 v_base = k_base + 2 * TILE_BYTES;
 
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 g = lane >> 2, t4 = lane & 3u;
@@ -129,9 +139,40 @@ __device__ __forceinline__ void prefill_mma(
     const u32 row0 = td.x, nrows = td.y, b = td.z;
     const u32 max_pos = tiles[8 * (u64)tile + 4];
     const u32 kvh = h / (n_heads / kv_heads);
-    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
+
+    // The loads that depend only on the tile go first, so that they are in flight during the
+    // chain of dependent loads below (tables, binary search, slot addresses): Q (f32; rows past
+    // the tile are zero), the positions of this thread's rows (wr + 16 mt + g, and + 8; rows
+    // past the tile take its last position, computed, never stored) and of the warp's first and
+    // last rows.
+    constexpr int QCH = BM * CPR / THREADS;  // 16-byte chunks of Q (as T) per thread
+    const u64 q_stride = (u64)n_heads * D;
+    float4 qx[QCH][2];
+#pragma unroll
+    for (int i = 0; i < QCH; i++) {
+        const u32 c = tid + i * THREADS;
+        const u32 r = c / CPR, ch = c % CPR;
+        qx[i][0] = qx[i][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < nrows) {
+            const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
+            qx[i][0] = *reinterpret_cast<const float4*>(src);
+            qx[i][1] = *reinterpret_cast<const float4*>(src + 4);
+        }
+    }
+    const u32 wr = warp * WR;
+    const bool warp_rows = wr < nrows;
+    const u32 last_row = nrows - 1;
+    u32 pos[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        pos[mt][0] = row_pos[row0 + min(wr + 16 * mt + g, last_row)];
+        pos[mt][1] = row_pos[row0 + min(wr + 16 * mt + g + 8, last_row)];
+    }
+    const u32 warp_min = row_pos[row0 + min(wr, last_row)];
+    const u32 warp_max = row_pos[row0 + min(wr + WR - 1, last_row)];
 
     // Listed blocks that start at or before the tile's last position (starts increase).
+    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
     u32 lo = 0, hi = n_listed;
     while (lo < hi) {
         const u32 mid = (lo + hi) >> 1;
@@ -157,9 +198,9 @@ __device__ __forceinline__ void prefill_mma(
         }
     };
     // K (extra = 0) or V (extra = v_rows) of the tile described in `buf`, into `dst`. Every
-    // chunk a thread copies is chunk `tid % CPR` of its row (THREADS is a multiple of CPR).
+    // chunk a thread copies is chunk `tid % CPR` of its row (THREADS is a multiple of CPR). The
+    // slot rows are read first: the compiler keeps shared loads behind a preceding asm.
     const T* pool_ch = pool + (tid % CPR) * 8;
-    // The slot rows are read first: the compiler keeps shared loads behind a preceding asm.
     constexpr int LOADS = PF_BN * CPR / THREADS;
     auto load_kv = [&](u32 buf, u32 dst, u32 extra) {
         u32 krow[LOADS];
@@ -175,83 +216,85 @@ __device__ __forceinline__ void prefill_mma(
         }
     };
 
+    // Key tile 0 is requested before Q is stored, so that its copy overlaps that work.
     slot_info(0, 0);
     slot_info(1, 1);
-    // Q, scaled and rounded to T; rows past the tile are zero.
-    const u64 q_stride = (u64)n_heads * D;
+    __syncthreads();
+    if (n_ktiles > 0) load_kv(0, base, 0);
+    pf_cp_commit();
+    if (n_ktiles > 0) load_kv(0, base + TILE_BYTES, v_rows);
+    pf_cp_commit();
+    // Q, scaled and rounded to T (zero rows stay zero).
 #pragma unroll
-    for (int i = 0; i < BM * CPR / THREADS; i++) {
+    for (int i = 0; i < QCH; i++) {
         const u32 c = tid + i * THREADS;
         const u32 r = c / CPR, ch = c % CPR;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < nrows) {
-            const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
-            const float4 x = *reinterpret_cast<const float4*>(src);
-            const float4 y = *reinterpret_cast<const float4*>(src + 4);
-            v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
-            v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
-            v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
-            v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
-        }
+        const float4 x = qx[i][0], y = qx[i][1];
+        uint4 v;
+        v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
+        v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
+        v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
+        v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
         *reinterpret_cast<uint4*>(s_q + pf_swz<D>(r, ch)) = v;
     }
     __syncthreads();
-    if (n_ktiles > 0) load_kv(0, k_base, 0);
-    pf_cp_commit();
-    if (n_ktiles > 0) load_kv(0, v_base, v_rows);
-    pf_cp_commit();
 
-    // This thread's rows (wr + g, wr + g + 8) and the warp's first and last positions; rows past
-    // the tile take its last position (computed, never stored).
-    const u32 wr = warp * 16;
-    const bool warp_rows = wr < nrows;
-    const u32 last_row = nrows - 1;
-    const u32 pos_a = row_pos[row0 + min(wr + g, last_row)];
-    const u32 pos_b = row_pos[row0 + min(wr + g + 8, last_row)];
-    const u32 warp_min = row_pos[row0 + min(wr, last_row)];
-    const u32 warp_max = row_pos[row0 + min(wr + 15, last_row)];
+    // ldmatrix lanes: Q and V (transposed) rows r0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
+    // 2 k + (lane >> 4); K rows key0 + (lane & 7) + 8 (lane >> 4), chunk 2 kk + ((lane >> 3) & 1).
+    const u32 a_row = (lane & 7u) + ((lane >> 3) & 1u) * 8, a_ch = lane >> 4;
+    const u32 k_row = (lane & 7u) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1u;
 
-    u32 qf[KT][4];
+    u32 qf[QREG ? KT : 1][4];
+    if (QREG) {
 #pragma unroll
-    for (int kk = 0; kk < KT; kk++) {
-        const u32 r = wr + (lane & 7u) + ((lane >> 3) & 1u) * 8;
-        pf_ldsm_x4(q_base + pf_swz<D>(r, 2 * kk + (lane >> 4)), qf[kk]);
+        for (int kk = 0; kk < KT; kk++)
+            pf_ldsm_x4(q_base + pf_swz<D>(wr + a_row, 2 * kk + a_ch), qf[QREG ? kk : 0]);
     }
 
-    float o[ND][4];
+    float o[MT][ND][4];
 #pragma unroll
-    for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
-
-    // ldmatrix lanes: K (non-transposed) rows key0 + (lane & 7) + 8 (lane >> 4), chunk
-    // 2 kk + ((lane >> 3) & 1); V (transposed) rows key0 + (lane & 7) + 8 ((lane >> 3) & 1),
-    // chunk 2 dp + (lane >> 4).
-    const u32 k_row = (lane & 7u) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1u;
-    const u32 v_row = (lane & 7u) + ((lane >> 3) & 1u) * 8, v_ch = lane >> 4;
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n = 0; n < ND; n++) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.0f;
 
     for (u32 j = 0; j < n_ktiles; j++) {
         const u32 buf = j & 1u;
         pf_cp_wait1();  // K of tile j has landed
         __syncthreads();
-        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, k_base + (buf ^ 1u) * TILE_BYTES, 0);
+        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, base + (buf ^ 1u) * STAGE, 0);
         pf_cp_commit();
 
         const u32 kmin = s_kpos[buf * PF_BN];
         const u32 kmax = s_kpos[buf * PF_BN + PF_BN - 1];
         const bool active = warp_rows && kmin <= warp_max;
-        float s[8][4];
+        float s[MT][8][4];
         if (active) {
 #pragma unroll
-            for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            const u32 kb = k_base + buf * TILE_BYTES;
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < 8; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+            const u32 kb = base + buf * STAGE;
 #pragma unroll
             for (int kk = 0; kk < KT; kk++) {
+                u32 qa[MT][4];
+                if (!QREG) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+                        pf_ldsm_x4(q_base + pf_swz<D>(wr + 16 * mt + a_row, 2 * kk + a_ch), qa[mt]);
+                }
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     u32 r[4];
                     pf_ldsm_x4(kb + pf_swz<D>(np * 16 + k_row, 2 * kk + k_ch), r);
-                    pf_mma(s[2 * np], qf[kk], r[0], r[1], pool);
-                    pf_mma(s[2 * np + 1], qf[kk], r[2], r[3], pool);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        const u32* a = QREG ? qf[QREG ? kk : 0] : qa[mt];
+                        pf_mma(s[mt][2 * np], a, r[0], r[1], pool);
+                        pf_mma(s[mt][2 * np + 1], a, r[2], r[3], pool);
+                    }
                 }
             }
             if (kmax > warp_min) {  // some key of the tile is after some row of the warp
@@ -259,127 +302,132 @@ __device__ __forceinline__ void prefill_mma(
                 for (int n = 0; n < 8; n++) {
                     const uint2 kp =
                         *reinterpret_cast<const uint2*>(s_kpos + buf * PF_BN + n * 8 + 2 * t4);
-                    if (kp.x > pos_a) s[n][0] = NEG_INF;
-                    if (kp.y > pos_a) s[n][1] = NEG_INF;
-                    if (kp.x > pos_b) s[n][2] = NEG_INF;
-                    if (kp.y > pos_b) s[n][3] = NEG_INF;
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        if (kp.x > pos[mt][0]) s[mt][n][0] = NEG_INF;
+                        if (kp.y > pos[mt][0]) s[mt][n][1] = NEG_INF;
+                        if (kp.x > pos[mt][1]) s[mt][n][2] = NEG_INF;
+                        if (kp.y > pos[mt][1]) s[mt][n][3] = NEG_INF;
+                    }
                 }
             }
-            float mx_a = m_a, mx_b = m_b;
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            // A row that has seen nothing yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
-            const float base_a = mx_a == NEG_INF ? 0.0f : mx_a;
-            const float base_b = mx_b == NEG_INF ? 0.0f : mx_b;
-            const float corr_a = pf_exp2(m_a - base_a), corr_b = pf_exp2(m_b - base_b);
-            m_a = mx_a;
-            m_b = mx_b;
-            float sum_a = 0.0f, sum_b = 0.0f;
+            for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                s[n][0] = pf_exp2(s[n][0] - base_a);
-                s[n][1] = pf_exp2(s[n][1] - base_a);
-                s[n][2] = pf_exp2(s[n][2] - base_b);
-                s[n][3] = pf_exp2(s[n][3] - base_b);
-                sum_a += s[n][0] + s[n][1];
-                sum_b += s[n][2] + s[n][3];
-            }
-            l_a = l_a * corr_a + sum_a;
-            l_b = l_b * corr_b + sum_b;
+                for (int hf = 0; hf < 2; hf++) {  // rows g (hf 0) and g + 8 (hf 1)
+                    float t[8];  // pairwise: short dependency chains
 #pragma unroll
-            for (int n = 0; n < ND; n++) {
-                o[n][0] *= corr_a;
-                o[n][1] *= corr_a;
-                o[n][2] *= corr_b;
-                o[n][3] *= corr_b;
+                    for (int n = 0; n < 8; n++) t[n] = fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]);
+                    float mx = fmaxf(fmaxf(fmaxf(t[0], t[1]), fmaxf(t[2], t[3])),
+                                     fmaxf(fmaxf(t[4], t[5]), fmaxf(t[6], t[7])));
+                    mx = fmaxf(mx, m[mt][hf]);
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    // A row that has seen nothing yet keeps max -inf: subtract 0 so that exp2
+                    // gives 0, not NaN.
+                    const float base_m = mx == NEG_INF ? 0.0f : mx;
+                    const float corr = pf_exp2(m[mt][hf] - base_m);
+                    m[mt][hf] = mx;
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+                        s[mt][n][2 * hf] = pf_exp2(s[mt][n][2 * hf] - base_m);
+                        s[mt][n][2 * hf + 1] = pf_exp2(s[mt][n][2 * hf + 1] - base_m);
+                        t[n] = s[mt][n][2 * hf] + s[mt][n][2 * hf + 1];
+                    }
+                    const float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+                    l[mt][hf] = l[mt][hf] * corr + sum;
+#pragma unroll
+                    for (int n = 0; n < ND; n++) {
+                        o[mt][n][2 * hf] *= corr;
+                        o[mt][n][2 * hf + 1] *= corr;
+                    }
+                }
             }
         }
 
         pf_cp_wait1();  // V of tile j has landed
         __syncthreads();
-        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, v_base + (buf ^ 1u) * TILE_BYTES, v_rows);
+        if (j + 1 < n_ktiles) load_kv(buf ^ 1u, base + (buf ^ 1u) * STAGE + TILE_BYTES, v_rows);
         pf_cp_commit();
         if (j + 2 < n_ktiles) slot_info(j + 2, buf);
 
         if (active) {
-            const u32 vb = v_base + buf * TILE_BYTES;
+            const u32 vb = base + buf * STAGE + TILE_BYTES;
 #pragma unroll
             for (int ks = 0; ks < 4; ks++) {
-                u32 a[4];
-                a[0] = pf_pack(s[2 * ks][0], s[2 * ks][1], pool);
-                a[1] = pf_pack(s[2 * ks][2], s[2 * ks][3], pool);
-                a[2] = pf_pack(s[2 * ks + 1][0], s[2 * ks + 1][1], pool);
-                a[3] = pf_pack(s[2 * ks + 1][2], s[2 * ks + 1][3], pool);
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = pf_pack(s[mt][2 * ks][0], s[mt][2 * ks][1], pool);
+                    a[mt][1] = pf_pack(s[mt][2 * ks][2], s[mt][2 * ks][3], pool);
+                    a[mt][2] = pf_pack(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1], pool);
+                    a[mt][3] = pf_pack(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3], pool);
+                }
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     u32 r[4];
-                    pf_ldsm_x4_t(vb + pf_swz<D>(ks * 16 + v_row, 2 * dp + v_ch), r);
-                    pf_mma(o[2 * dp], a, r[0], r[1], pool);
-                    pf_mma(o[2 * dp + 1], a, r[2], r[3], pool);
+                    pf_ldsm_x4_t(vb + pf_swz<D>(ks * 16 + a_row, 2 * dp + a_ch), r);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        pf_mma(o[mt][2 * dp], a[mt], r[0], r[1], pool);
+                        pf_mma(o[mt][2 * dp + 1], a[mt], r[2], r[3], pool);
+                    }
                 }
             }
         }
     }
-    pf_cp_wait1();
     asm volatile("cp.async.wait_group 0;" ::: "memory");
 
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
-    const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    const u32 ra = wr + g, rb = wr + g + 8;
-    if (ra < nrows) {
-        const u64 row = row0 + ra;
-        float* dst = out_o + row * q_stride + h * D + 2 * t4;
 #pragma unroll
-        for (int n = 0; n < ND; n++)
-            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
-        if (t4 == 0) out_lse[row * n_heads + h] = l_a > 0.0f ? (m_a + log2f(l_a)) * PF_LN2 : NEG_INF;
-    }
-    if (rb < nrows) {
-        const u64 row = row0 + rb;
-        float* dst = out_o + row * q_stride + h * D + 2 * t4;
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-        for (int n = 0; n < ND; n++)
-            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
-        if (t4 == 0) out_lse[row * n_heads + h] = l_b > 0.0f ? (m_b + log2f(l_b)) * PF_LN2 : NEG_INF;
+        for (int hf = 0; hf < 2; hf++) {
+            float lt = l[mt][hf];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+            const u32 r = wr + 16 * mt + 8 * hf + g;
+            if (r < nrows) {
+                const u64 row = row0 + r;
+                float* dst = out_o + row * q_stride + h * D + 2 * t4;
+#pragma unroll
+                for (int n = 0; n < ND; n++)
+                    *reinterpret_cast<float2*>(dst + n * 8) =
+                        make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+                if (t4 == 0)
+                    out_lse[row * n_heads + h] =
+                        lt > 0.0f ? (m[mt][hf] + log2f(lt)) * PF_LN2 : NEG_INF;
+            }
+        }
     }
 }
 
-#define PF_MMA_BODY(T, D, W)                                                                  \
-    prefill_mma<T, D, W>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,        \
-                         seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
+#define PF_MMA_BODY(T, D, W, MT)                                                              \
+    prefill_mma<T, D, W, MT>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,    \
+                             seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
 #else
 // Before sm_80 (no cp.async, no bf16 mma): the host runs the generic kernel instead.
-#define PF_MMA_BODY(T, D, W) __trap();
+#define PF_MMA_BODY(T, D, W, MT) __trap();
 #endif
 
-#define PF_MMA(NAME, T, D, W)                                                                 \
-    extern "C" __global__ void __launch_bounds__(W * 32, 12 / W)                                    \
+// NAME: prefill_mma_{dtype}_d{D}_r{rows per CTA}; MINB: CTAs per SM asked of the compiler.
+#define PF_MMA(NAME, T, D, W, MT, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                \
         NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
              const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
              const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,  \
              float scale_log2) {                                                              \
-        PF_MMA_BODY(T, D, W)                                                                  \
+        PF_MMA_BODY(T, D, W, MT)                                                              \
     }
 
-PF_MMA(prefill_mma_f16_d64_w4, f16, 64, 4)
-PF_MMA(prefill_mma_f16_d64_w8, f16, 64, 8)
-PF_MMA(prefill_mma_f16_d128_w4, f16, 128, 4)
-PF_MMA(prefill_mma_f16_d128_w8, f16, 128, 8)
-PF_MMA(prefill_mma_bf16_d64_w4, bf16, 64, 4)
-PF_MMA(prefill_mma_bf16_d64_w8, bf16, 64, 8)
-PF_MMA(prefill_mma_bf16_d128_w4, bf16, 128, 4)
-PF_MMA(prefill_mma_bf16_d128_w8, bf16, 128, 8)
+#define PF_MMA_ALL(TN, T, D)                             \
+    PF_MMA(prefill_mma_##TN##_d##D##_r64, T, D, 4, 1, 2) \
+    PF_MMA(prefill_mma_##TN##_d##D##_r128, T, D, 4, 2, 1)
+
+PF_MMA_ALL(f16, f16, 64)
+PF_MMA_ALL(f16, f16, 128)
+PF_MMA_ALL(bf16, bf16, 64)
+PF_MMA_ALL(bf16, bf16, 128)
 
 // The fallback: tiles as above (any size up to blockDim), one warp per row (rows warp,
 // warp + warps, ...), dims lane, lane + 32, ...; walks the listed blocks in order and stops at

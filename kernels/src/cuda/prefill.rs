@@ -20,8 +20,8 @@
 //!   n_heads]` (natural log; `-inf` and `o = 0` for a row that sees no key).
 //! - **Kernels.** f16/bf16 pools with head_dim 64 or 128 on sm_80 or newer: the tensor-core
 //!   kernel (q and P rounded to the pool's dtype for the mma, f32 accumulation and softmax), in
-//!   two tile sizes (64 rows × 4 warps, 128 rows × 8 warps). Every other pool (f32, other head
-//!   dims up to 256, older GPUs): a generic kernel in f32 math.
+//!   two shapes ([`PrefillKernel`]). Every other pool (f32, other head dims up to 256, older
+//!   GPUs): a generic kernel in f32 math.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -47,12 +47,14 @@ const TILE_WORDS: usize = 8;
 /// default, `Auto`, is what [`CudaBackend::prefill_attention`] does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The tensor-core kernel with the tile size chosen for the call, where the pool allows
-    /// it; else the generic kernel.
+    /// Where the pool allows the tensor-core kernel: `Mma128`, or `Mma64` when `Mma128` would
+    /// not give every SM two CTAs; else the generic kernel.
     Auto,
-    /// The tensor-core kernel, 64 query rows (4 warps) per CTA.
+    /// The tensor-core kernel, 64 query rows per CTA (4 warps of 16 rows, Q in registers).
     Mma64,
-    /// The tensor-core kernel, 128 query rows (8 warps) per CTA.
+    /// The tensor-core kernel, 128 query rows per CTA (4 warps of 32 rows: each K/V fragment
+    /// read from shared memory feeds two mma; Q read from shared memory). On an H100: 7-10%
+    /// faster than `Mma64` from 2K-token prompts up, even at 64 × 512 (`gpu-prefill`).
     Mma128,
     /// The generic (f32 math, no tensor cores) kernel.
     Generic,
@@ -162,21 +164,26 @@ impl DeviceQueryRows {
 
 /// The prefill kernels of the compiled program (see prefill.cu for their signatures).
 pub(crate) struct PrefillKernels {
-    /// `[dtype f16, bf16][dim as MMA_DIMS][rows 64, 128]`, each with whether its shared memory
-    /// limit could be raised to what it needs.
+    /// `[dtype f16, bf16][dim as MMA_DIMS][shape as MMA_SHAPES]`, each with whether its shared
+    /// memory limit could be raised to what it needs.
     mma: Vec<(CudaFunction, bool)>,
     /// `[dtype f32, f16, bf16]`.
     generic: Vec<CudaFunction>,
 }
 
-/// Warps of the tensor-core kernel for a tile of `rows` rows (16 rows a warp).
-fn mma_warps(rows: usize) -> usize {
-    rows / 16
-}
+/// The tensor-core kernel shapes: (kernel, entry-point suffix, query rows per CTA, Q kept in
+/// registers). Every shape runs 4 warps.
+const MMA_SHAPES: [(PrefillKernel, &str, usize, bool); 2] = [
+    (PrefillKernel::Mma64, "r64", 64, true),
+    (PrefillKernel::Mma128, "r128", 128, false),
+];
+const MMA_THREADS: u32 = 128;
 
-/// Dynamic shared memory of the tensor-core kernel: Q, K and V twice, slot rows and positions.
-fn mma_smem_bytes(head_dim: usize, rows: usize) -> usize {
-    rows * head_dim * 2 + 4 * KEY_TILE * head_dim * 2 + 2 * KEY_TILE * 4 * 2
+/// Dynamic shared memory of the tensor-core kernel: K and V twice, slot rows and positions,
+/// and Q unless it lives in registers (its shared copy then borrows the second K/V stage).
+fn mma_smem_bytes(head_dim: usize, rows: usize, q_in_regs: bool) -> usize {
+    let q = if q_in_regs { 0 } else { rows * head_dim * 2 };
+    4 * KEY_TILE * head_dim * 2 + 2 * KEY_TILE * 4 * 2 + q
 }
 
 impl PrefillKernels {
@@ -189,18 +196,14 @@ impl PrefillKernels {
         let mut mma = Vec::new();
         for dt in [DType::F16, DType::BF16] {
             for d in MMA_DIMS {
-                for rows in [64, 128] {
-                    let f = load(format!(
-                        "prefill_mma_{}_d{d}_w{}",
-                        dt.name(),
-                        mma_warps(rows)
-                    ))?;
+                for (_, suffix, rows, q_in_regs) in MMA_SHAPES {
+                    let f = load(format!("prefill_mma_{}_d{d}_{suffix}", dt.name()))?;
                     // A device with less shared memory per block refuses; that kernel is then
                     // not used (the generic one runs).
                     let ok = f
                         .set_attribute(
                             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            mma_smem_bytes(d, rows) as i32,
+                            mma_smem_bytes(d, rows, q_in_regs) as i32,
                         )
                         .is_ok();
                     mma.push((f, ok));
@@ -214,18 +217,24 @@ impl PrefillKernels {
         Ok(Self { mma, generic })
     }
 
-    /// The tensor-core kernel for `dtype`, `head_dim` and tiles of `rows` rows, if there is one
-    /// and it can run.
-    fn mma(&self, dtype: DType, head_dim: usize, rows: usize) -> Option<&CudaFunction> {
+    /// The tensor-core kernel `kernel` for `dtype` and `head_dim`, if there is one and it can
+    /// run, with its rows per CTA and shared memory bytes.
+    fn mma(
+        &self,
+        dtype: DType,
+        head_dim: usize,
+        kernel: PrefillKernel,
+    ) -> Option<(&CudaFunction, usize, usize)> {
         let t = match dtype {
             DType::F16 => 0,
             DType::BF16 => 1,
             DType::F32 => return None,
         };
         let d = MMA_DIMS.iter().position(|&x| x == head_dim)?;
-        let r = usize::from(rows == 128);
-        let (f, ok) = &self.mma[(t * MMA_DIMS.len() + d) * 2 + r];
-        ok.then_some(f)
+        let k = MMA_SHAPES.iter().position(|s| s.0 == kernel)?;
+        let (_, _, rows, q_in_regs) = MMA_SHAPES[k];
+        let (f, ok) = &self.mma[(t * MMA_DIMS.len() + d) * MMA_SHAPES.len() + k];
+        ok.then_some((f, rows, mma_smem_bytes(head_dim, rows, q_in_regs)))
     }
 
     fn generic(&self, dtype: DType) -> &CudaFunction {
@@ -415,13 +424,12 @@ impl CudaBackend {
     ) -> PrefillKernel {
         let be = &self.inner;
         let (dtype, hd) = (pool.dtype(), pool.shape().head_dim);
-        let allowed = self.mma_allowed(pool);
-        let has = |r| allowed && be.prefill.mma(dtype, hd, r).is_some();
-        // 128-row tiles read each key tile once per 128 rows instead of 64; 64-row tiles keep
-        // the GPU busier when there are few tiles.
+        let has = |k| self.mma_allowed(pool) && be.prefill.mma(dtype, hd, k).is_some();
+        // Mma128 reads each key tile once per 128 rows instead of 64 (and each K/V fragment
+        // feeds two mma); Mma64 makes twice the CTAs, for calls too small to fill the GPU.
         let sms = be.info.multiprocessors.max(1) as usize;
         let few = rows.tiles128.n * n_heads < 2 * sms;
-        match (has(64), has(128)) {
+        match (has(PrefillKernel::Mma64), has(PrefillKernel::Mma128)) {
             (true, true) if few => PrefillKernel::Mma64,
             (_, true) => PrefillKernel::Mma128,
             (true, false) => PrefillKernel::Mma64,
@@ -463,35 +471,29 @@ impl CudaBackend {
             PrefillKernel::Auto => self.prefill_kernel(pool, rows, n_heads),
             k => k,
         };
-        let mma_rows = match kernel {
-            PrefillKernel::Mma64 => Some(64),
-            PrefillKernel::Mma128 => Some(128),
-            _ => None,
-        };
-        let mma = match mma_rows {
-            Some(r) => Some(
+        let mma = match kernel {
+            PrefillKernel::Generic | PrefillKernel::Auto if hd > GENERIC_MAX_DIM => {
+                return Err(shape_err(op, format!("head_dim {hd} > {GENERIC_MAX_DIM}")));
+            }
+            PrefillKernel::Generic | PrefillKernel::Auto => None,
+            k => Some(
                 be.prefill
-                    .mma(pool.dtype(), hd, r)
+                    .mma(pool.dtype(), hd, k)
                     .filter(|_| self.mma_allowed(pool))
                     .ok_or_else(|| {
                         shape_err(
                             op,
                             format!(
-                                "no tensor-core kernel for {} pools of head_dim {hd} on this GPU",
+                                "no {k:?} kernel for {} pools of head_dim {hd} on this GPU",
                                 pool.dtype().name()
                             ),
                         )
                     })?,
             ),
-            None if hd > GENERIC_MAX_DIM => {
-                return Err(shape_err(op, format!("head_dim {hd} > {GENERIC_MAX_DIM}")));
-            }
-            None => None,
         };
-        let tiles = if mma_rows == Some(128) {
-            &rows.tiles128
-        } else {
-            &rows.tiles64
+        let tiles = match mma {
+            Some((_, 128, _)) => &rows.tiles128,
+            _ => &rows.tiles64,
         };
         let ctas = tiles.n * n_heads;
         if ctas > i32::MAX as usize {
@@ -504,16 +506,16 @@ impl CudaBackend {
             let u = |x: usize| x as u32;
             let (nh, kvh, d, bt) = (u(n_heads), u(s.kv_heads), u(hd), u(s.block_tokens));
             let scale_log2 = scale * std::f32::consts::LOG2_E;
-            let (f, cfg) = match (mma, mma_rows) {
-                (Some(f), Some(r)) => (
+            let (f, cfg) = match mma {
+                Some((f, _, smem)) => (
                     f,
                     LaunchConfig {
                         grid_dim: (u(ctas), 1, 1),
-                        block_dim: (u(mma_warps(r) * 32), 1, 1),
-                        shared_mem_bytes: u(mma_smem_bytes(hd, r)),
+                        block_dim: (MMA_THREADS, 1, 1),
+                        shared_mem_bytes: u(smem),
                     },
                 ),
-                _ => (
+                None => (
                     be.prefill.generic(pool.dtype()),
                     LaunchConfig {
                         grid_dim: (u(ctas), 1, 1),
