@@ -1,10 +1,13 @@
-//! The hardware profile: what the cost model knows of a machine. `strata calibrate` will measure
-//! it and write it as JSON (this module defines the format, [`PROFILE_VERSION`]); until then the
-//! reference profiles below stand in, and every consumer must say so to the user.
+//! The hardware profile: what the cost model knows of a machine. `strata calibrate` measures it
+//! and writes it as JSON (this module defines the format, [`PROFILE_VERSION`]); the reference
+//! profiles below stand in where no measurement is wanted, and every consumer must say so to the
+//! user.
 //!
-//! Units: bandwidths in GB/s (10⁹ bytes per second, each byte counted once), GEMM rates in
-//! TFLOP/s, capacities in bytes. Invariants (checked on load): every rate is finite and > 0;
-//! `version == PROFILE_VERSION`.
+//! Units: bandwidths in GB/s (10⁹ bytes per second, each byte counted once, except `hbm_gbps`:
+//! read + written), GEMM rates in TFLOP/s, capacities in bytes. Invariants (checked on load):
+//! every rate is finite and > 0; `version == PROFILE_VERSION`. A calibration that measured no
+//! disk keeps placeholder disk rates (> 0, so the cost model stays finite), `disk_bytes = 0`
+//! and `disk_measured = false`.
 
 use std::path::Path;
 
@@ -12,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProfileError;
 
-/// Bumped whenever a field is added, removed or changes meaning.
+/// Bumped whenever a field is removed or changes meaning, or is added without a default that
+/// keeps older files' meaning (`disk_measured` defaults to true: older files' disk figures were
+/// all meant as figures).
 pub const PROFILE_VERSION: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +53,10 @@ pub struct HardwareProfile {
     /// Disk read through the chosen IO engine at a large request size.
     pub disk_read_gbps: f64,
     pub disk_write_gbps: f64,
+    /// False when no disk was measured (`strata calibrate` without `--disk-dir`): the disk
+    /// rates are then placeholders and `disk_bytes` is 0. Absent in older files: true.
+    #[serde(default = "default_true")]
+    pub disk_measured: bool,
     /// Request size at which the disk reaches half its bandwidth: effective bandwidth at request
     /// size `r` is `disk_gbps · r / (r + disk_half_bandwidth_request_bytes)`.
     pub disk_half_bandwidth_request_bytes: u64,
@@ -60,6 +69,10 @@ pub struct HardwareProfile {
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn default_true() -> bool {
+    true
+}
 
 impl HardwareProfile {
     /// The H100 machine measured on 2026-11-22 (the project's GPU notes, §7 "Measured numbers").
@@ -92,6 +105,7 @@ impl HardwareProfile {
             // with half bandwidth at 64 KiB, 1 MiB requests get 94% (1.41 / 0.94 = 1.5).
             disk_read_gbps: 1.5,
             disk_write_gbps: 1.53,
+            disk_measured: true,
             disk_half_bandwidth_request_bytes: 64 * 1024,
             gpu_layer_overhead_us: 40.0,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
@@ -123,6 +137,7 @@ impl HardwareProfile {
             host_attention_gbps: 10.0,
             disk_read_gbps: 2.0,
             disk_write_gbps: 1.0,
+            disk_measured: true,
             disk_half_bandwidth_request_bytes: 128 * 1024,
             gpu_layer_overhead_us: 5.0,
             gpu_bytes: (8.0 * GIB) as u64,

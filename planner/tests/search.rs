@@ -275,6 +275,11 @@ fn profile_round_trips_and_names_the_file_on_errors() {
     let p = HardwareProfile::h100_reference();
     p.save(&path).unwrap();
     assert_eq!(HardwareProfile::load(&path).unwrap(), p);
+    // A version-1 file written before `disk_measured` existed still loads, as measured.
+    let older = p.to_json().replace("\n  \"disk_measured\": true,", "");
+    assert!(!older.contains("disk_measured"));
+    std::fs::write(&path, older).unwrap();
+    assert_eq!(HardwareProfile::load(&path).unwrap(), p);
     std::fs::write(
         &path,
         p.to_json().replace("\"version\": 1", "\"version\": 99"),

@@ -1,7 +1,8 @@
 //! strata's runtime: models and weights ([`model`]), the KV block table ([`kv`]), the forward
 //! pass ([`forward`]), sampling, tokenization and the offline batch job ([`generate`]) behind the
-//! `strata` binary.
+//! `strata` binary, and the machine calibration behind `strata calibrate` ([`calibrate`]).
 
+pub mod calibrate;
 pub mod error;
 pub mod forward;
 pub mod generate;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use strata_kernels::{CpuBackend, CudaBackend, DType, GemmPrecision};
+use strata_runtime::calibrate::{self, CalibrateOptions, DeviceChoice, ProfileOptions};
 use strata_runtime::forward::Residency;
 use strata_runtime::generate::{self, GenerateOptions};
 use strata_runtime::gpu_budget;
@@ -46,6 +47,35 @@ enum Command {
     /// the block schedule, the predicted time per decode step and per prefill broken down by
     /// stream, what bounds it, and the throughput it implies.
     Plan(PlanArgs),
+    /// Measure this machine and write the hardware profile the planner uses: GEMM TFLOP/s per
+    /// dtype, GPU memory, host <-> GPU, host memory, host attention and disk bandwidth, and
+    /// capacities. Under a minute (--quick: a few seconds).
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Directory on the disk to measure (for the disk KV tier: your fastest NVMe). A temporary
+    /// file (1 GiB; 256 MiB with --quick) is written, read and removed. Without it the disk is
+    /// not measured.
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Where to write the profile. Default: $XDG_CACHE_HOME/strata/profile.json (else
+    /// ~/.cache/strata/profile.json), which `strata plan` uses.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Smaller sizes, a few seconds: what `plan` runs when it finds no profile.
+    #[arg(long)]
+    quick: bool,
+    /// Disk IO engine to measure: auto, uring or sync (as for generate).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
+    io_engine: String,
+    /// Disk reads and writes in flight at once.
+    #[arg(long, default_value_t = 32)]
+    io_queue_depth: usize,
+    /// The GPU to measure: auto (GPU 0 when usable), cuda:N, or cpu (no GPU).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -71,7 +101,8 @@ struct PlanArgs {
     /// Disk space strata may use (default: the profile's disk capacity).
     #[arg(long, value_parser = parse_size_arg)]
     disk_mem: Option<u64>,
-    /// Hardware profile (JSON). Default: a built-in reference profile of an H100 machine.
+    /// Hardware profile (JSON). Default: this machine's, as `strata calibrate` wrote it in
+    /// the cache directory; when there is none, a quick calibration runs first and writes it.
     #[arg(long)]
     profile: Option<PathBuf>,
     /// Also list the alternatives considered and why they lost.
@@ -238,6 +269,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => run_generate(*args),
         Command::Info { model } => run_info(model.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => run_plan(&args).map(|()| ExitCode::SUCCESS),
+        Command::Calibrate(args) => run_calibrate(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         // Our error messages already carry their causes; print each once.
@@ -522,8 +554,27 @@ fn run_info(spec: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn calibrate_options(a: &CalibrateArgs) -> anyhow::Result<CalibrateOptions> {
+    Ok(CalibrateOptions {
+        quick: a.quick,
+        disk_dir: a.disk_dir.clone(),
+        io_engine: a.io_engine.parse()?,
+        queue_depth: a.io_queue_depth.max(1),
+        device: match a.device {
+            Device::Auto => DeviceChoice::Auto,
+            Device::Cpu => DeviceChoice::Cpu,
+            Device::Cuda(n) => DeviceChoice::Cuda(n),
+        },
+    })
+}
+
+fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
+    calibrate::run_cli(&calibrate_options(&a)?, a.profile)?;
+    Ok(())
+}
+
 fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
-    use strata_planner::{Budgets, HardwareProfile, MlpKind, ModelSpec, Tier, Workload};
+    use strata_planner::{Budgets, MlpKind, ModelSpec, Tier, Workload};
     use strata_runtime::units::format_size;
 
     let m = model::open(&a.model)?;
@@ -562,10 +613,12 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             Family::Llama | Family::Qwen2 => MlpKind::Gated,
         },
     };
-    let profile = match &a.profile {
-        Some(path) => HardwareProfile::load(path)?,
-        None => HardwareProfile::h100_reference(),
+    let source = ProfileOptions {
+        profile: a.profile.clone(),
+        calibrate: CalibrateOptions::default(),
     };
+    let profile = calibrate::load_or_calibrate(&source)?;
+    let profile_file = source.path();
     let budgets = Budgets {
         gpu_bytes: a.gpu_mem.unwrap_or(profile.gpu_bytes),
         host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
@@ -581,7 +634,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
                 "machine": profile.machine,
                 "measured_at": profile.measured_at,
                 "reference": profile.reference,
-                "file": a.profile,
+                "file": profile_file,
             },
             "policy": plan.policy,
             "prediction": plan.prediction,
@@ -622,18 +675,25 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         format_size(budgets.host_bytes),
         format_size(budgets.disk_bytes)
     );
-    match (&a.profile, profile.reference) {
-        (Some(path), false) => println!("profile:    {} ({})", path.display(), profile.machine),
-        (Some(path), true) => println!(
-            "profile:    {} — a reference profile ({}), not a measurement of this machine",
-            path.display(),
+    let file = profile_file
+        .as_deref()
+        .map_or("(not saved)".into(), |p| p.display().to_string());
+    if profile.reference {
+        println!(
+            "profile:    {file} — a reference profile ({}), NOT a measurement of this machine",
             profile.machine
-        ),
-        (None, _) => println!(
-            "profile:    built-in reference profile ({}), NOT a measurement of this machine \
-             (strata cannot measure this machine yet; pass --profile FILE to use your own figures)",
-            profile.machine
-        ),
+        );
+    } else {
+        println!(
+            "profile:    {file} ({}, measured {})",
+            profile.machine, profile.measured_at
+        );
+    }
+    if !profile.disk_measured && budgets.disk_bytes > 0 {
+        println!(
+            "note:       the profile's disk figures are placeholders (calibrated without \
+             --disk-dir); run `strata calibrate --disk-dir DIR` to measure the disk"
+        );
     }
     println!("policy:");
     println!("  weights:    {}", split(&p.weights));

@@ -7,12 +7,26 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// `strata plan ARGS` on the built-in H100 reference profile, written to a file: without
+/// `--profile`, plan would calibrate this machine (see `tests/calibrate.rs`).
 fn plan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
+    let profile = std::env::temp_dir().join(format!(
+        "strata-plan-{}-{:?}.json",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    strata_planner::HardwareProfile::h100_reference()
+        .save(&profile)
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("plan")
         .args(args)
+        .arg("--profile")
+        .arg(&profile)
         .output()
-        .unwrap()
+        .unwrap();
+    std::fs::remove_file(&profile).unwrap();
+    out
 }
 
 const GIB: u64 = 1 << 30;

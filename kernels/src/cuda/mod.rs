@@ -34,6 +34,7 @@
 //!   the next op returns it, and [`CudaBackend::deferred_error`] reports it.
 
 mod attention;
+pub mod calibrate;
 mod compile;
 mod device;
 mod kernels;

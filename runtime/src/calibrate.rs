@@ -1,0 +1,928 @@
+//! `strata calibrate`: measures this machine and writes the planner's [`HardwareProfile`].
+//!
+//! What is measured, and how (every rate is the best of a few timed repetitions after a warm-up):
+//! - **GPU** (when one is usable; [`DeviceCalibrator`], CUDA events): cuBLAS GEMM of `[n, n]`
+//!   matrices per dtype, a device-to-device copy (HBM), and copies between page-locked host
+//!   memory and the device (H2D, D2H). Capacity: the GPU's total memory.
+//! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
+//!   ([`attend_batch`]) over f32 KV blocks of Llama-3-8B's geometry, one decode query.
+//!   Capacity: `MemAvailable`.
+//! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
+//!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit
+//!   the profile's request-size model (`bw(r) = B·r / (r + h)`, `h` clamped to [4 KiB, 1 MiB]).
+//!   The file is removed afterwards, also on error. Capacity: the directory's free space.
+//!
+//! Conventions (the planner's, see `planner/src/profile.rs`): GB = 10⁹ bytes; `hbm_gbps` counts
+//! bytes read + written (a copy of `n` bytes moves `2n`), every other bandwidth counts each byte
+//! once. Without a GPU the "GPU" is the CPU, as in [`HardwareProfile::cpu_only_reference`]: GEMM
+//! rates are the CPU backend's `linear`, HBM is host memory (read + written), host ↔ device
+//! copies are memcpy, and the available memory is split evenly between the two tiers. Without a
+//! disk directory the disk rates are placeholders, `disk_bytes = 0`, `disk_measured = false`.
+//! `gpu_layer_overhead_us` is not measured: it keeps the reference profiles' value.
+//!
+//! `quick` scales every size down (about a quarter), for the calibration `plan` runs on first use.
+
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use strata_kernels::attention::{AttentionQuery, attend_batch};
+use strata_kernels::cuda::calibrate::DeviceCalibrator;
+use strata_kernels::{
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView, WeightData,
+};
+use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
+use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
+
+use crate::units::format_size;
+
+const MIB: usize = 1 << 20;
+/// Disk request sizes: large (the asymptote) and small (the fit of the half-bandwidth size).
+const DISK_LARGE: usize = MIB;
+const DISK_SMALL: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrateError {
+    #[error("--disk-dir {}: {reason}", path.display())]
+    DiskDir { path: PathBuf, reason: String },
+    #[error("disk measurement in {}: {detail}", path.display())]
+    Disk { path: PathBuf, detail: String },
+    #[error("--device cuda:{device}: {reason}")]
+    NoGpu { device: usize, reason: String },
+    #[error("GPU measurement ({what}) failed: {source}")]
+    Gpu {
+        what: &'static str,
+        source: KernelError,
+    },
+    #[error("CPU GEMM measurement failed: {0}")]
+    Cpu(KernelError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("cannot create {}: {source}", path.display())]
+    CacheDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no cache directory for the hardware profile (neither XDG_CACHE_HOME nor HOME is set); pass --profile FILE"
+    )]
+    NoCacheDir,
+}
+
+/// Which device to measure: `Auto` uses GPU 0 when it is usable, else the CPU (saying why).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    /// Smaller sizes: a few seconds (2 s on the H100 machine and on a 2-core box).
+    pub quick: bool,
+    /// Directory on the disk to measure; `None` leaves the disk unmeasured.
+    pub disk_dir: Option<PathBuf>,
+    pub io_engine: IoEngine,
+    pub queue_depth: usize,
+    pub device: DeviceChoice,
+}
+
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        Self {
+            quick: false,
+            disk_dir: None,
+            io_engine: IoEngine::Auto,
+            queue_depth: 32,
+            device: DeviceChoice::Auto,
+        }
+    }
+}
+
+/// Where a consumer (`plan`, later `generate` and `bench`) gets its profile.
+#[derive(Clone, Debug, Default)]
+pub struct ProfileOptions {
+    /// A given profile file; `None`: the calibrated one in the cache directory.
+    pub profile: Option<PathBuf>,
+    /// How to calibrate when the cache has none (`quick` is forced on).
+    pub calibrate: CalibrateOptions,
+}
+
+impl ProfileOptions {
+    /// The file the profile comes from (or is written to): the given one, else the default.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.profile.clone().or_else(default_profile_path)
+    }
+}
+
+/// `$XDG_CACHE_HOME/strata/profile.json`, else `~/.cache/strata/profile.json`: the folder that
+/// also holds the PTX cache.
+pub fn default_profile_path() -> Option<PathBuf> {
+    let ptx = strata_kernels::cuda::default_ptx_cache_dir()?;
+    Some(ptx.parent()?.join("profile.json"))
+}
+
+/// Rough duration of a quick calibration, for the first-use note (measured: 1.7 s on the H100
+/// machine, 2.4 s on a busy 2-core box).
+pub const QUICK_SECONDS: u32 = 5;
+
+/// The given profile; else the one in the cache directory; else a quick calibration of this
+/// machine (announced on stderr), written to the cache directory when there is one.
+pub fn load_or_calibrate(opts: &ProfileOptions) -> Result<HardwareProfile, CalibrateError> {
+    if let Some(path) = &opts.profile {
+        return Ok(HardwareProfile::load(path)?);
+    }
+    let path = default_profile_path();
+    if let Some(p) = path.as_deref().filter(|p| p.exists()) {
+        return Ok(HardwareProfile::load(p)?);
+    }
+    let shown = path
+        .as_deref()
+        .map_or("(no cache directory)".into(), |p| p.display().to_string());
+    eprintln!(
+        "note: no hardware profile at {shown}; calibrating this machine (about {QUICK_SECONDS} s; \
+         run `strata calibrate` to redo it)"
+    );
+    let quick = CalibrateOptions {
+        quick: true,
+        ..opts.calibrate.clone()
+    };
+    let cal = calibrate(&quick)?;
+    for n in &cal.notes {
+        eprintln!("note: {n}");
+    }
+    match &path {
+        Some(p) => {
+            save_profile(&cal.profile, p)?;
+            eprintln!("note: wrote hardware profile {}", p.display());
+        }
+        None => eprintln!("note: neither XDG_CACHE_HOME nor HOME is set: the profile is not saved"),
+    }
+    Ok(cal.profile)
+}
+
+/// `strata calibrate`: measures, writes the profile to `profile` (default: the cache directory),
+/// prints the summary on stdout. Returns the path written.
+pub fn run_cli(
+    opts: &CalibrateOptions,
+    profile: Option<PathBuf>,
+) -> Result<PathBuf, CalibrateError> {
+    let path = profile
+        .or_else(default_profile_path)
+        .ok_or(CalibrateError::NoCacheDir)?;
+    let cal = calibrate(opts)?;
+    save_profile(&cal.profile, &path)?;
+    cal.print_summary();
+    println!(
+        "wrote {} ({:.1} s{})",
+        path.display(),
+        cal.seconds,
+        if opts.quick { ", --quick" } else { "" }
+    );
+    Ok(path)
+}
+
+/// Checks the profile (the same checks as loading it), then writes it through a temporary file
+/// and a rename, so a killed calibration never leaves a torn profile.
+pub fn save_profile(p: &HardwareProfile, path: &Path) -> Result<(), CalibrateError> {
+    HardwareProfile::from_json(&p.to_json(), path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| CalibrateError::CacheDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    p.save(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        ProfileError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(())
+}
+
+/// A measured profile, with the table `strata calibrate` prints.
+#[derive(Debug)]
+pub struct Calibration {
+    pub profile: HardwareProfile,
+    /// `(what, value, how)` per measurement.
+    pub rows: Vec<(String, String, String)>,
+    /// What was not measured, and why.
+    pub notes: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Calibration {
+    pub fn print_summary(&self) {
+        let w0 = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let w1 = self.rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+        println!("machine: {}", self.profile.machine);
+        for (what, value, how) in &self.rows {
+            println!("  {what:<w0$}  {value:>w1$}  {how}");
+        }
+        for n in &self.notes {
+            println!("note: {n}");
+        }
+    }
+}
+
+/// Sizes of each measurement (bytes unless named otherwise).
+struct Sizes {
+    gpu_gemm_n: usize,
+    gpu_gemm_reps: usize,
+    hbm: usize,
+    pinned: usize,
+    host_copy: usize,
+    host_kv: usize,
+    cpu_gemm_rows: usize,
+    cpu_gemm_dim: usize,
+    disk_file: u64,
+    disk_small_read: u64,
+    trials: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        // Two host buffers of each kind at most: keep them within a quarter of what is free.
+        let avail = crate::mem_available_bytes().unwrap_or(8 << 30) as usize;
+        let host = |b: usize| b.min(avail / 8).max(16 * MIB);
+        let s = if quick { 4 } else { 1 };
+        Sizes {
+            gpu_gemm_n: 4096,
+            gpu_gemm_reps: 20 / s,
+            hbm: (1 << 30) / s,
+            pinned: (1 << 30) / s,
+            host_copy: host((1 << 30) / s),
+            host_kv: host((1 << 30) / s),
+            cpu_gemm_rows: 512 / s,
+            cpu_gemm_dim: 4096 / s.min(2),
+            disk_file: (1 << 30) / s as u64,
+            disk_small_read: (256 << 20) / s as u64,
+            trials: if quick { 2 } else { 3 },
+        }
+    }
+}
+
+/// One progress step per measurement: a bar on a terminal, else one line each.
+struct Steps(Option<ProgressBar>);
+
+impl Steps {
+    fn new(total: u64) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Steps(None);
+        }
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("calibrating {bar:20} {pos}/{len} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Steps(Some(bar))
+    }
+    fn step(&self, what: &str) {
+        match &self.0 {
+            Some(bar) => {
+                bar.set_message(what.to_string());
+                bar.inc(1);
+            }
+            None => eprintln!("calibrating: {what}"),
+        }
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Measures this machine (see the module header).
+pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError> {
+    let t0 = Instant::now();
+    let sz = Sizes::new(opts.quick);
+    // Check the directory before measuring anything, so a bad flag fails at once.
+    if let Some(dir) = &opts.disk_dir {
+        check_disk_dir(dir)?;
+    }
+    let mut notes = Vec::new();
+    let gpu = open_gpu(opts.device, &mut notes)?;
+    let steps = Steps::new(if gpu.is_some() { 7 } else { 5 } + opts.disk_dir.is_some() as u64);
+    let mut rows = Vec::new();
+    let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
+    let threads = rayon::current_num_threads();
+
+    steps.step("host memory copy");
+    let host_copy = host_copy_gbps(sz.host_copy, sz.trials);
+    row(
+        "host memory",
+        format!("{host_copy:.1} GB/s"),
+        format!(
+            "memcpy of {}, {threads} threads",
+            format_size(sz.host_copy as u64)
+        ),
+    );
+    steps.step("host attention");
+    let host_attention = host_attention_gbps(sz.host_kv, sz.trials);
+    row(
+        "host attention",
+        format!("{host_attention:.1} GB/s"),
+        format!(
+            "KV bytes attended: {} of f32 blocks, {threads} threads",
+            format_size(sz.host_kv as u64)
+        ),
+    );
+    let host_avail = crate::mem_available_bytes().unwrap_or(0);
+
+    let mut p = HardwareProfile {
+        version: PROFILE_VERSION,
+        machine: String::new(),
+        measured_at: utc_now_iso8601(),
+        reference: false,
+        has_gpu: gpu.is_some(),
+        gemm_tflops: GemmTflops {
+            f32: 0.0,
+            f16: 0.0,
+            bf16: 0.0,
+        },
+        hbm_gbps: 2.0 * host_copy,
+        h2d_gbps: host_copy,
+        d2h_gbps: host_copy,
+        host_mem_gbps: host_copy,
+        host_attention_gbps: host_attention,
+        disk_read_gbps: HardwareProfile::cpu_only_reference().disk_read_gbps,
+        disk_write_gbps: HardwareProfile::cpu_only_reference().disk_write_gbps,
+        disk_measured: false,
+        disk_half_bandwidth_request_bytes: HardwareProfile::cpu_only_reference()
+            .disk_half_bandwidth_request_bytes,
+        gpu_layer_overhead_us: HardwareProfile::cpu_only_reference().gpu_layer_overhead_us,
+        gpu_bytes: host_avail / 2,
+        host_bytes: host_avail - host_avail / 2,
+        disk_bytes: 0,
+        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    let gpu_name = match &gpu {
+        Some(cal) => {
+            measure_gpu(cal, &sz, &steps, &mut p, &mut row)?;
+            cal.device_info().name.clone()
+        }
+        None => {
+            measure_cpu_gemm(&sz, &steps, &mut p, &mut row)?;
+            "no GPU (the CPU computes)".to_string()
+        }
+    };
+    let disk = match &opts.disk_dir {
+        Some(dir) => {
+            steps.step("disk write and read");
+            let d = measure_disk(dir, opts, &sz)?;
+            p.disk_read_gbps = d.read_asymptote_gbps;
+            p.disk_write_gbps = d.write_asymptote_gbps;
+            p.disk_half_bandwidth_request_bytes = d.half_bytes;
+            p.disk_measured = true;
+            p.disk_bytes = d.free_bytes;
+            let how = format!(
+                "{}, O_DIRECT{}, QD {}, {} file in {}",
+                d.engine,
+                if d.direct { "" } else { " refused: page cache" },
+                opts.queue_depth,
+                format_size(d.file_bytes),
+                dir.display()
+            );
+            row(
+                "disk write",
+                format!("{:.2} GB/s", d.write_gbps),
+                format!("1 MiB requests + fsync; {how}"),
+            );
+            row(
+                "disk read",
+                format!("{:.2} GB/s", d.read_gbps),
+                format!(
+                    "1 MiB requests ({:.2} GB/s at 64 KiB); profile: {:.2} GB/s large-request \
+                     asymptote, half at {}",
+                    d.small_read_gbps,
+                    p.disk_read_gbps,
+                    format_size(d.half_bytes)
+                ),
+            );
+            if !d.direct {
+                notes.push(format!(
+                    "{} refuses O_DIRECT: disk figures include the page cache",
+                    dir.display()
+                ));
+            }
+            format!("disk {} ({})", dir.display(), d.engine)
+        }
+        None => {
+            notes.push(
+                "disk not measured (no --disk-dir): the profile's disk rates are placeholders \
+                 and its disk capacity is 0; run `strata calibrate --disk-dir DIR` on the disk \
+                 the KV cache will use"
+                    .into(),
+            );
+            "disk not measured".to_string()
+        }
+    };
+    drop(steps);
+    let cap = |b: u64| format_size(b);
+    let (gpu_cap, host_cap) = if p.has_gpu {
+        ("GPU total memory", "MemAvailable")
+    } else {
+        (
+            "no GPU: half of MemAvailable (the CPU's working memory)",
+            "the other half of MemAvailable",
+        )
+    };
+    row("GPU capacity", cap(p.gpu_bytes), gpu_cap.into());
+    row("host capacity", cap(p.host_bytes), host_cap.into());
+    row(
+        "disk capacity",
+        cap(p.disk_bytes),
+        if p.disk_measured {
+            "free space in --disk-dir".into()
+        } else {
+            "not measured".into()
+        },
+    );
+    p.machine = format!(
+        "{gpu_name}, {} CPU cores ({}), {disk}",
+        p.cpu_cores,
+        cpu_model()
+    );
+    Ok(Calibration {
+        profile: p,
+        rows,
+        notes,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn check_disk_dir(dir: &Path) -> Result<(), CalibrateError> {
+    let bad = |reason: String| CalibrateError::DiskDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(bad("is not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))
+}
+
+fn open_gpu(
+    choice: DeviceChoice,
+    notes: &mut Vec<String>,
+) -> Result<Option<DeviceCalibrator>, CalibrateError> {
+    match choice {
+        DeviceChoice::Cpu => {
+            notes.push("--device cpu: GPU not measured; the CPU is the compute device".into());
+            Ok(None)
+        }
+        DeviceChoice::Cuda(device) => {
+            DeviceCalibrator::new(device)
+                .map(Some)
+                .map_err(|e| CalibrateError::NoGpu {
+                    device,
+                    reason: e.to_string(),
+                })
+        }
+        DeviceChoice::Auto => match DeviceCalibrator::new(0) {
+            Ok(cal) => Ok(Some(cal)),
+            Err(e) => {
+                notes.push(format!(
+                    "no GPU found ({e}): the profile's GPU fields describe the CPU \
+                     (has_gpu = false)"
+                ));
+                Ok(None)
+            }
+        },
+    }
+}
+
+type Row<'a> = dyn FnMut(&str, String, String) + 'a;
+
+fn measure_gpu(
+    cal: &DeviceCalibrator,
+    sz: &Sizes,
+    steps: &Steps,
+    p: &mut HardwareProfile,
+    row: &mut Row<'_>,
+) -> Result<(), CalibrateError> {
+    let err = |what| move |source| CalibrateError::Gpu { what, source };
+    let (free, total) = cal.memory_info().map_err(err("memory info"))?;
+    p.gpu_bytes = total as u64;
+    let n = sz.gpu_gemm_n;
+    let how = |reps| format!("cuBLAS {n}³, {reps} per timing, best of {}", sz.trials);
+    let gemm = |dtype: DType, reps: usize| {
+        steps.step(&format!("GPU GEMM {}", dtype.name()));
+        cal.gemm_tflops(dtype, n, reps, sz.trials)
+            .map_err(err("GEMM"))
+    };
+    p.gemm_tflops = GemmTflops {
+        bf16: gemm(DType::BF16, sz.gpu_gemm_reps)?,
+        f16: gemm(DType::F16, sz.gpu_gemm_reps)?,
+        // SGEMM is ~15× slower: fewer repetitions.
+        f32: gemm(DType::F32, 2)?,
+    };
+    let g = &p.gemm_tflops;
+    row(
+        "GEMM bf16",
+        format!("{:.1} TFLOP/s", g.bf16),
+        how(sz.gpu_gemm_reps),
+    );
+    row(
+        "GEMM f16",
+        format!("{:.1} TFLOP/s", g.f16),
+        how(sz.gpu_gemm_reps),
+    );
+    row(
+        "GEMM f32",
+        format!("{:.1} TFLOP/s", g.f32),
+        how(2) + " (SGEMM, no TF32)",
+    );
+
+    steps.step("GPU memory copy");
+    let hbm_bytes = sz.hbm.min(free / 4).max(MIB);
+    let copied = cal
+        .dtod_copy_gbps(hbm_bytes, 5, sz.trials)
+        .map_err(err("device copy"))?;
+    p.hbm_gbps = 2.0 * copied;
+    row(
+        "HBM",
+        format!("{:.0} GB/s", p.hbm_gbps),
+        format!(
+            "bytes read + written ({copied:.0} GB/s copied), device copy of {}",
+            format_size(hbm_bytes as u64)
+        ),
+    );
+
+    steps.step("host <-> GPU copies");
+    let pinned = sz.pinned.min(free / 4).max(MIB);
+    let (h2d, d2h) = cal
+        .pinned_copy_gbps(pinned, 3, sz.trials)
+        .map_err(err("pinned copies"))?;
+    (p.h2d_gbps, p.d2h_gbps) = (h2d, d2h);
+    let how = format!("page-locked host memory, {}", format_size(pinned as u64));
+    row("host -> device", format!("{h2d:.1} GB/s"), how.clone());
+    row("device -> host", format!("{d2h:.1} GB/s"), how);
+    p.host_bytes = crate::mem_available_bytes().unwrap_or(0);
+    p.gpu_layer_overhead_us = HardwareProfile::h100_reference().gpu_layer_overhead_us;
+    Ok(())
+}
+
+/// No GPU: the compute device is the CPU, so its GEMM rates are the CPU backend's `linear`.
+fn measure_cpu_gemm(
+    sz: &Sizes,
+    steps: &Steps,
+    p: &mut HardwareProfile,
+    row: &mut Row<'_>,
+) -> Result<(), CalibrateError> {
+    let (m, k) = (sz.cpu_gemm_rows, sz.cpu_gemm_dim);
+    let be = CpuBackend::new();
+    let x = be
+        .tensor(m, k, pseudo_random(m * k))
+        .map_err(CalibrateError::Cpu)?;
+    let rate = |dtype: DType| -> Result<f64, CalibrateError> {
+        steps.step(&format!("CPU GEMM {}", dtype.name()));
+        let w = HostWeight::new(k, k, WeightData::F32(pseudo_random(k * k)).cast(dtype))
+            .and_then(|w| be.upload_weight(w))
+            .map_err(CalibrateError::Cpu)?;
+        be.linear(&x, &w, None).map_err(CalibrateError::Cpu)?;
+        let secs = best_secs(sz.trials, || be.linear(&x, &w, None).map(drop))
+            .map_err(CalibrateError::Cpu)?;
+        Ok(2.0 * (m * k * k) as f64 / secs / 1e12)
+    };
+    p.gemm_tflops = GemmTflops {
+        f32: rate(DType::F32)?,
+        f16: rate(DType::F16)?,
+        bf16: rate(DType::BF16)?,
+    };
+    let g = p.gemm_tflops;
+    let how = format!("CPU backend linear, [{m}, {k}] x [{k}, {k}]");
+    row("GEMM bf16", format!("{:.3} TFLOP/s", g.bf16), how.clone());
+    row("GEMM f16", format!("{:.3} TFLOP/s", g.f16), how.clone());
+    row("GEMM f32", format!("{:.3} TFLOP/s", g.f32), how);
+    row(
+        "HBM (no GPU)",
+        format!("{:.1} GB/s", p.hbm_gbps),
+        "host memory, bytes read + written".into(),
+    );
+    row(
+        "host <-> device",
+        format!("{:.1} GB/s", p.h2d_gbps),
+        "no GPU: host memory copies".into(),
+    );
+    Ok(())
+}
+
+/// The shortest of `trials` runs of `f`, in seconds (at least 1 ns).
+fn best_secs<E>(trials: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<f64, E> {
+    let mut best = f64::INFINITY;
+    for _ in 0..trials.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best.max(1e-9))
+}
+
+/// Bytes copied per second by a memcpy split over all threads (each byte counted once).
+fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let chunk = (bytes / rayon::current_num_threads().max(1) / 8).max(MIB);
+    let mut copy = || {
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok::<(), ()>(())
+    };
+    let _ = copy(); // faults the destination's pages in
+    let secs = best_secs(trials, copy).unwrap_or(f64::INFINITY);
+    bytes as f64 / secs / 1e9
+}
+
+/// KV bytes per second the host attention engine reads: one decode query over `bytes` of f32 KV
+/// blocks (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128; 32-token blocks), split-KV over
+/// all threads, as the host tier attends.
+fn host_attention_gbps(bytes: usize, trials: usize) -> f64 {
+    let g = AttentionGeometry {
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        block_tokens: 32,
+        scale: 1.0 / 128f32.sqrt(),
+    };
+    let e = g.block_elems();
+    let blocks = (bytes / (2 * e * 4)).max(1);
+    // [blocks][K, V][kv_heads, block_tokens, head_dim] f32
+    let mut kv = vec![0f32; blocks * 2 * e];
+    kv.par_chunks_mut(2 * e).enumerate().for_each(|(b, blk)| {
+        for (i, x) in blk.iter_mut().enumerate() {
+            *x = (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0;
+        }
+    });
+    let views: Vec<KvBlockView<'_>> = kv
+        .chunks_exact(2 * e)
+        .enumerate()
+        .map(|(b, d)| KvBlockView {
+            k: &d[..e],
+            v: &d[e..],
+            start_pos: b * g.block_tokens,
+            len: g.block_tokens,
+        })
+        .collect();
+    let q: Vec<f32> = (0..g.n_heads * g.head_dim)
+        .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+        .collect();
+    let query = [AttentionQuery {
+        q: &q,
+        pos: blocks * g.block_tokens,
+        blocks: &views,
+    }];
+    let chunk_blocks = blocks.div_ceil(2 * rayon::current_num_threads().max(1));
+    let attend = || {
+        std::hint::black_box(attend_batch(&query, &g, chunk_blocks));
+        Ok::<(), ()>(())
+    };
+    let _ = attend();
+    let secs = best_secs(trials, attend).unwrap_or(f64::INFINITY);
+    (blocks * 2 * e * 4) as f64 / secs / 1e9
+}
+
+struct DiskFigures {
+    engine: &'static str,
+    direct: bool,
+    file_bytes: u64,
+    free_bytes: u64,
+    write_gbps: f64,
+    read_gbps: f64,
+    small_read_gbps: f64,
+    read_asymptote_gbps: f64,
+    write_asymptote_gbps: f64,
+    half_bytes: u64,
+}
+
+/// Removes the file when dropped (after the backends that use it: declare it first).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn measure_disk(
+    dir: &Path,
+    opts: &CalibrateOptions,
+    sz: &Sizes,
+) -> Result<DiskFigures, CalibrateError> {
+    let fail = |detail: String| CalibrateError::Disk {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    let free = strata_storage::free_bytes(dir).map_err(|e| fail(e.to_string()))?;
+    let large = DISK_LARGE as u64;
+    let file_bytes = sz.disk_file.min(free / 2) / large * large;
+    if file_bytes < 16 * large {
+        return Err(CalibrateError::DiskDir {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "only {} free; calibration needs at least {} for a temporary file",
+                format_size(free),
+                format_size(32 * large)
+            ),
+        });
+    }
+    let tmp = TempFile(dir.join(format!("strata-calibrate-{}.tmp", std::process::id())));
+    let (file, direct) = open_direct(&tmp.0, true).map_err(|e| fail(e.to_string()))?;
+    file.set_len(file_bytes).map_err(|e| fail(e.to_string()))?;
+    let handle = file.try_clone().map_err(|e| fail(e.to_string()))?;
+    let drop_cache = || {
+        if !direct {
+            // SAFETY: posix_fadvise only reads its arguments; `handle` is an open descriptor.
+            unsafe { libc::posix_fadvise(handle.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    };
+    let qd = opts.queue_depth.max(1);
+
+    let pool = IoBufPool::with_buffers(DISK_LARGE, qd, 4096).map_err(|e| fail(e.to_string()))?;
+    {
+        let mut bufs: Vec<_> = std::iter::from_fn(|| pool.take()).collect();
+        for b in &mut bufs {
+            b.as_mut_slice().fill(0x5a);
+        }
+    }
+    let (mut be, _why) =
+        open_backend(opts.io_engine, vec![file], qd, &pool).map_err(|e| fail(e.to_string()))?;
+    let engine = be.name();
+    let offsets: Vec<u64> = (0..file_bytes / large).map(|i| i * large).collect();
+    let t = Instant::now();
+    transfer(be.as_mut(), &pool, IoDir::Write, &offsets).map_err(&fail)?;
+    handle.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
+    let write_s = t.elapsed().as_secs_f64();
+    drop_cache();
+    let read_s =
+        best_secs(1, || transfer(be.as_mut(), &pool, IoDir::Read, &offsets)).map_err(&fail)?;
+    drop(be);
+
+    // Small requests, in a shuffled order over the whole file (no request sits next to the last).
+    let small = DISK_SMALL as u64;
+    let pool = IoBufPool::with_buffers(DISK_SMALL, qd, 4096).map_err(|e| fail(e.to_string()))?;
+    let (file, _) = open_direct(&tmp.0, false).map_err(|e| fail(e.to_string()))?;
+    let (mut be, _) =
+        open_backend(opts.io_engine, vec![file], qd, &pool).map_err(|e| fail(e.to_string()))?;
+    let mut offsets: Vec<u64> = (0..file_bytes / small).map(|i| i * small).collect();
+    shuffle(&mut offsets);
+    offsets.truncate((sz.disk_small_read / small).max(1) as usize);
+    drop_cache();
+    let small_s =
+        best_secs(1, || transfer(be.as_mut(), &pool, IoDir::Read, &offsets)).map_err(&fail)?;
+    drop(be);
+
+    let gbps = |bytes: u64, s: f64| bytes as f64 / s.max(1e-9) / 1e9;
+    let (read, write) = (gbps(file_bytes, read_s), gbps(file_bytes, write_s));
+    let small_read = gbps(offsets.len() as u64 * small, small_s);
+    let half = fit_half_bandwidth(small as f64, small_read, large as f64, read);
+    let asymptote = |bw: f64| bw * (large as f64 + half) / large as f64;
+    Ok(DiskFigures {
+        engine,
+        direct,
+        file_bytes,
+        free_bytes: free,
+        write_gbps: write,
+        read_gbps: read,
+        small_read_gbps: small_read,
+        read_asymptote_gbps: asymptote(read),
+        write_asymptote_gbps: asymptote(write),
+        half_bytes: half as u64,
+    })
+}
+
+/// Runs one request of `pool.buf_bytes()` at each offset (file 0), keeping the pool's buffers all
+/// in flight; every request must transfer in full.
+fn transfer(
+    be: &mut dyn IoBackend,
+    pool: &IoBufPool,
+    dir: IoDir,
+    offsets: &[u64],
+) -> Result<(), String> {
+    let len = pool.buf_bytes();
+    let mut next = 0;
+    while next < offsets.len() || be.in_flight() > 0 {
+        while next < offsets.len() {
+            let Some(buf) = pool.take() else { break };
+            be.submit(dir, FileIdx(0), offsets[next], buf, len, next as u64)
+                .map_err(|e| e.error.to_string())?;
+            next += 1;
+        }
+        for c in be.wait(1).map_err(|e| e.to_string())? {
+            let off = offsets[c.tag as usize];
+            match c.result {
+                Ok(n) if n == len => {}
+                Ok(n) => {
+                    return Err(format!(
+                        "short transfer at offset {off}: {n} of {len} bytes"
+                    ));
+                }
+                Err(e) => return Err(format!("{dir:?} at offset {off}: {e}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The request size `h` at which the disk gives half its bandwidth, from bandwidths `b1`, `b2`
+/// at request sizes `r1 < r2` under `bw(r) = B·r / (r + h)`; clamped to [4 KiB, r2] (beyond
+/// `r2` the fit would extrapolate more than 2× past what was measured).
+fn fit_half_bandwidth(r1: f64, b1: f64, r2: f64, b2: f64) -> f64 {
+    let den = b1 * r2 - b2 * r1;
+    let h = if den > 0.0 {
+        r1 * r2 * (b2 - b1) / den
+    } else {
+        r2
+    };
+    h.clamp(4096.0, r2)
+}
+
+/// A deterministic Fisher–Yates shuffle (xorshift).
+fn shuffle(v: &mut [u64]) {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for i in (1..v.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        v.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
+/// `n` values in [-1, 1) (deterministic).
+fn pseudo_random(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2048) as f32 / 1024.0 - 1.0)
+        .collect()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Now, as `2026-11-22T10:04:05Z` (UTC).
+fn utc_now_iso8601() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_bandwidth_fit_recovers_the_model() {
+        let (b, h) = (2.0, 96.0 * 1024.0);
+        let bw = |r: f64| b * r / (r + h);
+        let (r1, r2) = (65_536.0, 1_048_576.0);
+        let fit = fit_half_bandwidth(r1, bw(r1), r2, bw(r2));
+        assert!((fit - h).abs() < 1.0, "{fit}");
+        // A disk already saturated at small requests: the smallest h.
+        assert_eq!(fit_half_bandwidth(r1, 2.0, r2, 1.9), 4096.0);
+    }
+
+    #[test]
+    fn dates_are_iso8601() {
+        let s = utc_now_iso8601();
+        assert_eq!(s.len(), 20, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'), "{s}");
+    }
+}
