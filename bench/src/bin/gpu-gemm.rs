@@ -113,21 +113,25 @@ fn run(a: &Args) -> Result<(), String> {
                 );
                 continue;
             }
-            let x = gpu
+            let mut x = gpu
                 .tensor(m, k, random_vec(m * k, seed ^ m as u64))
                 .map_err(ke)?;
-            let modes: &[(GemmPrecision, &str)] = if m <= DECODE_ROWS {
+            // (mode, label, convert the input on every call). "rounded, shared input" is what
+            // the second and third projections of one input (k and v after q; up after gate)
+            // pay: the converted operand is cached on the tensor.
+            let modes: &[(GemmPrecision, &str, bool)] = if m <= DECODE_ROWS {
                 // One GEMV path for both modes: time it once.
-                &[(GemmPrecision::Split, "gemv")]
+                &[(GemmPrecision::Split, "gemv", true)]
             } else {
                 &[
-                    (GemmPrecision::Split, "split"),
-                    (GemmPrecision::Rounded, "rounded"),
+                    (GemmPrecision::Split, "split", true),
+                    (GemmPrecision::Rounded, "rounded", true),
+                    (GemmPrecision::Rounded, "rounded, shared input", false),
                 ]
             };
-            for &(mode, label) in modes {
+            for &(mode, label, convert) in modes {
                 gpu.set_gemm_precision(mode);
-                let ms = median_ms(&gpu, &x, &ws, a.warmup, a.reps).map_err(ke)?;
+                let ms = median_ms(&gpu, &mut x, &ws, a.warmup, a.reps, convert).map_err(ke)?;
                 let flops = 2.0 * (m * n * k) as f64;
                 let row = Row {
                     name,
@@ -159,18 +163,23 @@ fn run(a: &Args) -> Result<(), String> {
 }
 
 /// Median milliseconds per `linear` call: each rep times one call per weight copy (at least 4
-/// calls) between two CUDA events.
+/// calls) between two CUDA events. With `convert`, every call converts `x` again (its cached
+/// operands are dropped first), as the first projection of a fresh activation does.
 fn median_ms(
     gpu: &CudaBackend,
-    x: &CudaTensor,
+    x: &mut CudaTensor,
     ws: &[CudaWeight],
     warmup: usize,
     reps: usize,
+    convert: bool,
 ) -> Result<f64, KernelError> {
     let calls = ws.len().max(4);
-    let rep = || {
+    let mut rep = || {
         gpu.time_ms(|| {
             for i in 0..calls {
+                if convert {
+                    x.forget_operands();
+                }
                 gpu.linear(x, &ws[i % ws.len()], None)?;
             }
             Ok(())

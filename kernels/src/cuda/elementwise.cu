@@ -37,6 +37,15 @@ __device__ void split(T* hi, T* lo, const float* x, u64 n) {
 extern "C" __global__ void split_f16(f16* hi, f16* lo, const float* x, u64 n) { split(hi, lo, x, n); }
 extern "C" __global__ void split_bf16(bf16* hi, bf16* lo, const float* x, u64 n) { split(hi, lo, x, n); }
 
+// out = round(x) in T (nearest even): the one-rounding GEMM operand (GemmPrecision::Rounded).
+template <typename T>
+__device__ void round_to(T* out, const float* x, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) out[i] = from_f32<T>(x[i]);
+}
+
+extern "C" __global__ void round_f16(f16* out, const float* x, u64 n) { round_to(out, x, n); }
+extern "C" __global__ void round_bf16(bf16* out, const float* x, u64 n) { round_to(out, x, n); }
+
 // out: [rows, cols] += bias: [cols] (broadcast over rows); n = rows * cols.
 extern "C" __global__ void bias_add(float* out, const float* bias, u64 n, u64 cols) {
     for (u64 i = global_thread(); i < n; i += grid_threads()) out[i] += bias[i % cols];

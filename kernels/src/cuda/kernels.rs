@@ -30,6 +30,8 @@ kernel_table!(
     embedding_bf16,
     split_f16,
     split_bf16,
+    round_f16,
+    round_bf16,
     bias_add,
     add_inplace,
     relu_inplace,

@@ -6,6 +6,7 @@
 //! `gemm(transa = T, transb = N, m = n, n = m, k, lda = k, ldb = k, ldc = n)`.
 
 use std::ffi::c_void;
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use cudarc::cublas::sys::{
@@ -52,6 +53,7 @@ impl GemmPrecision {
 pub(super) fn linear(
     be: &Inner,
     x: &CudaSlice<f32>,
+    cache: &OperandCache,
     m: usize,
     k: usize,
     w: &super::CudaWeight,
@@ -81,7 +83,8 @@ pub(super) fn linear(
             }
             WeightBuf::F16(ws) => half_gemm(
                 be,
-                &kn.split_f16,
+                (&kn.split_f16, &kn.round_f16),
+                &cache.f16,
                 cudaDataType_t::CUDA_R_16F,
                 mode,
                 ws,
@@ -91,7 +94,8 @@ pub(super) fn linear(
             )?,
             WeightBuf::BF16(ws) => half_gemm(
                 be,
-                &kn.split_bf16,
+                (&kn.split_bf16, &kn.round_bf16),
+                &cache.bf16,
                 cudaDataType_t::CUDA_R_16BF,
                 mode,
                 ws,
@@ -182,17 +186,30 @@ fn gemv<T: DeviceRepr>(
     Ok(())
 }
 
-/// `out = x · wᵀ` with `w` in f16/bf16 (`T`, `dtype`) on tensor cores: the activation is
-/// converted by the `split` kernel, then cuBLAS GemmEx runs once (`Rounded`: `C = w · hi`) or
-/// twice (`Split`: `C = w · hi`, then `C += w · lo`), f32 compute and f32 output.
-///
-/// `Rounded` uses the same `split` kernel (its `hi` is exactly the round-to-nearest-even
-/// conversion) and ignores `lo`; a dedicated one-output kernel would save the `m · k · 2` bytes
-/// of `lo` writes, a few µs per call at prefill sizes.
+/// The half-precision GEMM operands of one activation tensor: `hi = round(x)` and, for
+/// [`GemmPrecision::Split`], `lo = round(x - hi)`. Made once per tensor and dtype by the first
+/// `linear` that needs them, so the projections that share an input (q, k and v; gate and up)
+/// convert it once; the tensor drops them when it is written.
+#[derive(Default)]
+pub(super) struct OperandCache {
+    f16: OnceLock<Operands<half::f16>>,
+    bf16: OnceLock<Operands<half::bf16>>,
+}
+
+struct Operands<T> {
+    hi: CudaSlice<T>,
+    lo: Option<CudaSlice<T>>,
+}
+
+/// `out = x · wᵀ` with `w` in f16/bf16 (`T`, `dtype`) on tensor cores: the activation's operands
+/// (converted by the `round` or `split` kernel, or taken from `cache`), then cuBLAS GemmEx once
+/// (`Rounded`: `C = w · hi`) or twice (`Split`: `C = w · hi`, then `C += w · lo`), f32 compute
+/// and f32 output.
 #[allow(clippy::too_many_arguments)]
 fn half_gemm<T: DeviceRepr>(
     be: &Inner,
-    split: &CudaFunction,
+    (split, round): (&CudaFunction, &CudaFunction),
+    cache: &OnceLock<Operands<T>>,
     dtype: cudaDataType_t,
     mode: GemmPrecision,
     w: &CudaSlice<T>,
@@ -200,29 +217,31 @@ fn half_gemm<T: DeviceRepr>(
     out: &mut CudaSlice<f32>,
     d: Dims,
 ) -> Result<()> {
-    let len = d.m * d.k;
-    // SAFETY: both buffers are written in full by the split kernel below before the GEMMs read
-    // them.
-    let mut hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
-    // SAFETY: as above.
-    let mut lo = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
-    let len64 = len as u64;
-    let mut l = be.stream.launch_builder(split);
-    l.arg(&mut hi).arg(&mut lo).arg(x).arg(&len64);
-    // SAFETY: split_{f16,bf16}(T* hi, T* lo, const float* x, u64 n) with T the element type of
-    // `hi`/`lo`; all three hold `len` values.
-    unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
-
+    let need_lo = mode == GemmPrecision::Split;
+    let fresh;
+    let ops = match cache.get() {
+        Some(o) if o.lo.is_some() || !need_lo => o,
+        cached => {
+            fresh = convert(be, split, round, need_lo, x, d.m * d.k)?;
+            // Keep the first conversion; a Split call after a Rounded one converts for itself.
+            if cached.is_none() {
+                let _ = cache.set(fresh);
+                cache.get().ok_or_else(|| device_err(OP, "operand cache"))?
+            } else {
+                &fresh
+            }
+        }
+    };
     let (cm, cn, ck) = d.cublas();
     let s = &be.stream;
     let (w_ptr, _w) = w.device_ptr(s);
-    let (hi_ptr, _hi) = hi.device_ptr(s);
-    let (lo_ptr, _lo) = lo.device_ptr(s);
+    let (hi_ptr, _hi) = ops.hi.device_ptr(s);
+    let lo_ptr = ops.lo.as_ref().map(|lo| lo.device_ptr(s).0);
     let (out_ptr, _out) = out.device_ptr_mut(s);
     let alpha = 1.0f32;
-    let passes: &[(u64, f32)] = match mode {
-        GemmPrecision::Split => &[(hi_ptr, 0.0), (lo_ptr, 1.0)],
-        GemmPrecision::Rounded => &[(hi_ptr, 0.0)],
+    let passes: &[(u64, f32)] = match (mode, lo_ptr) {
+        (GemmPrecision::Split, Some(lo_ptr)) => &[(hi_ptr, 0.0), (lo_ptr, 1.0)],
+        _ => &[(hi_ptr, 0.0)],
     };
     for &(b_ptr, beta) in passes {
         // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
@@ -256,4 +275,35 @@ fn half_gemm<T: DeviceRepr>(
         .map_err(|e| device_err(OP, e))?;
     }
     Ok(())
+}
+
+/// Converts `x` (`len` values) into GEMM operands: `hi` alone (`round` kernel) or `hi` and `lo`
+/// (`split` kernel).
+fn convert<T: DeviceRepr>(
+    be: &Inner,
+    split: &CudaFunction,
+    round: &CudaFunction,
+    need_lo: bool,
+    x: &CudaSlice<f32>,
+    len: usize,
+) -> Result<Operands<T>> {
+    // SAFETY: written in full by the kernel below before any GEMM reads it.
+    let mut hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+    let len64 = len as u64;
+    if !need_lo {
+        let mut l = be.stream.launch_builder(round);
+        l.arg(&mut hi).arg(x).arg(&len64);
+        // SAFETY: round_{f16,bf16}(T* out, const float* x, u64 n) with T the element type of
+        // `hi`; both hold `len` values.
+        unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
+        return Ok(Operands { hi, lo: None });
+    }
+    // SAFETY: as `hi`.
+    let mut lo = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+    let mut l = be.stream.launch_builder(split);
+    l.arg(&mut hi).arg(&mut lo).arg(x).arg(&len64);
+    // SAFETY: split_{f16,bf16}(T* hi, T* lo, const float* x, u64 n) with T the element type of
+    // `hi`/`lo`; all three hold `len` values.
+    unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
+    Ok(Operands { hi, lo: Some(lo) })
 }

@@ -29,6 +29,8 @@
 //!       half the tensor-core work.
 //!
 //!     In both modes f16 activations beyond ±65504 overflow, as they would in an f16 model.
+//!     The converted operands are cached on the input tensor (dropped when it is written), so
+//!     projections sharing an input (q, k, v; gate, up) convert it once.
 //! - **Errors.** Every op returns [`KernelError::Device`] on a CUDA failure. Failures the driver
 //!   can only record (cudarc notes errors raised inside `Drop`) are kept as a *deferred error*:
 //!   the next op returns it, and [`CudaBackend::deferred_error`] reports it.
@@ -68,6 +70,18 @@ pub struct CudaTensor {
     /// At least `rows * cols` values (one, for an empty tensor). `None` only when the allocation
     /// of [`Backend::zeros`] failed; the failure is the backend's deferred error.
     data: Option<CudaSlice<f32>>,
+    /// This tensor converted for tensor-core GEMMs, made by the first `linear` that needs it and
+    /// reused by the next ones (q, k and v, or gate and up, share one input); dropped whenever
+    /// the tensor is written.
+    operands: linear::OperandCache,
+}
+
+impl CudaTensor {
+    /// Drops the cached GEMM operands, so the next `linear` converts this tensor again (for
+    /// benchmarks that time the conversion; writing the tensor does this too).
+    pub fn forget_operands(&mut self) {
+        self.operands = Default::default();
+    }
 }
 
 impl std::fmt::Debug for CudaTensor {
@@ -362,6 +376,7 @@ impl Inner {
         t: &'t mut CudaTensor,
     ) -> Result<&'t mut CudaSlice<f32>> {
         self.check(op)?;
+        t.operands = Default::default();
         t.data
             .as_mut()
             .ok_or_else(|| device_err(op, "tensor has no storage (its allocation failed)"))
@@ -389,6 +404,7 @@ impl Inner {
             rows,
             cols,
             data: Some(data),
+            operands: Default::default(),
         }
     }
 
@@ -477,6 +493,7 @@ impl Backend for CudaBackend {
             rows,
             cols,
             data: Some(data),
+            operands: Default::default(),
         })
     }
 
@@ -532,7 +549,7 @@ impl Backend for CudaBackend {
         }
         let bias = bias.map(|b| be.vector("linear", b, n)).transpose()?;
         let xb = be.buf("linear", x)?;
-        let out = linear::linear(be, xb, m, k, w, bias)?;
+        let out = linear::linear(be, xb, &x.operands, m, k, w, bias)?;
         Ok(Inner::tensor(m, n, out))
     }
 
