@@ -74,6 +74,8 @@ pub struct JobStats {
     pub generated_tokens: usize,
     /// Tokens produced by decode steps (each sequence's first token comes from its prefill).
     pub decode_tokens: usize,
+    /// Decode steps run (each one token for every running sequence).
+    pub decode_steps: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     pub prefill_tokens_per_s: f64,
@@ -88,6 +90,9 @@ pub struct JobStats {
     pub kv_block_tokens: usize,
     /// Blocks per tier, bytes per link, seconds per attention engine.
     pub kv: KvMetrics,
+    /// With `--policy`: the policy, its prediction and the measured times beside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_check: Option<crate::policy_exec::PolicyCheck>,
 }
 
 /// A sequence in flight.
@@ -467,6 +472,7 @@ impl<'a, 'm, B: RuntimeBackend> Job<'a, 'm, B> {
             r.next = t;
         }
         self.stats.decode_tokens += rows.len();
+        self.stats.decode_steps += 1;
         self.stats.decode_seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }

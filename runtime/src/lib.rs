@@ -10,6 +10,7 @@ pub mod gpu_budget;
 pub mod jobio;
 pub mod kv;
 pub mod model;
+pub mod policy_exec;
 pub mod sampling;
 pub mod tokenizer;
 pub mod units;

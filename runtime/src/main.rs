@@ -12,6 +12,7 @@ use strata_runtime::gpu_budget;
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{DiskTierConfig, GpuTierConfig};
 use strata_runtime::model::{self, Family};
+use strata_runtime::policy_exec;
 use strata_runtime::units::format_size as human_bytes;
 
 #[derive(Parser)]
@@ -212,6 +213,17 @@ struct GenerateArgs {
     /// prefill).
     #[arg(long, default_value = "split", value_parser = ["split", "rounded"])]
     gpu_gemm: String,
+    /// Run a planner policy: `auto` plans one for this job (batch, mean prompt length,
+    /// --max-new-tokens, the memory flags, the calibrated profile), FILE reads one (a policy,
+    /// or the output of `strata plan --json`). The policy sets the weights' placement, the KV
+    /// block size and the batch size; after the run its predicted times are printed beside the
+    /// measured ones (and written to --stats-json). Policies the executor cannot run yet are
+    /// refused, naming the field.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Hardware profile for --policy (default: the calibrated one; calibrates first if none).
+    #[arg(long, requires = "policy")]
+    profile: Option<PathBuf>,
 }
 
 /// The `--device` choice.
@@ -301,6 +313,27 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
     let model = model::open(&a.model)?;
     let gpu = open_gpu(a.device)?;
+    let mut a = a;
+    let planned = match &a.policy {
+        None => None,
+        Some(arg) => {
+            let (policy, prediction) = policy_for_job(arg, &a, &model)?;
+            let run = policy_exec::executable(&policy)
+                .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot run this policy: {e}"))?;
+            eprintln!(
+                "note: --policy {arg}: block {} tokens, batch {}, weights {:?}; predicted decode \
+                 step {:.2} ms, prefill {:.3} s",
+                run.block_tokens,
+                run.batch_size,
+                run.residency,
+                prediction.decode_step.total_s * 1e3,
+                prediction.prefill.total_s
+            );
+            a.kv_block_tokens = run.block_tokens;
+            a.batch_size = run.batch_size.max(1);
+            Some((policy, prediction, run.residency))
+        }
+    };
     let mut gpu_tier = None;
     let residency = match &gpu {
         None => {
@@ -435,7 +468,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         gpu: gpu_tier,
         prefill_chunk: a.prefill_chunk,
     };
-    let stats = match gpu {
+    let residency = planned.as_ref().map_or(residency, |p| p.2);
+    let mut stats = match gpu {
         None => generate::run(&model, CpuBackend::new(), residency, &opts)?,
         Some(gpu) => {
             eprintln!("note: computing on {}", gpu.device_info());
@@ -446,6 +480,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             stats
         }
     };
+    if let Some((policy, prediction, _)) = &planned {
+        let check = policy_exec::check(policy, prediction, &stats);
+        eprintln!("{}", check.report());
+        stats.policy_check = Some(check);
+    }
     if let Some(path) = a.stats_json {
         let text = serde_json::to_string_pretty(&stats)?;
         std::fs::write(&path, text + "\n")
@@ -574,7 +613,7 @@ fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
 }
 
 fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
-    use strata_planner::{Budgets, MlpKind, ModelSpec, Tier, Workload};
+    use strata_planner::{Budgets, Tier, Workload};
     use strata_runtime::units::format_size;
 
     let m = model::open(&a.model)?;
@@ -595,24 +634,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             c.max_context_source
         );
     }
-    let dtype_bytes = c.dtype.size_bytes() as u64;
-    let spec = ModelSpec {
-        name: a.model.clone(),
-        layers: c.layers as u64,
-        hidden: c.hidden as u64,
-        heads: c.heads as u64,
-        kv_heads: c.kv_heads as u64,
-        head_dim: c.head_dim as u64,
-        intermediate: c.intermediate as u64,
-        vocab: c.vocab as u64,
-        weight_dtype_bytes: dtype_bytes,
-        // The GPU cache stores K and V in the weights' dtype.
-        kv_dtype_bytes: dtype_bytes,
-        mlp: match c.family {
-            Family::Opt => MlpKind::Plain,
-            Family::Llama | Family::Qwen2 => MlpKind::Gated,
-        },
-    };
+    let spec = policy_exec::model_spec(&a.model, c);
     let source = ProfileOptions {
         profile: a.profile.clone(),
         calibrate: CalibrateOptions::default(),
@@ -778,4 +800,72 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The policy `--policy ARG` names (planned for this job when ARG is `auto`, else read from the
+/// file) and its prediction for this job on the calibrated profile.
+fn policy_for_job(
+    arg: &str,
+    a: &GenerateArgs,
+    model: &model::Model,
+) -> anyhow::Result<(strata_planner::Policy, strata_planner::Prediction)> {
+    use strata_planner::{Budgets, Workload};
+    let items: Vec<_> = strata_runtime::jobio::read_input(&a.input)?
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    if items.is_empty() {
+        anyhow::bail!(
+            "--policy {arg}: {} has no valid items to plan for",
+            a.input.display()
+        );
+    }
+    let mut tokens = 0usize;
+    for item in &items {
+        tokens += match &item.input {
+            strata_runtime::jobio::ItemInput::Ids(ids) => ids.len(),
+            strata_runtime::jobio::ItemInput::Prompt(text) => match &model.tokenizer {
+                Some(t) => t.encode(text, true).map_or(0, |v| v.len()),
+                None => 0,
+            },
+        };
+    }
+    let workload = Workload {
+        batch: a.batch_size.min(items.len()) as u64,
+        prompt_len: (tokens / items.len()).max(1) as u64,
+        gen_len: a.max_new_tokens.max(1) as u64,
+    };
+    let spec = policy_exec::model_spec(&a.model, &model.config);
+    let source = ProfileOptions {
+        profile: a.profile.clone(),
+        calibrate: CalibrateOptions::default(),
+    };
+    let profile = calibrate::load_or_calibrate(&source)?;
+    let policy = if arg == "auto" {
+        let budgets = Budgets {
+            gpu_bytes: a.gpu_mem.unwrap_or(profile.gpu_bytes),
+            host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
+            disk_bytes: if a.disk_dir.is_some() {
+                a.disk_mem.unwrap_or(profile.disk_bytes)
+            } else {
+                0
+            },
+        };
+        strata_planner::plan(&spec, &workload, &budgets, &profile)
+            .map_err(|e| anyhow::anyhow!("--policy auto: {e}"))?
+            .policy
+    } else {
+        let text = std::fs::read_to_string(arg)
+            .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot read: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("--policy {arg}: not JSON: {e}"))?;
+        let v = v.get("policy").cloned().unwrap_or(v);
+        let p: strata_planner::Policy = serde_json::from_value(v)
+            .map_err(|e| anyhow::anyhow!("--policy {arg}: not a policy: {e}"))?;
+        p.validate(&workload)
+            .map_err(|e| anyhow::anyhow!("--policy {arg}: {e}"))?;
+        p
+    };
+    let prediction = strata_planner::predict(&spec, &workload, &policy, &profile);
+    Ok((policy, prediction))
 }

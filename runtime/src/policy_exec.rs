@@ -1,0 +1,213 @@
+//! Running a planner [`Policy`] with `generate --policy auto|FILE`, and checking its prediction
+//! against the run.
+//!
+//! Today's executor runs the part of the policy space where every layer is computed in one pass
+//! over the whole batch: weights all on the GPU (resident) or all in host memory (staged and
+//! fetched layer by layer), KV attended where it lives, no recompute, one GPU batch. A policy
+//! outside that space is refused with the field that needs the missing piece (FlexGen's block
+//! schedule over several GPU batches, fetch-to-GPU attention, recompute from hidden states), so
+//! a run never claims to follow a policy it does not.
+
+use serde::Serialize;
+use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier};
+
+use crate::forward::Residency;
+use crate::generate::JobStats;
+use crate::model::{Family, ModelConfig};
+
+/// What the executor takes from a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Executable {
+    pub residency: Residency,
+    pub block_tokens: usize,
+    pub batch_size: usize,
+}
+
+/// The planner's view of a model (`dtype_bytes` for weights; the GPU tier keeps K and V in the
+/// weights' dtype too).
+pub fn model_spec(name: &str, c: &ModelConfig) -> ModelSpec {
+    let dtype_bytes = c.dtype.size_bytes() as u64;
+    ModelSpec {
+        name: name.to_string(),
+        layers: c.layers as u64,
+        hidden: c.hidden as u64,
+        heads: c.heads as u64,
+        kv_heads: c.kv_heads as u64,
+        head_dim: c.head_dim as u64,
+        intermediate: c.intermediate as u64,
+        vocab: c.vocab as u64,
+        weight_dtype_bytes: dtype_bytes,
+        kv_dtype_bytes: dtype_bytes,
+        mlp: match c.family {
+            Family::Opt => MlpKind::Plain,
+            Family::Llama | Family::Qwen2 => MlpKind::Gated,
+        },
+    }
+}
+
+/// The settings that run `p`, or why the executor cannot run it yet.
+pub fn executable(p: &Policy) -> Result<Executable, String> {
+    let w = p.weights;
+    let residency = if w.gpu >= 1.0 {
+        Residency::Resident
+    } else if w.host >= 1.0 {
+        Residency::Staged
+    } else {
+        return Err(format!(
+            "weights split gpu {:.0}% / host {:.0}% / disk {:.0}%: the executor keeps a model's \
+             weights whole, on the GPU or staged in host memory",
+            w.gpu * 100.0,
+            w.host * 100.0,
+            w.disk * 100.0
+        ));
+    };
+    for tier in Tier::ALL {
+        if p.recompute.get(tier) > 0.0 {
+            return Err(format!(
+                "recompute.{} = {}: recomputing KV from stored hidden states is not built yet",
+                tier.name(),
+                p.recompute.get(tier)
+            ));
+        }
+    }
+    for (tier, a) in [
+        (Tier::Host, p.attention_host),
+        (Tier::Disk, p.attention_disk),
+    ] {
+        if p.kv.cold.get(tier) > 0.0 && a != Attention::AttendNear {
+            return Err(format!(
+                "attention_{} = {}: the executor attends {} KV where it lives; fetching it to \
+                 the GPU is not built yet",
+                tier.name(),
+                a.describe(),
+                tier.name()
+            ));
+        }
+    }
+    if p.num_gpu_batches != 1 {
+        return Err(format!(
+            "num_gpu_batches = {}: FlexGen's block schedule over several GPU batches is not \
+             built yet (the executor runs the whole batch as one)",
+            p.num_gpu_batches
+        ));
+    }
+    Ok(Executable {
+        residency,
+        block_tokens: p.kv_block_tokens as usize,
+        batch_size: (p.gpu_batch_size * p.num_gpu_batches) as usize,
+    })
+}
+
+/// The prediction beside what the run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyCheck {
+    pub policy: Policy,
+    pub prediction: Prediction,
+    pub predicted_decode_step_s: f64,
+    pub measured_decode_step_s: f64,
+    /// measured / predicted.
+    pub decode_step_ratio: f64,
+    pub predicted_prefill_s: f64,
+    pub measured_prefill_s: f64,
+    pub prefill_ratio: f64,
+    pub predicted_bound_by: String,
+}
+
+/// Compares the prediction with the run: seconds per decode step (decode seconds over decode
+/// steps, a step being one token for every running sequence) and prefill seconds.
+pub fn check(policy: &Policy, prediction: &Prediction, stats: &JobStats) -> PolicyCheck {
+    let steps = stats.decode_steps.max(1) as f64;
+    let measured_step = stats.decode_seconds / steps;
+    let predicted_step = prediction.decode_step.total_s;
+    let ratio = |m: f64, p: f64| if p > 0.0 { m / p } else { f64::NAN };
+    PolicyCheck {
+        policy: *policy,
+        prediction: *prediction,
+        predicted_decode_step_s: predicted_step,
+        measured_decode_step_s: measured_step,
+        decode_step_ratio: ratio(measured_step, predicted_step),
+        predicted_prefill_s: prediction.prefill.total_s,
+        measured_prefill_s: stats.prefill_seconds,
+        prefill_ratio: ratio(stats.prefill_seconds, prediction.prefill.total_s),
+        predicted_bound_by: prediction.bound_by.name().to_string(),
+    }
+}
+
+impl PolicyCheck {
+    /// Lines for the end of a run.
+    pub fn report(&self) -> String {
+        format!(
+            "policy check: decode step predicted {:.2} ms (bound by {}), measured {:.2} ms \
+             ({:.2}x); prefill predicted {:.3} s, measured {:.3} s ({:.2}x)",
+            self.predicted_decode_step_s * 1e3,
+            self.predicted_bound_by,
+            self.measured_decode_step_s * 1e3,
+            self.decode_step_ratio,
+            self.predicted_prefill_s,
+            self.measured_prefill_s,
+            self.prefill_ratio
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_planner::{KvPlacement, PerTier, TierSplit};
+
+    fn gpu_only() -> Policy {
+        Policy {
+            version: strata_planner::POLICY_VERSION,
+            weights: TierSplit::all_on(Tier::Gpu),
+            kv: KvPlacement {
+                hot_window_tokens: 0,
+                hot_tier: Tier::Gpu,
+                cold: TierSplit::all_on(Tier::Gpu),
+            },
+            recompute: PerTier::default(),
+            attention_host: Attention::AttendNear,
+            attention_disk: Attention::AttendNear,
+            gpu_batch_size: 8,
+            num_gpu_batches: 1,
+            kv_block_tokens: 32,
+            prefetch_depth: 1,
+        }
+    }
+
+    #[test]
+    fn runnable_policies_map_to_settings_and_the_rest_name_their_field() {
+        let p = gpu_only();
+        assert_eq!(
+            executable(&p),
+            Ok(Executable {
+                residency: Residency::Resident,
+                block_tokens: 32,
+                batch_size: 8
+            })
+        );
+        let staged = Policy {
+            weights: TierSplit::all_on(Tier::Host),
+            ..p
+        };
+        assert_eq!(executable(&staged).unwrap().residency, Residency::Staged);
+        let mut bad = p;
+        bad.recompute.disk = 0.5;
+        assert!(executable(&bad).unwrap_err().contains("recompute.disk"));
+        let mut bad = p;
+        bad.kv.cold = TierSplit::all_on(Tier::Disk);
+        bad.attention_disk = Attention::FetchToGpu;
+        assert!(executable(&bad).unwrap_err().contains("attention_disk"));
+        let bad = Policy {
+            num_gpu_batches: 4,
+            ..p
+        };
+        assert!(executable(&bad).unwrap_err().contains("num_gpu_batches"));
+        let mut bad = p;
+        bad.weights = TierSplit {
+            gpu: 0.5,
+            host: 0.5,
+            disk: 0.0,
+        };
+        assert!(executable(&bad).unwrap_err().contains("weights split"));
+    }
+}

@@ -1,0 +1,172 @@
+//! `generate --policy`: a policy from `strata plan --json` or from `auto` runs, and the run
+//! reports the prediction beside what it measured; a policy the executor cannot run yet is
+//! refused with the field that needs the missing piece, before any output is written.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("strata-policy-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        // The CPU reference profile: nothing here calibrates this machine.
+        strata_planner::HardwareProfile::cpu_only_reference()
+            .save(&d.join("profile.json"))
+            .unwrap();
+        let lines: Vec<String> = (0..3)
+            .map(|i| format!(r#"{{"id": {i}, "input_ids": [{}, 5, 9, 2, 7, 1]}}"#, 10 + i))
+            .collect();
+        std::fs::write(d.join("in.jsonl"), lines.join("\n") + "\n").unwrap();
+        Dir(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const MODEL: &str = "synthetic:tiny-llama";
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn generate(d: &Dir, policy: &Path, out: &str) -> Output {
+    strata(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--input",
+        d.path("in.jsonl").to_str().unwrap(),
+        "--output",
+        d.path(out).to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--profile",
+        d.path("profile.json").to_str().unwrap(),
+        "--stats-json",
+        d.path(&format!("{out}.stats.json")).to_str().unwrap(),
+    ])
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
+    let d = Dir::new("plan");
+    let plan = strata(&[
+        "plan",
+        "--model",
+        MODEL,
+        "--batch",
+        "3",
+        "--prompt-len",
+        "6",
+        "--gen-len",
+        "4",
+        "--json",
+        "--profile",
+        d.path("profile.json").to_str().unwrap(),
+    ]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    std::fs::write(d.path("plan.json"), &plan.stdout).unwrap();
+    for (policy, out) in [
+        (d.path("plan.json"), "a.jsonl"),
+        (PathBuf::from("auto"), "b.jsonl"),
+    ] {
+        let run = generate(&d, &policy, out);
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains("policy check: decode step predicted"),
+            "{}",
+            stderr(&run)
+        );
+        let stats: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.path(&format!("{out}.stats.json"))).unwrap(),
+        )
+        .unwrap();
+        let check = &stats["policy_check"];
+        assert!(
+            check["predicted_decode_step_s"].as_f64().unwrap() > 0.0,
+            "{check}"
+        );
+        assert!(
+            check["measured_decode_step_s"].as_f64().unwrap() > 0.0,
+            "{check}"
+        );
+        assert_eq!(
+            stats["kv_block_tokens"].as_u64(),
+            check["policy"]["kv_block_tokens"].as_u64()
+        );
+        let records = std::fs::read_to_string(d.path(out)).unwrap();
+        assert_eq!(records.lines().count(), 3);
+    }
+}
+
+#[test]
+fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
+    let d = Dir::new("refuse");
+    let plan = strata(&[
+        "plan",
+        "--model",
+        MODEL,
+        "--batch",
+        "3",
+        "--prompt-len",
+        "6",
+        "--gen-len",
+        "4",
+        "--json",
+        "--profile",
+        d.path("profile.json").to_str().unwrap(),
+    ]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let p = &mut v["policy"];
+    p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
+    p["num_gpu_batches"] = serde_json::json!(3);
+    p["gpu_batch_size"] = serde_json::json!(1);
+    std::fs::write(
+        d.path("bad.json"),
+        serde_json::to_string(&v["policy"]).unwrap(),
+    )
+    .unwrap();
+    let run = generate(&d, &d.path("bad.json"), "c.jsonl");
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("num_gpu_batches = 3"),
+        "{}",
+        stderr(&run)
+    );
+    assert!(
+        !d.path("c.jsonl").exists(),
+        "nothing is written for a refused policy"
+    );
+
+    std::fs::write(d.path("junk.json"), "{\"weights\": 1}").unwrap();
+    let run = generate(&d, &d.path("junk.json"), "d.jsonl");
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("not a policy"), "{}", stderr(&run));
+}
