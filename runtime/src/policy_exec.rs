@@ -151,6 +151,7 @@ impl PolicyCheck {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use strata_planner::{KvPlacement, PerTier, TierSplit};

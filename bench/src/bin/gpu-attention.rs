@@ -1,13 +1,22 @@
 //! Paged decode attention on the GPU, measured against the bandwidth of HBM in the same run.
 //!
 //! - **Attention**: KV bytes one decode step reads (`batch × context × 2 × kv_heads × head_dim ×
-//!   2 B`, f16) divided by the GPU time of `decode_attention` (split kernel + merge, timed with
-//!   CUDA events over many back-to-back steps; best of 3 trials). Consecutive steps read
-//!   different blocks (the tables rotate over ≥ 512 MiB of the pool), so the L2 cache (50 MiB
-//!   on an H100) never serves a step from the previous one.
+//!   2 B`, f16) divided by the GPU time of one `decode_attention` call, timed two ways:
+//!   - **loop**: CUDA events around many back-to-back calls (best of 3 trials), what a decode
+//!     step sees when the host enqueues ahead of the GPU. Also reported: the host's time to
+//!     enqueue one call (wall clock of the loop / calls); when it exceeds the GPU time, the loop
+//!     is host-bound.
+//!   - **single call**: events around one call on an idle stream, the stream synchronised before
+//!     each (median of `SINGLE_CALLS`): the host's enqueue cost plus the GPU's time.
+//!
+//!   Consecutive calls read different blocks (the tables rotate over ≥ 512 MiB of the pool), so
+//!   the L2 cache (50 MiB on an H100) never serves a call from the previous one.
 //! - **Copy**: `memcpy_dtod` of 1 GiB, reported as bytes copied per second and as bytes read +
 //!   written per second (twice that): attention only reads, so "r+w" is the HBM traffic a
-//!   copy sustains and the fair ceiling; the ratio column divides by it.
+//!   copy sustains and the fair ceiling; the ratio columns divide by it.
+//! - **Floor**: the same two timings of a call that reads one block: the fixed cost per call.
+//! - **Splits sweep**: loop time per call of the small cells at forced split counts
+//!   (`decode_attention_with_splits`), the one `decode_splits` picks marked `*`.
 //!
 //! Geometry: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128), f16 KV, blocks of 32 tokens,
 //! block ids shuffled (paged). Combinations that do not fit in device memory are skipped.
@@ -15,15 +24,21 @@
 //! `cargo run --release -p strata-bench --bin gpu-attention` (needs an NVIDIA GPU; without one it
 //! says why and exits with status 2).
 
-use strata_kernels::cuda::{DeviceBlockTables, KvBlockShape};
+use std::time::Instant;
+use strata_kernels::cuda::{DeviceBlockTables, KvBlockShape, KvPool};
 use strata_kernels::testing::SplitMix;
-use strata_kernels::{AttentionGeometry, Backend, CudaBackend, DType, KernelError};
+use strata_kernels::{AttentionGeometry, Backend, CudaBackend, CudaTensor, DType, KernelError};
 
 const BATCHES: [usize; 4] = [1, 8, 32, 64];
 const CONTEXTS: [usize; 3] = [4096, 32 * 1024, 128 * 1024];
 const GIB: usize = 1 << 30;
 /// The tables of consecutive steps rotate over at least this much KV.
 const ROTATE_BYTES: usize = 512 << 20;
+/// Isolated calls timed per cell (their median is reported).
+const SINGLE_CALLS: usize = 25;
+/// (batch, context) cells of the splits sweep, and the split counts it tries.
+const SWEEP_CELLS: [(usize, usize); 4] = [(1, 4096), (8, 4096), (1, 32 * 1024), (1, 128 * 1024)];
+const SWEEP_SPLITS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 fn main() {
     if let Err(e) = run() {
@@ -79,11 +94,41 @@ fn run() -> Result<(), String> {
         pool.bytes() as f64 / GIB as f64
     );
 
+    let rw = 2.0 * copied;
+    let pct = |bytes: usize, ms: f64| 100.0 * bytes as f64 / (ms * 1e-3) / 1e9 / rw;
+
+    // The per-call floor: a call that reads almost nothing (one sequence of one block).
+    let tiny = [gpu
+        .upload_block_tables(&[[0u32]], &[g.block_tokens], g.block_tokens)
+        .map_err(ke)?];
+    let q1 = gpu
+        .tensor(1, g.n_heads * g.head_dim, vec![0.5; g.n_heads * g.head_dim])
+        .map_err(ke)?;
+    let floor = Step {
+        gpu: &gpu,
+        q: &q1,
+        pool: &pool,
+        tables: &tiny,
+        g: &g,
+    };
+    floor.run_loop(10, None).map_err(ke)?;
+    let (floor_ms, floor_host_ms) = floor.time_loop(1000, None, 3).map_err(ke)?;
+    let floor_single_ms = floor.time_single(SINGLE_CALLS).map_err(ke)?;
+    println!(
+        "per-call floor (batch 1, {} tokens, 1 split): loop {:.1} µs / call (host enqueue {:.1} \
+         µs), single call {:.1} µs",
+        g.block_tokens,
+        floor_ms * 1e3,
+        floor_host_ms * 1e3,
+        floor_single_ms * 1e3
+    );
     println!();
     println!(
-        "| batch | context | KV read / step | splits | time / step | attention GB/s | vs copy r+w | vs copied |"
+        "| batch | context | KV read / step | splits | loop: time / step | loop GB/s | loop vs copy \
+         r+w | host enqueue / call | single call | single vs copy r+w |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut sweeps = Vec::new();
     for ctx in CONTEXTS {
         for batch in BATCHES {
             let blocks_per_seq = ctx / g.block_tokens;
@@ -91,7 +136,8 @@ fn run() -> Result<(), String> {
             let step_bytes = step_blocks * block_bytes;
             if step_blocks > n_blocks {
                 println!(
-                    "| {batch} | {ctx} | {:.2} GiB | | skipped: does not fit | | | |",
+                    "| {batch} | {}K | {:.2} GiB | | skipped: does not fit | | | | | |",
+                    ctx / 1024,
                     step_bytes as f64 / GIB as f64
                 );
                 continue;
@@ -115,34 +161,111 @@ fn run() -> Result<(), String> {
             let q = gpu.tensor(batch, g.n_heads * g.head_dim, q).map_err(ke)?;
             let splits = gpu.decode_splits(&tables[0], &pool, &g);
             let steps = (4 * GIB).div_ceil(step_bytes).clamp(3 * rotations, 2000);
+            let step = Step {
+                gpu: &gpu,
+                q: &q,
+                pool: &pool,
+                tables: &tables,
+                g: &g,
+            };
             // Warm-up: every table once.
-            for t in &tables {
-                gpu.decode_attention(&q, &pool, t, &g).map_err(ke)?;
-            }
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let (ms, ()) = gpu
-                    .time_ms(|| {
-                        for i in 0..steps {
-                            gpu.decode_attention(&q, &pool, &tables[i % tables.len()], &g)?;
-                        }
-                        Ok(())
-                    })
-                    .map_err(ke)?;
-                best = best.min(ms / steps as f64);
-            }
-            let gbps = step_bytes as f64 / (best * 1e-3) / 1e9;
+            step.run_loop(tables.len(), None).map_err(ke)?;
+            let (loop_ms, host_ms) = step.time_loop(steps, None, 3).map_err(ke)?;
+            let single_ms = step.time_single(SINGLE_CALLS).map_err(ke)?;
+            let gbps = step_bytes as f64 / (loop_ms * 1e-3) / 1e9;
             println!(
-                "| {batch} | {}K | {:.1} MiB | {splits} | {:.1} µs | {gbps:.0} | {:.0}% | {:.0}% |",
+                "| {batch} | {}K | {:.1} MiB | {splits} | {:.1} µs | {gbps:.0} | {:.0}% | {:.1} µs \
+                 | {:.1} µs | {:.0}% |",
                 ctx / 1024,
                 step_bytes as f64 / (1 << 20) as f64,
-                best * 1e3,
-                100.0 * gbps / (2.0 * copied),
-                100.0 * gbps / copied
+                loop_ms * 1e3,
+                pct(step_bytes, loop_ms),
+                host_ms * 1e3,
+                single_ms * 1e3,
+                pct(step_bytes, single_ms),
             );
+            if SWEEP_CELLS.contains(&(batch, ctx)) {
+                let mut row = format!("| {batch} × {}K |", ctx / 1024);
+                for s in SWEEP_SPLITS {
+                    let (ms, _) = step.time_loop(steps, Some(s), 2).map_err(ke)?;
+                    let mark = if s == splits { "*" } else { "" };
+                    row += &format!(" {:.1}{mark} ({:.0}%) |", ms * 1e3, pct(step_bytes, ms));
+                }
+                sweeps.push(row);
+            }
         }
     }
+    println!();
+    println!("Splits sweep: loop time / call in µs (vs copy r+w); * = decode_splits' choice");
+    println!();
+    let heads: Vec<String> = SWEEP_SPLITS.iter().map(|s| s.to_string()).collect();
+    println!("| batch × context | {} |", heads.join(" | "));
+    println!("|---|{}", "---:|".repeat(SWEEP_SPLITS.len()));
+    for row in sweeps {
+        println!("{row}");
+    }
     Ok(())
+}
+
+/// One benchmark cell: decode calls over rotating tables.
+struct Step<'a> {
+    gpu: &'a CudaBackend,
+    q: &'a CudaTensor,
+    pool: &'a KvPool,
+    tables: &'a [DeviceBlockTables],
+    g: &'a AttentionGeometry,
+}
+
+impl Step<'_> {
+    /// Call `i` (over table `i % tables`), with the default or a forced split count.
+    fn call(&self, i: usize, splits: Option<usize>) -> Result<(), KernelError> {
+        let t = &self.tables[i % self.tables.len()];
+        match splits {
+            None => self.gpu.decode_attention(self.q, self.pool, t, self.g),
+            Some(s) => self
+                .gpu
+                .decode_attention_with_splits(self.q, self.pool, t, self.g, s),
+        }
+        .map(drop)
+    }
+
+    fn run_loop(&self, calls: usize, splits: Option<usize>) -> Result<(), KernelError> {
+        (0..calls).try_for_each(|i| self.call(i, splits))
+    }
+
+    /// `calls` back-to-back calls between two events, best of `trials`: (GPU ms per call, host
+    /// ms to enqueue one call).
+    fn time_loop(
+        &self,
+        calls: usize,
+        splits: Option<usize>,
+        trials: usize,
+    ) -> Result<(f64, f64), KernelError> {
+        let (mut best, mut best_host) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..trials {
+            let mut host = 0.0;
+            let (ms, ()) = self.gpu.time_ms(|| {
+                let t0 = Instant::now();
+                let r = self.run_loop(calls, splits);
+                host = t0.elapsed().as_secs_f64() * 1e3;
+                r
+            })?;
+            best = best.min(ms / calls as f64);
+            best_host = best_host.min(host / calls as f64);
+        }
+        Ok((best, best_host))
+    }
+
+    /// Median ms of `n` isolated calls, each timed by events on a synchronised stream.
+    fn time_single(&self, n: usize) -> Result<f64, KernelError> {
+        let mut ms = Vec::with_capacity(n);
+        for i in 0..n {
+            self.gpu.synchronize()?;
+            ms.push(self.gpu.time_ms(|| self.call(i, None))?.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[n / 2])
+    }
 }
 
 /// `rotations` block tables for `batch` sequences of `ctx` tokens, each over its own shuffled

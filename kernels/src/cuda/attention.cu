@@ -10,12 +10,20 @@
 // group. Each lane owns VEC = 16 / sizeof(T) consecutive dims of one token (one 16-byte load of K
 // and one of V); LPT lanes cover a token, TPW tokens share a warp step; scores are reduced over
 // the LPT lanes with shuffles. Softmax is online in f32, in base 2 (q is pre-scaled by
-// scale * log2 e). The warps of a CTA are merged through shared memory; the result is a partial
-// `(o, lse)` per (sequence, head, split), lse in natural log, -inf (and o = 0) when empty.
+// scale * log2 e). The warps of a CTA are merged through shared memory into a partial `(o, lse)`
+// per (sequence, head, split), lse in natural log, -inf (and o = 0) when empty.
+// - One split: the partial is the result, written to (out_o, out_lse).
+// - Several: partials go to part_o [rows, splits, dim] / part_lse [rows, splits]; the CTAs of one
+//   (sequence, head chunk) column count their arrivals in `arrivals[column]` (after a fence), and
+//   the last to arrive merges the column's splits into (out_o, out_lse) and resets its counter to
+//   0 for the next launch (the host zeroes the counters once, when it allocates them). One launch
+//   per decode: no merge kernel, and the merge of a column starts as soon as its splits are done.
 //
-// attn_merge_splits / attn_merge_parts: one warp per (sequence, head) row, the formula of
+// The merge (in the split kernel and attn_merge_parts, one row at a time) is the formula of
 // Partial::merge: M = max lse_i, w_i = exp(lse_i - M), o = sum w_i o_i / sum w_i,
-// lse = M + ln sum w_i; parts with w_i = 0 contribute nothing (not even a NaN).
+// lse = M + ln sum w_i; parts with w_i = 0 contribute nothing (not even a NaN). Both sum in the
+// same order (sum w_i: lane-strided, then a warp butterfly; o: i ascending), the order of the
+// separate merge kernel this fused merge replaced.
 
 #define ATTN_WARPS 4
 #define ATTN_UNROLL 4
@@ -62,12 +70,101 @@ __device__ __forceinline__ void split_range(u32 len, u32 splits, u32 s, u32 bt, 
     *t1 = (u32)(b < len ? b : len);
 }
 
+// Merges the `splits` partials of rows row0 .. row0 + g_count (the CTA's column) into
+// (out_o, out_lse), with the whole CTA: one warp per row finds M and sum w_i (kept in s_m, s_l),
+// then each thread sums w_i o_i over i for VEC dims (one 16-byte load per split when VEC is 4),
+// UNROLL loads of the chain in flight at once. The partials were written by other CTAs of this
+// launch: they are read through L2 (__ldcg), never from a stale L1 line.
+template <int VEC, int UNROLL>
+__device__ void cta_merge_splits(float* s_m, float* s_l, u32 dim, u32 g_count, float* out_o,
+                                 float* out_lse, const float* part_o, const float* part_lse,
+                                 u64 row0, u32 splits) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    for (u32 g = warp; g < g_count; g += ATTN_WARPS) {
+        const float* pl = part_lse + (row0 + g) * splits;
+        float mx = NEG_INF, total = 0.0f;
+        if (splits <= 64) {
+            // Each lane's (at most two) values stay in registers: one trip to L2.
+            const float a = lane < splits ? __ldcg(pl + lane) : NEG_INF;
+            const float b = lane + 32 < splits ? __ldcg(pl + lane + 32) : NEG_INF;
+            mx = warp_max(fmaxf(a, b));
+            if (mx != NEG_INF) {
+                if (lane < splits) total += expf(a - mx);
+                if (lane + 32 < splits) total += expf(b - mx);
+            }
+        } else {
+            for (u32 i = lane; i < splits; i += 32) mx = fmaxf(mx, __ldcg(pl + i));
+            mx = warp_max(mx);
+            if (mx != NEG_INF) {
+                for (u32 i = lane; i < splits; i += 32) total += expf(__ldcg(pl + i) - mx);
+            }
+        }
+        total = warp_sum(total);
+        if (lane == 0) {
+            s_m[g] = mx;
+            s_l[g] = total;
+        }
+    }
+    __syncthreads();
+    const u32 per_row = dim / VEC;
+    for (u32 idx = threadIdx.x; idx < g_count * per_row; idx += blockDim.x) {
+        const u32 g = idx / per_row, d = (idx % per_row) * VEC;
+        const u64 row = row0 + g;
+        const float mx = s_m[g], total = s_l[g];
+        float o[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; j++) o[j] = 0.0f;
+        if (mx != NEG_INF) {
+            const float* pl = part_lse + row * splits;
+            const float* po = part_o + row * splits * dim + d;
+            for (u32 i0 = 0; i0 < splits; i0 += UNROLL) {
+                // UNROLL splits' loads first (all in flight), then their sums in order; a split
+                // past the end has lse -inf, so weight 0, and is skipped like an empty one.
+                float lw[UNROLL], v[UNROLL][VEC];
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    const u32 i = i0 + u;
+                    lw[u] = i < splits ? __ldcg(pl + i) : NEG_INF;
+                    if (VEC == 4) {
+                        float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                        if (i < splits)
+                            r = __ldcg(reinterpret_cast<const float4*>(po + (u64)i * dim));
+                        v[u][0] = r.x;
+                        v[u][1 % VEC] = r.y;
+                        v[u][2 % VEC] = r.z;
+                        v[u][3 % VEC] = r.w;
+                    } else {
+                        v[u][0] = i < splits ? __ldcg(po + (u64)i * dim) : 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    const float w = expf(lw[u] - mx);
+                    if (w != 0.0f) {
+#pragma unroll
+                        for (int j = 0; j < VEC; j++) o[j] = fmaf(w, v[u][j], o[j]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; j++)
+            out_o[row * dim + d + j] = mx != NEG_INF ? o[j] / total : 0.0f;
+        if (d == 0) out_lse[row] = mx != NEG_INF ? mx + logf(total) : NEG_INF;
+    }
+}
+
 // The CTA's warps each hold (m, l, acc) over their tokens in base-2 units; merges them and
-// writes the CTA's partial. s_m, s_l: [ATTN_WARPS][GP]; s_acc: [ATTN_WARPS][GP][dim].
-template <int GP>
-__device__ void cta_finish(const float* s_m, const float* s_l, const float* s_acc, u32 dim,
-                           u32 g_count, float* out_o, float* out_lse, u64 row0, u32 splits,
-                           u32 split) {
+// writes the CTA's partial (see the header for where). s_m, s_l: [ATTN_WARPS][GP];
+// s_acc: [ATTN_WARPS][GP][dim]. MERGE_UNROLL: splits the merge loads at once (see
+// cta_merge_splits), chosen per kernel so that its register budget holds them without spilling.
+template <int GP, int MERGE_UNROLL>
+__device__ void cta_finish(float* s_m, float* s_l, const float* s_acc, u32 dim, u32 g_count,
+                           float* out_o, float* out_lse, float* part_o, float* part_lse,
+                           u32* arrivals, u64 row0, u32 splits, u32 split) {
+    __shared__ u32 s_last;
+    float* dst_o = splits == 1 ? out_o : part_o;
+    float* dst_lse = splits == 1 ? out_lse : part_lse;
     for (u32 idx = threadIdx.x; idx < g_count * dim; idx += blockDim.x) {
         const u32 g = idx / dim, d = idx % dim;
         float mx = NEG_INF;
@@ -83,8 +180,28 @@ __device__ void cta_finish(const float* s_m, const float* s_l, const float* s_ac
             }
         }
         const u64 row = (row0 + g) * splits + split;
-        out_o[row * dim + d] = l > 0.0f ? o / l : 0.0f;
-        if (d == 0) out_lse[row] = l > 0.0f ? (mx + log2f(l)) * ATTN_LN2 : NEG_INF;
+        dst_o[row * dim + d] = l > 0.0f ? o / l : 0.0f;
+        if (d == 0) dst_lse[row] = l > 0.0f ? (mx + log2f(l)) * ATTN_LN2 : NEG_INF;
+    }
+    if (splits == 1) return;
+    // Publish this split, then count it; the last of the column merges them all.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 column = blockIdx.z * gridDim.y + blockIdx.y;
+        const u32 before = atomicAdd(arrivals + column, 1u);
+        s_last = before == splits - 1;
+        if (s_last) arrivals[column] = 0;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    if ((dim & 3u) == 0) {
+        cta_merge_splits<4, MERGE_UNROLL>(s_m, s_l, dim, g_count, out_o, out_lse, part_o,
+                                          part_lse, row0, splits);
+    } else {
+        cta_merge_splits<1, MERGE_UNROLL>(s_m, s_l, dim, g_count, out_o, out_lse, part_o,
+                                          part_lse, row0, splits);
     }
 }
 
@@ -92,6 +209,7 @@ __device__ void cta_finish(const float* s_m, const float* s_l, const float* s_ac
 // (a power of two, at most 32) per token.
 template <typename T, int D, int GP>
 __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ out_lse,
+                                 float* part_o, float* part_lse, u32* arrivals,
                                  const float* __restrict__ q, const T* __restrict__ pool,
                                  const u32* __restrict__ block_tables,
                                  const u32* __restrict__ seq_lens, u32 max_blocks, u32 n_heads,
@@ -221,13 +339,17 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
         }
     }
     __syncthreads();
-    cta_finish<GP>(s_m, s_l, s_acc, D, g_count, out_o, out_lse, row0, splits, split);
+    // Merge loads in flight: as many as the register budget holds without spilling (sm_90).
+    constexpr int MERGE_UNROLL = D >= 128 ? (sizeof(T) == 2 ? 16 : 8) : 4;
+    cta_finish<GP, MERGE_UNROLL>(s_m, s_l, s_acc, D, g_count, out_o, out_lse, part_o, part_lse,
+                                 arrivals, row0, splits, split);
 }
 
 // The fallback: any head_dim up to ATTN_GENERIC_MAX_DIM, any alignment; one token per warp
 // step, dims lane, lane + 32, ...; up to 8 query heads per CTA.
 template <typename T>
 __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict__ out_lse,
+                                    float* part_o, float* part_lse, u32* arrivals,
                                     const float* __restrict__ q, const T* __restrict__ pool,
                                     const u32* __restrict__ block_tables,
                                     const u32* __restrict__ seq_lens, u32 max_blocks,
@@ -300,38 +422,43 @@ __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict
         }
     }
     __syncthreads();
-    cta_finish<GP>(s_m, s_l, s_acc, head_dim, g_count, out_o, out_lse, row0, splits, split);
+    cta_finish<GP, 8>(s_m, s_l, s_acc, head_dim, g_count, out_o, out_lse, part_o, part_lse,
+                      arrivals, row0, splits, split);
 }
 
-#define ATTN_FAST(NAME, T, D, GP)                                                               \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                               \
-        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tables,    \
-             const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt,  \
-             u32 splits, float scale_log2) {                                                    \
-        attn_decode_fast<T, D, GP>(out_o, out_lse, q, pool, tables, lens, max_blocks, n_heads,  \
-                                   kv_heads, bt, splits, scale_log2);                           \
+// MINB: CTAs per SM the kernel is held to (__launch_bounds__), the occupancy its main loop
+// reaches on its own (sm_90: 64, 96, 128 and 255 registers for f16/bf16 groups of 1, 2, 4, 8), so
+// the merge tail never costs a resident CTA.
+#define ATTN_FAST(NAME, T, D, GP, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, MINB)                         \
+        NAME(float* out_o, float* out_lse, float* part_o, float* part_lse, u32* arrivals,      \
+             const float* q, const T* pool, const u32* tables, const u32* lens, u32 max_blocks, \
+             u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits, float scale_log2) {   \
+        attn_decode_fast<T, D, GP>(out_o, out_lse, part_o, part_lse, arrivals, q, pool, tables, \
+                                   lens, max_blocks, n_heads, kv_heads, bt, splits, scale_log2); \
     }
 
-#define ATTN_FAST_ALL_GROUPS(TN, T, D)                        \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g1, T, D, 1)          \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g2, T, D, 2)          \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g4, T, D, 4)          \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g8, T, D, 8)
+#define ATTN_FAST_ALL_GROUPS(TN, T, D, M1, M2, M4, M8)        \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g1, T, D, 1, M1)      \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g2, T, D, 2, M2)      \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g4, T, D, 4, M4)      \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g8, T, D, 8, M8)
 
-ATTN_FAST_ALL_GROUPS(f32, float, 64)
-ATTN_FAST_ALL_GROUPS(f32, float, 128)
-ATTN_FAST_ALL_GROUPS(f16, f16, 64)
-ATTN_FAST_ALL_GROUPS(f16, f16, 128)
-ATTN_FAST_ALL_GROUPS(bf16, bf16, 64)
-ATTN_FAST_ALL_GROUPS(bf16, bf16, 128)
+ATTN_FAST_ALL_GROUPS(f32, float, 64, 8, 7, 5, 3)
+ATTN_FAST_ALL_GROUPS(f32, float, 128, 8, 7, 5, 3)
+ATTN_FAST_ALL_GROUPS(f16, f16, 64, 8, 5, 4, 2)
+ATTN_FAST_ALL_GROUPS(f16, f16, 128, 8, 5, 4, 2)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 64, 8, 5, 4, 2)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 128, 8, 5, 4, 2)
 
 #define ATTN_GENERIC(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                               \
-        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tables,    \
-             const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt,  \
-             u32 splits, float scale_log2) {                                                    \
-        attn_decode_generic<T>(out_o, out_lse, q, pool, tables, lens, max_blocks, n_heads,      \
-                               kv_heads, head_dim, bt, splits, scale_log2);                     \
+        NAME(float* out_o, float* out_lse, float* part_o, float* part_lse, u32* arrivals,      \
+             const float* q, const T* pool, const u32* tables, const u32* lens, u32 max_blocks, \
+             u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits, float scale_log2) {   \
+        attn_decode_generic<T>(out_o, out_lse, part_o, part_lse, arrivals, q, pool, tables,     \
+                               lens, max_blocks, n_heads, kv_heads, head_dim, bt, splits,       \
+                               scale_log2);                                                     \
     }
 
 ATTN_GENERIC(attn_decode_f32_generic, float)
@@ -362,19 +489,6 @@ __device__ void merge_row(u32 n, u32 dim, LseAt lse_at, OAt o_at, float* o_out, 
         o_out[d] = o / total;
     }
     if (lane == 0) *lse_out = mx + logf(total);
-}
-
-// Partials of the split kernel: o [rows, splits, dim], lse [rows, splits].
-extern "C" __global__ void attn_merge_splits(float* o, float* lse, const float* part_o,
-                                             const float* part_lse, u32 splits, u32 rows,
-                                             u32 dim) {
-    const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const float* pl = part_lse + row * splits;
-    const float* po = part_o + row * splits * dim;
-    merge_row(
-        splits, dim, [&](u32 i) { return pl[i]; }, [&](u32 i, u32 d) { return po[(u64)i * dim + d]; },
-        o + row * dim, lse + row);
 }
 
 // Partials in separate buffers: o_ptrs[i] -> [rows, dim], lse_ptrs[i] -> [rows].

@@ -12,7 +12,12 @@
 //!   `-inf` with `o = 0` for an empty sequence) — the contract of [`crate::attention::Partial`].
 //!   Kernel 1 gives each CTA one (sequence, KV head, split) and every query head of that GQA
 //!   group (KV read once per group); the number of splits is chosen so that even batch 1 fills
-//!   every SM. Kernel 2 merges the splits (skipped when there is one).
+//!   every SM. With several splits, the last CTA of each (sequence, head group) to finish merges
+//!   that group's splits in the same launch: one launch per call, no merge kernel.
+//! - **Per-call cost.** A call enqueues one launch and two allocations (the returned `o` and
+//!   `lse`). The split partials and the arrival counters live in a scratch buffer owned by the
+//!   backend and reused by every call; the occupancy that sizes the splits is queried once per
+//!   kernel.
 //! - **Specialisation.** head_dim 64 and 128 with 16-byte loads and groups of 1, 2, 4 or 8 query
 //!   heads per CTA (larger groups take several CTAs); any other head_dim up to 256 runs a generic
 //!   kernel.
@@ -22,10 +27,12 @@
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use half::{bf16, f16};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::{CudaBackend, CudaTensor, Inner, check_len, device_err};
 use crate::{AttentionGeometry, DType, KernelError, Result, shape_err};
@@ -146,11 +153,107 @@ pub struct DevicePartial {
 /// The attention kernels of the compiled program (see attention.cu for their signatures).
 pub(crate) struct AttentionKernels {
     /// `[dtype][dim][group]`: dtype f32, f16, bf16; dim as `FAST_DIMS`; group as `GROUP_SIZES`.
-    fast: Vec<CudaFunction>,
+    fast: Vec<DecodeKernel>,
     /// `[dtype]`.
-    generic: Vec<CudaFunction>,
-    merge_splits: CudaFunction,
+    generic: Vec<DecodeKernel>,
     merge_parts: CudaFunction,
+    /// The split partials and arrival counters of `decode_attention`, reused by every call.
+    scratch: Mutex<SplitScratch>,
+}
+
+/// One decode kernel and how many of its CTAs an SM holds (queried on first use, then kept).
+struct DecodeKernel {
+    f: CudaFunction,
+    ctas_per_sm: OnceLock<usize>,
+}
+
+impl DecodeKernel {
+    fn new(f: CudaFunction) -> Self {
+        Self {
+            f,
+            ctas_per_sm: OnceLock::new(),
+        }
+    }
+
+    /// CTAs of `DECODE_THREADS` threads resident per SM (2 if the driver cannot say).
+    fn ctas_per_sm(&self) -> usize {
+        *self.ctas_per_sm.get_or_init(|| {
+            self.f
+                .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
+                .map(|n| n.max(1) as usize)
+                .unwrap_or(2)
+        })
+    }
+}
+
+/// Device scratch of the split kernel, grown on demand and never shrunk.
+///
+/// Reuse is safe because every kernel that touches it runs on the backend's one stream, in
+/// enqueue order: a call's kernel is done with the scratch before the next call's kernel starts.
+/// The mutex is held from sizing the scratch to the launch, so two threads cannot interleave
+/// their launches over it; a buffer replaced by a larger one is freed in stream order, after the
+/// kernels already enqueued on it.
+#[derive(Default)]
+struct SplitScratch {
+    /// Partials: `o: [rows, splits, head_dim]` then `lse: [rows, splits]`, f32.
+    part: Option<CudaSlice<f32>>,
+    /// `[batch, kv_heads * head_chunks]` u32 arrival counters, zero between launches (each
+    /// launch's last CTA of a column resets its counter).
+    arrivals: Option<CudaSlice<u32>>,
+}
+
+/// The scratch one launch uses: partial `o`, partial `lse` (possibly longer than needed) and the
+/// arrival counters.
+type SplitBuffers<'a> = (
+    CudaViewMut<'a, f32>,
+    CudaViewMut<'a, f32>,
+    &'a mut CudaSlice<u32>,
+);
+
+impl SplitScratch {
+    /// Room for `o_len + lse_len` partial values and `columns` counters, NaN-filled partials when
+    /// the backend poisons outputs.
+    fn reserve(
+        &mut self,
+        be: &Inner,
+        op: &'static str,
+        o_len: usize,
+        lse_len: usize,
+        columns: usize,
+    ) -> Result<SplitBuffers<'_>> {
+        let need = o_len + lse_len;
+        if self.part.as_ref().is_none_or(|p| p.len() < need) {
+            self.part = None;
+            // SAFETY: the partials are written by the split kernel before its merge reads them
+            // (every CTA of a column writes its partial before it counts itself).
+            let p = unsafe { be.stream.alloc::<f32>(need.next_power_of_two()) };
+            self.part = Some(p.map_err(|e| device_err(op, e))?);
+        }
+        if self.arrivals.as_ref().is_none_or(|a| a.len() < columns) {
+            self.arrivals = None;
+            let a = be.stream.alloc_zeros::<u32>(columns.next_power_of_two());
+            self.arrivals = Some(a.map_err(|e| device_err(op, e))?);
+        }
+        let (Some(part), Some(arrivals)) = (self.part.as_mut(), self.arrivals.as_mut()) else {
+            return Err(device_err(op, "split scratch missing after allocation"));
+        };
+        if be.poison.load(Ordering::Relaxed) {
+            let (ptr, _sync) = part.device_ptr_mut(&be.stream);
+            // SAFETY: `ptr` addresses the live allocation `part`, of at least `need` f32, used
+            // on its own stream; all-ones bytes make every f32 a NaN.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    ptr,
+                    0xff,
+                    need * std::mem::size_of::<f32>(),
+                    be.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| device_err(op, e))?;
+        }
+        let (o, lse) = part.split_at_mut(o_len);
+        Ok((o, lse, arrivals))
+    }
 }
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -175,22 +278,26 @@ impl AttentionKernels {
         for dt in DTYPES {
             for d in FAST_DIMS {
                 for g in GROUP_SIZES {
-                    fast.push(load(format!("attn_decode_{}_d{d}_g{g}", dt.name()))?);
+                    let f = load(format!("attn_decode_{}_d{d}_g{g}", dt.name()))?;
+                    fast.push(DecodeKernel::new(f));
                 }
             }
-            generic.push(load(format!("attn_decode_{}_generic", dt.name()))?);
+            generic.push(DecodeKernel::new(load(format!(
+                "attn_decode_{}_generic",
+                dt.name()
+            ))?));
         }
         Ok(Self {
             fast,
             generic,
-            merge_splits: load("attn_merge_splits".into())?,
             merge_parts: load("attn_merge_parts".into())?,
+            scratch: Mutex::new(SplitScratch::default()),
         })
     }
 
     /// The kernel for `dtype`, `head_dim` and a GQA group of `group` heads, and the query heads
     /// it takes per CTA.
-    fn decode(&self, dtype: DType, head_dim: usize, group: usize) -> (&CudaFunction, usize) {
+    fn decode(&self, dtype: DType, head_dim: usize, group: usize) -> (&DecodeKernel, usize) {
         let t = dtype_index(dtype);
         let per_cta = GROUP_SIZES
             .iter()
@@ -396,13 +503,9 @@ impl CudaBackend {
         g: &AttentionGeometry,
     ) -> usize {
         let group = g.n_heads / g.n_kv_heads.max(1);
-        let (f, per_cta) = self.inner.attn.decode(pool.dtype(), g.head_dim, group);
+        let (k, per_cta) = self.inner.attn.decode(pool.dtype(), g.head_dim, group);
         let chunks = group.div_ceil(per_cta).max(1);
-        let occupancy = f
-            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
-            .map(|n| n.max(1) as usize)
-            .unwrap_or(2);
-        let resident = self.inner.info.multiprocessors.max(1) as usize * occupancy;
+        let resident = self.inner.info.multiprocessors.max(1) as usize * k.ctas_per_sm();
         choose_splits(
             tables.batch * g.n_kv_heads * chunks,
             tables.max_len,
@@ -439,7 +542,7 @@ impl CudaBackend {
         check_decode(q, pool, tables, g, splits)?;
         let (batch, hd, n_heads) = (tables.batch, g.head_dim, g.n_heads);
         let group = n_heads / g.n_kv_heads;
-        let (f, per_cta) = be.attn.decode(pool.dtype(), hd, group);
+        let (k, per_cta) = be.attn.decode(pool.dtype(), hd, group);
         let chunks = group.div_ceil(per_cta);
         let rows = batch * n_heads;
         let qb = be.buf(op, q)?;
@@ -448,16 +551,9 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(partial(batch, n_heads, hd, o, lse));
         }
-        let (mut po, mut pl) = if splits > 1 {
-            (
-                Some(be.output(op, rows * splits * hd)?),
-                Some(be.output(op, rows * splits)?),
-            )
-        } else {
-            (None, None)
-        };
+        let columns = g.n_kv_heads * chunks;
         let cfg = LaunchConfig {
-            grid_dim: (splits as u32, (g.n_kv_heads * chunks) as u32, batch as u32),
+            grid_dim: (splits as u32, columns as u32, batch as u32),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -471,10 +567,24 @@ impl CudaBackend {
             u(splits),
         );
         let scale_log2 = g.scale * std::f32::consts::LOG2_E;
-        let mut b = be.stream.launch_builder(f);
-        match (&mut po, &mut pl) {
-            (Some(po), Some(pl)) => b.arg(po).arg(pl),
-            _ => b.arg(&mut o).arg(&mut lse),
+        // Held until the launch is enqueued: the scratch is this launch's until then.
+        let mut scratch = be
+            .attn
+            .scratch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut split_bufs = if splits > 1 {
+            let o_len = rows * splits * hd;
+            Some(scratch.reserve(be, op, o_len, rows * splits, batch * columns)?)
+        } else {
+            None
+        };
+        let null = 0u64;
+        let mut b = be.stream.launch_builder(&k.f);
+        b.arg(&mut o).arg(&mut lse);
+        match &mut split_bufs {
+            Some((po, pl, arrivals)) => b.arg(po).arg(pl).arg(&mut **arrivals),
+            None => b.arg(&null).arg(&null).arg(&null),
         };
         b.arg(qb);
         match &pool.data {
@@ -491,28 +601,19 @@ impl CudaBackend {
             .arg(&bt)
             .arg(&s)
             .arg(&scale_log2);
-        // SAFETY: attn_decode_*(float* out_o, float* out_lse, const float* q, const T* pool,
-        // const u32* tables, const u32* lens, u32 max_blocks, u32 n_heads, u32 kv_heads,
-        // u32 head_dim, u32 bt, u32 splits, float scale_log2), T the pool's dtype. `check_decode`
-        // verified the shapes: q holds batch * n_heads * head_dim values, the outputs rows *
-        // splits * head_dim and rows * splits, every block id a sequence reads is below the
-        // pool's n_blocks, and tables is [batch, max_blocks] with lens [batch].
+        // SAFETY: attn_decode_*(float* out_o, float* out_lse, float* part_o, float* part_lse,
+        // u32* arrivals, const float* q, const T* pool, const u32* tables, const u32* lens,
+        // u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits,
+        // float scale_log2), T the pool's dtype. `check_decode` verified the shapes: q holds
+        // batch * n_heads * head_dim values, o rows * head_dim and lse rows, every block id a
+        // sequence reads is below the pool's n_blocks, and tables is [batch, max_blocks] with
+        // lens [batch]. With several splits, part_o holds rows * splits * head_dim values,
+        // part_lse at least rows * splits and arrivals at least batch * columns counters, all
+        // zero (the previous launch on this stream left them so); with one split the three are
+        // null and never read.
         unsafe { b.launch(cfg) }.map_err(|e| device_err(op, e))?;
-        if let (Some(po), Some(pl)) = (&po, &pl) {
-            let n_rows = u(rows);
-            let mut m = be.stream.launch_builder(&be.attn.merge_splits);
-            m.arg(&mut o)
-                .arg(&mut lse)
-                .arg(po)
-                .arg(pl)
-                .arg(&s)
-                .arg(&n_rows)
-                .arg(&d);
-            // SAFETY: attn_merge_splits(float* o, float* lse, const float* part_o,
-            // const float* part_lse, u32 splits, u32 rows, u32 dim); part_o holds rows * splits
-            // * dim values, part_lse rows * splits, o rows * dim, lse rows.
-            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
-        }
+        // The scratch views' borrows end here; the lock is held until the launch is enqueued.
+        drop(scratch);
         Ok(partial(batch, n_heads, hd, o, lse))
     }
 
