@@ -73,6 +73,9 @@ pub enum Residency {
     Staged,
     /// Loaded from the weight source (file or generator) for every use.
     Streamed,
+    /// The first `resident_layers` layers resident, the rest staged (FlexGen's weight split
+    /// across GPU and host, by whole layers).
+    Split { resident_layers: usize },
 }
 
 /// A staged layer on its way to the device: its weights, the mark to wait for, its bytes.
@@ -82,9 +85,10 @@ type FetchedLayer<B> = (
     u64,
 );
 
-enum Layers<W, S> {
-    Resident(Vec<LayerWeights<W>>),
-    Staged(Vec<LayerWeights<S>>),
+/// One layer's weights between forward passes.
+enum LayerSlot<W, S> {
+    Resident(LayerWeights<W>),
+    Staged(LayerWeights<S>),
     Streamed,
 }
 
@@ -229,7 +233,7 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     backend: B,
     cfg: ModelConfig,
     source: &'m dyn WeightSource,
-    layers: Layers<B::Weight, B::Staged>,
+    layers: Vec<LayerSlot<B::Weight, B::Staged>>,
     embed: B::Weight,
     pos_embed: Option<B::Weight>,
     final_norm: B::Weight,
@@ -368,15 +372,25 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let cfg = model.config.clone();
         let src = model.weights.as_ref();
         let opt = cfg.family == Family::Opt;
-        let layers = match residency {
-            Residency::Resident => Layers::Resident(
-                (0..cfg.layers)
-                    .map(|i| load_layer(&backend, &cfg, src, i))
-                    .collect::<ModelResult<_>>()?,
-            ),
-            Residency::Staged => stage_layers(&backend, &cfg, src)?,
-            Residency::Streamed => Layers::Streamed,
+        let resident_layers = match residency {
+            Residency::Resident => cfg.layers,
+            Residency::Staged | Residency::Streamed => 0,
+            Residency::Split { resident_layers } => resident_layers.min(cfg.layers),
         };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        // Once the backend declines to stage (the CPU), the other layers stream without asking.
+        let mut stream = residency == Residency::Streamed;
+        for i in 0..cfg.layers {
+            let slot = if i < resident_layers {
+                LayerSlot::Resident(load_layer(&backend, &cfg, src, i)?)
+            } else if stream {
+                LayerSlot::Streamed
+            } else {
+                stage_layer(&backend, &cfg, src, i)?
+            };
+            stream |= matches!(slot, LayerSlot::Streamed);
+            layers.push(slot);
+        }
         let embed = upload(&backend, src, WeightName::Embed)?;
         check_shape(&backend, &embed, cfg.vocab, cfg.hidden, "embedding table")?;
         let lm_head = if cfg.tie_embeddings {
@@ -468,28 +482,37 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             let p = b.embedding(pe, &ids)?;
             b.add_inplace(&mut x, &p)?;
         }
-        // Staged layers: layer i + 1's copy is enqueued before layer i's kernels (double
-        // buffering: two layers on the device at a time).
-        let mut next = match &self.layers {
-            Layers::Staged(ls) => Some(self.fetch(&ls[0])?),
+        // Staged layers: the next layer's copy is enqueued before this layer's kernels (double
+        // buffering: at most two staged layers on the device at a time).
+        let mut next: Option<FetchedLayer<B>> = match self.layers.first() {
+            Some(LayerSlot::Staged(ls)) => Some(self.fetch(ls)?),
             _ => None,
         };
+        let mut fetched_bytes = 0;
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
-            match &self.layers {
-                Layers::Resident(ls) => x = self.layer(&ls[i], i, x, rows, kv)?,
-                Layers::Staged(ls) => {
-                    let Some((lw, mark, bytes)) = next.take() else {
-                        unreachable!("layer {i} was fetched before layer {}", i.max(1) - 1)
+            let prefetch = |next: &mut Option<FetchedLayer<B>>| -> Result<(), ForwardError> {
+                if let Some(LayerSlot::Staged(ls)) = self.layers.get(i + 1) {
+                    *next = Some(self.fetch(ls)?);
+                }
+                Ok(())
+            };
+            match &self.layers[i] {
+                LayerSlot::Resident(lw) => {
+                    prefetch(&mut next)?;
+                    x = self.layer(lw, i, x, rows, kv)?;
+                }
+                LayerSlot::Staged(ls) => {
+                    let (lw, mark, bytes) = match next.take() {
+                        Some(f) => f,
+                        None => self.fetch(ls)?,
                     };
                     b.wait_fetched(&mark)?;
-                    self.timings.weight_bytes_fetched += bytes;
-                    if i + 1 < ls.len() {
-                        next = Some(self.fetch(&ls[i + 1])?);
-                    }
+                    fetched_bytes += bytes;
+                    prefetch(&mut next)?;
                     x = self.layer(&lw, i, x, rows, kv)?;
                 }
-                Layers::Streamed => {
+                LayerSlot::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
                     self.timings.weight_load_s += t0.elapsed().as_secs_f64();
@@ -497,6 +520,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                 }
             }
         }
+        self.timings.weight_bytes_fetched += fetched_bytes;
         let _span = debug_span!("logits").entered();
         let last = b.gather_rows(&x, logit_rows)?;
         let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
@@ -571,33 +595,30 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 }
 
-/// Stages every layer in host memory, or streams when the backend does not stage.
-fn stage_layers<B: RuntimeBackend>(
+/// Stages layer `i` in host memory, or streams it when the backend does not stage.
+fn stage_layer<B: RuntimeBackend>(
     b: &B,
     cfg: &ModelConfig,
     src: &dyn WeightSource,
-) -> ModelResult<Layers<B::Weight, B::Staged>> {
+    i: usize,
+) -> ModelResult<LayerSlot<B::Weight, B::Staged>> {
     enum Stop {
         Declined,
         Failed(crate::error::ModelError),
     }
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
-        let lw = layer_with(cfg, i, |name| {
-            let w = src.load(name).map_err(Stop::Failed)?;
-            match b.stage_weight(w) {
-                Ok(Some(s)) => Ok(s),
-                Ok(None) => Err(Stop::Declined),
-                Err(e) => Err(Stop::Failed(e.into())),
-            }
-        });
-        match lw {
-            Ok(lw) => layers.push(lw),
-            Err(Stop::Declined) => return Ok(Layers::Streamed),
-            Err(Stop::Failed(e)) => return Err(e),
+    let lw = layer_with(cfg, i, |name| {
+        let w = src.load(name).map_err(Stop::Failed)?;
+        match b.stage_weight(w) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(Stop::Declined),
+            Err(e) => Err(Stop::Failed(e.into())),
         }
+    });
+    match lw {
+        Ok(lw) => Ok(LayerSlot::Staged(lw)),
+        Err(Stop::Declined) => Ok(LayerSlot::Streamed),
+        Err(Stop::Failed(e)) => Err(e),
     }
-    Ok(Layers::Staged(layers))
 }
 
 fn check_shape<B: Backend>(

@@ -32,20 +32,37 @@ pub fn workspace_bytes(cfg: &ModelConfig, rows: usize, logit_rows: usize) -> u64
 }
 
 /// Splits `budget` bytes of GPU memory for a model run with prefill chunks of `rows` rows and
-/// `logit_rows` sequences in flight.
+/// `logit_rows` sequences in flight: all layers resident when they fit with a tenth of the
+/// budget left for KV, else all staged.
 pub fn split(cfg: &ModelConfig, budget: u64, rows: usize, logit_rows: usize) -> GpuBudget {
+    split_with(cfg, budget, rows, logit_rows, None)
+}
+
+/// [`split`] with the number of resident layers given (a policy's weight split): those layers
+/// stay on the GPU, the others are staged through two layer-sized buffers.
+pub fn split_with(
+    cfg: &ModelConfig,
+    budget: u64,
+    rows: usize,
+    logit_rows: usize,
+    resident_layers: Option<usize>,
+) -> GpuBudget {
     let all = weight_bytes(cfg);
     let layer = all.saturating_sub(global_weight_bytes(cfg)) / cfg.layers.max(1) as u64;
     let workspace = workspace_bytes(cfg, rows, logit_rows);
-    // Resident when the weights leave at least a tenth of the budget for KV.
-    let resident = all + workspace + budget / 10 <= budget;
-    let weights = if resident {
-        all
-    } else {
-        global_weight_bytes(cfg) + 2 * layer
-    };
+    let resident = resident_layers.unwrap_or(
+        // Resident when the weights leave at least a tenth of the budget for KV.
+        if all + workspace + budget / 10 <= budget {
+            cfg.layers
+        } else {
+            0
+        },
+    );
+    let resident = resident.min(cfg.layers);
+    let staging = if resident < cfg.layers { 2 * layer } else { 0 };
+    let weights = global_weight_bytes(cfg) + resident as u64 * layer + staging;
     GpuBudget {
-        resident_weights: resident,
+        resident_weights: resident == cfg.layers,
         weight_bytes: weights,
         workspace_bytes: workspace,
         kv_bytes: budget.saturating_sub(weights + workspace),
@@ -81,6 +98,13 @@ mod tests {
         let small = split(&cfg, 16 << 30, 8192, 8);
         assert!(!small.resident_weights, "{small:?}");
         assert!(small.weight_bytes < 4 << 30, "{small:?}");
+        let half = split_with(&cfg, 16 << 30, 8192, 8, Some(16));
+        assert!(!half.resident_weights);
+        assert!(
+            half.weight_bytes > small.weight_bytes + (6 << 30),
+            "{half:?}"
+        );
+        assert!(half.kv_bytes < small.kv_bytes, "{half:?}");
         assert_eq!(
             small.weight_bytes + small.workspace_bytes + small.kv_bytes,
             16 << 30

@@ -318,7 +318,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         None => None,
         Some(arg) => {
             let (policy, prediction) = policy_for_job(arg, &a, &model)?;
-            let run = policy_exec::executable(&policy)
+            let run = policy_exec::executable(&policy, model.config.layers)
                 .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot run this policy: {e}"))?;
             eprintln!(
                 "note: --policy {arg}: block {} tokens, batch {}, weights {:?}; predicted decode \
@@ -366,7 +366,14 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 None => free as u64 / 100 * 92,
             };
             let rows = a.prefill_chunk;
-            let mut split = gpu_budget::split(&model.config, budget, rows, a.batch_size);
+            let resident_layers = match planned.as_ref().map(|p| p.2) {
+                Some(Residency::Split { resident_layers }) => Some(resident_layers),
+                Some(Residency::Resident) => Some(model.config.layers),
+                Some(Residency::Staged) => Some(0),
+                _ => None,
+            };
+            let mut split =
+                gpu_budget::split_with(&model.config, budget, rows, a.batch_size, resident_layers);
             if let Some(kv) = a.gpu_kv_mem {
                 if kv > split.kv_bytes {
                     anyhow::bail!(
@@ -397,10 +404,13 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 "note: GPU budget {}: weights {} ({}), activations {}, KV {}",
                 human_bytes(budget),
                 human_bytes(split.weight_bytes),
-                if split.resident_weights {
-                    "resident"
-                } else {
-                    "streamed layer by layer"
+                match resident_layers {
+                    _ if split.resident_weights => "resident".to_string(),
+                    Some(n) if n > 0 => format!(
+                        "{n} of {} layers resident, the rest fetched from host memory",
+                        cfg.layers
+                    ),
+                    _ => "fetched from host memory layer by layer".to_string(),
                 },
                 human_bytes(split.workspace_bytes),
                 human_bytes(split.kv_bytes)

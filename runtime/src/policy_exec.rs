@@ -2,8 +2,9 @@
 //! against the run.
 //!
 //! Today's executor runs the part of the policy space where every layer is computed in one pass
-//! over the whole batch: weights all on the GPU (resident) or all in host memory (staged and
-//! fetched layer by layer), KV attended where it lives, no recompute, one GPU batch. A policy
+//! over the whole batch: weights on the GPU (resident) and in host memory (staged and fetched
+//! layer by layer), split by whole layers; KV attended where it lives; no recompute; one GPU
+//! batch. A policy
 //! outside that space is refused with the field that needs the missing piece (FlexGen's block
 //! schedule over several GPU batches, fetch-to-GPU attention, recompute from hidden states), so
 //! a run never claims to follow a policy it does not.
@@ -45,17 +46,23 @@ pub fn model_spec(name: &str, c: &ModelConfig) -> ModelSpec {
     }
 }
 
-/// The settings that run `p`, or why the executor cannot run it yet.
-pub fn executable(p: &Policy) -> Result<Executable, String> {
+/// The settings that run `p` on a model of `layers` layers, or why the executor cannot run it
+/// yet.
+pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
     let w = p.weights;
     let residency = if w.gpu >= 1.0 {
         Residency::Resident
     } else if w.host >= 1.0 {
         Residency::Staged
+    } else if w.disk <= 0.0 {
+        // Whole layers: the GPU share rounded to the nearest layer.
+        Residency::Split {
+            resident_layers: (w.gpu * layers as f64).round() as usize,
+        }
     } else {
         return Err(format!(
-            "weights split gpu {:.0}% / host {:.0}% / disk {:.0}%: the executor keeps a model's \
-             weights whole, on the GPU or staged in host memory",
+            "weights gpu {:.0}% / host {:.0}% / disk {:.0}%: the executor keeps weights on the \
+             GPU and in host memory, not on disk",
             w.gpu * 100.0,
             w.host * 100.0,
             w.disk * 100.0
@@ -179,7 +186,7 @@ mod tests {
     fn runnable_policies_map_to_settings_and_the_rest_name_their_field() {
         let p = gpu_only();
         assert_eq!(
-            executable(&p),
+            executable(&p, 32),
             Ok(Executable {
                 residency: Residency::Resident,
                 block_tokens: 32,
@@ -190,25 +197,44 @@ mod tests {
             weights: TierSplit::all_on(Tier::Host),
             ..p
         };
-        assert_eq!(executable(&staged).unwrap().residency, Residency::Staged);
+        assert_eq!(
+            executable(&staged, 32).unwrap().residency,
+            Residency::Staged
+        );
         let mut bad = p;
         bad.recompute.disk = 0.5;
-        assert!(executable(&bad).unwrap_err().contains("recompute.disk"));
+        assert!(executable(&bad, 32).unwrap_err().contains("recompute.disk"));
         let mut bad = p;
         bad.kv.cold = TierSplit::all_on(Tier::Disk);
         bad.attention_disk = Attention::FetchToGpu;
-        assert!(executable(&bad).unwrap_err().contains("attention_disk"));
+        assert!(executable(&bad, 32).unwrap_err().contains("attention_disk"));
         let bad = Policy {
             num_gpu_batches: 4,
             ..p
         };
-        assert!(executable(&bad).unwrap_err().contains("num_gpu_batches"));
+        assert!(
+            executable(&bad, 32)
+                .unwrap_err()
+                .contains("num_gpu_batches")
+        );
+        let mut split = p;
+        split.weights = TierSplit {
+            gpu: 0.62,
+            host: 0.38,
+            disk: 0.0,
+        };
+        assert_eq!(
+            executable(&split, 32).unwrap().residency,
+            Residency::Split {
+                resident_layers: 20
+            }
+        );
         let mut bad = p;
         bad.weights = TierSplit {
             gpu: 0.5,
-            host: 0.5,
-            disk: 0.0,
+            host: 0.25,
+            disk: 0.25,
         };
-        assert!(executable(&bad).unwrap_err().contains("weights split"));
+        assert!(executable(&bad, 32).unwrap_err().contains("not on disk"));
     }
 }

@@ -134,6 +134,13 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 None,
                 Residency::Staged,
             ),
+            (
+                "GPU only, one layer resident, one staged",
+                4096,
+                None,
+                None,
+                Residency::Split { resident_layers: 1 },
+            ),
             ("GPU + host", small, None, None, Residency::Resident),
             (
                 "GPU + host + disk",
@@ -156,7 +163,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
             let mut engine =
                 Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, residency, placement);
             let got = run(&mut engine, &e);
-            if residency == Residency::Staged {
+            if residency != Residency::Resident {
                 assert!(
                     engine.tf.timings.weight_bytes_fetched > 0,
                     "{name} {what}: no fetches"
