@@ -279,6 +279,57 @@ fn same_seed_same_tokens_and_stats_json_is_written() {
     assert_eq!(s["prompt_tokens"], 12);
 }
 
+/// Prompts split across prefill chunks (one straddling two, one ending exactly at a boundary,
+/// chunks with no prompt's end in them) give the same records as one chunk, greedy and sampled.
+#[test]
+fn prefill_chunks_do_not_change_the_output() {
+    let d = tmpdir("chunks");
+    let input = d.join("in.jsonl");
+    write_lines(
+        &input,
+        &[
+            json!({"id": 0, "input_ids": [3, 4, 5, 6, 7, 8, 9]}).to_string(),
+            json!({"id": 1, "input_ids": [11, 12]}).to_string(),
+            json!({"id": 2, "input_ids": [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]}).to_string(),
+            json!({"id": 3, "input_ids": [5, 6, 7], "temperature": 0.8, "seed": 3}).to_string(),
+        ],
+    );
+    let mut outs = Vec::new();
+    for chunk in ["8192", "3", "1"] {
+        let output = d.join(format!("out-{chunk}.jsonl"));
+        let o = generate(
+            "synthetic:tiny-llama",
+            &input,
+            &output,
+            &[
+                "--max-new-tokens",
+                "6",
+                "--ignore-eos",
+                "--prefill-chunk",
+                chunk,
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut recs = records(&output);
+        recs.sort_by_key(|r| r["id"].as_u64());
+        outs.push(
+            recs.iter()
+                .map(|r| r["output_ids"].clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(outs[0], outs[1], "chunks of 3 tokens");
+    assert_eq!(outs[0], outs[2], "chunks of 1 token");
+    let o = generate(
+        "synthetic:tiny-llama",
+        &input,
+        &d.join("x.jsonl"),
+        &["--prefill-chunk", "0"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--prefill-chunk"), "{}", stderr(&o));
+}
+
 #[test]
 fn stop_strings_and_text_prompts_on_a_model_with_a_tokenizer() {
     let d = tmpdir("stop");
