@@ -85,7 +85,13 @@ impl CopyTicket {
             Some(e) => e.synchronize().map_err(|e| device_err("copy", e)),
             None => Ok(()),
         };
-        self.staging = None;
+        match r {
+            // The copies have landed: the staging buffer can return to the pool.
+            Ok(()) => self.staging = None,
+            // Unknown whether the copies still run: keep the buffer rather than free it under
+            // them (the context is unusable after such a failure anyway).
+            Err(_) => std::mem::forget(self.staging.take()),
+        }
         r
     }
 }
@@ -282,10 +288,9 @@ impl CudaBackend {
                 .map_err(|e| device_err(op, e))?;
             }
         }
+        // The compute stream does not wait for the copies (they overlap its work); the staging
+        // buffer goes back to the pool only once the host has seen them land (`finish`).
         let done = be.copy.record_event(None).map_err(|e| device_err(op, e))?;
-        // The staging buffer is freed on the compute stream when the ticket ends: make that
-        // stream wait for the copies, so the memory is not reused under them.
-        be.stream.wait(&done).map_err(|e| device_err(op, e))?;
         Ok(CopyTicket {
             done: Some(done),
             staging: Some(staging),
