@@ -174,10 +174,10 @@ struct GenerateArgs {
     /// Disk reads and writes in flight at once.
     #[arg(long, default_value_t = 32)]
     io_queue_depth: usize,
-    /// KV blocks at the start of each sequence kept in host memory (attention sinks).
+    /// KV blocks at the start of each sequence kept in the fastest tier (attention sinks).
     #[arg(long, default_value_t = 1)]
     kv_sink_blocks: usize,
-    /// Most recent KV blocks of each sequence kept in host memory.
+    /// Most recent KV blocks of each sequence kept in the fastest tier (GPU, else host memory).
     #[arg(long, default_value_t = 4)]
     kv_recent_blocks: usize,
     /// CPU threads for compute (default: all cores).
