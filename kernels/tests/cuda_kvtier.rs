@@ -132,3 +132,23 @@ fn argmax_picks_the_first_maximum_of_each_row() {
         assert_eq!(got, want, "seed {seed}: [{rows}, {cols}]");
     }
 }
+
+#[test]
+fn copies_on_the_copy_stream_round_trip_and_are_counted() {
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng(test_seed());
+    let before = gpu.copy_stats().unwrap();
+    let data = rng.vec(3 * 1000);
+    let t = gpu.upload(3, 1000, &data).unwrap();
+    // A kernel on the compute stream reads the uploaded tensor: it must see the copied values.
+    let mut doubled = gpu.tensor(3, 1000, vec![0.0; 3000]).unwrap();
+    gpu.add_inplace(&mut doubled, &t).unwrap();
+    gpu.add_inplace(&mut doubled, &t).unwrap();
+    let back = gpu.download(&doubled).unwrap();
+    let want: Vec<f32> = data.iter().map(|x| x + x).collect();
+    assert_eq!(back, want);
+    let after = gpu.copy_stats().unwrap();
+    assert!(after.h2d_bytes >= before.h2d_bytes + 12_000, "{after:?}");
+    assert!(after.d2h_bytes >= before.d2h_bytes + 12_000, "{after:?}");
+    assert!(after.h2d_seconds > before.h2d_seconds && after.d2h_seconds > before.d2h_seconds);
+}

@@ -90,9 +90,38 @@ pub struct JobStats {
     pub kv_block_tokens: usize,
     /// Blocks per tier, bytes per link, seconds per attention engine.
     pub kv: KvMetrics,
+    /// GPU runs: bytes and copy-engine seconds per direction on the copy stream (weight fetches,
+    /// spills to the host tier, queries and partials of host and disk attention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_copies: Option<GpuCopies>,
     /// With `--policy`: the policy, its prediction and the measured times beside it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_check: Option<crate::policy_exec::PolicyCheck>,
+}
+
+/// [`strata_kernels::cuda::CopyStats`] for `--stats-json`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct GpuCopies {
+    pub h2d_bytes: u64,
+    pub h2d_seconds: f64,
+    pub h2d_gbps: f64,
+    pub d2h_bytes: u64,
+    pub d2h_seconds: f64,
+    pub d2h_gbps: f64,
+}
+
+impl From<strata_kernels::cuda::CopyStats> for GpuCopies {
+    fn from(c: strata_kernels::cuda::CopyStats) -> Self {
+        let gbps = |b: u64, s: f64| if s > 0.0 { b as f64 / s / 1e9 } else { 0.0 };
+        Self {
+            h2d_bytes: c.h2d_bytes,
+            h2d_seconds: c.h2d_seconds,
+            h2d_gbps: gbps(c.h2d_bytes, c.h2d_seconds),
+            d2h_bytes: c.d2h_bytes,
+            d2h_seconds: c.d2h_seconds,
+            d2h_gbps: gbps(c.d2h_bytes, c.d2h_seconds),
+        }
+    }
 }
 
 /// A sequence in flight.

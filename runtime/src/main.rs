@@ -483,10 +483,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         None => generate::run(&model, CpuBackend::new(), residency, &opts)?,
         Some(gpu) => {
             eprintln!("note: computing on {}", gpu.device_info());
-            let stats = generate::run(&model, gpu.clone(), residency, &opts)?;
+            let mut stats = generate::run(&model, gpu.clone(), residency, &opts)?;
             if let Some(e) = gpu.deferred_error() {
                 anyhow::bail!("the GPU failed during the job: {e}");
             }
+            stats.gpu_copies = Some(gpu.copy_stats()?.into());
             stats
         }
     };

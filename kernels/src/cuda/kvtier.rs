@@ -15,6 +15,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, CudaSlice, DevicePtr, PushKernelArg};
 
 use super::attention::{KvPool, PoolBuf};
+use super::transfer::Dir;
 use super::{CudaBackend, CudaTensor, device_err, kernels};
 use crate::{DType, Result, shape_err};
 
@@ -271,8 +272,8 @@ impl CudaBackend {
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
         be.copy.wait(&exported).map_err(|e| device_err(op, e))?;
-        {
-            let (base, _sync) = staging.device_ptr(&be.copy);
+        be.timed_copy(op, Dir::D2h, ids.len() * per * 4, |copy| {
+            let (base, _sync) = staging.device_ptr(copy);
             for (i, &d) in dst.iter().enumerate() {
                 // SAFETY: the caller keeps `d` valid and untouched for `per` f32 until the ticket
                 // is done; the source is block i of `staging`, alive until then too (the ticket
@@ -282,12 +283,13 @@ impl CudaBackend {
                     cudarc::driver::result::memcpy_dtoh_async(
                         host,
                         base + (i * per * 4) as u64,
-                        be.copy.cu_stream(),
+                        copy.cu_stream(),
                     )
                 }
                 .map_err(|e| device_err(op, e))?;
             }
-        }
+            Ok(())
+        })?;
         // The compute stream does not wait for the copies (they overlap its work); the staging
         // buffer goes back to the pool only once the host has seen them land (`finish`).
         let done = be.copy.record_event(None).map_err(|e| device_err(op, e))?;

@@ -44,6 +44,7 @@ mod kvtier;
 mod linear;
 mod prefill;
 mod staging;
+mod transfer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -59,6 +60,7 @@ pub use kvtier::{CopyTicket, HostRegistration};
 pub use linear::GemmPrecision;
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
+pub use transfer::CopyStats;
 
 use crate::{Backend, DType, HostWeight, KernelError, Result, RopeTable, WeightData, shape_err};
 use kernels::Kernels;
@@ -139,6 +141,8 @@ struct Inner {
     /// Host <-> device copies that overlap compute (spills, weight prefetch); ordered against
     /// `stream` by events.
     copy: Arc<CudaStream>,
+    /// Timed copies on `copy` (see `transfer`).
+    copies: Mutex<transfer::CopyLog>,
     ctx: Arc<CudaContext>,
     /// The first error an infallible trait method hit (see the module header).
     deferred: Mutex<Option<String>>,
@@ -249,6 +253,7 @@ impl CudaBackend {
                         prefill,
                         stream,
                         copy,
+                        copies: Mutex::new(transfer::CopyLog::default()),
                         ctx,
                         deferred: Mutex::new(None),
                         poison: AtomicBool::new(false),

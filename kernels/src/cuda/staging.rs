@@ -14,6 +14,7 @@
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr};
 
 use super::kvtier::HostRegistration;
+use super::transfer::Dir;
 use super::{CudaBackend, CudaWeight, WeightBuf, device_err};
 use crate::{HostWeight, Result, WeightData};
 
@@ -117,14 +118,14 @@ impl CudaBackend {
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
         be.copy.wait(&allocated).map_err(|e| device_err(op, e))?;
-        {
-            let (dst, _sync) = buf.device_ptr(&be.copy);
+        be.timed_copy(op, Dir::H2d, std::mem::size_of_val(host), |copy| {
+            let (dst, _sync) = buf.device_ptr(copy);
             // SAFETY: `dst` holds host.len() elements of T; `host` is page-locked memory owned by
             // a PinnedWeight that the caller keeps alive for the whole run (the Transformer owns
             // it), so it outlives the asynchronous copy.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, be.copy.cu_stream()) }
-                .map_err(|e| device_err(op, e))?;
-        }
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, copy.cu_stream()) }
+                .map_err(|e| device_err(op, e))
+        })?;
         Ok(buf)
     }
 

@@ -9,8 +9,8 @@ use strata_kernels::attention::{AttentionQuery, attend_batch};
 use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
 use strata_storage::{ArenaSlots, SlotId};
 
+use strata_kernels::CudaTensor;
 use strata_kernels::cuda::{DevicePartial, SeqBlocks as GpuSeqBlocks};
-use strata_kernels::{Backend, CudaTensor};
 
 use super::disk::{DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
 use super::gpu::{GpuTier, GpuTierConfig};
@@ -706,7 +706,7 @@ impl KvCache {
             return Ok(gpu_part.o);
         }
         // Host and disk tiers: queries down, partials up, merged on the GPU.
-        let qh = be.to_host(q).map_err(err)?;
+        let qh = be.download(q).map_err(err)?;
         let qd = ag.n_heads * ag.head_dim;
         self.metrics.bytes_queries_to_host += (qh.len() * 4) as u64;
         let queries: Vec<TierQuery<'_>> = rows
@@ -727,8 +727,8 @@ impl KvCache {
         }
         self.metrics.bytes_partials_to_gpu += ((o.len() + lse.len()) * 4) as u64;
         let host_part = DevicePartial {
-            o: be.tensor(rows.len(), qd, o).map_err(err)?,
-            lse: be.tensor(rows.len(), ag.n_heads, lse).map_err(err)?,
+            o: be.upload(rows.len(), qd, &o).map_err(err)?,
+            lse: be.upload(rows.len(), ag.n_heads, &lse).map_err(err)?,
         };
         Ok(be.merge_partials(&[&gpu_part, &host_part]).map_err(err)?.o)
     }

@@ -1,0 +1,226 @@
+//! Host ↔ device copies on the copy stream, each timed by a pair of events, so a run can say how
+//! many bytes crossed PCIe each way and how long the copy engine spent on them
+//! ([`CudaBackend::copy_stats`]); plus the small transfers of tiered attention (queries down,
+//! partials up) through page-locked staging on that stream, ordered against the compute stream by
+//! events.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
+
+use super::{CudaBackend, CudaTensor, Inner, device_err};
+use crate::Result;
+
+/// Bytes and copy-engine seconds per direction since the backend started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CopyStats {
+    pub h2d_bytes: u64,
+    pub h2d_seconds: f64,
+    pub d2h_bytes: u64,
+    pub d2h_seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
+    H2d,
+    D2h,
+}
+
+/// Timed copies whose events have not been read yet, and the totals of those that have; and the
+/// page-locked staging buffers of [`CudaBackend::download`] and [`CudaBackend::upload`], kept
+/// and grown rather than allocated per call (a page-locked allocation costs milliseconds).
+#[derive(Default)]
+pub(crate) struct CopyLog {
+    pending: Vec<(CudaEvent, CudaEvent, Dir, u64)>,
+    totals: CopyStats,
+    down: Option<PinnedHostSlice<f32>>,
+    up: Option<PinnedHostSlice<f32>>,
+}
+
+/// `slot`'s buffer with room for `n` values, (re)allocated when too small.
+fn staging<'s>(
+    be: &Inner,
+    op: &'static str,
+    slot: &'s mut Option<PinnedHostSlice<f32>>,
+    n: usize,
+) -> Result<&'s mut PinnedHostSlice<f32>> {
+    if slot.as_ref().is_none_or(|b| b.len() < n) {
+        *slot = None;
+        // SAFETY: page-locked host memory of n.next_power_of_two() f32; every use writes the
+        // part it reads (a copy into it, or copy_from_slice) first.
+        let b = unsafe {
+            be.ctx
+                .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
+        }
+        .map_err(|e| device_err(op, e))?;
+        *slot = Some(b);
+    }
+    slot.as_mut()
+        .ok_or_else(|| device_err(op, "staging buffer"))
+}
+
+/// Pending entries past which the oldest half is folded into the totals.
+const FOLD_AT: usize = 512;
+
+impl CopyLog {
+    fn fold(&mut self, n: usize) -> Result<()> {
+        for (start, end, dir, bytes) in self.pending.drain(..n.min(self.pending.len())) {
+            end.synchronize().map_err(|e| device_err("copy_stats", e))?;
+            let s = start
+                .elapsed_ms(&end)
+                .map_err(|e| device_err("copy_stats", e))? as f64
+                / 1e3;
+            match dir {
+                Dir::H2d => {
+                    self.totals.h2d_bytes += bytes;
+                    self.totals.h2d_seconds += s;
+                }
+                Dir::D2h => {
+                    self.totals.d2h_bytes += bytes;
+                    self.totals.d2h_seconds += s;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Runs `enqueue` (copies on the copy stream) between two timing events and logs them.
+    pub(crate) fn timed_copy<R>(
+        &self,
+        op: &'static str,
+        dir: Dir,
+        bytes: usize,
+        enqueue: impl FnOnce(&CudaStream) -> Result<R>,
+    ) -> Result<R> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .copy
+            .record_event(timing)
+            .map_err(|e| device_err(op, e))?;
+        let r = enqueue(&self.copy)?;
+        let end = self
+            .copy
+            .record_event(timing)
+            .map_err(|e| device_err(op, e))?;
+        let mut log = self
+            .copies
+            .lock()
+            .map_err(|_| device_err(op, "copy log poisoned"))?;
+        log.pending.push((start, end, dir, bytes as u64));
+        if log.pending.len() >= FOLD_AT {
+            log.fold(FOLD_AT / 2)?;
+        }
+        Ok(r)
+    }
+}
+
+impl CudaBackend {
+    /// Bytes and copy-engine time of every copy on the copy stream so far (waits for the ones
+    /// still in flight).
+    pub fn copy_stats(&self) -> Result<CopyStats> {
+        let mut log = self
+            .inner
+            .copies
+            .lock()
+            .map_err(|_| device_err("copy_stats", "copy log poisoned"))?;
+        let n = log.pending.len();
+        log.fold(n)?;
+        Ok(log.totals)
+    }
+
+    /// Copies `t` to the host on the copy stream, after the compute stream's work so far, and
+    /// waits for it (the caller needs the values now).
+    pub fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let be = &self.inner;
+        let op = "download";
+        let src = be.buf(op, t)?;
+        let n = t.rows * t.cols;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let ready = be
+            .stream
+            .record_event(None)
+            .map_err(|e| device_err(op, e))?;
+        be.copy.wait(&ready).map_err(|e| device_err(op, e))?;
+        // The staging buffer is taken out of the log while in use (one download at a time).
+        let mut down = be.take_staging(op, Dir::D2h)?;
+        let r = (|| {
+            let host = staging(be, op, &mut down, n)?;
+            be.timed_copy(op, Dir::D2h, n * 4, |s| {
+                let (ptr, _sync) = src.device_ptr(s);
+                let dst = &mut host.as_mut_slice().map_err(|e| device_err(op, e))?[..n];
+                // SAFETY: `src` holds at least n f32 (the tensor's storage), `dst` n; the copy
+                // is ordered after the producing kernels by the event above, and the staging
+                // buffer is neither read nor reused before the synchronize below.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
+                    .map_err(|e| device_err(op, e))
+            })?;
+            be.copy.synchronize().map_err(|e| device_err(op, e))?;
+            Ok(host.as_slice().map_err(|e| device_err(op, e))?[..n].to_vec())
+        })();
+        be.put_staging(Dir::D2h, down);
+        r
+    }
+
+    /// A new `[rows, cols]` tensor holding `data`, copied on the copy stream; the compute stream
+    /// waits for the copy before its next kernel.
+    pub fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "upload";
+        super::check_len(op, "data", data.len(), rows * cols)?;
+        let mut out = be.output(op, data.len())?;
+        let n = data.len();
+        if n == 0 {
+            return Ok(Inner::tensor(rows, cols, out));
+        }
+        let mut up = be.take_staging(op, Dir::H2d)?;
+        let r = (|| {
+            let host = staging(be, op, &mut up, n)?;
+            host.as_mut_slice().map_err(|e| device_err(op, e))?[..n].copy_from_slice(data);
+            let allocated = be
+                .stream
+                .record_event(None)
+                .map_err(|e| device_err(op, e))?;
+            be.copy.wait(&allocated).map_err(|e| device_err(op, e))?;
+            be.timed_copy(op, Dir::H2d, n * 4, |s| {
+                let (ptr, _sync) = out.device_ptr_mut(s);
+                let src = &host.as_slice().map_err(|e| device_err(op, e))?[..n];
+                // SAFETY: `out` holds n f32; `src` is page-locked and neither reused nor freed
+                // before the copy is done (synchronised below).
+                unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, s.cu_stream()) }
+                    .map_err(|e| device_err(op, e))
+            })?;
+            let landed = be.copy.record_event(None).map_err(|e| device_err(op, e))?;
+            be.stream.wait(&landed).map_err(|e| device_err(op, e))?;
+            // The staging buffer is reused by the next upload: wait for this copy first.
+            landed.synchronize().map_err(|e| device_err(op, e))
+        })();
+        be.put_staging(Dir::H2d, up);
+        r?;
+        Ok(Inner::tensor(rows, cols, out))
+    }
+}
+
+impl Inner {
+    fn take_staging(&self, op: &'static str, dir: Dir) -> Result<Option<PinnedHostSlice<f32>>> {
+        let mut log = self
+            .copies
+            .lock()
+            .map_err(|_| device_err(op, "copy log poisoned"))?;
+        Ok(match dir {
+            Dir::D2h => log.down.take(),
+            Dir::H2d => log.up.take(),
+        })
+    }
+
+    fn put_staging(&self, dir: Dir, buf: Option<PinnedHostSlice<f32>>) {
+        if let Ok(mut log) = self.copies.lock() {
+            match dir {
+                Dir::D2h => log.down = buf,
+                Dir::H2d => log.up = buf,
+            }
+        }
+    }
+}
