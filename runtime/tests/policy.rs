@@ -69,13 +69,8 @@ fn generate(d: &Dir, policy: &Path, out: &str) -> Output {
     ])
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[test]
-fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
-    let d = Dir::new("plan");
+/// `strata plan --json` for the job of `in.jsonl` on the reference profile.
+fn plan_json(d: &Dir) -> Output {
     let plan = strata(&[
         "plan",
         "--model",
@@ -91,6 +86,17 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
         d.path("profile.json").to_str().unwrap(),
     ]);
     assert!(plan.status.success(), "{}", stderr(&plan));
+    plan
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
+    let d = Dir::new("plan");
+    let plan = plan_json(&d);
     std::fs::write(d.path("plan.json"), &plan.stdout).unwrap();
     for (policy, out) in [
         (d.path("plan.json"), "a.jsonl"),
@@ -128,21 +134,7 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
 #[test]
 fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let d = Dir::new("refuse");
-    let plan = strata(&[
-        "plan",
-        "--model",
-        MODEL,
-        "--batch",
-        "3",
-        "--prompt-len",
-        "6",
-        "--gen-len",
-        "4",
-        "--json",
-        "--profile",
-        d.path("profile.json").to_str().unwrap(),
-    ]);
-    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});

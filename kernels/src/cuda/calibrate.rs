@@ -39,15 +39,7 @@ impl std::fmt::Debug for DeviceCalibrator {
 impl DeviceCalibrator {
     /// Opens CUDA device `device`, or says why it cannot (never panics).
     pub fn new(device: usize) -> std::result::Result<Self, CudaUnavailable> {
-        device::libraries_present()?;
-        let devices = device::probe()?;
-        let info = devices
-            .get(device)
-            .cloned()
-            .ok_or(CudaUnavailable::NoSuchDevice {
-                device,
-                count: devices.len(),
-            })?;
+        let info = device::find(device)?;
         let setup = |detail: String| CudaUnavailable::Setup { device, detail };
         device::guard(
             || {

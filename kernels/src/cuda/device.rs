@@ -159,3 +159,16 @@ fn describe(
         driver_cuda_version,
     })
 }
+
+/// The device `device` once the libraries are present and the driver lists it, or why not.
+pub(crate) fn find(device: usize) -> Result<DeviceInfo, CudaUnavailable> {
+    libraries_present()?;
+    let devices = probe()?;
+    devices
+        .get(device)
+        .cloned()
+        .ok_or(CudaUnavailable::NoSuchDevice {
+            device,
+            count: devices.len(),
+        })
+}

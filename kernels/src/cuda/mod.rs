@@ -207,15 +207,7 @@ impl CudaBackend {
         device: usize,
         ptx_cache: Option<PathBuf>,
     ) -> std::result::Result<Self, CudaUnavailable> {
-        device::libraries_present()?;
-        let devices = probe()?;
-        let info = devices
-            .get(device)
-            .cloned()
-            .ok_or(CudaUnavailable::NoSuchDevice {
-                device,
-                count: devices.len(),
-            })?;
+        let info = device::find(device)?;
         let setup = |detail: String| CudaUnavailable::Setup { device, detail };
         device::guard(
             || {
