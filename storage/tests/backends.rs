@@ -169,6 +169,35 @@ fn abandoned_uring_read_keeps_its_buffer_until_the_kernel_completes_it() -> Test
 }
 
 #[test]
+fn a_uring_read_the_kernel_holds_too_long_is_cancelled_and_resubmitted() -> TestResult {
+    if !uring_or_skip("stalled read") {
+        return Ok(());
+    }
+    let (file, mut writer) = pipe_file()?;
+    let pool = IoBufPool::with_buffers(8192, 1, 4096)?;
+    let mut be = UringBackend::new(vec![file], 1, &pool)?;
+    if !be.set_stall_timeout(Duration::from_millis(100)) {
+        eprintln!("stalled read: skipped: this kernel's io_uring_enter takes no timeout");
+        return Ok(());
+    }
+    let buf = pool.take().ok_or("pool empty")?;
+    be.submit_read(FileIdx(0), 0, buf, 5).map_err(|e| e.error)?;
+    // Nothing arrives for a while: the read is cancelled and resubmitted, not lost or failed.
+    let feeder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(450));
+        writer.write_all(&[3u8; 8192])
+    });
+    let done = be.wait(1)?;
+    feeder.join().map_err(|_| "feeder panicked")??;
+    assert_eq!(done.len(), 1);
+    let c = &done[0];
+    assert_eq!((c.tag, c.result.as_ref().ok()), (5, Some(&8192)));
+    assert!(c.buf.as_slice().iter().all(|&v| v == 3));
+    assert!(be.stalls() >= 1, "the held read must have been cancelled");
+    Ok(())
+}
+
+#[test]
 fn short_uring_reads_are_completed_by_resubmitting_the_remainder() -> TestResult {
     if !uring_or_skip("short reads") {
         return Ok(());

@@ -16,6 +16,14 @@
 //!   wait in `backlog`;
 //! - every CQE result is checked: negative is `-errno` (EINTR/EAGAIN resubmitted, others reported),
 //!   a short positive result resubmits the remainder, zero is end of file;
+//! - waits in `io_uring_enter` are sliced by [`WAIT_SLICE`] (a timeout, kernel 5.11+), and an
+//!   operation the kernel holds longer than `stall_after` ([`STALL_AFTER`] by default) without
+//!   completing is cancelled (IORING_OP_ASYNC_CANCEL) and resubmitted, with a warning: a stuck
+//!   request must cost seconds, never the job. Why: on Linux 6.18 an untimed wait for an
+//!   O_DIRECT write was seen to block forever with the SQE consumed and no CQE posted (about one
+//!   run in twelve of the fault fuzz test with other rings active); sliced waits made it go away
+//!   (60 runs out of 60, no cancel needed), and the cancel is the backstop. Cancel CQEs carry
+//!   [`CANCEL_TAG`] in `user_data` and are accounted apart from operations;
 //! - drop order: drain in-flight operations, unregister buffers and files, close the ring, then
 //!   release the pool (whose arena outlives the registration). If draining fails, the buffers of
 //!   undrained operations are leaked rather than ever reused.
@@ -24,6 +32,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -37,6 +46,14 @@ use crate::pool::{IoBuf, IoBufPool};
 const MAX_FIXED_BUFFERS: usize = 1 << 14;
 const MAX_FIXED_BUFFER_BYTES: usize = 1 << 30;
 
+/// By default, an operation in the kernel this long without a completion is cancelled and
+/// resubmitted ([`UringBackend::set_stall_timeout`]).
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+/// Longest single wait in `io_uring_enter` (or half the stall timeout), so stalls are noticed.
+const WAIT_SLICE: Duration = Duration::from_millis(500);
+/// Marks the `user_data` of cancel requests (operation ids are `u32`).
+const CANCEL_TAG: u64 = 1 << 63;
+
 struct Op {
     write: bool,
     file: FileIdx,
@@ -45,7 +62,9 @@ struct Op {
     len: usize,  // bytes to transfer
     done: usize, // bytes transferred so far (short transfers resubmit the rest)
     tag: u64,
-    retries: u32, // transient errors retried so far
+    retries: u32,               // transient errors retried so far
+    pushed_at: Option<Instant>, // when its current SQE was pushed (None: not in the kernel)
+    cancelling: bool,           // a cancel for its current SQE was sent
 }
 
 /// The io_uring backend. See the module header for its invariants.
@@ -59,8 +78,12 @@ pub struct UringBackend {
     free_ops: Vec<u32>,
     backlog: VecDeque<u32>,
     in_kernel: usize,
+    cancels_in_kernel: usize,
     depth: usize,
     ready: Vec<Completion>,
+    timed_waits: bool, // the kernel takes a timeout on io_uring_enter (IORING_FEAT_EXT_ARG)
+    stall_after: Duration,
+    stalls: u64, // operations cancelled and resubmitted after `stall_after`
 }
 
 /// Creates a ring sized for `queue_depth` operations; the error is io_uring_setup's.
@@ -100,7 +123,6 @@ impl UringBackend {
         };
         let fixed_bufs = register_pool(&ring, pool);
         UringBackend {
-            ring,
             files,
             fixed_files,
             pool: pool.clone(),
@@ -109,14 +131,32 @@ impl UringBackend {
             free_ops: Vec::new(),
             backlog: VecDeque::new(),
             in_kernel: 0,
+            cancels_in_kernel: 0,
             depth,
+            timed_waits: ring.params().is_feature_ext_arg(),
             ready: Vec::new(),
+            stall_after: STALL_AFTER,
+            stalls: 0,
+            ring,
         }
     }
 
     /// Whether the staging buffers are registered (ReadFixed/WriteFixed are used for them).
     pub fn uses_fixed_buffers(&self) -> bool {
         self.fixed_bufs
+    }
+
+    /// Operations cancelled and resubmitted because the kernel held them too long.
+    pub fn stalls(&self) -> u64 {
+        self.stalls
+    }
+
+    /// How long the kernel may hold an operation before it is cancelled and resubmitted
+    /// (default [`STALL_AFTER`]). Needs a kernel whose `io_uring_enter` takes a timeout (5.11+);
+    /// returns whether stall detection is active.
+    pub fn set_stall_timeout(&mut self, after: Duration) -> bool {
+        self.stall_after = after;
+        self.timed_waits
     }
 
     fn add_op(&mut self, op: Op) {
@@ -139,9 +179,12 @@ impl UringBackend {
 
     /// Pushes the SQE for the remaining part of op `id`. Requires `in_kernel < depth`.
     fn push_sqe(&mut self, id: u32) {
-        let Some(op) = self.ops[id as usize].as_ref() else {
+        let Some(op) = self.ops[id as usize].as_mut() else {
             return;
         };
+        op.pushed_at = Some(Instant::now());
+        op.cancelling = false;
+        let op = &*op;
         let remaining = (op.len - op.done) as u32;
         let offset = op.offset + op.done as u64;
         // SAFETY: `done < len <= buf.len()`, so the address is inside the op's buffer.
@@ -194,11 +237,21 @@ impl UringBackend {
         }
     }
 
-    /// Submits queued SQEs and waits for `want` CQEs, retrying EINTR.
+    /// Submits queued SQEs and waits for `want` CQEs (at most [`WAIT_SLICE`] when the kernel
+    /// takes a timeout), retrying EINTR.
     fn enter(&mut self, want: usize) -> Result<(), StorageError> {
         loop {
-            match self.ring.submit_and_wait(want) {
+            let entered = if want > 0 && self.timed_waits {
+                let slice = types::Timespec::from(WAIT_SLICE.min(self.stall_after / 2));
+                let args = types::SubmitArgs::new().timespec(&slice);
+                self.ring.submitter().submit_with_args(want, &args)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match entered {
                 Ok(_) => return Ok(()),
+                // ETIME: the slice ran out; the caller checks for stalls and waits again.
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // EBUSY/EAGAIN: the kernel wants completions reaped first; the caller reaps.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
@@ -222,8 +275,57 @@ impl UringBackend {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         for (user_data, result) in cqes {
+            if user_data & CANCEL_TAG != 0 {
+                self.cancels_in_kernel = self.cancels_in_kernel.saturating_sub(1);
+                // 0: cancelled (its CQE follows); ENOENT: it completed meanwhile; EALREADY: it is
+                // running and cannot be cancelled, so it will complete.
+                tracing::debug!(
+                    "io_uring: cancel of operation {} -> {result}",
+                    user_data as u32
+                );
+                continue;
+            }
             self.in_kernel = self.in_kernel.saturating_sub(1);
             self.on_cqe(user_data as u32, result);
+        }
+    }
+
+    /// Sends a cancel for every operation the kernel has held past `stall_after`; each is
+    /// resubmitted when its `-ECANCELED` completion arrives.
+    fn cancel_stalled(&mut self) {
+        let now = Instant::now();
+        let stalled: Vec<u32> = self
+            .ops
+            .iter()
+            .enumerate()
+            .filter_map(|(id, op)| {
+                let op = op.as_ref()?;
+                let since = op.pushed_at?;
+                (!op.cancelling && now.duration_since(since) >= self.stall_after)
+                    .then_some(id as u32)
+            })
+            .collect();
+        for id in stalled {
+            let entry = opcode::AsyncCancel::new(u64::from(id))
+                .build()
+                .user_data(CANCEL_TAG | u64::from(id));
+            // SAFETY: a cancel SQE carries no pointers; it names the operation by user_data.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                return; // the SQ is full: try again after the next submit
+            }
+            self.cancels_in_kernel += 1;
+            if let Some(op) = self.ops[id as usize].as_mut() {
+                op.cancelling = true;
+                tracing::warn!(
+                    "io_uring: {} of {} bytes at offset {} of file {} made no progress for {:?}; \
+                     cancelling and resubmitting it",
+                    if op.write { "write" } else { "read" },
+                    op.len - op.done,
+                    op.offset + op.done as u64,
+                    op.file.0,
+                    self.stall_after
+                );
+            }
         }
     }
 
@@ -232,8 +334,16 @@ impl UringBackend {
             tracing::error!("io_uring: completion for unknown operation {id}");
             return;
         };
+        op.pushed_at = None;
+        // A cancelled request ends in ECANCELED, or EINTR when it was already running in a
+        // kernel worker.
+        let cancelled_by_us =
+            op.cancelling && (result == -libc::ECANCELED || result == -libc::EINTR);
+        if cancelled_by_us {
+            self.stalls += 1;
+        }
         let outcome = if result < 0 {
-            if is_transient(-result) && op.retries < MAX_TRANSIENT_RETRIES {
+            if (cancelled_by_us || is_transient(-result)) && op.retries < MAX_TRANSIENT_RETRIES {
                 op.retries += 1;
                 None
             } else {
@@ -317,6 +427,8 @@ impl IoBackend for UringBackend {
             done: 0,
             tag,
             retries: 0,
+            pushed_at: None,
+            cancelling: false,
         });
         Ok(())
     }
@@ -328,6 +440,9 @@ impl IoBackend for UringBackend {
             let want = usize::from(self.ready.len() < min && self.in_kernel > 0);
             self.enter(want)?;
             self.reap();
+            if want > 0 && self.timed_waits {
+                self.cancel_stalled();
+            }
             if self.ready.len() >= min || (self.in_kernel == 0 && self.backlog.is_empty()) {
                 return Ok(std::mem::take(&mut self.ready));
             }
@@ -345,7 +460,7 @@ impl Drop for UringBackend {
         for id in std::mem::take(&mut self.backlog) {
             self.ops[id as usize] = None;
         }
-        while self.in_kernel > 0 {
+        while self.in_kernel + self.cancels_in_kernel > 0 {
             if let Err(e) = self.enter(1) {
                 tracing::error!(
                     "io_uring: cannot drain {} in-flight operations ({e}); leaking their buffers",
@@ -357,6 +472,9 @@ impl Drop for UringBackend {
                 break;
             }
             self.reap();
+            if self.timed_waits {
+                self.cancel_stalled();
+            }
             // Retries and remainders pushed by `reap` are dropped unsubmitted from the backlog.
             for id in std::mem::take(&mut self.backlog) {
                 self.ops[id as usize] = None;
