@@ -10,20 +10,27 @@
 //! - [`policy`]: the policy space — policy as data, validated, interpreted by one executor.
 //! - [`cost`]: the overlap-aware cost model and the memory footprint of a policy.
 //! - [`search`]: enumeration of a discretised policy space, feasibility, best + runners-up.
+//! - [`flexgen`]: FlexGen's policy space (its `Policy`, published suite, search with this cost
+//!   model) translated into strata policies: the `flexgen` baseline of `strata bench`.
+//! - [`baselines`]: the `layerwise` and `gpu-only` baselines.
 //!
 //! Invariants: every policy [`plan`] returns fits the budgets under [`cost::memory`]; the cost model
 //! never looks at the budgets, so more memory in any tier can only enlarge the feasible set and
 //! never predicts a slower plan.
 
+pub mod baselines;
 pub mod cost;
 pub mod error;
+pub mod flexgen;
 pub mod model;
 pub mod policy;
 pub mod profile;
 pub mod search;
 
+pub use baselines::{gpu_only, layerwise, serial};
 pub use cost::{PhaseTime, Prediction, Stream, StreamTimes, TierBytes, memory, predict};
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
+pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};
 pub use model::{Budgets, MlpKind, ModelSpec, Workload};
 pub use policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
 pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};

@@ -224,7 +224,7 @@ fn tier_options(space: &SearchSpace, hot_here: bool, has_cold: bool) -> Vec<(Att
     out
 }
 
-fn gpu_batch_sizes(batch: u64, max: usize) -> Vec<u64> {
+pub(crate) fn gpu_batch_sizes(batch: u64, max: usize) -> Vec<u64> {
     let mut d = Vec::new();
     let mut i = 1;
     while i * i <= batch {
