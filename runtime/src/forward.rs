@@ -7,7 +7,15 @@
 //!
 //! Weights are resident when they fit; otherwise each layer is loaded from its source, used and
 //! dropped (synthetic models of any size run this way).
+//!
+//! The schedule is FlexGen's block schedule, in one loop: the rows split into GPU batches of
+//! whole sequences ([`Transformer::set_gpu_batches`]); each layer's weights are loaded (or
+//! fetched, the next layer's copy enqueued first) once per forward pass and serve every GPU
+//! batch before the next layer. Within a layer, batch `g`'s attention is launched (projections,
+//! KV append, the storage engine's reads) before batch `g - 1`'s is finished, so attention near
+//! the data overlaps the next batch's compute. One GPU batch is the plain layer-by-layer pass.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use strata_kernels::cuda::{Fetched, PinnedWeight};
@@ -19,7 +27,7 @@ type KernelResult<T> = strata_kernels::Result<T>;
 use tracing::debug_span;
 
 use crate::error::ModelResult;
-use crate::kv::{KvCache, KvError, SeqId, TierQuery};
+use crate::kv::{KvCache, KvError, SeqId, TierAttention, TierQuery};
 use crate::model::{Family, LayerTensor, Model, ModelConfig, WeightName, WeightSource};
 
 /// One token of one sequence at one position.
@@ -115,18 +123,55 @@ pub trait RuntimeBackend: Backend {
     fn wait_fetched(&self, mark: &Self::Fetched) -> KernelResult<()>;
     fn staged_bytes(&self, w: &Self::Staged) -> u64;
 
-    #[allow(clippy::too_many_arguments)]
-    fn append_and_attend(
+    /// Appends the rows' K and V (`[rows, kv_heads * head_dim]`) to `layer` of the cache.
+    fn append_kv(
+        &self,
+        kv: &mut KvCache,
+        layer: usize,
+        rows: &[Row],
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Result<(), ForwardError> {
+        host_append(self, kv, layer, rows, k, v)
+    }
+
+    /// Starts attending each row (`q: [rows, n_heads * head_dim]`) over its sequence in
+    /// `layer`; [`Attending::finish`] gives `[rows, n_heads * head_dim]`. Work near the data may
+    /// still run when this returns (the storage engine), so the caller can enqueue the next GPU
+    /// batch before finishing this one.
+    fn begin_attention(
         &self,
         kv: &mut KvCache,
         layer: usize,
         rows: &[Row],
         q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
         ag: &AttentionGeometry,
-    ) -> Result<Self::Tensor, ForwardError> {
-        host_append_and_attend(self, kv, layer, rows, q, k, v, ag)
+    ) -> Result<Attending<Self::Tensor>, ForwardError> {
+        host_begin_attention(self, kv, layer, rows, q, ag)
+    }
+}
+
+/// Attention launched for one GPU batch of one layer.
+pub enum Attending<T> {
+    /// Merged already (the GPU tier's path merges on the device).
+    Done(T),
+    /// Host and disk partials, the storage engine's maybe still streaming; `width` is
+    /// `n_heads * head_dim`.
+    Tiers { near: TierAttention, width: usize },
+}
+
+impl<T> Attending<T> {
+    /// Waits for every part and returns the attention output `[rows, n_heads * head_dim]`.
+    pub fn finish<B: Backend<Tensor = T> + ?Sized>(self, b: &B) -> Result<T, ForwardError> {
+        match self {
+            Attending::Done(t) => Ok(t),
+            Attending::Tiers { near, width } => {
+                let partials = near.join()?;
+                let rows = partials.len();
+                let o: Vec<f32> = partials.into_iter().flat_map(|p| p.o).collect();
+                Ok(b.tensor(rows, width, o)?)
+            }
+        }
     }
 }
 
@@ -171,38 +216,47 @@ impl RuntimeBackend for CudaBackend {
         w.bytes() as u64
     }
 
-    fn append_and_attend(
+    fn append_kv(
+        &self,
+        kv: &mut KvCache,
+        layer: usize,
+        rows: &[Row],
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Result<(), ForwardError> {
+        if !kv.has_gpu_tier() {
+            return host_append(self, kv, layer, rows, k, v);
+        }
+        let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
+        Ok(kv.append_device(layer, &at, k, v)?)
+    }
+
+    fn begin_attention(
         &self,
         kv: &mut KvCache,
         layer: usize,
         rows: &[Row],
         q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
         ag: &AttentionGeometry,
-    ) -> Result<Self::Tensor, ForwardError> {
+    ) -> Result<Attending<Self::Tensor>, ForwardError> {
         if !kv.has_gpu_tier() {
-            return host_append_and_attend(self, kv, layer, rows, q, k, v, ag);
+            return host_begin_attention(self, kv, layer, rows, q, ag);
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        kv.append_device(layer, &at, k, v)?;
-        Ok(kv.attend_device(layer, &at, q, ag)?)
+        Ok(Attending::Done(kv.attend_device(layer, &at, q, ag)?))
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn host_append_and_attend<B: Backend + ?Sized>(
+fn host_append<B: Backend + ?Sized>(
     b: &B,
     kv: &mut KvCache,
     layer: usize,
     rows: &[Row],
-    q: &B::Tensor,
     k: &B::Tensor,
     v: &B::Tensor,
-    ag: &AttentionGeometry,
-) -> Result<B::Tensor, ForwardError> {
-    let (qh, kh, vh) = (b.to_host(q)?, b.to_host(k)?, b.to_host(v)?);
-    let (qd, kvd) = (ag.n_heads * ag.head_dim, ag.n_kv_heads * ag.head_dim);
+) -> Result<(), ForwardError> {
+    let (kh, vh) = (b.to_host(k)?, b.to_host(v)?);
+    let kvd = kh.len() / rows.len().max(1);
     for (r, row) in rows.iter().enumerate() {
         kv.append(
             row.seq,
@@ -212,6 +266,19 @@ fn host_append_and_attend<B: Backend + ?Sized>(
             &vh[r * kvd..(r + 1) * kvd],
         )?;
     }
+    Ok(())
+}
+
+fn host_begin_attention<B: Backend + ?Sized>(
+    b: &B,
+    kv: &mut KvCache,
+    layer: usize,
+    rows: &[Row],
+    q: &B::Tensor,
+    ag: &AttentionGeometry,
+) -> Result<Attending<B::Tensor>, ForwardError> {
+    let qh = b.to_host(q)?;
+    let qd = ag.n_heads * ag.head_dim;
     let queries: Vec<TierQuery<'_>> = rows
         .iter()
         .enumerate()
@@ -221,12 +288,10 @@ fn host_append_and_attend<B: Backend + ?Sized>(
             q: &qh[r * qd..(r + 1) * qd],
         })
         .collect();
-    let attn: Vec<f32> = kv
-        .attend(layer, &queries, ag)?
-        .into_iter()
-        .flat_map(|p| p.o)
-        .collect();
-    Ok(b.tensor(rows.len(), qd, attn)?)
+    Ok(Attending::Tiers {
+        near: kv.attend_begin(layer, &queries, ag)?,
+        width: qd,
+    })
 }
 
 pub struct Transformer<'m, B: RuntimeBackend> {
@@ -242,6 +307,8 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     lm_head: Option<B::Weight>,
     rope: RopeTable,
     attention: AttentionGeometry,
+    /// GPU batches per step (FlexGen's `num_gpu_batches`); 1 runs the whole batch as one.
+    gpu_batches: usize,
     pub timings: LayerTimings,
 }
 
@@ -250,6 +317,9 @@ pub struct Transformer<'m, B: RuntimeBackend> {
 pub struct LayerTimings {
     pub weight_load_s: f64,
     pub weight_bytes_fetched: u64,
+    /// Layers whose weights were loaded or fetched (once per layer per forward pass, whatever
+    /// the number of GPU batches).
+    pub layer_loads: u64,
 }
 
 fn upload<B: Backend>(b: &B, src: &dyn WeightSource, name: WeightName) -> ModelResult<B::Weight> {
@@ -425,8 +495,14 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             embed,
             lm_head,
             attention,
+            gpu_batches: 1,
             timings: LayerTimings::default(),
         })
+    }
+
+    /// Runs each forward pass as `n` GPU batches of whole sequences (at least 1).
+    pub fn set_gpu_batches(&mut self, n: usize) {
+        self.gpu_batches = n.max(1);
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -445,12 +521,13 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         logit_rows: &[usize],
         kv: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
-        let logits = self.forward_logits(rows, logit_rows, kv)?;
-        let flat = self.backend.to_host(&logits)?;
-        Ok(flat
-            .chunks_exact(self.cfg.vocab)
-            .map(<[f32]>::to_vec)
-            .collect())
+        let (parts, order) = self.forward_batches(rows, logit_rows, kv)?;
+        let mut flat = Vec::new();
+        for l in &parts {
+            flat.extend(self.backend.to_host(l)?);
+        }
+        let rows: Vec<&[f32]> = flat.chunks_exact(self.cfg.vocab).collect();
+        Ok(order.iter().map(|&i| rows[i].to_vec()).collect())
     }
 
     /// [`Transformer::forward`] for greedy decoding: the argmax of each logits row, computed
@@ -461,34 +538,79 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         logit_rows: &[usize],
         kv: &mut KvCache,
     ) -> Result<Vec<u32>, ForwardError> {
-        let logits = self.forward_logits(rows, logit_rows, kv)?;
-        Ok(self.backend.argmax_rows(&logits)?)
+        let (parts, order) = self.forward_batches(rows, logit_rows, kv)?;
+        let mut picks = Vec::new();
+        for l in &parts {
+            picks.extend(self.backend.argmax_rows(l)?);
+        }
+        Ok(order.iter().map(|&i| picks[i]).collect())
     }
 
-    /// The logits `[logit_rows.len(), vocab]`, left on the backend.
+    /// The logits `[logit_rows.len(), vocab]`, left on the backend (gathered through the host
+    /// when the rows ran as several GPU batches).
     pub fn forward_logits(
         &mut self,
         rows: &[Row],
         logit_rows: &[usize],
         kv: &mut KvCache,
     ) -> Result<B::Tensor, ForwardError> {
+        let (mut parts, order) = self.forward_batches(rows, logit_rows, kv)?;
+        if parts.len() == 1 && order.iter().enumerate().all(|(j, &i)| i == j) {
+            return Ok(parts.remove(0));
+        }
+        let logits = self.forward_logits_host(&parts, &order)?;
+        Ok(self.backend.tensor(order.len(), self.cfg.vocab, logits)?)
+    }
+
+    fn forward_logits_host(
+        &self,
+        parts: &[B::Tensor],
+        order: &[usize],
+    ) -> Result<Vec<f32>, ForwardError> {
+        let mut flat = Vec::new();
+        for l in parts {
+            flat.extend(self.backend.to_host(l)?);
+        }
+        let v = self.cfg.vocab;
+        Ok(order
+            .iter()
+            .flat_map(|&i| flat[i * v..(i + 1) * v].iter().copied())
+            .collect())
+    }
+
+    /// Runs every layer over the GPU batches of `rows` (FlexGen's block schedule: one layer's
+    /// weights serve every GPU batch before the next layer's). Returns each GPU batch's logits
+    /// `[its logit rows, vocab]` and, for each entry of `logit_rows`, its row in those batches
+    /// laid end to end.
+    fn forward_batches(
+        &mut self,
+        rows: &[Row],
+        logit_rows: &[usize],
+        kv: &mut KvCache,
+    ) -> Result<(Vec<B::Tensor>, Vec<usize>), ForwardError> {
+        let batches = gpu_batches(rows, self.gpu_batches);
         let b = &self.backend;
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        // x: [rows, hidden]
-        let mut x = b.embedding(&self.embed, &tokens)?;
-        if let Some(pe) = &self.pos_embed {
-            // OPT's learned positions start at offset 2.
-            let ids: Vec<u32> = rows.iter().map(|r| (r.pos + 2) as u32).collect();
-            let p = b.embedding(pe, &ids)?;
-            b.add_inplace(&mut x, &p)?;
+        // xs[g]: [rows of GPU batch g, hidden]
+        let mut xs = Vec::with_capacity(batches.len());
+        for r in &batches {
+            let tokens: Vec<u32> = rows[r.clone()].iter().map(|r| r.token).collect();
+            let mut x = b.embedding(&self.embed, &tokens)?;
+            if let Some(pe) = &self.pos_embed {
+                // OPT's learned positions start at offset 2.
+                let ids: Vec<u32> = rows[r.clone()].iter().map(|r| (r.pos + 2) as u32).collect();
+                let p = b.embedding(pe, &ids)?;
+                b.add_inplace(&mut x, &p)?;
+            }
+            xs.push(x);
         }
         // Staged layers: the next layer's copy is enqueued before this layer's kernels (double
-        // buffering: at most two staged layers on the device at a time).
+        // buffering: at most two staged layers on the device at a time), once per step whatever
+        // the number of GPU batches.
         let mut next: Option<FetchedLayer<B>> = match self.layers.first() {
             Some(LayerSlot::Staged(ls)) => Some(self.fetch(ls)?),
             _ => None,
         };
-        let mut fetched_bytes = 0;
+        let (mut fetched_bytes, mut loads) = (0, 0);
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             let prefetch = |next: &mut Option<FetchedLayer<B>>| -> Result<(), ForwardError> {
@@ -497,10 +619,10 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                 }
                 Ok(())
             };
-            match &self.layers[i] {
+            xs = match &self.layers[i] {
                 LayerSlot::Resident(lw) => {
                     prefetch(&mut next)?;
-                    x = self.layer(lw, i, x, rows, kv)?;
+                    self.layer(lw, i, xs, &batches, rows, kv)?
                 }
                 LayerSlot::Staged(ls) => {
                     let (lw, mark, bytes) = match next.take() {
@@ -509,22 +631,45 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                     };
                     b.wait_fetched(&mark)?;
                     fetched_bytes += bytes;
+                    loads += 1;
                     prefetch(&mut next)?;
-                    x = self.layer(&lw, i, x, rows, kv)?;
+                    self.layer(&lw, i, xs, &batches, rows, kv)?
                 }
                 LayerSlot::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
                     self.timings.weight_load_s += t0.elapsed().as_secs_f64();
-                    x = self.layer(&lw, i, x, rows, kv)?;
+                    loads += 1;
+                    self.layer(&lw, i, xs, &batches, rows, kv)?
                 }
-            }
+            };
         }
         self.timings.weight_bytes_fetched += fetched_bytes;
+        self.timings.layer_loads += loads;
         let _span = debug_span!("logits").entered();
-        let last = b.gather_rows(&x, logit_rows)?;
-        let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
-        Ok(b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?)
+        let mut parts = Vec::with_capacity(batches.len());
+        let mut order = vec![0; logit_rows.len()];
+        let mut done = 0;
+        for (x, r) in xs.iter().zip(&batches) {
+            let mine: Vec<(usize, usize)> = logit_rows
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| r.contains(l))
+                .map(|(j, &l)| (j, l - r.start))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            for (k, &(j, _)) in mine.iter().enumerate() {
+                order[j] = done + k;
+            }
+            done += mine.len();
+            let local: Vec<usize> = mine.iter().map(|m| m.1).collect();
+            let last = b.gather_rows(x, &local)?;
+            let h = self.norm(&last, &self.final_norm, self.final_norm_b.as_ref())?;
+            parts.push(b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?);
+        }
+        Ok((parts, order))
     }
 
     /// Starts fetching a staged layer; returns it and the mark to wait for before using it.
@@ -549,18 +694,47 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         })
     }
 
+    /// One layer over every GPU batch with weights `w`. Batch `g`'s attention is launched
+    /// before batch `g - 1` is finished, so attention near the data (the storage engine) for
+    /// one batch runs while the compute device works on the next.
     fn layer(
         &self,
         w: &LayerWeights<B::Weight>,
         layer: usize,
-        mut x: B::Tensor,
+        xs: Vec<B::Tensor>,
+        batches: &[Range<usize>],
         rows: &[Row],
         kv: &mut KvCache,
-    ) -> Result<B::Tensor, ForwardError> {
+    ) -> Result<Vec<B::Tensor>, ForwardError> {
+        let mut out = Vec::with_capacity(xs.len());
+        let mut pending: Option<(B::Tensor, Attending<B::Tensor>)> = None;
+        for (x, r) in xs.into_iter().zip(batches) {
+            let _span = debug_span!("gpu_batch", rows = r.len()).entered();
+            let attending = self.begin_layer(w, layer, &x, &rows[r.clone()], kv)?;
+            if let Some((x, a)) = pending.take() {
+                out.push(self.finish_layer(w, x, a)?);
+            }
+            pending = Some((x, attending));
+        }
+        if let Some((x, a)) = pending {
+            out.push(self.finish_layer(w, x, a)?);
+        }
+        Ok(out)
+    }
+
+    /// The attention block up to the attention itself: projections, RoPE, KV append, and the
+    /// attention launched.
+    fn begin_layer(
+        &self,
+        w: &LayerWeights<B::Weight>,
+        layer: usize,
+        x: &B::Tensor,
+        rows: &[Row],
+        kv: &mut KvCache,
+    ) -> Result<Attending<B::Tensor>, ForwardError> {
         let b = &self.backend;
         let cfg = &self.cfg;
-        // Attention block.
-        let h = self.norm(&x, &w.attn_norm, w.attn_norm_b.as_ref())?;
+        let h = self.norm(x, &w.attn_norm, w.attn_norm_b.as_ref())?;
         let mut q = b.linear(&h, &w.q, w.q_b.as_ref())?; // [rows, heads * head_dim]
         let mut k = b.linear(&h, &w.k, w.k_b.as_ref())?; // [rows, kv_heads * head_dim]
         let v = b.linear(&h, &w.v, w.v_b.as_ref())?;
@@ -569,7 +743,19 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             b.rope(&mut q, cfg.heads, &positions, &self.rope)?;
             b.rope(&mut k, cfg.kv_heads, &positions, &self.rope)?;
         }
-        let attn = b.append_and_attend(kv, layer, rows, &q, &k, &v, &self.attention)?;
+        b.append_kv(kv, layer, rows, &k, &v)?;
+        b.begin_attention(kv, layer, rows, &q, &self.attention)
+    }
+
+    /// The rest of the layer once the attention is in: output projection and MLP.
+    fn finish_layer(
+        &self,
+        w: &LayerWeights<B::Weight>,
+        mut x: B::Tensor,
+        attending: Attending<B::Tensor>,
+    ) -> Result<B::Tensor, ForwardError> {
+        let b = &self.backend;
+        let attn = attending.finish(b)?;
         let o = b.linear(&attn, &w.o, w.o_b.as_ref())?;
         b.add_inplace(&mut x, &o)?;
         // MLP block.
@@ -593,6 +779,25 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         b.add_inplace(&mut x, &out)?;
         Ok(x)
     }
+}
+
+/// Splits `rows` into at most `n` GPU batches of whole sequences (a sequence's rows are
+/// contiguous and in position order in every caller), as even in sequences as possible.
+fn gpu_batches(rows: &[Row], n: usize) -> Vec<Range<usize>> {
+    // Start of each run of one sequence's rows.
+    let starts: Vec<usize> = (0..rows.len())
+        .filter(|&i| i == 0 || rows[i].seq != rows[i - 1].seq)
+        .collect();
+    let n = n.clamp(1, starts.len().max(1));
+    let per = starts.len().div_ceil(n).max(1);
+    let mut out: Vec<Range<usize>> = starts.chunks(per).map(|c| c[0]..rows.len()).collect();
+    for i in 1..out.len() {
+        out[i - 1].end = out[i].start;
+    }
+    if out.is_empty() {
+        out.push(0..rows.len());
+    }
+    out
 }
 
 /// Stages layer `i` in host memory, or streams it when the backend does not stage.

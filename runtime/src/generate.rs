@@ -47,6 +47,8 @@ pub struct GenerateOptions {
     pub gpu: Option<crate::kv::GpuTierConfig>,
     /// Prompt tokens per forward pass during prefill (a long prompt, or many, runs in chunks).
     pub prefill_chunk: usize,
+    /// What a planner policy sets beyond the flags above (GPU batches per step).
+    pub exec: crate::policy_exec::ExecSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +172,9 @@ pub fn run<B: RuntimeBackend>(
     }
     let lines = read_input(&opts.input)?;
     let (out, done) = OutputWriter::open(&opts.output, opts.resume)?;
-    let tf = Transformer::with_residency(backend, model, opts.block_tokens, residency)
+    let mut tf = Transformer::with_residency(backend, model, opts.block_tokens, residency)
         .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
+    tf.set_gpu_batches(opts.exec.gpu_batches);
     let cfg = &model.config;
     let geometry = KvGeometry {
         layers: cfg.layers,

@@ -331,7 +331,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             );
             a.kv_block_tokens = run.block_tokens;
             a.batch_size = run.batch_size.max(1);
-            Some((policy, prediction, run.residency))
+            Some((policy, prediction, run))
         }
     };
     let mut gpu_tier = None;
@@ -366,7 +366,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 None => free as u64 / 100 * 92,
             };
             let rows = a.prefill_chunk;
-            let resident_layers = match planned.as_ref().map(|p| p.2) {
+            let resident_layers = match planned.as_ref().map(|p| p.2.residency) {
                 Some(Residency::Split { resident_layers }) => Some(resident_layers),
                 Some(Residency::Resident) => Some(model.config.layers),
                 Some(Residency::Staged) => Some(0),
@@ -471,6 +471,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 faults: std::env::var("STRATA_FAULTS").ok(),
             }),
         },
+        exec: planned.as_ref().map_or_else(Default::default, |p| p.2.exec),
         hot_policy: SinkAndRecent {
             sink_blocks: a.kv_sink_blocks,
             recent_blocks: a.kv_recent_blocks,
@@ -478,7 +479,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         gpu: gpu_tier,
         prefill_chunk: a.prefill_chunk,
     };
-    let residency = planned.as_ref().map_or(residency, |p| p.2);
+    let residency = planned.as_ref().map_or(residency, |p| p.2.residency);
     let mut stats = match gpu {
         None => generate::run(&model, CpuBackend::new(), residency, &opts)?,
         Some(gpu) => {

@@ -17,11 +17,26 @@ use crate::generate::JobStats;
 use crate::model::{Family, ModelConfig};
 
 /// What the executor takes from a policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Executable {
     pub residency: Residency,
     pub block_tokens: usize,
     pub batch_size: usize,
+    pub exec: ExecSettings,
+}
+
+/// The executor's settings beyond weights and block size. The default is what `generate` does
+/// without `--policy`: the whole batch as one GPU batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExecSettings {
+    /// GPU batches per step (FlexGen's `num_gpu_batches`).
+    pub gpu_batches: usize,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self { gpu_batches: 1 }
+    }
 }
 
 /// The planner's view of a model (`dtype_bytes` for weights; the GPU tier keeps K and V in the
@@ -91,17 +106,16 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
             ));
         }
     }
-    if p.num_gpu_batches != 1 {
-        return Err(format!(
-            "num_gpu_batches = {}: FlexGen's block schedule over several GPU batches is not \
-             built yet (the executor runs the whole batch as one)",
-            p.num_gpu_batches
-        ));
+    if p.num_gpu_batches == 0 {
+        return Err("num_gpu_batches = 0: a step needs at least one GPU batch".into());
     }
     Ok(Executable {
         residency,
         block_tokens: p.kv_block_tokens as usize,
         batch_size: (p.gpu_batch_size * p.num_gpu_batches) as usize,
+        exec: ExecSettings {
+            gpu_batches: p.num_gpu_batches as usize,
+        },
     })
 }
 
@@ -190,7 +204,8 @@ mod tests {
             Ok(Executable {
                 residency: Residency::Resident,
                 block_tokens: 32,
-                batch_size: 8
+                batch_size: 8,
+                exec: ExecSettings { gpu_batches: 1 },
             })
         );
         let staged = Policy {
@@ -208,8 +223,15 @@ mod tests {
         bad.kv.cold = TierSplit::all_on(Tier::Disk);
         bad.attention_disk = Attention::FetchToGpu;
         assert!(executable(&bad, 32).unwrap_err().contains("attention_disk"));
-        let bad = Policy {
+        let blocks = Policy {
+            gpu_batch_size: 2,
             num_gpu_batches: 4,
+            ..p
+        };
+        let run = executable(&blocks, 32).unwrap();
+        assert_eq!((run.batch_size, run.exec.gpu_batches), (8, 4));
+        let bad = Policy {
+            num_gpu_batches: 0,
             ..p
         };
         assert!(

@@ -132,14 +132,32 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
 }
 
 #[test]
-fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
-    let d = Dir::new("refuse");
+fn a_policy_with_several_gpu_batches_runs() {
+    let d = Dir::new("gpu-batches");
     let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
     p["num_gpu_batches"] = serde_json::json!(3);
     p["gpu_batch_size"] = serde_json::json!(1);
+    std::fs::write(
+        d.path("blocks.json"),
+        serde_json::to_string(&v["policy"]).unwrap(),
+    )
+    .unwrap();
+    let run = generate(&d, &d.path("blocks.json"), "g.jsonl");
+    assert!(run.status.success(), "{}", stderr(&run));
+    let records = std::fs::read_to_string(d.path("g.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 3);
+}
+
+#[test]
+fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
+    let d = Dir::new("refuse");
+    let plan = plan_json(&d);
+    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let p = &mut v["policy"];
+    p["weights"] = serde_json::json!({"gpu": 0.5, "host": 0.25, "disk": 0.25});
     std::fs::write(
         d.path("bad.json"),
         serde_json::to_string(&v["policy"]).unwrap(),
@@ -148,7 +166,7 @@ fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let run = generate(&d, &d.path("bad.json"), "c.jsonl");
     assert!(!run.status.success());
     assert!(
-        stderr(&run).contains("num_gpu_batches = 3"),
+        stderr(&run).contains("weights gpu 50% / host 25% / disk 25%"),
         "{}",
         stderr(&run)
     );

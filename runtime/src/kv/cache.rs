@@ -2,6 +2,7 @@
 //! the engine of each tier with the exact LSE merge of their partials.
 
 use std::collections::HashMap;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -12,7 +13,7 @@ use strata_storage::{ArenaSlots, SlotId};
 use strata_kernels::CudaTensor;
 use strata_kernels::cuda::{DevicePartial, SeqBlocks as GpuSeqBlocks};
 
-use super::disk::{DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
+use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
 use super::gpu::{GpuTier, GpuTierConfig};
 use super::policy::PlacementPolicy;
 use super::{KvError, KvGeometry, SeqId};
@@ -89,6 +90,26 @@ pub struct TierQuery<'a> {
     pub seq: SeqId,
     pub pos: usize,
     pub q: &'a [f32],
+}
+
+/// Host and disk attention for one batch of queries, launched by [`KvCache::attend_begin`]: the
+/// host tier's partials are done, the storage engine's may still be streaming.
+pub struct TierAttention {
+    partials: Vec<Partial>,
+    disk: Option<Receiver<AttendReply>>,
+}
+
+impl TierAttention {
+    /// Waits for the storage engine and merges its partials: one partial per query, in order.
+    pub fn join(self) -> Result<Vec<Partial>, KvError> {
+        let mut partials = self.partials;
+        if let Some(rx) = self.disk {
+            for (row, p) in rx.recv().map_err(|_| KvError::WorkerGone)?? {
+                partials[row].merge_in(p);
+            }
+        }
+        Ok(partials)
+    }
 }
 
 pub struct KvCache {
@@ -389,6 +410,20 @@ impl KvCache {
         queries: &[TierQuery<'_>],
         ag: &AttentionGeometry,
     ) -> Result<Vec<Partial>, KvError> {
+        self.attend_begin(layer, queries, ag)?.join()
+    }
+
+    /// [`KvCache::attend`] in two halves: ships the disk tier's queries to the storage engine and
+    /// attends the host tier (on rayon threads) now; the storage engine's partials are merged
+    /// by [`TierAttention::join`], so the caller can compute something else (the next GPU
+    /// batch) while the disk worker streams. The host half runs here, not at `join`, because a
+    /// later append may spill the blocks it reads.
+    pub fn attend_begin(
+        &mut self,
+        layer: usize,
+        queries: &[TierQuery<'_>],
+        ag: &AttentionGeometry,
+    ) -> Result<TierAttention, KvError> {
         let mut seqs: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
@@ -453,15 +488,13 @@ impl KvCache {
         let threads = rayon::current_num_threads().max(1);
         let max_blocks = views.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let splits = (2 * threads).div_ceil(queries.len().max(1)).max(1);
-        let mut partials = attend_batch(&host_queries, ag, max_blocks.div_ceil(splits));
+        let partials = attend_batch(&host_queries, ag, max_blocks.div_ceil(splits));
         self.metrics.host_attention_seconds += t0.elapsed().as_secs_f64();
 
-        if let Some(rx) = pending {
-            for (row, p) in rx.recv().map_err(|_| KvError::WorkerGone)?? {
-                partials[row].merge_in(p);
-            }
-        }
-        Ok(partials)
+        Ok(TierAttention {
+            partials,
+            disk: pending,
+        })
     }
 
     fn host_views(&self, seq: SeqId, layer: usize) -> Vec<KvBlockView<'_>> {

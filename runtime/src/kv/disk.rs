@@ -54,7 +54,7 @@ pub(crate) struct DiskGroup {
     pub blocks: Vec<DiskBlock>,
 }
 
-type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
+pub(crate) type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
 
 enum Command {
     Write(Vec<(u32, Vec<u8>)>),

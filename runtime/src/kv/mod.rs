@@ -24,7 +24,7 @@ mod disk;
 mod gpu;
 pub mod policy;
 
-pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierQuery};
+pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierAttention, TierQuery};
 pub use disk::DiskTierConfig;
 pub use gpu::GpuTierConfig;
 pub use strata_storage::IoEngine;
