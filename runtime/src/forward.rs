@@ -20,14 +20,15 @@ use std::time::Instant;
 
 use strata_kernels::cuda::{Fetched, PinnedWeight};
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, CudaBackend, CudaWeight, HostWeight, RopeTable,
+    AttentionGeometry, Backend, CpuBackend, CudaBackend, CudaWeight, HostWeight, Partial, RopeTable,
 };
 
 type KernelResult<T> = strata_kernels::Result<T>;
 use tracing::debug_span;
 
 use crate::error::ModelResult;
-use crate::kv::{KvCache, KvError, SeqId, TierAttention, TierQuery};
+use crate::far_attention::{KvProjection, attend_far, recompute};
+use crate::kv::{FarBlock, KvCache, KvError, SeqId, TierAttention, TierQuery};
 use crate::model::{Family, LayerTensor, Model, ModelConfig, WeightName, WeightSource};
 
 /// One token of one sequence at one position.
@@ -123,7 +124,8 @@ pub trait RuntimeBackend: Backend {
     fn wait_fetched(&self, mark: &Self::Fetched) -> KernelResult<()>;
     fn staged_bytes(&self, w: &Self::Staged) -> u64;
 
-    /// Appends the rows' K and V (`[rows, kv_heads * head_dim]`) to `layer` of the cache.
+    /// Appends the rows' K and V (`[rows, kv_heads * head_dim]`) to `layer` of the cache, with
+    /// the layer's input `x: [rows, hidden]` when the cache stores hidden states for recompute.
     fn append_kv(
         &self,
         kv: &mut KvCache,
@@ -131,14 +133,19 @@ pub trait RuntimeBackend: Backend {
         rows: &[Row],
         k: &Self::Tensor,
         v: &Self::Tensor,
+        x: Option<&Self::Tensor>,
     ) -> Result<(), ForwardError> {
-        host_append(self, kv, layer, rows, k, v)
+        host_append(self, kv, layer, rows, k, v, x)
     }
 
     /// Starts attending each row (`q: [rows, n_heads * head_dim]`) over its sequence in
     /// `layer`; [`Attending::finish`] gives `[rows, n_heads * head_dim]`. Work near the data may
     /// still run when this returns (the storage engine), so the caller can enqueue the next GPU
     /// batch before finishing this one.
+    ///
+    /// `far` are the blocks [`KvCache::gather_far`] took out of the host and disk tiers (K and V,
+    /// recomputed already where they were hidden states): they are attended here, on the compute
+    /// device, and merged with the rest.
     fn begin_attention(
         &self,
         kv: &mut KvCache,
@@ -146,8 +153,9 @@ pub trait RuntimeBackend: Backend {
         rows: &[Row],
         q: &Self::Tensor,
         ag: &AttentionGeometry,
+        far: Vec<FarBlock>,
     ) -> Result<Attending<Self::Tensor>, ForwardError> {
-        host_begin_attention(self, kv, layer, rows, q, ag)
+        host_begin_attention(self, kv, layer, rows, q, ag, &far)
     }
 }
 
@@ -155,9 +163,13 @@ pub trait RuntimeBackend: Backend {
 pub enum Attending<T> {
     /// Merged already (the GPU tier's path merges on the device).
     Done(T),
-    /// Host and disk partials, the storage engine's maybe still streaming; `width` is
-    /// `n_heads * head_dim`.
-    Tiers { near: TierAttention, width: usize },
+    /// Host and disk partials, the storage engine's maybe still streaming, and the partials of
+    /// the far blocks (one per row); `width` is `n_heads * head_dim`.
+    Tiers {
+        near: TierAttention,
+        far: Vec<Partial>,
+        width: usize,
+    },
 }
 
 impl<T> Attending<T> {
@@ -165,8 +177,11 @@ impl<T> Attending<T> {
     pub fn finish<B: Backend<Tensor = T> + ?Sized>(self, b: &B) -> Result<T, ForwardError> {
         match self {
             Attending::Done(t) => Ok(t),
-            Attending::Tiers { near, width } => {
-                let partials = near.join()?;
+            Attending::Tiers { near, far, width } => {
+                let mut partials = near.join()?;
+                for (p, f) in partials.iter_mut().zip(far) {
+                    p.merge_in(f);
+                }
                 let rows = partials.len();
                 let o: Vec<f32> = partials.into_iter().flat_map(|p| p.o).collect();
                 Ok(b.tensor(rows, width, o)?)
@@ -223,9 +238,10 @@ impl RuntimeBackend for CudaBackend {
         rows: &[Row],
         k: &Self::Tensor,
         v: &Self::Tensor,
+        x: Option<&Self::Tensor>,
     ) -> Result<(), ForwardError> {
         if !kv.has_gpu_tier() {
-            return host_append(self, kv, layer, rows, k, v);
+            return host_append(self, kv, layer, rows, k, v, x);
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
         Ok(kv.append_device(layer, &at, k, v)?)
@@ -238,12 +254,13 @@ impl RuntimeBackend for CudaBackend {
         rows: &[Row],
         q: &Self::Tensor,
         ag: &AttentionGeometry,
+        far: Vec<FarBlock>,
     ) -> Result<Attending<Self::Tensor>, ForwardError> {
         if !kv.has_gpu_tier() {
-            return host_begin_attention(self, kv, layer, rows, q, ag);
+            return host_begin_attention(self, kv, layer, rows, q, ag, &far);
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        Ok(Attending::Done(kv.attend_device(layer, &at, q, ag)?))
+        Ok(Attending::Done(kv.attend_device(layer, &at, q, ag, &far)?))
     }
 }
 
@@ -254,16 +271,20 @@ fn host_append<B: Backend + ?Sized>(
     rows: &[Row],
     k: &B::Tensor,
     v: &B::Tensor,
+    x: Option<&B::Tensor>,
 ) -> Result<(), ForwardError> {
     let (kh, vh) = (b.to_host(k)?, b.to_host(v)?);
-    let kvd = kh.len() / rows.len().max(1);
+    let xh = x.map(|x| b.to_host(x)).transpose()?;
+    let n = rows.len().max(1);
+    let (kvd, xd) = (kh.len() / n, xh.as_ref().map_or(0, |x| x.len() / n));
     for (r, row) in rows.iter().enumerate() {
-        kv.append(
+        kv.append_with_hidden(
             row.seq,
             layer,
             row.pos,
             &kh[r * kvd..(r + 1) * kvd],
             &vh[r * kvd..(r + 1) * kvd],
+            xh.as_ref().map(|x| &x[r * xd..(r + 1) * xd]),
         )?;
     }
     Ok(())
@@ -276,6 +297,7 @@ fn host_begin_attention<B: Backend + ?Sized>(
     rows: &[Row],
     q: &B::Tensor,
     ag: &AttentionGeometry,
+    far: &[FarBlock],
 ) -> Result<Attending<B::Tensor>, ForwardError> {
     let qh = b.to_host(q)?;
     let qd = ag.n_heads * ag.head_dim;
@@ -290,6 +312,7 @@ fn host_begin_attention<B: Backend + ?Sized>(
         .collect();
     Ok(Attending::Tiers {
         near: kv.attend_begin(layer, &queries, ag)?,
+        far: attend_far(&queries, far, ag),
         width: qd,
     })
 }
@@ -743,8 +766,24 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             b.rope(&mut q, cfg.heads, &positions, &self.rope)?;
             b.rope(&mut k, cfg.kv_heads, &positions, &self.rope)?;
         }
-        b.append_kv(kv, layer, rows, &k, &v)?;
-        b.begin_attention(kv, layer, rows, &q, &self.attention)
+        let hidden = kv.wants_hidden().then_some(x);
+        b.append_kv(kv, layer, rows, &k, &v, hidden)?;
+        // Far blocks: fetched KV, and hidden states turned back into K and V here.
+        let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.seq).collect();
+        seqs.dedup();
+        let mut far = kv.gather_far(layer, &seqs)?;
+        let proj = KvProjection {
+            norm: &w.attn_norm,
+            norm_b: w.attn_norm_b.as_ref(),
+            k: &w.k,
+            k_b: w.k_b.as_ref(),
+            v: &w.v,
+            v_b: w.v_b.as_ref(),
+        };
+        let bt = self.attention.block_tokens;
+        let tokens = recompute(b, &proj, cfg, &self.rope, bt, &mut far)?;
+        kv.note_recomputed(tokens);
+        b.begin_attention(kv, layer, rows, &q, &self.attention, far)
     }
 
     /// The rest of the layer once the attention is in: output projection and MLP.

@@ -47,7 +47,8 @@ pub struct GenerateOptions {
     pub gpu: Option<crate::kv::GpuTierConfig>,
     /// Prompt tokens per forward pass during prefill (a long prompt, or many, runs in chunks).
     pub prefill_chunk: usize,
-    /// What a planner policy sets beyond the flags above (GPU batches per step).
+    /// What a planner policy sets beyond the flags above (GPU batches per step, where cold KV is
+    /// attended, the recompute share).
     pub exec: crate::policy_exec::ExecSettings,
 }
 
@@ -214,6 +215,8 @@ pub fn run<B: RuntimeBackend>(
         next_seq: 0,
         progress,
     };
+    job.kv
+        .set_executor(opts.exec.routes, opts.exec.recompute, cfg.hidden)?;
     job.stats.backend = job.tf.backend_name().to_string();
     let pending = job.skip_done(lines, &done)?;
     job.schedule(pending)?;

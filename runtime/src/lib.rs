@@ -4,6 +4,7 @@
 
 pub mod calibrate;
 pub mod error;
+mod far_attention;
 pub mod forward;
 pub mod generate;
 pub mod gpu_budget;

@@ -10,10 +10,11 @@
 //! a run never claims to follow a policy it does not.
 
 use serde::Serialize;
-use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier};
+use strata_planner::{MlpKind, ModelSpec, Policy, Prediction, Tier};
 
 use crate::forward::Residency;
 use crate::generate::JobStats;
+use crate::kv::AttentionRoutes;
 use crate::model::{Family, ModelConfig};
 
 /// What the executor takes from a policy.
@@ -26,16 +27,25 @@ pub struct Executable {
 }
 
 /// The executor's settings beyond weights and block size. The default is what `generate` does
-/// without `--policy`: the whole batch as one GPU batch.
+/// without `--policy`: the whole batch as one GPU batch, KV attended where it lives, no
+/// recompute.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExecSettings {
     /// GPU batches per step (FlexGen's `num_gpu_batches`).
     pub gpu_batches: usize,
+    /// Share of the host and disk tiers' KV attended near the data (the rest is fetched).
+    pub routes: AttentionRoutes,
+    /// Share of full KV blocks stored as the layer's input hidden states.
+    pub recompute: f64,
 }
 
 impl Default for ExecSettings {
     fn default() -> Self {
-        Self { gpu_batches: 1 }
+        Self {
+            gpu_batches: 1,
+            routes: AttentionRoutes::default(),
+            recompute: 0.0,
+        }
     }
 }
 
@@ -83,29 +93,7 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
             w.disk * 100.0
         ));
     };
-    for tier in Tier::ALL {
-        if p.recompute.get(tier) > 0.0 {
-            return Err(format!(
-                "recompute.{} = {}: recomputing KV from stored hidden states is not built yet",
-                tier.name(),
-                p.recompute.get(tier)
-            ));
-        }
-    }
-    for (tier, a) in [
-        (Tier::Host, p.attention_host),
-        (Tier::Disk, p.attention_disk),
-    ] {
-        if p.kv.cold.get(tier) > 0.0 && a != Attention::AttendNear {
-            return Err(format!(
-                "attention_{} = {}: the executor attends {} KV where it lives; fetching it to \
-                 the GPU is not built yet",
-                tier.name(),
-                a.describe(),
-                tier.name()
-            ));
-        }
-    }
+    let recompute = recompute_share(p)?;
     if p.num_gpu_batches == 0 {
         return Err("num_gpu_batches = 0: a step needs at least one GPU batch".into());
     }
@@ -115,8 +103,38 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
         batch_size: (p.gpu_batch_size * p.num_gpu_batches) as usize,
         exec: ExecSettings {
             gpu_batches: p.num_gpu_batches as usize,
+            routes: AttentionRoutes {
+                host_near: p.attention_host.near_fraction(),
+                disk_near: p.attention_disk.near_fraction(),
+            },
+            recompute,
         },
     })
+}
+
+/// The executor decides once per block, when it fills, whether it keeps hidden states, before
+/// knowing which tier it will end up in: one share for every cold block. Per-tier shares run
+/// when they agree, or when only one tier holds cold KV (or recompute applies to the GPU tier's
+/// cold share only when all of it is there).
+fn recompute_share(p: &Policy) -> Result<f64, String> {
+    let holding: Vec<Tier> = Tier::ALL
+        .into_iter()
+        .filter(|&t| p.kv.cold.get(t) > 0.0)
+        .collect();
+    let shares: Vec<f64> = holding.iter().map(|&t| p.recompute.get(t)).collect();
+    let first = shares.first().copied().unwrap_or(0.0);
+    if shares.iter().all(|&r| (r - first).abs() < 1e-9) {
+        return Ok(first);
+    }
+    let listed: Vec<String> = holding
+        .iter()
+        .map(|t| format!("recompute.{} = {}", t.name(), p.recompute.get(*t)))
+        .collect();
+    Err(format!(
+        "{}: different recompute shares for tiers that all hold cold KV are not built yet (the \
+         executor stores hidden states for one share of every cold block)",
+        listed.join(", ")
+    ))
 }
 
 /// The prediction beside what the run measured.
@@ -175,7 +193,7 @@ impl PolicyCheck {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use strata_planner::{KvPlacement, PerTier, TierSplit};
+    use strata_planner::{Attention, KvPlacement, PerTier, TierSplit};
 
     fn gpu_only() -> Policy {
         Policy {
@@ -205,7 +223,7 @@ mod tests {
                 residency: Residency::Resident,
                 block_tokens: 32,
                 batch_size: 8,
-                exec: ExecSettings { gpu_batches: 1 },
+                exec: ExecSettings::default(),
             })
         );
         let staged = Policy {
@@ -216,13 +234,26 @@ mod tests {
             executable(&staged, 32).unwrap().residency,
             Residency::Staged
         );
-        let mut bad = p;
-        bad.recompute.disk = 0.5;
+        let mut fetch = p;
+        fetch.kv.cold = TierSplit::all_on(Tier::Disk);
+        fetch.attention_disk = Attention::FetchToGpu;
+        fetch.attention_host = Attention::Split {
+            near_fraction: 0.25,
+        };
+        fetch.recompute.disk = 0.5;
+        let run = executable(&fetch, 32).unwrap();
+        assert_eq!(
+            (run.exec.routes.host_near, run.exec.routes.disk_near),
+            (0.25, 0.0)
+        );
+        assert_eq!(run.exec.recompute, 0.5);
+        let mut bad = fetch;
+        bad.kv.cold = TierSplit {
+            gpu: 0.0,
+            host: 0.5,
+            disk: 0.5,
+        };
         assert!(executable(&bad, 32).unwrap_err().contains("recompute.disk"));
-        let mut bad = p;
-        bad.kv.cold = TierSplit::all_on(Tier::Disk);
-        bad.attention_disk = Attention::FetchToGpu;
-        assert!(executable(&bad, 32).unwrap_err().contains("attention_disk"));
         let blocks = Policy {
             gpu_batch_size: 2,
             num_gpu_batches: 4,

@@ -1,20 +1,26 @@
 //! Placement equivalence over the planner's policy space, on the CPU: every executor setting a
 //! `--policy` can ask for gives the same greedy tokens as the all-in-memory run, and
-//! last-prompt-position logits within 1e-5 relative (float rounding of the LSE merges).
+//! last-prompt-position logits within 1e-5 relative (float rounding of the LSE merges; recompute
+//! regenerates K and V in a batch of a different shape).
 //!
 //! Grid covered, on the golden fixtures `llama-gqa`, `qwen2-tied` and `opt` (4 ragged prompts run
-//! one at a time and then as one batch; KV blocks of 4 tokens):
-//! - `num_gpu_batches` 1, 2, 3 and 4 (FlexGen's block schedule), with all KV in host memory
-//!   and with a 10-block host budget over a disk tier (most KV on disk);
-//! - weights streamed layer by layer: one load per layer per forward pass whatever the number
-//!   of GPU batches.
+//! one at a time and then as one batch; KV blocks of 4 tokens), every combination of:
+//! - `num_gpu_batches` 1, 2 and 4 (FlexGen's block schedule);
+//! - KV all in host memory, or a 10-block host budget over a disk tier (most KV on disk);
+//! - cold KV attended near the data, fetched to the compute device, or split half and half
+//!   (`attention_host` = `attention_disk`);
+//! - recompute shares 0, 0.5 and 1 (hidden states stored instead of K and V).
+//!
+//! Plus: SmolLM2-135M (when present) with 2 GPU batches, KV mostly on disk, fetch and split; its
+//! hidden states outgrow K and V (GQA), so recompute is refused naming the field. And weights
+//! streamed layer by layer load once per layer per step whatever the number of GPU batches.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 
 use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{DiskTierConfig, IoEngine};
+use strata_runtime::kv::{AttentionRoutes, DiskTierConfig, IoEngine};
 use strata_runtime::model;
 use strata_tests::{Engine, Placement, fixture};
 
@@ -29,7 +35,17 @@ struct Point {
     gpu_batches: usize,
     /// Host KV budget in blocks, over a disk tier (`None`: everything in host memory).
     host_blocks: Option<usize>,
+    /// Fraction of host and disk KV attended near the data (the rest fetched).
+    near: f64,
+    recompute: f64,
 }
+
+const ALL_IN_MEMORY: Point = Point {
+    gpu_batches: 1,
+    host_blocks: None,
+    near: 1.0,
+    recompute: 0.0,
+};
 
 fn disk(tag: &str) -> DiskTierConfig {
     let dir: PathBuf =
@@ -58,7 +74,14 @@ fn prompts_of(name: &str) -> (String, Vec<Vec<u32>>, usize) {
 }
 
 /// Greedy results of `prompts` one at a time, then as one batch, at `point`.
-fn run(spec: &str, prompts: &[Vec<u32>], n: usize, point: Point, tag: &str) -> Vec<Greedy> {
+fn run(
+    spec: &str,
+    prompts: &[Vec<u32>],
+    n: usize,
+    bt: usize,
+    point: Point,
+    tag: &str,
+) -> Vec<Greedy> {
     let m = model::open(spec).unwrap();
     let placement = Placement {
         host_blocks: point.host_blocks,
@@ -69,8 +92,14 @@ fn run(spec: &str, prompts: &[Vec<u32>], n: usize, point: Point, tag: &str) -> V
             recent_blocks: 1,
         },
     };
-    let mut e = Engine::with_placement(&m, 4, true, placement);
+    let mut e = Engine::with_placement(&m, bt, true, placement);
     e.tf.set_gpu_batches(point.gpu_batches);
+    let routes = AttentionRoutes {
+        host_near: point.near,
+        disk_near: point.near,
+    };
+    e.kv.set_executor(routes, point.recompute, m.config.hidden)
+        .unwrap();
     let mut out: Vec<_> = prompts
         .iter()
         .map(|p| e.greedy_batch(std::slice::from_ref(p), n).remove(0))
@@ -84,6 +113,19 @@ fn run(spec: &str, prompts: &[Vec<u32>], n: usize, point: Point, tag: &str) -> V
     );
     if point.host_blocks.is_some() {
         assert!(k.spilled_blocks > 0, "{tag}: nothing reached the disk tier");
+    }
+    // Each mechanism ran (the grid would prove nothing if a setting were ignored).
+    if point.near < 1.0 && point.recompute < 1.0 {
+        // (At recompute 1 every full block holds hidden states: no KV is left to fetch.)
+        assert!(k.fetched_blocks > 0, "{tag} {point:?}: nothing was fetched");
+    }
+    if point.recompute > 0.0 {
+        assert!(
+            k.hidden_blocks_stored > 0 && k.recomputed_tokens > 0 && k.bytes_hidden_read > 0,
+            "{tag} {point:?}: nothing was recomputed ({k:?})"
+        );
+    } else {
+        assert_eq!(k.hidden_blocks_stored, 0);
     }
     out
 }
@@ -105,31 +147,78 @@ fn assert_same(reference: &[Greedy], got: &[Greedy], what: &str) {
 fn check_grid(points: &[Point]) {
     for name in FIXTURES {
         let (spec, prompts, n) = prompts_of(name);
-        let all_in_memory = Point {
-            gpu_batches: 1,
-            host_blocks: None,
-        };
-        let reference = run(&spec, &prompts, n, all_in_memory, name);
+        let reference = run(&spec, &prompts, n, 4, ALL_IN_MEMORY, name);
         for (i, &p) in points.iter().enumerate() {
             let tag = format!("{name}-{i}");
-            let got = run(&spec, &prompts, n, p, &tag);
+            let got = run(&spec, &prompts, n, 4, p, &tag);
             assert_same(&reference, &got, &format!("{name} {p:?}"));
         }
     }
 }
 
 #[test]
-fn gpu_batches_give_the_same_tokens_in_memory_and_on_disk() {
+fn every_policy_in_the_grid_gives_the_same_tokens() {
     let mut points = Vec::new();
-    for gpu_batches in [1, 2, 3, 4] {
+    for gpu_batches in [1, 2, 4] {
         for host_blocks in [None, Some(10)] {
-            points.push(Point {
-                gpu_batches,
-                host_blocks,
-            });
+            for near in [1.0, 0.0, 0.5] {
+                for recompute in [0.0, 0.5, 1.0] {
+                    points.push(Point {
+                        gpu_batches,
+                        host_blocks,
+                        near,
+                        recompute,
+                    });
+                }
+            }
         }
     }
     check_grid(&points);
+}
+
+#[test]
+fn smollm2_gives_the_same_tokens_fetched_split_and_in_gpu_batches() {
+    let path =
+        strata_tests::workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        assert!(
+            std::env::var("STRATA_REQUIRE_SMOLLM2").as_deref() != Ok("1"),
+            "{} is missing",
+            path.display()
+        );
+        eprintln!(
+            "skipped: {} is missing (run scripts/get-smollm2.sh)",
+            path.display()
+        );
+        return;
+    }
+    let spec = path.to_str().unwrap();
+    let reference = strata_tests::read_json(&fixture("smollm2/reference.json"));
+    let prompts: Vec<Vec<u32>> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
+        .collect();
+    let want = run(spec, &prompts, 6, 8, ALL_IN_MEMORY, "smollm2");
+    for near in [0.0, 0.5] {
+        // 30 layers x 4 sequences = 120 writable blocks; 130 keeps most of the rest on disk.
+        let p = Point {
+            gpu_batches: 2,
+            host_blocks: Some(130),
+            near,
+            recompute: 0.0,
+        };
+        let got = run(spec, &prompts, 6, 8, p, &format!("smollm2-{near}"));
+        assert_same(&want, &got, &format!("smollm2 {p:?}"));
+    }
+    let m = model::open(spec).unwrap();
+    let mut e = Engine::new(&m, 8);
+    let err =
+        e.kv.set_executor(AttentionRoutes::default(), 0.5, m.config.hidden)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("recompute"), "{err}");
 }
 
 #[test]

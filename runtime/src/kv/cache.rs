@@ -14,6 +14,7 @@ use strata_kernels::CudaTensor;
 use strata_kernels::cuda::{DevicePartial, SeqBlocks as GpuSeqBlocks};
 
 use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
+use super::far::{self, AttentionRoutes, FarBlock};
 use super::gpu::{GpuTier, GpuTierConfig};
 use super::policy::PlacementPolicy;
 use super::{KvError, KvGeometry, SeqId};
@@ -60,6 +61,19 @@ pub struct KvMetrics {
     pub host_attention_seconds: f64,
     pub storage_attention_seconds: f64,
     pub disk_write_seconds: f64,
+    /// Host and disk KV blocks fetched to the compute device (policy `FetchToGpu`/`Split`), and
+    /// their bytes.
+    pub fetched_blocks: u64,
+    pub bytes_fetched: u64,
+    /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
+    pub hidden_blocks_stored: u64,
+    pub bytes_hidden_stored: u64,
+    pub bytes_kv_not_stored: u64,
+    /// Hidden-state bytes read back to recompute from, tokens whose K and V were recomputed,
+    /// and the K+V bytes regenerated.
+    pub bytes_hidden_read: u64,
+    pub recomputed_tokens: u64,
+    pub bytes_kv_recomputed: u64,
 }
 
 enum Loc {
@@ -70,9 +84,19 @@ enum Loc {
     Disk(u32),
 }
 
+fn is_host(l: &Loc) -> bool {
+    matches!(l, Loc::Host(_))
+}
+
+fn is_disk(l: &Loc) -> bool {
+    matches!(l, Loc::Disk(_))
+}
+
 struct Block {
     loc: Loc,
     filled: usize,
+    /// Holds the layer's input hidden states `[block_tokens, d_model] f32` instead of K and V.
+    hidden: bool,
 }
 
 struct SeqBlocks {
@@ -122,6 +146,14 @@ pub struct KvCache {
     seqs: HashMap<SeqId, SeqBlocks>,
     policy: Box<dyn PlacementPolicy>,
     metrics: KvMetrics,
+    /// Where the host and disk tiers' blocks are attended ([`super::far`]).
+    routes: AttentionRoutes,
+    /// Share of full blocks stored as hidden states, and `d_model` (0: none).
+    recompute: f64,
+    d_model: usize,
+    /// `(seq, layer)` → hidden states `[filled, d_model]` of its writable block, kept while
+    /// recompute is on so the block can switch to hidden states once full.
+    writable_hidden: HashMap<(SeqId, usize), Vec<f32>>,
 }
 
 impl KvCache {
@@ -157,7 +189,47 @@ impl KvCache {
             seqs: HashMap::new(),
             policy: cfg.policy,
             metrics,
+            routes: AttentionRoutes::default(),
+            recompute: 0.0,
+            d_model: 0,
+            writable_hidden: HashMap::new(),
         })
+    }
+
+    /// Sets where cold blocks are attended and the share stored as hidden states of `d_model`
+    /// values per token (a planner policy's `attention_*` and `recompute.*`).
+    pub fn set_executor(
+        &mut self,
+        routes: AttentionRoutes,
+        recompute: f64,
+        d_model: usize,
+    ) -> Result<(), KvError> {
+        if recompute > 0.0 {
+            if self.gpu.is_some() {
+                return Err(KvError::Unsupported(format!(
+                    "recompute = {recompute}: storing hidden states with a GPU KV tier is not \
+                     built yet (run without --gpu-kv-mem room, or recompute 0)"
+                )));
+            }
+            let need = self.g.block_tokens * d_model * 4;
+            if need > self.g.bytes_per_block() {
+                return Err(KvError::Unsupported(format!(
+                    "recompute = {recompute}: this model's hidden states ({d_model} values per \
+                     token) take more room than its K and V ({} values), so a KV block cannot \
+                     hold them; use recompute 0",
+                    2 * self.g.kv_heads * self.g.head_dim
+                )));
+            }
+        }
+        self.routes = routes;
+        self.recompute = recompute;
+        self.d_model = d_model;
+        Ok(())
+    }
+
+    /// Whether the executor stores hidden states (then appends must pass them).
+    pub fn wants_hidden(&self) -> bool {
+        self.recompute > 0.0
     }
 
     pub fn geometry(&self) -> KvGeometry {
@@ -197,6 +269,7 @@ impl KvCache {
 
     /// Frees every block of `seq`, in every tier.
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<(), KvError> {
+        self.writable_hidden.retain(|k, _| k.0 != seq);
         let Some(s) = self.seqs.remove(&seq) else {
             return Ok(());
         };
@@ -247,6 +320,20 @@ impl KvCache {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), KvError> {
+        self.append_with_hidden(seq, layer, pos, k, v, None)
+    }
+
+    /// [`KvCache::append`] with the layer's input hidden states `h: [d_model]` of the token, which
+    /// a block chosen for recompute keeps instead of K and V once it is full.
+    pub fn append_with_hidden(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+        h: Option<&[f32]>,
+    ) -> Result<(), KvError> {
         let next = self.len(seq, layer);
         if !self.seqs.contains_key(&seq) {
             return Err(KvError::UnknownSequence(seq));
@@ -269,6 +356,7 @@ impl KvCache {
                 .push(Block {
                     loc: Loc::Host(slot),
                     filled: 0,
+                    hidden: false,
                 });
         }
         let s = self
@@ -285,6 +373,7 @@ impl KvCache {
         };
         let t = block.filled;
         block.filled += 1;
+        let j = s.layers[layer].len() - 1;
         let data = self.host.slot_f32_mut(slot);
         let (kd, vd) = data.split_at_mut(g.block_elems());
         for h in 0..g.kv_heads {
@@ -292,6 +381,50 @@ impl KvCache {
             kd[dst..dst + g.head_dim].copy_from_slice(&k[h * g.head_dim..(h + 1) * g.head_dim]);
             vd[dst..dst + g.head_dim].copy_from_slice(&v[h * g.head_dim..(h + 1) * g.head_dim]);
         }
+        if self.recompute > 0.0 {
+            self.keep_hidden(seq, layer, j, t, slot, h)?;
+        }
+        Ok(())
+    }
+
+    /// Collects the writable block's hidden states; when block `j` is full and chosen for
+    /// recompute, its slot switches from K and V to them.
+    fn keep_hidden(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        j: usize,
+        t: usize,
+        slot: SlotId,
+        h: Option<&[f32]>,
+    ) -> Result<(), KvError> {
+        let d = self.d_model;
+        let Some(h) = h.filter(|h| h.len() == d) else {
+            return Err(KvError::Unsupported(format!(
+                "recompute: the append of layer {layer} carried no hidden states of {d} values"
+            )));
+        };
+        let buf = self.writable_hidden.entry((seq, layer)).or_default();
+        if t == 0 {
+            buf.clear();
+        }
+        buf.extend_from_slice(h);
+        let bt = self.g.block_tokens;
+        if t + 1 < bt || !far::stores_hidden(j, self.recompute) {
+            return Ok(());
+        }
+        let hidden = std::mem::take(buf);
+        self.host.slot_f32_mut(slot)[..bt * d].copy_from_slice(&hidden);
+        if let Some(b) = self
+            .seqs
+            .get_mut(&seq)
+            .and_then(|s| s.layers[layer].get_mut(j))
+        {
+            b.hidden = true;
+        }
+        self.metrics.hidden_blocks_stored += 1;
+        self.metrics.bytes_hidden_stored += (bt * d * 4) as u64;
+        self.metrics.bytes_kv_not_stored += self.g.bytes_per_block() as u64;
         Ok(())
     }
 
@@ -437,9 +570,11 @@ impl KvCache {
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
+            let far = self.far_mask(blocks);
             let disk_blocks: Vec<DiskBlock> = blocks
                 .iter()
                 .enumerate()
+                .filter(|(j, _)| !far[*j])
                 .filter_map(|(j, b)| match b.loc {
                     Loc::Disk(slot) => Some(DiskBlock {
                         slot,
@@ -497,14 +632,104 @@ impl KvCache {
         })
     }
 
+    /// Per block of one `(seq, layer)`: attended on the compute device (hidden states, or KV the
+    /// routes fetch) rather than where it lives. GPU blocks are never far.
+    fn far_mask(&self, blocks: &[Block]) -> Vec<bool> {
+        let mut mask = vec![false; blocks.len()];
+        for (tier_is, near) in [
+            (is_host as fn(&Loc) -> bool, self.routes.host_near),
+            (is_disk, self.routes.disk_near),
+        ] {
+            let kv: Vec<usize> = (0..blocks.len())
+                .filter(|&j| tier_is(&blocks[j].loc) && !blocks[j].hidden)
+                .collect();
+            for &j in &kv[far::near_count(kv.len(), near)..] {
+                mask[j] = true;
+            }
+        }
+        for (m, b) in mask.iter_mut().zip(blocks) {
+            *m |= b.hidden;
+        }
+        mask
+    }
+
+    /// The far blocks of `seqs` in `layer` (see [`KvCache::far_mask`]), copied out of the host
+    /// tier or read back from the disk tier, in each sequence's position order. The attention
+    /// that follows ([`KvCache::attend_begin`], [`KvCache::attend_device`]) skips them.
+    pub fn gather_far(&mut self, layer: usize, seqs: &[SeqId]) -> Result<Vec<FarBlock>, KvError> {
+        if self.routes == AttentionRoutes::default() && self.recompute == 0.0 {
+            return Ok(Vec::new());
+        }
+        if let Some(t) = &mut self.gpu {
+            // Host blocks read below may still be landing from a GPU spill.
+            t.settle()?;
+        }
+        let (bt, e, d) = (self.g.block_tokens, self.g.block_elems(), self.d_model);
+        let mut out = Vec::new();
+        let mut disk_reads: Vec<(usize, u32)> = Vec::new();
+        for &seq in seqs {
+            let blocks = &self
+                .seqs
+                .get(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer];
+            let far = self.far_mask(blocks);
+            for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
+                let values = if b.hidden { b.filled * d } else { 2 * e };
+                let data = match b.loc {
+                    Loc::Host(slot) => self.host.slot_f32(slot)[..values].to_vec(),
+                    Loc::Disk(slot) => {
+                        disk_reads.push((out.len(), slot));
+                        Vec::new()
+                    }
+                    Loc::Gpu(_) => continue,
+                };
+                out.push(FarBlock {
+                    seq,
+                    start_pos: j * bt,
+                    len: b.filled,
+                    hidden: b.hidden,
+                    data,
+                });
+            }
+        }
+        if !disk_reads.is_empty() {
+            let disk = self.disk.as_mut().ok_or(KvError::WorkerGone)?;
+            let bytes = disk.read(disk_reads.iter().map(|r| r.1).collect())?;
+            for (&(i, _), raw) in disk_reads.iter().zip(bytes) {
+                let f = &mut out[i];
+                let values = if f.hidden { f.len * d } else { 2 * e };
+                f.data = strata_storage::f32_view(&raw)[..values].to_vec();
+            }
+        }
+        for f in &out {
+            if f.hidden {
+                self.metrics.bytes_hidden_read += (f.data.len() * 4) as u64;
+            } else {
+                self.metrics.fetched_blocks += 1;
+                self.metrics.bytes_fetched += (f.data.len() * 4) as u64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts K and V regenerated from hidden states for `tokens` tokens.
+    pub fn note_recomputed(&mut self, tokens: usize) {
+        self.metrics.recomputed_tokens += tokens as u64;
+        self.metrics.bytes_kv_recomputed +=
+            (tokens * 2 * self.g.kv_heads * self.g.head_dim * 4) as u64;
+    }
+
     fn host_views(&self, seq: SeqId, layer: usize) -> Vec<KvBlockView<'_>> {
         let e = self.g.block_elems();
         let Some(s) = self.seqs.get(&seq) else {
             return Vec::new();
         };
+        let far = self.far_mask(&s.layers[layer]);
         s.layers[layer]
             .iter()
             .enumerate()
+            .filter(|(j, _)| !far[*j])
             .filter_map(|(j, b)| match b.loc {
                 Loc::Host(slot) => {
                     let data = self.host.slot_f32(slot);
@@ -573,6 +798,7 @@ impl KvCache {
                 blocks.push(Block {
                     loc: Loc::Gpu(id),
                     filled: 0,
+                    hidden: false,
                 });
             }
             let Some(block) = blocks.last_mut() else {
@@ -679,12 +905,63 @@ impl KvCache {
     /// split-KV decode kernel when every row is its sequence's only and newest token, else the
     /// causal prefill kernel); blocks in the host and disk tiers are attended where they live,
     /// and the partials are merged on the GPU. Returns `o: [rows, n_heads * head_dim]`.
+    ///
+    /// `far` (from [`KvCache::gather_far`]: host and disk blocks the policy fetches) are copied
+    /// into scratch blocks of the GPU pool and attended with the GPU-resident ones; the scratch
+    /// blocks go back to the pool when the kernels are enqueued (later writes into them are
+    /// ordered after those kernels on the compute stream).
     pub fn attend_device(
         &mut self,
         layer: usize,
         rows: &[(SeqId, usize)],
         q: &CudaTensor,
         ag: &AttentionGeometry,
+        far: &[FarBlock],
+    ) -> Result<CudaTensor, KvError> {
+        let scratch = self.import_far(far)?;
+        let out = self.attend_device_with(layer, rows, q, ag, &scratch);
+        if let Some(gpu) = self.gpu.as_mut() {
+            for &(_, id, _, _) in &scratch {
+                gpu.free(id);
+            }
+        }
+        out
+    }
+
+    /// Copies fetched blocks into free GPU pool blocks: `(seq, pool id, start, len)` each. A
+    /// full pool is reported, not worked around: the policy's fetch share needs room.
+    fn import_far(&mut self, far: &[FarBlock]) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
+        let Some(gpu) = self.gpu.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(far.len());
+        for f in far {
+            let Some(id) = gpu.alloc() else {
+                for &(_, id, _, _) in &out {
+                    gpu.free(id);
+                }
+                return Err(KvError::GpuTooSmall {
+                    capacity: gpu.capacity(),
+                    needed: gpu.in_use() + far.len() - out.len(),
+                    bytes_per_block: gpu.bytes_per_block(),
+                });
+            };
+            out.push((f.seq, id, f.start_pos, f.len));
+            gpu.backend
+                .kv_pool_write(&mut gpu.pool, id as usize, &f.data)
+                .map_err(|e| KvError::Gpu(e.to_string()))?;
+        }
+        self.note_peaks();
+        Ok(out)
+    }
+
+    fn attend_device_with(
+        &mut self,
+        layer: usize,
+        rows: &[(SeqId, usize)],
+        q: &CudaTensor,
+        ag: &AttentionGeometry,
+        scratch: &[(SeqId, u32, usize, usize)],
     ) -> Result<CudaTensor, KvError> {
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         let bt = self.g.block_tokens;
@@ -705,14 +982,24 @@ impl KvCache {
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
+            let far = self.far_mask(blocks);
             let mut on_gpu = Vec::new();
             let mut elsewhere = false;
             for (j, b) in blocks.iter().enumerate() {
                 match b.loc {
                     Loc::Gpu(id) => on_gpu.push((id, j * bt, b.filled)),
-                    _ => elsewhere = true,
+                    _ => elsewhere |= !far[j],
                 }
             }
+            // Fetched blocks are full and older than the GPU tail, so position order keeps the
+            // decode kernel's contract (every block full but the last).
+            on_gpu.extend(
+                scratch
+                    .iter()
+                    .filter(|s| s.0 == seq)
+                    .map(|&(_, id, start, len)| (id, start, len)),
+            );
+            on_gpu.sort_unstable_by_key(|b| b.1);
             per_seq.insert(seq, (on_gpu, elsewhere));
         }
         let decode = {

@@ -9,6 +9,9 @@
 //!   emulated on the host. The worker counts the KV bytes a computational storage drive would
 //!   have kept off the host link.
 //!
+//! - **Reads** ([`DiskTier::read`]): whole blocks back to the host, for blocks the policy
+//!   fetches to the compute device instead of attending near, and for stored hidden states.
+//!
 //! Because commands run in FIFO order, a read always sees every earlier write to its slot, so a
 //! block is readable as soon as its spill is queued. Slot bookkeeping (reserve and free) happens
 //! on the caller's side. The worker only moves bytes and does math. A failed write is sticky: it
@@ -55,9 +58,15 @@ pub(crate) struct DiskGroup {
 }
 
 pub(crate) type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
+type ReadReply = Result<Vec<Vec<u8>>, KvError>;
 
 enum Command {
     Write(Vec<(u32, Vec<u8>)>),
+    /// Blocks read back whole (fetched to the compute device, or hidden states to recompute).
+    Read {
+        slots: Vec<u32>,
+        reply: Sender<ReadReply>,
+    },
     Attend {
         groups: Vec<DiskGroup>,
         geometry: AttentionGeometry,
@@ -165,6 +174,13 @@ impl DiskTier {
         self.send(Command::Write(blocks))
     }
 
+    /// Reads `slots` back whole, in order (after every write queued before).
+    pub fn read(&mut self, slots: Vec<u32>) -> Result<Vec<Vec<u8>>, KvError> {
+        let (reply, rx) = channel();
+        self.send(Command::Read { slots, reply })?;
+        rx.recv().map_err(|_| KvError::WorkerGone)?
+    }
+
     /// Queues storage attention for `groups`; the partials arrive on the returned channel.
     pub fn attend(
         &mut self,
@@ -220,6 +236,13 @@ impl Worker {
         for cmd in rx {
             match cmd {
                 Command::Write(blocks) => self.write(blocks),
+                Command::Read { slots, reply } => {
+                    let result = match self.failed.take() {
+                        Some(e) => Err(KvError::Storage(e)),
+                        None => self.read(&slots),
+                    };
+                    let _ = reply.send(result);
+                }
                 Command::Attend {
                     groups,
                     geometry,
@@ -250,6 +273,17 @@ impl Worker {
         if let Ok(mut s) = self.stats.lock() {
             s.write_seconds += t0.elapsed().as_secs_f64();
         }
+    }
+
+    fn read(&mut self, slots: &[u32]) -> Result<Vec<Vec<u8>>, KvError> {
+        let disk: Vec<DiskSlot> = slots.iter().map(|&i| self.slots[i as usize]).collect();
+        let mut out = vec![Vec::new(); slots.len()];
+        let bpb = self.bytes_per_block;
+        self.store.read_blocks(&disk, |i, bytes| {
+            out[i] = bytes[..bpb].to_vec();
+            Ok::<(), StorageError>(())
+        })?;
+        Ok(out)
     }
 
     fn attend(

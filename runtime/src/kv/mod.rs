@@ -13,6 +13,10 @@
 //!   and attends as they arrive. Each tier returns `(o, lse)` partials per query, and the partials
 //!   are merged exactly.
 //!
+//! - Cold blocks may instead be fetched to the compute device and attended there, or store the
+//!   layer's input hidden states for K and V to be recomputed ([`far`]); the executor sets this
+//!   from a planner policy with [`KvCache::set_executor`].
+//!
 //! Invariants:
 //! - Block `j` of `(seq, layer)` holds positions `j*B .. j*B + filled`, filled in order.
 //! - The last (writable) block of every `(seq, layer)` is always in the host tier.
@@ -21,11 +25,13 @@
 
 mod cache;
 mod disk;
+pub mod far;
 mod gpu;
 pub mod policy;
 
 pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierAttention, TierQuery};
 pub use disk::DiskTierConfig;
+pub use far::{AttentionRoutes, FarBlock};
 pub use gpu::GpuTierConfig;
 pub use strata_storage::IoEngine;
 
@@ -79,6 +85,9 @@ pub enum KvError {
         needed: usize,
         bytes_per_block: usize,
     },
+    /// A policy setting the cache cannot run, naming the policy field.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("GPU KV tier: {0}")]
     Gpu(String),
     #[error("disk tier: {0}")]
