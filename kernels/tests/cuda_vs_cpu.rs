@@ -441,3 +441,56 @@ fn linear_rounded_mode_is_one_rounding_of_the_activation() {
     }
     assert!(gpu.deferred_error().is_none());
 }
+
+/// RMSNorm and SwiGLU write their output's GEMM operands in the same pass when f16/bf16 matrix
+/// weights are in use and the output has more rows than the GEMV takes: the f32 outputs are
+/// unchanged, and a `linear` over them gives bit-for-bit what it gives after converting the same
+/// tensor itself (`forget_operands`), in both precision modes. At GEMV sizes nothing is written.
+#[test]
+fn producers_write_gemm_operands_identical_to_converting() {
+    let Some(_) = test_gpu() else { return };
+    // A backend of its own: the GEMM mode and the operand dtype are per backend.
+    let gpu = CudaBackend::new(0).unwrap();
+    gpu.poison_outputs(true);
+    let mut rng = Rng(test_seed());
+    for dtype in [DType::BF16, DType::F16] {
+        for mode in [GemmPrecision::Rounded, GemmPrecision::Split] {
+            gpu.set_gemm_precision(mode);
+            for (m, k, n) in [(8, 96, 64), (9, 96, 65), (33, 255, 130), (200, 1024, 256)] {
+                let what = format!("{dtype:?} {mode:?} m={m} k={k} n={n}");
+                let w = gpu.upload_weight(rng.weight(n, k, dtype)).unwrap();
+                let norm_host = HostWeight::vector(WeightData::F32(rng.vec(k)));
+                let norm_w = gpu.upload_weight(norm_host.clone()).unwrap();
+                let x = up(&gpu, m, k, &rng.vec(m * k));
+                let (g, u) = (
+                    up(&gpu, m, k, &rng.vec(m * k)),
+                    up(&gpu, m, k, &rng.vec(m * k)),
+                );
+                for (name, mut y) in [
+                    ("rms_norm", gpu.rms_norm(&x, &norm_w, 1e-5).unwrap()),
+                    ("swiglu", gpu.swiglu(&g, &u).unwrap()),
+                ] {
+                    let fused = gpu.to_host(&gpu.linear(&y, &w, None).unwrap()).unwrap();
+                    y.forget_operands();
+                    let converted = gpu.to_host(&gpu.linear(&y, &w, None).unwrap()).unwrap();
+                    assert!(
+                        fused
+                            .iter()
+                            .zip(&converted)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: {name}'s operands differ from converting its output"
+                    );
+                }
+                let cpu = CpuBackend::new();
+                let x_cpu = cpu.tensor(m, k, gpu.to_host(&x).unwrap()).unwrap();
+                let norm_cpu = cpu.upload_weight(norm_host).unwrap();
+                let want = cpu.rms_norm(&x_cpu, &norm_cpu, 1e-5).unwrap().data;
+                let got = gpu
+                    .to_host(&gpu.rms_norm(&x, &norm_w, 1e-5).unwrap())
+                    .unwrap();
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-5, "{what}: rms_norm output {err:.2e} from the CPU");
+            }
+        }
+    }
+}

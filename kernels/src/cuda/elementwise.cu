@@ -46,6 +46,17 @@ __device__ void round_to(T* out, const float* x, u64 n) {
 extern "C" __global__ void round_f16(f16* out, const float* x, u64 n) { round_to(out, x, n); }
 extern "C" __global__ void round_bf16(bf16* out, const float* x, u64 n) { round_to(out, x, n); }
 
+// Stores v as out[i] and, for a producer whose output feeds a tensor-core GEMM, that GEMM's
+// operands in the same pass (bit-identical to the round / split kernels): hi = round(v) and,
+// unless lo is null, lo = round(v - hi).
+template <typename T>
+__device__ __forceinline__ void store_with_operands(float* out, T* hi, T* lo, u64 i, float v) {
+    out[i] = v;
+    const T h = from_f32<T>(v);
+    hi[i] = h;
+    if (lo != nullptr) lo[i] = from_f32<T>(v - to_f32(h));
+}
+
 // out: [rows, cols] += bias: [cols] (broadcast over rows); n = rows * cols.
 extern "C" __global__ void bias_add(float* out, const float* bias, u64 n, u64 cols) {
     for (u64 i = global_thread(); i < n; i += grid_threads()) out[i] += bias[i % cols];
@@ -61,9 +72,24 @@ extern "C" __global__ void relu_inplace(float* x, u64 n) {
 }
 
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up, in the CPU backend's order.
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 extern "C" __global__ void swiglu(float* out, const float* gate, const float* up, u64 n) {
-    for (u64 i = global_thread(); i < n; i += grid_threads()) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    for (u64 i = global_thread(); i < n; i += grid_threads()) out[i] = silu_mul(gate[i], up[i]);
+}
+
+// swiglu, also writing the down projection's GEMM operands (see store_with_operands).
+template <typename T>
+__device__ void swiglu_ops(float* out, T* hi, T* lo, const float* gate, const float* up, u64 n) {
+    for (u64 i = global_thread(); i < n; i += grid_threads())
+        store_with_operands(out, hi, lo, i, silu_mul(gate[i], up[i]));
+}
+
+extern "C" __global__ void swiglu_ops_f16(float* out, f16* hi, f16* lo, const float* gate,
+                                          const float* up, u64 n) {
+    swiglu_ops(out, hi, lo, gate, up, n);
+}
+extern "C" __global__ void swiglu_ops_bf16(float* out, bf16* hi, bf16* lo, const float* gate,
+                                           const float* up, u64 n) {
+    swiglu_ops(out, hi, lo, gate, up, n);
 }

@@ -13,7 +13,9 @@ use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, PushKernelArg,
+};
 
 use super::{Inner, WeightBuf, device_err, kernels};
 use crate::{Result, shape_err};
@@ -196,9 +198,97 @@ pub(super) struct OperandCache {
     bf16: OnceLock<Operands<half::bf16>>,
 }
 
-struct Operands<T> {
+pub(super) struct Operands<T> {
     hi: CudaSlice<T>,
     lo: Option<CudaSlice<T>>,
+}
+
+/// No f16/bf16 matrix weight uploaded yet, or the dtype of the last one: what a producer kernel
+/// writes its output's GEMM operands in (`Inner::operand_dtype`).
+pub(super) const OPERANDS_NONE: u8 = 0;
+pub(super) const OPERANDS_F16: u8 = 1;
+pub(super) const OPERANDS_BF16: u8 = 2;
+
+/// The GEMM operands a producer kernel (RMSNorm, SwiGLU) writes in the same pass as its f32
+/// output, so the projections after it convert nothing: allocated here, filled by the producer's
+/// `*_ops_*` kernel, then handed to the output tensor's [`OperandCache`].
+pub(super) enum ProducedOperands {
+    F16(Operands<half::f16>),
+    BF16(Operands<half::bf16>),
+}
+
+impl ProducedOperands {
+    /// Operands for an output of `rows` rows and `len` values, or `None` when it will not feed a
+    /// tensor-core GEMM: no f16/bf16 matrix weight was uploaded, or `rows` is small enough for
+    /// the GEMV path (which reads the f32 activation).
+    pub(super) fn alloc(be: &Inner, rows: usize, len: usize) -> Result<Option<Self>> {
+        if rows <= kernels::GEMV_MAX_ROWS || len == 0 {
+            return Ok(None);
+        }
+        let need_lo = GemmPrecision::from_u8(be.gemm_precision.load(Ordering::Relaxed))
+            == GemmPrecision::Split;
+        fn make<T: DeviceRepr>(be: &Inner, len: usize, need_lo: bool) -> Result<Operands<T>> {
+            // SAFETY: written in full by the producer kernel before any GEMM reads them.
+            let hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+            let lo = if need_lo {
+                // SAFETY: as `hi`.
+                Some(unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?)
+            } else {
+                None
+            };
+            Ok(Operands { hi, lo })
+        }
+        Ok(match be.operand_dtype.load(Ordering::Relaxed) {
+            OPERANDS_F16 => Some(Self::F16(make(be, len, need_lo)?)),
+            OPERANDS_BF16 => Some(Self::BF16(make(be, len, need_lo)?)),
+            _ => None,
+        })
+    }
+
+    /// The producer kernel for these operands' dtype.
+    pub(super) fn pick<'k>(
+        &self,
+        f16: &'k CudaFunction,
+        bf16: &'k CudaFunction,
+    ) -> &'k CudaFunction {
+        match self {
+            Self::F16(_) => f16,
+            Self::BF16(_) => bf16,
+        }
+    }
+
+    /// Pushes the kernel arguments `T* hi, T* lo` (`lo` null when rounded).
+    pub(super) fn push_args<'a>(&'a mut self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+        fn push<'a, T: DeviceRepr>(
+            ops: &'a mut Operands<T>,
+            b: &mut LaunchArgs<'a>,
+            null: &'a u64,
+        ) {
+            b.arg(&mut ops.hi);
+            match &mut ops.lo {
+                Some(lo) => b.arg(lo),
+                None => b.arg(null),
+            };
+        }
+        match self {
+            Self::F16(o) => push(o, b, null),
+            Self::BF16(o) => push(o, b, null),
+        }
+    }
+
+    /// The cache the output tensor carries, already filled.
+    pub(super) fn into_cache(self) -> OperandCache {
+        let cache = OperandCache::default();
+        match self {
+            Self::F16(o) => {
+                let _ = cache.f16.set(o);
+            }
+            Self::BF16(o) => {
+                let _ = cache.bf16.set(o);
+            }
+        }
+        cache
+    }
 }
 
 /// `out = x · wᵀ` with `w` in f16/bf16 (`T`, `dtype`) on tensor cores: the activation's operands

@@ -150,6 +150,9 @@ struct Inner {
     poison: AtomicBool,
     /// The f16/bf16 GEMM mode, a [`GemmPrecision`] as `GemmPrecision::to_u8`.
     gemm_precision: AtomicU8,
+    /// The dtype of the f16/bf16 matrix weights uploaded (`linear::OPERANDS_*`): producers of
+    /// GEMM inputs (RMSNorm, SwiGLU) write their output's operands in it.
+    operand_dtype: AtomicU8,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -250,6 +253,7 @@ impl CudaBackend {
                         deferred: Mutex::new(None),
                         poison: AtomicBool::new(false),
                         gemm_precision: AtomicU8::new(GemmPrecision::default().to_u8()),
+                        operand_dtype: AtomicU8::new(linear::OPERANDS_NONE),
                     }),
                 })
             },
@@ -309,6 +313,16 @@ impl CudaBackend {
 }
 
 impl Inner {
+    /// Records the dtype of an f16/bf16 matrix weight: the GEMM operand dtype producers write.
+    fn note_matrix_weight(&self, data: &WeightBuf) {
+        let dtype = match data {
+            WeightBuf::F16(_) => linear::OPERANDS_F16,
+            WeightBuf::BF16(_) => linear::OPERANDS_BF16,
+            WeightBuf::F32(_) => return,
+        };
+        self.operand_dtype.store(dtype, Ordering::Relaxed);
+    }
+
     /// Returns the deferred error, or one the driver recorded where it could not return it
     /// (cudarc records failures inside `Drop`).
     fn check(&self, op: &'static str) -> Result<()> {
@@ -461,6 +475,7 @@ impl Backend for CudaBackend {
             WeightData::F16(v) => WeightBuf::F16(be.upload(op, &v)?),
             WeightData::BF16(v) => WeightBuf::BF16(be.upload(op, &v)?),
         };
+        be.note_matrix_weight(&data);
         Ok(CudaWeight {
             rows: w.rows,
             cols: w.cols,
@@ -558,15 +573,31 @@ impl Backend for CudaBackend {
         let xb = be.buf(op, x)?;
         Inner::rows_fit(op, rows)?;
         let mut out = be.output(op, rows * cols)?;
+        let mut produced = linear::ProducedOperands::alloc(be, rows, rows * cols)?;
         if rows * cols > 0 {
             let cols64 = cols as u64;
-            let mut b = be.stream.launch_builder(&be.k.rms_norm);
-            b.arg(&mut out).arg(xb).arg(wb).arg(&cols64).arg(&eps);
+            let null = 0u64;
+            let f = match &produced {
+                None => &be.k.rms_norm,
+                Some(p) => p.pick(&be.k.rms_norm_ops_f16, &be.k.rms_norm_ops_bf16),
+            };
+            let mut b = be.stream.launch_builder(f);
+            b.arg(&mut out);
+            if let Some(p) = produced.as_mut() {
+                p.push_args(&mut b, &null);
+            }
+            b.arg(xb).arg(wb).arg(&cols64).arg(&eps);
             // SAFETY: rms_norm(float* out, const float* x, const float* w, u64 cols, float eps),
-            // one block per row; `out` and `x` hold rows * cols values, `w` cols values.
+            // or rms_norm_ops_{f16,bf16}(float* out, T* hi, T* lo, <the same>) with hi (and lo,
+            // or null) of `produced`'s dtype; one block per row; `out`, `x`, hi and lo hold
+            // rows * cols values, `w` cols values.
             unsafe { b.launch(kernels::per_row(rows)) }.map_err(|e| device_err(op, e))?;
         }
-        Ok(Inner::tensor(rows, cols, out))
+        let mut t = Inner::tensor(rows, cols, out);
+        if let Some(p) = produced {
+            t.operands = p.into_cache();
+        }
+        Ok(t)
     }
 
     fn layer_norm(
@@ -651,15 +682,30 @@ impl Backend for CudaBackend {
         check_len(op, "up", up.rows * up.cols, n)?;
         let (gb, ub) = (be.buf(op, gate)?, be.buf(op, up)?);
         let mut out = be.output(op, n)?;
+        let mut produced = linear::ProducedOperands::alloc(be, gate.rows, n)?;
         if n > 0 {
             let n64 = n as u64;
-            let mut b = be.stream.launch_builder(&be.k.swiglu);
-            b.arg(&mut out).arg(gb).arg(ub).arg(&n64);
-            // SAFETY: swiglu(float* out, const float* gate, const float* up, u64 n); all three
-            // buffers hold n values.
+            let null = 0u64;
+            let f = match &produced {
+                None => &be.k.swiglu,
+                Some(p) => p.pick(&be.k.swiglu_ops_f16, &be.k.swiglu_ops_bf16),
+            };
+            let mut b = be.stream.launch_builder(f);
+            b.arg(&mut out);
+            if let Some(p) = produced.as_mut() {
+                p.push_args(&mut b, &null);
+            }
+            b.arg(gb).arg(ub).arg(&n64);
+            // SAFETY: swiglu(float* out, const float* gate, const float* up, u64 n), or
+            // swiglu_ops_{f16,bf16}(float* out, T* hi, T* lo, <the same>) with hi (and lo, or
+            // null) of `produced`'s dtype; every buffer holds n values.
             unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
         }
-        Ok(Inner::tensor(gate.rows, gate.cols, out))
+        let mut t = Inner::tensor(gate.rows, gate.cols, out);
+        if let Some(p) = produced {
+            t.operands = p.into_cache();
+        }
+        Ok(t)
     }
 
     fn relu_inplace(&self, x: &mut CudaTensor) -> Result<()> {

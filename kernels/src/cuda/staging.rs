@@ -97,6 +97,7 @@ impl CudaBackend {
             WeightData::F16(v) => WeightBuf::F16(self.copy_in(op, v)?),
             WeightData::BF16(v) => WeightBuf::BF16(self.copy_in(op, v)?),
         };
+        be.note_matrix_weight(&data);
         Ok(CudaWeight {
             rows: w.rows,
             cols: w.cols,
