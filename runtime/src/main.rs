@@ -216,9 +216,13 @@ struct GenerateArgs {
     /// Run a planner policy: `auto` plans one for this job (batch, mean prompt length,
     /// --max-new-tokens, the memory flags, the calibrated profile), FILE reads one (a policy,
     /// or the output of `strata plan --json`). The policy sets the weights' placement, the KV
-    /// block size and the batch size; after the run its predicted times are printed beside the
-    /// measured ones (and written to --stats-json). Policies the executor cannot run yet are
-    /// refused, naming the field.
+    /// block size, the batch size and its split into GPU batches (FlexGen's block schedule),
+    /// where host and disk KV is attended (near the data, fetched to the compute device, or
+    /// split), and the share of KV blocks stored as hidden states and recomputed; after the run
+    /// its predicted times are printed beside the measured ones (and written to --stats-json).
+    /// Policies the executor cannot run yet (weights on disk; different recompute shares for
+    /// tiers that all hold cold KV; recompute with a GPU KV tier, or where hidden states
+    /// outgrow K and V) are refused, naming the field.
     #[arg(long)]
     policy: Option<String>,
     /// Hardware profile for --policy (default: the calibrated one; calibrates first if none).

@@ -1,13 +1,15 @@
 //! Running a planner [`Policy`] with `generate --policy auto|FILE`, and checking its prediction
 //! against the run.
 //!
-//! Today's executor runs the part of the policy space where every layer is computed in one pass
-//! over the whole batch: weights on the GPU (resident) and in host memory (staged and fetched
-//! layer by layer), split by whole layers; KV attended where it lives; no recompute; one GPU
-//! batch. A policy
-//! outside that space is refused with the field that needs the missing piece (FlexGen's block
-//! schedule over several GPU batches, fetch-to-GPU attention, recompute from hidden states), so
-//! a run never claims to follow a policy it does not.
+//! What the executor runs: weights on the GPU (resident) and in host memory (staged and fetched
+//! layer by layer), split by whole layers; FlexGen's block schedule (`num_gpu_batches` GPU
+//! batches per step, each layer loaded once per step); host and disk KV attended near the data,
+//! fetched to the compute device, or split (`attention_*`); a share of KV blocks stored as
+//! hidden states and recomputed (`recompute.*`). A policy outside that space is refused with the
+//! field that needs the missing piece (weights on disk; per-tier recompute shares that differ
+//! between tiers that all hold cold KV), so a run never claims to follow a policy it does not.
+//! The KV cache refuses, naming `recompute`, what it cannot hold: hidden states with a GPU KV
+//! tier, or hidden states larger than a KV block.
 
 use serde::Serialize;
 use strata_planner::{MlpKind, ModelSpec, Policy, Prediction, Tier};

@@ -1,6 +1,8 @@
 //! `generate --policy`: a policy from `strata plan --json` or from `auto` runs, and the run
-//! reports the prediction beside what it measured; a policy the executor cannot run yet is
-//! refused with the field that needs the missing piece, before any output is written.
+//! reports the prediction beside what it measured; a policy with several GPU batches, fetched
+//! KV and recompute runs and reports the bytes it fetched, stored and recomputed; a policy the
+//! executor cannot run yet is refused with the field that needs the missing piece, before any
+//! output is written.
 
 #![allow(clippy::unwrap_used)]
 
@@ -149,6 +151,44 @@ fn a_policy_with_several_gpu_batches_runs() {
     assert!(run.status.success(), "{}", stderr(&run));
     let records = std::fs::read_to_string(d.path("g.jsonl")).unwrap();
     assert_eq!(records.lines().count(), 3);
+}
+
+#[test]
+fn a_policy_that_fetches_and_recomputes_runs_and_reports_the_bytes() {
+    let d = Dir::new("fetch-recompute");
+    let plan = plan_json(&d);
+    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let p = &mut v["policy"];
+    p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
+    p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 1.0, "disk": 0.0});
+    p["attention_host"] = serde_json::json!({"kind": "fetch_to_gpu"});
+    p["recompute"] = serde_json::json!({"gpu": 0.5, "host": 0.5, "disk": 0.5});
+    p["kv_block_tokens"] = serde_json::json!(2);
+    p["num_gpu_batches"] = serde_json::json!(3);
+    p["gpu_batch_size"] = serde_json::json!(1);
+    std::fs::write(d.path("far.json"), serde_json::to_string(p).unwrap()).unwrap();
+    let run = generate(&d, &d.path("far.json"), "f.jsonl");
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stats: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("f.jsonl.stats.json")).unwrap())
+            .unwrap();
+    let kv = &stats["kv"];
+    for field in [
+        "fetched_blocks",
+        "hidden_blocks_stored",
+        "bytes_hidden_stored",
+        "recomputed_tokens",
+        "bytes_kv_recomputed",
+    ] {
+        assert!(kv[field].as_u64().unwrap() > 0, "{field}: {kv}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(d.path("f.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
 }
 
 #[test]
