@@ -1,5 +1,7 @@
 //! The `strata` command line.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,6 +54,91 @@ enum Command {
     /// dtype, GPU memory, host <-> GPU, host memory, host attention and disk bandwidth, and
     /// capacities. Under a minute (--quick: a few seconds).
     Calibrate(CalibrateArgs),
+    /// Run several policies on one workload in this process and compare them: `strata` (the
+    /// planner's choice), `flexgen` (FlexGen's policy space and rules), `layerwise` (each
+    /// layer's weights and KV fetched synchronously) and `gpu-only` (when it fits).
+    ///
+    /// Prints a Markdown table (tokens/s for prefill, decode and end to end, the ratio to each
+    /// baseline, bytes per link, time per stream, predicted vs measured, peak memory per tier)
+    /// and checks that every policy produced the same tokens.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A Hugging Face model folder, a .gguf file, or synthetic:<preset>[:layers=N]. With
+    /// --preset: keeps only that model of the preset (or replaces its model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Prompt tokens per sequence (with --preset: keeps only that prompt length).
+    #[arg(long)]
+    prompt_len: Option<u64>,
+    /// Tokens generated per sequence (with --preset: a shorter generation, labelled so in the
+    /// report).
+    #[arg(long)]
+    gen_len: Option<u64>,
+    /// Sequences in flight (with --preset long-context: keeps only that batch).
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Policies to run, comma-separated: strata, flexgen, layerwise, gpu-only.
+    #[arg(
+        long,
+        default_value = "strata,flexgen,layerwise,gpu-only",
+        value_delimiter = ','
+    )]
+    policies: Vec<String>,
+    /// A workload preset: flexgen-suite (OPT-6.7B/30B/175B, prompts 512 and 256, 32 new tokens,
+    /// FlexGen's published policies scaled to the budgets), long-context (synthetic:llama-3-8b at
+    /// 8K/32K/128K, batch 1-32, a 24 GiB GPU and 64 GiB of host memory, the rest on --disk-dir),
+    /// smollm2 (the real SmolLM2-135M).
+    #[arg(long)]
+    preset: Option<String>,
+    /// GPU memory the policies may use (default: the profile's GPU capacity).
+    #[arg(long, value_parser = parse_size_arg)]
+    gpu_mem: Option<u64>,
+    /// Host memory the policies may use (default: the profile's host capacity).
+    #[arg(long, value_parser = parse_size_arg)]
+    host_mem: Option<u64>,
+    /// Directory on a fast disk for the disk tier; without it nothing goes to disk.
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Disk space the policies may use in --disk-dir (default: the profile's disk capacity).
+    #[arg(long, value_parser = parse_size_arg, requires = "disk_dir")]
+    disk_mem: Option<u64>,
+    /// FlexGen's placement for the flexgen policy, as FlexGen takes it: w_gpu w_cpu c_gpu c_cpu
+    /// a_gpu a_cpu (percentages of the weights, KV cache and activations on the GPU and the
+    /// CPU; the disk gets the rest). Without it FlexGen's space is searched with strata's cost
+    /// model (flexgen-suite: FlexGen's published policy, scaled to the budgets).
+    #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"])]
+    percent: Option<Vec<f64>>,
+    /// FlexGen's GPU batch size (with --percent; default: the batch over --num-gpu-batches).
+    #[arg(long, requires = "percent")]
+    gpu_batch_size: Option<u64>,
+    /// FlexGen's number of GPU batches in its block schedule (with --percent; default 1).
+    #[arg(long, requires = "percent")]
+    num_gpu_batches: Option<u64>,
+    /// FlexGen's "cpu cache compute": attend over the CPU and disk KV on the CPU instead of
+    /// fetching it to the GPU (with --percent).
+    #[arg(long, requires = "percent")]
+    cpu_cache_compute: bool,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw end-to-end throughput against context length (one line per policy) as SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Append a dated entry (machine, GPU, command, table) to bench/RESULTS.md.
+    #[arg(long)]
+    append_results: bool,
+    /// Plan and predict every policy, run none.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where to compute: auto, cpu, cuda or cuda:N (as for generate).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
+    /// Hardware profile (default: the calibrated one; calibrates first if none).
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -286,6 +373,7 @@ fn main() -> ExitCode {
         Command::Info { model } => run_info(model.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => run_plan(&args).map(|()| ExitCode::SUCCESS),
         Command::Calibrate(args) => run_calibrate(args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(&args),
     };
     result.unwrap_or_else(|e| {
         // Our error messages already carry their causes; print each once.

@@ -1,0 +1,592 @@
+//! The report of `strata bench`: its data (serialised as JSON, schema [`SCHEMA`]), the Markdown
+//! tables printed after a run, the SVG plot (end-to-end throughput against context length, one
+//! line per policy; hand-written SVG) and the dated entry for `bench/RESULTS.md`.
+//!
+//! Units: seconds, bytes, tokens per second. Measured end-to-end throughput is generated tokens
+//! over prefill plus decode seconds (model loading excluded), FlexGen's definition; a `ratios`
+//! entry is this run's end-to-end throughput over another policy's in the same configuration.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use strata_planner::{Budgets, FlexGenPolicy, Policy, TierBytes};
+
+use strata_runtime::units::format_size as human_bytes;
+
+pub const SCHEMA: &str = "strata-bench/1";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    /// `2026-11-23 14:05 UTC`.
+    pub date: String,
+    /// The command line, as run.
+    pub command: String,
+    pub machine: Machine,
+    pub profile: ProfileInfo,
+    pub preset: Option<String>,
+    pub budgets: Budgets,
+    pub policies: Vec<String>,
+    /// Every configuration gave the same tokens under every policy that ran (None: fewer than
+    /// two ran anywhere).
+    pub exact: Option<bool>,
+    pub configs: Vec<ConfigReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpu_cores: usize,
+    pub memory_bytes: u64,
+    /// The GPU computed on, or None (CPU).
+    pub gpu: Option<String>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileInfo {
+    pub file: Option<String>,
+    pub machine: String,
+    /// A built-in reference profile, not a measurement of this machine.
+    pub reference: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigReport {
+    pub model: String,
+    pub prompt_len: u64,
+    pub gen_len: u64,
+    pub batch: u64,
+    /// `prompt_len + gen_len`.
+    pub context: u64,
+    pub note: Option<String>,
+    /// Same tokens under every policy that ran here (None: fewer than two ran).
+    pub exact: Option<bool>,
+    /// Policies whose tokens differ from the first policy that ran.
+    pub mismatches: Vec<String>,
+    pub runs: Vec<RunReport>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Ran to the end; `measured` is set.
+    Ok,
+    /// The executor cannot run this policy yet (`reason` names the field).
+    NotRunnable,
+    /// The policy does not fit the budgets (`reason` names the tier).
+    DoesNotFit,
+    /// The run failed (`reason`).
+    Failed,
+    /// `--dry-run`: planned, not run.
+    NotRun,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::NotRunnable => "not runnable",
+            Status::DoesNotFit => "does not fit",
+            Status::Failed => "failed",
+            Status::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub policy: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// How the policy was chosen (`planner`, `FlexGen search`, `FlexGen published, scaled`, …).
+    pub source: String,
+    /// The FlexGen policy and its flags (flexgen only).
+    pub flexgen: Option<FlexGenPolicy>,
+    pub flexgen_flags: Option<String>,
+    /// The strata policy that ran.
+    pub plan: Option<Policy>,
+    pub predicted: Option<Predicted>,
+    pub measured: Option<Measured>,
+    /// Measured time over predicted time (prefill, decode step, whole job).
+    pub measured_over_predicted: Option<TimeRatios>,
+    /// This run's end-to-end throughput over each other policy's that ran here.
+    pub ratios: BTreeMap<String, f64>,
+    /// What the run does not reproduce exactly, and how the policy was adjusted.
+    pub notes: Vec<String>,
+    /// The `strata generate` command line the run is equivalent to.
+    pub generate_command: Option<String>,
+}
+
+/// Seconds per stream over the whole job (prefill plus every decode step).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PredictedStreams {
+    pub gpu_compute_s: f64,
+    pub h2d_s: f64,
+    pub d2h_s: f64,
+    pub host_attention_s: f64,
+    pub disk_read_s: f64,
+    pub disk_write_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Predicted {
+    pub prefill_s: f64,
+    pub decode_step_s: f64,
+    pub total_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub end_to_end_tokens_per_s: f64,
+    pub bound_by: String,
+    pub streams: PredictedStreams,
+    /// Peak bytes per tier.
+    pub memory_bytes: TierBytes,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Links {
+    /// Host → GPU on the copy stream (weights, fetched KV, queries); 0 on the CPU.
+    pub h2d_bytes: u64,
+    /// GPU → host on the copy stream (spills, partials); 0 on the CPU.
+    pub d2h_bytes: u64,
+    /// Weight bytes fetched from host memory to the GPU.
+    pub weights_h2d_bytes: u64,
+    /// KV moved from the GPU tier to the host tier.
+    pub kv_gpu_to_host_bytes: u64,
+    /// KV spilled from host memory to disk.
+    pub kv_host_to_disk_bytes: u64,
+    /// KV read from disk by the storage attention engine.
+    pub kv_disk_to_host_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct MeasuredStreams {
+    pub h2d_s: f64,
+    pub d2h_s: f64,
+    pub host_attention_s: f64,
+    pub storage_attention_s: f64,
+    pub disk_write_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PeakBytes {
+    pub gpu_kv: u64,
+    pub host_kv: u64,
+    pub disk_kv: u64,
+    pub host_rss: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Measured {
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub decode_step_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub end_to_end_tokens_per_s: f64,
+    pub links: Links,
+    pub streams: MeasuredStreams,
+    pub peak: PeakBytes,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TimeRatios {
+    pub prefill: f64,
+    pub decode_step: f64,
+    pub total: f64,
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn bytes(b: u64) -> String {
+    if b == 0 { "0".into() } else { human_bytes(b) }
+}
+
+/// The Markdown tables: per configuration, throughput and ratios, then links, streams and
+/// memory, then what did not run and why.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    for c in &r.configs {
+        let _ = writeln!(
+            s,
+            "### {}: batch {}, prompt {}, generate {} (context {})\n",
+            c.model, c.batch, c.prompt_len, c.gen_len, c.context
+        );
+        if let Some(n) = &c.note {
+            let _ = writeln!(s, "**Note:** {n}.\n");
+        }
+        let others: Vec<&str> = r.policies.iter().map(String::as_str).collect();
+        let _ = write!(
+            s,
+            "| policy | status | prefill tok/s | decode tok/s | end-to-end tok/s |"
+        );
+        for o in &others {
+            let _ = write!(s, " vs {o} |");
+        }
+        let _ = writeln!(
+            s,
+            " predicted end-to-end tok/s | measured / predicted time | bound by (predicted) |"
+        );
+        let _ = writeln!(s, "|{}", "---|".repeat(8 + others.len()));
+        for run in &c.runs {
+            let m = run.measured.as_ref();
+            let cell = |f: fn(&Measured) -> f64| m.map_or("–".into(), |m| num(f(m)));
+            let _ = write!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                run.policy,
+                run.status.label(),
+                cell(|m| m.prefill_tokens_per_s),
+                cell(|m| m.decode_tokens_per_s),
+                cell(|m| m.end_to_end_tokens_per_s)
+            );
+            for o in &others {
+                let v = run
+                    .ratios
+                    .get(*o)
+                    .map_or("–".into(), |x| format!("{x:.2}×"));
+                let _ = write!(s, " {v} |");
+            }
+            let p = run.predicted.as_ref();
+            let _ = writeln!(
+                s,
+                " {} | {} | {} |",
+                p.map_or("–".into(), |p| num(p.end_to_end_tokens_per_s)),
+                run.measured_over_predicted
+                    .map_or("–".into(), |t| format!("{:.2}×", t.total)),
+                p.map_or("–".into(), |p| p.bound_by.clone())
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "| policy | host→GPU | GPU→host | weights fetched | KV host→disk | KV disk→host | \
+             host attention s | storage attention s | disk write s | peak GPU KV | peak host KV | \
+             peak disk KV | peak RSS | predicted memory GPU / host / disk |"
+        );
+        let _ = writeln!(s, "|{}", "---|".repeat(14));
+        for run in &c.runs {
+            let mem = run.predicted.as_ref().map_or("–".into(), |p| {
+                format!(
+                    "{} / {} / {}",
+                    bytes(p.memory_bytes.gpu),
+                    bytes(p.memory_bytes.host),
+                    bytes(p.memory_bytes.disk)
+                )
+            });
+            let Some(m) = &run.measured else {
+                let _ = writeln!(s, "| {} |{} {mem} |", run.policy, " – |".repeat(12));
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {mem} |",
+                run.policy,
+                bytes(m.links.h2d_bytes),
+                bytes(m.links.d2h_bytes),
+                bytes(m.links.weights_h2d_bytes),
+                bytes(m.links.kv_host_to_disk_bytes),
+                bytes(m.links.kv_disk_to_host_bytes),
+                num(m.streams.host_attention_s),
+                num(m.streams.storage_attention_s),
+                num(m.streams.disk_write_s),
+                bytes(m.peak.gpu_kv),
+                bytes(m.peak.host_kv),
+                bytes(m.peak.disk_kv),
+                bytes(m.peak.host_rss)
+            );
+        }
+        let _ = writeln!(s);
+        for run in &c.runs {
+            let flags = run
+                .flexgen_flags
+                .as_deref()
+                .map_or(String::new(), |f| format!(" (`{f}`)"));
+            let _ = writeln!(s, "- **{}**: {}{flags}", run.policy, run.source);
+            if let Some(reason) = &run.reason {
+                let _ = writeln!(s, "  - {}: {reason}", run.status.label());
+            }
+            for n in &run.notes {
+                let _ = writeln!(s, "  - {n}");
+            }
+        }
+        let _ = match c.exact {
+            Some(true) => writeln!(
+                s,
+                "- exactness: the same tokens under every policy that ran"
+            ),
+            Some(false) => writeln!(
+                s,
+                "- exactness: **TOKENS DIFFER** under {}",
+                c.mismatches.join(", ")
+            ),
+            None => writeln!(s, "- exactness: fewer than two policies ran"),
+        };
+        let _ = writeln!(s);
+    }
+    s
+}
+
+/// Escapes text for SVG.
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+];
+
+/// End-to-end throughput against context length: one line per policy (and per model and batch
+/// when the report has several), log-scaled axes when the values span a wide range.
+pub fn svg(r: &Report) -> String {
+    let models: std::collections::BTreeSet<&str> =
+        r.configs.iter().map(|c| c.model.as_str()).collect();
+    let batches: std::collections::BTreeSet<u64> = r.configs.iter().map(|c| c.batch).collect();
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for c in &r.configs {
+        for run in &c.runs {
+            let Some(m) = &run.measured else { continue };
+            let mut key = run.policy.clone();
+            if models.len() > 1 {
+                key += &format!(" {}", c.model.trim_start_matches("synthetic:"));
+            }
+            if batches.len() > 1 {
+                key += &format!(" b={}", c.batch);
+            }
+            series
+                .entry(key)
+                .or_default()
+                .push((c.context as f64, m.end_to_end_tokens_per_s));
+        }
+    }
+    let (w, h) = (760.0, 440.0);
+    let (l, rgt, top, bot) = (70.0, 220.0, 40.0, 50.0);
+    let pts: Vec<(f64, f64)> = series.values().flatten().copied().collect();
+    let range = |f: fn(&(f64, f64)) -> f64| {
+        let lo = pts.iter().map(f).fold(f64::INFINITY, f64::min);
+        let hi = pts.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+        if lo.is_finite() && hi.is_finite() && lo > 0.0 {
+            (lo, hi)
+        } else {
+            (1.0, 10.0)
+        }
+    };
+    let axis = |(lo, hi): (f64, f64)| {
+        let log = hi / lo > 20.0;
+        let (a, b) = if log {
+            (lo.log10().floor(), hi.log10().ceil())
+        } else if hi > lo {
+            (0.0, hi * 1.1)
+        } else {
+            (0.0, hi * 2.0)
+        };
+        (log, a, b.max(a + 1e-9))
+    };
+    let (xlog, x0, x1) = axis(range(|p| p.0));
+    let (ylog, y0, y1) = axis(range(|p| p.1));
+    let pw = w - l - rgt;
+    let ph = h - top - bot;
+    let sx = |x: f64| {
+        let v = if xlog { x.log10() } else { x };
+        l + (v - x0) / (x1 - x0) * pw
+    };
+    let sy = |y: f64| {
+        let v = if ylog { y.max(1e-12).log10() } else { y };
+        top + ph - (v - y0) / (y1 - y0) * ph
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect x="0" y="0" width="{w}" height="{h}" fill="white"/>"#
+    );
+    let title = format!(
+        "strata bench{}: end-to-end tokens/s vs context",
+        r.preset
+            .as_deref()
+            .map_or(String::new(), |p| format!(" {p}"))
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{l}" y="22" font-size="15">{}</text>"#,
+        esc(&title)
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect x="{l}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    );
+    for (log, a, b, is_x) in [(xlog, x0, x1, true), (ylog, y0, y1, false)] {
+        for i in 0..=4 {
+            let v = a + (b - a) * i as f64 / 4.0;
+            let value = if log { 10f64.powf(v) } else { v };
+            let label = esc(&num(value));
+            if is_x {
+                let x = sx(value);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
+                    top + ph,
+                    top + ph + 16.0
+                );
+            } else {
+                let y = sy(value);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{l}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
+                    l + pw,
+                    l - 6.0,
+                    y + 4.0
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">context length (prompt + generated tokens{})</text>"#,
+        l + pw / 2.0,
+        h - 12.0,
+        if xlog { ", log scale" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">end-to-end tokens/s{}</text>"#,
+        top + ph / 2.0,
+        if ylog { " (log scale)" } else { "" }
+    );
+    for (i, (name, pts)) in series.iter_mut().enumerate() {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+            path.join(" ")
+        );
+        for &(x, y) in pts.iter() {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                sx(x),
+                sy(y)
+            );
+        }
+        let ly = top + 10.0 + 18.0 * i as f64;
+        let lx = l + pw + 14.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 20.0,
+            lx + 26.0,
+            ly + 4.0,
+            esc(name)
+        );
+    }
+    if series.is_empty() {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">no policy ran</text>"#,
+            l + pw / 2.0,
+            top + ph / 2.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The dated `bench/RESULTS.md` entry: machine, GPU, command, then the tables.
+pub fn results_entry(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## {}: strata bench{}\n",
+        r.date.split(' ').next().unwrap_or(&r.date),
+        r.preset
+            .as_deref()
+            .map_or(String::new(), |p| format!(" --preset {p}"))
+    );
+    let _ = writeln!(
+        s,
+        "- **Machine**: {} ({} cores), {} of memory; GPU: {}; device `{}`.",
+        r.machine.cpu,
+        r.machine.cpu_cores,
+        bytes(r.machine.memory_bytes),
+        r.machine.gpu.as_deref().unwrap_or("none"),
+        r.machine.device
+    );
+    let _ = writeln!(
+        s,
+        "- **Profile**: {}{}.",
+        r.profile.machine,
+        if r.profile.reference {
+            " (a reference profile, not a measurement of this machine)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "- **Budgets**: GPU {}, host {}, disk {}.",
+        bytes(r.budgets.gpu_bytes),
+        bytes(r.budgets.host_bytes),
+        bytes(r.budgets.disk_bytes)
+    );
+    let _ = writeln!(s, "- **Run at**: {}.\n", r.date);
+    let _ = writeln!(s, "```sh\n{}\n```\n", r.command);
+    s.push_str(&markdown(r));
+    s
+}
+
+/// `YYYY-MM-DD HH:MM UTC` for a Unix time (civil-from-days, proleptic Gregorian).
+pub fn utc_date(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        secs / 3600,
+        (secs % 3600) / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13 UTC");
+    }
+}

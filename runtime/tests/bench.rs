@@ -1,0 +1,432 @@
+//! `strata bench` on the CPU: a tiny end-to-end run of every policy (same tokens under every
+//! policy that runs, report files written, a dated RESULTS.md entry), the report's JSON schema,
+//! a well-formed SVG, FlexGen's flags placing what they say, and bad input refused naming the flag.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d =
+            std::env::temp_dir().join(format!("strata-bench-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("bench")).unwrap();
+        // The CPU reference profile: nothing here calibrates this machine.
+        strata_planner::HardwareProfile::cpu_only_reference()
+            .save(&d.join("profile.json"))
+            .unwrap();
+        Dir(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `strata bench` on a tiny model in `d`; `extra` flags replace the defaults of the same name.
+fn bench(d: &Dir, extra: &[&str]) -> Output {
+    let defaults = [
+        ("--model", "synthetic:tiny-llama"),
+        ("--prompt-len", "12"),
+        ("--gen-len", "4"),
+        ("--batch", "3"),
+        ("--device", "cpu"),
+        ("--profile", "profile.json"),
+    ];
+    let mut args = vec!["bench"];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .current_dir(&d.0)
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn is_num(v: &Value) -> bool {
+    v.is_number()
+}
+
+/// Field names and JSON types of the report (`strata-bench/1`).
+fn check_schema(r: &Value) {
+    assert_eq!(r["schema"], "strata-bench/1");
+    for k in ["date", "command"] {
+        assert!(r[k].is_string(), "{k}");
+    }
+    for k in ["cpu", "device"] {
+        assert!(r["machine"][k].is_string(), "machine.{k}");
+    }
+    assert!(r["machine"]["cpu_cores"].is_u64());
+    assert!(r["machine"]["memory_bytes"].is_u64());
+    assert!(r["machine"].get("gpu").is_some());
+    assert!(r["profile"]["machine"].is_string());
+    assert!(r["profile"]["reference"].is_boolean());
+    for k in ["gpu_bytes", "host_bytes", "disk_bytes"] {
+        assert!(r["budgets"][k].is_u64(), "budgets.{k}");
+    }
+    assert!(
+        r["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_string)
+    );
+    assert!(r["exact"].is_boolean() || r["exact"].is_null());
+    let configs = r["configs"].as_array().unwrap();
+    assert!(!configs.is_empty());
+    for c in configs {
+        for k in ["prompt_len", "gen_len", "batch", "context"] {
+            assert!(c[k].is_u64(), "config.{k}");
+        }
+        assert!(c["model"].is_string());
+        assert!(c["mismatches"].is_array());
+        for run in c["runs"].as_array().unwrap() {
+            assert!(run["policy"].is_string());
+            let status = run["status"].as_str().unwrap();
+            assert!(
+                ["ok", "not_runnable", "does_not_fit", "failed", "not_run"].contains(&status),
+                "{status}"
+            );
+            assert!(run["source"].is_string());
+            assert!(run["ratios"].is_object());
+            assert!(run["notes"].is_array());
+            if status != "ok" {
+                assert!(run["reason"].is_string(), "{run}");
+                assert!(run["measured"].is_null());
+            }
+            if let Some(p) = run["predicted"].as_object() {
+                for k in [
+                    "prefill_s",
+                    "decode_step_s",
+                    "total_s",
+                    "prefill_tokens_per_s",
+                    "decode_tokens_per_s",
+                    "end_to_end_tokens_per_s",
+                ] {
+                    assert!(is_num(&p[k]), "predicted.{k}");
+                }
+                assert!(p["bound_by"].is_string());
+                for k in [
+                    "gpu_compute_s",
+                    "h2d_s",
+                    "d2h_s",
+                    "host_attention_s",
+                    "disk_read_s",
+                    "disk_write_s",
+                ] {
+                    assert!(is_num(&p["streams"][k]), "predicted.streams.{k}");
+                }
+                for k in ["gpu", "host", "disk"] {
+                    assert!(p["memory_bytes"][k].is_u64(), "predicted.memory_bytes.{k}");
+                }
+            }
+            if let Some(m) = run["measured"].as_object() {
+                for k in [
+                    "prefill_s",
+                    "decode_s",
+                    "decode_step_s",
+                    "prefill_tokens_per_s",
+                    "decode_tokens_per_s",
+                    "end_to_end_tokens_per_s",
+                ] {
+                    assert!(is_num(&m[k]), "measured.{k}");
+                }
+                for k in ["prompt_tokens", "generated_tokens"] {
+                    assert!(m[k].is_u64(), "measured.{k}");
+                }
+                for k in [
+                    "h2d_bytes",
+                    "d2h_bytes",
+                    "weights_h2d_bytes",
+                    "kv_gpu_to_host_bytes",
+                    "kv_host_to_disk_bytes",
+                    "kv_disk_to_host_bytes",
+                ] {
+                    assert!(m["links"][k].is_u64(), "measured.links.{k}");
+                }
+                for k in [
+                    "h2d_s",
+                    "d2h_s",
+                    "host_attention_s",
+                    "storage_attention_s",
+                    "disk_write_s",
+                ] {
+                    assert!(is_num(&m["streams"][k]), "measured.streams.{k}");
+                }
+                for k in ["gpu_kv", "host_kv", "disk_kv", "host_rss"] {
+                    assert!(m["peak"][k].is_u64(), "measured.peak.{k}");
+                }
+                let t = &run["measured_over_predicted"];
+                for k in ["prefill", "decode_step", "total"] {
+                    assert!(is_num(&t[k]), "measured_over_predicted.{k}");
+                }
+                assert!(
+                    run["generate_command"]
+                        .as_str()
+                        .unwrap()
+                        .contains("generate")
+                );
+            }
+        }
+    }
+}
+
+/// A minimal XML well-formedness check: tags nest and close, attributes are quoted, text holds
+/// no bare `<` or `&`.
+fn check_well_formed_svg(svg: &str) {
+    let svg = svg.trim();
+    assert!(svg.starts_with("<svg"), "{svg:.80}");
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = svg;
+    while let Some(open) = rest.find('<') {
+        let text = &rest[..open];
+        assert!(!text.contains('>'), "stray '>' in text: {text}");
+        for (i, _) in text.match_indices('&') {
+            let ent = &text[i..];
+            assert!(
+                ["&amp;", "&lt;", "&gt;", "&quot;"]
+                    .iter()
+                    .any(|e| ent.starts_with(e)),
+                "bare & in text: {text}"
+            );
+        }
+        let close = rest[open..].find('>').expect("unclosed tag") + open;
+        let tag = &rest[open + 1..close];
+        assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes: {tag}");
+        if let Some(name) = tag.strip_prefix('/') {
+            assert_eq!(
+                stack.pop().as_deref(),
+                Some(name.trim()),
+                "mismatched </{name}>"
+            );
+        } else if !tag.ends_with('/') {
+            let name = tag.split_whitespace().next().unwrap();
+            stack.push(name.to_string());
+        }
+        rest = &rest[close + 1..];
+        if stack.is_empty() {
+            assert!(rest.trim().is_empty(), "content after the root element");
+        }
+    }
+    assert!(stack.is_empty(), "unclosed elements: {stack:?}");
+}
+
+fn run_of<'a>(r: &'a Value, policy: &str) -> &'a Value {
+    r["configs"][0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["policy"] == policy)
+        .unwrap()
+}
+
+#[test]
+fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() {
+    let d = Dir::new("e2e");
+    let out = bench(
+        &d,
+        &[
+            "--policies",
+            "strata,flexgen,layerwise,gpu-only",
+            "--json",
+            "report.json",
+            "--plot",
+            "plot.svg",
+            "--append-results",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("| policy | status | prefill tok/s"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("exactness: the same tokens"), "{stdout}");
+
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    check_schema(&r);
+    let c = &r["configs"][0];
+    assert_eq!(
+        (c["batch"].as_u64(), c["context"].as_u64()),
+        (Some(3), Some(16))
+    );
+    // The planner's policy and the GPU-only one run on today's executor; every row that ran
+    // generated all its tokens, and every row that did not says why.
+    for p in ["strata", "gpu-only"] {
+        assert_eq!(run_of(&r, p)["status"], "ok", "{p}: {}", run_of(&r, p));
+    }
+    let mut ran = 0;
+    for run in c["runs"].as_array().unwrap() {
+        if run["status"] == "ok" {
+            ran += 1;
+            assert_eq!(run["measured"]["generated_tokens"], 12, "{run}");
+            assert!(run["measured"]["end_to_end_tokens_per_s"].as_f64().unwrap() > 0.0);
+            // Ratios against every other policy that ran.
+            assert_eq!(run["ratios"].as_object().unwrap().len(), ran_count(c) - 1);
+        } else {
+            assert!(!run["reason"].as_str().unwrap().is_empty(), "{run}");
+        }
+    }
+    assert!(ran >= 2);
+    assert_eq!(c["exact"], true, "{c}");
+    assert_eq!(r["exact"], true);
+    let s = run_of(&r, "strata")["ratios"]["gpu-only"].as_f64().unwrap();
+    let g = run_of(&r, "gpu-only")["ratios"]["strata"].as_f64().unwrap();
+    assert!((s * g - 1.0).abs() < 1e-9, "ratios are reciprocal: {s} {g}");
+    // FlexGen's row carries its policy in FlexGen's terms.
+    let fg = run_of(&r, "flexgen");
+    assert!(fg["flexgen_flags"].as_str().unwrap().contains("--percent"));
+
+    let svg = std::fs::read_to_string(d.path("plot.svg")).unwrap();
+    check_well_formed_svg(&svg);
+    assert!(svg.contains("strata") && svg.contains("gpu-only") && svg.contains("<polyline"));
+
+    let results = std::fs::read_to_string(d.path("bench/RESULTS.md")).unwrap();
+    assert!(results.contains(": strata bench"), "{results}");
+    assert!(results.contains("- **Machine**:"));
+    assert!(
+        results.contains("--append-results"),
+        "the command is recorded"
+    );
+    assert!(results.contains("| strata | ok |"));
+}
+
+fn ran_count(c: &Value) -> usize {
+    c["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "ok")
+        .count()
+}
+
+#[test]
+fn flexgen_flags_place_what_they_say_and_unrunnable_policies_say_why() {
+    let d = Dir::new("flags");
+    let out = bench(
+        &d,
+        &[
+            "--policies",
+            "flexgen",
+            "--percent",
+            "25",
+            "75",
+            "0",
+            "100",
+            "0",
+            "100",
+            "--gpu-batch-size",
+            "1",
+            "--num-gpu-batches",
+            "3",
+            "--cpu-cache-compute",
+            "--dry-run",
+            "--json",
+            "report.json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    check_schema(&r);
+    let fg = run_of(&r, "flexgen");
+    let p = &fg["plan"];
+    assert_eq!(p["weights"]["gpu"], 0.25);
+    assert_eq!(p["weights"]["host"], 0.75);
+    assert_eq!(p["weights"]["disk"], 0.0);
+    assert_eq!(p["kv"]["cold"]["host"], 1.0);
+    assert_eq!(p["kv"]["hot_window_tokens"], 0);
+    assert_eq!(p["attention_host"]["kind"], "attend_near");
+    assert_eq!(
+        (p["gpu_batch_size"].as_u64(), p["num_gpu_batches"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(fg["flexgen"]["w_gpu_percent"], 25.0);
+    assert_eq!(fg["source"], "FlexGen's flags as given");
+    // Either the executor refuses it naming the field, or (once it runs the block schedule)
+    // the dry run plans it without running it.
+    let status = fg["status"].as_str().unwrap();
+    assert!(status == "not_runnable" || status == "not_run", "{fg}");
+    assert!(fg["measured"].is_null());
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_flag() {
+    let d = Dir::new("bad");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--policies", "strata,vllm"], "--policies"),
+        (
+            &["--percent", "60", "50", "100", "0", "100", "0"],
+            "--percent",
+        ),
+        (
+            &[
+                "--percent",
+                "100",
+                "0",
+                "100",
+                "0",
+                "100",
+                "0",
+                "--gpu-batch-size",
+                "2",
+            ],
+            "--gpu-batch-size",
+        ),
+        (&["--preset", "nope"], "--preset"),
+        (&["--prompt-len", "4000"], "--prompt-len"),
+    ];
+    for (extra, flag) in cases {
+        let out = bench(&d, extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{extra:?} should fail: {}",
+            text(&out)
+        );
+        assert!(
+            err.contains(flag),
+            "{extra:?}: error should name {flag}: {err}"
+        );
+    }
+    // Without a preset the workload must be given.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .current_dir(&d.0)
+        .args([
+            "bench",
+            "--model",
+            "synthetic:tiny-llama",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt-len is required"));
+    assert!(!Path::new(&d.path("bench/RESULTS.md")).exists());
+}
