@@ -386,8 +386,10 @@ impl FlexGenPolicy {
         let start = ((self.gpu_batch_size as f64 * ratio).floor() as u64).max(1);
         let mut p = *self;
         let mut closest = TierBytes::default();
+        let mut considered = 0;
         for _ in 0..=(3.0 * 100.0 / SCALE_WEIGHT_STEP_PERCENT) as usize {
             for gbs in (1..=start).rev() {
+                considered += 1;
                 let q = FlexGenPolicy {
                     gpu_batch_size: gbs,
                     ..p
@@ -410,7 +412,7 @@ impl FlexGenPolicy {
                 break;
             }
         }
-        Err(nothing_fits(&closest, budgets, 0))
+        Err(nothing_fits(&closest, budgets, considered))
     }
 }
 

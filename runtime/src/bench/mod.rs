@@ -111,7 +111,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         device: &device,
         has_gpu,
         gpu_mem,
-        host_mem,
         work: &work.0,
     };
     let mut configs = Vec::new();
@@ -309,7 +308,6 @@ struct Ctx<'a> {
     device: &'a str,
     has_gpu: bool,
     gpu_mem: Option<u64>,
-    host_mem: Option<u64>,
     work: &'a Path,
 }
 
@@ -685,6 +683,36 @@ fn gpu_kv_bytes(p: &Policy, spec: &ModelSpec, wl: &Workload) -> u64 {
     (rounded * (wl.batch * spec.layers * spec.kv_bytes_per_token_per_layer()) as f64) as u64
 }
 
+/// The host KV arena for a run (`--host-mem` of generate, allocated at start): the policy's
+/// host share of the KV (on the CPU, where there is no GPU tier, its GPU share too) in the host
+/// tier's f32 blocks, plus the writable block every sequence needs in every layer; at most the
+/// host budget (the rest spills to disk, or the run fails saying so), at least those blocks.
+fn host_arena_bytes(
+    p: &Policy,
+    spec: &ModelSpec,
+    wl: &Workload,
+    has_gpu: bool,
+    budget: u64,
+) -> u64 {
+    let len = wl.final_len() as f64;
+    let hot = (p.kv.hot_window_tokens as f64).min(len);
+    let cold = len - hot;
+    let mut tokens = cold * p.kv.cold.host;
+    if p.kv.hot_tier == Tier::Host {
+        tokens += hot;
+    }
+    if !has_gpu {
+        tokens += cold * p.kv.cold.gpu + if p.kv.hot_tier == Tier::Gpu { hot } else { 0.0 };
+    }
+    let block = p.kv_block_tokens;
+    let block_bytes = spec.kv_width() * 4 * block;
+    let blocks_per_seq_layer = (tokens / block as f64).ceil() as u64 + 1;
+    let minimum = wl.batch * spec.layers * block_bytes;
+    (wl.batch * spec.layers * blocks_per_seq_layer * block_bytes)
+        .min(budget)
+        .max(minimum)
+}
+
 type Tokens = BTreeMap<u64, Vec<u32>>;
 
 /// Runs one policy through `strata generate --policy FILE`, in this process.
@@ -750,9 +778,10 @@ fn execute(
             flag("--gpu-kv-mem", gpu_kv_bytes(p, spec, &wl).to_string());
         }
     }
-    if let Some(h) = ctx.host_mem {
-        flag("--host-mem", h.to_string());
-    }
+    flag(
+        "--host-mem",
+        host_arena_bytes(p, spec, &wl, ctx.has_gpu, ctx.budgets.host_bytes).to_string(),
+    );
     if let Some(d) = &ctx.a.disk_dir {
         flag("--disk-dir", path(d));
         flag("--disk-mem", ctx.budgets.disk_bytes.to_string());
