@@ -36,9 +36,11 @@
 //! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
 //! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
 //! `(depth+1)·(streamed weights of a layer + fetched/regenerated KV of one GPU batch in one layer)`,
-//! prefill activations of one GPU batch over a chunk of ≤ 2048 tokens, logits; the batch's prompt
-//! hidden states between layers (on the GPU with one GPU batch; otherwise in host memory with
-//! `depth+1` GPU batches' worth on the GPU, and `N·s·hb` each way over PCIe per prefill layer);
+//! the workspace of a prefill forward pass of `min(g·s, PREFILL_ROWS)` rows (one GPU batch's
+//! prompts) and the logits
+//! ([`gpu_workspace_bytes`], the runtime's own sizing); with several GPU batches, the batch's
+//! prompt hidden states in host memory between layers (`N·s·hb` each way over PCIe per prefill
+//! layer);
 //! pinned host staging `(depth+1)·(disk bytes of one layer, one GPU batch)`.
 //!
 //! Not modelled yet: layer 0 recomputed from token ids, prefix sharing, jitter between layers.
@@ -52,8 +54,21 @@ use crate::profile::HardwareProfile;
 /// Bytes per tier.
 pub type TierBytes = PerTier<u64>;
 
-/// Prompt tokens per sequence processed at once in prefill (activation buffers are sized for it).
-pub const PREFILL_CHUNK_TOKENS: u64 = 2048;
+/// Rows (prompt tokens over the whole batch) of one prefill forward pass: the runtime's default
+/// `--prefill-chunk`; the GPU workspace is sized for it.
+pub const PREFILL_ROWS: u64 = 8192;
+
+/// GPU workspace of one forward pass over `rows` rows with `logit_rows` rows of logits: the f32
+/// tensors alive at once in a layer (the residual, norm output, q, k, v, attention output and
+/// partials, projections; the MLP's gate, up and activation; half-precision GEMM operands), the
+/// logits, plus cuBLAS's workspace and allocator slack, with a 1.5× margin. The runtime splits
+/// `--gpu-mem` with this same function, so the planner's GPU memory and the run's agree.
+pub fn gpu_workspace_bytes(m: &ModelSpec, rows: u64, logit_rows: u64) -> u64 {
+    let h = m.hidden.max(m.heads * m.head_dim);
+    let per_row = 8 * h + 3 * m.intermediate + 2 * m.intermediate.max(m.hidden);
+    let act = rows * per_row * 4 + logit_rows * m.vocab * 4;
+    act * 3 / 2 + (512 << 20)
+}
 const WEIGHT_REQUEST_BYTES: u64 = 4 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,7 +395,6 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     let split = split_tokens(p, wl.final_len() as f64);
     let slots = (p.prefetch_depth + 1) as f64;
     let g = p.gpu_batch_size as f64;
-    let ab = m.weight_dtype_bytes as f64;
 
     let mut bytes = [0.0f64; 3];
     let mut fetched_per_batch = 0.0; // one layer, one GPU batch: bytes landing on the GPU
@@ -400,19 +414,14 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
         }
     }
     let streamed_weights = (1.0 - p.weights.gpu) * z.w;
-    let chunk = wl.prompt_len.clamp(1, PREFILL_CHUNK_TOKENS) as f64;
-    // The batch's hidden states between layers: on the GPU with one GPU batch, else parked in
-    // host memory with `depth+1` GPU batches' worth on the GPU.
-    let batch_hidden = z.n * wl.prompt_len.max(1) as f64 * z.hb;
-    let gpu_hidden = if p.num_gpu_batches == 1 {
-        batch_hidden
-    } else {
-        bytes[1] += batch_hidden;
-        slots * batch_hidden / z.k
-    };
-    let activations = g * chunk * (4 * m.hidden + 2 * m.intermediate) as f64 * ab
-        + gpu_hidden
-        + g * m.vocab as f64 * 4.0;
+    // With several GPU batches the batch's prompt hidden states wait in host memory between
+    // layers; on the GPU, a forward pass's rows (at most one prefill chunk) are the workspace.
+    if p.num_gpu_batches > 1 {
+        bytes[1] += z.n * wl.prompt_len.max(1) as f64 * z.hb;
+    }
+    // A prefill pass covers at most one GPU batch's prompts (the runtime's chunk under a policy).
+    let rows = (p.gpu_batch_size * wl.prompt_len.max(1)).min(PREFILL_ROWS);
+    let activations = gpu_workspace_bytes(m, rows, wl.batch) as f64;
     bytes[0] +=
         m.embedding_bytes() as f64 + slots * (streamed_weights + fetched_per_batch) + activations;
     if disk_per_batch > 0.0 || p.weights.disk > 0.0 {

@@ -28,7 +28,10 @@ pub mod profile;
 pub mod search;
 
 pub use baselines::{gpu_only, layerwise, serial};
-pub use cost::{PhaseTime, Prediction, Stream, StreamTimes, TierBytes, memory, predict};
+pub use cost::{
+    PREFILL_ROWS, PhaseTime, Prediction, Stream, StreamTimes, TierBytes, gpu_workspace_bytes,
+    memory, predict,
+};
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};
 pub use model::{Budgets, MlpKind, ModelSpec, Workload};

@@ -197,7 +197,7 @@ fn published_policies_scale_to_other_budgets_keeping_their_shape() {
             let s = pp
                 .policy
                 .scaled_to(&m, pp.prompt_len, pp.gen_len, &budgets, BLOCK)
-                .unwrap();
+                .unwrap_or_else(|e| panic!("{} {}: {e}", pp.model, pp.prompt_len));
             let mem = s.memory(&m, pp.prompt_len, pp.gen_len, BLOCK);
             assert!(
                 mem.gpu <= budgets.gpu_bytes

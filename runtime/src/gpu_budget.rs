@@ -6,6 +6,7 @@ use strata_kernels::DType;
 
 use crate::forward::weight_bytes;
 use crate::model::ModelConfig;
+use crate::policy_exec::model_spec;
 
 /// The split of a GPU budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,15 +21,10 @@ pub struct GpuBudget {
     pub kv_bytes: u64,
 }
 
-/// Activations of a forward pass over `rows` rows: the f32 tensors alive at once in a layer (the
-/// residual, norm output, q, k, v, attention output and partials, projections; the MLP's gate,
-/// up and activation; half-precision GEMM operands), the logits of `logit_rows`, plus cuBLAS's
-/// workspace and allocator slack, with a 1.5× margin.
+/// Activations of a forward pass over `rows` rows with the logits of `logit_rows`: the planner's
+/// [`strata_planner::gpu_workspace_bytes`], so a planned policy and the run count GPU memory alike.
 pub fn workspace_bytes(cfg: &ModelConfig, rows: usize, logit_rows: usize) -> u64 {
-    let h = cfg.hidden.max(cfg.q_dim()) as u64;
-    let per_row = 8 * h + 3 * cfg.intermediate as u64 + 2 * cfg.intermediate.max(cfg.hidden) as u64;
-    let act = rows as u64 * per_row * 4 + logit_rows as u64 * cfg.vocab as u64 * 4;
-    act * 3 / 2 + (512 << 20)
+    strata_planner::gpu_workspace_bytes(&model_spec("", cfg), rows as u64, logit_rows as u64)
 }
 
 /// Splits `budget` bytes of GPU memory for a model run with prefill chunks of `rows` rows and
@@ -109,6 +105,58 @@ mod tests {
             small.weight_bytes + small.workspace_bytes + small.kv_bytes,
             16 << 30
         );
+    }
+
+    /// The planner and the runtime count GPU memory alike: for policies the planner says fit a
+    /// `--gpu-mem` budget, the runtime's split of that budget (same resident layers, prefill
+    /// rows of one GPU batch's prompts, as `generate --policy` sets them) leaves the KV room the
+    /// planner put on the GPU, within 5%.
+    #[test]
+    fn planned_gpu_kv_fits_in_the_runtime_split() {
+        use strata_planner::{Budgets, HardwareProfile, Workload, plan};
+        let cfg = synthetic::config("llama-3-8b").expect("preset");
+        let spec = model_spec("llama-3-8b", &cfg);
+        let profile = HardwareProfile::h100_reference();
+        for (gpu_gib, batch, prompt) in [(80u64, 16u64, 2048u64), (24, 8, 8192), (20, 4, 4096)] {
+            let wl = Workload {
+                batch,
+                prompt_len: prompt,
+                gen_len: 32,
+            };
+            let budgets = Budgets {
+                gpu_bytes: gpu_gib << 30,
+                host_bytes: 64 << 30,
+                disk_bytes: 200 << 30,
+            };
+            let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
+            let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
+            let rows = (p.gpu_batch_size * prompt) as usize;
+            let split = split_with(
+                &cfg,
+                budgets.gpu_bytes,
+                rows.min(strata_planner::PREFILL_ROWS as usize),
+                batch as usize,
+                Some(resident),
+            );
+            let final_len = (prompt + 32).div_ceil(p.kv_block_tokens) * p.kv_block_tokens;
+            let kv_per_token = 2 * cfg.kv_dim() as u64 * 2 * cfg.layers as u64;
+            let hot = p.kv.hot_window_tokens.min(final_len);
+            let hot_on_gpu = if p.kv.hot_tier == strata_planner::Tier::Gpu {
+                hot
+            } else {
+                0
+            };
+            let gpu_tokens = hot_on_gpu + (p.kv.cold.gpu * (final_len - hot) as f64) as u64;
+            let planned_kv = batch * gpu_tokens * kv_per_token;
+            // Within 5%: the runtime splits weights by whole layers with two staging buffers,
+            // the planner streams a share of every layer through `prefetch_depth + 1` slots.
+            assert!(
+                split.kv_bytes as f64 >= 0.95 * planned_kv as f64,
+                "{gpu_gib} GiB, {batch} x {prompt}: the planner puts {planned_kv} B of KV on the \
+                 GPU, the runtime leaves {} ({split:?}, policy {p:?})",
+                split.kv_bytes
+            );
+        }
     }
 
     #[test]

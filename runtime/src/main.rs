@@ -292,7 +292,7 @@ struct GenerateArgs {
     kv_dtype: String,
     /// Prompt tokens per forward pass during prefill: long prompts (or many at once) run in
     /// chunks of this many tokens, which bounds activation memory.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = strata_planner::PREFILL_ROWS as usize)]
     prefill_chunk: usize,
     /// GPU GEMMs with half-precision weights: `split` carries the f32 activation as two
     /// half-precision terms (two tensor-core GEMMs, close to f32 results), `rounded` rounds it
@@ -409,7 +409,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let planned = match &a.policy {
         None => None,
         Some(arg) => {
-            let (policy, prediction) = policy_for_job(arg, &a, &model)?;
+            let (policy, prediction, workload) = policy_for_job(arg, &a, &model)?;
             let run = policy_exec::executable(&policy, model.config.layers)
                 .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot run this policy: {e}"))?;
             eprintln!(
@@ -423,6 +423,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             );
             a.kv_block_tokens = run.block_tokens;
             a.batch_size = run.batch_size.max(1);
+            // Prefill one GPU batch's prompts per pass at most: the workspace the planner counted.
+            let rows = (policy.gpu_batch_size * workload.prompt_len).max(1);
+            a.prefill_chunk = a.prefill_chunk.min(rows as usize);
             Some((policy, prediction, run))
         }
     };
@@ -912,7 +915,11 @@ fn policy_for_job(
     arg: &str,
     a: &GenerateArgs,
     model: &model::Model,
-) -> anyhow::Result<(strata_planner::Policy, strata_planner::Prediction)> {
+) -> anyhow::Result<(
+    strata_planner::Policy,
+    strata_planner::Prediction,
+    strata_planner::Workload,
+)> {
     use strata_planner::{Budgets, Workload};
     let items: Vec<_> = strata_runtime::jobio::read_input(&a.input)?
         .into_iter()
@@ -971,5 +978,5 @@ fn policy_for_job(
         p
     };
     let prediction = strata_planner::predict(&spec, &workload, &policy, &profile);
-    Ok((policy, prediction))
+    Ok((policy, prediction, workload))
 }
