@@ -38,6 +38,9 @@ pub struct SearchSpace {
     pub max_gpu_batch_sizes: usize,
     /// Alternatives returned besides the best.
     pub runners_up: usize,
+    /// Only policies this accepts are considered (an executor that runs part of the space
+    /// passes its own check, so the plan it gets is one it can run); `None`: all.
+    pub runnable: Option<fn(&Policy, &ModelSpec) -> bool>,
 }
 
 impl Default for SearchSpace {
@@ -52,6 +55,7 @@ impl Default for SearchSpace {
             hot_window_blocks: 4,
             max_gpu_batch_sizes: 8,
             runners_up: 4,
+            runnable: None,
         }
     }
 }
@@ -130,6 +134,7 @@ struct Search<'a> {
     wl: &'a Workload,
     budgets: &'a Budgets,
     hw: &'a HardwareProfile,
+    runnable: Option<fn(&Policy, &ModelSpec) -> bool>,
     considered: u64,
     feasible: u64,
     best: Option<Best>,
@@ -140,6 +145,9 @@ struct Search<'a> {
 
 impl Search<'_> {
     fn consider(&mut self, p: Policy, key: [u32; 7]) {
+        if self.runnable.is_some_and(|ok| !ok(&p, self.m)) {
+            return;
+        }
         self.considered += 1;
         let mem = memory(self.m, self.wl, &p);
         let over = mem.gpu.saturating_sub(self.budgets.gpu_bytes)
@@ -254,6 +262,7 @@ pub fn plan_with(
         wl,
         budgets,
         hw,
+        runnable: space.runnable,
         considered: 0,
         feasible: 0,
         best: None,

@@ -18,7 +18,9 @@
 //! rates are the CPU backend's `linear`, HBM is host memory (read + written), host ↔ device
 //! copies are memcpy, and the available memory is split evenly between the two tiers. Without a
 //! disk directory the disk rates are placeholders, `disk_bytes = 0`, `disk_measured = false`.
-//! `gpu_layer_overhead_us` is not measured: it keeps the reference profiles' value.
+//! `gpu_layer_overhead_us` is [`DECODE_OPS_PER_LAYER`] times the measured fixed cost of one small
+//! op (allocate its output, launch, free) on the GPU; without a GPU it keeps the CPU reference
+//! profile's value.
 //!
 //! `quick` scales every size down (about a quarter), for the calibration `plan` runs on first use.
 
@@ -235,6 +237,12 @@ impl Calibration {
 }
 
 /// Sizes of each measurement (bytes unless named otherwise).
+/// Device ops one decode layer issues, each with a fixed cost: RMSNorm, the q, k and v
+/// projections, RoPE of q and k, the KV append and its block-table upload, the attention and its
+/// table upload, the output projection, the residual add, RMSNorm, gate and up, SwiGLU, down,
+/// the residual add (17), plus the partial merge and position upload where tiers are mixed.
+pub const DECODE_OPS_PER_LAYER: usize = 20;
+
 struct Sizes {
     gpu_gemm_n: usize,
     gpu_gemm_reps: usize,
@@ -246,6 +254,7 @@ struct Sizes {
     cpu_gemm_dim: usize,
     disk_file: u64,
     disk_small_read: u64,
+    op_reps: usize,
     trials: usize,
 }
 
@@ -258,6 +267,7 @@ impl Sizes {
         Sizes {
             gpu_gemm_n: 4096,
             gpu_gemm_reps: 20 / s,
+            op_reps: 2000 / s,
             hbm: (1 << 30) / s,
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
@@ -315,7 +325,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     }
     let mut notes = Vec::new();
     let gpu = open_gpu(opts.device, &mut notes)?;
-    let steps = Steps::new(if gpu.is_some() { 7 } else { 5 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 8 } else { 5 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -572,7 +582,19 @@ fn measure_gpu(
     row("host -> device", format!("{h2d:.1} GB/s"), how.clone());
     row("device -> host", format!("{d2h:.1} GB/s"), how);
     p.host_bytes = crate::mem_available_bytes().unwrap_or(0);
-    p.gpu_layer_overhead_us = HardwareProfile::h100_reference().gpu_layer_overhead_us;
+
+    steps.step("fixed cost per op");
+    let per_op = cal
+        .op_overhead_us(sz.op_reps, sz.trials)
+        .map_err(err("op overhead"))?;
+    p.gpu_layer_overhead_us = DECODE_OPS_PER_LAYER as f64 * per_op;
+    row(
+        "layer overhead",
+        format!("{:.0} µs", p.gpu_layer_overhead_us),
+        format!(
+            "{DECODE_OPS_PER_LAYER} ops per decode layer × {per_op:.1} µs (allocate, launch, free)"
+        ),
+    );
     Ok(())
 }
 

@@ -753,7 +753,13 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
         disk_bytes: a.disk_mem.unwrap_or(profile.disk_bytes),
     };
-    let plan = strata_planner::plan(&spec, &workload, &budgets, &profile)?;
+    let plan = strata_planner::plan_with(
+        &spec,
+        &workload,
+        &budgets,
+        &profile,
+        &policy_exec::search_space(),
+    )?;
     if a.json {
         let out = serde_json::json!({
             "model": spec,
@@ -962,9 +968,15 @@ fn policy_for_job(
                 0
             },
         };
-        strata_planner::plan(&spec, &workload, &budgets, &profile)
-            .map_err(|e| anyhow::anyhow!("--policy auto: {e}"))?
-            .policy
+        strata_planner::plan_with(
+            &spec,
+            &workload,
+            &budgets,
+            &profile,
+            &policy_exec::search_space(),
+        )
+        .map_err(|e| anyhow::anyhow!("--policy auto: {e}"))?
+        .policy
     } else {
         let text = std::fs::read_to_string(arg)
             .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot read: {e}"))?;

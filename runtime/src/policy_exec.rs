@@ -139,6 +139,24 @@ fn recompute_share(p: &Policy) -> Result<f64, String> {
     ))
 }
 
+/// Whether this executor can run `p` on a model of spec `m`: [`executable`], plus the KV cache's
+/// own refusals that the policy alone decides (recompute only where hidden states are no larger
+/// than K and V). The planner's search takes it (`SearchSpace::runnable`) so `--policy auto`,
+/// `strata plan` and `strata bench` choose among policies that run.
+pub fn runnable(p: &Policy, m: &ModelSpec) -> bool {
+    let recompute = Tier::ALL.iter().any(|&t| p.recompute.get(t) > 0.0);
+    executable(p, m.layers as usize).is_ok()
+        && (!recompute || m.hidden <= 2 * m.kv_heads * m.head_dim)
+}
+
+/// The planner's search space restricted to what this executor runs.
+pub fn search_space() -> strata_planner::SearchSpace {
+    strata_planner::SearchSpace {
+        runnable: Some(runnable),
+        ..Default::default()
+    }
+}
+
 /// The prediction beside what the run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyCheck {
@@ -291,5 +309,55 @@ mod tests {
             disk: 0.25,
         };
         assert!(executable(&bad, 32).unwrap_err().contains("not on disk"));
+    }
+}
+
+#[cfg(test)]
+mod runnable_tests {
+    use super::*;
+    use crate::model::synthetic;
+    use strata_planner::{Budgets, HardwareProfile, Workload, plan, plan_with};
+
+    /// With the executor's check in the search, every plan is one `generate --policy` runs, even
+    /// where the unrestricted search would put weights on disk.
+    #[test]
+    fn plans_under_the_executor_search_space_are_runnable() {
+        let hw = HardwareProfile::h100_reference();
+        let cases = [
+            ("llama-3-8b", 8u64, 2048u64, 12u64, 8u64),
+            ("llama-3-8b", 16, 4096, 24, 64),
+            ("opt-6.7b", 32, 512, 8, 16),
+        ];
+        let mut restricted_somewhere = false;
+        for (name, batch, prompt, gpu_gib, host_gib) in cases {
+            let cfg = synthetic::config(name).expect("preset");
+            let spec = model_spec(name, &cfg);
+            let wl = Workload {
+                batch,
+                prompt_len: prompt,
+                gen_len: 32,
+            };
+            let budgets = Budgets {
+                gpu_bytes: gpu_gib << 30,
+                host_bytes: host_gib << 30,
+                disk_bytes: 500 << 30,
+            };
+            let free = plan(&spec, &wl, &budgets, &hw);
+            let Ok(ours) = plan_with(&spec, &wl, &budgets, &hw, &search_space()) else {
+                continue;
+            };
+            assert!(
+                runnable(&ours.policy, &spec),
+                "{name}: {:?}",
+                executable(&ours.policy, cfg.layers)
+            );
+            if free.is_ok_and(|f| !runnable(&f.policy, &spec)) {
+                restricted_somewhere = true;
+            }
+        }
+        assert!(
+            restricted_somewhere,
+            "no case needed the restriction: the test no longer exercises it"
+        );
     }
 }

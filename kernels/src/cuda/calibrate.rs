@@ -1,6 +1,6 @@
 //! Measurements of one GPU for `strata calibrate`: the dense GEMM rate of cuBLAS per dtype, the
-//! device-memory copy rate, and host ↔ device copies from page-locked memory, each timed with
-//! CUDA events on one stream.
+//! device-memory copy rate, host ↔ device copies from page-locked memory, and the fixed cost of
+//! one small op, each timed with CUDA events on one stream.
 //!
 //! [`DeviceCalibrator`] holds its own handle on the device's primary context, one stream and one
 //! cuBLAS handle, and nothing else: it compiles no kernels, so it starts in under a second even
@@ -128,6 +128,41 @@ impl DeviceCalibrator {
             // dimension n: every access is in bounds; all three live on the handle's stream.
             unsafe { self.blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| device_err(op, e))
         })
+    }
+
+    /// The fixed cost of one small device op issued the way the backend issues it: a
+    /// stream-ordered allocation of its output, one cuBLAS launch of negligible work (a 64 × 64
+    /// SGEMM), and the output's free. Microseconds per op on the stream's timeline, which for ops
+    /// this small is the host's issue time (the GPU waits for it): what a decode layer pays per
+    /// op on top of its bytes and FLOPs.
+    pub fn op_overhead_us(&self, reps: usize, trials: usize) -> Result<f64> {
+        let op = "op_overhead_us";
+        let s = &self.stream;
+        const N: usize = 64;
+        let a = s.alloc_zeros::<f32>(N * N).map_err(|e| device_err(op, e))?;
+        let b = s.alloc_zeros::<f32>(N * N).map_err(|e| device_err(op, e))?;
+        let dim = N as i32;
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: dim,
+            n: dim,
+            k: dim,
+            alpha: 1.0f32,
+            lda: dim,
+            ldb: dim,
+            beta: 0.0f32,
+            ldc: dim,
+        };
+        let ms = self.best_ms(op, reps, trials, || {
+            // SAFETY: written in full by the GEMM below (beta = 0) before anything reads it.
+            let mut c = unsafe { s.alloc::<f32>(N * N) }.map_err(|e| device_err(op, e))?;
+            // SAFETY: A, B and C each hold N·N f32, column-major N × N with leading dimension N;
+            // all three live on the handle's stream.
+            unsafe { self.blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| device_err(op, e))
+            // `c` is freed here, stream-ordered after the GEMM.
+        })?;
+        Ok(ms * 1e3)
     }
 
     /// Bytes copied per second by a device-to-device copy of `bytes` bytes, in GB/s (each byte

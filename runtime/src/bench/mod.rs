@@ -519,7 +519,14 @@ fn plan_config(
             continue;
         }
         let chosen: Result<(Policy, Prediction), PlanError> = match name {
-            "strata" => strata_planner::plan(&spec, &wl, &ctx.budgets, ctx.profile).map(|p| {
+            "strata" => strata_planner::plan_with(
+                &spec,
+                &wl,
+                &ctx.budgets,
+                ctx.profile,
+                &crate::policy_exec::search_space(),
+            )
+            .map(|p| {
                 r.source = format!(
                     "the planner's choice ({} policies, {} fit)",
                     p.considered, p.feasible
