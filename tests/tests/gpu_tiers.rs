@@ -243,7 +243,8 @@ fn half_precision_kv_is_the_same_in_every_tier() {
 /// far blocks fetched (all, or half with the rest attended near the data), KV regenerated from
 /// stored hidden states (the MHA fixture; GQA models refuse it, their hidden states being larger
 /// than K and V), and two GPU batches. Every point gives transformers' tokens and logits within
-/// the golden tolerance, and the mechanism it names really ran.
+/// the golden tolerance, and the mechanism it names really ran. Then fetch with a GPU KV tier:
+/// fetched blocks are imported into free pool blocks, or attended on the host when it is full.
 #[test]
 fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
     let Some(gpu) = test_gpu() else { return };
@@ -304,6 +305,45 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
             eprintln!(
                 "{name} {what}: fetched {} blocks, recomputed {} tokens, disk peak {}",
                 k.fetched_blocks, k.recomputed_tokens, k.disk_blocks_peak
+            );
+        }
+        // With a GPU KV tier: fetched blocks go into free pool blocks and are attended by the GPU
+        // kernels; when the tier is full, the rest are attended on the host. Same tokens.
+        for (near, gpu_blocks) in [(0.0, small), (0.5, small), (0.0, small + small / 2)] {
+            let what = format!("GPU tier of {gpu_blocks} blocks, near {near}");
+            let placement = Placement {
+                host_blocks: None,
+                disk: None,
+                gpu: Some(gpu_tier(gpu, &m, gpu_blocks, DType::F32)),
+                policy: SinkAndRecent {
+                    sink_blocks: 1,
+                    recent_blocks: 1,
+                },
+            };
+            let mut engine = Engine::with_backend(
+                gpu.clone(),
+                &m,
+                BLOCK_TOKENS,
+                Residency::Resident,
+                placement,
+            );
+            let routes = AttentionRoutes {
+                host_near: near,
+                disk_near: near,
+            };
+            engine
+                .kv
+                .set_executor(routes, 0.0, m.config.hidden)
+                .unwrap();
+            let got = run(&mut engine, &e);
+            check(name, &what, &e, &got, LOGIT_REL_TOL);
+            let k = engine.kv.metrics();
+            within_budgets(name, &what, &k);
+            assert!(k.gpu_spilled_blocks > 0, "{name} {what}: nothing spilled");
+            assert!(k.fetched_blocks > 0, "{name} {what}: nothing was fetched");
+            eprintln!(
+                "{name} {what}: fetched {} blocks, {} of them attended on the host (pool full)",
+                k.fetched_blocks, k.fetched_attended_on_host
             );
         }
     }

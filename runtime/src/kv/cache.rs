@@ -65,6 +65,8 @@ pub struct KvMetrics {
     /// their bytes.
     pub fetched_blocks: u64,
     pub bytes_fetched: u64,
+    /// Fetched blocks the GPU pool had no free block for: attended on the host instead.
+    pub fetched_attended_on_host: u64,
     /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
     pub hidden_blocks_stored: u64,
     pub bytes_hidden_stored: u64,
@@ -909,7 +911,9 @@ impl KvCache {
     /// `far` (from [`KvCache::gather_far`]: host and disk blocks the policy fetches) are copied
     /// into scratch blocks of the GPU pool and attended with the GPU-resident ones; the scratch
     /// blocks go back to the pool when the kernels are enqueued (later writes into them are
-    /// ordered after those kernels on the compute stream).
+    /// ordered after those kernels on the compute stream). When the pool has no free block for
+    /// some of them (a full GPU tier), those are attended on the host with the near blocks, so
+    /// the run goes on with the same result (`fetched_attended_on_host` counts them).
     pub fn attend_device(
         &mut self,
         layer: usize,
@@ -919,7 +923,9 @@ impl KvCache {
         far: &[FarBlock],
     ) -> Result<CudaTensor, KvError> {
         let scratch = self.import_far(far)?;
-        let out = self.attend_device_with(layer, rows, q, ag, &scratch);
+        let leftover = &far[scratch.len()..];
+        self.metrics.fetched_attended_on_host += leftover.len() as u64;
+        let out = self.attend_device_with(layer, rows, q, ag, &scratch, leftover);
         if let Some(gpu) = self.gpu.as_mut() {
             for &(_, id, _, _) in &scratch {
                 gpu.free(id);
@@ -928,8 +934,8 @@ impl KvCache {
         out
     }
 
-    /// Copies fetched blocks into free GPU pool blocks: `(seq, pool id, start, len)` each. A
-    /// full pool is reported, not worked around: the policy's fetch share needs room.
+    /// Copies fetched blocks, in order, into free GPU pool blocks while there are any:
+    /// `(seq, pool id, start, len)` for each block copied (a prefix of `far`).
     fn import_far(&mut self, far: &[FarBlock]) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
         let Some(gpu) = self.gpu.as_mut() else {
             return Ok(Vec::new());
@@ -937,14 +943,7 @@ impl KvCache {
         let mut out = Vec::with_capacity(far.len());
         for f in far {
             let Some(id) = gpu.alloc() else {
-                for &(_, id, _, _) in &out {
-                    gpu.free(id);
-                }
-                return Err(KvError::GpuTooSmall {
-                    capacity: gpu.capacity(),
-                    needed: gpu.in_use() + far.len() - out.len(),
-                    bytes_per_block: gpu.bytes_per_block(),
-                });
+                break;
             };
             out.push((f.seq, id, f.start_pos, f.len));
             gpu.backend
@@ -962,6 +961,7 @@ impl KvCache {
         q: &CudaTensor,
         ag: &AttentionGeometry,
         scratch: &[(SeqId, u32, usize, usize)],
+        leftover: &[FarBlock],
     ) -> Result<CudaTensor, KvError> {
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         let bt = self.g.block_tokens;
@@ -1022,7 +1022,7 @@ impl KvCache {
         } else {
             self.prefill_on_gpu(&be, rows, &per_seq, q, ag)?
         };
-        if !per_seq.values().any(|(_, elsewhere)| *elsewhere) {
+        if leftover.is_empty() && !per_seq.values().any(|(_, elsewhere)| *elsewhere) {
             return Ok(gpu_part.o);
         }
         // Host and disk tiers: queries down, partials up, merged on the GPU.
@@ -1038,7 +1038,13 @@ impl KvCache {
                 q: &qh[r * qd..(r + 1) * qd],
             })
             .collect();
-        let parts = self.attend(layer, &queries, ag)?;
+        let mut parts = self.attend(layer, &queries, ag)?;
+        if !leftover.is_empty() {
+            let extra = crate::far_attention::attend_far(&queries, leftover, ag);
+            for (p, e) in parts.iter_mut().zip(extra) {
+                p.merge_in(e);
+            }
+        }
         let mut o = Vec::with_capacity(rows.len() * qd);
         let mut lse = Vec::with_capacity(rows.len() * ag.n_heads);
         for p in parts {
