@@ -12,7 +12,7 @@
 //! tier, or hidden states larger than a KV block.
 
 use serde::Serialize;
-use strata_planner::{MlpKind, ModelSpec, Policy, Prediction, Tier};
+use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier};
 
 use crate::forward::Residency;
 use crate::generate::JobStats;
@@ -139,13 +139,23 @@ fn recompute_share(p: &Policy) -> Result<f64, String> {
     ))
 }
 
-/// Whether this executor can run `p` on a model of spec `m`: [`executable`], plus the KV cache's
-/// own refusals that the policy alone decides (recompute only where hidden states are no larger
-/// than K and V). The planner's search takes it (`SearchSpace::runnable`) so `--policy auto`,
+/// Whether this executor can run `p` on a model of spec `m`, and run it near its prediction:
+/// [`executable`], plus the KV cache's own refusals that the policy alone decides (recompute only
+/// where hidden states are no larger than K and V), and no fetching of host or disk KV (see
+/// below). The planner's search takes it (`SearchSpace::runnable`) so `--policy auto`,
 /// `strata plan` and `strata bench` choose among policies that run.
 pub fn runnable(p: &Policy, m: &ModelSpec) -> bool {
     let recompute = Tier::ALL.iter().any(|&t| p.recompute.get(t) > 0.0);
+    // The fetch path copies KV block by block (gathered on the host, one synchronous copy per
+    // block into the pool): on an H100 it ran 20-40x slower than the cost model predicts, so the
+    // search keeps host and disk KV attended near the data until fetches stream on the copy
+    // stream. A policy FILE may still ask for fetching.
+    let fetches = [Tier::Host, Tier::Disk].iter().any(|&t| {
+        let holds_kv = p.kv.cold.get(t) > 0.0 || (p.kv.hot_tier == t && p.kv.hot_window_tokens > 0);
+        holds_kv && p.attention(t) != Attention::AttendNear
+    });
     executable(p, m.layers as usize).is_ok()
+        && !fetches
         && (!recompute || m.hidden <= 2 * m.kv_heads * m.head_dim)
 }
 
