@@ -1,5 +1,6 @@
-//! `strata bench`: several policies on one workload, in one process, on the same model, kernels
-//! and machine minutes apart, reported side by side with their ratios.
+//! `strata bench`: several policies on one workload, one command, on the same model, kernels
+//! and machine minutes apart (each run a child `strata generate`), reported side by side with
+//! their ratios.
 //!
 //! Flow: resolve the workloads (flags or a [`presets`] preset) and the budgets; for each
 //! workload, choose every policy (`strata`: the planner; `flexgen`: FlexGen's flags, its
@@ -722,7 +723,7 @@ fn host_arena_bytes(
 
 type Tokens = BTreeMap<u64, Vec<u32>>;
 
-/// Runs one policy through `strata generate --policy FILE`, in this process.
+/// Runs one policy through `strata generate --policy FILE`, in a child process.
 fn execute(
     ctx: &Ctx<'_>,
     r: &ConfigReport,
@@ -794,11 +795,21 @@ fn execute(
         flag("--disk-mem", ctx.budgets.disk_bytes.to_string());
     }
     let cmd = argv.join(" ");
+    // Checked here, so a bad command line is this bench's error, not a child's exit status.
     let cli = Cli::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let Command::Generate(args) = cli.command else {
+    let Command::Generate(_) = cli.command else {
         bail!("internal: not a generate command line");
     };
-    crate::run_generate(*args)?;
+    // Each run in a process of its own: it starts from a clean device and host (nothing pinned,
+    // registered or cached by the previous policy's run), as a user's `strata generate` would.
+    let exe = std::env::current_exe().context("locating the strata executable")?;
+    let status = std::process::Command::new(&exe)
+        .args(&argv[1..])
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !status.success() {
+        bail!("`{cmd}` failed ({status}); its error is above");
+    }
     let stats: Value = serde_json::from_str(
         &std::fs::read_to_string(&stats_file).with_context(|| path(&stats_file))?,
     )?;
