@@ -269,6 +269,12 @@ impl ArenaSlots {
         self.slot_bytes
     }
 
+    /// Distance between consecutive slots in bytes (slot `i` starts at `i · stride` from the
+    /// region's base).
+    pub fn slot_stride(&self) -> usize {
+        self.stride
+    }
+
     fn offset_of(&self, id: SlotId) -> usize {
         let index = id.0 as usize;
         assert!(

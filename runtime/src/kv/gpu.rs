@@ -24,8 +24,16 @@ pub struct GpuTierConfig {
     pub dtype: DType,
 }
 
-/// Page-locking granularity of the host arena.
+/// Page-locking granularity of the host arena, about: rounded to whole slots ([`register_chunk`]).
 const REGISTER_CHUNK: usize = 64 << 20;
+
+/// The bytes page-locked at a time for an arena of slots `stride` bytes apart: a whole number of
+/// slots, so no slot straddles two registrations (a copy into host memory that spans two
+/// separately registered ranges fails with CUDA_ERROR_INVALID_VALUE, as OPT-30B's 896 KiB
+/// blocks did against 64 MiB chunks).
+fn register_chunk(stride: usize) -> usize {
+    (REGISTER_CHUNK / stride.max(1)).max(1) * stride.max(1)
+}
 
 pub(super) struct GpuTier {
     pub backend: CudaBackend,
@@ -107,10 +115,11 @@ impl GpuTier {
         self.settle()?;
         let (base, len) = host.raw_region();
         let slot_bytes = host.slot_bytes();
+        let chunk = register_chunk(host.slot_stride());
         let mut dst = Vec::with_capacity(moves.len());
         for &(_, slot) in moves {
             let p = host.slot_ptr(slot);
-            self.register(base, len, p as usize - base as usize, slot_bytes)?;
+            self.register(base, len, chunk, p as usize - base as usize, slot_bytes)?;
             dst.push(p.cast::<f32>());
         }
         let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
@@ -124,24 +133,26 @@ impl GpuTier {
         Ok(())
     }
 
-    /// Page-locks the arena chunks covering `[offset, offset + len)`.
+    /// Page-locks the arena chunks (of `chunk` bytes, whole slots) covering
+    /// `[offset, offset + len)`.
     fn register(
         &mut self,
         base: *mut u8,
         arena_len: usize,
+        chunk: usize,
         offset: usize,
         len: usize,
     ) -> Result<(), KvError> {
-        let chunks = arena_len.div_ceil(REGISTER_CHUNK);
+        let chunks = arena_len.div_ceil(chunk);
         if self.registered.len() < chunks {
             self.registered.resize_with(chunks, || None);
         }
-        for c in offset / REGISTER_CHUNK..=(offset + len - 1) / REGISTER_CHUNK {
+        for c in offset / chunk..=(offset + len - 1) / chunk {
             if self.registered[c].is_some() {
                 continue;
             }
-            let start = c * REGISTER_CHUNK;
-            let n = REGISTER_CHUNK.min(arena_len - start);
+            let start = c * chunk;
+            let n = chunk.min(arena_len - start);
             // SAFETY: `[start, start + n)` lies inside the host arena, which the cache owns and
             // drops after this tier (field order of `KvCache`), so it stays mapped while
             // registered.
@@ -157,5 +168,32 @@ impl Drop for GpuTier {
     fn drop(&mut self) {
         // Never leave a copy writing into host memory that is about to be unmapped.
         let _ = self.settle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::register_chunk;
+
+    /// Every slot lies inside one registration, whatever the block size: Llama-3-8B's 256 KiB
+    /// f32 blocks of 32 tokens, OPT-30B's 896 KiB blocks of 16, and a slot larger than a chunk.
+    #[test]
+    fn registration_chunks_hold_whole_slots() {
+        for stride in [256 << 10, 917_504, 4096, 3 * 4096, 96 << 20] {
+            let chunk = register_chunk(stride);
+            assert_eq!(chunk % stride, 0, "stride {stride}");
+            assert!(
+                chunk >= stride && chunk <= (64 << 20).max(stride),
+                "stride {stride}"
+            );
+            for slot in 0..1000usize {
+                let (first, last) = (slot * stride, slot * stride + stride - 1);
+                assert_eq!(
+                    first / chunk,
+                    last / chunk,
+                    "stride {stride}: slot {slot} straddles"
+                );
+            }
+        }
     }
 }
