@@ -7,7 +7,7 @@ use strata_kernels::CpuBackend;
 use strata_runtime::forward::{Residency, Row, RuntimeBackend, Transformer};
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{
-    DiskTierConfig, GpuTierConfig, KvCache, KvCacheConfig, KvGeometry, SeqId,
+    DiskTierConfig, GpuTierConfig, IoEngine, KvCache, KvCacheConfig, KvGeometry, SeqId,
 };
 use strata_runtime::model::Model;
 use strata_runtime::sampling::argmax;
@@ -18,6 +18,20 @@ pub fn workspace_root() -> PathBuf {
     match std::env::var_os("STRATA_REPO") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
+}
+
+/// A 64 MiB disk tier in a scratch folder of the temp dir, unique to this process, `suite` and
+/// `tag` (the folder is created; the store removes its files when it drops).
+pub fn scratch_disk(suite: &str, tag: &str, engine: IoEngine) -> DiskTierConfig {
+    let dir = std::env::temp_dir().join(format!("strata-{suite}-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch disk folder");
+    DiskTierConfig {
+        dir,
+        bytes: 64 << 20,
+        engine,
+        queue_depth: 8,
+        faults: None,
     }
 }
 

@@ -7,14 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use strata_kernels::{CudaBackend, DType, testing::test_gpu};
 use strata_runtime::forward::Residency;
 use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{AttentionRoutes, DiskTierConfig, GpuTierConfig, IoEngine, KvMetrics};
+use strata_runtime::kv::{AttentionRoutes, GpuTierConfig, IoEngine, KvMetrics};
 use strata_runtime::model::{self, Model};
-use strata_tests::{Engine, Placement, fixture, json_f64s, json_u32s, max_rel_err, read_json};
+use strata_tests::{
+    Engine, Placement, fixture, json_f64s, json_u32s, max_rel_err, read_json, scratch_disk,
+};
 
 const LOGIT_REL_TOL: f64 = 1e-4;
 const FIXTURES: [&str; 4] = ["llama-gqa", "llama-gqa-bf16", "qwen2-tied", "opt"];
@@ -43,19 +43,6 @@ fn gpu_tier(gpu: &CudaBackend, m: &Model, blocks: usize, dtype: DType) -> GpuTie
         backend: gpu.clone(),
         bytes: (blocks * block_bytes) as u64,
         dtype,
-    }
-}
-
-fn disk(tag: &str) -> DiskTierConfig {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("strata-gpu-tiers-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    DiskTierConfig {
-        dir,
-        bytes: 64 << 20,
-        engine: IoEngine::Sync,
-        queue_depth: 8,
-        faults: None,
     }
 }
 
@@ -146,7 +133,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 "GPU + host + disk",
                 small,
                 Some(tails + 4),
-                Some(disk(name)),
+                Some(scratch_disk("gpu-tiers", name, IoEngine::Sync)),
                 Residency::Staged,
             ),
         ];
@@ -206,7 +193,15 @@ fn half_precision_kv_is_the_same_in_every_tier() {
         let mut results = Vec::new();
         for (gpu_blocks, host_blocks, disk) in [
             (4096, None, None),
-            (small, Some(tails + 4), Some(disk(&format!("{name}-bf16")))),
+            (
+                small,
+                Some(tails + 4),
+                Some(scratch_disk(
+                    "gpu-tiers",
+                    &format!("{name}-bf16"),
+                    IoEngine::Sync,
+                )),
+            ),
         ] {
             let placement = Placement {
                 host_blocks,
@@ -239,6 +234,28 @@ fn half_precision_kv_is_the_same_in_every_tier() {
     }
 }
 
+/// An engine on `gpu` with resident weights whose host and disk KV is attended `near` near the
+/// data (the rest fetched) and whose full blocks keep hidden states for a `recompute` share.
+fn routed_engine<'m>(
+    gpu: &CudaBackend,
+    m: &'m Model,
+    placement: Placement,
+    near: f64,
+    recompute: f64,
+) -> Engine<'m, CudaBackend> {
+    let mut engine =
+        Engine::with_backend(gpu.clone(), m, BLOCK_TOKENS, Residency::Resident, placement);
+    let routes = AttentionRoutes {
+        host_near: near,
+        disk_near: near,
+    };
+    engine
+        .kv
+        .set_executor(routes, recompute, m.config.hidden)
+        .unwrap();
+    engine
+}
+
 /// The executor's routes on the CUDA backend, KV in host memory and on disk (no GPU KV tier):
 /// far blocks fetched (all, or half with the rest attended near the data), KV regenerated from
 /// stored hidden states (the MHA fixture; GQA models refuse it, their hidden states being larger
@@ -262,29 +279,19 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
             let what = format!("near {near}, recompute {recompute}, {gpu_batches} GPU batches");
             let placement = Placement {
                 host_blocks: Some(tails + small / 4),
-                disk: Some(disk(&format!("{name}-routes"))),
+                disk: Some(scratch_disk(
+                    "gpu-tiers",
+                    &format!("{name}-routes"),
+                    IoEngine::Sync,
+                )),
                 gpu: None,
                 policy: SinkAndRecent {
                     sink_blocks: 1,
                     recent_blocks: 1,
                 },
             };
-            let mut engine = Engine::with_backend(
-                gpu.clone(),
-                &m,
-                BLOCK_TOKENS,
-                Residency::Resident,
-                placement,
-            );
+            let mut engine = routed_engine(gpu, &m, placement, near, recompute);
             engine.tf.set_gpu_batches(gpu_batches);
-            let routes = AttentionRoutes {
-                host_near: near,
-                disk_near: near,
-            };
-            engine
-                .kv
-                .set_executor(routes, recompute, m.config.hidden)
-                .unwrap();
             let got = run(&mut engine, &e);
             check(name, &what, &e, &got, LOGIT_REL_TOL);
             let k = engine.kv.metrics();
@@ -320,21 +327,7 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
                     recent_blocks: 1,
                 },
             };
-            let mut engine = Engine::with_backend(
-                gpu.clone(),
-                &m,
-                BLOCK_TOKENS,
-                Residency::Resident,
-                placement,
-            );
-            let routes = AttentionRoutes {
-                host_near: near,
-                disk_near: near,
-            };
-            engine
-                .kv
-                .set_executor(routes, 0.0, m.config.hidden)
-                .unwrap();
+            let mut engine = routed_engine(gpu, &m, placement, near, 0.0);
             let got = run(&mut engine, &e);
             check(name, &what, &e, &got, LOGIT_REL_TOL);
             let k = engine.kv.metrics();

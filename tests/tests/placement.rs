@@ -5,28 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
+use strata_runtime::kv::IoEngine;
 use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{DiskTierConfig, IoEngine};
 use strata_runtime::model;
-use strata_tests::{Engine, Placement, fixture, workspace_root};
+use strata_tests::{Engine, Placement, fixture, scratch_disk, workspace_root};
 
 /// Last-prompt-position logits and greedy tokens of one sequence.
 type Greedy = (Vec<f32>, Vec<u32>);
-
-fn disk(engine: IoEngine, tag: &str) -> DiskTierConfig {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("strata-placement-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    DiskTierConfig {
-        dir,
-        bytes: 64 << 20,
-        engine,
-        queue_depth: 8,
-        faults: None,
-    }
-}
 
 fn engines() -> Vec<IoEngine> {
     let mut e = vec![IoEngine::Sync];
@@ -116,7 +101,7 @@ fn golden_models_give_identical_tokens_with_most_kv_on_disk() {
                 // 2 layers x 4 sequences need 8 writable blocks; 10 leaves almost nothing else.
                 let placement = Placement {
                     host_blocks: Some(10),
-                    disk: Some(disk(engine, name)),
+                    disk: Some(scratch_disk("placement", name, engine)),
                     gpu: None,
                     policy,
                 };
@@ -144,7 +129,7 @@ fn a_host_budget_too_small_for_the_writable_blocks_is_a_clear_error() {
     let m = model::open(fixture("golden/llama-gqa").to_str().unwrap()).unwrap();
     let placement = Placement {
         host_blocks: Some(1),
-        disk: Some(disk(IoEngine::Sync, "tiny")),
+        disk: Some(scratch_disk("placement", "tiny", IoEngine::Sync)),
         gpu: None,
         policy: SinkAndRecent::default(),
     };
@@ -193,7 +178,7 @@ fn smollm2_gives_identical_tokens_with_most_kv_on_disk() {
         // 30 layers x 4 sequences = 120 writable blocks; 130 keeps most of the rest on disk.
         let placement = Placement {
             host_blocks: Some(130),
-            disk: Some(disk(engine, "smollm2")),
+            disk: Some(scratch_disk("placement", "smollm2", engine)),
             gpu: None,
             policy: SinkAndRecent::default(),
         };

@@ -17,12 +17,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{AttentionRoutes, DiskTierConfig, IoEngine};
+use strata_runtime::kv::{AttentionRoutes, IoEngine};
 use strata_runtime::model;
-use strata_tests::{Engine, Placement, fixture};
+use strata_tests::{Engine, Placement, fixture, scratch_disk};
 
 /// Last-prompt-position logits and greedy tokens of one sequence.
 type Greedy = (Vec<f32>, Vec<u32>);
@@ -46,19 +44,6 @@ const ALL_IN_MEMORY: Point = Point {
     near: 1.0,
     recompute: 0.0,
 };
-
-fn disk(tag: &str) -> DiskTierConfig {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("strata-grid-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    DiskTierConfig {
-        dir,
-        bytes: 64 << 20,
-        engine: IoEngine::Sync,
-        queue_depth: 8,
-        faults: None,
-    }
-}
 
 fn prompts_of(name: &str) -> (String, Vec<Vec<u32>>, usize) {
     let dir = fixture(&format!("golden/{name}"));
@@ -85,7 +70,9 @@ fn run(
     let m = model::open(spec).unwrap();
     let placement = Placement {
         host_blocks: point.host_blocks,
-        disk: point.host_blocks.map(|_| disk(tag)),
+        disk: point
+            .host_blocks
+            .map(|_| scratch_disk("grid", tag, IoEngine::Sync)),
         gpu: None,
         policy: SinkAndRecent {
             sink_blocks: 1,

@@ -111,18 +111,7 @@ impl DeviceCalibrator {
         // SAFETY: C is written in full by every GEMM (beta = 0) and never read on the host.
         let mut c = unsafe { s.alloc::<T>(n * n) }.map_err(|e| device_err(op, e))?;
         let dim = i32::try_from(n).map_err(|_| device_err(op, format!("n = {n} too large")))?;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: dim,
-            n: dim,
-            k: dim,
-            alpha: one,
-            lda: dim,
-            ldb: dim,
-            beta: zero,
-            ldc: dim,
-        };
+        let cfg = square_gemm(dim, one, zero);
         self.best_ms(op, reps, trials, || {
             // SAFETY: A, B and C each hold n·n elements, column-major n × n with leading
             // dimension n: every access is in bounds; all three live on the handle's stream.
@@ -141,19 +130,7 @@ impl DeviceCalibrator {
         const N: usize = 64;
         let a = s.alloc_zeros::<f32>(N * N).map_err(|e| device_err(op, e))?;
         let b = s.alloc_zeros::<f32>(N * N).map_err(|e| device_err(op, e))?;
-        let dim = N as i32;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: dim,
-            n: dim,
-            k: dim,
-            alpha: 1.0f32,
-            lda: dim,
-            ldb: dim,
-            beta: 0.0f32,
-            ldc: dim,
-        };
+        let cfg = square_gemm(N as i32, 1.0f32, 0.0f32);
         let ms = self.best_ms(op, reps, trials, || {
             // SAFETY: written in full by the GEMM below (beta = 0) before anything reads it.
             let mut c = unsafe { s.alloc::<f32>(N * N) }.map_err(|e| device_err(op, e))?;
@@ -233,6 +210,22 @@ impl DeviceCalibrator {
         }
         s.synchronize().map_err(|e| device_err(op, e))?;
         Ok(best)
+    }
+}
+
+/// `C = alpha·A·B + beta·C`, all `[n, n]` column-major with leading dimension `n`.
+fn square_gemm<T>(n: i32, alpha: T, beta: T) -> GemmConfig<T> {
+    GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n,
+        n,
+        k: n,
+        alpha,
+        lda: n,
+        ldb: n,
+        beta,
+        ldc: n,
     }
 }
 

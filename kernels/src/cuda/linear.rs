@@ -203,6 +203,23 @@ pub(super) struct Operands<T> {
     lo: Option<CudaSlice<T>>,
 }
 
+impl<T: DeviceRepr> Operands<T> {
+    /// Uninitialised `hi` (and `lo` when `need_lo`) of `len` values, for a kernel (the round or
+    /// split kernel, or a producer's `*_ops_*` kernel) to fill before any GEMM reads them.
+    fn alloc(be: &Inner, len: usize, need_lo: bool) -> Result<Self> {
+        // SAFETY: every caller launches the kernel that writes all `len` values of both buffers
+        // on this stream before a GEMM (stream-ordered after it) reads them.
+        let hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+        let lo = if need_lo {
+            // SAFETY: as `hi`.
+            Some(unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?)
+        } else {
+            None
+        };
+        Ok(Operands { hi, lo })
+    }
+}
+
 /// No f16/bf16 matrix weight uploaded yet, or the dtype of the last one: what a producer kernel
 /// writes its output's GEMM operands in (`Inner::operand_dtype`).
 pub(super) const OPERANDS_NONE: u8 = 0;
@@ -227,20 +244,9 @@ impl ProducedOperands {
         }
         let need_lo = GemmPrecision::from_u8(be.gemm_precision.load(Ordering::Relaxed))
             == GemmPrecision::Split;
-        fn make<T: DeviceRepr>(be: &Inner, len: usize, need_lo: bool) -> Result<Operands<T>> {
-            // SAFETY: written in full by the producer kernel before any GEMM reads them.
-            let hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
-            let lo = if need_lo {
-                // SAFETY: as `hi`.
-                Some(unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?)
-            } else {
-                None
-            };
-            Ok(Operands { hi, lo })
-        }
         Ok(match be.operand_dtype.load(Ordering::Relaxed) {
-            OPERANDS_F16 => Some(Self::F16(make(be, len, need_lo)?)),
-            OPERANDS_BF16 => Some(Self::BF16(make(be, len, need_lo)?)),
+            OPERANDS_F16 => Some(Self::F16(Operands::alloc(be, len, need_lo)?)),
+            OPERANDS_BF16 => Some(Self::BF16(Operands::alloc(be, len, need_lo)?)),
             _ => None,
         })
     }
@@ -377,23 +383,23 @@ fn convert<T: DeviceRepr>(
     x: &CudaSlice<f32>,
     len: usize,
 ) -> Result<Operands<T>> {
-    // SAFETY: written in full by the kernel below before any GEMM reads it.
-    let mut hi = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
+    let mut ops = Operands::<T>::alloc(be, len, need_lo)?;
     let len64 = len as u64;
-    if !need_lo {
-        let mut l = be.stream.launch_builder(round);
-        l.arg(&mut hi).arg(x).arg(&len64);
-        // SAFETY: round_{f16,bf16}(T* out, const float* x, u64 n) with T the element type of
-        // `hi`; both hold `len` values.
-        unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
-        return Ok(Operands { hi, lo: None });
+    match &mut ops.lo {
+        None => {
+            let mut l = be.stream.launch_builder(round);
+            l.arg(&mut ops.hi).arg(x).arg(&len64);
+            // SAFETY: round_{f16,bf16}(T* out, const float* x, u64 n) with T the element type
+            // of `hi`; both hold `len` values.
+            unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
+        }
+        Some(lo) => {
+            let mut l = be.stream.launch_builder(split);
+            l.arg(&mut ops.hi).arg(lo).arg(x).arg(&len64);
+            // SAFETY: split_{f16,bf16}(T* hi, T* lo, const float* x, u64 n) with T the element
+            // type of `hi`/`lo`; all three hold `len` values.
+            unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
+        }
     }
-    // SAFETY: as `hi`.
-    let mut lo = unsafe { be.stream.alloc::<T>(len) }.map_err(|e| device_err(OP, e))?;
-    let mut l = be.stream.launch_builder(split);
-    l.arg(&mut hi).arg(&mut lo).arg(x).arg(&len64);
-    // SAFETY: split_{f16,bf16}(T* hi, T* lo, const float* x, u64 n) with T the element type of
-    // `hi`/`lo`; all three hold `len` values.
-    unsafe { l.launch(kernels::elementwise(len)) }.map_err(|e| device_err(OP, e))?;
-    Ok(Operands { hi, lo: Some(lo) })
+    Ok(ops)
 }

@@ -238,8 +238,8 @@ impl UringBackend {
     }
 
     /// Submits queued SQEs and waits for `want` CQEs (at most [`WAIT_SLICE`] when the kernel
-    /// takes a timeout), retrying EINTR.
-    fn enter(&mut self, want: usize) -> Result<(), StorageError> {
+    /// takes a timeout), retrying EINTR. True when the slice ran out with nothing to reap.
+    fn enter(&mut self, want: usize) -> Result<bool, StorageError> {
         loop {
             let entered = if want > 0 && self.timed_waits {
                 let slice = types::Timespec::from(WAIT_SLICE.min(self.stall_after / 2));
@@ -249,13 +249,13 @@ impl UringBackend {
                 self.ring.submit_and_wait(want)
             };
             match entered {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(false),
                 // ETIME: the slice ran out; the caller checks for stalls and waits again.
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(true),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // EBUSY/EAGAIN: the kernel wants completions reaped first; the caller reaps.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(source) => {
                     return Err(StorageError::Ring {
@@ -438,9 +438,10 @@ impl IoBackend for UringBackend {
         loop {
             self.refill();
             let want = usize::from(self.ready.len() < min && self.in_kernel > 0);
-            self.enter(want)?;
+            // Only a wait that went a whole slice without a completion looks for stalled ops.
+            let timed_out = self.enter(want)?;
             self.reap();
-            if want > 0 && self.timed_waits {
+            if timed_out {
                 self.cancel_stalled();
             }
             if self.ready.len() >= min || (self.in_kernel == 0 && self.backlog.is_empty()) {
@@ -461,7 +462,8 @@ impl Drop for UringBackend {
             self.ops[id as usize] = None;
         }
         while self.in_kernel + self.cancels_in_kernel > 0 {
-            if let Err(e) = self.enter(1) {
+            let entered = self.enter(1);
+            if let Err(e) = &entered {
                 tracing::error!(
                     "io_uring: cannot drain {} in-flight operations ({e}); leaking their buffers",
                     self.in_kernel
@@ -472,7 +474,7 @@ impl Drop for UringBackend {
                 break;
             }
             self.reap();
-            if self.timed_waits {
+            if matches!(entered, Ok(true)) {
                 self.cancel_stalled();
             }
             // Retries and remainders pushed by `reap` are dropped unsubmitted from the backlog.
