@@ -11,16 +11,19 @@
 //! The schedule is FlexGen's block schedule, in one loop: the rows split into GPU batches of
 //! whole sequences ([`Transformer::set_gpu_batches`]); each layer's weights are loaded (or
 //! fetched, the next layer's copy enqueued first) once per forward pass and serve every GPU
-//! batch before the next layer. Within a layer, batch `g`'s attention is launched (projections,
-//! KV append, the storage engine's reads) before batch `g - 1`'s is finished, so attention near
-//! the data overlaps the next batch's compute. One GPU batch is the plain layer-by-layer pass.
+//! batch before the next layer. Within a layer the host attends batch `g` (host tier, far
+//! blocks, the storage engine streaming the disk tier) while the device runs batch `g`'s own
+//! attention and batch `g - 1`'s output projection and MLP (`Transformer::layer`). One GPU
+//! batch is the plain layer-by-layer pass, its host attention overlapping only its device
+//! attention and the next layer's weight copy.
 
 use std::ops::Range;
 use std::time::Instant;
 
-use strata_kernels::cuda::{Fetched, PinnedWeight};
+use strata_kernels::cuda::{DevicePartial, Fetched, PendingDownload, PinnedWeight};
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, CudaBackend, CudaWeight, HostWeight, Partial, RopeTable,
+    AttentionGeometry, Backend, CpuBackend, CpuTensor, CudaBackend, CudaTensor, CudaWeight,
+    HostWeight, Partial, RopeTable,
 };
 
 type KernelResult<T> = strata_kernels::Result<T>;
@@ -114,6 +117,10 @@ pub trait RuntimeBackend: Backend {
     type Staged: Send + Sync;
     /// A mark on the fetches enqueued so far.
     type Fetched;
+    /// The partials `(o, lse)` of the attention computed on the device (the GPU tier's).
+    type DevicePart;
+    /// A batch's queries on their way to host memory.
+    type HostQueries;
 
     /// Stages `w` for per-pass fetches, or `None` when this backend does not stage.
     fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<Self::Staged>>;
@@ -138,61 +145,74 @@ pub trait RuntimeBackend: Backend {
         host_append(self, kv, layer, rows, k, v, x)
     }
 
-    /// Starts attending each row (`q: [rows, n_heads * head_dim]`) over its sequence in
-    /// `layer`; [`Attending::finish`] gives `[rows, n_heads * head_dim]`. Work near the data may
-    /// still run when this returns (the storage engine), so the caller can enqueue the next GPU
-    /// batch before finishing this one.
-    ///
-    /// `far` are the blocks [`KvCache::gather_far`] took out of the host and disk tiers (K and V,
-    /// recomputed already where they were hidden states): they are attended here, on the compute
-    /// device, and merged with the rest.
-    fn begin_attention(
+    /// Starts copying a batch's queries to host memory, for the tiers attended there (the
+    /// copy waits for the kernels that made them, not for later ones).
+    fn queries_to_host(&self, q: &Self::Tensor) -> KernelResult<Self::HostQueries>;
+    /// Waits for [`RuntimeBackend::queries_to_host`]'s copy.
+    fn wait_queries(&self, q: Self::HostQueries) -> KernelResult<Vec<f32>>;
+
+    /// Launches the attention of each row (`q: [rows, n_heads * head_dim]`) over the blocks of
+    /// its sequence in `layer` that the device holds, and over the far blocks it can take (see
+    /// [`KvCache::gather_far`]: K and V fetched from the host and disk tiers, recomputed already
+    /// where they were hidden states). Returns the device's partials, still being computed, and
+    /// the far blocks left to the host. Without a device tier (the default) it launches nothing.
+    fn launch_device_attention(
         &self,
-        kv: &mut KvCache,
-        layer: usize,
-        rows: &[Row],
-        q: &Self::Tensor,
-        ag: &AttentionGeometry,
+        _kv: &mut KvCache,
+        _layer: usize,
+        _rows: &[Row],
+        _q: &Self::Tensor,
+        _ag: &AttentionGeometry,
         far: Vec<FarBlock>,
-    ) -> Result<Attending<Self::Tensor>, ForwardError> {
-        host_begin_attention(self, kv, layer, rows, q, ag, &far)
+    ) -> Result<(Option<Self::DevicePart>, Vec<FarBlock>), ForwardError> {
+        Ok((None, far))
     }
+
+    /// The attention output `[rows, width]` from the device's partials and the host's (one per
+    /// row), either of which may be missing.
+    fn merge_attention(
+        &self,
+        device: Option<Self::DevicePart>,
+        host: Option<Vec<Partial>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Self::Tensor, ForwardError>;
 }
 
-/// Attention launched for one GPU batch of one layer.
-pub enum Attending<T> {
-    /// Merged already (the GPU tier's path merges on the device).
-    Done(T),
-    /// Host and disk partials, the storage engine's maybe still streaming, and the partials of
-    /// the far blocks (one per row); `width` is `n_heads * head_dim`.
-    Tiers {
+/// One GPU batch's attention in flight. [`Transformer::begin_layer`] launches the device's part
+/// and starts the queries' copy to the host; [`Transformer::attend_host`] attends the host tier
+/// and ships the disk tier's queries to the storage engine; [`Transformer::finish_layer`] waits
+/// for the storage engine and merges everything. [`Transformer::layer`] orders the phases so the
+/// host attends one GPU batch while the device works on another.
+struct Attending<B: RuntimeBackend + ?Sized> {
+    layer: usize,
+    device: Option<B::DevicePart>,
+    host: HostHalf<B::HostQueries>,
+    rows: usize,
+}
+
+enum HostHalf<Q> {
+    /// Every block the rows see is on the device.
+    Idle,
+    /// The queries on their way to the host, each row's `(seq, pos)`, and the far blocks the
+    /// device left to the host.
+    Queued {
+        q: Q,
+        at: Vec<(SeqId, usize)>,
+        far: Vec<FarBlock>,
+    },
+    /// Host partials done (near blocks and far ones), the storage engine's maybe still streaming.
+    Running {
         near: TierAttention,
         far: Vec<Partial>,
-        width: usize,
     },
-}
-
-impl<T> Attending<T> {
-    /// Waits for every part and returns the attention output `[rows, n_heads * head_dim]`.
-    pub fn finish<B: Backend<Tensor = T> + ?Sized>(self, b: &B) -> Result<T, ForwardError> {
-        match self {
-            Attending::Done(t) => Ok(t),
-            Attending::Tiers { near, far, width } => {
-                let mut partials = near.join()?;
-                for (p, f) in partials.iter_mut().zip(far) {
-                    p.merge_in(f);
-                }
-                let rows = partials.len();
-                let o: Vec<f32> = partials.into_iter().flat_map(|p| p.o).collect();
-                Ok(b.tensor(rows, width, o)?)
-            }
-        }
-    }
 }
 
 impl RuntimeBackend for CpuBackend {
     type Staged = HostWeight;
     type Fetched = ();
+    type DevicePart = std::convert::Infallible;
+    type HostQueries = Vec<f32>;
 
     fn stage_weight(&self, _: HostWeight) -> KernelResult<Option<HostWeight>> {
         Ok(None)
@@ -209,11 +229,36 @@ impl RuntimeBackend for CpuBackend {
     fn staged_bytes(&self, w: &HostWeight) -> u64 {
         (w.data.len() * w.data.dtype().size_bytes()) as u64
     }
+    fn queries_to_host(&self, q: &CpuTensor) -> KernelResult<Vec<f32>> {
+        self.to_host(q)
+    }
+    fn wait_queries(&self, q: Vec<f32>) -> KernelResult<Vec<f32>> {
+        Ok(q)
+    }
+    fn merge_attention(
+        &self,
+        device: Option<std::convert::Infallible>,
+        host: Option<Vec<Partial>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<CpuTensor, ForwardError> {
+        if let Some(never) = device {
+            match never {}
+        }
+        Ok(match host {
+            Some(parts) => {
+                self.tensor(rows, width, parts.into_iter().flat_map(|p| p.o).collect())?
+            }
+            None => self.zeros(rows, width)?,
+        })
+    }
 }
 
 impl RuntimeBackend for CudaBackend {
     type Staged = PinnedWeight;
     type Fetched = Fetched;
+    type DevicePart = DevicePartial;
+    type HostQueries = PendingDownload;
 
     fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<PinnedWeight>> {
         self.pin_weight(w).map(Some)
@@ -247,20 +292,58 @@ impl RuntimeBackend for CudaBackend {
         Ok(kv.append_device(layer, &at, k, v)?)
     }
 
-    fn begin_attention(
+    fn queries_to_host(&self, q: &CudaTensor) -> KernelResult<PendingDownload> {
+        self.download_async(q)
+    }
+    fn wait_queries(&self, q: PendingDownload) -> KernelResult<Vec<f32>> {
+        self.wait_download(q)
+    }
+
+    fn launch_device_attention(
         &self,
         kv: &mut KvCache,
         layer: usize,
         rows: &[Row],
-        q: &Self::Tensor,
+        q: &CudaTensor,
         ag: &AttentionGeometry,
         far: Vec<FarBlock>,
-    ) -> Result<Attending<Self::Tensor>, ForwardError> {
+    ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), ForwardError> {
         if !kv.has_gpu_tier() {
-            return host_begin_attention(self, kv, layer, rows, q, ag, &far);
+            return Ok((None, far));
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        Ok(Attending::Done(kv.attend_device(layer, &at, q, ag, &far)?))
+        let (part, left) = kv.attend_device(layer, &at, q, ag, far)?;
+        Ok((Some(part), left))
+    }
+
+    fn merge_attention(
+        &self,
+        device: Option<DevicePartial>,
+        host: Option<Vec<Partial>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<CudaTensor, ForwardError> {
+        let Some(parts) = host else {
+            return Ok(match device {
+                Some(d) => d.o,
+                None => self.zeros(rows, width)?,
+            });
+        };
+        let heads = parts.first().map_or(0, |p| p.lse.len());
+        let mut o = Vec::with_capacity(rows * width);
+        let mut lse = Vec::with_capacity(rows * heads);
+        for p in parts {
+            o.extend_from_slice(&p.o);
+            lse.extend_from_slice(&p.lse);
+        }
+        let Some(d) = device else {
+            return Ok(self.upload(rows, width, &o)?);
+        };
+        let host = DevicePartial {
+            o: self.upload(rows, width, &o)?,
+            lse: self.upload(rows, heads, &lse)?,
+        };
+        Ok(self.merge_partials(&[&d, &host])?.o)
     }
 }
 
@@ -288,33 +371,6 @@ fn host_append<B: Backend + ?Sized>(
         )?;
     }
     Ok(())
-}
-
-fn host_begin_attention<B: Backend + ?Sized>(
-    b: &B,
-    kv: &mut KvCache,
-    layer: usize,
-    rows: &[Row],
-    q: &B::Tensor,
-    ag: &AttentionGeometry,
-    far: &[FarBlock],
-) -> Result<Attending<B::Tensor>, ForwardError> {
-    let qh = b.to_host(q)?;
-    let qd = ag.n_heads * ag.head_dim;
-    let queries: Vec<TierQuery<'_>> = rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| TierQuery {
-            seq: row.seq,
-            pos: row.pos,
-            q: &qh[r * qd..(r + 1) * qd],
-        })
-        .collect();
-    Ok(Attending::Tiers {
-        near: kv.attend_begin(layer, &queries, ag)?,
-        far: attend_far(&queries, far, ag),
-        width: qd,
-    })
 }
 
 pub struct Transformer<'m, B: RuntimeBackend> {
@@ -717,9 +773,12 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         })
     }
 
-    /// One layer over every GPU batch with weights `w`. Batch `g`'s attention is launched
-    /// before batch `g - 1` is finished, so attention near the data (the storage engine) for
-    /// one batch runs while the compute device works on the next.
+    /// One layer over every GPU batch with weights `w`, ordered so the host attends one GPU
+    /// batch while the device computes another: batch `g` is launched (its projections, KV
+    /// append and device attention enqueued, its queries copied down), then batch `g - 1` is
+    /// finished (its output projection and MLP enqueued), then the host attends batch `g` while
+    /// the device runs all that. The storage engine streams batch `g`'s disk blocks from then
+    /// until `g` is finished, after `g + 1` is launched.
     fn layer(
         &self,
         w: &LayerWeights<B::Weight>,
@@ -730,23 +789,24 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         kv: &mut KvCache,
     ) -> Result<Vec<B::Tensor>, ForwardError> {
         let mut out = Vec::with_capacity(xs.len());
-        let mut pending: Option<(B::Tensor, Attending<B::Tensor>)> = None;
+        let mut pending: Option<(B::Tensor, Attending<B>)> = None;
         for (x, r) in xs.into_iter().zip(batches) {
             let _span = debug_span!("gpu_batch", rows = r.len()).entered();
-            let attending = self.begin_layer(w, layer, &x, &rows[r.clone()], kv)?;
+            let mut attending = self.begin_layer(w, layer, &x, &rows[r.clone()], kv)?;
             if let Some((x, a)) = pending.take() {
-                out.push(self.finish_layer(w, x, a)?);
+                out.push(self.finish_layer(w, x, a, kv)?);
             }
+            self.attend_host(&mut attending, kv)?;
             pending = Some((x, attending));
         }
         if let Some((x, a)) = pending {
-            out.push(self.finish_layer(w, x, a)?);
+            out.push(self.finish_layer(w, x, a, kv)?);
         }
         Ok(out)
     }
 
-    /// The attention block up to the attention itself: projections, RoPE, KV append, and the
-    /// attention launched.
+    /// The attention block up to the attention itself: projections, RoPE, KV append, the
+    /// device's attention launched and the queries on their way to the host.
     fn begin_layer(
         &self,
         w: &LayerWeights<B::Weight>,
@@ -754,7 +814,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         x: &B::Tensor,
         rows: &[Row],
         kv: &mut KvCache,
-    ) -> Result<Attending<B::Tensor>, ForwardError> {
+    ) -> Result<Attending<B>, ForwardError> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let h = self.norm(x, &w.attn_norm, w.attn_norm_b.as_ref())?;
@@ -783,18 +843,95 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let bt = self.attention.block_tokens;
         let tokens = recompute(b, &proj, cfg, &self.rope, bt, &mut far)?;
         kv.note_recomputed(tokens);
-        b.begin_attention(kv, layer, rows, &q, &self.attention, far)
+        // The copy down is enqueued before the device's attention, so it waits only for q.
+        let queries = if !far.is_empty() || kv.any_off_gpu(layer, &seqs)? {
+            Some(b.queries_to_host(&q)?)
+        } else {
+            None
+        };
+        let (device, far) = b.launch_device_attention(kv, layer, rows, &q, &self.attention, far)?;
+        let host = match queries {
+            Some(q) => HostHalf::Queued {
+                q,
+                at: rows.iter().map(|r| (r.seq, r.pos)).collect(),
+                far,
+            },
+            None => HostHalf::Idle,
+        };
+        Ok(Attending {
+            layer,
+            device,
+            host,
+            rows: rows.len(),
+        })
     }
 
-    /// The rest of the layer once the attention is in: output projection and MLP.
+    /// The host's part of a launched attention: waits for the queries, ships the disk tier's
+    /// to the storage engine, and attends the host tier and the far blocks the device left.
+    fn attend_host(&self, a: &mut Attending<B>, kv: &mut KvCache) -> Result<(), ForwardError> {
+        if !matches!(a.host, HostHalf::Queued { .. }) {
+            return Ok(());
+        }
+        let HostHalf::Queued { q, at, far } = std::mem::replace(&mut a.host, HostHalf::Idle) else {
+            return Ok(());
+        };
+        let _span = debug_span!("host_attention", rows = at.len()).entered();
+        let ag = &self.attention;
+        let qh = self.backend.wait_queries(q)?;
+        let qd = ag.n_heads * ag.head_dim;
+        let queries: Vec<TierQuery<'_>> = at
+            .iter()
+            .enumerate()
+            .map(|(r, &(seq, pos))| TierQuery {
+                seq,
+                pos,
+                q: &qh[r * qd..(r + 1) * qd],
+            })
+            .collect();
+        a.host = HostHalf::Running {
+            near: kv.attend_begin(a.layer, &queries, ag)?,
+            far: attend_far(&queries, &far, ag),
+        };
+        Ok(())
+    }
+
+    /// The attention output `[rows, n_heads * head_dim]` of a batch whose host part has run.
+    fn merge_attention(
+        &self,
+        mut a: Attending<B>,
+        kv: &mut KvCache,
+    ) -> Result<B::Tensor, ForwardError> {
+        let width = self.attention.n_heads * self.attention.head_dim;
+        self.attend_host(&mut a, kv)?; // a no-op unless the caller skipped it
+        let host = match a.host {
+            HostHalf::Idle | HostHalf::Queued { .. } => None,
+            HostHalf::Running { near, far } => {
+                let _span = debug_span!("join_storage").entered();
+                let mut partials = near.join()?;
+                for (p, f) in partials.iter_mut().zip(far) {
+                    p.merge_in(f);
+                }
+                Some(partials)
+            }
+        };
+        if a.device.is_some() && host.is_some() {
+            let (rows, heads) = (a.rows as u64, self.attention.n_heads as u64);
+            kv.note_host_round_trip(rows * width as u64 * 4, rows * (width as u64 + heads) * 4);
+        }
+        self.backend.merge_attention(a.device, host, a.rows, width)
+    }
+
+    /// The rest of the layer once the attention is in: the storage engine's partials joined,
+    /// everything merged, output projection and MLP.
     fn finish_layer(
         &self,
         w: &LayerWeights<B::Weight>,
         mut x: B::Tensor,
-        attending: Attending<B::Tensor>,
+        attending: Attending<B>,
+        kv: &mut KvCache,
     ) -> Result<B::Tensor, ForwardError> {
         let b = &self.backend;
-        let attn = attending.finish(b)?;
+        let attn = self.merge_attention(attending, kv)?;
         let o = b.linear(&attn, &w.o, w.o_b.as_ref())?;
         b.add_inplace(&mut x, &o)?;
         // MLP block.

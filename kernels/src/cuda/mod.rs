@@ -60,7 +60,7 @@ pub use kvtier::{CopyTicket, HostRegistration};
 pub use linear::GemmPrecision;
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
-pub use transfer::CopyStats;
+pub use transfer::{CopyStats, PendingDownload};
 
 use crate::{Backend, DType, HostWeight, KernelError, Result, RopeTable, WeightData, shape_err};
 use kernels::Kernels;
@@ -141,7 +141,10 @@ struct Inner {
     /// Host <-> device copies that overlap compute (spills, weight prefetch); ordered against
     /// `stream` by events.
     copy: Arc<CudaStream>,
-    /// Timed copies on `copy` (see `transfer`).
+    /// The small, latency-bound copies of tiered attention (queries down, partials up), kept
+    /// off `copy` so they never wait behind a weight prefetch or a spill (see `transfer`).
+    xfer: Arc<CudaStream>,
+    /// Timed copies on `copy` and `xfer` (see `transfer`).
     copies: Mutex<transfer::CopyLog>,
     ctx: Arc<CudaContext>,
     /// The first error an infallible trait method hit (see the module header).
@@ -222,6 +225,7 @@ impl CudaBackend {
                 keep_freed_memory(&ctx).map_err(|e| setup(e.to_string()))?;
                 let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let copy = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
+                let xfer = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
                 let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
@@ -248,6 +252,7 @@ impl CudaBackend {
                         prefill,
                         stream,
                         copy,
+                        xfer,
                         copies: Mutex::new(transfer::CopyLog::default()),
                         ctx,
                         deferred: Mutex::new(None),

@@ -1,8 +1,11 @@
-//! Host ↔ device copies on the copy stream, each timed by a pair of events, so a run can say how
-//! many bytes crossed PCIe each way and how long the copy engine spent on them
-//! ([`CudaBackend::copy_stats`]); plus the small transfers of tiered attention (queries down,
-//! partials up) through page-locked staging on that stream, ordered against the compute stream by
-//! events.
+//! Host ↔ device copies, each timed by a pair of events, so a run can say how many bytes crossed
+//! PCIe each way and how long the copy engines spent on them ([`CudaBackend::copy_stats`]).
+//!
+//! Bulk copies (weight prefetch, spills) run on the copy stream. The small transfers of tiered
+//! attention (queries down, partials up) run through page-locked staging on a stream of their
+//! own: on the copy stream they would queue behind the next layer's weight prefetch, and the
+//! host attention that waits for the queries would start only once those weights had landed,
+//! serialising the two streams the block schedule means to overlap.
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
@@ -17,6 +20,24 @@ pub struct CopyStats {
     pub h2d_seconds: f64,
     pub d2h_bytes: u64,
     pub d2h_seconds: f64,
+}
+
+/// A copy to the host in flight ([`CudaBackend::download_async`]): its page-locked staging
+/// buffer, the values it will hold, and the event that marks the copy done.
+pub struct PendingDownload {
+    host: Option<PinnedHostSlice<f32>>,
+    n: usize,
+    done: CudaEvent,
+}
+
+impl Drop for PendingDownload {
+    fn drop(&mut self) {
+        // A download dropped unread (an error on the way) must not free its buffer under the
+        // copy; a failed wait leaves nothing better to do than go on.
+        if self.host.is_some() {
+            let _ = self.done.synchronize();
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,16 +114,22 @@ impl Inner {
         bytes: usize,
         enqueue: impl FnOnce(&CudaStream) -> Result<R>,
     ) -> Result<R> {
+        self.timed_copy_on(&self.copy, op, dir, bytes, enqueue)
+    }
+
+    /// [`Inner::timed_copy`] on stream `s`.
+    fn timed_copy_on<R>(
+        &self,
+        s: &CudaStream,
+        op: &'static str,
+        dir: Dir,
+        bytes: usize,
+        enqueue: impl FnOnce(&CudaStream) -> Result<R>,
+    ) -> Result<R> {
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self
-            .copy
-            .record_event(timing)
-            .map_err(|e| device_err(op, e))?;
-        let r = enqueue(&self.copy)?;
-        let end = self
-            .copy
-            .record_event(timing)
-            .map_err(|e| device_err(op, e))?;
+        let start = s.record_event(timing).map_err(|e| device_err(op, e))?;
+        let r = enqueue(s)?;
+        let end = s.record_event(timing).map_err(|e| device_err(op, e))?;
         let mut log = self
             .copies
             .lock()
@@ -129,43 +156,71 @@ impl CudaBackend {
         Ok(log.totals)
     }
 
-    /// Copies `t` to the host on the copy stream, after the compute stream's work so far, and
-    /// waits for it (the caller needs the values now).
+    /// Copies `t` to the host on the small-transfer stream, after the compute stream's work so
+    /// far, and waits for it (the caller needs the values now).
     pub fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let pending = self.download_async(t)?;
+        self.wait_download(pending)
+    }
+
+    /// Starts copying `t` to the host on the small-transfer stream, ordered after the compute
+    /// stream's work so far (and nothing enqueued later): the host can wait for it with
+    /// [`CudaBackend::wait_download`] while the compute stream goes on with later kernels.
+    pub fn download_async(&self, t: &CudaTensor) -> Result<PendingDownload> {
         let be = &self.inner;
         let op = "download";
         let src = be.buf(op, t)?;
         let n = t.rows * t.cols;
-        if n == 0 {
-            return Ok(Vec::new());
-        }
         let ready = be
             .stream
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
-        be.copy.wait(&ready).map_err(|e| device_err(op, e))?;
-        // The staging buffer is taken out of the log while in use (one download at a time).
-        let mut down = be.take_staging(op, Dir::D2h)?;
-        let r = (|| {
-            let host = staging(be, op, &mut down, n)?;
-            be.timed_copy(op, Dir::D2h, n * 4, |s| {
-                let (ptr, _sync) = src.device_ptr(s);
-                let dst = &mut host.as_mut_slice().map_err(|e| device_err(op, e))?[..n];
-                // SAFETY: `src` holds at least n f32 (the tensor's storage), `dst` n; the copy
-                // is ordered after the producing kernels by the event above, and the staging
-                // buffer is neither read nor reused before the synchronize below.
-                unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
-                    .map_err(|e| device_err(op, e))
-            })?;
-            be.copy.synchronize().map_err(|e| device_err(op, e))?;
-            Ok(host.as_slice().map_err(|e| device_err(op, e))?[..n].to_vec())
+        be.xfer.wait(&ready).map_err(|e| device_err(op, e))?;
+        // The staging buffer is taken out of the log while in use; a second download in flight
+        // gets a buffer of its own.
+        let mut host = be.take_staging(op, Dir::D2h)?;
+        let enqueued = (|| {
+            let buf = staging(be, op, &mut host, n.max(1))?;
+            if n > 0 {
+                be.timed_copy_on(&be.xfer, op, Dir::D2h, n * 4, |s| {
+                    let (ptr, _sync) = src.device_ptr(s);
+                    let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..n];
+                    // SAFETY: `src` holds at least n f32 (the tensor's storage), `dst` n; the
+                    // copy is ordered after the producing kernels by the event above, and the
+                    // staging buffer moves into the PendingDownload, which waits for the copy
+                    // before it reads, reuses or frees it.
+                    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
+                        .map_err(|e| device_err(op, e))
+                })?;
+            }
+            be.xfer.record_event(None).map_err(|e| device_err(op, e))
         })();
-        be.put_staging(Dir::D2h, down);
-        r
+        match enqueued {
+            Ok(done) => Ok(PendingDownload { host, n, done }),
+            Err(e) => {
+                // Nothing may still write into the buffer when it goes back.
+                be.xfer.synchronize().map_err(|e| device_err(op, e))?;
+                be.put_staging(Dir::D2h, host);
+                Err(e)
+            }
+        }
     }
 
-    /// A new `[rows, cols]` tensor holding `data`, copied on the copy stream; the compute stream
-    /// waits for the copy before its next kernel.
+    /// Waits for a download started by [`CudaBackend::download_async`] and returns its values.
+    pub fn wait_download(&self, mut p: PendingDownload) -> Result<Vec<f32>> {
+        let op = "download";
+        p.done.synchronize().map_err(|e| device_err(op, e))?;
+        let host = p.host.take();
+        let out = match &host {
+            Some(h) => Ok(h.as_slice().map_err(|e| device_err(op, e))?[..p.n].to_vec()),
+            None => Err(device_err(op, "staging buffer")),
+        };
+        self.inner.put_staging(Dir::D2h, host);
+        out
+    }
+
+    /// A new `[rows, cols]` tensor holding `data`, copied on the small-transfer stream; the
+    /// compute stream waits for the copy before its next kernel.
     pub fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
         let be = &self.inner;
         let op = "upload";
@@ -183,8 +238,8 @@ impl CudaBackend {
                 .stream
                 .record_event(None)
                 .map_err(|e| device_err(op, e))?;
-            be.copy.wait(&allocated).map_err(|e| device_err(op, e))?;
-            be.timed_copy(op, Dir::H2d, n * 4, |s| {
+            be.xfer.wait(&allocated).map_err(|e| device_err(op, e))?;
+            be.timed_copy_on(&be.xfer, op, Dir::H2d, n * 4, |s| {
                 let (ptr, _sync) = out.device_ptr_mut(s);
                 let src = &host.as_slice().map_err(|e| device_err(op, e))?[..n];
                 // SAFETY: `out` holds n f32; `src` is page-locked and neither reused nor freed
@@ -192,7 +247,7 @@ impl CudaBackend {
                 unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, s.cu_stream()) }
                     .map_err(|e| device_err(op, e))
             })?;
-            let landed = be.copy.record_event(None).map_err(|e| device_err(op, e))?;
+            let landed = be.xfer.record_event(None).map_err(|e| device_err(op, e))?;
             be.stream.wait(&landed).map_err(|e| device_err(op, e))?;
             // The staging buffer is reused by the next upload: wait for this copy first.
             landed.synchronize().map_err(|e| device_err(op, e))
@@ -215,11 +270,16 @@ impl Inner {
         })
     }
 
+    /// Puts a staging buffer back, keeping the larger when two were in use at once.
     fn put_staging(&self, dir: Dir, buf: Option<PinnedHostSlice<f32>>) {
         if let Ok(mut log) = self.copies.lock() {
-            match dir {
-                Dir::D2h => log.down = buf,
-                Dir::H2d => log.up = buf,
+            let slot = match dir {
+                Dir::D2h => &mut log.down,
+                Dir::H2d => &mut log.up,
+            };
+            let len = |b: &Option<PinnedHostSlice<f32>>| b.as_ref().map_or(0, |b| b.len());
+            if len(&buf) >= len(slot) {
+                *slot = buf;
             }
         }
     }

@@ -107,8 +107,8 @@ struct SeqBlocks {
 }
 
 /// A sequence's blocks as the GPU sees them in one layer: its GPU-resident blocks `(pool id,
-/// first position, tokens)` in position order, and whether any block lives in another tier.
-type GpuView = (Vec<(u32, usize, usize)>, bool);
+/// first position, tokens)` in position order.
+type GpuView = Vec<(u32, usize, usize)>;
 
 /// One query of a batch for one layer: `q: [n_heads, head_dim]` at `pos` of `seq`.
 #[derive(Clone, Copy, Debug)]
@@ -902,36 +902,59 @@ impl KvCache {
         Ok(())
     }
 
-    /// Attention for a layer computed on the GPU: `q: [rows, n_heads * head_dim]` on the device,
-    /// row `r` at `rows[r] = (seq, pos)`. GPU-resident blocks are attended on the device (the
-    /// split-KV decode kernel when every row is its sequence's only and newest token, else the
-    /// causal prefill kernel); blocks in the host and disk tiers are attended where they live,
-    /// and the partials are merged on the GPU. Returns `o: [rows, n_heads * head_dim]`.
+    /// Whether any block of `seqs` in `layer` lives outside the GPU tier, so that some of their
+    /// attention runs on the host (near the data, or far blocks the GPU pool cannot take).
+    pub fn any_off_gpu(&self, layer: usize, seqs: &[SeqId]) -> Result<bool, KvError> {
+        for seq in seqs {
+            let blocks = &self
+                .seqs
+                .get(seq)
+                .ok_or(KvError::UnknownSequence(*seq))?
+                .layers[layer];
+            if blocks.iter().any(|b| !matches!(b.loc, Loc::Gpu(_))) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Launches the GPU tier's half of a layer's attention: `q: [rows, n_heads * head_dim]` on
+    /// the device, row `r` at `rows[r] = (seq, pos)`. GPU-resident blocks are attended on the
+    /// device (the split-KV decode kernel when every row is its sequence's only and newest
+    /// token, else the causal prefill kernel) and the partials `(o, lse)` returned, still being
+    /// computed; blocks in the host and disk tiers are left to [`KvCache::attend_begin`], whose
+    /// partials the caller merges with these.
     ///
     /// `far` (from [`KvCache::gather_far`]: host and disk blocks the policy fetches) are copied
     /// into scratch blocks of the GPU pool and attended with the GPU-resident ones; the scratch
     /// blocks go back to the pool when the kernels are enqueued (later writes into them are
     /// ordered after those kernels on the compute stream). When the pool has no free block for
-    /// some of them (a full GPU tier), those are attended on the host with the near blocks, so
-    /// the run goes on with the same result (`fetched_attended_on_host` counts them).
+    /// some of them (a full GPU tier), those are returned, for the host to attend with the near
+    /// blocks, so the run goes on with the same result (`fetched_attended_on_host` counts them).
     pub fn attend_device(
         &mut self,
         layer: usize,
         rows: &[(SeqId, usize)],
         q: &CudaTensor,
         ag: &AttentionGeometry,
-        far: &[FarBlock],
-    ) -> Result<CudaTensor, KvError> {
-        let scratch = self.import_far(far)?;
-        let leftover = &far[scratch.len()..];
+        mut far: Vec<FarBlock>,
+    ) -> Result<(DevicePartial, Vec<FarBlock>), KvError> {
+        let scratch = self.import_far(&far)?;
+        let leftover = far.split_off(scratch.len());
         self.metrics.fetched_attended_on_host += leftover.len() as u64;
-        let out = self.attend_device_with(layer, rows, q, ag, &scratch, leftover);
+        let out = self.attend_gpu_blocks(layer, rows, q, ag, &scratch);
         if let Some(gpu) = self.gpu.as_mut() {
             for &(_, id, _, _) in &scratch {
                 gpu.free(id);
             }
         }
-        out
+        Ok((out?, leftover))
+    }
+
+    /// Counts the bytes of one host round trip of tiered attention: queries down, partials up.
+    pub fn note_host_round_trip(&mut self, query_bytes: u64, partial_bytes: u64) {
+        self.metrics.bytes_queries_to_host += query_bytes;
+        self.metrics.bytes_partials_to_gpu += partial_bytes;
     }
 
     /// Copies fetched blocks, in order, into free GPU pool blocks while there are any:
@@ -954,15 +977,16 @@ impl KvCache {
         Ok(out)
     }
 
-    fn attend_device_with(
-        &mut self,
+    /// The device partials of `rows` over their sequences' GPU-resident blocks and the
+    /// `scratch` blocks fetched into the pool.
+    fn attend_gpu_blocks(
+        &self,
         layer: usize,
         rows: &[(SeqId, usize)],
         q: &CudaTensor,
         ag: &AttentionGeometry,
         scratch: &[(SeqId, u32, usize, usize)],
-        leftover: &[FarBlock],
-    ) -> Result<CudaTensor, KvError> {
+    ) -> Result<DevicePartial, KvError> {
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         let bt = self.g.block_tokens;
         let gpu = self
@@ -970,8 +994,7 @@ impl KvCache {
             .as_ref()
             .ok_or_else(|| KvError::Gpu("attend_device without a GPU tier".into()))?;
         let be = gpu.backend.clone();
-        // Per row's sequence: its GPU blocks (id, start position, filled) in position order, and
-        // whether any block lives elsewhere.
+        // Per row's sequence: its GPU blocks (id, start position, filled) in position order.
         let mut per_seq: HashMap<SeqId, GpuView> = HashMap::new();
         for &(seq, _) in rows {
             if per_seq.contains_key(&seq) {
@@ -982,13 +1005,10 @@ impl KvCache {
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
-            let far = self.far_mask(blocks);
             let mut on_gpu = Vec::new();
-            let mut elsewhere = false;
             for (j, b) in blocks.iter().enumerate() {
-                match b.loc {
-                    Loc::Gpu(id) => on_gpu.push((id, j * bt, b.filled)),
-                    _ => elsewhere |= !far[j],
+                if let Loc::Gpu(id) = b.loc {
+                    on_gpu.push((id, j * bt, b.filled));
                 }
             }
             // Fetched blocks are full and older than the GPU tail, so position order keeps the
@@ -1000,63 +1020,28 @@ impl KvCache {
                     .map(|&(_, id, start, len)| (id, start, len)),
             );
             on_gpu.sort_unstable_by_key(|b| b.1);
-            per_seq.insert(seq, (on_gpu, elsewhere));
+            per_seq.insert(seq, on_gpu);
         }
         let decode = {
             let mut seen = std::collections::HashSet::new();
             rows.iter()
                 .all(|&(seq, pos)| seen.insert(seq) && pos + 1 == self.len(seq, layer))
         };
-        let gpu_part = if decode {
+        if decode {
             // Every listed block is full except the tail: the decode kernel's table contract.
             let tables: Vec<Vec<u32>> = rows
                 .iter()
-                .map(|(s, _)| per_seq[s].0.iter().map(|b| b.0).collect())
+                .map(|(s, _)| per_seq[s].iter().map(|b| b.0).collect())
                 .collect();
             let lens: Vec<usize> = rows
                 .iter()
-                .map(|(s, _)| per_seq[s].0.iter().map(|b| b.2).sum())
+                .map(|(s, _)| per_seq[s].iter().map(|b| b.2).sum())
                 .collect();
             let t = be.upload_block_tables(&tables, &lens, bt).map_err(err)?;
-            be.decode_attention(q, &gpu.pool, &t, ag).map_err(err)?
+            be.decode_attention(q, &gpu.pool, &t, ag).map_err(err)
         } else {
-            self.prefill_on_gpu(&be, rows, &per_seq, q, ag)?
-        };
-        if leftover.is_empty() && !per_seq.values().any(|(_, elsewhere)| *elsewhere) {
-            return Ok(gpu_part.o);
+            self.prefill_on_gpu(&be, rows, &per_seq, q, ag)
         }
-        // Host and disk tiers: queries down, partials up, merged on the GPU.
-        let qh = be.download(q).map_err(err)?;
-        let qd = ag.n_heads * ag.head_dim;
-        self.metrics.bytes_queries_to_host += (qh.len() * 4) as u64;
-        let queries: Vec<TierQuery<'_>> = rows
-            .iter()
-            .enumerate()
-            .map(|(r, &(seq, pos))| TierQuery {
-                seq,
-                pos,
-                q: &qh[r * qd..(r + 1) * qd],
-            })
-            .collect();
-        let mut parts = self.attend(layer, &queries, ag)?;
-        if !leftover.is_empty() {
-            let extra = crate::far_attention::attend_far(&queries, leftover, ag);
-            for (p, e) in parts.iter_mut().zip(extra) {
-                p.merge_in(e);
-            }
-        }
-        let mut o = Vec::with_capacity(rows.len() * qd);
-        let mut lse = Vec::with_capacity(rows.len() * ag.n_heads);
-        for p in parts {
-            o.extend_from_slice(&p.o);
-            lse.extend_from_slice(&p.lse);
-        }
-        self.metrics.bytes_partials_to_gpu += ((o.len() + lse.len()) * 4) as u64;
-        let host_part = DevicePartial {
-            o: be.upload(rows.len(), qd, &o).map_err(err)?,
-            lse: be.upload(rows.len(), ag.n_heads, &lse).map_err(err)?,
-        };
-        Ok(be.merge_partials(&[&gpu_part, &host_part]).map_err(err)?.o)
     }
 
     /// Causal attention of `rows` over their sequences' GPU-resident blocks (prefill chunks).
@@ -1079,7 +1064,7 @@ impl KvCache {
         let mut at = Vec::with_capacity(rows.len());
         for &(seq, pos) in rows {
             let b = *order.entry(seq).or_insert_with(|| {
-                let blocks = &per_seq[&seq].0;
+                let blocks = &per_seq[&seq];
                 seqs.push(GpuSeqBlocks {
                     ids: blocks.iter().map(|b| b.0).collect(),
                     starts: blocks.iter().map(|b| b.1 as u32).collect(),
