@@ -85,8 +85,9 @@ pub enum Residency {
     Staged,
     /// Loaded from the weight source (file or generator) for every use.
     Streamed,
-    /// The first `resident_layers` layers resident, the rest staged (FlexGen's weight split
-    /// across GPU and host, by whole layers).
+    /// `resident_layers` layers resident, the rest staged (FlexGen's weight split across GPU
+    /// and host, by whole layers). The staged layers are spread evenly through the stack
+    /// ([`layer_is_resident`]), so each one's copy overlaps the resident layers before it.
     Split { resident_layers: usize },
 }
 
@@ -530,7 +531,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // Once the backend declines to stage (the CPU), the other layers stream without asking.
         let mut stream = residency == Residency::Streamed;
         for i in 0..cfg.layers {
-            let slot = if i < resident_layers {
+            let slot = if layer_is_resident(i, cfg.layers, resident_layers) {
                 LayerSlot::Resident(load_layer(&backend, &cfg, src, i)?)
             } else if stream {
                 LayerSlot::Streamed
@@ -682,36 +683,25 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             }
             xs.push(x);
         }
-        // Staged layers: the next layer's copy is enqueued before this layer's kernels (double
-        // buffering: at most two staged layers on the device at a time), once per step whatever
-        // the number of GPU batches.
-        let mut next: Option<FetchedLayer<B>> = match self.layers.first() {
-            Some(LayerSlot::Staged(ls)) => Some(self.fetch(ls)?),
-            _ => None,
-        };
+        // Staged layers: the next staged layer's copy is enqueued as soon as the one before it
+        // is in use, so it overlaps every layer in between (double buffering: at most two
+        // staged layers on the device at a time), once per step whatever the number of GPU
+        // batches.
+        let mut next = self.fetch_staged_after(None)?;
         let (mut fetched_bytes, mut loads) = (0, 0);
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
-            let prefetch = |next: &mut Option<FetchedLayer<B>>| -> Result<(), ForwardError> {
-                if let Some(LayerSlot::Staged(ls)) = self.layers.get(i + 1) {
-                    *next = Some(self.fetch(ls)?);
-                }
-                Ok(())
-            };
             xs = match &self.layers[i] {
-                LayerSlot::Resident(lw) => {
-                    prefetch(&mut next)?;
-                    self.layer(lw, i, xs, &batches, rows, kv)?
-                }
+                LayerSlot::Resident(lw) => self.layer(lw, i, xs, &batches, rows, kv)?,
                 LayerSlot::Staged(ls) => {
                     let (lw, mark, bytes) = match next.take() {
-                        Some(f) => f,
-                        None => self.fetch(ls)?,
+                        Some((j, f)) if j == i => f,
+                        _ => self.fetch(ls)?,
                     };
                     b.wait_fetched(&mark)?;
                     fetched_bytes += bytes;
                     loads += 1;
-                    prefetch(&mut next)?;
+                    next = self.fetch_staged_after(Some(i))?;
                     self.layer(&lw, i, xs, &batches, rows, kv)?
                 }
                 LayerSlot::Streamed => {
@@ -749,6 +739,21 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             parts.push(b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?);
         }
         Ok((parts, order))
+    }
+
+    /// Starts fetching the first staged layer after `after` (from the first layer when `None`),
+    /// if there is one: its index, weights, mark and bytes.
+    fn fetch_staged_after(
+        &self,
+        after: Option<usize>,
+    ) -> Result<Option<(usize, FetchedLayer<B>)>, ForwardError> {
+        let from = after.map_or(0, |i| i + 1);
+        for (j, slot) in self.layers.iter().enumerate().skip(from) {
+            if let LayerSlot::Staged(ls) = slot {
+                return Ok(Some((j, self.fetch(ls)?)));
+            }
+        }
+        Ok(None)
     }
 
     /// Starts fetching a staged layer; returns it and the mark to wait for before using it.
@@ -957,6 +962,14 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 }
 
+/// Whether layer `i` of `layers` stays resident when `resident` of them do: the others are
+/// spread evenly through the stack (one every `layers / staged` layers), not bunched at its end,
+/// so each staged layer's copy overlaps the compute of the resident layers before it.
+pub fn layer_is_resident(i: usize, layers: usize, resident: usize) -> bool {
+    let staged = layers.saturating_sub(resident);
+    layers == 0 || (i + 1) * staged / layers == i * staged / layers
+}
+
 /// Splits `rows` into at most `n` GPU batches of whole sequences (a sequence's rows are
 /// contiguous and in position order in every caller), as even in sequences as possible.
 fn gpu_batches(rows: &[Row], n: usize) -> Vec<Range<usize>> {
@@ -1022,4 +1035,39 @@ fn check_shape<B: Backend>(
 /// Bytes the model's weights take in their stored dtype (for the resident-or-streamed choice).
 pub fn weight_bytes(cfg: &ModelConfig) -> u64 {
     cfg.param_count() * cfg.dtype.size_bytes() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_is_resident;
+
+    #[test]
+    fn staged_layers_are_spread_evenly_and_counted_exactly() {
+        for layers in [1, 2, 7, 32, 48] {
+            for resident in 0..=layers {
+                let staged: Vec<usize> = (0..layers)
+                    .filter(|&i| !layer_is_resident(i, layers, resident))
+                    .collect();
+                assert_eq!(
+                    staged.len(),
+                    layers - resident,
+                    "{layers} layers, {resident}"
+                );
+                // Between two staged layers (and before the first) at most ceil(resident /
+                // staged) resident ones: the copies are spread, not bunched.
+                if let Some(gap) = resident.checked_div(staged.len()) {
+                    let most = gap + 1;
+                    let mut prev = None;
+                    for &s in &staged {
+                        let run = s - prev.map_or(0, |p: usize| p + 1);
+                        assert!(run <= most, "{layers}/{resident}: run {run} before {s}");
+                        prev = Some(s);
+                    }
+                }
+            }
+        }
+        // 24 of 32 resident: every fourth layer staged.
+        let staged: Vec<usize> = (0..32).filter(|&i| !layer_is_resident(i, 32, 24)).collect();
+        assert_eq!(staged, vec![3, 7, 11, 15, 19, 23, 27, 31]);
+    }
 }
