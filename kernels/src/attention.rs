@@ -1,7 +1,9 @@
 //! Attention over KV blocks, as mergeable partials.
 //!
 //! A KV block holds `block_tokens` consecutive tokens of one sequence in one layer, K and V each
-//! laid out `[kv_heads, block_tokens, head_dim] f32`. Any set of blocks — one block, the blocks of
+//! laid out `[kv_heads, block_tokens, head_dim]` in the dtype its tier stores (f32, f16 or bf16,
+//! see [`crate::kv`]); half-precision values are widened to f32 as they are read, and all
+//! arithmetic is f32. Any set of blocks — one block, the blocks of
 //! one tier, a chunk handed to one thread — attends to a query and yields a [`Partial`]
 //! `(o, lse)` per head: `o` is the softmax-weighted mean of V over those tokens and `lse` the
 //! log-sum-exp of their scaled scores. [`Partial::merge`] combines partials exactly (DESIGN.md):
@@ -12,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use crate::kv::KvSlice;
 use crate::simd::dot;
 
 /// The shape facts every attention kernel needs. Grouped-query attention maps query head `h` to
@@ -32,12 +35,13 @@ impl AttentionGeometry {
     }
 }
 
-/// A read-only view of one KV block: `k`, `v: [kv_heads, block_tokens, head_dim]`, of which the
-/// first `len` token slots are filled, holding positions `start_pos .. start_pos + len`.
+/// A read-only view of one KV block: `k`, `v: [kv_heads, block_tokens, head_dim]` (f32, f16 or
+/// bf16; K and V in the same dtype), of which the first `len` token slots are filled, holding
+/// positions `start_pos .. start_pos + len`.
 #[derive(Clone, Copy, Debug)]
 pub struct KvBlockView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvSlice<'a>,
+    pub v: KvSlice<'a>,
     pub start_pos: usize,
     pub len: usize,
 }
@@ -160,7 +164,9 @@ fn attend_partial_avx2(
 /// K and V row is read once per group (GQA without replicating KV). Within a block, all scores
 /// come first; then the running max is updated once per block (one rescale of the accumulators
 /// per block, not per token); then the exponentials are taken as one vectorised pass; then V is
-/// accumulated.
+/// accumulated. Half-precision K and V rows of a block are widened into a block-sized f32 buffer
+/// first (one pass, in cache), then go through the same f32 loops as f32 blocks, which read
+/// their values in place.
 #[inline(always)]
 fn attend_partial_portable(
     q: &[f32],
@@ -176,6 +182,8 @@ fn attend_partial_portable(
     let mut sum = vec![0.0f32; group];
     // scores: [group, block_tokens]
     let mut scores = vec![0.0f32; group * bt];
+    // [block_tokens, head_dim] widened K and V of one KV head of one block (unused for f32).
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     for kvh in 0..g.n_kv_heads {
         max.fill(f32::NEG_INFINITY);
         sum.fill(0.0);
@@ -188,8 +196,8 @@ fn attend_partial_portable(
             if visible == 0 {
                 continue;
             }
-            let kb = &b.k[base..base + visible * hd];
-            let vb = &b.v[base..base + visible * hd];
+            let rows = base..base + visible * hd;
+            let kb = b.k.slice(rows.clone()).as_f32(&mut kbuf);
             for (t, k) in kb.chunks_exact(hd).enumerate() {
                 for i in 0..group {
                     scores[i * bt + t] = dot(&qg[i * hd..(i + 1) * hd], k) * g.scale;
@@ -208,6 +216,7 @@ fn attend_partial_portable(
                 s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
                 sum[i] += s.iter().sum::<f32>();
             }
+            let vb = b.v.slice(rows).as_f32(&mut vbuf);
             for (t, v) in vb.chunks_exact(hd).enumerate() {
                 for i in 0..group {
                     let p = scores[i * bt + t];

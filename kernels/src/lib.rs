@@ -6,6 +6,7 @@
 //!   dynamic loading: the same binary runs with or without CUDA).
 //! - [`attention`]: attention over KV *blocks* returning mergeable partials `(o, lse)` and the exact
 //!   LSE merge. Every tier (GPU, host, storage) produces partials under this one contract.
+//! - [`kv`]: K and V as the tiers store them (f32, f16, bf16), widened to f32 as attention reads.
 //! - [`reference`]: plain scalar versions of every kernel, the oracles the fast ones are tested
 //!   against.
 //!
@@ -15,6 +16,7 @@ pub mod attention;
 mod cpu;
 pub mod cuda;
 mod dtype;
+pub mod kv;
 pub mod reference;
 mod rope;
 mod simd;
@@ -24,6 +26,7 @@ pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};
 pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo, GemmPrecision};
 pub use dtype::{DType, HostWeight, WeightData};
+pub use kv::{KvBuf, KvSlice, KvSliceMut};
 pub use rope::{RopeScaling, RopeTable};
 
 /// Errors a kernel call can return: shape mismatches are caller bugs that input could reach

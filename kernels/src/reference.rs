@@ -120,16 +120,17 @@ pub fn attention(
         let mut scores = Vec::new();
         let mut values = Vec::new();
         for b in blocks {
+            let (bk, bv) = (b.k.to_f32_vec(), b.v.to_f32_vec());
             for t in 0..b.len {
                 if b.start_pos + t > q_pos {
                     continue;
                 }
                 let off = kvh * g.block_tokens * hd + t * hd;
                 let s: f64 = (0..hd)
-                    .map(|i| q[h * hd + i] as f64 * b.k[off + i] as f64)
+                    .map(|i| q[h * hd + i] as f64 * bk[off + i] as f64)
                     .sum();
                 scores.push(s * g.scale as f64);
-                values.push(&b.v[off..off + hd]);
+                values.push(bv[off..off + hd].to_vec());
             }
         }
         if scores.is_empty() {

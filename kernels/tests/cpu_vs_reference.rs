@@ -1,14 +1,17 @@
 //! Every CPU kernel against its scalar reference on random inputs, several shapes (odd sizes,
 //! sizes that straddle the GEMM tile and the KV block), with stated tolerances:
 //! f32 weights 1e-5 relative (to the largest output), f16/bf16 weights the same after widening
-//! (the reference widens the same stored values), attention 2e-5 absolute on `o` and `lse`.
+//! (the reference widens the same stored values), attention 2e-5 absolute on `o` and `lse`;
+//! attention over f16/bf16 KV blocks the same against the reference on the rounded values, and
+//! bit for bit equal to the f32 kernel over those values widened (widening is exact, and the
+//! arithmetic after it is the same).
 
 use half::{bf16, f16};
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
 use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_seed};
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KvBlockView, Partial, RopeTable,
-    WeightData, reference,
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KvBlockView, KvBuf, Partial,
+    RopeTable, WeightData, reference,
 };
 
 #[test]
@@ -144,8 +147,8 @@ impl KvFixture {
     fn views(&self, g: &AttentionGeometry) -> Vec<KvBlockView<'_>> {
         (0..self.k.len())
             .map(|b| KvBlockView {
-                k: &self.k[b],
-                v: &self.v[b],
+                k: (&self.k[b]).into(),
+                v: (&self.v[b]).into(),
                 start_pos: b * g.block_tokens,
                 len: self.lens[b],
             })
@@ -205,6 +208,93 @@ fn block_attention_and_merge_match_the_reference() {
                 2,
             );
             assert_partials_close(&batch[0], &want, 2e-5, "batched split-KV");
+        }
+    }
+}
+
+/// The fixture's blocks stored in `dtype` (rounded to nearest even), and the same stored values
+/// widened back to f32.
+fn stored(kv: &KvFixture, dtype: DType) -> (Vec<(KvBuf, KvBuf)>, KvFixture) {
+    let bufs: Vec<(KvBuf, KvBuf)> =
+        kv.k.iter()
+            .zip(&kv.v)
+            .map(|(k, v)| (KvBuf::from_f32(dtype, k), KvBuf::from_f32(dtype, v)))
+            .collect();
+    let wide = KvFixture {
+        k: bufs.iter().map(|b| b.0.as_slice().to_f32_vec()).collect(),
+        v: bufs.iter().map(|b| b.1.as_slice().to_f32_vec()).collect(),
+        lens: kv.lens.clone(),
+    };
+    (bufs, wide)
+}
+
+fn same_bits(a: &Partial, b: &Partial) -> bool {
+    let bits =
+        |p: &Partial| -> Vec<u32> { p.o.iter().chain(&p.lse).map(|x| x.to_bits()).collect() };
+    bits(a) == bits(b)
+}
+
+#[test]
+fn attention_over_half_precision_blocks_matches_f32_over_the_rounded_values() {
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    for (n_heads, n_kv, hd, bt, tokens) in [
+        (4, 4, 16, 4, 1),
+        (4, 2, 16, 4, 9),
+        (9, 3, 64, 16, 100),
+        (32, 8, 128, 32, 200),
+        (8, 1, 40, 8, 61),
+    ] {
+        let g = AttentionGeometry {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            block_tokens: bt,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let kv = KvFixture::new(&mut rng, &g, tokens);
+        let q = rng.vec(n_heads * hd);
+        for dtype in [DType::BF16, DType::F16] {
+            let what = format!("seed {seed}: {dtype:?} {g:?}");
+            let (bufs, wide) = stored(&kv, dtype);
+            let half_views: Vec<KvBlockView<'_>> = bufs
+                .iter()
+                .enumerate()
+                .map(|(b, (k, v))| KvBlockView {
+                    k: k.as_slice(),
+                    v: v.as_slice(),
+                    start_pos: b * bt,
+                    len: kv.lens[b],
+                })
+                .collect();
+            assert!(half_views.iter().all(|v| v.k.dtype() == dtype));
+            let wide_views = wide.views(&g);
+            for pos in [0, tokens / 2, tokens - 1] {
+                let want = reference::attention(&q, pos, &wide_views, &g);
+                let got = attend_partial(&q, pos, &half_views, &g);
+                assert_partials_close(&got, &want, 2e-5, &format!("{what}: single pass"));
+                let f32_kernel = attend_partial(&q, pos, &wide_views, &g);
+                assert!(
+                    same_bits(&got, &f32_kernel),
+                    "{what}: pos {pos}: half blocks differ from f32 blocks of the same values"
+                );
+                let batch = attend_batch(
+                    &[AttentionQuery {
+                        q: &q,
+                        pos,
+                        blocks: &half_views,
+                    }],
+                    &g,
+                    2,
+                );
+                assert_partials_close(&batch[0], &want, 2e-5, &format!("{what}: batched"));
+            }
+            // Rounding K and V moves the answer away from the unrounded one, but only by about
+            // the dtype's precision: a check that the rounded values are the ones attended.
+            let exact = reference::attention(&q, tokens - 1, &kv.views(&g), &g);
+            let got = attend_partial(&q, tokens - 1, &half_views, &g);
+            let tol = if dtype == DType::BF16 { 5e-2 } else { 5e-3 };
+            assert_partials_close(&got, &exact, tol, &format!("{what}: vs unrounded"));
         }
     }
 }

@@ -128,8 +128,8 @@ impl Case {
                 let at = id as usize * be;
                 let start = (from + j) * bt;
                 KvBlockView {
-                    k: &self.host[at..at + half],
-                    v: &self.host[at + half..at + be],
+                    k: (&self.host[at..at + half]).into(),
+                    v: (&self.host[at + half..at + be]).into(),
                     start_pos: start,
                     len: bt.min(self.lens[i] - start),
                 }

@@ -1,7 +1,8 @@
 //! The GPU KV tier's data movement against plain host arithmetic, on random inputs fresh per run
 //! (`STRATA_TEST_SEED` replays one): appends land in the right slot of the right block, rounded
-//! to nearest even for f16 / bf16 and bit-exact for f32; exports widen every block back exactly
-//! (so the host tier holds the GPU tier's values); argmax picks the first maximum of each row.
+//! to nearest even for f16 / bf16 and bit-exact for f32; exports copy every block out in the
+//! pool's dtype bit for bit (the host tier's bytes are the GPU tier's), or widened to f32
+//! exactly, and refuse to narrow; argmax picks the first maximum of each row.
 //! Without a GPU every test prints `skipped: <reason>` and passes.
 
 #![allow(clippy::unwrap_used)]
@@ -9,6 +10,25 @@
 use strata_kernels::cuda::KvBlockShape;
 use strata_kernels::testing::{SplitMix as Rng, test_gpu, test_seed};
 use strata_kernels::{Backend, DType};
+
+/// The first `n` values of `words` (as the export wrote their bytes) in `dtype`, widened.
+fn widen(words: &[u32], dtype: DType, n: usize) -> Vec<f32> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match dtype {
+        DType::F32 => bytes[..4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes[..2 * n]
+            .chunks_exact(2)
+            .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes[..2 * n]
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
 
 fn round(x: f32, dtype: DType) -> f32 {
     match dtype {
@@ -19,7 +39,7 @@ fn round(x: f32, dtype: DType) -> f32 {
 }
 
 #[test]
-fn appends_land_in_their_slots_and_exports_widen_them_exactly() {
+fn appends_land_in_their_slots_and_exports_copy_them_exactly() {
     let Some(gpu) = test_gpu() else { return };
     let seed = test_seed();
     let mut rng = Rng(seed);
@@ -55,30 +75,78 @@ fn appends_land_in_their_slots_and_exports_widen_them_exactly() {
                     }
                 }
             }
-            // Export in a shuffled block order into separate host buffers.
+            // Export in a shuffled block order into separate host buffers, in the pool's dtype
+            // and widened to f32.
             let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
             rng.shuffle(&mut ids);
-            let mut host: Vec<Vec<f32>> = ids
-                .iter()
-                .map(|_| vec![f32::NAN; shape.block_elems()])
-                .collect();
-            let dst: Vec<*mut f32> = host.iter_mut().map(|h| h.as_mut_ptr()).collect();
-            // SAFETY: the buffers outlive the ticket, which is waited on before they are read.
-            let ticket = unsafe { gpu.kv_export_async(&pool, &ids, &dst) }.unwrap();
-            assert_eq!(ticket.bytes(), n_blocks * shape.block_elems() * 4);
-            ticket.wait().unwrap();
-            for (h, &id) in host.iter().zip(&ids) {
-                let e = shape.block_elems();
-                let w = &want[id as usize * e..(id as usize + 1) * e];
-                let same = h.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "seed {seed}: {dtype:?} {shape:?}: block {id} differs after append + export"
-                );
+            for to in [dtype, DType::F32] {
+                let block_bytes = shape.block_elems() * to.size_bytes();
+                // u32 words keep every buffer aligned for the f32 case.
+                let mut host: Vec<Vec<u32>> = ids
+                    .iter()
+                    .map(|_| vec![0x7fc0_7fc0; block_bytes.div_ceil(4)])
+                    .collect();
+                let dst: Vec<*mut u8> = host.iter_mut().map(|h| h.as_mut_ptr().cast()).collect();
+                // SAFETY: the buffers outlive the ticket, which is waited on before they are read.
+                let ticket = unsafe { gpu.kv_export_async(&pool, &ids, &dst, to) }.unwrap();
+                assert_eq!(ticket.bytes(), n_blocks * block_bytes);
+                ticket.wait().unwrap();
+                for (h, &id) in host.iter().zip(&ids) {
+                    let e = shape.block_elems();
+                    let w = &want[id as usize * e..(id as usize + 1) * e];
+                    let got = widen(h, to, e);
+                    let same = got.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "seed {seed}: {dtype:?} pool exported as {to:?}: {shape:?}: block {id} \
+                         differs after append + export"
+                    );
+                }
             }
         }
     }
     eprintln!("seed {seed}: append + export exact for f32, f16, bf16 pools");
+}
+
+/// A block imported in the pool's dtype (a far block fetched from a bf16 host tier) lands bit for
+/// bit; one imported as f32 is rounded to nearest even on the way.
+#[test]
+fn imports_in_the_pool_dtype_land_as_they_are() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    let shape = KvBlockShape {
+        kv_heads: 2,
+        block_tokens: 8,
+        head_dim: 64,
+    };
+    let e = shape.block_elems();
+    for dtype in [DType::F16, DType::BF16] {
+        let mut pool = gpu.kv_pool(dtype, shape, 3).unwrap();
+        let wide = rng.vec_scaled(2 * e, 4.0);
+        let stored = strata_kernels::KvBuf::from_f32(dtype, &wide[..e]);
+        gpu.kv_pool_write_kv(&mut pool, 1, stored.as_slice())
+            .unwrap();
+        gpu.kv_pool_write(&mut pool, 2, &wide[e..]).unwrap();
+        let mut host = vec![0u32; e];
+        let dst = [host.as_mut_ptr().cast::<u8>()];
+        for (id, src) in [(1u32, &wide[..e]), (2, &wide[e..])] {
+            // SAFETY: the buffer outlives the ticket, waited on before it is read.
+            unsafe { gpu.kv_export_async(&pool, &[id], &dst, dtype) }
+                .unwrap()
+                .wait()
+                .unwrap();
+            let got = widen(&host, dtype, e);
+            let same = got
+                .iter()
+                .zip(src)
+                .all(|(g, w)| g.to_bits() == round(*w, dtype).to_bits());
+            assert!(
+                same,
+                "seed {seed}: {dtype:?}: block {id} differs after import"
+            );
+        }
+    }
 }
 
 #[test]
@@ -97,9 +165,13 @@ fn bad_slots_and_shapes_are_errors() {
     let err = gpu.kv_append(&mut pool, &short, &short, &[0]).unwrap_err();
     assert!(err.to_string().contains("expected [1, 16]"), "{err}");
     let mut buf = vec![0f32; shape.block_elems()];
-    // SAFETY: the buffer outlives the call (which fails before copying anything).
-    let err = unsafe { gpu.kv_export_async(&pool, &[2], &[buf.as_mut_ptr()]) }.unwrap_err();
+    let dst = [buf.as_mut_ptr().cast::<u8>()];
+    // SAFETY: the buffer outlives the calls (which fail before copying anything).
+    let err = unsafe { gpu.kv_export_async(&pool, &[2], &dst, DType::BF16) }.unwrap_err();
     assert!(err.to_string().contains("past the pool"), "{err}");
+    // A bf16 pool does not narrow to f16 on the way out.
+    let err = unsafe { gpu.kv_export_async(&pool, &[0], &dst, DType::F16) }.unwrap_err();
+    assert!(err.to_string().contains("not f16"), "{err}");
 }
 
 #[test]

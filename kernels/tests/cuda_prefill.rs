@@ -174,8 +174,8 @@ impl Case {
                 let at = id as usize * be;
                 let start = start as usize;
                 KvBlockView {
-                    k: &self.host[at..at + be / 2],
-                    v: &self.host[at + be / 2..at + be],
+                    k: (&self.host[at..at + be / 2]).into(),
+                    v: (&self.host[at + be / 2..at + be]).into(),
                     start_pos: start,
                     len: bt.min(self.seqs[b].len - start),
                 }

@@ -48,7 +48,8 @@ pub struct HardwareProfile {
     pub d2h_gbps: f64,
     /// Host DRAM copy bandwidth (all cores).
     pub host_mem_gbps: f64,
-    /// KV bytes per second the host attention engine reads while attending (all cores).
+    /// KV bytes per second the host attention engine reads while attending (all cores), in the
+    /// dtype the host tier holds on a GPU run (`strata calibrate` measures bf16 blocks).
     pub host_attention_gbps: f64,
     /// Disk read through the chosen IO engine at a large request size.
     pub disk_read_gbps: f64,

@@ -34,7 +34,8 @@ use rayon::prelude::*;
 use strata_kernels::attention::{AttentionQuery, attend_batch};
 use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView, WeightData,
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView, KvBuf,
+    WeightData,
 };
 use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
 use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
@@ -343,12 +344,12 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
         ),
     );
     steps.step("host attention");
-    let host_attention = host_attention_gbps(sz.host_kv, sz.trials);
+    let host_attention = host_attention_gbps(sz.host_kv, sz.trials, DType::BF16);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
         format!(
-            "KV bytes attended: {} of f32 blocks, {threads} threads",
+            "KV bytes attended: {} of bf16 blocks, {threads} threads",
             format_size(sz.host_kv as u64)
         ),
     );
@@ -673,10 +674,11 @@ fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// KV bytes per second the host attention engine reads: one decode query over `bytes` of f32 KV
-/// blocks (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128; 32-token blocks), split-KV over
-/// all threads, as the host tier attends.
-fn host_attention_gbps(bytes: usize, trials: usize) -> f64 {
+/// KV bytes per second the host attention engine reads: one decode query over `bytes` of KV
+/// blocks in `dtype` (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128; 32-token blocks),
+/// split-KV over all threads, as the host tier attends. The calibrator measures bf16, what the
+/// host tier holds on a GPU run (the model's dtype, which the planner counts KV bytes in).
+fn host_attention_gbps(bytes: usize, trials: usize, dtype: DType) -> f64 {
     let g = AttentionGeometry {
         n_heads: 32,
         n_kv_heads: 8,
@@ -685,20 +687,24 @@ fn host_attention_gbps(bytes: usize, trials: usize) -> f64 {
         scale: 1.0 / 128f32.sqrt(),
     };
     let e = g.block_elems();
-    let blocks = (bytes / (2 * e * 4)).max(1);
-    // [blocks][K, V][kv_heads, block_tokens, head_dim] f32
-    let mut kv = vec![0f32; blocks * 2 * e];
-    kv.par_chunks_mut(2 * e).enumerate().for_each(|(b, blk)| {
-        for (i, x) in blk.iter_mut().enumerate() {
-            *x = (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0;
-        }
-    });
+    let block_bytes = 2 * e * dtype.size_bytes();
+    let blocks = (bytes / block_bytes).max(1);
+    // [blocks][K, V][kv_heads, block_tokens, head_dim] in `dtype`
+    let kv: Vec<KvBuf> = (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let wide: Vec<f32> = (0..2 * e)
+                .map(|i| (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0)
+                .collect();
+            KvBuf::from_f32(dtype, &wide)
+        })
+        .collect();
     let views: Vec<KvBlockView<'_>> = kv
-        .chunks_exact(2 * e)
+        .iter()
         .enumerate()
         .map(|(b, d)| KvBlockView {
-            k: &d[..e],
-            v: &d[e..],
+            k: d.as_slice().slice(0..e),
+            v: d.as_slice().slice(e..2 * e),
             start_pos: b * g.block_tokens,
             len: g.block_tokens,
         })
@@ -718,7 +724,7 @@ fn host_attention_gbps(bytes: usize, trials: usize) -> f64 {
     };
     let _ = attend();
     let secs = best_secs(trials, attend).unwrap_or(f64::INFINITY);
-    (blocks * 2 * e * 4) as f64 / secs / 1e9
+    (blocks * block_bytes) as f64 / secs / 1e9
 }
 
 struct DiskFigures {

@@ -7,7 +7,7 @@
 //! KV block, so from then on it is attended like a fetched block and merged by LSE.
 
 use strata_kernels::attention::{AttentionQuery, attend_batch};
-use strata_kernels::{AttentionGeometry, Backend, KvBlockView, Partial, RopeTable};
+use strata_kernels::{AttentionGeometry, Backend, KvBlockView, KvBuf, Partial, RopeTable};
 
 use crate::forward::ForwardError;
 use crate::kv::{FarBlock, TierQuery};
@@ -23,8 +23,9 @@ pub(crate) struct KvProjection<'a, W> {
     pub v_b: Option<&'a W>,
 }
 
-/// Turns every hidden block of `far` into a KV block (`[2, kv_heads, block_tokens, head_dim]`)
-/// in place, in one batch of projections. Returns the tokens recomputed.
+/// Turns every hidden block of `far` into a KV block (`[2, kv_heads, block_tokens, head_dim]`
+/// in the block's `kv_dtype`, rounded as an append would have stored it) in place, in one batch
+/// of projections. Returns the tokens recomputed.
 pub(crate) fn recompute<B: Backend>(
     b: &B,
     w: &KvProjection<'_, B::Weight>,
@@ -42,7 +43,9 @@ pub(crate) fn recompute<B: Backend>(
     let mut x = Vec::with_capacity(tokens * cfg.hidden);
     let mut positions = Vec::with_capacity(tokens);
     for &i in &hidden {
-        x.extend_from_slice(&far[i].data[..far[i].len * cfg.hidden]);
+        let (at, n) = (x.len(), far[i].len * cfg.hidden);
+        x.resize(at + n, 0.0);
+        far[i].data.as_slice().slice(0..n).widen_into(&mut x[at..]);
         positions.extend(far[i].start_pos..far[i].start_pos + far[i].len);
     }
     let x = b.tensor(tokens, cfg.hidden, x)?;
@@ -71,7 +74,7 @@ pub(crate) fn recompute<B: Backend>(
             }
         }
         row += f.len;
-        f.data = data;
+        f.data = KvBuf::from_f32(f.kv_dtype, &data);
         f.hidden = false;
     }
     Ok(tokens)
@@ -97,8 +100,8 @@ pub(crate) fn attend_far(
             far.iter()
                 .filter(|f| f.seq == q.seq && !f.hidden)
                 .map(|f| KvBlockView {
-                    k: &f.data[..e],
-                    v: &f.data[e..2 * e],
+                    k: f.data.as_slice().slice(0..e),
+                    v: f.data.as_slice().slice(e..2 * e),
                     start_pos: f.start_pos,
                     len: f.len,
                 })

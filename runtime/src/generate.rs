@@ -24,6 +24,7 @@ use crate::kv::policy::SinkAndRecent;
 use crate::kv::{DiskTierConfig, KvCache, KvCacheConfig, KvError, KvGeometry, KvMetrics, SeqId};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
+use strata_kernels::DType;
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -40,6 +41,10 @@ pub struct GenerateOptions {
     pub block_tokens: usize,
     /// Host KV tier budget in bytes.
     pub host_kv_bytes: u64,
+    /// The dtype the host and disk tiers store K and V in ([`KvCacheConfig::kv_dtype`]). `strata
+    /// generate` sets the GPU KV dtype (`--kv-dtype`, the model's by default) when computing on
+    /// a GPU, so every tier holds the values the GPU tier rounds to, and f32 on the CPU.
+    pub kv_dtype: DType,
     /// The disk KV tier, when `--disk-dir` is given.
     pub disk: Option<DiskTierConfig>,
     pub hot_policy: SinkAndRecent,
@@ -200,6 +205,7 @@ pub fn run<B: RuntimeBackend>(
         kv: KvCache::new(KvCacheConfig {
             geometry,
             host_bytes: opts.host_kv_bytes,
+            kv_dtype: opts.kv_dtype,
             disk: opts.disk.clone(),
             gpu: opts.gpu.clone(),
             policy: Box::new(opts.hot_policy),

@@ -285,9 +285,9 @@ struct GenerateArgs {
     /// the weights and activations. Must fit in that.
     #[arg(long, value_parser = parse_size_arg)]
     gpu_kv_mem: Option<u64>,
-    /// Storage type of KV blocks in the GPU tier: auto (the model's dtype when it is f16 or
-    /// bf16, else f32), f32, f16 or bf16. Blocks spilled to host memory or disk keep exactly
-    /// these values (widened to f32).
+    /// Storage type of KV blocks on a GPU: auto (the model's dtype when it is f16 or bf16, else
+    /// f32), f32, f16 or bf16. The GPU tier, and on a GPU the host and disk tiers too, store K
+    /// and V in it (blocks move between tiers as they are); the CPU backend keeps f32.
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     kv_dtype: String,
     /// Prompt tokens per forward pass during prefill: long prompts (or many at once) run in
@@ -430,6 +430,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut gpu_tier = None;
+    // The host and disk tiers' K and V dtype: f32 on the CPU (it computes and is checked against
+    // transformers in f32); on a GPU, the GPU tier's dtype (below).
+    let mut host_kv_dtype = DType::F32;
     let residency = match &gpu {
         None => {
             if a.gpu_mem.is_some() || a.gpu_kv_mem.is_some() {
@@ -489,6 +492,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 "bf16" => DType::BF16,
                 _ => gpu_budget::auto_kv_dtype(&model.config),
             };
+            // K and V are rounded to this dtype on the GPU, so the host and disk tiers hold the
+            // same values in it (spilled blocks move as they are; without a GPU tier, host
+            // appends round to it alike).
+            host_kv_dtype = kv_dtype;
             let cfg = &model.config;
             let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
             // Every sequence's writable block in every layer, plus one prefill chunk's blocks.
@@ -553,6 +560,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         resume: a.resume,
         block_tokens: a.kv_block_tokens,
         host_kv_bytes: a.host_mem.unwrap_or_else(default_host_kv_bytes),
+        kv_dtype: host_kv_dtype,
         disk: match a.disk_dir {
             None => None,
             Some(dir) => Some(DiskTierConfig {

@@ -241,6 +241,28 @@ impl ArenaSlots {
         }
     }
 
+    /// The slot as `slot_bytes / 2` 16-bit values (f16 or bf16 bits: KV stored in half
+    /// precision).
+    pub fn slot_u16(&self, id: SlotId) -> &[u16] {
+        let start = self.offset_of(id);
+        // SAFETY: as in `slot_f32`: in bounds, aligned (≥ 4096), `slot_bytes % 4 == 0` so
+        // `slot_bytes / 2` values fit, and every bit pattern is a valid u16.
+        unsafe {
+            let ptr = self.arena.base_ptr().add(start).cast::<u16>();
+            std::slice::from_raw_parts(ptr, self.slot_bytes / 2)
+        }
+    }
+
+    /// The slot as `slot_bytes / 2` 16-bit values, mutably.
+    pub fn slot_u16_mut(&mut self, id: SlotId) -> &mut [u16] {
+        let start = self.offset_of(id);
+        // SAFETY: as in `slot_u16`, and `&mut self` makes this the only live view.
+        unsafe {
+            let ptr = self.arena.base_ptr().add(start).cast::<u16>();
+            std::slice::from_raw_parts_mut(ptr, self.slot_bytes / 2)
+        }
+    }
+
     /// The arena's base address and length in bytes, for page-locking it for DMA (a GPU copy
     /// engine). Writing through the pointer is the caller's `unsafe` business.
     pub fn raw_region(&self) -> (*mut u8, usize) {
@@ -304,6 +326,24 @@ pub fn f32_view(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
+/// Views bytes read from the store as the 16-bit values (f16 or bf16 bits) they were written
+/// from, like [`f32_view`].
+pub fn u16_view(bytes: &[u8]) -> std::borrow::Cow<'_, [u16]> {
+    // SAFETY: every bit pattern is a valid u16, and `align_to` only hands out the correctly
+    // aligned middle part of the slice.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    if pre.is_empty() && post.is_empty() {
+        std::borrow::Cow::Borrowed(mid)
+    } else {
+        std::borrow::Cow::Owned(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +397,25 @@ mod tests {
         slots.slot_f32_mut(ids[1])[0] = 1.5;
         assert_eq!(&slots.slot(ids[1])[..4], &1.5f32.to_ne_bytes());
         assert_eq!(slots.slot_f32(ids[1]).len(), (4096 + 8) / 4);
+        slots.slot_u16_mut(ids[2])[3] = 0xbeef;
+        assert_eq!(&slots.slot(ids[2])[6..8], &0xbeefu16.to_ne_bytes());
+        assert_eq!(slots.slot_u16(ids[2]).len(), (4096 + 8) / 2);
+        assert_eq!(
+            slots.slot_u16(ids[3])[0],
+            0x0404,
+            "a neighbour slot changed"
+        );
         assert!(ArenaSlots::with_slots(2, 6).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn u16_views_read_back_what_was_written_aligned_or_not() {
+        let words = [0x3f80u16, 0xc040, 0x0001, 0xffff];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(&*u16_view(&bytes), &words);
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(&*u16_view(&shifted[1..]), &words);
     }
 }

@@ -21,7 +21,7 @@ pub mod io;
 pub mod pool;
 pub mod store;
 
-pub use arena::{ArenaSlots, HostArena, MIN_ARENA_ALIGN, SlotId, f32_view};
+pub use arena::{ArenaSlots, HostArena, MIN_ARENA_ALIGN, SlotId, f32_view, u16_view};
 pub use error::{StorageError, SubmitError, fmt_bytes};
 pub use io::{
     Completion, FAULTS_ENV, FaultConfig, FaultyBackend, FileIdx, IO_ENGINE_ENV, IoBackend, IoDir,

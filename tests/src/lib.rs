@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use strata_kernels::CpuBackend;
+use strata_kernels::{CpuBackend, DType};
 use strata_runtime::forward::{Residency, Row, RuntimeBackend, Transformer};
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{
@@ -48,6 +48,9 @@ pub struct Placement {
     pub disk: Option<DiskTierConfig>,
     pub gpu: Option<GpuTierConfig>,
     pub policy: SinkAndRecent,
+    /// The host and disk tiers' K and V dtype (`None`: the GPU tier's when there is one, else
+    /// f32, as `strata generate` on a GPU with a GPU tier and on the CPU).
+    pub kv_dtype: Option<DType>,
 }
 
 /// A model with an empty KV cache, ready to run sequences through.
@@ -99,13 +102,18 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
             head_dim: c.head_dim,
             block_tokens,
         };
-        let stride = geometry.bytes_per_block().next_multiple_of(4096) as u64;
+        let kv_dtype = placement
+            .kv_dtype
+            .or(placement.gpu.as_ref().map(|g| g.dtype))
+            .unwrap_or(DType::F32);
+        let stride = geometry.bytes_per_block(kv_dtype).next_multiple_of(4096) as u64;
         let host_bytes = placement
             .host_blocks
             .map_or(256 << 20, |b| b as u64 * stride);
         let kv = KvCache::new(KvCacheConfig {
             geometry,
             host_bytes,
+            kv_dtype,
             disk: placement.disk,
             gpu: placement.gpu,
             policy: Box::new(placement.policy),

@@ -89,8 +89,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(b, id)| {
             let d = host.slot_f32(*id);
             KvBlockView {
-                k: &d[..e],
-                v: &d[e..2 * e],
+                k: (&d[..e]).into(),
+                v: (&d[e..2 * e]).into(),
                 start_pos: b * a.block_tokens,
                 len: a.block_tokens,
             }
@@ -147,8 +147,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let r = store.read_blocks(&slots, |i, bytes| {
             let f = f32_view(&bytes[..bpb]);
             let v = KvBlockView {
-                k: &f[..e],
-                v: &f[e..2 * e],
+                k: (&f[..e]).into(),
+                v: (&f[e..2 * e]).into(),
                 start_pos: i * a.block_tokens,
                 len: a.block_tokens,
             };

@@ -35,7 +35,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::{CudaBackend, CudaTensor, Inner, check_len, device_err};
-use crate::{AttentionGeometry, DType, KernelError, Result, shape_err};
+use crate::{AttentionGeometry, DType, KernelError, KvSlice, Result, shape_err};
 
 /// Warps per decode CTA; `ATTN_WARPS` in attention.cu.
 const DECODE_THREADS: u32 = 4 * 32;
@@ -369,6 +369,19 @@ impl CudaBackend {
         first_block: usize,
         blocks: &[f32],
     ) -> Result<()> {
+        self.kv_pool_write_kv(pool, first_block, KvSlice::F32(blocks))
+    }
+
+    /// Writes blocks `first_block ..` of `pool` from `blocks: [n, 2, kv_heads, block_tokens,
+    /// head_dim]` in any dtype. Blocks already in the pool's dtype are copied as they are (no
+    /// conversion on either side: a host tier of the pool's dtype sends its bytes); others are
+    /// converted on the host first (widened exactly, or rounded to nearest even).
+    pub fn kv_pool_write_kv(
+        &self,
+        pool: &mut KvPool,
+        first_block: usize,
+        blocks: KvSlice<'_>,
+    ) -> Result<()> {
         let be = &self.inner;
         let op = "kv_pool_write";
         be.check(op)?;
@@ -389,18 +402,21 @@ impl CudaBackend {
             return Ok(());
         }
         let s = &be.stream;
-        let r = match &mut pool.data {
-            PoolBuf::F32(d) => s.memcpy_htod(blocks, &mut d.slice_mut(range)),
-            PoolBuf::F16(d) => {
-                let h: Vec<f16> = blocks.iter().map(|&x| f16::from_f32(x)).collect();
+        let r = match (&mut pool.data, blocks) {
+            (PoolBuf::F32(d), KvSlice::F32(h)) => s.memcpy_htod(h, &mut d.slice_mut(range)),
+            (PoolBuf::F16(d), KvSlice::F16(h)) => s.memcpy_htod(h, &mut d.slice_mut(range)),
+            (PoolBuf::BF16(d), KvSlice::BF16(h)) => s.memcpy_htod(h, &mut d.slice_mut(range)),
+            (PoolBuf::F32(d), other) => s.memcpy_htod(&other.to_f32_vec(), &mut d.slice_mut(range)),
+            (PoolBuf::F16(d), other) => {
+                let h: Vec<f16> = other.to_f32_vec().into_iter().map(f16::from_f32).collect();
                 s.memcpy_htod(&h, &mut d.slice_mut(range))
             }
-            PoolBuf::BF16(d) => {
-                let h: Vec<bf16> = blocks.iter().map(|&x| bf16::from_f32(x)).collect();
+            (PoolBuf::BF16(d), other) => {
+                let h: Vec<bf16> = other.to_f32_vec().into_iter().map(bf16::from_f32).collect();
                 s.memcpy_htod(&h, &mut d.slice_mut(range))
             }
         };
-        // The host vectors above die with this call: wait for the copy to have read them.
+        // The host vectors above may die with this call: wait for the copy to have read them.
         r.and_then(|()| s.synchronize())
             .map_err(|e| device_err(op, e))
     }

@@ -1,5 +1,6 @@
 // The GPU KV tier's data movement: appending rows' K and V into pool blocks, exporting blocks
-// (widened to f32) for a spill to host memory, and the argmax of logits rows.
+// for a spill to host memory (gathered as stored, or widened to f32), and the argmax of logits
+// rows.
 
 __device__ __forceinline__ void store_rn(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_rn(f16* p, float x) { *p = from_f32<f16>(x); }
@@ -52,6 +53,16 @@ extern "C" __global__ void kv_export_f16(float* out, const f16* pool, const u32*
 }
 extern "C" __global__ void kv_export_bf16(float* out, const bf16* pool, const u32* ids, u64 n_ids, u64 block_elems) {
     kv_export(out, pool, ids, n_ids, block_elems);
+}
+
+// out: [n_ids, block_elems] = pool[ids[i]], 16-bit values (f16 or bf16) copied as they are: a
+// spill to a host tier of the pool's dtype moves the pool's bytes, never widened.
+extern "C" __global__ void kv_gather_u16(unsigned short* out, const unsigned short* pool, const u32* ids, u64 n_ids, u64 block_elems) {
+    const u64 n = n_ids * block_elems;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const u64 b = i / block_elems, e = i - b * block_elems;
+        out[i] = pool[(u64)ids[b] * block_elems + e];
+    }
 }
 
 // out[r] = the first index of the largest value of row r of x: [rows, cols] (NaN never wins,

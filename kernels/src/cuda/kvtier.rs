@@ -2,9 +2,10 @@
 //!
 //! - [`CudaBackend::kv_append`]: a layer's new K and V rows, straight from the projection
 //!   outputs, into their pool slots (rounded to the pool's dtype on the way).
-//! - [`CudaBackend::kv_export_async`]: pool blocks widened to f32 and copied to page-locked host
-//!   memory on the *copy stream*, so a spill to the host tier overlaps the compute stream. The
-//!   returned [`CopyTicket`] is the only way to know the bytes have landed.
+//! - [`CudaBackend::kv_export_async`]: pool blocks copied to page-locked host memory on the *copy
+//!   stream*, so a spill to the host tier overlaps the compute stream: in the pool's dtype (its
+//!   bytes as they are, the host tier's normal case) or widened to f32. The returned
+//!   [`CopyTicket`] is the only way to know the bytes have landed.
 //! - [`CudaBackend::register_host`]: page-locks memory Rust already owns (the host KV arena), so
 //!   the copies above run at PCIe speed and straight into the arena slots (no staging copy).
 //! - [`CudaBackend::argmax_device`]: greedy picks on the device, so a decode step moves
@@ -23,6 +24,8 @@ pub(crate) struct KvTierKernels {
     /// `[dtype]`: f32, f16, bf16.
     append: Vec<CudaFunction>,
     export: Vec<CudaFunction>,
+    /// 16-bit pool values gathered as they are (f16 and bf16 pools exported in their dtype).
+    gather_u16: CudaFunction,
     argmax: CudaFunction,
 }
 
@@ -42,6 +45,7 @@ impl KvTierKernels {
         Ok(Self {
             append,
             export,
+            gather_u16: load("kv_gather_u16".into())?,
             argmax: load("argmax_rows".into())?,
         })
     }
@@ -59,7 +63,8 @@ fn dtype_index(d: DType) -> usize {
 /// [`CopyTicket::wait`] returns; dropping the ticket waits too.
 pub struct CopyTicket {
     done: Option<CudaEvent>,
-    /// The device staging buffer the copy reads; freed only after the copy is done.
+    /// The device staging buffer the copy reads (raw bytes, allocated as f32 words); freed only
+    /// after the copy is done.
     staging: Option<CudaSlice<f32>>,
     bytes: usize,
 }
@@ -212,10 +217,12 @@ impl CudaBackend {
         })
     }
 
-    /// Starts copying pool blocks `ids[i]`, widened to f32, to host memory `dst[i]` (each at
-    /// least one block's `block_elems` f32). The export kernel runs on the compute stream (so it
-    /// sees every append enqueued before it, and later appends into these blocks come after it);
-    /// the copies run on the copy stream.
+    /// Starts copying pool blocks `ids[i]` to host memory `dst[i]`, each block's
+    /// `block_elems` values in dtype `to` (at least `block_elems × to.size_bytes()` bytes at
+    /// each `dst[i]`): `to` is the pool's dtype (its bytes, copied as they are) or f32 (widened,
+    /// exactly). A kernel on the compute stream gathers the blocks into a staging buffer (so it
+    /// sees every append enqueued before it, and later appends into these blocks come after
+    /// it); the copies to the host run on the copy stream.
     ///
     /// # Safety
     /// Every `dst[i]` must stay valid, and must not be read or written by anyone else, until the
@@ -225,7 +232,8 @@ impl CudaBackend {
         &self,
         pool: &KvPool,
         ids: &[u32],
-        dst: &[*mut f32],
+        dst: &[*mut u8],
+        to: DType,
     ) -> Result<CopyTicket> {
         let be = &self.inner;
         let op = "kv_export";
@@ -236,6 +244,17 @@ impl CudaBackend {
                 format!("{} blocks but {} destinations", ids.len(), dst.len()),
             ));
         }
+        if to != pool.dtype() && to != DType::F32 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "a {} pool exports as {} or f32, not {}",
+                    pool.dtype().name(),
+                    pool.dtype().name(),
+                    to.name()
+                ),
+            ));
+        }
         if let Some(&bad) = ids.iter().find(|&&b| b as usize >= pool.n_blocks()) {
             return Err(shape_err(
                 op,
@@ -243,6 +262,7 @@ impl CudaBackend {
             ));
         }
         let per = pool.shape().block_elems();
+        let block_bytes = per * to.size_bytes();
         if ids.is_empty() {
             return Ok(CopyTicket {
                 done: None,
@@ -250,12 +270,15 @@ impl CudaBackend {
                 bytes: 0,
             });
         }
-        let mut staging = be.output(op, ids.len() * per)?;
+        let total = ids.len() * block_bytes;
+        let mut staging = be.output(op, total.div_ceil(4))?;
         let ids_d = be.upload(op, ids)?;
         let (n, per64) = (ids.len() as u64, per as u64);
-        let mut l = be
-            .stream
-            .launch_builder(&be.kvt.export[dtype_index(pool.dtype())]);
+        let kernel = match (pool.dtype(), to) {
+            (DType::F16 | DType::BF16, DType::F16 | DType::BF16) => &be.kvt.gather_u16,
+            (from, _) => &be.kvt.export[dtype_index(from)],
+        };
+        let mut l = be.stream.launch_builder(kernel);
         l.arg(&mut staging);
         match &pool.data {
             PoolBuf::F32(d) => l.arg(d),
@@ -263,8 +286,11 @@ impl CudaBackend {
             PoolBuf::BF16(d) => l.arg(d),
         };
         l.arg(&ids_d).arg(&n).arg(&per64);
-        // SAFETY: kv_export_T(float* out, const T* pool, const u32* ids, u64 n, u64 block_elems):
-        // `staging` holds n × block_elems values and every id is inside the pool.
+        // SAFETY: kv_export_T(float* out, const T* pool, const u32* ids, u64 n, u64 block_elems)
+        // and kv_gather_u16(u16* out, const u16* pool, ...) (chosen above for a 16-bit pool
+        // exported as is, so the pointer types match the data): `staging` holds n × block_elems
+        // values of the output dtype (`total` bytes, rounded up to whole f32 words) and every id
+        // is inside the pool.
         unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
             .map_err(|e| device_err(op, e))?;
         let exported = be
@@ -272,17 +298,18 @@ impl CudaBackend {
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
         be.copy.wait(&exported).map_err(|e| device_err(op, e))?;
-        be.timed_copy(op, Dir::D2h, ids.len() * per * 4, |copy| {
+        be.timed_copy(op, Dir::D2h, total, |copy| {
             let (base, _sync) = staging.device_ptr(copy);
             for (i, &d) in dst.iter().enumerate() {
-                // SAFETY: the caller keeps `d` valid and untouched for `per` f32 until the ticket
-                // is done; the source is block i of `staging`, alive until then too (the ticket
-                // owns it), and written by the export kernel the copy stream waited for.
-                let host = unsafe { std::slice::from_raw_parts_mut(d, per) };
+                // SAFETY: the caller keeps `d` valid and untouched for `block_bytes` bytes until
+                // the ticket is done; the source is block i of `staging`, alive until then too
+                // (the ticket owns it), and written by the export kernel the copy stream waited
+                // for.
+                let host = unsafe { std::slice::from_raw_parts_mut(d, block_bytes) };
                 unsafe {
                     cudarc::driver::result::memcpy_dtoh_async(
                         host,
-                        base + (i * per * 4) as u64,
+                        base + (i * block_bytes) as u64,
                         copy.cu_stream(),
                     )
                 }
@@ -296,7 +323,7 @@ impl CudaBackend {
         Ok(CopyTicket {
             done: Some(done),
             staging: Some(staging),
-            bytes: ids.len() * per * 4,
+            bytes: total,
         })
     }
 

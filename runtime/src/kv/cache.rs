@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use strata_kernels::attention::{AttentionQuery, attend_batch};
-use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, Partial};
 use strata_storage::{ArenaSlots, SlotId};
 
 use strata_kernels::CudaTensor;
@@ -17,10 +17,15 @@ use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
 use super::far::{self, AttentionRoutes, FarBlock};
 use super::gpu::{GpuTier, GpuTierConfig};
 use super::policy::PlacementPolicy;
+use super::stored::{slot_kv, slot_kv_mut, with_stored_kv};
 use super::{KvError, KvGeometry, SeqId};
 
 pub struct KvCacheConfig {
     pub geometry: KvGeometry,
+    /// The dtype the host and disk tiers store K and V in: f32, or the GPU tier's dtype (whose
+    /// blocks then move to the host tier as they are), or half precision without a GPU tier
+    /// (appends are rounded to nearest even). Hidden states for recompute stay f32.
+    pub kv_dtype: DType,
     /// Host tier budget in bytes (rounded down to whole blocks).
     pub host_bytes: u64,
     pub disk: Option<DiskTierConfig>,
@@ -32,13 +37,16 @@ pub struct KvCacheConfig {
 /// Counters for `--stats-json`: blocks per tier, bytes per link, time per engine.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KvMetrics {
+    /// Bytes of one host or disk block (K and V in `kv_dtype`).
     pub bytes_per_block: usize,
+    pub kv_dtype: String,
     /// GPU tier: blocks it holds, its peak, and the bytes of one block in its dtype.
     pub gpu_capacity_blocks: usize,
     pub gpu_blocks_peak: usize,
     pub gpu_bytes_per_block: usize,
     pub gpu_kv_dtype: Option<String>,
-    /// Blocks moved GPU → host (widened to f32), and their bytes (the device→host link).
+    /// Blocks moved GPU → host (in the host tier's dtype), and their bytes (the device→host
+    /// link).
     pub gpu_spilled_blocks: u64,
     pub bytes_gpu_to_host: u64,
     /// Queries sent down and host/disk partials sent up for GPU-computed layers (host↔device).
@@ -140,6 +148,9 @@ impl TierAttention {
 
 pub struct KvCache {
     g: KvGeometry,
+    /// The host and disk tiers' K and V dtype, and the bytes of one of their blocks.
+    dtype: DType,
+    bpb: usize,
     /// Declared before `host`: its copies land in host slots and its page-locking of the host
     /// arena must end before the arena is unmapped.
     gpu: Option<GpuTier>,
@@ -161,7 +172,19 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: KvCacheConfig) -> Result<Self, KvError> {
         let g = cfg.geometry;
-        let bpb = g.bytes_per_block();
+        let dtype = cfg.kv_dtype;
+        if let Some(gpu) = &cfg.gpu
+            && gpu.dtype != dtype
+            && dtype != DType::F32
+        {
+            return Err(KvError::Unsupported(format!(
+                "a {} host KV tier under a {} GPU tier: the host tier holds the GPU tier's dtype \
+                 (or f32)",
+                dtype.name(),
+                gpu.dtype.name()
+            )));
+        }
+        let bpb = g.bytes_per_block(dtype);
         let stride = bpb.next_multiple_of(strata_storage::MIN_ARENA_ALIGN) as u64;
         let slots = (cfg.host_bytes / stride) as usize;
         if slots == 0 {
@@ -171,10 +194,14 @@ impl KvCache {
             });
         }
         let host = ArenaSlots::with_slots(slots, bpb)?;
-        let disk = cfg.disk.map(|d| DiskTier::open(d, bpb)).transpose()?;
+        let disk = cfg
+            .disk
+            .map(|d| DiskTier::open(d, bpb, dtype))
+            .transpose()?;
         let gpu = cfg.gpu.map(|c| GpuTier::new(c, &g)).transpose()?;
         let metrics = KvMetrics {
             bytes_per_block: bpb,
+            kv_dtype: dtype.name().to_string(),
             gpu_capacity_blocks: gpu.as_ref().map_or(0, GpuTier::capacity),
             gpu_bytes_per_block: gpu.as_ref().map_or(0, GpuTier::bytes_per_block),
             gpu_kv_dtype: gpu.as_ref().map(|t| t.pool.dtype().name().to_string()),
@@ -185,6 +212,8 @@ impl KvCache {
         };
         Ok(Self {
             g,
+            dtype,
+            bpb,
             gpu,
             host,
             disk,
@@ -213,13 +242,15 @@ impl KvCache {
                      built yet (run without --gpu-kv-mem room, or recompute 0)"
                 )));
             }
+            // Hidden states are kept in f32, K and V in the tier's dtype.
             let need = self.g.block_tokens * d_model * 4;
-            if need > self.g.bytes_per_block() {
+            if need > self.bpb {
                 return Err(KvError::Unsupported(format!(
-                    "recompute = {recompute}: this model's hidden states ({d_model} values per \
-                     token) take more room than its K and V ({} values), so a KV block cannot \
-                     hold them; use recompute 0",
-                    2 * self.g.kv_heads * self.g.head_dim
+                    "recompute = {recompute}: this model's hidden states ({d_model} f32 values \
+                     per token) take more room than its K and V ({} {} values), so a KV block \
+                     cannot hold them; use recompute 0",
+                    2 * self.g.kv_heads * self.g.head_dim,
+                    self.dtype.name()
                 )));
             }
         }
@@ -236,6 +267,16 @@ impl KvCache {
 
     pub fn geometry(&self) -> KvGeometry {
         self.g
+    }
+
+    /// The dtype the host and disk tiers store K and V in.
+    pub fn kv_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// K then V of a host block, in the tier's dtype.
+    fn host_kv(&self, slot: SlotId) -> KvSlice<'_> {
+        slot_kv(&self.host, slot, self.dtype).slice(0..2 * self.g.block_elems())
     }
 
     pub fn policy(&self) -> &dyn PlacementPolicy {
@@ -312,8 +353,9 @@ impl KvCache {
     }
 
     /// Appends the KV of the token at `pos` (the next position) of `seq` in `layer`;
-    /// `k`, `v: [kv_heads, head_dim]`. A token that starts a block gets a new host block,
-    /// spilling colder blocks to disk first when the host tier is full.
+    /// `k`, `v: [kv_heads, head_dim]`, stored in the tier's dtype (rounded to nearest even when
+    /// it is half precision). A token that starts a block gets a new host block, spilling colder
+    /// blocks to disk first when the host tier is full.
     pub fn append(
         &mut self,
         seq: SeqId,
@@ -376,12 +418,12 @@ impl KvCache {
         let t = block.filled;
         block.filled += 1;
         let j = s.layers[layer].len() - 1;
-        let data = self.host.slot_f32_mut(slot);
-        let (kd, vd) = data.split_at_mut(g.block_elems());
+        let mut data = slot_kv_mut(&mut self.host, slot, self.dtype);
+        let (e, hd) = (g.block_elems(), g.head_dim);
         for h in 0..g.kv_heads {
-            let dst = (h * g.block_tokens + t) * g.head_dim;
-            kd[dst..dst + g.head_dim].copy_from_slice(&k[h * g.head_dim..(h + 1) * g.head_dim]);
-            vd[dst..dst + g.head_dim].copy_from_slice(&v[h * g.head_dim..(h + 1) * g.head_dim]);
+            let dst = (h * g.block_tokens + t) * hd;
+            data.store(dst, &k[h * hd..(h + 1) * hd]);
+            data.store(e + dst, &v[h * hd..(h + 1) * hd]);
         }
         if self.recompute > 0.0 {
             self.keep_hidden(seq, layer, j, t, slot, h)?;
@@ -426,7 +468,7 @@ impl KvCache {
         }
         self.metrics.hidden_blocks_stored += 1;
         self.metrics.bytes_hidden_stored += (bt * d * 4) as u64;
-        self.metrics.bytes_kv_not_stored += self.g.bytes_per_block() as u64;
+        self.metrics.bytes_kv_not_stored += self.bpb as u64;
         Ok(())
     }
 
@@ -467,7 +509,7 @@ impl KvCache {
             // The blocks about to be written to disk may still be landing from the GPU.
             t.settle()?;
         }
-        let bpb = self.g.bytes_per_block();
+        let bpb = self.bpb;
         let Some(disk) = self.disk.as_mut() else {
             return Err(KvError::HostFull {
                 blocks: self.host.capacity(),
@@ -666,7 +708,12 @@ impl KvCache {
             // Host blocks read below may still be landing from a GPU spill.
             t.settle()?;
         }
-        let (bt, e, d) = (self.g.block_tokens, self.g.block_elems(), self.d_model);
+        let (bt, e, d, dtype) = (
+            self.g.block_tokens,
+            self.g.block_elems(),
+            self.d_model,
+            self.dtype,
+        );
         let mut out = Vec::new();
         let mut disk_reads: Vec<(usize, u32)> = Vec::new();
         for &seq in seqs {
@@ -677,12 +724,14 @@ impl KvCache {
                 .layers[layer];
             let far = self.far_mask(blocks);
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
-                let values = if b.hidden { b.filled * d } else { 2 * e };
                 let data = match b.loc {
-                    Loc::Host(slot) => self.host.slot_f32(slot)[..values].to_vec(),
+                    Loc::Host(slot) if b.hidden => {
+                        KvBuf::F32(self.host.slot_f32(slot)[..b.filled * d].to_vec())
+                    }
+                    Loc::Host(slot) => KvBuf::copy_of(self.host_kv(slot)),
                     Loc::Disk(slot) => {
                         disk_reads.push((out.len(), slot));
-                        Vec::new()
+                        KvBuf::F32(Vec::new())
                     }
                     Loc::Gpu(_) => continue,
                 };
@@ -691,6 +740,7 @@ impl KvCache {
                     start_pos: j * bt,
                     len: b.filled,
                     hidden: b.hidden,
+                    kv_dtype: dtype,
                     data,
                 });
             }
@@ -700,16 +750,19 @@ impl KvCache {
             let bytes = disk.read(disk_reads.iter().map(|r| r.1).collect())?;
             for (&(i, _), raw) in disk_reads.iter().zip(bytes) {
                 let f = &mut out[i];
-                let values = if f.hidden { f.len * d } else { 2 * e };
-                f.data = strata_storage::f32_view(&raw)[..values].to_vec();
+                f.data = if f.hidden {
+                    KvBuf::F32(strata_storage::f32_view(&raw)[..f.len * d].to_vec())
+                } else {
+                    with_stored_kv(&raw, dtype, |kv| KvBuf::copy_of(kv.slice(0..2 * e)))
+                };
             }
         }
         for f in &out {
             if f.hidden {
-                self.metrics.bytes_hidden_read += (f.data.len() * 4) as u64;
+                self.metrics.bytes_hidden_read += f.data.size_bytes() as u64;
             } else {
                 self.metrics.fetched_blocks += 1;
-                self.metrics.bytes_fetched += (f.data.len() * 4) as u64;
+                self.metrics.bytes_fetched += f.data.size_bytes() as u64;
             }
         }
         Ok(out)
@@ -719,7 +772,7 @@ impl KvCache {
     pub fn note_recomputed(&mut self, tokens: usize) {
         self.metrics.recomputed_tokens += tokens as u64;
         self.metrics.bytes_kv_recomputed +=
-            (tokens * 2 * self.g.kv_heads * self.g.head_dim * 4) as u64;
+            (tokens * 2 * self.g.kv_heads * self.g.head_dim * self.dtype.size_bytes()) as u64;
     }
 
     fn host_views(&self, seq: SeqId, layer: usize) -> Vec<KvBlockView<'_>> {
@@ -734,10 +787,10 @@ impl KvCache {
             .filter(|(j, _)| !far[*j])
             .filter_map(|(j, b)| match b.loc {
                 Loc::Host(slot) => {
-                    let data = self.host.slot_f32(slot);
+                    let data = self.host_kv(slot);
                     Some(KvBlockView {
-                        k: &data[..e],
-                        v: &data[e..2 * e],
+                        k: data.slice(0..e),
+                        v: data.slice(e..2 * e),
                         start_pos: j * self.g.block_tokens,
                         len: b.filled,
                     })
@@ -887,12 +940,12 @@ impl KvCache {
             }
         }
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
-        gpu.export(&mut self.host, &moves)?;
+        gpu.export(&mut self.host, &moves, self.dtype)?;
         for &(id, _) in &moves {
             gpu.free(id);
         }
         self.metrics.gpu_spilled_blocks += moves.len() as u64;
-        self.metrics.bytes_gpu_to_host += (moves.len() * self.g.bytes_per_block()) as u64;
+        self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
         tracing::debug!(
             blocks = moves.len(),
             seconds = t0.elapsed().as_secs_f64(),
@@ -970,7 +1023,7 @@ impl KvCache {
             };
             out.push((f.seq, id, f.start_pos, f.len));
             gpu.backend
-                .kv_pool_write(&mut gpu.pool, id as usize, &f.data)
+                .kv_pool_write_kv(&mut gpu.pool, id as usize, f.data.as_slice())
                 .map_err(|e| KvError::Gpu(e.to_string()))?;
         }
         self.note_peaks();

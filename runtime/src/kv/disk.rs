@@ -4,7 +4,8 @@
 //!   in the background while compute goes on.
 //! - **Storage attention** ([`DiskTier::attend`]): for each group of queries (the rows of one
 //!   sequence), it streams that sequence's disk blocks through the IO backend and attends each
-//!   block as its read completes, so the attention math overlaps the reads still in flight. Only
+//!   block as its read completes, so the attention math overlaps the reads still in flight
+//!   (blocks are in the cache's KV dtype, widened to f32 as they are attended). Only
 //!   the queries go in and `(o, lse)` partials come back: InstInfer's in-storage attention,
 //!   emulated on the host. The worker counts the KV bytes a computational storage drive would
 //!   have kept off the host link.
@@ -25,11 +26,12 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use strata_kernels::attention::attend_partial;
-use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, Partial};
 use strata_storage::{
-    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, f32_view,
-    free_bytes,
+    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, free_bytes,
 };
+
+use super::stored::with_stored_kv;
 
 use super::KvError;
 
@@ -92,7 +94,12 @@ pub(crate) struct DiskTier {
 }
 
 impl DiskTier {
-    pub fn open(cfg: DiskTierConfig, bytes_per_block: usize) -> Result<Self, KvError> {
+    /// Opens the tier for blocks of `bytes_per_block` bytes, K and V in `dtype`.
+    pub fn open(
+        cfg: DiskTierConfig,
+        bytes_per_block: usize,
+        dtype: DType,
+    ) -> Result<Self, KvError> {
         let faults = cfg.faults.as_deref().map(FaultConfig::parse).transpose()?;
         // The budget is checked against the free space before anything is allocated, so an
         // impossible --disk-mem is reported as what it is (and by how much it is short).
@@ -124,7 +131,7 @@ impl DiskTier {
         let worker_stats = Arc::clone(&stats);
         let worker = std::thread::Builder::new()
             .name("strata-disk".into())
-            .spawn(move || Worker::new(store, bytes_per_block, worker_stats).run(rx))
+            .spawn(move || Worker::new(store, bytes_per_block, dtype, worker_stats).run(rx))
             .map_err(|_| KvError::WorkerGone)?;
         Ok(Self {
             tx: Some(tx),
@@ -213,13 +220,20 @@ struct Worker {
     /// The store's slots, allocated once; the tier's slot index `i` is `slots[i]`.
     slots: Vec<DiskSlot>,
     bytes_per_block: usize,
+    /// K and V's dtype in the blocks.
+    dtype: DType,
     stats: Arc<Mutex<DiskStats>>,
     /// The first failed write, reported with the next attention reply.
     failed: Option<StorageError>,
 }
 
 impl Worker {
-    fn new(mut store: BlockStore, bytes_per_block: usize, stats: Arc<Mutex<DiskStats>>) -> Self {
+    fn new(
+        mut store: BlockStore,
+        bytes_per_block: usize,
+        dtype: DType,
+        stats: Arc<Mutex<DiskStats>>,
+    ) -> Self {
         let slots = (0..store.capacity_slots())
             .map_while(|_| store.alloc_slot().ok())
             .collect();
@@ -227,6 +241,7 @@ impl Worker {
             store,
             slots,
             bytes_per_block,
+            dtype,
             stats,
             failed: None,
         }
@@ -314,32 +329,20 @@ impl Worker {
                     .collect()
             })
             .collect();
-        let bpb = self.bytes_per_block;
+        let (bpb, dtype) = (self.bytes_per_block, self.dtype);
         self.store.read_blocks(&slots, |i, bytes| {
             let (gi, bi) = order[i];
             let group = &groups[gi];
-            let data = f32_view(&bytes[..bpb]);
             let b = group.blocks[bi];
-            let view = KvBlockView {
-                k: &data[..e],
-                v: &data[e..2 * e],
-                start_pos: b.start_pos,
-                len: b.len,
-            };
-            // One block, every row of its sequence: rows in parallel when there are many (a
-            // prefill), inline for a decode step's single row.
-            let step = |(acc, (_, q, pos)): (&mut Partial, &(usize, Vec<f32>, usize))| {
-                let p = attend_partial(q, *pos, std::slice::from_ref(&view), g);
-                acc.merge_in(p);
-            };
-            if group.rows.len() >= 8 {
-                acc[gi]
-                    .par_iter_mut()
-                    .zip(group.rows.par_iter())
-                    .for_each(step);
-            } else {
-                acc[gi].iter_mut().zip(group.rows.iter()).for_each(step);
-            }
+            with_stored_kv(&bytes[..bpb], dtype, |data| {
+                let view = KvBlockView {
+                    k: data.slice(0..e),
+                    v: data.slice(e..2 * e),
+                    start_pos: b.start_pos,
+                    len: b.len,
+                };
+                attend_rows(&mut acc[gi], &group.rows, &view, g);
+            });
             bytes_read += bpb as u64;
             Ok::<(), StorageError>(())
         })?;
@@ -360,5 +363,25 @@ impl Worker {
             s.attend_seconds += t0.elapsed().as_secs_f64();
         }
         Ok(out)
+    }
+}
+
+/// Attends one block for every row of its sequence (`(row, q, pos)`), folding each result into
+/// the row's partial: rows in parallel when there are many (a prefill), inline for a decode
+/// step's single row.
+fn attend_rows(
+    acc: &mut [Partial],
+    rows: &[(usize, Vec<f32>, usize)],
+    view: &KvBlockView<'_>,
+    g: &AttentionGeometry,
+) {
+    let step = |(acc, (_, q, pos)): (&mut Partial, &(usize, Vec<f32>, usize))| {
+        let p = attend_partial(q, *pos, std::slice::from_ref(view), g);
+        acc.merge_in(p);
+    };
+    if rows.len() >= 8 {
+        acc.par_iter_mut().zip(rows.par_iter()).for_each(step);
+    } else {
+        acc.iter_mut().zip(rows.iter()).for_each(step);
     }
 }

@@ -6,12 +6,14 @@
 //!   threads; the storage engine) and the rest are **fetched** to the compute device and attended
 //!   there (`Attention::FetchToGpu` is `near = 0`, `AttendNear` is `near = 1`, `Split` between).
 //! - **Recompute** ([`stores_hidden`]): a share `r` of full blocks keep the layer's input hidden
-//!   states `[block_tokens, d_model] f32` instead of K and V; block `j` is chosen when
+//!   states `[block_tokens, d_model] f32` instead of K and V (in the tier's dtype); block `j` is chosen when
 //!   `floor((j + 1)·r) > floor(j·r)`, so any prefix of `n` blocks holds `floor(n·r)` of them. Their
 //!   K and V are regenerated on the compute device when attention needs them. The writable
 //!   (last) block always holds K and V.
 //!
 //! Either way the partials merge by LSE with the rest, so the tokens do not change.
+
+use strata_kernels::{DType, KvBuf};
 
 use super::SeqId;
 
@@ -44,16 +46,20 @@ pub fn stores_hidden(j: usize, r: f64) -> bool {
 }
 
 /// A cold block gathered for the compute device: positions `start_pos .. start_pos + len` of
-/// `seq`. `data` is K then V, each `[kv_heads, block_tokens, head_dim] f32`; while `hidden`, it
-/// is the layer's input hidden states `[len, d_model] f32` instead, to be turned into K and V
-/// (see `Transformer`'s recompute) before attention.
+/// `seq`. `data` is K then V, each `[kv_heads, block_tokens, head_dim]`, in the dtype the tier
+/// stored them (`kv_dtype`: no widening on the way to the device); while `hidden`, it is the
+/// layer's input hidden states `[len, d_model] f32` instead, to be turned into K and V (see
+/// `Transformer`'s recompute, which rounds them to `kv_dtype` as an append would) before
+/// attention.
 #[derive(Clone, Debug)]
 pub struct FarBlock {
     pub seq: SeqId,
     pub start_pos: usize,
     pub len: usize,
     pub hidden: bool,
-    pub data: Vec<f32>,
+    /// The host and disk tiers' K and V dtype.
+    pub kv_dtype: DType,
+    pub data: KvBuf,
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! background spill of cold blocks to the host tier. The block table itself stays in
 //! [`super::KvCache`]; this module owns the device-side mechanism.
 //!
-//! Spills: the export kernel widens the chosen blocks to f32 on the compute stream, then the copy
-//! stream moves them straight into their host-arena slots (page-locked the first time a slot of
+//! Spills: the export kernel gathers the chosen blocks on the compute stream (in the pool's dtype
+//! when the host tier holds it, the normal case: no widening, half the bytes of f32 across
+//! PCIe), then the copy stream moves them straight into their host-arena slots (page-locked the first time a slot of
 //! each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
 //! before anything reads the host tier (host attention, a host → disk spill) or the next spill.
 
@@ -20,7 +21,8 @@ pub struct GpuTierConfig {
     /// Device memory for KV blocks (rounded down to whole blocks).
     pub bytes: u64,
     /// The pool's storage dtype; K and V are rounded to it when appended. Blocks spilled to the
-    /// host tier are widened back to f32 exactly, so every tier holds the same values.
+    /// host tier keep exactly these values: copied as they are when the host tier holds this
+    /// dtype, widened exactly when it holds f32.
     pub dtype: DType,
 }
 
@@ -106,11 +108,13 @@ impl GpuTier {
         }
     }
 
-    /// Starts copying GPU blocks `moves[i].0` into host slots `moves[i].1` (already allocated).
+    /// Starts copying GPU blocks `moves[i].0` into host slots `moves[i].1` (already allocated),
+    /// as K and V in `dtype` (the host tier's).
     pub fn export(
         &mut self,
         host: &mut ArenaSlots,
         moves: &[(u32, SlotId)],
+        dtype: DType,
     ) -> Result<(), KvError> {
         self.settle()?;
         let (base, len) = host.raw_region();
@@ -120,14 +124,14 @@ impl GpuTier {
         for &(_, slot) in moves {
             let p = host.slot_ptr(slot);
             self.register(base, len, chunk, p as usize - base as usize, slot_bytes)?;
-            dst.push(p.cast::<f32>());
+            dst.push(p);
         }
         let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
         // SAFETY: each destination is a distinct allocated host slot of `slot_bytes` bytes (one
-        // block widened to f32), page-locked above. Nothing reads or frees host slots before
+        // block in `dtype`), page-locked above. Nothing reads or frees host slots before
         // `settle` waits for this ticket: the cache calls `settle` before host attention, before
         // a host → disk spill, before the next export, and when it drops.
-        let t = unsafe { self.backend.kv_export_async(&self.pool, &ids, &dst) }
+        let t = unsafe { self.backend.kv_export_async(&self.pool, &ids, &dst, dtype) }
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         self.pending = Some(t);
         Ok(())
@@ -175,11 +179,19 @@ impl Drop for GpuTier {
 mod tests {
     use super::register_chunk;
 
-    /// Every slot lies inside one registration, whatever the block size: Llama-3-8B's 256 KiB
-    /// f32 blocks of 32 tokens, OPT-30B's 896 KiB blocks of 16, and a slot larger than a chunk.
+    /// Every slot lies inside one registration, whatever the block size: Llama-3-8B's 128 KiB
+    /// bf16 (256 KiB f32) blocks of 32 tokens, OPT-30B's 896 KiB blocks of 16, and a slot larger than a chunk.
     #[test]
     fn registration_chunks_hold_whole_slots() {
-        for stride in [256 << 10, 917_504, 4096, 3 * 4096, 96 << 20] {
+        for stride in [
+            128 << 10,
+            256 << 10,
+            458_752,
+            917_504,
+            4096,
+            3 * 4096,
+            96 << 20,
+        ] {
             let chunk = register_chunk(stride);
             assert_eq!(chunk % stride, 0, "stride {stride}");
             assert!(

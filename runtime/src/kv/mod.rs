@@ -2,7 +2,10 @@
 //! each block lives (vLLM's design, with tiers).
 //!
 //! - A block holds `block_tokens` tokens of one sequence in one layer: K then V, each
-//!   `[kv_heads, block_tokens, head_dim] f32`.
+//!   `[kv_heads, block_tokens, head_dim]`. The GPU tier stores them in its pool's dtype; the
+//!   host and disk tiers in the cache's KV dtype ([`KvCacheConfig::kv_dtype`]): the model's
+//!   dtype (bf16 / f16) when computing on a GPU, the same values the GPU tier holds, moved
+//!   between tiers as they are; f32 on the CPU backend. Attention widens them to f32 as it reads.
 //! - [`KvCache`] is the tier manager. It keeps the block table, enforces each tier's budget,
 //!   places new blocks in the host tier (the hottest tier on a CPU-only machine), and spills
 //!   blocks to the disk tier when the host budget is full. Which blocks stay hot is a
@@ -28,11 +31,13 @@ mod disk;
 pub mod far;
 mod gpu;
 pub mod policy;
+mod stored;
 
 pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierAttention, TierQuery};
 pub use disk::DiskTierConfig;
 pub use far::{AttentionRoutes, FarBlock};
 pub use gpu::GpuTierConfig;
+pub use strata_kernels::DType;
 pub use strata_storage::IoEngine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,13 +52,13 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// f32 values in one block's K (and again in its V).
+    /// Values in one block's K (and again in its V).
     pub fn block_elems(&self) -> usize {
         self.kv_heads * self.block_tokens * self.head_dim
     }
-    /// Bytes of one block: K and V.
-    pub fn bytes_per_block(&self) -> usize {
-        2 * self.block_elems() * 4
+    /// Bytes of one block, K and V, stored in `dtype`.
+    pub fn bytes_per_block(&self, dtype: DType) -> usize {
+        2 * self.block_elems() * dtype.size_bytes()
     }
 }
 

@@ -1,0 +1,223 @@
+//! The host and disk tiers in half precision, through the KV cache's own interface (no model):
+//! appends are rounded to nearest even and stored in the dtype (host slots and disk blocks half
+//! the size of f32); blocks spilled to disk and read back are bit for bit what was stored; and
+//! the host engine and the storage engine attend them, merged, like the scalar reference over the
+//! rounded values (2e-5 absolute on `o` and `lse`), with both IO engines. The same holds for f32,
+//! which must equal the unrounded values exactly.
+
+#![allow(clippy::unwrap_used)]
+// Layers index tables of sequences of layers: a range reads better than enumerate here.
+#![allow(clippy::needless_range_loop)]
+
+use strata_kernels::testing::{SplitMix as Rng, test_seed};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, Partial, reference};
+use strata_runtime::kv::policy::SinkAndRecent;
+use strata_runtime::kv::{
+    AttentionRoutes, IoEngine, KvCache, KvCacheConfig, KvGeometry, SeqId, TierQuery,
+};
+use strata_tests::scratch_disk;
+
+const G: KvGeometry = KvGeometry {
+    layers: 2,
+    kv_heads: 2,
+    head_dim: 64,
+    block_tokens: 8,
+};
+const N_HEADS: usize = 6;
+
+fn engines() -> Vec<IoEngine> {
+    let mut e = vec![IoEngine::Sync];
+    if strata_storage::probe_io_uring().is_ok() {
+        e.push(IoEngine::Uring);
+    }
+    e
+}
+
+fn geometry() -> AttentionGeometry {
+    AttentionGeometry {
+        n_heads: N_HEADS,
+        n_kv_heads: G.kv_heads,
+        head_dim: G.head_dim,
+        block_tokens: G.block_tokens,
+        scale: 1.0 / (G.head_dim as f32).sqrt(),
+    }
+}
+
+/// A cache whose host tier holds `host_blocks` blocks over a disk tier.
+fn cache(dtype: DType, host_blocks: usize, engine: IoEngine, tag: &str) -> KvCache {
+    let stride = G.bytes_per_block(dtype).next_multiple_of(4096) as u64;
+    KvCache::new(KvCacheConfig {
+        geometry: G,
+        host_bytes: host_blocks as u64 * stride,
+        kv_dtype: dtype,
+        disk: Some(scratch_disk("kv-dtype", tag, engine)),
+        gpu: None,
+        policy: Box::new(SinkAndRecent {
+            sink_blocks: 1,
+            recent_blocks: 1,
+        }),
+    })
+    .unwrap()
+}
+
+/// Appends `tokens` random tokens to `seq` in every layer. Returns, per layer, the K and V
+/// blocks as the tiers should hold them: `[blocks][2 · block_elems]` f32, unfilled slots zero.
+fn fill(kv: &mut KvCache, rng: &mut Rng, seq: SeqId, tokens: usize) -> Vec<Vec<Vec<f32>>> {
+    let (e, hd, bt) = (G.block_elems(), G.head_dim, G.block_tokens);
+    let width = G.kv_heads * hd;
+    let mut want = vec![vec![vec![0.0f32; 2 * e]; tokens.div_ceil(bt)]; G.layers];
+    kv.add_sequence(seq);
+    for pos in 0..tokens {
+        for (layer, blocks) in want.iter_mut().enumerate() {
+            let k = rng.vec_scaled(width, 3.0);
+            let v = rng.vec_scaled(width, 3.0);
+            kv.append(seq, layer, pos, &k, &v).unwrap();
+            let (b, t) = (pos / bt, pos % bt);
+            for h in 0..G.kv_heads {
+                let at = (h * bt + t) * hd;
+                blocks[b][at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+                blocks[b][e + at..e + at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            }
+        }
+    }
+    want
+}
+
+fn rounded(dtype: DType, x: &[f32]) -> Vec<f32> {
+    KvBuf::from_f32(dtype, x).as_slice().to_f32_vec()
+}
+
+/// The bits of the first `len` token rows of every head of K and V (a block's filled part: the
+/// rest of a reused slot is stale).
+fn filled_bits(block: &[f32], len: usize) -> Vec<u32> {
+    let (hd, bt) = (G.head_dim, G.block_tokens);
+    block
+        .chunks_exact(bt * hd)
+        .flat_map(|head| &head[..len * hd])
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[test]
+fn host_to_disk_and_back_is_bit_exact_in_every_dtype() {
+    let seed = test_seed();
+    for engine in engines() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let what = format!("seed {seed}: {dtype:?} {engine:?}");
+            let mut rng = Rng(seed);
+            // 2 layers x 2 sequences need 4 writable blocks; 6 leaves two for the rest.
+            let mut kv = cache(dtype, 6, engine, &format!("rt-{}", dtype.name()));
+            let seqs = [SeqId(0), SeqId(1)];
+            let want: Vec<_> = seqs
+                .iter()
+                .map(|&s| fill(&mut kv, &mut rng, s, 45))
+                .collect();
+            let m = kv.metrics();
+            assert_eq!(m.kv_dtype, dtype.name());
+            assert_eq!(m.bytes_per_block, G.bytes_per_block(dtype));
+            assert!(
+                m.spilled_blocks > 0 && kv.disk_blocks_in_use() > 0,
+                "{what}"
+            );
+            assert_eq!(
+                m.bytes_host_to_disk,
+                m.spilled_blocks * G.bytes_per_block(dtype) as u64,
+                "{what}: spilled bytes are not blocks of the dtype"
+            );
+            // Everything far: every host and disk block comes back whole, in the stored dtype.
+            let all_far = AttentionRoutes {
+                host_near: 0.0,
+                disk_near: 0.0,
+            };
+            kv.set_executor(all_far, 0.0, 0).unwrap();
+            for layer in 0..G.layers {
+                let far = kv.gather_far(layer, &seqs).unwrap();
+                assert_eq!(far.len(), 2 * 6, "{what}: layer {layer}: blocks gathered");
+                for f in &far {
+                    let w = &want[f.seq.0 as usize][layer][f.start_pos / G.block_tokens];
+                    assert_eq!(f.data.dtype(), dtype, "{what}");
+                    assert_eq!(f.data.size_bytes(), G.bytes_per_block(dtype), "{what}");
+                    assert_eq!(
+                        filled_bits(&f.data.as_slice().to_f32_vec(), f.len),
+                        filled_bits(&rounded(dtype, w), f.len),
+                        "{what}: layer {layer} block at {} of {:?} changed",
+                        f.start_pos,
+                        f.seq
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The scalar reference over `blocks` (f32, already rounded) for `q` at `pos`.
+fn reference_partial(q: &[f32], pos: usize, blocks: &[Vec<f32>], tokens: usize) -> Partial {
+    let (e, bt) = (G.block_elems(), G.block_tokens);
+    let views: Vec<KvBlockView<'_>> = blocks
+        .iter()
+        .enumerate()
+        .map(|(b, d)| KvBlockView {
+            k: (&d[..e]).into(),
+            v: (&d[e..]).into(),
+            start_pos: b * bt,
+            len: bt.min(tokens - b * bt),
+        })
+        .collect();
+    reference::attention(q, pos, &views, &geometry())
+}
+
+#[test]
+fn host_and_storage_engines_attend_half_precision_blocks() {
+    let seed = test_seed();
+    let ag = geometry();
+    for engine in engines() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let what = format!("seed {seed}: {dtype:?} {engine:?}");
+            let mut rng = Rng(seed ^ 0x5eed);
+            let mut kv = cache(dtype, 6, engine, &format!("attend-{}", dtype.name()));
+            let tokens = [37, 50];
+            let want: Vec<_> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| fill(&mut kv, &mut rng, SeqId(i as u64), n))
+                .collect();
+            for layer in 0..G.layers {
+                // The newest token of each sequence, and an older one (a prefill row).
+                let rows = [(0usize, 36usize), (1, 49), (1, 20)];
+                let qs: Vec<Vec<f32>> =
+                    rows.iter().map(|_| rng.vec(N_HEADS * G.head_dim)).collect();
+                let queries: Vec<TierQuery<'_>> = rows
+                    .iter()
+                    .zip(&qs)
+                    .map(|(&(s, pos), q)| TierQuery {
+                        seq: SeqId(s as u64),
+                        pos,
+                        q,
+                    })
+                    .collect();
+                let got = kv.attend(layer, &queries, &ag).unwrap();
+                for ((&(s, pos), q), p) in rows.iter().zip(&qs).zip(&got) {
+                    let blocks: Vec<Vec<f32>> =
+                        want[s][layer].iter().map(|b| rounded(dtype, b)).collect();
+                    let r = reference_partial(q, pos, &blocks, tokens[s]);
+                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
+                        assert!(
+                            (a - b).abs() < 2e-5,
+                            "{what}: layer {layer}, seq {s} at {pos}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            let m = kv.metrics();
+            assert!(
+                m.bytes_disk_to_host > 0,
+                "{what}: the storage engine read nothing: {m:?}"
+            );
+            assert_eq!(
+                m.bytes_disk_to_host % G.bytes_per_block(dtype) as u64,
+                0,
+                "{what}: the storage engine read blocks of another size"
+            );
+        }
+    }
+}
