@@ -882,7 +882,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         };
         let _span = debug_span!("host_attention", rows = at.len()).entered();
         let ag = &self.attention;
-        let qh = self.backend.wait_queries(q)?;
+        // Time waiting here is the device still computing the queries (or the copy stream
+        // still landing this layer's weights before them).
+        let qh = debug_span!("wait_queries").in_scope(|| self.backend.wait_queries(q))?;
         let qd = ag.n_heads * ag.head_dim;
         let queries: Vec<TierQuery<'_>> = at
             .iter()
@@ -923,6 +925,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             let (rows, heads) = (a.rows as u64, self.attention.n_heads as u64);
             kv.note_host_round_trip(rows * width as u64 * 4, rows * (width as u64 + heads) * 4);
         }
+        let _span = debug_span!("merge").entered();
         self.backend.merge_attention(a.device, host, a.rows, width)
     }
 

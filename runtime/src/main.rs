@@ -360,7 +360,11 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // With STRATA_LOG=strata_runtime=debug every span (layer, GPU batch, host attention, the
+    // storage engine's join) is logged when it closes, with its busy and idle time.
     tracing_subscriber::fmt()
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
                 .unwrap_or_else(|_| "warn".into()),
