@@ -2,10 +2,14 @@
 //! PCIe each way and how long the copy engines spent on them ([`CudaBackend::copy_stats`]).
 //!
 //! Bulk copies (weight prefetch, spills) run on the copy stream. The small transfers of tiered
-//! attention (queries down, partials up) run through page-locked staging on a stream of their
-//! own: on the copy stream they would queue behind the next layer's weight prefetch, and the
-//! host attention that waits for the queries would start only once those weights had landed,
-//! serialising the two streams the block schedule means to overlap.
+//! attention go through page-locked staging elsewhere:
+//! - queries down on a stream of their own: on the copy stream they would queue behind the next
+//!   layer's weight prefetch, and the host attention that waits for them would start only once
+//!   those weights had landed, serialising the two streams the block schedule means to overlap;
+//! - partials up on the compute stream, in order with the merge kernel that reads them, from a
+//!   small ring of staging buffers: the host enqueues and goes on. (On another stream the copy
+//!   would have to wait for the compute stream's allocation of its destination, and the host
+//!   for the copy before reusing the buffer: a drain of the compute stream per upload.)
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
@@ -54,8 +58,13 @@ pub(crate) struct CopyLog {
     pending: Vec<(CudaEvent, CudaEvent, Dir, u64)>,
     totals: CopyStats,
     down: Option<PinnedHostSlice<f32>>,
-    up: Option<PinnedHostSlice<f32>>,
+    /// Upload staging, oldest use first, each with the event after its last copy.
+    ups: std::collections::VecDeque<(PinnedHostSlice<f32>, Option<CudaEvent>)>,
 }
+
+/// Upload staging buffers in the ring: an upload reuses the one used this many uploads ago,
+/// whose copy has long run by then (two uploads per merge).
+const UPLOAD_RING: usize = 4;
 
 /// `slot`'s buffer with room for `n` values, (re)allocated when too small.
 fn staging<'s>(
@@ -178,7 +187,7 @@ impl CudaBackend {
         be.xfer.wait(&ready).map_err(|e| device_err(op, e))?;
         // The staging buffer is taken out of the log while in use; a second download in flight
         // gets a buffer of its own.
-        let mut host = be.take_staging(op, Dir::D2h)?;
+        let mut host = be.take_download_staging(op)?;
         let enqueued = (|| {
             let buf = staging(be, op, &mut host, n.max(1))?;
             if n > 0 {
@@ -200,7 +209,7 @@ impl CudaBackend {
             Err(e) => {
                 // Nothing may still write into the buffer when it goes back.
                 be.xfer.synchronize().map_err(|e| device_err(op, e))?;
-                be.put_staging(Dir::D2h, host);
+                be.put_download_staging(host);
                 Err(e)
             }
         }
@@ -215,12 +224,12 @@ impl CudaBackend {
             Some(h) => Ok(h.as_slice().map_err(|e| device_err(op, e))?[..p.n].to_vec()),
             None => Err(device_err(op, "staging buffer")),
         };
-        self.inner.put_staging(Dir::D2h, host);
+        self.inner.put_download_staging(host);
         out
     }
 
-    /// A new `[rows, cols]` tensor holding `data`, copied on the small-transfer stream; the
-    /// compute stream waits for the copy before its next kernel.
+    /// A new `[rows, cols]` tensor holding `data`, copied on the compute stream from
+    /// page-locked staging: kernels enqueued later see it, and the host does not wait.
     pub fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
         let be = &self.inner;
         let op = "upload";
@@ -230,56 +239,89 @@ impl CudaBackend {
         if n == 0 {
             return Ok(Inner::tensor(rows, cols, out));
         }
-        let mut up = be.take_staging(op, Dir::H2d)?;
+        let (buf, last) = be.take_upload_staging(op)?;
+        if let Some(e) = last {
+            // The buffer's previous copy, UPLOAD_RING uploads ago: done in all but name.
+            e.synchronize().map_err(|e| device_err(op, e))?;
+        }
+        let mut slot = Some(buf);
         let r = (|| {
-            let host = staging(be, op, &mut up, n)?;
+            let host = staging(be, op, &mut slot, n)?;
             host.as_mut_slice().map_err(|e| device_err(op, e))?[..n].copy_from_slice(data);
-            let allocated = be
-                .stream
-                .record_event(None)
-                .map_err(|e| device_err(op, e))?;
-            be.xfer.wait(&allocated).map_err(|e| device_err(op, e))?;
-            be.timed_copy_on(&be.xfer, op, Dir::H2d, n * 4, |s| {
+            be.timed_copy_on(&be.stream, op, Dir::H2d, n * 4, |s| {
                 let (ptr, _sync) = out.device_ptr_mut(s);
                 let src = &host.as_slice().map_err(|e| device_err(op, e))?[..n];
-                // SAFETY: `out` holds n f32; `src` is page-locked and neither reused nor freed
-                // before the copy is done (synchronised below).
+                // SAFETY: `out` holds n f32; `src` is page-locked and is neither written nor
+                // freed before the event recorded below has passed (the ring synchronises on
+                // it before the buffer's next use, and `put_upload_staging` keeps it alive).
                 unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, s.cu_stream()) }
                     .map_err(|e| device_err(op, e))
             })?;
-            let landed = be.xfer.record_event(None).map_err(|e| device_err(op, e))?;
-            be.stream.wait(&landed).map_err(|e| device_err(op, e))?;
-            // The staging buffer is reused by the next upload: wait for this copy first.
-            landed.synchronize().map_err(|e| device_err(op, e))
+            be.stream.record_event(None).map_err(|e| device_err(op, e))
         })();
-        be.put_staging(Dir::H2d, up);
-        r?;
-        Ok(Inner::tensor(rows, cols, out))
+        let Some(buf) = slot else {
+            // `staging` failed to allocate a larger buffer: `r` holds its error.
+            return r.map(|_| Inner::tensor(rows, cols, out));
+        };
+        match r {
+            Ok(done) => {
+                be.put_upload_staging(buf, Some(done));
+                Ok(Inner::tensor(rows, cols, out))
+            }
+            Err(e) => {
+                // Nothing may still read the buffer when it goes back.
+                be.stream.synchronize().map_err(|e| device_err(op, e))?;
+                be.put_upload_staging(buf, None);
+                Err(e)
+            }
+        }
     }
 }
 
 impl Inner {
-    fn take_staging(&self, op: &'static str, dir: Dir) -> Result<Option<PinnedHostSlice<f32>>> {
+    /// The download staging buffer, if no other download holds it.
+    fn take_download_staging(&self, op: &'static str) -> Result<Option<PinnedHostSlice<f32>>> {
         let mut log = self
             .copies
             .lock()
             .map_err(|_| device_err(op, "copy log poisoned"))?;
-        Ok(match dir {
-            Dir::D2h => log.down.take(),
-            Dir::H2d => log.up.take(),
-        })
+        Ok(log.down.take())
     }
 
-    /// Puts a staging buffer back, keeping the larger when two were in use at once.
-    fn put_staging(&self, dir: Dir, buf: Option<PinnedHostSlice<f32>>) {
+    /// The oldest upload staging buffer of the ring and the event of its last copy, or a new
+    /// buffer while the ring is not full.
+    fn take_upload_staging(
+        &self,
+        op: &'static str,
+    ) -> Result<(PinnedHostSlice<f32>, Option<CudaEvent>)> {
+        let mut log = self
+            .copies
+            .lock()
+            .map_err(|_| device_err(op, "copy log poisoned"))?;
+        if log.ups.len() >= UPLOAD_RING
+            && let Some(oldest) = log.ups.pop_front()
+        {
+            return Ok(oldest);
+        }
+        drop(log);
+        let mut fresh = None;
+        staging(self, op, &mut fresh, 1)?;
+        let buf = fresh.ok_or_else(|| device_err(op, "staging buffer"))?;
+        Ok((buf, None))
+    }
+
+    fn put_upload_staging(&self, buf: PinnedHostSlice<f32>, last: Option<CudaEvent>) {
         if let Ok(mut log) = self.copies.lock() {
-            let slot = match dir {
-                Dir::D2h => &mut log.down,
-                Dir::H2d => &mut log.up,
-            };
+            log.ups.push_back((buf, last));
+        }
+    }
+
+    /// Puts a download staging buffer back, keeping the larger when two were in use at once.
+    fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
+        if let Ok(mut log) = self.copies.lock() {
             let len = |b: &Option<PinnedHostSlice<f32>>| b.as_ref().map_or(0, |b| b.len());
-            if len(&buf) >= len(slot) {
-                *slot = buf;
+            if len(&buf) >= len(&log.down) {
+                log.down = buf;
             }
         }
     }
