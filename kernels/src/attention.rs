@@ -148,22 +148,35 @@ pub enum HostKernel {
 impl HostKernel {
     /// The fastest kernel this CPU runs.
     pub fn detect() -> Self {
-        *Self::available().last().unwrap_or(&HostKernel::Portable)
+        [HostKernel::Avx2F16c, HostKernel::Avx2]
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(HostKernel::Portable)
     }
 
     /// Every kernel this CPU runs, slowest first ([`HostKernel::Portable`] always).
     pub fn available() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut out = vec![HostKernel::Portable];
+        [HostKernel::Portable, HostKernel::Avx2, HostKernel::Avx2F16c]
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// Whether this CPU has the features the kernel needs (checked at run time; cached by std).
+    pub fn is_supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            out.push(HostKernel::Avx2);
-            if std::arch::is_x86_feature_detected!("f16c") {
-                out.push(HostKernel::Avx2F16c);
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                HostKernel::Portable => true,
+                HostKernel::Avx2 => has!("avx2") && has!("fma"),
+                HostKernel::Avx2F16c => has!("avx2") && has!("fma") && has!("f16c"),
             }
         }
-        out
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == HostKernel::Portable
+        }
     }
 }
 
@@ -178,9 +191,9 @@ pub fn attend_partial(
     attend_partial_with(HostKernel::detect(), q, q_pos, blocks, g)
 }
 
-/// [`attend_partial`] with a chosen kernel. A kernel the CPU does not support (not in
-/// [`HostKernel::available`]), or a `head_dim` that is not a multiple of 8 (the AVX2 kernels'
-/// vector width), runs the portable kernel instead.
+/// [`attend_partial`] with a chosen kernel. A kernel the CPU does not support runs as the
+/// portable one; with a `head_dim` that is not a multiple of 8 (the AVX2 tiles' width) the AVX2
+/// kernels run the portable kernel's code compiled for AVX2.
 pub fn attend_partial_with(
     kernel: HostKernel,
     q: &[f32],
@@ -189,11 +202,12 @@ pub fn attend_partial_with(
     g: &AttentionGeometry,
 ) -> Partial {
     #[cfg(target_arch = "x86_64")]
-    if kernel != HostKernel::Portable
-        && g.head_dim.is_multiple_of(8)
-        && HostKernel::available().contains(&kernel)
-    {
-        return if kernel == HostKernel::Avx2F16c {
+    if kernel != HostKernel::Portable && kernel.is_supported() {
+        return if !g.head_dim.is_multiple_of(8) {
+            // SAFETY: the CPU was just checked to have AVX2 and FMA (every AVX2 kernel needs
+            // them), all that `attend_partial_portable_avx2` requires.
+            unsafe { attend_partial_portable_avx2(q, q_pos, blocks, g) }
+        } else if kernel == HostKernel::Avx2F16c {
             // SAFETY: the CPU was just checked to have AVX2, FMA and F16C, all that
             // `attend_partial_avx2_f16c` requires.
             unsafe { attend_partial_avx2_f16c(q, q_pos, blocks, g) }
@@ -248,6 +262,7 @@ fn finish_head(acc: &mut [f32], max: f32, sum: f32, lse: &mut f32) {
 /// pass; then V is accumulated. Half-precision K and V rows of a block are widened into a
 /// block-sized f32 buffer first (one pass, in cache), then go through the same f32 loops as f32
 /// blocks, which read their values in place.
+#[inline(always)]
 fn attend_partial_portable(
     q: &[f32],
     q_pos: usize,
@@ -304,6 +319,19 @@ fn attend_partial_portable(
         }
     }
     out
+}
+
+/// The portable kernel compiled for AVX2 + FMA (LLVM vectorises its loops 8 wide), for head
+/// dims the AVX2 tiles do not take.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_partial_portable_avx2(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
+    attend_partial_portable(q, q_pos, blocks, g)
 }
 
 #[cfg(target_arch = "x86_64")]
