@@ -130,43 +130,138 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Attends one query `q: [n_heads, head_dim]` at position `q_pos` over `blocks`, single-threaded.
-///
-/// Runs the AVX2+FMA build of the kernel when the CPU has it (checked at run time, so one binary
-/// serves every x86-64 machine), the portable build otherwise.
+/// Which build of the host attention kernel runs. [`HostKernel::detect`] picks the fastest one
+/// the CPU supports (checked at run time, so one binary serves every x86-64 machine); tests run
+/// every one in [`HostKernel::available`] against the reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKernel {
+    /// Plain Rust for any CPU: scores one token at a time, f16/bf16 blocks widened into a
+    /// buffer first.
+    Portable,
+    /// AVX2 + FMA: register-tiled `q·k` and `p·v`, bf16 widened as it is loaded; f16 blocks
+    /// widened into a buffer first.
+    Avx2,
+    /// [`HostKernel::Avx2`] with F16C: f16 widened as it is loaded too.
+    Avx2F16c,
+}
+
+impl HostKernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Self {
+        [HostKernel::Avx2F16c, HostKernel::Avx2]
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(HostKernel::Portable)
+    }
+
+    /// Every kernel this CPU runs, slowest first ([`HostKernel::Portable`] always).
+    pub fn available() -> Vec<Self> {
+        [HostKernel::Portable, HostKernel::Avx2, HostKernel::Avx2F16c]
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// Whether this CPU has the features the kernel needs (checked at run time; cached by std).
+    pub fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                HostKernel::Portable => true,
+                HostKernel::Avx2 => has!("avx2") && has!("fma"),
+                HostKernel::Avx2F16c => has!("avx2") && has!("fma") && has!("f16c"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == HostKernel::Portable
+        }
+    }
+}
+
+/// Attends one query `q: [n_heads, head_dim]` at position `q_pos` over `blocks`, single-threaded,
+/// with the fastest kernel the CPU supports ([`HostKernel::detect`]).
 pub fn attend_partial(
     q: &[f32],
     q_pos: usize,
     blocks: &[KvBlockView<'_>],
     g: &AttentionGeometry,
 ) -> Partial {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `attend_partial_avx2` only requires AVX2 and FMA, which the CPU was just
-        // checked to have.
-        return unsafe { attend_partial_avx2(q, q_pos, blocks, g) };
-    }
-    attend_partial_portable(q, q_pos, blocks, g)
+    attend_partial_with(HostKernel::detect(), q, q_pos, blocks, g)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn attend_partial_avx2(
+/// [`attend_partial`] with a chosen kernel. A kernel the CPU does not support runs as the
+/// portable one; with a `head_dim` that is not a multiple of 8 (the AVX2 tiles' width) the AVX2
+/// kernels run the portable kernel's code compiled for AVX2.
+pub fn attend_partial_with(
+    kernel: HostKernel,
     q: &[f32],
     q_pos: usize,
     blocks: &[KvBlockView<'_>],
     g: &AttentionGeometry,
 ) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != HostKernel::Portable && kernel.is_supported() {
+        return if !g.head_dim.is_multiple_of(8) {
+            // SAFETY: the CPU was just checked to have AVX2 and FMA (every AVX2 kernel needs
+            // them), all that `attend_partial_portable_avx2` requires.
+            unsafe { attend_partial_portable_avx2(q, q_pos, blocks, g) }
+        } else if kernel == HostKernel::Avx2F16c {
+            // SAFETY: the CPU was just checked to have AVX2, FMA and F16C, all that
+            // `attend_partial_avx2_f16c` requires.
+            unsafe { attend_partial_avx2_f16c(q, q_pos, blocks, g) }
+        } else {
+            // SAFETY: the CPU was just checked to have AVX2 and FMA, all that
+            // `attend_partial_avx2` requires.
+            unsafe { attend_partial_avx2(q, q_pos, blocks, g) }
+        };
+    }
+    let _ = kernel;
     attend_partial_portable(q, q_pos, blocks, g)
 }
 
-/// The kernel. For each KV head, the query heads of its group are processed together, so each
-/// K and V row is read once per group (GQA without replicating KV). Within a block, all scores
-/// come first; then the running max is updated once per block (one rescale of the accumulators
-/// per block, not per token); then the exponentials are taken as one vectorised pass; then V is
-/// accumulated. Half-precision K and V rows of a block are widened into a block-sized f32 buffer
-/// first (one pass, in cache), then go through the same f32 loops as f32 blocks, which read
-/// their values in place.
+/// Tokens of `b` a query at `q_pos` sees (causal).
+#[inline(always)]
+fn visible_tokens(b: &KvBlockView<'_>, q_pos: usize) -> usize {
+    b.len.min((q_pos + 1).saturating_sub(b.start_pos))
+}
+
+/// The online-softmax step of one block for one query head: `s` (the head's scaled scores over
+/// the block's visible tokens) becomes `exp(s - max)` with `max` raised to the block's maximum
+/// first, rescaling `acc` (the head's running `Σ p·v`, `[head_dim]`) and `sum` (its `Σ p`) once
+/// when the maximum rises; then `sum` gains the block's weights.
+#[inline(always)]
+fn softmax_block(s: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [f32]) {
+    let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if block_max > *max {
+        let c = fast_exp(*max - block_max);
+        *sum *= c;
+        acc.iter_mut().for_each(|a| *a *= c);
+        *max = block_max;
+    }
+    let m = *max;
+    s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+    *sum += s.iter().sum::<f32>();
+}
+
+/// The end of one query head: `acc` divided by the softmax's sum and the head's `lse`, or the
+/// empty partial's zeros and `-inf` when it saw no token.
+#[inline(always)]
+fn finish_head(acc: &mut [f32], max: f32, sum: f32, lse: &mut f32) {
+    if sum > 0.0 {
+        acc.iter_mut().for_each(|a| *a /= sum);
+        *lse = max + sum.ln();
+    }
+}
+
+/// The portable kernel. For each KV head, the query heads of its group are processed together,
+/// so each K and V row is read once per group (GQA without replicating KV). Within a block, all
+/// scores come first; then the running max is updated once per block (one rescale of the
+/// accumulators per block, not per token); then the exponentials are taken as one vectorised
+/// pass; then V is accumulated. Half-precision K and V rows of a block are widened into a
+/// block-sized f32 buffer first (one pass, in cache), then go through the same f32 loops as f32
+/// blocks, which read their values in place.
 #[inline(always)]
 fn attend_partial_portable(
     q: &[f32],
@@ -192,7 +287,7 @@ fn attend_partial_portable(
         let acc = &mut out.o[heads.start * hd..heads.end * hd];
         let base = kvh * bt * hd;
         for b in blocks {
-            let visible = b.len.min((q_pos + 1).saturating_sub(b.start_pos));
+            let visible = visible_tokens(b, q_pos);
             if visible == 0 {
                 continue;
             }
@@ -205,16 +300,7 @@ fn attend_partial_portable(
             }
             for i in 0..group {
                 let s = &mut scores[i * bt..i * bt + visible];
-                let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                if block_max > max[i] {
-                    let c = fast_exp(max[i] - block_max);
-                    sum[i] *= c;
-                    acc[i * hd..(i + 1) * hd].iter_mut().for_each(|a| *a *= c);
-                    max[i] = block_max;
-                }
-                let m = max[i];
-                s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-                sum[i] += s.iter().sum::<f32>();
+                softmax_block(s, &mut max[i], &mut sum[i], &mut acc[i * hd..(i + 1) * hd]);
             }
             let vb = b.v.slice(rows).as_f32(&mut vbuf);
             for (t, v) in vb.chunks_exact(hd).enumerate() {
@@ -228,15 +314,309 @@ fn attend_partial_portable(
             }
         }
         for i in 0..group {
-            if sum[i] > 0.0 {
-                acc[i * hd..(i + 1) * hd]
-                    .iter_mut()
-                    .for_each(|a| *a /= sum[i]);
-                out.lse[heads.start + i] = max[i] + sum[i].ln();
-            }
+            let lse = &mut out.lse[heads.start + i];
+            finish_head(&mut acc[i * hd..(i + 1) * hd], max[i], sum[i], lse);
         }
     }
     out
+}
+
+/// The portable kernel compiled for AVX2 + FMA (LLVM vectorises its loops 8 wide), for head
+/// dims the AVX2 tiles do not take.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_partial_portable_avx2(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
+    attend_partial_portable(q, q_pos, blocks, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_partial_avx2(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
+    avx2::attend::<false>(q, q_pos, blocks, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_partial_avx2_f16c(
+    q: &[f32],
+    q_pos: usize,
+    blocks: &[KvBlockView<'_>],
+    g: &AttentionGeometry,
+) -> Partial {
+    avx2::attend::<true>(q, q_pos, blocks, g)
+}
+
+/// The AVX2 kernel's driver. Blocks are walked in order and, within a block, KV head by KV head
+/// (each block's K and V are read front to back, and the next unit's rows are prefetched while
+/// this one is computed); each (block, KV head) unit is the portable kernel's step — all scores,
+/// one online-softmax step per query head, then `p·v` — with the scores and `p·v` done by the
+/// register tiles of [`crate::simd::avx2`]. K and V are read in their stored dtype and widened
+/// as they are loaded (f16 only with F16C; without it f16 rows are widened into a buffer first),
+/// so a half-precision block goes through exactly the arithmetic of an f32 block holding the
+/// same values and gives bit-identical partials.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::ops::Range;
+
+    use half::{bf16, f16};
+
+    use super::{AttentionGeometry, KvBlockView, Partial, finish_head, softmax_block};
+    use crate::kv::KvSlice;
+    use crate::simd::avx2::{Widen, prefetch, pv_tile, qk_tile};
+
+    /// The running softmax of every query head, and one unit's scratch.
+    struct State<'a> {
+        /// `[n_heads]`: running max of the scaled scores, and `Σ exp(score - max)`.
+        max: Vec<f32>,
+        sum: Vec<f32>,
+        /// `[group, block_tokens]`: one unit's scaled scores, then its weights.
+        scores: Vec<f32>,
+        /// The next unit's K and V rows, prefetched during this one.
+        next: Option<(KvSlice<'a>, KvSlice<'a>)>,
+    }
+
+    /// One KV head of one block: `k`, `v: [visible, head_dim]` in the stored dtype `E`, and the
+    /// query heads `heads` of its group: `q`, `acc: [group, head_dim]` (their running `Σ p·v`).
+    struct Unit<'u, E> {
+        heads: Range<usize>,
+        q: &'u [f32],
+        acc: &'u mut [f32],
+        k: &'u [E],
+        v: &'u [E],
+        visible: usize,
+    }
+
+    /// Query heads per register tile: 4 (`q·k`: 4 heads × 2 tokens; `p·v`: 4 heads × 16
+    /// columns), 2 (2 × 4; 2 × 32) or 1 (1 × 8; 1 × 64), the largest that divides the group.
+    fn heads_per_tile(group: usize) -> usize {
+        if group.is_multiple_of(4) {
+            4
+        } else if group.is_multiple_of(2) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The AVX2 kernel's body; `F16C` says whether f16 may be widened in registers.
+    ///
+    /// Callers are compiled with AVX2 and FMA (and F16C when `F16C`), which the CPU was checked
+    /// to have; `g.head_dim % 8 == 0`.
+    #[inline(always)]
+    pub(super) fn attend<const F16C: bool>(
+        q: &[f32],
+        q_pos: usize,
+        blocks: &[KvBlockView<'_>],
+        g: &AttentionGeometry,
+    ) -> Partial {
+        let (hd, bt) = (g.head_dim, g.block_tokens);
+        let group = g.n_heads / g.n_kv_heads;
+        let mut out = Partial::empty(g.n_heads, hd);
+        let mut st = State {
+            max: vec![f32::NEG_INFINITY; g.n_heads],
+            sum: vec![0.0; g.n_heads],
+            scores: vec![0.0; group * bt],
+            next: None,
+        };
+        // [visible, head_dim] K and V of one unit widened, for f16 without F16C (or a block
+        // whose K and V dtypes differ).
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+        // The visible rows of KV head `kvh` of `b`, in values.
+        let rows = |b: &KvBlockView<'_>, kvh: usize| {
+            let base = kvh * bt * hd;
+            base..base + super::visible_tokens(b, q_pos) * hd
+        };
+        for (bi, b) in blocks.iter().enumerate() {
+            let visible = super::visible_tokens(b, q_pos);
+            if visible == 0 {
+                continue;
+            }
+            for kvh in 0..g.n_kv_heads {
+                st.next = match (kvh + 1 < g.n_kv_heads, blocks.get(bi + 1)) {
+                    (true, _) => Some((b.k.slice(rows(b, kvh + 1)), b.v.slice(rows(b, kvh + 1)))),
+                    (false, Some(nb)) => Some((nb.k.slice(rows(nb, 0)), nb.v.slice(rows(nb, 0)))),
+                    (false, None) => None,
+                };
+                let heads = kvh * group..(kvh + 1) * group;
+                let q = &q[heads.start * hd..heads.end * hd];
+                let acc = &mut out.o[heads.start * hd..heads.end * hd];
+                let r = rows(b, kvh);
+                match (b.k.slice(r.clone()), b.v.slice(r)) {
+                    (KvSlice::F32(k), KvSlice::F32(v)) => {
+                        let u = Unit {
+                            heads,
+                            q,
+                            acc,
+                            k,
+                            v,
+                            visible,
+                        };
+                        unit::<f32>(&mut st, u, g)
+                    }
+                    (KvSlice::BF16(k), KvSlice::BF16(v)) => {
+                        let u = Unit {
+                            heads,
+                            q,
+                            acc,
+                            k,
+                            v,
+                            visible,
+                        };
+                        unit::<bf16>(&mut st, u, g)
+                    }
+                    (KvSlice::F16(k), KvSlice::F16(v)) if F16C => {
+                        let u = Unit {
+                            heads,
+                            q,
+                            acc,
+                            k,
+                            v,
+                            visible,
+                        };
+                        unit::<f16>(&mut st, u, g)
+                    }
+                    (k, v) => {
+                        let (k, v) = (k.as_f32(&mut kbuf), v.as_f32(&mut vbuf));
+                        let u = Unit {
+                            heads,
+                            q,
+                            acc,
+                            k,
+                            v,
+                            visible,
+                        };
+                        unit::<f32>(&mut st, u, g)
+                    }
+                }
+            }
+        }
+        for (i, (acc, lse)) in out.o.chunks_exact_mut(hd).zip(&mut out.lse).enumerate() {
+            finish_head(acc, st.max[i], st.sum[i], lse);
+        }
+        out
+    }
+
+    /// Scores, the online-softmax step of each query head, then `p·v`, for one unit.
+    #[inline(always)]
+    fn unit<E: Widen>(st: &mut State<'_>, u: Unit<'_, E>, g: &AttentionGeometry) {
+        let (hd, bt) = (g.head_dim, g.block_tokens);
+        let group = u.heads.len();
+        // The tiles read `visible` rows of `hd` values of `k` and `v`, `group` rows of `q` and
+        // `acc`, and `visible` scores per head; check those extents once, here.
+        assert!(
+            hd.is_multiple_of(8)
+                && u.k.len() == u.visible * hd
+                && u.v.len() == u.visible * hd
+                && u.q.len() == group * hd
+                && u.acc.len() == group * hd
+                && u.visible <= bt
+                && st.scores.len() == group * bt,
+            "attention unit: inconsistent shapes"
+        );
+        match heads_per_tile(group) {
+            4 => scores::<E, 4, 2>(st, u.q, u.k, u.visible, g),
+            2 => scores::<E, 2, 4>(st, u.q, u.k, u.visible, g),
+            _ => scores::<E, 1, 8>(st, u.q, u.k, u.visible, g),
+        }
+        for (i, h) in u.heads.enumerate() {
+            let s = &mut st.scores[i * bt..i * bt + u.visible];
+            let acc = &mut u.acc[i * hd..(i + 1) * hd];
+            softmax_block(s, &mut st.max[h], &mut st.sum[h], acc);
+        }
+        match heads_per_tile(group) {
+            4 => weighted_values::<E, 4, 2>(st, u.acc, u.v, u.visible, g),
+            2 => weighted_values::<E, 2, 4>(st, u.acc, u.v, u.visible, g),
+            _ => weighted_values::<E, 1, 8>(st, u.acc, u.v, u.visible, g),
+        }
+    }
+
+    /// `scores[h][t] = scale · q[h]·k[t]`, `H` heads × `T` tokens per tile. The last tile of a
+    /// block that is not a multiple of `T` tokens repeats the last row and drops its extra sums.
+    #[inline(always)]
+    fn scores<E: Widen, const H: usize, const T: usize>(
+        st: &mut State<'_>,
+        qg: &[f32],
+        k: &[E],
+        visible: usize,
+        g: &AttentionGeometry,
+    ) {
+        let (hd, bt) = (g.head_dim, g.block_tokens);
+        let group = qg.len() / hd;
+        for h0 in (0..group).step_by(H) {
+            for t0 in (0..visible).step_by(T) {
+                // Spread over the first head tile's token tiles: the next unit's rows `t0..t0+T`.
+                if let (0, Some((nk, nv))) = (h0, st.next) {
+                    prefetch_kv(nk, t0 * hd..(t0 + T) * hd);
+                    prefetch_kv(nv, t0 * hd..(t0 + T) * hd);
+                }
+                let rows: [*const E; T] =
+                    std::array::from_fn(|t| k[(t0 + t).min(visible - 1) * hd..].as_ptr());
+                // SAFETY: `unit` checked `k` holds `visible` rows of `hd` values (each row
+                // pointer starts a full row) and `hd % 8 == 0`; `qg[h0 * hd..]` holds `H` rows
+                // because `H` divides `group`; the caller is compiled with AVX2 and FMA (and
+                // F16C when `E` is f16).
+                let s = unsafe { qk_tile::<E, H, T>(qg[h0 * hd..].as_ptr(), rows, hd) };
+                for h in 0..H {
+                    for t in 0..T.min(visible - t0) {
+                        st.scores[(h0 + h) * bt + t0 + t] = s[h * T + t] * g.scale;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks for the cache lines of `s[r]` (clamped to `s`): a hint, without effect on results.
+    #[inline(always)]
+    fn prefetch_kv(s: KvSlice<'_>, r: std::ops::Range<usize>) {
+        match s {
+            KvSlice::F32(s) => prefetch(s, r),
+            KvSlice::F16(s) => prefetch(s, r),
+            KvSlice::BF16(s) => prefetch(s, r),
+        }
+    }
+
+    /// `acc[h] += Σ_t p[h][t] · v[t]`, `H` heads × `8W` columns per tile (then 8-column tiles
+    /// for what is left of `head_dim`), each tile's outputs held in registers over the block.
+    #[inline(always)]
+    fn weighted_values<E: Widen, const H: usize, const W: usize>(
+        st: &State<'_>,
+        acc: &mut [f32],
+        v: &[E],
+        visible: usize,
+        g: &AttentionGeometry,
+    ) {
+        let (hd, bt) = (g.head_dim, g.block_tokens);
+        let group = acc.len() / hd;
+        for h0 in (0..group).step_by(H) {
+            let o = acc[h0 * hd..].as_mut_ptr();
+            let p = st.scores[h0 * bt..].as_ptr();
+            let mut d = 0;
+            while d + 8 * W <= hd {
+                // SAFETY: `unit` checked the extents: `acc` holds `group` rows of `hd`
+                // (`H` divides `group`, `d + 8W <= hd`), `scores` holds `group` rows of `bt >=
+                // visible`, `v` holds `visible` rows of `hd`; `acc` is borrowed mutably here
+                // and by nothing else; the caller is compiled with AVX2 and FMA (and F16C when
+                // `E` is f16).
+                unsafe { pv_tile::<E, H, W>(o.add(d), hd, p, bt, v[d..].as_ptr(), visible) };
+                d += 8 * W;
+            }
+            while d < hd {
+                // SAFETY: as above, with `d + 8 <= hd` because `hd % 8 == 0`.
+                unsafe { pv_tile::<E, H, 1>(o.add(d), hd, p, bt, v[d..].as_ptr(), visible) };
+                d += 8;
+            }
+        }
+    }
 }
 
 /// One query of a batch: `q: [n_heads, head_dim]` at `pos`, over its sequence's blocks.
