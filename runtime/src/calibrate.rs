@@ -5,7 +5,8 @@
 //!   matrices per dtype, a device-to-device copy (HBM), and copies between page-locked host
 //!   memory and the device (H2D, D2H). Capacity: the GPU's total memory.
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
-//!   ([`attend_batch`]) over f32 KV blocks of Llama-3-8B's geometry, one decode query.
+//!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
+//!   Llama-3-8B's geometry, one decode query.
 //!   Capacity: `MemAvailable`.
 //! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
 //!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit
