@@ -521,7 +521,20 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 human_bytes(split.workspace_bytes),
                 human_bytes(split.kv_bytes)
             );
-            if split.kv_bytes / block_bytes >= min_blocks {
+            // A policy with recompute keeps no KV on the GPU (see `policy_exec::runnable`): the
+            // cache stores hidden states only without a GPU KV tier.
+            let policy_wants_no_gpu_kv = planned.as_ref().is_some_and(|(p, _, _)| {
+                !strata_runtime::policy_exec::keeps_gpu_kv(p)
+                    && strata_planner::Tier::ALL
+                        .iter()
+                        .any(|&t| p.recompute.get(t) > 0.0)
+            });
+            if policy_wants_no_gpu_kv {
+                eprintln!(
+                    "note: no GPU KV tier: the policy recomputes KV from hidden states and keeps \
+                     no KV on the GPU"
+                );
+            } else if split.kv_bytes / block_bytes >= min_blocks {
                 gpu_tier = Some(GpuTierConfig {
                     backend: gpu.clone(),
                     bytes: split.kv_bytes,

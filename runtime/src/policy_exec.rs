@@ -156,7 +156,20 @@ pub fn runnable(p: &Policy, m: &ModelSpec) -> bool {
     });
     executable(p, m.layers as usize).is_ok()
         && !fetches
-        && (!recompute || m.hidden <= 2 * m.kv_heads * m.head_dim)
+        && (!recompute || (!keeps_gpu_kv(p) && hidden_fits_kv_block(m)))
+}
+
+/// Whether `p` keeps KV on the GPU (its hot window, or a share of the older tokens). Hidden
+/// states for recompute need a cache without a GPU KV tier, so a policy with recompute runs
+/// only when it keeps none there (and then `generate` makes none).
+pub fn keeps_gpu_kv(p: &Policy) -> bool {
+    p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0)
+}
+
+/// Whether a token's hidden state (kept in f32) fits where its K and V would be (in the KV
+/// dtype): the KV cache stores a recomputed block's hidden states in the block's own slot.
+fn hidden_fits_kv_block(m: &ModelSpec) -> bool {
+    4 * m.hidden <= 2 * m.kv_heads * m.head_dim * m.kv_dtype_bytes
 }
 
 /// The planner's search space restricted to what this executor runs.
@@ -242,6 +255,39 @@ mod tests {
             kv_block_tokens: 32,
             prefetch_depth: 1,
         }
+    }
+
+    #[test]
+    fn recompute_runs_only_without_gpu_kv_and_where_hidden_states_fit_the_kv_dtype() {
+        let spec = |name: &str, kv_bytes: u64| {
+            let mut m = model_spec(name, &crate::model::synthetic::config(name).unwrap());
+            m.kv_dtype_bytes = kv_bytes;
+            m
+        };
+        let mut p = gpu_only();
+        p.kv.cold = TierSplit::all_on(Tier::Disk);
+        p.kv.hot_window_tokens = 256;
+        p.kv.hot_tier = Tier::Host;
+        p.recompute.disk = 0.5;
+        // OPT (MHA): a token's f32 hidden state is as large as its bf16 K and V.
+        assert!(runnable(&p, &spec("opt-6.7b", 2)));
+        assert!(runnable(&p, &spec("opt-6.7b", 4)));
+        // Llama-3-8B (GQA, 8 of 32 heads): four times larger even against f32 K and V.
+        assert!(!runnable(&p, &spec("llama-3-8b", 4)));
+        // KV on the GPU (its hot window, or older tokens) rules recompute out.
+        let mut hot_gpu = p;
+        hot_gpu.kv.hot_tier = Tier::Gpu;
+        assert!(keeps_gpu_kv(&hot_gpu));
+        assert!(!runnable(&hot_gpu, &spec("opt-6.7b", 2)));
+        let mut cold_gpu = p;
+        cold_gpu.kv.cold = TierSplit {
+            gpu: 0.5,
+            host: 0.0,
+            disk: 0.5,
+        };
+        assert!(!runnable(&cold_gpu, &spec("opt-6.7b", 2)));
+        hot_gpu.recompute.disk = 0.0;
+        assert!(runnable(&hot_gpu, &spec("opt-6.7b", 2)));
     }
 
     #[test]
