@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
-use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf};
+use strata_kernels::{AttentionGeometry, DType, testing};
 
 struct Args {
     tokens: usize,
@@ -50,13 +50,12 @@ fn geometry(name: &str, block_tokens: usize) -> Result<AttentionGeometry, String
         "opt-30b" => (56, 56),
         other => return Err(format!("unknown geometry {other} (llama3-8b, opt-30b)")),
     };
-    Ok(AttentionGeometry {
+    Ok(AttentionGeometry::new(
         n_heads,
         n_kv_heads,
-        head_dim: 128,
+        128,
         block_tokens,
-        scale: 1.0 / 128f32.sqrt(),
-    })
+    ))
 }
 
 fn best_secs(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -85,29 +84,11 @@ fn main() -> Result<(), String> {
         "{:<5} {:>8} {:>12} {:>10} {:>12} {:>10}",
         "dtype", "threads", "KV MB", "GB/s", "Mtok/s", "GFLOP/s"
     );
-    let q: Vec<f32> = (0..g.n_heads * g.head_dim)
-        .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
-        .collect();
+    let q = testing::bench_query(&g);
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // [blocks][K then V: kv_heads, block_tokens, head_dim] in `dtype`
-        let kv: Vec<KvBuf> = (0..blocks)
-            .map(|b| {
-                let wide: Vec<f32> = (0..2 * e)
-                    .map(|i| (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0)
-                    .collect();
-                KvBuf::from_f32(dtype, &wide)
-            })
-            .collect();
-        let views: Vec<KvBlockView<'_>> = kv
-            .iter()
-            .enumerate()
-            .map(|(b, d)| KvBlockView {
-                k: d.as_slice().slice(0..e),
-                v: d.as_slice().slice(e..2 * e),
-                start_pos: b * g.block_tokens,
-                len: g.block_tokens,
-            })
-            .collect();
+        let kv = testing::synthetic_kv_blocks(dtype, blocks, e);
+        let views = testing::full_block_views(&kv, &g);
         let bytes = blocks * 2 * e * dtype.size_bytes();
         let pos = tokens - 1;
         let threads = rayon::current_num_threads();

@@ -30,6 +30,17 @@ pub struct AttentionGeometry {
 }
 
 impl AttentionGeometry {
+    /// The geometry with the usual softmax scale, `1 / sqrt(head_dim)`.
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize, block_tokens: usize) -> Self {
+        Self {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            block_tokens,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
     pub fn block_elems(&self) -> usize {
         self.n_kv_heads * self.block_tokens * self.head_dim
     }

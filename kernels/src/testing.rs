@@ -1,10 +1,17 @@
 //! What the kernel tests and benchmarks share: a seeded random stream, the run's seed (fresh per
 //! run, printed, replayable with `STRATA_TEST_SEED`), a NaN-aware relative-error measure, and the
-//! shared GPU backend (or the reason there is none, printed as `skipped: ...`).
+//! shared GPU backend (or the reason there is none, printed as `skipped: ...`); and the synthetic
+//! KV blocks that host attention is benchmarked on.
 
 use std::sync::OnceLock;
 
-use crate::{CudaBackend, CudaUnavailable, DType, HostWeight, RopeScaling, WeightData};
+use rayon::prelude::*;
+
+use crate::kv::KvBuf;
+use crate::{
+    AttentionGeometry, CudaBackend, CudaUnavailable, DType, HostWeight, KvBlockView, RopeScaling,
+    WeightData,
+};
 
 /// SplitMix64: a tiny seeded random stream.
 #[derive(Clone, Debug)]
@@ -102,4 +109,40 @@ pub fn test_gpu() -> Option<&'static CudaBackend> {
             None
         }
     }
+}
+
+/// `blocks` KV blocks of `block_elems` K then `block_elems` V values each (`[K, V][kv_heads,
+/// block_tokens, head_dim]`), deterministic values in `[-1, 1)` stored in `dtype`: the data of
+/// the host attention benchmark and of `strata calibrate`'s host attention measurement.
+pub fn synthetic_kv_blocks(dtype: DType, blocks: usize, block_elems: usize) -> Vec<KvBuf> {
+    (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let wide: Vec<f32> = (0..2 * block_elems)
+                .map(|i| (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0)
+                .collect();
+            KvBuf::from_f32(dtype, &wide)
+        })
+        .collect()
+}
+
+/// Views of full blocks laid end to end from position 0 (as [`synthetic_kv_blocks`] makes them).
+pub fn full_block_views<'a>(kv: &'a [KvBuf], g: &AttentionGeometry) -> Vec<KvBlockView<'a>> {
+    let e = g.block_elems();
+    kv.iter()
+        .enumerate()
+        .map(|(b, d)| KvBlockView {
+            k: d.as_slice().slice(0..e),
+            v: d.as_slice().slice(e..2 * e),
+            start_pos: b * g.block_tokens,
+            len: g.block_tokens,
+        })
+        .collect()
+}
+
+/// A fixed decode query `[n_heads, head_dim]` for benchmarks.
+pub fn bench_query(g: &AttentionGeometry) -> Vec<f32> {
+    (0..g.n_heads * g.head_dim)
+        .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+        .collect()
 }

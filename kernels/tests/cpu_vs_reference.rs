@@ -179,13 +179,7 @@ fn block_attention_and_merge_match_the_reference() {
         (9, 3, 64, 16, 100),
         (8, 1, 32, 8, 64),
     ] {
-        let g = AttentionGeometry {
-            n_heads,
-            n_kv_heads: n_kv,
-            head_dim: hd,
-            block_tokens: bt,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let g = AttentionGeometry::new(n_heads, n_kv, hd, bt);
         let kv = KvFixture::new(&mut rng, &g, tokens);
         let views = kv.views(&g);
         let q = rng.vec(n_heads * hd);
@@ -247,13 +241,7 @@ fn attention_over_half_precision_blocks_matches_f32_over_the_rounded_values() {
         (32, 8, 128, 32, 200),
         (8, 1, 40, 8, 61),
     ] {
-        let g = AttentionGeometry {
-            n_heads,
-            n_kv_heads: n_kv,
-            head_dim: hd,
-            block_tokens: bt,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let g = AttentionGeometry::new(n_heads, n_kv, hd, bt);
         let kv = KvFixture::new(&mut rng, &g, tokens);
         let q = rng.vec(n_heads * hd);
         for dtype in [DType::BF16, DType::F16] {
@@ -364,13 +352,7 @@ fn every_host_kernel_matches_the_reference_on_every_tile_shape() {
         (8, 2, 40, 6, 23, 2.0),
         (4, 1, 20, 4, 11, 1.0),
     ] {
-        let g = AttentionGeometry {
-            n_heads,
-            n_kv_heads: n_kv,
-            head_dim: hd,
-            block_tokens: bt,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let g = AttentionGeometry::new(n_heads, n_kv, hd, bt);
         let kv = KvFixture::new(&mut rng, &g, tokens);
         let q = rng.vec_scaled(n_heads * hd, q_scale);
         // The first token; 1, 3, 5 and 7 tokens into the second-to-last block (where it has
@@ -411,13 +393,7 @@ fn every_host_kernel_matches_the_reference_on_every_tile_shape() {
 fn every_host_kernel_merges_per_block_partials_to_the_single_pass_answer() {
     let seed = test_seed();
     let mut rng = Rng(seed);
-    let g = AttentionGeometry {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-        block_tokens: 32,
-        scale: 1.0 / 128f32.sqrt(),
-    };
+    let g = AttentionGeometry::new(32, 8, 128, 32);
     let tokens = 150;
     let kv = KvFixture::new(&mut rng, &g, tokens);
     let (bufs, _) = stored(&kv, DType::BF16);

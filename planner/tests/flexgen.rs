@@ -5,29 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{GIB, opt};
+
 use strata_planner::flexgen::{self, FlexGenSpace, PUBLISHED_MACHINE};
 use strata_planner::{
-    Attention, Budgets, FlexGenPolicy, HardwareProfile, MlpKind, ModelSpec, PUBLISHED, PlanError,
-    Tier, Workload, gpu_only, layerwise, memory, predict, serial,
+    Attention, Budgets, FlexGenPolicy, HardwareProfile, ModelSpec, PUBLISHED, PlanError, Tier,
+    Workload, gpu_only, layerwise, memory, predict, serial,
 };
-
-const GIB: u64 = 1 << 30;
-
-fn opt(name: &str, hidden: u64, layers: u64, heads: u64) -> ModelSpec {
-    ModelSpec {
-        name: name.into(),
-        layers,
-        hidden,
-        heads,
-        kv_heads: heads,
-        head_dim: hidden / heads,
-        intermediate: 4 * hidden,
-        vocab: 50272,
-        weight_dtype_bytes: 2,
-        kv_dtype_bytes: 2,
-        mlp: MlpKind::Plain,
-    }
-}
 
 fn model(name: &str) -> ModelSpec {
     match name {

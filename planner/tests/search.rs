@@ -2,6 +2,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{GIB, opt};
+
 use std::time::Instant;
 
 use strata_planner::{
@@ -9,24 +13,7 @@ use strata_planner::{
     Workload, memory, plan, plan_with,
 };
 
-const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-
-fn opt(name: &str, hidden: u64, layers: u64, heads: u64) -> ModelSpec {
-    ModelSpec {
-        name: name.into(),
-        layers,
-        hidden,
-        heads,
-        kv_heads: heads,
-        head_dim: hidden / heads,
-        intermediate: 4 * hidden,
-        vocab: 50272,
-        weight_dtype_bytes: 2,
-        kv_dtype_bytes: 2,
-        mlp: MlpKind::Plain,
-    }
-}
 
 fn opt_30b() -> ModelSpec {
     opt("opt-30b", 7168, 48, 56)

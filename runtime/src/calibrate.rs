@@ -35,8 +35,7 @@ use rayon::prelude::*;
 use strata_kernels::attention::{AttentionQuery, attend_batch};
 use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView, KvBuf,
-    WeightData,
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, WeightData, testing,
 };
 use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
 use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
@@ -680,39 +679,14 @@ fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
 /// split-KV over all threads, as the host tier attends. The calibrator measures bf16, what the
 /// host tier holds on a GPU run (the model's dtype, which the planner counts KV bytes in).
 fn host_attention_gbps(bytes: usize, trials: usize, dtype: DType) -> f64 {
-    let g = AttentionGeometry {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-        block_tokens: 32,
-        scale: 1.0 / 128f32.sqrt(),
-    };
+    let g = AttentionGeometry::new(32, 8, 128, 32);
     let e = g.block_elems();
     let block_bytes = 2 * e * dtype.size_bytes();
     let blocks = (bytes / block_bytes).max(1);
     // [blocks][K, V][kv_heads, block_tokens, head_dim] in `dtype`
-    let kv: Vec<KvBuf> = (0..blocks)
-        .into_par_iter()
-        .map(|b| {
-            let wide: Vec<f32> = (0..2 * e)
-                .map(|i| (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0)
-                .collect();
-            KvBuf::from_f32(dtype, &wide)
-        })
-        .collect();
-    let views: Vec<KvBlockView<'_>> = kv
-        .iter()
-        .enumerate()
-        .map(|(b, d)| KvBlockView {
-            k: d.as_slice().slice(0..e),
-            v: d.as_slice().slice(e..2 * e),
-            start_pos: b * g.block_tokens,
-            len: g.block_tokens,
-        })
-        .collect();
-    let q: Vec<f32> = (0..g.n_heads * g.head_dim)
-        .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
-        .collect();
+    let kv = testing::synthetic_kv_blocks(dtype, blocks, e);
+    let views = testing::full_block_views(&kv, &g);
+    let q = testing::bench_query(&g);
     let query = [AttentionQuery {
         q: &q,
         pos: blocks * g.block_tokens,

@@ -548,13 +548,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         } else {
             Some(upload(&backend, src, WeightName::LmHead)?)
         };
-        let attention = AttentionGeometry {
-            n_heads: cfg.heads,
-            n_kv_heads: cfg.kv_heads,
-            head_dim: cfg.head_dim,
-            block_tokens,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
-        };
+        let attention = AttentionGeometry::new(cfg.heads, cfg.kv_heads, cfg.head_dim, block_tokens);
         Ok(Self {
             pos_embed: if opt {
                 Some(upload(&backend, src, WeightName::PosEmbed)?)
@@ -874,11 +868,12 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// The host's part of a launched attention: waits for the queries, ships the disk tier's
     /// to the storage engine, and attends the host tier and the far blocks the device left.
     fn attend_host(&self, a: &mut Attending<B>, kv: &mut KvCache) -> Result<(), ForwardError> {
-        if !matches!(a.host, HostHalf::Queued { .. }) {
-            return Ok(());
-        }
-        let HostHalf::Queued { q, at, far } = std::mem::replace(&mut a.host, HostHalf::Idle) else {
-            return Ok(());
+        let (q, at, far) = match std::mem::replace(&mut a.host, HostHalf::Idle) {
+            HostHalf::Queued { q, at, far } => (q, at, far),
+            done_or_idle => {
+                a.host = done_or_idle;
+                return Ok(());
+            }
         };
         let _span = debug_span!("host_attention", rows = at.len()).entered();
         let ag = &self.attention;

@@ -4,34 +4,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-struct Dir(PathBuf);
+mod common;
 
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d =
-            std::env::temp_dir().join(format!("strata-bench-test-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(d.join("bench")).unwrap();
-        // The CPU reference profile: nothing here calibrates this machine.
-        strata_planner::HardwareProfile::cpu_only_reference()
-            .save(&d.join("profile.json"))
-            .unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
+use common::ScratchDir as Dir;
 
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch folder for test `tag` with a `bench` folder in it.
+fn new_dir(tag: &str) -> Dir {
+    let d = Dir::with_reference_profile("bench-test", tag);
+    std::fs::create_dir_all(d.path("bench")).unwrap();
+    d
 }
 
 /// `strata bench` on a tiny model in `d`; `extra` flags replace the defaults of the same name.
@@ -246,7 +232,7 @@ fn run_of<'a>(r: &'a Value, policy: &str) -> &'a Value {
 
 #[test]
 fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() {
-    let d = Dir::new("e2e");
+    let d = new_dir("e2e");
     let out = bench(
         &d,
         &[
@@ -327,7 +313,7 @@ fn ran_count(c: &Value) -> usize {
 
 #[test]
 fn flexgen_flags_place_what_they_say_and_unrunnable_policies_say_why() {
-    let d = Dir::new("flags");
+    let d = new_dir("flags");
     let out = bench(
         &d,
         &[
@@ -377,7 +363,7 @@ fn flexgen_flags_place_what_they_say_and_unrunnable_policies_say_why() {
 
 #[test]
 fn bad_input_is_refused_naming_the_flag() {
-    let d = Dir::new("bad");
+    let d = new_dir("bad");
     let cases: &[(&[&str], &str)] = &[
         (&["--policies", "strata,vllm"], "--policies"),
         (

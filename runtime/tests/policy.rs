@@ -11,32 +11,18 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-struct Dir(PathBuf);
+mod common;
 
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("strata-policy-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        // The CPU reference profile: nothing here calibrates this machine.
-        strata_planner::HardwareProfile::cpu_only_reference()
-            .save(&d.join("profile.json"))
-            .unwrap();
-        let lines: Vec<String> = (0..3)
-            .map(|i| format!(r#"{{"id": {i}, "input_ids": [{}, 5, 9, 2, 7, 1]}}"#, 10 + i))
-            .collect();
-        std::fs::write(d.join("in.jsonl"), lines.join("\n") + "\n").unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
+use common::ScratchDir as Dir;
 
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch folder for test `tag` with three prompts in `in.jsonl`.
+fn new_dir(tag: &str) -> Dir {
+    let d = Dir::with_reference_profile("policy", tag);
+    let lines: Vec<String> = (0..3)
+        .map(|i| format!(r#"{{"id": {i}, "input_ids": [{}, 5, 9, 2, 7, 1]}}"#, 10 + i))
+        .collect();
+    std::fs::write(d.path("in.jsonl"), lines.join("\n") + "\n").unwrap();
+    d
 }
 
 const MODEL: &str = "synthetic:tiny-llama";
@@ -97,7 +83,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
-    let d = Dir::new("plan");
+    let d = new_dir("plan");
     let plan = plan_json(&d);
     std::fs::write(d.path("plan.json"), &plan.stdout).unwrap();
     for (policy, out) in [
@@ -135,7 +121,7 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
 
 #[test]
 fn a_policy_with_several_gpu_batches_runs() {
-    let d = Dir::new("gpu-batches");
+    let d = new_dir("gpu-batches");
     let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];
@@ -155,7 +141,7 @@ fn a_policy_with_several_gpu_batches_runs() {
 
 #[test]
 fn a_policy_that_fetches_and_recomputes_runs_and_reports_the_bytes() {
-    let d = Dir::new("fetch-recompute");
+    let d = new_dir("fetch-recompute");
     let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];
@@ -193,7 +179,7 @@ fn a_policy_that_fetches_and_recomputes_runs_and_reports_the_bytes() {
 
 #[test]
 fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
-    let d = Dir::new("refuse");
+    let d = new_dir("refuse");
     let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];

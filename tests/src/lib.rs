@@ -39,6 +39,33 @@ pub fn fixture(rel: &str) -> PathBuf {
     workspace_root().join("tests/fixtures").join(rel)
 }
 
+/// The SmolLM2 GGUF that `scripts/get-smollm2.sh` fetches, or `None` after printing that the
+/// test skipped; a missing file fails instead when `STRATA_REQUIRE_SMOLLM2=1` (as in CI).
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("STRATA_REQUIRE_SMOLLM2").is_ok_and(|v| v == "1") {
+        panic!("{} is missing; run scripts/get-smollm2.sh", path.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/get-smollm2.sh)",
+        path.display()
+    );
+    None
+}
+
+/// The prompts (token ids) of SmolLM2's reference cases.
+pub fn smollm2_prompts() -> Vec<Vec<u32>> {
+    read_json(&fixture("smollm2/reference.json"))["cases"]
+        .as_array()
+        .expect("reference cases")
+        .iter()
+        .map(|c| json_u32s(&c["input_ids"]))
+        .collect()
+}
+
 /// Where the KV cache lives in a test: host only, or a small host tier over a disk tier, with a
 /// GPU tier above them when computing on a GPU.
 #[derive(Clone, Debug, Default)]

@@ -34,13 +34,7 @@ fn engines() -> Vec<IoEngine> {
 }
 
 fn geometry() -> AttentionGeometry {
-    AttentionGeometry {
-        n_heads: N_HEADS,
-        n_kv_heads: G.kv_heads,
-        head_dim: G.head_dim,
-        block_tokens: G.block_tokens,
-        scale: 1.0 / (G.head_dim as f32).sqrt(),
-    }
+    AttentionGeometry::new(N_HEADS, G.kv_heads, G.head_dim, G.block_tokens)
 }
 
 /// A cache whose host tier holds `host_blocks` blocks over a disk tier.

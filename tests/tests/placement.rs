@@ -10,7 +10,7 @@
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{DType, IoEngine};
 use strata_runtime::model;
-use strata_tests::{Engine, Placement, fixture, scratch_disk, workspace_root};
+use strata_tests::{Engine, Placement, fixture, scratch_disk};
 
 /// Last-prompt-position logits and greedy tokens of one sequence.
 type Greedy = (Vec<f32>, Vec<u32>);
@@ -217,27 +217,11 @@ fn a_host_budget_too_small_for_the_writable_blocks_is_a_clear_error() {
 
 #[test]
 fn smollm2_gives_identical_tokens_with_most_kv_on_disk() {
-    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert!(
-            std::env::var("STRATA_REQUIRE_SMOLLM2").as_deref() != Ok("1"),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!(
-            "skipped: {} is missing (run scripts/get-smollm2.sh)",
-            path.display()
-        );
+    let Some(path) = strata_tests::smollm2_gguf() else {
         return;
-    }
+    };
     let spec = path.to_str().unwrap();
-    let reference = strata_tests::read_json(&fixture("smollm2/reference.json"));
-    let prompts: Vec<Vec<u32>> = reference["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
-        .collect();
+    let prompts = strata_tests::smollm2_prompts();
     let (host_only, _) = run(spec, &prompts, 8, 8, Placement::default());
     for engine in engines() {
         // 30 layers x 4 sequences = 120 writable blocks; 130 keeps most of the rest on disk.

@@ -226,28 +226,11 @@ fn every_policy_with_bf16_host_and_disk_kv_gives_the_same_tokens() {
 
 #[test]
 fn smollm2_gives_the_same_tokens_fetched_split_and_in_gpu_batches() {
-    let path =
-        strata_tests::workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert!(
-            std::env::var("STRATA_REQUIRE_SMOLLM2").as_deref() != Ok("1"),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!(
-            "skipped: {} is missing (run scripts/get-smollm2.sh)",
-            path.display()
-        );
+    let Some(path) = strata_tests::smollm2_gguf() else {
         return;
-    }
+    };
     let spec = path.to_str().unwrap();
-    let reference = strata_tests::read_json(&fixture("smollm2/reference.json"));
-    let prompts: Vec<Vec<u32>> = reference["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
-        .collect();
+    let prompts = strata_tests::smollm2_prompts();
     let want = run(spec, &prompts, 6, 8, ALL_IN_MEMORY, "smollm2");
     for near in [0.0, 0.5] {
         // 30 layers x 4 sequences = 120 writable blocks; 130 keeps most of the rest on disk.

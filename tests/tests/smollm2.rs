@@ -9,25 +9,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use strata_runtime::model::{self, Model};
-use strata_tests::{Engine, fixture, json_u32s, read_json, workspace_root};
+use strata_tests::{Engine, fixture, json_u32s, read_json};
 
 const TOP_LOGIT_REL_TOL: f64 = 1e-4;
 
 fn smollm2() -> Option<Model> {
-    let path: PathBuf = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        if std::env::var("STRATA_REQUIRE_SMOLLM2").is_ok_and(|v| v == "1") {
-            panic!("{} is missing; run scripts/get-smollm2.sh", path.display());
-        }
-        eprintln!(
-            "skipped: {} is missing (run scripts/get-smollm2.sh)",
-            path.display()
-        );
-        return None;
-    }
+    let path = strata_tests::smollm2_gguf()?;
     Some(model::open(path.to_str().unwrap()).unwrap())
 }
 
