@@ -181,6 +181,28 @@ impl KvBuf {
         }
     }
 
+    /// An empty buffer of `dtype` with room for `n` values.
+    pub fn with_capacity(dtype: DType, n: usize) -> KvBuf {
+        match dtype {
+            DType::F32 => KvBuf::F32(Vec::with_capacity(n)),
+            DType::F16 => KvBuf::F16(Vec::with_capacity(n)),
+            DType::BF16 => KvBuf::BF16(Vec::with_capacity(n)),
+        }
+    }
+
+    /// Appends `s`: copied as it is in the same dtype, else widened exactly or rounded to
+    /// nearest even.
+    pub fn extend_from(&mut self, s: KvSlice<'_>) {
+        match (self, s) {
+            (KvBuf::F32(d), KvSlice::F32(s)) => d.extend_from_slice(s),
+            (KvBuf::F16(d), KvSlice::F16(s)) => d.extend_from_slice(s),
+            (KvBuf::BF16(d), KvSlice::BF16(s)) => d.extend_from_slice(s),
+            (KvBuf::F32(d), s) => d.extend(s.to_f32_vec()),
+            (KvBuf::F16(d), s) => d.extend(s.to_f32_vec().into_iter().map(f16::from_f32)),
+            (KvBuf::BF16(d), s) => d.extend(s.to_f32_vec().into_iter().map(bf16::from_f32)),
+        }
+    }
+
     pub fn as_slice(&self) -> KvSlice<'_> {
         match self {
             KvBuf::F32(v) => KvSlice::F32(v),
@@ -209,6 +231,29 @@ impl KvBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extend_from_copies_its_own_dtype_and_converts_others() {
+        let xs = [1.0f32, -2.5, 3.3, 1e-3];
+        let mut b = KvBuf::with_capacity(DType::BF16, 8);
+        b.extend_from(KvBuf::from_f32(DType::BF16, &xs).as_slice());
+        b.extend_from(KvSlice::F32(&xs));
+        let KvBuf::BF16(v) = &b else {
+            panic!("dtype changed: {b:?}");
+        };
+        assert_eq!(v.len(), 8);
+        assert_eq!(
+            v[..4],
+            v[4..],
+            "same rounding whichever way the values came in"
+        );
+        let mut f = KvBuf::with_capacity(DType::F32, 4);
+        f.extend_from(b.as_slice().slice(0..4));
+        assert_eq!(
+            f.as_slice().to_f32_vec(),
+            b.as_slice().slice(0..4).to_f32_vec()
+        );
+    }
 
     #[test]
     fn widening_is_exact_and_narrowing_rounds_to_nearest_even() {

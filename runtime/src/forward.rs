@@ -309,12 +309,11 @@ impl RuntimeBackend for CudaBackend {
         ag: &AttentionGeometry,
         far: Vec<FarBlock>,
     ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), ForwardError> {
-        if !kv.has_gpu_tier() {
+        if !kv.has_gpu_pool() {
             return Ok((None, far));
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        let (part, left) = kv.attend_device(layer, &at, q, ag, far)?;
-        Ok((Some(part), left))
+        Ok(kv.attend_device(layer, &at, q, ag, far)?)
     }
 
     fn merge_attention(
@@ -828,8 +827,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let hidden = kv.wants_hidden().then_some(x);
         b.append_kv(kv, layer, rows, &k, &v, hidden)?;
         // Far blocks: fetched KV, and hidden states turned back into K and V here.
-        let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.seq).collect();
-        seqs.dedup();
+        let seqs = rows_per_seq(rows);
         let mut far = kv.gather_far(layer, &seqs)?;
         let proj = KvProjection {
             norm: &w.attn_norm,
@@ -843,7 +841,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let tokens = recompute(b, &proj, cfg, &self.rope, bt, &mut far)?;
         kv.note_recomputed(tokens);
         // The copy down is enqueued before the device's attention, so it waits only for q.
-        let queries = if !far.is_empty() || kv.any_off_gpu(layer, &seqs)? {
+        let queries = if kv.fetch_overflows(far.len()) || kv.host_attends(layer, &seqs)? {
             Some(b.queries_to_host(&q)?)
         } else {
             None
@@ -958,6 +956,18 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         b.add_inplace(&mut x, &out)?;
         Ok(x)
     }
+}
+
+/// Each sequence of `rows` (a sequence's rows are consecutive) with its number of rows.
+fn rows_per_seq(rows: &[Row]) -> Vec<(SeqId, usize)> {
+    let mut out: Vec<(SeqId, usize)> = Vec::new();
+    for r in rows {
+        match out.last_mut() {
+            Some((seq, n)) if *seq == r.seq => *n += 1,
+            _ => out.push((r.seq, 1)),
+        }
+    }
+    out
 }
 
 /// Whether layer `i` of `layers` stays resident when `resident` of them do: the others are

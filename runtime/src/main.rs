@@ -529,26 +529,48 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                         .iter()
                         .any(|&t| p.recompute.get(t) > 0.0)
             });
-            if policy_wants_no_gpu_kv {
+            let tier_blocks = (split.kv_bytes / block_bytes) as usize;
+            let bt = a.kv_block_tokens;
+            let with_kv = GpuTierConfig::scratch_for(rows, bt, tier_blocks, true);
+            let scratch_only = if policy_wants_no_gpu_kv {
                 eprintln!(
                     "note: no GPU KV tier: the policy recomputes KV from hidden states and keeps \
                      no KV on the GPU"
                 );
-            } else if split.kv_bytes / block_bytes >= min_blocks {
+                true
+            } else if tier_blocks >= min_blocks as usize + with_kv {
                 gpu_tier = Some(GpuTierConfig {
                     backend: gpu.clone(),
                     bytes: split.kv_bytes,
                     dtype: kv_dtype,
+                    scratch_blocks: with_kv,
                 });
+                false
             } else {
                 eprintln!(
                     "note: no GPU KV tier: {} of KV room holds {} blocks of {}, fewer than the {} \
-                     this batch needs; KV stays in host memory and attention runs on the CPU",
+                     this batch needs; KV stays in host memory and decode attention runs on the CPU",
                     human_bytes(split.kv_bytes),
-                    split.kv_bytes / block_bytes,
+                    tier_blocks,
                     human_bytes(block_bytes),
                     min_blocks
                 );
+                true
+            };
+            // Without a GPU KV tier a prompt's attention over its host blocks still runs on the
+            // GPU, through scratch blocks.
+            let scratch = GpuTierConfig::scratch_for(rows, bt, tier_blocks, false);
+            if scratch_only && scratch > 0 {
+                eprintln!(
+                    "note: {scratch} GPU scratch blocks ({}) attend prompts over host KV",
+                    human_bytes(scratch as u64 * block_bytes)
+                );
+                gpu_tier = Some(GpuTierConfig {
+                    backend: gpu.clone(),
+                    bytes: scratch as u64 * block_bytes,
+                    dtype: kv_dtype,
+                    scratch_blocks: scratch,
+                });
             }
             if split.resident_weights {
                 Residency::Resident

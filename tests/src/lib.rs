@@ -84,6 +84,9 @@ pub struct Placement {
 pub struct Engine<'m, B: RuntimeBackend = CpuBackend> {
     pub tf: Transformer<'m, B>,
     pub kv: KvCache,
+    /// Prompt rows per forward pass in [`Engine::greedy_batch`] (as `generate --prefill-chunk`):
+    /// a chunk attends the earlier chunks' KV wherever it has gone by then.
+    pub prefill_chunk: usize,
     next_seq: u64,
 }
 
@@ -149,6 +152,7 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
         Self {
             tf,
             kv,
+            prefill_chunk: usize::MAX,
             next_seq: 0,
         }
     }
@@ -192,10 +196,23 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
             );
             last.push(rows.len() - 1);
         }
-        let first = self
-            .tf
-            .forward(&rows, &last, &mut self.kv)
-            .expect("prefill");
+        // Chunks of `prefill_chunk` rows, each giving the logits of the prompts that end in it.
+        let mut first = Vec::with_capacity(prompts.len());
+        for start in (0..rows.len()).step_by(self.prefill_chunk.max(1)) {
+            let end = rows
+                .len()
+                .min(start.saturating_add(self.prefill_chunk.max(1)));
+            let ends: Vec<usize> = last
+                .iter()
+                .filter(|&&l| (start..end).contains(&l))
+                .map(|&l| l - start)
+                .collect();
+            let logits = self
+                .tf
+                .forward(&rows[start..end], &ends, &mut self.kv)
+                .expect("prefill");
+            first.extend(logits);
+        }
         let mut out: Vec<(Vec<f32>, Vec<u32>)> =
             first.iter().map(|l| (l.clone(), vec![argmax(l)])).collect();
         for step in 1..n {

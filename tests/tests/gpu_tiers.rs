@@ -37,12 +37,24 @@ fn expected(name: &str) -> Expected {
 }
 
 fn gpu_tier(gpu: &CudaBackend, m: &Model, blocks: usize, dtype: DType) -> GpuTierConfig {
+    with_scratch(gpu, m, blocks, 0, dtype)
+}
+
+/// A GPU tier of `blocks` KV blocks plus `scratch` scratch blocks.
+fn with_scratch(
+    gpu: &CudaBackend,
+    m: &Model,
+    blocks: usize,
+    scratch: usize,
+    dtype: DType,
+) -> GpuTierConfig {
     let c = &m.config;
     let block_bytes = 2 * c.kv_dim() * BLOCK_TOKENS * dtype.size_bytes();
     GpuTierConfig {
         backend: gpu.clone(),
-        bytes: (blocks * block_bytes) as u64,
+        bytes: ((blocks + scratch) * block_bytes) as u64,
         dtype,
+        scratch_blocks: scratch,
     }
 }
 
@@ -414,6 +426,61 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
             eprintln!(
                 "{name} {what}: fetched {} blocks, {} of them attended on the host (pool full)",
                 k.fetched_blocks, k.fetched_attended_on_host
+            );
+        }
+    }
+}
+
+/// Prompts prefilled in chunks of 3 rows (shorter than a block, so chunks split blocks and
+/// prompts) whose earlier chunks have spilled: every chunk's attention over them runs on the GPU,
+/// the host and disk blocks copied through scratch blocks a few at a time (many groups, merged
+/// by LSE). With a small GPU KV tier over host and disk, and with no GPU KV at all (scratch
+/// only; on the MHA fixture also with half the blocks kept as hidden states and recomputed).
+/// Every case gives transformers' tokens and logits within the golden tolerance.
+#[test]
+fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
+    let Some(gpu) = test_gpu() else { return };
+    for name in FIXTURES {
+        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let e = expected(name);
+        let mha = m.config.hidden <= 2 * m.config.kv_dim();
+        let (small, tails) = small_gpu_tier(&m, &e);
+        for (kv_blocks, recompute) in [(small, 0.0), (0, 0.0), (0, 0.5)] {
+            if recompute > 0.0 && !mha {
+                continue;
+            }
+            let what = format!("GPU KV {kv_blocks} blocks + 2 scratch, recompute {recompute}");
+            let placement = Placement {
+                host_blocks: Some(tails + small / 4),
+                disk: Some(scratch_disk(
+                    "gpu-tiers",
+                    &format!("{name}-chunked"),
+                    IoEngine::Sync,
+                )),
+                kv_dtype: None,
+                gpu: Some(with_scratch(gpu, &m, kv_blocks, 2, DType::F32)),
+                policy: SinkAndRecent {
+                    sink_blocks: 1,
+                    recent_blocks: 1,
+                },
+            };
+            let mut engine = routed_engine(gpu, &m, placement, 1.0, recompute);
+            engine.prefill_chunk = 3;
+            let got = run(&mut engine, &e);
+            check(name, &what, &e, &got, LOGIT_REL_TOL);
+            let k = engine.kv.metrics();
+            within_budgets(name, &what, &k);
+            assert!(k.fetched_blocks > 0, "{name} {what}: nothing was fetched");
+            if kv_blocks == 0 {
+                assert!(k.scratch_groups > 0, "{name} {what}: one group only");
+            }
+            assert!(
+                k.spilled_blocks > 0,
+                "{name} {what}: nothing reached the disk"
+            );
+            eprintln!(
+                "{name} {what}: fetched {} blocks in {} extra scratch groups, recomputed {} tokens",
+                k.fetched_blocks, k.scratch_groups, k.recomputed_tokens
             );
         }
     }

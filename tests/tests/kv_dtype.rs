@@ -125,7 +125,8 @@ fn host_to_disk_and_back_is_bit_exact_in_every_dtype() {
             };
             kv.set_executor(all_far, 0.0, 0).unwrap();
             for layer in 0..G.layers {
-                let far = kv.gather_far(layer, &seqs).unwrap();
+                let rows: Vec<_> = seqs.iter().map(|&s| (s, 1)).collect();
+                let far = kv.gather_far(layer, &rows).unwrap();
                 assert_eq!(far.len(), 2 * 6, "{what}: layer {layer}: blocks gathered");
                 for f in &far {
                     let w = &want[f.seq.0 as usize][layer][f.start_pos / G.block_tokens];

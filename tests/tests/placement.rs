@@ -35,8 +35,21 @@ fn run(
     bt: usize,
     placement: Placement,
 ) -> (Vec<Greedy>, [usize; 5]) {
+    run_chunked(spec, prompts, n, bt, placement, usize::MAX)
+}
+
+/// [`run`] with prompts prefilled `chunk` rows per forward pass.
+fn run_chunked(
+    spec: &str,
+    prompts: &[Vec<u32>],
+    n: usize,
+    bt: usize,
+    placement: Placement,
+    chunk: usize,
+) -> (Vec<Greedy>, [usize; 5]) {
     let m = model::open(spec).unwrap();
     let mut e = Engine::with_placement(&m, bt, true, placement);
+    e.prefill_chunk = chunk;
     let mut out: Vec<_> = prompts
         .iter()
         .map(|p| e.greedy_batch(std::slice::from_ref(p), n).remove(0))
@@ -185,6 +198,36 @@ fn bf16_host_and_disk_kv_give_identical_tokens_with_most_kv_on_disk() {
         for ((_, a), (_, b)) in reference.iter().zip(&f32_run) {
             assert_eq!(a, b, "{name}: bf16 KV changed the greedy tokens");
         }
+    }
+}
+
+/// Prompts prefilled 3 rows at a time (chunks split blocks and straddle prompts), most KV on
+/// disk by the time later chunks attend the earlier ones: the tokens and logits of one
+/// all-in-memory prefill per prompt.
+#[test]
+fn chunked_prefill_over_spilled_chunks_gives_identical_tokens() {
+    for name in ["llama-gqa", "opt"] {
+        let dir = fixture(&format!("golden/{name}"));
+        let spec = dir.to_str().unwrap();
+        let (prompts, n) = prompts_of(&dir);
+        let (reference, _) = run(spec, &prompts, n, 4, Placement::default());
+        let placement = Placement {
+            host_blocks: Some(10),
+            disk: Some(scratch_disk(
+                "placement",
+                &format!("{name}-chunked"),
+                IoEngine::Sync,
+            )),
+            kv_dtype: None,
+            gpu: None,
+            policy: SinkAndRecent {
+                sink_blocks: 1,
+                recent_blocks: 1,
+            },
+        };
+        let (chunked, [.., spilled]) = run_chunked(spec, &prompts, n, 4, placement, 3);
+        assert_same(&reference, &chunked, &format!("{name} chunks of 3"));
+        assert!(spilled > 0, "{name}: nothing reached the disk");
     }
 }
 

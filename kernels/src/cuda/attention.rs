@@ -75,6 +75,24 @@ pub(super) enum PoolBuf {
     BF16(CudaSlice<bf16>),
 }
 
+/// A point on a stream: everything enqueued there before it.
+pub struct StreamMark(cudarc::driver::CudaEvent);
+
+impl std::fmt::Debug for StreamMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamMark")
+    }
+}
+
+impl StreamMark {
+    /// Blocks until the stream has passed this mark.
+    pub fn wait(&self) -> Result<()> {
+        self.0
+            .synchronize()
+            .map_err(|e| device_err("stream mark", e))
+    }
+}
+
 /// KV blocks in device memory: `[n_blocks, 2, kv_heads, block_tokens, head_dim]` in `dtype`.
 pub struct KvPool {
     shape: KvBlockShape,
@@ -419,6 +437,70 @@ impl CudaBackend {
         // The host vectors above may die with this call: wait for the copy to have read them.
         r.and_then(|()| s.synchronize())
             .map_err(|e| device_err(op, e))
+    }
+
+    /// Copies `blocks` whole blocks from host memory at `src` (laid out as pool blocks, in the
+    /// pool's dtype) into pool blocks `first_block ..`, on the compute stream, and returns
+    /// without waiting: kernels enqueued later read the copied blocks.
+    ///
+    /// # Safety
+    /// `src` must point to `blocks` blocks of readable host memory, page-locked within one
+    /// registration (a copy spanning two separately registered ranges fails), that stays alive
+    /// and unwritten until a [`CudaBackend::compute_mark`] recorded after this call has passed.
+    pub unsafe fn kv_pool_write_pinned_async(
+        &self,
+        pool: &mut KvPool,
+        first_block: usize,
+        blocks: usize,
+        src: *const u8,
+    ) -> Result<()> {
+        let be = &self.inner;
+        let op = "kv_pool_write_pinned_async";
+        be.check(op)?;
+        if first_block + blocks > pool.n_blocks {
+            return Err(shape_err(
+                op,
+                format!(
+                    "blocks {first_block}..{} past the pool's {}",
+                    first_block + blocks,
+                    pool.n_blocks
+                ),
+            ));
+        }
+        let block_bytes = pool.shape.block_elems() * pool.dtype().size_bytes();
+        let bytes = blocks * block_bytes;
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller guarantees `src` holds `bytes` readable bytes that live until the
+        // copy has run.
+        let host = unsafe { std::slice::from_raw_parts(src, bytes) };
+        be.timed_copy_on(&be.stream, op, super::transfer::Dir::H2d, bytes, |s| {
+            let (base, _sync) = match &mut pool.data {
+                PoolBuf::F32(d) => d.device_ptr_mut(s),
+                PoolBuf::F16(d) => d.device_ptr_mut(s),
+                PoolBuf::BF16(d) => d.device_ptr_mut(s),
+            };
+            // SAFETY: the destination range lies inside the pool's allocation (checked above);
+            // the source is page-locked and outlives the copy (the caller's contract).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    base + (first_block * block_bytes) as u64,
+                    host,
+                    s.cu_stream(),
+                )
+            }
+            .map_err(|e| device_err(op, e))
+        })
+    }
+
+    /// Marks everything enqueued on the compute stream so far.
+    pub fn compute_mark(&self) -> Result<StreamMark> {
+        self.inner
+            .stream
+            .record_event(None)
+            .map(StreamMark)
+            .map_err(|e| device_err("compute_mark", e))
     }
 
     /// Fills the whole pool by repeating its first `src_blocks` blocks (for benchmarks: a large

@@ -53,7 +53,9 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg};
 
-pub use attention::{DeviceBlockTables, DevicePartial, KvBlockShape, KvPool, choose_splits};
+pub use attention::{
+    DeviceBlockTables, DevicePartial, KvBlockShape, KvPool, StreamMark, choose_splits,
+};
 pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
 pub use kvtier::{CopyTicket, HostRegistration};

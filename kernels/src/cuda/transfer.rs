@@ -127,7 +127,7 @@ impl Inner {
     }
 
     /// [`Inner::timed_copy`] on stream `s`.
-    fn timed_copy_on<R>(
+    pub(crate) fn timed_copy_on<R>(
         &self,
         s: &CudaStream,
         op: &'static str,

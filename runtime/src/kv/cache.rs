@@ -75,6 +75,9 @@ pub struct KvMetrics {
     pub bytes_fetched: u64,
     /// Fetched blocks the GPU pool had no free block for: attended on the host instead.
     pub fetched_attended_on_host: u64,
+    /// Extra groups of fetched blocks attended through the GPU scratch (each one more launch
+    /// and an LSE merge): fetches larger than the free pool blocks plus one scratch's worth.
+    pub scratch_groups: u64,
     /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
     pub hidden_blocks_stored: u64,
     pub bytes_hidden_stored: u64,
@@ -236,7 +239,7 @@ impl KvCache {
         d_model: usize,
     ) -> Result<(), KvError> {
         if recompute > 0.0 {
-            if self.gpu.is_some() {
+            if self.has_gpu_tier() {
                 return Err(KvError::Unsupported(format!(
                     "recompute = {recompute}: storing hidden states with a GPU KV tier is not \
                      built yet (run without --gpu-kv-mem room, or recompute 0)"
@@ -312,6 +315,7 @@ impl KvCache {
 
     /// Frees every block of `seq`, in every tier.
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<(), KvError> {
+        self.settle_host_reads()?;
         self.writable_hidden.retain(|k, _| k.0 != seq);
         let Some(s) = self.seqs.remove(&seq) else {
             return Ok(());
@@ -378,6 +382,7 @@ impl KvCache {
         v: &[f32],
         h: Option<&[f32]>,
     ) -> Result<(), KvError> {
+        self.settle_host_reads()?;
         let next = self.len(seq, layer);
         if !self.seqs.contains_key(&seq) {
             return Err(KvError::UnknownSequence(seq));
@@ -386,7 +391,7 @@ impl KvCache {
             return Err(KvError::OutOfOrder { seq, pos, next });
         }
         let g = self.g;
-        if self.gpu.is_some() {
+        if self.has_gpu_tier() {
             return Err(KvError::Gpu(
                 "host append with a GPU tier: the GPU path appends with append_device".into(),
             ));
@@ -472,6 +477,15 @@ impl KvCache {
         Ok(())
     }
 
+    /// Waits for copies that read host slots straight into GPU scratch
+    /// ([`KvCache::attend_device`]), before a host slot is written or freed.
+    fn settle_host_reads(&mut self) -> Result<(), KvError> {
+        match &mut self.gpu {
+            Some(t) => t.settle_reads(),
+            None => Ok(()),
+        }
+    }
+
     fn host_slot(&mut self) -> Result<SlotId, KvError> {
         if let Some(s) = self.host.alloc() {
             self.note_peaks();
@@ -486,7 +500,14 @@ impl KvCache {
         Ok(slot)
     }
 
+    /// Whether the GPU holds KV blocks (appends go there); see [`KvCache::has_gpu_pool`].
     pub fn has_gpu_tier(&self) -> bool {
+        self.gpu.as_ref().is_some_and(|t| t.capacity() > 0)
+    }
+
+    /// Whether a GPU pool exists to attend in: a GPU tier, or only its scratch (a policy that
+    /// keeps no KV on the GPU still attends host and disk blocks there during prefill).
+    pub fn has_gpu_pool(&self) -> bool {
         self.gpu.is_some()
     }
 
@@ -506,8 +527,10 @@ impl KvCache {
     /// The write itself happens on the worker, overlapping compute.
     fn spill(&mut self) -> Result<(), KvError> {
         if let Some(t) = &mut self.gpu {
-            // The blocks about to be written to disk may still be landing from the GPU.
+            // The blocks about to be written to disk may still be landing from the GPU, and
+            // their slots, freed below, may still be read by a copy into scratch.
             t.settle()?;
+            t.settle_reads()?;
         }
         let bpb = self.bpb;
         let Some(disk) = self.disk.as_mut() else {
@@ -603,6 +626,7 @@ impl KvCache {
     ) -> Result<TierAttention, KvError> {
         let mut seqs: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
         seqs.sort_unstable();
+        let rows_of = |seq: SeqId| queries.iter().filter(|q| q.seq == seq).count();
         seqs.dedup();
 
         // Storage attention: ship the queries to the disk worker first, so it streams and
@@ -614,7 +638,7 @@ impl KvCache {
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
-            let far = self.far_mask(blocks);
+            let far = self.far_mask(blocks, rows_of(seq));
             let disk_blocks: Vec<DiskBlock> = blocks
                 .iter()
                 .enumerate()
@@ -651,8 +675,10 @@ impl KvCache {
             t.settle()?;
         }
         let t0 = Instant::now();
-        let views: Vec<Vec<KvBlockView<'_>>> =
-            seqs.iter().map(|s| self.host_views(*s, layer)).collect();
+        let views: Vec<Vec<KvBlockView<'_>>> = seqs
+            .iter()
+            .map(|&s| self.host_views(s, layer, rows_of(s)))
+            .collect();
         let host_queries: Vec<AttentionQuery<'_>> = queries
             .iter()
             .map(|q| {
@@ -677,8 +703,17 @@ impl KvCache {
     }
 
     /// Per block of one `(seq, layer)`: attended on the compute device (hidden states, or KV the
-    /// routes fetch) rather than where it lives. GPU blocks are never far.
-    fn far_mask(&self, blocks: &[Block]) -> Vec<bool> {
+    /// routes fetch) rather than where it lives. GPU blocks are never far. A sequence with
+    /// several rows in the pass (a prompt chunk) has every block far when a GPU pool exists:
+    /// the chunk's attention over its spilled earlier chunks is rows × blocks of work, which the
+    /// GPU does far faster than the host, so those blocks are fetched whatever the routes say.
+    fn far_mask(&self, blocks: &[Block], rows_in_pass: usize) -> Vec<bool> {
+        if rows_in_pass > 1 && self.gpu.is_some() {
+            return blocks
+                .iter()
+                .map(|b| !matches!(b.loc, Loc::Gpu(_)))
+                .collect();
+        }
         let mut mask = vec![false; blocks.len()];
         for (tier_is, near) in [
             (is_host as fn(&Loc) -> bool, self.routes.host_near),
@@ -697,11 +732,17 @@ impl KvCache {
         mask
     }
 
-    /// The far blocks of `seqs` in `layer` (see [`KvCache::far_mask`]), copied out of the host
-    /// tier or read back from the disk tier, in each sequence's position order. The attention
-    /// that follows ([`KvCache::attend_begin`], [`KvCache::attend_device`]) skips them.
-    pub fn gather_far(&mut self, layer: usize, seqs: &[SeqId]) -> Result<Vec<FarBlock>, KvError> {
-        if self.routes == AttentionRoutes::default() && self.recompute == 0.0 {
+    /// The far blocks of `seqs` in `layer` (see [`KvCache::far_mask`]; each sequence with the
+    /// number of rows it has in this pass), copied out of the host tier or read back from the
+    /// disk tier, in each sequence's position order. The attention that follows
+    /// ([`KvCache::attend_begin`], [`KvCache::attend_device`]) skips them.
+    pub fn gather_far(
+        &mut self,
+        layer: usize,
+        seqs: &[(SeqId, usize)],
+    ) -> Result<Vec<FarBlock>, KvError> {
+        let prefill_fetches = self.gpu.is_some() && seqs.iter().any(|s| s.1 > 1);
+        if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
             return Ok(Vec::new());
         }
         if let Some(t) = &mut self.gpu {
@@ -714,19 +755,29 @@ impl KvCache {
             self.d_model,
             self.dtype,
         );
+        // Host blocks bound for the GPU's scratch are copied from where they are.
+        let in_place = self
+            .gpu
+            .as_ref()
+            .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == dtype);
         let mut out = Vec::new();
         let mut disk_reads: Vec<(usize, u32)> = Vec::new();
-        for &seq in seqs {
+        for &(seq, rows) in seqs {
             let blocks = &self
                 .seqs
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
-            let far = self.far_mask(blocks);
+            let far = self.far_mask(blocks, rows);
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
+                let mut in_host = None;
                 let data = match b.loc {
                     Loc::Host(slot) if b.hidden => {
                         KvBuf::F32(self.host.slot_f32(slot)[..b.filled * d].to_vec())
+                    }
+                    Loc::Host(slot) if in_place => {
+                        in_host = Some(slot);
+                        KvBuf::with_capacity(dtype, 0)
                     }
                     Loc::Host(slot) => KvBuf::copy_of(self.host_kv(slot)),
                     Loc::Disk(slot) => {
@@ -737,6 +788,7 @@ impl KvCache {
                 };
                 out.push(FarBlock {
                     seq,
+                    in_host,
                     start_pos: j * bt,
                     len: b.filled,
                     hidden: b.hidden,
@@ -762,7 +814,10 @@ impl KvCache {
                 self.metrics.bytes_hidden_read += f.data.size_bytes() as u64;
             } else {
                 self.metrics.fetched_blocks += 1;
-                self.metrics.bytes_fetched += f.data.size_bytes() as u64;
+                self.metrics.bytes_fetched += match f.in_host {
+                    Some(_) => 2 * e * dtype.size_bytes(),
+                    None => f.data.size_bytes(),
+                } as u64;
             }
         }
         Ok(out)
@@ -775,12 +830,12 @@ impl KvCache {
             (tokens * 2 * self.g.kv_heads * self.g.head_dim * self.dtype.size_bytes()) as u64;
     }
 
-    fn host_views(&self, seq: SeqId, layer: usize) -> Vec<KvBlockView<'_>> {
+    fn host_views(&self, seq: SeqId, layer: usize, rows: usize) -> Vec<KvBlockView<'_>> {
         let e = self.g.block_elems();
         let Some(s) = self.seqs.get(&seq) else {
             return Vec::new();
         };
-        let far = self.far_mask(&s.layers[layer]);
+        let far = self.far_mask(&s.layers[layer], rows);
         s.layers[layer]
             .iter()
             .enumerate()
@@ -955,35 +1010,40 @@ impl KvCache {
         Ok(())
     }
 
-    /// Whether any block of `seqs` in `layer` lives outside the GPU tier, so that some of their
-    /// attention runs on the host (near the data, or far blocks the GPU pool cannot take).
-    pub fn any_off_gpu(&self, layer: usize, seqs: &[SeqId]) -> Result<bool, KvError> {
-        for seq in seqs {
+    /// Whether the host attends any block of `seqs` in `layer` near the data (each sequence
+    /// with its rows in this pass): one outside the GPU that is not fetched
+    /// ([`KvCache::far_mask`]). Fetched blocks the GPU cannot take are
+    /// [`KvCache::fetch_overflows`].
+    pub fn host_attends(&self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<bool, KvError> {
+        for &(seq, rows) in seqs {
             let blocks = &self
                 .seqs
-                .get(seq)
-                .ok_or(KvError::UnknownSequence(*seq))?
+                .get(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
-            if blocks.iter().any(|b| !matches!(b.loc, Loc::Gpu(_))) {
+            let far = self.far_mask(blocks, rows);
+            let near = |(j, b): (usize, &Block)| !matches!(b.loc, Loc::Gpu(_)) && !far[j];
+            if blocks.iter().enumerate().any(near) {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Launches the GPU tier's half of a layer's attention: `q: [rows, n_heads * head_dim]` on
-    /// the device, row `r` at `rows[r] = (seq, pos)`. GPU-resident blocks are attended on the
-    /// device (the split-KV decode kernel when every row is its sequence's only and newest
-    /// token, else the causal prefill kernel) and the partials `(o, lse)` returned, still being
-    /// computed; blocks in the host and disk tiers are left to [`KvCache::attend_begin`], whose
-    /// partials the caller merges with these.
+    /// Launches the GPU's half of a layer's attention: `q: [rows, n_heads * head_dim]` on the
+    /// device, row `r` at `rows[r] = (seq, pos)`. GPU-resident blocks are attended on the device
+    /// (the split-KV decode kernel when every row is its sequence's only and newest token, else
+    /// the causal prefill kernel) and the partials `(o, lse)` returned, still being computed;
+    /// blocks in the host and disk tiers are left to [`KvCache::attend_begin`], whose partials
+    /// the caller merges with these.
     ///
-    /// `far` (from [`KvCache::gather_far`]: host and disk blocks the policy fetches) are copied
-    /// into scratch blocks of the GPU pool and attended with the GPU-resident ones; the scratch
-    /// blocks go back to the pool when the kernels are enqueued (later writes into them are
-    /// ordered after those kernels on the compute stream). When the pool has no free block for
-    /// some of them (a full GPU tier), those are returned, for the host to attend with the near
-    /// blocks, so the run goes on with the same result (`fetched_attended_on_host` counts them).
+    /// `far` (from [`KvCache::gather_far`]: host and disk blocks fetched to the GPU) are copied
+    /// into free blocks of the pool while there are any and attended with the GPU-resident
+    /// ones; the rest go through the pool's scratch blocks a group at a time, each group
+    /// attended on its own and merged by LSE. Pool and scratch blocks are reused once the
+    /// kernels are enqueued: later writes into them are ordered after those kernels on the
+    /// compute stream. Without scratch, far blocks the pool cannot take are returned, for the
+    /// host to attend with the near blocks (`fetched_attended_on_host` counts them).
     pub fn attend_device(
         &mut self,
         layer: usize,
@@ -991,17 +1051,84 @@ impl KvCache {
         q: &CudaTensor,
         ag: &AttentionGeometry,
         mut far: Vec<FarBlock>,
-    ) -> Result<(DevicePartial, Vec<FarBlock>), KvError> {
-        let scratch = self.import_far(&far)?;
-        let leftover = far.split_off(scratch.len());
+    ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), KvError> {
+        if far.is_empty() && !self.any_on_gpu(layer, rows)? {
+            return Ok((None, far));
+        }
+        let group = self.gpu.as_ref().map_or(0, |t| t.scratch().len());
+        // Through scratch when there is one (one copy per group, host blocks straight from the
+        // arena), else into free pool blocks one by one.
+        let pooled = if group == 0 {
+            self.import_far(&far)?
+        } else {
+            Vec::new()
+        };
+        let mut rest = far.split_off(pooled.len());
+        let leftover = if group == 0 {
+            std::mem::take(&mut rest)
+        } else {
+            Vec::new()
+        };
         self.metrics.fetched_attended_on_host += leftover.len() as u64;
-        let out = self.attend_gpu_blocks(layer, rows, q, ag, &scratch);
+        let mut groups = rest.chunks(group.max(1));
+        let mut first = pooled.clone();
+        if let Some(g) = groups.next() {
+            first.extend(self.import_scratch(g)?);
+        }
+        let mut parts = vec![self.attend_gpu_blocks(layer, rows, q, ag, &first, true)];
         if let Some(gpu) = self.gpu.as_mut() {
-            for &(_, id, _, _) in &scratch {
+            for &(_, id, _, _) in &pooled {
                 gpu.free(id);
             }
         }
-        Ok((out?, leftover))
+        for g in groups {
+            let ids = self.import_scratch(g)?;
+            parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false));
+        }
+        let mut parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+        self.metrics.scratch_groups += parts.len() as u64 - 1;
+        let out = match parts.len() {
+            1 => parts.pop().ok_or(KvError::WorkerGone)?,
+            _ => self.merge_device_partials(&parts)?,
+        };
+        Ok((Some(out), leftover))
+    }
+
+    /// Whether `n` fetched blocks leave some for the host ([`KvCache::attend_device`]): no GPU
+    /// pool, or no scratch and fewer free pool blocks than `n`.
+    pub fn fetch_overflows(&self, n: usize) -> bool {
+        match &self.gpu {
+            None => n > 0,
+            Some(t) => t.scratch().is_empty() && n > t.capacity() - t.in_use(),
+        }
+    }
+
+    /// Whether a sequence of `rows` has a block of `layer` in the GPU tier.
+    fn any_on_gpu(&self, layer: usize, rows: &[(SeqId, usize)]) -> Result<bool, KvError> {
+        let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.0).collect();
+        seqs.dedup();
+        for seq in seqs {
+            let blocks = &self
+                .seqs
+                .get(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer];
+            if blocks.iter().any(|b| matches!(b.loc, Loc::Gpu(_))) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn merge_device_partials(&self, parts: &[DevicePartial]) -> Result<DevicePartial, KvError> {
+        let gpu = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| KvError::Gpu("merge without a GPU pool".into()))?;
+        let refs: Vec<&DevicePartial> = parts.iter().collect();
+        gpu.backend
+            .merge_partials(&refs)
+            .map_err(|e| KvError::Gpu(e.to_string()))
     }
 
     /// Counts the bytes of one host round trip of tiered attention: queries down, partials up.
@@ -1030,15 +1157,56 @@ impl KvCache {
         Ok(out)
     }
 
-    /// The device partials of `rows` over their sequences' GPU-resident blocks and the
-    /// `scratch` blocks fetched into the pool.
+    /// Copies `far` (at most the scratch's size) into the scratch blocks: blocks in hand in
+    /// one transfer, host blocks left in place straight from the arena. Returns `(seq, pool id,
+    /// start, len)` for each.
+    fn import_scratch(
+        &mut self,
+        far: &[FarBlock],
+    ) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
+        let gpu = self
+            .gpu
+            .as_mut()
+            .ok_or_else(|| KvError::Gpu("scratch without a GPU pool".into()))?;
+        let ids = gpu.scratch();
+        if far.len() > ids.len() {
+            return Err(KvError::Gpu(format!(
+                "{} fetched blocks for {} scratch blocks",
+                far.len(),
+                ids.len()
+            )));
+        }
+        // Blocks in hand first, then the ones still in host slots.
+        let (in_host, in_hand): (Vec<&FarBlock>, Vec<&FarBlock>) =
+            far.iter().partition(|f| f.in_host.is_some());
+        let e = 2 * self.g.block_elems();
+        let mut data = KvBuf::with_capacity(gpu.pool.dtype(), in_hand.len() * e);
+        for f in &in_hand {
+            data.extend_from(f.data.as_slice().slice(0..e));
+        }
+        gpu.backend
+            .kv_pool_write_kv(&mut gpu.pool, ids.start as usize, data.as_slice())
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        let slots: Vec<SlotId> = in_host.iter().filter_map(|f| f.in_host).collect();
+        gpu.fetch_slots(&mut self.host, ids.start + in_hand.len() as u32, &slots)?;
+        Ok(in_hand
+            .into_iter()
+            .chain(in_host)
+            .zip(ids)
+            .map(|(f, id)| (f.seq, id, f.start_pos, f.len))
+            .collect())
+    }
+
+    /// The device partials of `rows` over `fetched` blocks (copied into the pool), with their
+    /// sequences' GPU-resident blocks when `with_resident`.
     fn attend_gpu_blocks(
         &self,
         layer: usize,
         rows: &[(SeqId, usize)],
         q: &CudaTensor,
         ag: &AttentionGeometry,
-        scratch: &[(SeqId, u32, usize, usize)],
+        fetched: &[(SeqId, u32, usize, usize)],
+        with_resident: bool,
     ) -> Result<DevicePartial, KvError> {
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         let bt = self.g.block_tokens;
@@ -1059,7 +1227,7 @@ impl KvCache {
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
             let mut on_gpu = Vec::new();
-            for (j, b) in blocks.iter().enumerate() {
+            for (j, b) in blocks.iter().enumerate().filter(|_| with_resident) {
                 if let Loc::Gpu(id) = b.loc {
                     on_gpu.push((id, j * bt, b.filled));
                 }
@@ -1067,7 +1235,7 @@ impl KvCache {
             // Fetched blocks are full and older than the GPU tail, so position order keeps the
             // decode kernel's contract (every block full but the last).
             on_gpu.extend(
-                scratch
+                fetched
                     .iter()
                     .filter(|s| s.0 == seq)
                     .map(|&(_, id, start, len)| (id, start, len)),
@@ -1075,7 +1243,9 @@ impl KvCache {
             on_gpu.sort_unstable_by_key(|b| b.1);
             per_seq.insert(seq, on_gpu);
         }
-        let decode = {
+        // A group of fetched blocks alone may leave a row's sequence with no block, or end
+        // before its tail: the prefill kernel takes any blocks (and gives such rows lse -inf).
+        let decode = with_resident && {
             let mut seen = std::collections::HashSet::new();
             rows.iter()
                 .all(|&(seq, pos)| seen.insert(seq) && pos + 1 == self.len(seq, layer))

@@ -50,10 +50,12 @@ pub fn stores_hidden(j: usize, r: f64) -> bool {
 /// stored them (`kv_dtype`: no widening on the way to the device); while `hidden`, it is the
 /// layer's input hidden states `[len, d_model] f32` instead, to be turned into K and V (see
 /// `Transformer`'s recompute, which rounds them to `kv_dtype` as an append would) before
-/// attention.
+/// attention. A host block bound for the GPU's scratch stays where it is (`in_host`, `data`
+/// empty): the GPU copies it straight from the page-locked arena.
 #[derive(Clone, Debug)]
 pub struct FarBlock {
     pub seq: SeqId,
+    pub in_host: Option<strata_storage::SlotId>,
     pub start_pos: usize,
     pub len: usize,
     pub hidden: bool,

@@ -8,7 +8,7 @@
 //! each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
 //! before anything reads the host tier (host attention, a host → disk spill) or the next spill.
 
-use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool};
+use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool, StreamMark};
 use strata_kernels::{CudaBackend, DType};
 use strata_storage::{ArenaSlots, SlotId};
 
@@ -24,6 +24,30 @@ pub struct GpuTierConfig {
     /// host tier keep exactly these values: copied as they are when the host tier holds this
     /// dtype, widened exactly when it holds f32.
     pub dtype: DType,
+    /// Blocks of `bytes` set aside as scratch that host and disk blocks are copied into to be
+    /// attended on the GPU (a prompt's spilled earlier chunks, KV the policy fetches), a group
+    /// at a time. With `bytes` all scratch the tier holds no KV of its own: appends go to the
+    /// host, and only attention runs here.
+    pub scratch_blocks: usize,
+}
+
+impl GpuTierConfig {
+    /// Scratch for a run whose forward passes have at most `rows` prompt rows: room for twice
+    /// one pass's blocks (fewer groups per layer for a long prompt), at most an eighth of a
+    /// tier that also holds KV.
+    pub fn scratch_for(
+        rows: usize,
+        block_tokens: usize,
+        tier_blocks: usize,
+        kv_too: bool,
+    ) -> usize {
+        let want = (2 * rows.div_ceil(block_tokens.max(1))).max(16);
+        if kv_too {
+            want.min(tier_blocks / 8)
+        } else {
+            want.min(tier_blocks)
+        }
+    }
 }
 
 /// Page-locking granularity of the host arena, about: rounded to whole slots ([`register_chunk`]).
@@ -39,10 +63,14 @@ fn register_chunk(stride: usize) -> usize {
 
 pub(super) struct GpuTier {
     pub backend: CudaBackend,
+    /// Blocks `0..kv_blocks` hold KV (the allocator's), `kv_blocks..` are scratch.
     pub pool: KvPool,
+    kv_blocks: usize,
     free: Vec<u32>,
     /// The spill whose copies may still be landing in host slots.
     pending: Option<CopyTicket>,
+    /// Copies from host slots into scratch that may still be reading them.
+    reads: Option<StreamMark>,
     /// Per 64 MiB chunk of the host arena: registered yet?
     registered: Vec<Option<HostRegistration>>,
 }
@@ -57,10 +85,10 @@ impl GpuTier {
         let block_bytes = shape.block_elems() * cfg.dtype.size_bytes();
         let n = usize::try_from(cfg.bytes / block_bytes as u64).unwrap_or(usize::MAX);
         let n = n.min(u32::MAX as usize);
-        if n == 0 {
+        if n == 0 || n < cfg.scratch_blocks {
             return Err(KvError::GpuTooSmall {
-                capacity: 0,
-                needed: 1,
+                capacity: n,
+                needed: cfg.scratch_blocks.max(1),
                 bytes_per_block: block_bytes,
             });
         }
@@ -68,17 +96,26 @@ impl GpuTier {
             .backend
             .kv_pool(cfg.dtype, shape, n)
             .map_err(|e| KvError::Gpu(e.to_string()))?;
+        let kv_blocks = n - cfg.scratch_blocks;
         Ok(Self {
             backend: cfg.backend,
             pool,
-            free: (0..n as u32).rev().collect(),
+            kv_blocks,
+            free: (0..kv_blocks as u32).rev().collect(),
             pending: None,
+            reads: None,
             registered: Vec::new(),
         })
     }
 
+    /// Blocks that hold KV (scratch excluded).
     pub fn capacity(&self) -> usize {
-        self.pool.n_blocks()
+        self.kv_blocks
+    }
+
+    /// The scratch blocks' pool ids.
+    pub fn scratch(&self) -> std::ops::Range<u32> {
+        self.kv_blocks as u32..self.pool.n_blocks() as u32
     }
 
     pub fn in_use(&self) -> usize {
@@ -137,6 +174,82 @@ impl GpuTier {
         Ok(())
     }
 
+    /// Waits until no copy into scratch still reads a host slot (before one is written, reused
+    /// or freed).
+    pub fn settle_reads(&mut self) -> Result<(), KvError> {
+        match self.reads.take() {
+            Some(m) => m.wait().map_err(|e| KvError::Gpu(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts copying host slots `slots[i]` (K and V in the pool's dtype) into pool blocks
+    /// `first + i` on the compute stream, straight from the arena (page-locked here if not yet),
+    /// a run of adjacent slots in one copy. The slots must not change until
+    /// [`GpuTier::settle_reads`].
+    pub fn fetch_slots(
+        &mut self,
+        host: &mut ArenaSlots,
+        first: u32,
+        slots: &[SlotId],
+    ) -> Result<(), KvError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (base, len) = host.raw_region();
+        let (stride, slot_bytes) = (host.slot_stride(), host.slot_bytes());
+        let chunk = register_chunk(stride);
+        let block_bytes = self.bytes_per_block();
+        if slot_bytes < block_bytes {
+            return Err(KvError::Gpu(format!(
+                "host slots of {slot_bytes} bytes hold no {block_bytes}-byte GPU block"
+            )));
+        }
+        let offsets: Vec<usize> = slots
+            .iter()
+            .map(|&s| host.slot_ptr(s) as usize - base as usize)
+            .collect();
+        let mut i = 0;
+        while i < offsets.len() {
+            // A run: adjacent slots laid out exactly as pool blocks, in one registration.
+            let mut j = i + 1;
+            while j < offsets.len()
+                && stride == block_bytes
+                && offsets[j] == offsets[j - 1] + stride
+                && offsets[j] / chunk == offsets[i] / chunk
+            {
+                j += 1;
+            }
+            self.register(
+                base,
+                len,
+                chunk,
+                offsets[i],
+                (j - i - 1) * stride + block_bytes,
+            )?;
+            // SAFETY: slots i..j are allocated arena slots, adjacent when more than one, each
+            // holding a block in the pool's dtype, within one page-locked chunk (registered
+            // above; the arena outlives this tier). The cache calls `settle_reads` (which waits
+            // for the mark recorded below) before it writes, reuses or frees a host slot.
+            unsafe {
+                self.backend.kv_pool_write_pinned_async(
+                    &mut self.pool,
+                    first as usize + i,
+                    j - i,
+                    base.wrapping_add(offsets[i]),
+                )
+            }
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+            i = j;
+        }
+        let mark = self
+            .backend
+            .compute_mark()
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        self.reads = Some(mark);
+        Ok(())
+    }
+
     /// Page-locks the arena chunks (of `chunk` bytes, whole slots) covering
     /// `[offset, offset + len)`.
     fn register(
@@ -170,8 +283,9 @@ impl GpuTier {
 
 impl Drop for GpuTier {
     fn drop(&mut self) {
-        // Never leave a copy writing into host memory that is about to be unmapped.
+        // Never leave a copy writing into (or reading) host memory about to be unmapped.
         let _ = self.settle();
+        let _ = self.settle_reads();
     }
 }
 
