@@ -370,6 +370,7 @@ fn predicted(p: &Prediction, m: &ModelSpec, wl: &Workload) -> Predicted {
             host_attention_s: job(S::HostAttention),
             disk_read_s: job(S::DiskRead),
             disk_write_s: job(S::DiskWrite),
+            host_memory_s: job(S::HostMemory),
         },
         memory_bytes: p.memory,
     }
