@@ -430,7 +430,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             // Prefill one GPU batch's prompts per pass at most: the workspace the planner counted.
             let rows = (policy.gpu_batch_size * workload.prompt_len).max(1);
             a.prefill_chunk = a.prefill_chunk.min(rows as usize);
-            Some((policy, prediction, run))
+            Some((policy, prediction, run, workload))
         }
     };
     let mut gpu_tier = None;
@@ -502,6 +502,21 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             host_kv_dtype = kv_dtype;
             let cfg = &model.config;
             let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
+            // Under a policy the GPU KV tier holds what the policy keeps there (its prediction
+            // counts that), not whatever the budget leaves; `--gpu-kv-mem` still overrides.
+            if let (Some((policy, _, _, workload)), None) = (&planned, a.gpu_kv_mem) {
+                let (bytes, short) = policy_exec::gpu_kv_tier_bytes(
+                    policy,
+                    workload,
+                    cfg.layers as u64,
+                    block_bytes,
+                    split.kv_bytes,
+                );
+                if let Some(note) = short {
+                    eprintln!("note: {note}");
+                }
+                split.kv_bytes = bytes;
+            }
             // Every sequence's writable block in every layer, plus one prefill chunk's blocks.
             let min_blocks = (a.batch_size * cfg.layers
                 + rows.div_ceil(a.kv_block_tokens)
@@ -521,19 +536,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 human_bytes(split.workspace_bytes),
                 human_bytes(split.kv_bytes)
             );
-            // A policy with recompute keeps no KV on the GPU (see `policy_exec::runnable`): the
-            // cache stores hidden states only without a GPU KV tier.
-            let policy_wants_no_gpu_kv = planned.as_ref().is_some_and(|(p, _, _)| {
-                !strata_runtime::policy_exec::keeps_gpu_kv(p)
-                    && strata_planner::Tier::ALL
-                        .iter()
-                        .any(|&t| p.recompute.get(t) > 0.0)
-            });
-            if policy_wants_no_gpu_kv {
-                eprintln!(
-                    "note: no GPU KV tier: the policy recomputes KV from hidden states and keeps \
-                     no KV on the GPU"
-                );
+            // A policy that keeps no KV on the GPU gets no GPU KV tier (and the cache stores
+            // hidden states for recompute only without one, see `policy_exec::runnable`).
+            if planned.is_some() && split.kv_bytes == 0 {
+                eprintln!("note: no GPU KV tier: the policy keeps no KV on the GPU");
             } else if split.kv_bytes / block_bytes >= min_blocks {
                 gpu_tier = Some(GpuTierConfig {
                     backend: gpu.clone(),
@@ -612,7 +618,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             stats
         }
     };
-    if let Some((policy, prediction, _)) = &planned {
+    if let Some((policy, prediction, _, _)) = &planned {
         let check = policy_exec::check(policy, prediction, &stats);
         eprintln!("{}", check.report());
         stats.policy_check = Some(check);
