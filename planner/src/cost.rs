@@ -27,11 +27,18 @@
 //! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
 //! bandwidth) + k · layer overhead`. Disk bandwidth depends on request size (weights: 4 MiB
 //! chunks; KV: one block of one sequence in one layer), see [`HardwareProfile::disk_read_bps`].
-//! **Overlap**: streams run concurrently, so a layer costs the max over streams — except that
-//! near-data attention of a GPU batch must finish before that batch's output projection, so
-//! host attention overlaps GPU compute only across GPU batches: that pair costs
-//! `max(g, a) + min(g, a)/k`. A phase costs `L · layer + fill`, where the pipeline fill/drain
-//! `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
+//! **Host memory** is shared: host attention reads it, every host→device copy reads it, and
+//! device→host copies and disk reads write into it (disk writes read it). Each stream's own
+//! rate was calibrated alone, so `host_memory = (host_attention + h2d + d2h + disk_read +
+//! disk_write bytes) / host memory bandwidth` ([`HardwareProfile::host_memory_bps`]) is a floor
+//! on the layer that no single stream shows.
+//! **Overlap**: streams run concurrently, so a layer costs the max over streams and
+//! `host_memory` — except that near-data attention of a GPU batch must finish before that
+//! batch's output projection, so host attention overlaps GPU compute only across GPU batches:
+//! that pair costs `max(g, a) + min(g, a)/k`. The layer's copies run while the host attends (the
+//! next layer's weights are prefetched as a layer starts), so they share the memory with it:
+//! `a = max(host_attention, host_memory)`. A phase costs `L · layer + fill`, where the pipeline
+//! fill/drain `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
 //!
 //! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
 //! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
@@ -80,10 +87,26 @@ pub enum Stream {
     HostAttention,
     DiskRead,
     DiskWrite,
+    /// The host's memory, which host attention, the copies and disk IO share: its bytes are
+    /// those of other streams, so it is a floor on a layer, not a stream of its own.
+    HostMemory,
 }
 
 impl Stream {
-    pub const ALL: [Stream; 6] = [
+    /// Everything the cost model times, as `strata plan` lists it.
+    pub const ALL: [Stream; 7] = [
+        Stream::GpuCompute,
+        Stream::H2d,
+        Stream::D2h,
+        Stream::HostAttention,
+        Stream::DiskRead,
+        Stream::DiskWrite,
+        Stream::HostMemory,
+    ];
+
+    /// The streams that each move or compute bytes of their own: sums and maxima over them count
+    /// every byte once ([`Stream::HostMemory`] counts bytes of four of them again).
+    pub const INDEPENDENT: [Stream; 6] = [
         Stream::GpuCompute,
         Stream::H2d,
         Stream::D2h,
@@ -100,6 +123,7 @@ impl Stream {
             Stream::HostAttention => "host attention",
             Stream::DiskRead => "disk read",
             Stream::DiskWrite => "disk write",
+            Stream::HostMemory => "host memory",
         }
     }
 }
@@ -113,6 +137,8 @@ pub struct StreamTimes {
     pub host_attention_s: f64,
     pub disk_read_s: f64,
     pub disk_write_s: f64,
+    /// All host-memory bytes of the other streams over the host memory's bandwidth.
+    pub host_memory_s: f64,
 }
 
 impl StreamTimes {
@@ -124,13 +150,15 @@ impl StreamTimes {
             Stream::HostAttention => self.host_attention_s,
             Stream::DiskRead => self.disk_read_s,
             Stream::DiskWrite => self.disk_write_s,
+            Stream::HostMemory => self.host_memory_s,
         }
     }
 
-    /// The slowest stream and its time (the first of equals, in [`Stream::ALL`] order).
+    /// The slowest independent stream and its time (the first of equals, in
+    /// [`Stream::INDEPENDENT`] order).
     pub fn max(&self) -> (Stream, f64) {
         let mut best = (Stream::GpuCompute, self.gpu_compute_s);
-        for s in Stream::ALL {
+        for s in Stream::INDEPENDENT {
             if self.get(s) > best.1 {
                 best = (s, self.get(s));
             }
@@ -138,8 +166,19 @@ impl StreamTimes {
         best
     }
 
+    /// The independent streams' times added up (each byte once).
     pub fn sum(&self) -> f64 {
-        Stream::ALL.iter().map(|&s| self.get(s)).sum()
+        Stream::INDEPENDENT.iter().map(|&s| self.get(s)).sum()
+    }
+
+    /// How long the host attention of a layer lasts while the layer's copies and disk IO share
+    /// the host's memory with it (0 without host attention).
+    fn host_attention_shared_s(&self) -> f64 {
+        if self.host_attention_s > 0.0 {
+            self.host_attention_s.max(self.host_memory_s)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -326,6 +365,10 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let hidden_request = m.hidden_bytes_per_token() * block;
     let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes);
     let memory = t.hbm / (hw.hbm_gbps * 1e9);
+    // Every upload leaves from host memory (weights and KV live there; disk bytes are staged
+    // there), downloads and disk reads land in it, disk writes leave from it.
+    let disk_read = t.disk_read_weights + t.disk_read_kv + t.disk_read_hidden;
+    let host_memory = t.host_attention + t.h2d + t.d2h + disk_read + t.disk_write;
     StreamTimes {
         gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
@@ -335,18 +378,24 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),
         disk_write_s: t.disk_write / hw.disk_write_bps(kv_request.min(hidden_request)),
+        host_memory_s: host_memory / hw.host_memory_bps(),
     }
 }
 
 fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
     let (mut bound_by, mut layer_s) = st.max();
+    if st.host_memory_s > layer_s {
+        (bound_by, layer_s) = (Stream::HostMemory, st.host_memory_s);
+    }
     // Host attention of GPU batch b overlaps GPU work only on other GPU batches.
-    let (g, a) = (st.gpu_compute_s, st.host_attention_s);
+    let (g, a) = (st.gpu_compute_s, st.host_attention_shared_s());
     let coupled = g.max(a) + g.min(a) / p.num_gpu_batches as f64;
     if coupled > layer_s {
         layer_s = coupled;
         bound_by = if g >= a {
             Stream::GpuCompute
+        } else if a > st.host_attention_s {
+            Stream::HostMemory
         } else {
             Stream::HostAttention
         };

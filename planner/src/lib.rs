@@ -10,17 +10,19 @@
 //! - [`policy`]: the policy space — policy as data, validated, interpreted by one executor.
 //! - [`cost`]: the overlap-aware cost model and the memory footprint of a policy.
 //! - [`search`]: enumeration of a discretised policy space, feasibility, best + runners-up.
+//! - [`fill`]: moving a policy's cold KV up into the room its budgets leave on faster tiers.
 //! - [`flexgen`]: FlexGen's policy space (its `Policy`, published suite, search with this cost
 //!   model) translated into strata policies: the `flexgen` baseline of `strata bench`.
 //! - [`baselines`]: the `layerwise` and `gpu-only` baselines.
 //!
 //! Invariants: every policy [`plan`] returns fits the budgets under [`cost::memory`]; the cost model
-//! never looks at the budgets, so more memory in any tier can only enlarge the feasible set and
-//! never predicts a slower plan.
+//! never looks at the budgets, so more memory in any tier can only enlarge the feasible set (and
+//! give the filled policies more of the faster tiers) and never predicts a slower plan.
 
 pub mod baselines;
 pub mod cost;
 pub mod error;
+pub mod fill;
 pub mod flexgen;
 pub mod model;
 pub mod policy;

@@ -61,6 +61,14 @@ impl<T: Copy> PerTier<T> {
             Tier::Disk => self.disk,
         }
     }
+
+    pub fn get_mut(&mut self, tier: Tier) -> &mut T {
+        match tier {
+            Tier::Gpu => &mut self.gpu,
+            Tier::Host => &mut self.host,
+            Tier::Disk => &mut self.disk,
+        }
+    }
 }
 
 /// Fractions per tier summing to 1.

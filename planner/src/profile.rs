@@ -46,7 +46,8 @@ pub struct HardwareProfile {
     pub h2d_gbps: f64,
     /// Device → host into pinned memory.
     pub d2h_gbps: f64,
-    /// Host DRAM copy bandwidth (all cores).
+    /// Host DRAM copy bandwidth (all cores), in bytes copied: the memory moved twice as many
+    /// (see [`HardwareProfile::host_memory_bps`]).
     pub host_mem_gbps: f64,
     /// KV bytes per second the host attention engine reads while attending (all cores), in the
     /// dtype the host tier holds on a GPU run (`strata calibrate` measures bf16 blocks).
@@ -156,6 +157,15 @@ impl HardwareProfile {
             self.gemm_tflops.f16.min(self.gemm_tflops.bf16)
         };
         tflops * 1e12
+    }
+
+    /// Bytes per second the host's memory serves, reads and writes together, to everything that
+    /// shares it (host attention, the copy engines' DMA, disk IO). `host_mem_gbps` counts a
+    /// copy's bytes once, but a copy reads each byte and writes it (and with ordinary stores also
+    /// reads the destination line first), so the memory sustained at least twice that. The host
+    /// attention figure is a read-only scan the memory also sustained, so it is a floor.
+    pub fn host_memory_bps(&self) -> f64 {
+        (2.0 * self.host_mem_gbps).max(self.host_attention_gbps) * 1e9
     }
 
     /// Effective disk read bandwidth in bytes/s at request size `request_bytes`.

@@ -7,10 +7,16 @@
 //! {16, 32, 64, 128}; prefetch depth {1, 2}. Options that cannot differ (attention of a tier that
 //! holds no KV) are enumerated once.
 //!
+//! Each feasible policy is also considered filled ([`fill_faster_tiers`]): its cold KV moved up
+//! into the room the budgets leave on the GPU and in host memory, in whole blocks, which the
+//! quarter steps alone cannot express (the GPU memory left after the weights, say). The unfilled
+//! policy stays a candidate: the executor runs recompute only without GPU KV, and moving KV onto
+//! the GPU can cost GPU time that host attention hid behind other GPU batches.
+//!
 //! Objective: predicted job time (prefill + gen_len decode steps). Ties keep the first found;
 //! enumeration order puts weights on faster tiers first. Invariants: the returned policy and every
-//! alternative fit the budgets; the objective does not depend on the budgets, so a larger budget
-//! never returns a slower plan. When nothing fits, the error reports the policy that came closest
+//! alternative fit the budgets; the objective does not depend on the budgets and a larger budget
+//! only fills faster tiers further, so a larger budget never returns a slower plan. When nothing fits, the error reports the policy that came closest
 //! (least total bytes over budget), tier by tier.
 
 use std::collections::HashMap;
@@ -19,6 +25,7 @@ use serde::Serialize;
 
 use crate::cost::{Prediction, TierBytes, memory, predict};
 use crate::error::{PlanError, Shortfall};
+use crate::fill::fill_faster_tiers;
 use crate::model::{Budgets, ModelSpec, Workload};
 use crate::policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
 use crate::profile::HardwareProfile;
@@ -160,6 +167,9 @@ impl Search<'_> {
             return;
         }
         self.feasible += 1;
+        if let Some(filled) = fill_faster_tiers(self.m, self.wl, &p, self.budgets, &mem) {
+            self.consider(filled, key);
+        }
         let time = predict(self.m, self.wl, &p, self.hw).total_s;
         let better = |b: &Option<Best>| b.as_ref().is_none_or(|b| time < b.time);
         if better(&self.best) {
@@ -366,6 +376,9 @@ fn finish(s: Search<'_>, space: &SearchSpace) -> Result<Plan, PlanError> {
         .filter(|b| placement_label(&b.policy) != placement_label(&best.policy))
         .collect();
     others.sort_by(|a, b| a.time.total_cmp(&b.time));
+    // Filled policies of different grid placements can land on the same placement.
+    let mut labels = std::collections::HashSet::new();
+    others.retain(|b| labels.insert(placement_label(&b.policy)));
     for b in others.into_iter().take(space.runners_up) {
         alternatives.push(alt(format!("placement {}", placement_label(&b.policy)), b));
     }

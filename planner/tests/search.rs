@@ -4,13 +4,13 @@
 
 mod common;
 
-use common::{GIB, opt};
+use common::{GIB, llama_3_8b, opt};
 
 use std::time::Instant;
 
 use strata_planner::{
-    Budgets, HardwareProfile, MlpKind, ModelSpec, PlanError, Policy, SearchSpace, Stream, Tier,
-    Workload, memory, plan, plan_with,
+    Budgets, HardwareProfile, ModelSpec, PlanError, Policy, SearchSpace, Stream, Tier, Workload,
+    memory, plan, plan_with,
 };
 
 const TIB: u64 = 1 << 40;
@@ -21,22 +21,6 @@ fn opt_30b() -> ModelSpec {
 
 fn opt_175b() -> ModelSpec {
     opt("opt-175b", 12288, 96, 96)
-}
-
-fn llama_3_8b() -> ModelSpec {
-    ModelSpec {
-        name: "llama-3-8b".into(),
-        layers: 32,
-        hidden: 4096,
-        heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        intermediate: 14336,
-        vocab: 128256,
-        weight_dtype_bytes: 2,
-        kv_dtype_bytes: 2,
-        mlp: MlpKind::Gated,
-    }
 }
 
 fn budgets(gpu: u64, host: u64, disk: u64) -> Budgets {

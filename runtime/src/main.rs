@@ -430,7 +430,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             // Prefill one GPU batch's prompts per pass at most: the workspace the planner counted.
             let rows = (policy.gpu_batch_size * workload.prompt_len).max(1);
             a.prefill_chunk = a.prefill_chunk.min(rows as usize);
-            Some((policy, prediction, run))
+            Some((policy, prediction, run, workload))
         }
     };
     let mut gpu_tier = None;
@@ -502,6 +502,22 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             host_kv_dtype = kv_dtype;
             let cfg = &model.config;
             let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
+            let room = split.kv_bytes;
+            // Under a policy the GPU KV tier holds what the policy keeps there (its prediction
+            // counts that), not whatever the budget leaves; `--gpu-kv-mem` still overrides.
+            if let (Some((policy, _, _, workload)), None) = (&planned, a.gpu_kv_mem) {
+                let (bytes, short) = policy_exec::gpu_kv_tier_bytes(
+                    policy,
+                    workload,
+                    cfg.layers as u64,
+                    block_bytes,
+                    split.kv_bytes,
+                );
+                if let Some(note) = short {
+                    eprintln!("note: {note}");
+                }
+                split.kv_bytes = bytes;
+            }
             // Every sequence's writable block in every layer, plus one prefill chunk's blocks.
             let min_blocks = (a.batch_size * cfg.layers
                 + rows.div_ceil(a.kv_block_tokens)
@@ -521,53 +537,42 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 human_bytes(split.workspace_bytes),
                 human_bytes(split.kv_bytes)
             );
-            // A policy with recompute keeps no KV on the GPU (see `policy_exec::runnable`): the
-            // cache stores hidden states only without a GPU KV tier.
-            let policy_wants_no_gpu_kv = planned.as_ref().is_some_and(|(p, _, _)| {
-                !strata_runtime::policy_exec::keeps_gpu_kv(p)
-                    && strata_planner::Tier::ALL
-                        .iter()
-                        .any(|&t| p.recompute.get(t) > 0.0)
-            });
-            let tier_blocks = (split.kv_bytes / block_bytes) as usize;
+            // Scratch blocks, to attend host and disk KV on the GPU (a prompt's spilled earlier
+            // chunks, fetched blocks): from the room the policy leaves, else from the tier.
             let bt = a.kv_block_tokens;
-            let with_kv = GpuTierConfig::scratch_for(rows, bt, tier_blocks, true);
-            let scratch_only = if policy_wants_no_gpu_kv {
-                eprintln!(
-                    "note: no GPU KV tier: the policy recomputes KV from hidden states and keeps \
-                     no KV on the GPU"
-                );
-                true
-            } else if tier_blocks >= min_blocks as usize + with_kv {
-                gpu_tier = Some(GpuTierConfig {
-                    backend: gpu.clone(),
-                    bytes: split.kv_bytes,
-                    dtype: kv_dtype,
-                    scratch_blocks: with_kv,
-                });
-                false
-            } else {
+            let room_blocks = (room / block_bytes) as usize;
+            let tier_blocks = (split.kv_bytes / block_bytes) as usize;
+            let want = GpuTierConfig::scratch_want(rows, bt);
+            let spare = room_blocks.saturating_sub(tier_blocks);
+            let scratch = want.min(spare.max(tier_blocks / 8)).min(room_blocks);
+            let kv_blocks = (tier_blocks + scratch).min(room_blocks) - scratch;
+            if kv_blocks == 0 {
+                eprintln!("note: no GPU KV tier: the policy keeps no KV on the GPU");
+            } else if kv_blocks < min_blocks as usize {
                 eprintln!(
                     "note: no GPU KV tier: {} of KV room holds {} blocks of {}, fewer than the {} \
                      this batch needs; KV stays in host memory and decode attention runs on the CPU",
-                    human_bytes(split.kv_bytes),
-                    tier_blocks,
+                    human_bytes(kv_blocks as u64 * block_bytes),
+                    kv_blocks,
                     human_bytes(block_bytes),
                     min_blocks
                 );
-                true
+            }
+            let kv_blocks = if kv_blocks < min_blocks as usize {
+                0
+            } else {
+                kv_blocks
             };
-            // Without a GPU KV tier a prompt's attention over its host blocks still runs on the
-            // GPU, through scratch blocks.
-            let scratch = GpuTierConfig::scratch_for(rows, bt, tier_blocks, false);
-            if scratch_only && scratch > 0 {
+            if kv_blocks == 0 && scratch > 0 {
                 eprintln!(
-                    "note: {scratch} GPU scratch blocks ({}) attend prompts over host KV",
+                    "note: {scratch} GPU scratch blocks ({}) attend prompts over host and disk KV",
                     human_bytes(scratch as u64 * block_bytes)
                 );
+            }
+            if kv_blocks + scratch > 0 {
                 gpu_tier = Some(GpuTierConfig {
                     backend: gpu.clone(),
-                    bytes: scratch as u64 * block_bytes,
+                    bytes: (kv_blocks + scratch) as u64 * block_bytes,
                     dtype: kv_dtype,
                     scratch_blocks: scratch,
                 });
@@ -634,7 +639,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             stats
         }
     };
-    if let Some((policy, prediction, _)) = &planned {
+    if let Some((policy, prediction, _, _)) = &planned {
         let check = policy_exec::check(policy, prediction, &stats);
         eprintln!("{}", check.report());
         stats.policy_check = Some(check);

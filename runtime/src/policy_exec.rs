@@ -9,10 +9,12 @@
 //! field that needs the missing piece (weights on disk; per-tier recompute shares that differ
 //! between tiers that all hold cold KV), so a run never claims to follow a policy it does not.
 //! The KV cache refuses, naming `recompute`, what it cannot hold: hidden states with a GPU KV
-//! tier, or hidden states larger than a KV block.
+//! tier, or hidden states larger than a KV block. The GPU KV tier holds what the policy keeps on
+//! the GPU ([`gpu_kv_tier_bytes`]), not whatever GPU memory is left, so the prediction covers
+//! the KV that lands there.
 
 use serde::Serialize;
-use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier};
+use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload};
 
 use crate::forward::Residency;
 use crate::generate::JobStats;
@@ -166,6 +168,43 @@ pub fn keeps_gpu_kv(p: &Policy) -> bool {
     p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0)
 }
 
+/// KV tokens of each sequence that `p` keeps on the GPU at the job's final length (its hot
+/// window there, and its GPU share of the older tokens stored as KV), in whole blocks: what the
+/// planner counts in GPU memory.
+pub fn gpu_kv_tokens_per_sequence(p: &Policy, wl: &Workload) -> u64 {
+    let len = wl.final_len() as f64;
+    let hot = (p.kv.hot_window_tokens as f64).min(len);
+    let hot_on_gpu = if p.kv.hot_tier == Tier::Gpu { hot } else { 0.0 };
+    let tokens = hot_on_gpu + (len - hot) * p.kv.cold.gpu * (1.0 - p.recompute.gpu);
+    let block = p.kv_block_tokens.max(1);
+    (tokens / block as f64 - 1e-9).ceil().max(0.0) as u64 * block
+}
+
+/// Bytes of the GPU KV tier that runs `p` for `wl` on a model of `layers` layers, with KV
+/// blocks of `block_bytes` (the GPU tier's dtype): the policy's GPU KV, at most `room` (what
+/// the GPU budget leaves after weights and workspace), and a note for the user when the room
+/// falls short of the policy.
+pub fn gpu_kv_tier_bytes(
+    p: &Policy,
+    wl: &Workload,
+    layers: u64,
+    block_bytes: u64,
+    room: u64,
+) -> (u64, Option<String>) {
+    let blocks = gpu_kv_tokens_per_sequence(p, wl) / p.kv_block_tokens.max(1);
+    let planned = blocks * wl.batch * layers * block_bytes;
+    if planned <= room {
+        return (planned, None);
+    }
+    let note = format!(
+        "the policy keeps {} of KV on the GPU but the GPU budget leaves {}: the rest goes to \
+         host memory, and the run will be slower than predicted",
+        strata_planner::human_bytes(planned),
+        strata_planner::human_bytes(room)
+    );
+    (room, Some(note))
+}
+
 /// Whether a token's hidden state (kept in f32) fits where its K and V would be (in the KV
 /// dtype): the KV cache stores a recomputed block's hidden states in the block's own slot.
 fn hidden_fits_kv_block(m: &ModelSpec) -> bool {
@@ -288,6 +327,45 @@ mod tests {
         assert!(!runnable(&cold_gpu, &spec("opt-6.7b", 2)));
         hot_gpu.recompute.disk = 0.0;
         assert!(runnable(&hot_gpu, &spec("opt-6.7b", 2)));
+    }
+
+    /// The GPU KV tier holds what the policy keeps on the GPU: nothing for a policy without GPU
+    /// KV, its hot window and GPU share in whole blocks otherwise, and no more than the budget
+    /// leaves (saying so).
+    #[test]
+    fn the_gpu_kv_tier_holds_the_policys_gpu_kv() {
+        let wl = Workload {
+            batch: 4,
+            prompt_len: 4000,
+            gen_len: 16,
+        };
+        let block_bytes = 1 << 16;
+        let mut p = gpu_only();
+        p.kv.cold = TierSplit::all_on(Tier::Host);
+        p.kv.hot_tier = Tier::Host;
+        p.kv.hot_window_tokens = 128;
+        assert_eq!(gpu_kv_tokens_per_sequence(&p, &wl), 0);
+        assert_eq!(
+            gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),
+            (0, None)
+        );
+        // 4016 tokens: 128 hot on the GPU and a tenth of the 3888 older ones, 516.8 in all: 17
+        // blocks of 32.
+        p.kv.hot_tier = Tier::Gpu;
+        p.kv.cold = TierSplit {
+            gpu: 0.1,
+            host: 0.9,
+            disk: 0.0,
+        };
+        assert_eq!(gpu_kv_tokens_per_sequence(&p, &wl), 17 * 32);
+        let planned = 17 * 4 * 32 * block_bytes;
+        assert_eq!(
+            gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),
+            (planned, None)
+        );
+        let (bytes, note) = gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, planned / 2);
+        assert_eq!(bytes, planned / 2);
+        assert!(note.is_some_and(|n| n.contains("slower than predicted")));
     }
 
     #[test]

@@ -123,6 +123,7 @@ fn check_schema(r: &Value) {
                     "host_attention_s",
                     "disk_read_s",
                     "disk_write_s",
+                    "host_memory_s",
                 ] {
                     assert!(is_num(&p["streams"][k]), "predicted.streams.{k}");
                 }

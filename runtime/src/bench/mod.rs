@@ -370,6 +370,7 @@ fn predicted(p: &Prediction, m: &ModelSpec, wl: &Workload) -> Predicted {
             host_attention_s: job(S::HostAttention),
             disk_read_s: job(S::DiskRead),
             disk_write_s: job(S::DiskWrite),
+            host_memory_s: job(S::HostMemory),
         },
         memory_bytes: p.memory,
     }
@@ -679,16 +680,8 @@ fn write_prompts(path: &Path, batch: u64, prompt_len: u64, vocab: usize) -> anyh
 
 /// KV bytes the policy keeps on the GPU for the whole job (its hot window and GPU share).
 fn gpu_kv_bytes(p: &Policy, spec: &ModelSpec, wl: &Workload) -> u64 {
-    let len = wl.final_len() as f64;
-    let hot = if p.kv.hot_tier == Tier::Gpu {
-        (p.kv.hot_window_tokens as f64).min(len)
-    } else {
-        0.0
-    };
-    let tokens = hot + (len - hot.min(len)) * p.kv.cold.gpu;
-    let block = p.kv_block_tokens as f64;
-    let rounded = (tokens / block).ceil() * block;
-    (rounded * (wl.batch * spec.layers * spec.kv_bytes_per_token_per_layer()) as f64) as u64
+    let tokens = strata_runtime::policy_exec::gpu_kv_tokens_per_sequence(p, wl);
+    tokens * wl.batch * spec.layers * spec.kv_bytes_per_token_per_layer()
 }
 
 /// The host KV arena for a run (`--host-mem` of generate, allocated at start): the policy's

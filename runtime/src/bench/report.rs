@@ -129,6 +129,8 @@ pub struct PredictedStreams {
     pub host_attention_s: f64,
     pub disk_read_s: f64,
     pub disk_write_s: f64,
+    /// The host memory those streams share (a floor, not a stream of its own).
+    pub host_memory_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]

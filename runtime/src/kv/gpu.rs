@@ -33,20 +33,9 @@ pub struct GpuTierConfig {
 
 impl GpuTierConfig {
     /// Scratch for a run whose forward passes have at most `rows` prompt rows: room for twice
-    /// one pass's blocks (fewer groups per layer for a long prompt), at most an eighth of a
-    /// tier that also holds KV.
-    pub fn scratch_for(
-        rows: usize,
-        block_tokens: usize,
-        tier_blocks: usize,
-        kv_too: bool,
-    ) -> usize {
-        let want = (2 * rows.div_ceil(block_tokens.max(1))).max(16);
-        if kv_too {
-            want.min(tier_blocks / 8)
-        } else {
-            want.min(tier_blocks)
-        }
+    /// one pass's blocks, so a long prompt's earlier chunks go through in few groups.
+    pub fn scratch_want(rows: usize, block_tokens: usize) -> usize {
+        (2 * rows.div_ceil(block_tokens.max(1))).max(16)
     }
 }
 

@@ -1,0 +1,139 @@
+//! The cost model's shared host memory, on Llama-3-8B shapes and the H100 reference profile.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{GIB, llama_3_8b};
+
+use strata_planner::{
+    Attention, Budgets, HardwareProfile, KvPlacement, POLICY_VERSION, PerTier, Policy, Stream,
+    Tier, TierSplit, Workload, plan, predict,
+};
+
+fn wl(batch: u64, prompt_len: u64) -> Workload {
+    Workload {
+        batch,
+        prompt_len,
+        gen_len: 16,
+    }
+}
+
+/// Weights 7/8 on the GPU and 1/8 streamed from host memory; `cold` KV split, attended near the
+/// data; one GPU batch.
+fn streamed_policy(batch: u64, cold: TierSplit) -> Policy {
+    Policy {
+        version: POLICY_VERSION,
+        weights: TierSplit {
+            gpu: 0.875,
+            host: 0.125,
+            disk: 0.0,
+        },
+        kv: KvPlacement {
+            hot_window_tokens: 256,
+            hot_tier: Tier::Gpu,
+            cold,
+        },
+        recompute: PerTier::default(),
+        attention_host: Attention::AttendNear,
+        attention_disk: Attention::AttendNear,
+        gpu_batch_size: batch,
+        num_gpu_batches: 1,
+        kv_block_tokens: 64,
+        prefetch_depth: 1,
+    }
+}
+
+/// The reference H100 profile with host attention at 74 GB/s (as `strata calibrate` measured it
+/// on that host) and a host copy of `gbps`.
+fn with_host_memory(gbps: f64) -> HardwareProfile {
+    HardwareProfile {
+        host_mem_gbps: gbps,
+        host_attention_gbps: 74.0,
+        ..HardwareProfile::h100_reference()
+    }
+}
+
+/// Host attention over 3/4 of the KV while an eighth of the weights streams up: with a host copy
+/// of 28 GB/s (so 56 GB/s read + written) the two together need the
+/// host memory longer than either alone, so the layer costs the host memory time plus the GPU
+/// work that waits for the attention, and the decode step is slower than with ample bandwidth.
+#[test]
+fn host_attention_and_weight_copies_share_the_host_memory() {
+    let m = llama_3_8b();
+    let w = wl(8, 4096);
+    let p = streamed_policy(
+        8,
+        TierSplit {
+            gpu: 0.25,
+            host: 0.75,
+            disk: 0.0,
+        },
+    );
+    let shared = with_host_memory(28.0);
+    let pred = predict(&m, &w, &p, &shared);
+    let d = pred.decode_step;
+    let st = d.per_layer;
+    let bytes = st.host_attention_s * shared.host_attention_gbps
+        + st.h2d_s * shared.h2d_gbps
+        + st.d2h_s * shared.d2h_gbps;
+    let expected = bytes * 1e9 / shared.host_memory_bps();
+    assert!((st.host_memory_s - expected).abs() < 1e-12 * expected.max(1.0));
+    assert!(
+        st.host_memory_s > st.host_attention_s.max(st.h2d_s),
+        "{st:?}"
+    );
+    assert_eq!(d.bound_by, Stream::HostMemory);
+    assert_eq!(pred.bound_by, Stream::HostMemory);
+    // One GPU batch: the GPU's output projection and MLP wait for the attention.
+    assert!((d.layer_s - (st.host_memory_s + st.gpu_compute_s)).abs() < 1e-12);
+
+    let ample = predict(&m, &w, &p, &with_host_memory(1e6)).decode_step;
+    assert_eq!(ample.per_layer.host_attention_s, st.host_attention_s);
+    assert!(
+        d.total_s > ample.total_s * 1.05,
+        "{} vs {}",
+        d.total_s,
+        ample.total_s
+    );
+}
+
+/// The host memory figure only ever adds a floor: more of it never predicts a slower policy or
+/// plan.
+#[test]
+fn more_host_memory_bandwidth_never_predicts_slower() {
+    let m = llama_3_8b();
+    let w = wl(8, 4096);
+    let cold = [
+        TierSplit::all_on(Tier::Host),
+        TierSplit {
+            gpu: 0.5,
+            host: 0.25,
+            disk: 0.25,
+        },
+    ];
+    let budgets = Budgets {
+        gpu_bytes: 20 * GIB,
+        host_bytes: 64 * GIB,
+        disk_bytes: 200 * GIB,
+    };
+    let mut last: Option<(Vec<f64>, f64)> = None;
+    for gbps in [5.0, 15.0, 28.0, 50.0, 100.0, 400.0] {
+        let hw = with_host_memory(gbps);
+        let fixed: Vec<f64> = cold
+            .iter()
+            .map(|&c| predict(&m, &w, &streamed_policy(8, c), &hw).total_s)
+            .collect();
+        let planned = plan(&m, &w, &budgets, &hw).unwrap().prediction.total_s;
+        if let Some((before, planned_before)) = &last {
+            for (now, then) in fixed.iter().zip(before) {
+                assert!(
+                    now <= &(then * (1.0 + 1e-12)),
+                    "{gbps} GB/s: {now} > {then}"
+                );
+            }
+            assert!(planned <= planned_before * (1.0 + 1e-12), "{gbps} GB/s");
+        }
+        last = Some((fixed, planned));
+    }
+}
