@@ -7,8 +7,10 @@
 //! - GEMM FLOPs per token = 2·parameters; attention FLOPs per token = 4·ctx·heads·head_dim
 //!   (Q·Kᵀ and P·V, 2 FLOPs per multiply-add).
 //! - KV bytes per token = `kv_width · kv_dtype_bytes` with `kv_width = 2·kv_heads·head_dim` (K and V).
-//! - hidden-state bytes per token = `hidden · activation bytes` (the weight dtype): what a
-//!   recompute tier stores instead of KV.
+//! - hidden-state bytes per token = `hidden · 4`: the runtime keeps activations and the hidden
+//!   states a recompute tier stores instead of KV in f32, so recomputed K and V equal the
+//!   appended ones exactly. Recompute therefore halves the bytes of an MHA model's KV only when
+//!   the KV is f32 too; with bf16 KV the two are the same size.
 //! - regenerating K and V from a stored hidden state costs `2·hidden·kv_width` FLOPs per token.
 //!
 //! Invariants (checked by [`ModelSpec::validate`] and [`Workload::validate`]): every dimension and
@@ -114,8 +116,9 @@ impl ModelSpec {
         self.kv_width() * self.kv_dtype_bytes
     }
 
+    /// f32 hidden states (see the module header).
     pub fn hidden_bytes_per_token(&self) -> u64 {
-        self.hidden * self.weight_dtype_bytes
+        self.hidden * 4
     }
 
     /// FLOPs to regenerate one token's K and V in one layer from its stored hidden state.
