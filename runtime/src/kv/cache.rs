@@ -1021,6 +1021,10 @@ impl KvCache {
                 .get(&seq)
                 .ok_or(KvError::UnknownSequence(seq))?
                 .layers[layer];
+            // Cheap first: a GPU-resident sequence (the common decode case) needs no mask.
+            if blocks.iter().all(|b| matches!(b.loc, Loc::Gpu(_))) {
+                continue;
+            }
             let far = self.far_mask(blocks, rows);
             let near = |(j, b): (usize, &Block)| !matches!(b.loc, Loc::Gpu(_)) && !far[j];
             if blocks.iter().enumerate().any(near) {
