@@ -545,23 +545,29 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             let want = GpuTierConfig::scratch_want(rows, bt);
             let spare = room_blocks.saturating_sub(tier_blocks);
             let scratch = want.min(spare.max(tier_blocks / 8)).min(room_blocks);
-            let kv_blocks = (tier_blocks + scratch).min(room_blocks) - scratch;
-            if kv_blocks == 0 {
-                eprintln!("note: no GPU KV tier: the policy keeps no KV on the GPU");
-            } else if kv_blocks < min_blocks as usize {
-                eprintln!(
-                    "note: no GPU KV tier: {} of KV room holds {} blocks of {}, fewer than the {} \
-                     this batch needs; KV stays in host memory and decode attention runs on the CPU",
-                    human_bytes(kv_blocks as u64 * block_bytes),
-                    kv_blocks,
-                    human_bytes(block_bytes),
-                    min_blocks
-                );
-            }
-            let kv_blocks = if kv_blocks < min_blocks as usize {
-                0
-            } else {
-                kv_blocks
+            let kv_blocks = match (tier_blocks + scratch).min(room_blocks) - scratch {
+                0 => {
+                    eprintln!(
+                        "note: no GPU KV tier: {}",
+                        if planned.is_some() {
+                            "the policy keeps no KV on the GPU"
+                        } else {
+                            "the weights and activations leave no room"
+                        }
+                    );
+                    0
+                }
+                n if n < min_blocks as usize => {
+                    eprintln!(
+                        "note: no GPU KV tier: {} of KV room holds {n} blocks of {}, fewer than \
+                         the {min_blocks} this batch needs; KV stays in host memory and decode \
+                         attention runs on the CPU",
+                        human_bytes(n as u64 * block_bytes),
+                        human_bytes(block_bytes),
+                    );
+                    0
+                }
+                n => n,
             };
             if kv_blocks == 0 && scratch > 0 {
                 eprintln!(

@@ -75,8 +75,8 @@ pub struct KvMetrics {
     pub bytes_fetched: u64,
     /// Fetched blocks the GPU pool had no free block for: attended on the host instead.
     pub fetched_attended_on_host: u64,
-    /// Extra groups of fetched blocks attended through the GPU scratch (each one more launch
-    /// and an LSE merge): fetches larger than the free pool blocks plus one scratch's worth.
+    /// Groups of fetched blocks beyond the first that went through the GPU scratch (each one
+    /// more copy, launch and LSE merge): fetches larger than the scratch.
     pub scratch_groups: u64,
     /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
     pub hidden_blocks_stored: u64,
@@ -1041,13 +1041,13 @@ impl KvCache {
     /// blocks in the host and disk tiers are left to [`KvCache::attend_begin`], whose partials
     /// the caller merges with these.
     ///
-    /// `far` (from [`KvCache::gather_far`]: host and disk blocks fetched to the GPU) are copied
-    /// into free blocks of the pool while there are any and attended with the GPU-resident
-    /// ones; the rest go through the pool's scratch blocks a group at a time, each group
-    /// attended on its own and merged by LSE. Pool and scratch blocks are reused once the
-    /// kernels are enqueued: later writes into them are ordered after those kernels on the
-    /// compute stream. Without scratch, far blocks the pool cannot take are returned, for the
-    /// host to attend with the near blocks (`fetched_attended_on_host` counts them).
+    /// `far` (from [`KvCache::gather_far`]: host and disk blocks fetched to the GPU) go through
+    /// the pool's scratch blocks a group at a time: the first group attended with the
+    /// GPU-resident blocks, each further one on its own, their partials merged by LSE. Scratch
+    /// blocks are reused once the kernels are enqueued: later writes into them are ordered
+    /// after those kernels on the compute stream. A pool without scratch takes them into free
+    /// blocks one by one, and returns those it has no room for, for the host to attend with the
+    /// near blocks (`fetched_attended_on_host` counts them).
     pub fn attend_device(
         &mut self,
         layer: usize,
@@ -1251,8 +1251,9 @@ impl KvCache {
         // before its tail: the prefill kernel takes any blocks (and gives such rows lse -inf).
         let decode = with_resident && {
             let mut seen = std::collections::HashSet::new();
-            rows.iter()
-                .all(|&(seq, pos)| seen.insert(seq) && pos + 1 == self.len(seq, layer))
+            rows.iter().all(|&(seq, pos)| {
+                seen.insert(seq) && pos + 1 == self.len(seq, layer) && !per_seq[&seq].is_empty()
+            })
         };
         if decode {
             // Every listed block is full except the tail: the decode kernel's table contract.
