@@ -44,7 +44,8 @@
 //! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
 //! `(depth+1)·(streamed weights of a layer + fetched/regenerated KV of one GPU batch in one layer)`,
 //! the workspace of a prefill forward pass of `min(g·s, PREFILL_ROWS)` rows (one GPU batch's
-//! prompts) and the logits
+//! prompts; the prefill runs `⌈N·s / rows⌉` passes, each streaming the weights it does not
+//! keep) and the logits
 //! ([`gpu_workspace_bytes`], the runtime's own sizing); with several GPU batches, the batch's
 //! prompt hidden states in host memory between layers (`N·s·hb` each way over PCIe per prefill
 //! layer);
@@ -335,11 +336,25 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     t
 }
 
+/// Rows of one prefill forward pass: at most one GPU batch's prompts (the runtime's chunk under
+/// a policy), and at most [`PREFILL_ROWS`].
+fn prefill_pass_rows(p: &Policy, wl: &Workload) -> u64 {
+    (p.gpu_batch_size * wl.prompt_len.max(1)).min(PREFILL_ROWS)
+}
+
 fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     let z = sizes(m, wl, p);
     let s = wl.prompt_len as f64;
     let mut t = Traffic::default();
-    weight_traffic(&mut t, p, &z);
+    // Every forward pass streams the weights it does not keep, so a long prompt batch run in
+    // many passes streams them many times.
+    let passes = (wl.batch * wl.prompt_len)
+        .div_ceil(prefill_pass_rows(p, wl))
+        .max(1) as f64;
+    t.h2d += passes * (p.weights.host + p.weights.disk) * z.w;
+    t.disk_read_weights += passes * p.weights.disk * z.w;
+    t.hbm += passes.max(z.k) * z.w;
+    t.launches += passes.max(z.k);
     t.flops += m.gemm_flops_per_token_per_layer() * z.n * s;
     t.flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
     // Activations in and out of HBM: about 4 hidden-sized and 2 MLP-sized tensors per token.
@@ -468,8 +483,7 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     if p.num_gpu_batches > 1 {
         bytes[1] += z.n * wl.prompt_len.max(1) as f64 * z.hb;
     }
-    // A prefill pass covers at most one GPU batch's prompts (the runtime's chunk under a policy).
-    let rows = (p.gpu_batch_size * wl.prompt_len.max(1)).min(PREFILL_ROWS);
+    let rows = prefill_pass_rows(p, wl);
     let activations = gpu_workspace_bytes(m, rows, wl.batch) as f64;
     bytes[0] +=
         m.embedding_bytes() as f64 + slots * (streamed_weights + fetched_per_batch) + activations;

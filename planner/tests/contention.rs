@@ -137,3 +137,31 @@ fn more_host_memory_bandwidth_never_predicts_slower() {
         last = Some((fixed, planned));
     }
 }
+
+/// The runtime prefills in passes of at most one GPU batch's prompt rows and 8192, each
+/// streaming the weights it does not keep: 8 prompts of 32K tokens run 32 passes, 8 prompts of
+/// 1K run one, so the streamed eighth of the weights costs 32 one-pass times in the first
+/// prefill and one in the second (nothing else crosses PCIe here).
+#[test]
+fn prefill_streams_the_weights_once_per_pass() {
+    let m = llama_3_8b();
+    let hw = HardwareProfile::h100_reference();
+    let p = streamed_policy(
+        8,
+        TierSplit {
+            gpu: 1.0,
+            host: 0.0,
+            disk: 0.0,
+        },
+    );
+    let one_pass_s = 0.125 * m.weight_bytes_per_layer() as f64 / (hw.h2d_gbps * 1e9);
+    for (prompt, passes) in [(32768, 32.0), (1024, 1.0)] {
+        let st = predict(&m, &wl(8, prompt), &p, &hw).prefill.per_layer;
+        let want = passes * one_pass_s;
+        assert!(
+            (st.h2d_s - want).abs() <= 1e-3 * want,
+            "prompt {prompt}: h2d {} s, want {want} s",
+            st.h2d_s
+        );
+    }
+}
