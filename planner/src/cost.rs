@@ -217,6 +217,8 @@ pub struct Prediction {
 #[derive(Default)]
 struct Traffic {
     flops: f64,
+    /// Causal prefill attention, charged at its own rate.
+    attention_flops: f64,
     hbm: f64,
     h2d: f64,
     d2h: f64,
@@ -356,7 +358,7 @@ fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     t.hbm += passes.max(z.k) * z.w;
     t.launches += passes.max(z.k);
     t.flops += m.gemm_flops_per_token_per_layer() * z.n * s;
-    t.flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
+    t.attention_flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
     // Activations in and out of HBM: about 4 hidden-sized and 2 MLP-sized tensors per token.
     let ab = m.weight_dtype_bytes as f64;
     t.hbm += z.n * s * (4 * m.hidden + 2 * m.intermediate) as f64 * ab;
@@ -378,7 +380,8 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let block = p.kv_block_tokens;
     let kv_request = m.kv_bytes_per_token_per_layer() * block;
     let hidden_request = m.hidden_bytes_per_token() * block;
-    let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes);
+    let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes)
+        + t.attention_flops / hw.prefill_attention_flops(m.weight_dtype_bytes);
     let memory = t.hbm / (hw.hbm_gbps * 1e9);
     // Every upload leaves from host memory (weights and KV live there; disk bytes are staged
     // there), downloads and disk reads land in it, disk writes leave from it.

@@ -64,6 +64,10 @@ pub struct HardwareProfile {
     pub disk_half_bandwidth_request_bytes: u64,
     /// Fixed GPU cost per layer per GPU batch (kernel launches, syncs), microseconds.
     pub gpu_layer_overhead_us: f64,
+    /// Causal prefill attention on the GPU (half-precision KV), TFLOP/s: an attention kernel
+    /// runs well below the GEMM peak. Absent (older files, no GPU): the GEMM rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_attention_tflops: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -110,6 +114,8 @@ impl HardwareProfile {
             disk_measured: true,
             disk_half_bandwidth_request_bytes: 64 * 1024,
             gpu_layer_overhead_us: 40.0,
+            // `gpu-prefill`, bf16, 4 × 8K tokens (bench/RESULTS.md).
+            prefill_attention_tflops: Some(285.0),
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -142,11 +148,19 @@ impl HardwareProfile {
             disk_measured: true,
             disk_half_bandwidth_request_bytes: 128 * 1024,
             gpu_layer_overhead_us: 5.0,
+            prefill_attention_tflops: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
             cpu_cores: 2,
         }
+    }
+
+    /// Prefill attention FLOP/s for a weight dtype of `bytes` bytes: the measured rate, else
+    /// the GEMM rate.
+    pub fn prefill_attention_flops(&self, bytes: u64) -> f64 {
+        self.prefill_attention_tflops
+            .map_or_else(|| self.gemm_flops(bytes), |t| t * 1e12)
     }
 
     /// GEMM FLOP/s for a weight dtype of `bytes` bytes (2 → the slower of f16 and bf16).
@@ -232,6 +246,10 @@ impl HardwareProfile {
             ("host_attention_gbps", self.host_attention_gbps),
             ("disk_read_gbps", self.disk_read_gbps),
             ("disk_write_gbps", self.disk_write_gbps),
+            (
+                "prefill_attention_tflops",
+                self.prefill_attention_tflops.unwrap_or(1.0),
+            ),
         ];
         for (field, v) in rates {
             if !(v.is_finite() && v > 0.0) {

@@ -4,6 +4,8 @@
 //! - **GPU** (when one is usable; [`DeviceCalibrator`], CUDA events): cuBLAS GEMM of `[n, n]`
 //!   matrices per dtype, a device-to-device copy (HBM), and copies between page-locked host
 //!   memory and the device (H2D, D2H). Capacity: the GPU's total memory.
+//!   Causal prefill attention through the runtime's own kernel (`CudaBackend`, NVRTC-compiled on
+//!   first use), one 8192-token prompt on Llama-3-8B's heads over bf16 KV.
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query.
@@ -248,6 +250,7 @@ pub const DECODE_OPS_PER_LAYER: usize = 10;
 
 struct Sizes {
     gpu_gemm_n: usize,
+    prefill_tokens: usize,
     gpu_gemm_reps: usize,
     hbm: usize,
     pinned: usize,
@@ -269,6 +272,7 @@ impl Sizes {
         let s = if quick { 4 } else { 1 };
         Sizes {
             gpu_gemm_n: 4096,
+            prefill_tokens: 8192 / s,
             gpu_gemm_reps: 20 / s,
             op_reps: 2000 / s,
             hbm: (1 << 30) / s,
@@ -328,7 +332,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     }
     let mut notes = Vec::new();
     let gpu = open_gpu(opts.device, &mut notes)?;
-    let steps = Steps::new(if gpu.is_some() { 8 } else { 5 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 9 } else { 5 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -377,6 +381,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
         disk_half_bandwidth_request_bytes: HardwareProfile::cpu_only_reference()
             .disk_half_bandwidth_request_bytes,
         gpu_layer_overhead_us: HardwareProfile::cpu_only_reference().gpu_layer_overhead_us,
+        prefill_attention_tflops: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -385,6 +390,11 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     let gpu_name = match &gpu {
         Some(cal) => {
             measure_gpu(cal, &sz, &steps, &mut p, &mut row)?;
+            let device = match opts.device {
+                DeviceChoice::Cuda(d) => d,
+                DeviceChoice::Auto | DeviceChoice::Cpu => 0,
+            };
+            measure_prefill_attention(device, &sz, &steps, &mut p, &mut row)?;
             cal.device_info().name.clone()
         }
         None => {
@@ -597,6 +607,38 @@ fn measure_gpu(
         format!(
             "{DECODE_OPS_PER_LAYER} × {per_op:.1} µs, the fixed cost of one small op (allocate, \
              launch, free)"
+        ),
+    );
+    Ok(())
+}
+
+/// The GPU's causal prefill attention rate (the runtime's own kernel, compiled through NVRTC
+/// first if not cached), which the planner charges a prefill's attention FLOPs at.
+fn measure_prefill_attention(
+    device: usize,
+    sz: &Sizes,
+    steps: &Steps,
+    p: &mut HardwareProfile,
+    row: &mut Row<'_>,
+) -> Result<(), CalibrateError> {
+    steps.step("GPU prefill attention");
+    let gpu = strata_kernels::CudaBackend::new(device).map_err(|e| CalibrateError::NoGpu {
+        device,
+        reason: e.to_string(),
+    })?;
+    let tflops = gpu
+        .prefill_attention_tflops(DType::BF16, sz.prefill_tokens, sz.trials)
+        .map_err(|source| CalibrateError::Gpu {
+            what: "prefill attention",
+            source,
+        })?;
+    p.prefill_attention_tflops = Some(tflops);
+    row(
+        "prefill attention",
+        format!("{tflops:.1} TFLOP/s"),
+        format!(
+            "causal, one {}-token prompt, Llama-3-8B heads, bf16 KV, best of {}",
+            sz.prefill_tokens, sz.trials
         ),
     );
     Ok(())

@@ -607,3 +607,49 @@ fn check_prefill(
     }
     Ok(())
 }
+
+impl CudaBackend {
+    /// Causal prefill attention throughput in TFLOP/s (`4 · heads · head_dim` FLOPs per visible
+    /// key): one prompt of `tokens` tokens on Llama-3-8B's geometry (32 query heads, 8 KV heads,
+    /// head dim 128) over a `dtype` pool of 32-token blocks, best of `trials` calls after one
+    /// warm-up. What the planner charges a prefill's attention FLOPs at.
+    pub fn prefill_attention_tflops(
+        &self,
+        dtype: DType,
+        tokens: usize,
+        trials: usize,
+    ) -> Result<f64> {
+        const HEADS: usize = 32;
+        let shape = super::KvBlockShape {
+            kv_heads: 8,
+            block_tokens: 32,
+            head_dim: 128,
+        };
+        let blocks = tokens.div_ceil(shape.block_tokens).max(1);
+        let mut pool = self.kv_pool(dtype, shape, blocks)?;
+        let seed = blocks.min(64);
+        let values: Vec<f32> = (0..seed * shape.block_elems())
+            .map(|i| ((i.wrapping_mul(2_654_435_761) % 2001) as f32 - 1000.0) * 1e-3)
+            .collect();
+        self.kv_pool_write(&mut pool, 0, &values)?;
+        self.kv_pool_tile(&mut pool, seed)?;
+        let ids: Vec<u32> = (0..blocks as u32).collect();
+        let tables =
+            self.upload_paged_tables(&pool, &[SeqBlocks::contiguous(&ids, tokens, 32)?])?;
+        let at: Vec<(u32, u32)> = (0..tokens as u32).map(|p| (0, p)).collect();
+        let rows = self.upload_query_rows(&at)?;
+        let width = HEADS * shape.head_dim;
+        let q = self.upload(tokens, width, &vec![0.01; tokens * width])?;
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let call = || self.prefill_attention(&pool, &tables, &q, &rows, HEADS, scale);
+        drop(call()?);
+        let mut best = f64::INFINITY;
+        for _ in 0..trials.max(1) {
+            let (ms, out) = self.time_ms(call)?;
+            drop(out);
+            best = best.min(ms);
+        }
+        let visible = (tokens * (tokens + 1) / 2) as f64;
+        Ok(4.0 * width as f64 * visible / (best * 1e-3) / 1e12)
+    }
+}
