@@ -4,45 +4,9 @@
 
 mod common;
 
-use common::{GIB, llama_3_8b};
+use common::{GIB, llama_3_8b, streamed_policy, wl};
 
-use strata_planner::{
-    Attention, Budgets, HardwareProfile, KvPlacement, POLICY_VERSION, PerTier, Policy, Stream,
-    Tier, TierSplit, Workload, plan, predict,
-};
-
-fn wl(batch: u64, prompt_len: u64) -> Workload {
-    Workload {
-        batch,
-        prompt_len,
-        gen_len: 16,
-    }
-}
-
-/// Weights 7/8 on the GPU and 1/8 streamed from host memory; `cold` KV split, attended near the
-/// data; one GPU batch.
-fn streamed_policy(batch: u64, cold: TierSplit) -> Policy {
-    Policy {
-        version: POLICY_VERSION,
-        weights: TierSplit {
-            gpu: 0.875,
-            host: 0.125,
-            disk: 0.0,
-        },
-        kv: KvPlacement {
-            hot_window_tokens: 256,
-            hot_tier: Tier::Gpu,
-            cold,
-        },
-        recompute: PerTier::default(),
-        attention_host: Attention::AttendNear,
-        attention_disk: Attention::AttendNear,
-        gpu_batch_size: batch,
-        num_gpu_batches: 1,
-        kv_block_tokens: 64,
-        prefetch_depth: 1,
-    }
-}
+use strata_planner::{Budgets, HardwareProfile, Stream, Tier, TierSplit, plan, predict};
 
 /// The reference H100 profile with host attention at 74 GB/s (as `strata calibrate` measured it
 /// on that host) and a host copy of `gbps`.

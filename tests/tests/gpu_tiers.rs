@@ -321,6 +321,21 @@ fn half_precision_kv_is_the_same_in_every_tier() {
     }
 }
 
+/// `host_blocks` of host memory over a scratch disk tier (`tag` names its folder), an optional
+/// GPU tier, and the sink-and-recent policy keeping one block of each.
+fn host_and_disk(tag: &str, host_blocks: usize, gpu: Option<GpuTierConfig>) -> Placement {
+    Placement {
+        host_blocks: Some(host_blocks),
+        disk: Some(scratch_disk("gpu-tiers", tag, IoEngine::Sync)),
+        kv_dtype: None,
+        gpu,
+        policy: SinkAndRecent {
+            sink_blocks: 1,
+            recent_blocks: 1,
+        },
+    }
+}
+
 /// An engine on `gpu` with resident weights whose host and disk KV is attended `near` near the
 /// data (the rest fetched) and whose full blocks keep hidden states for a `recompute` share.
 fn routed_engine<'m>(
@@ -364,20 +379,7 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
                 continue;
             }
             let what = format!("near {near}, recompute {recompute}, {gpu_batches} GPU batches");
-            let placement = Placement {
-                host_blocks: Some(tails + small / 4),
-                disk: Some(scratch_disk(
-                    "gpu-tiers",
-                    &format!("{name}-routes"),
-                    IoEngine::Sync,
-                )),
-                kv_dtype: None,
-                gpu: None,
-                policy: SinkAndRecent {
-                    sink_blocks: 1,
-                    recent_blocks: 1,
-                },
-            };
+            let placement = host_and_disk(&format!("{name}-routes"), tails + small / 4, None);
             let mut engine = routed_engine(gpu, &m, placement, near, recompute);
             engine.tf.set_gpu_batches(gpu_batches);
             let got = run(&mut engine, &e);
@@ -450,20 +452,9 @@ fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
                 continue;
             }
             let what = format!("GPU KV {kv_blocks} blocks + 2 scratch, recompute {recompute}");
-            let placement = Placement {
-                host_blocks: Some(tails + small / 4),
-                disk: Some(scratch_disk(
-                    "gpu-tiers",
-                    &format!("{name}-chunked"),
-                    IoEngine::Sync,
-                )),
-                kv_dtype: None,
-                gpu: Some(with_scratch(gpu, &m, kv_blocks, 2, DType::F32)),
-                policy: SinkAndRecent {
-                    sink_blocks: 1,
-                    recent_blocks: 1,
-                },
-            };
+            let tier = with_scratch(gpu, &m, kv_blocks, 2, DType::F32);
+            let placement =
+                host_and_disk(&format!("{name}-chunked"), tails + small / 4, Some(tier));
             let mut engine = routed_engine(gpu, &m, placement, 1.0, recompute);
             engine.prefill_chunk = 3;
             let got = run(&mut engine, &e);

@@ -230,7 +230,7 @@ fn square_gemm<T>(n: i32, alpha: T, beta: T) -> GemmConfig<T> {
 }
 
 /// `n` values in [-1, 1) from a xorshift generator (deterministic, cheap).
-fn pseudo_random(n: usize) -> Vec<f32> {
+pub(crate) fn pseudo_random(n: usize) -> Vec<f32> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
         .map(|_| {

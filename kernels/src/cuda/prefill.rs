@@ -628,9 +628,7 @@ impl CudaBackend {
         let blocks = tokens.div_ceil(shape.block_tokens).max(1);
         let mut pool = self.kv_pool(dtype, shape, blocks)?;
         let seed = blocks.min(64);
-        let values: Vec<f32> = (0..seed * shape.block_elems())
-            .map(|i| ((i.wrapping_mul(2_654_435_761) % 2001) as f32 - 1000.0) * 1e-3)
-            .collect();
+        let values = super::calibrate::pseudo_random(seed * shape.block_elems());
         self.kv_pool_write(&mut pool, 0, &values)?;
         self.kv_pool_tile(&mut pool, seed)?;
         let ids: Vec<u32> = (0..blocks as u32).collect();

@@ -1,8 +1,12 @@
-//! Model shapes the planner's tests share (each test binary uses some of them).
+//! Model shapes, workloads and policies the planner's tests share (each test binary uses some
+//! of them).
 
 #![allow(dead_code)]
 
-use strata_planner::{MlpKind, ModelSpec};
+use strata_planner::{
+    Attention, KvPlacement, MlpKind, ModelSpec, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
+    Workload,
+};
 
 pub const GIB: u64 = 1 << 30;
 
@@ -37,5 +41,39 @@ pub fn llama_3_8b() -> ModelSpec {
         weight_dtype_bytes: 2,
         kv_dtype_bytes: 2,
         mlp: MlpKind::Gated,
+    }
+}
+
+/// `batch` prompts of `prompt_len` tokens, 16 generated.
+pub fn wl(batch: u64, prompt_len: u64) -> Workload {
+    Workload {
+        batch,
+        prompt_len,
+        gen_len: 16,
+    }
+}
+
+/// Weights 7/8 on the GPU and 1/8 streamed from host memory; `cold` KV split, attended near the
+/// data; one GPU batch.
+pub fn streamed_policy(batch: u64, cold: TierSplit) -> Policy {
+    Policy {
+        version: POLICY_VERSION,
+        weights: TierSplit {
+            gpu: 0.875,
+            host: 0.125,
+            disk: 0.0,
+        },
+        kv: KvPlacement {
+            hot_window_tokens: 256,
+            hot_tier: Tier::Gpu,
+            cold,
+        },
+        recompute: PerTier::default(),
+        attention_host: Attention::AttendNear,
+        attention_disk: Attention::AttendNear,
+        gpu_batch_size: batch,
+        num_gpu_batches: 1,
+        kv_block_tokens: 64,
+        prefetch_depth: 1,
     }
 }

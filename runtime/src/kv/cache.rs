@@ -624,20 +624,20 @@ impl KvCache {
         queries: &[TierQuery<'_>],
         ag: &AttentionGeometry,
     ) -> Result<TierAttention, KvError> {
-        let mut seqs: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
-        seqs.sort_unstable();
-        let rows_of = |seq: SeqId| queries.iter().filter(|q| q.seq == seq).count();
+        let mut sorted: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
+        sorted.sort_unstable();
+        let mut seqs = sorted.clone();
         seqs.dedup();
+        // Queries per sequence in this pass (a prompt chunk has several).
+        let rows_of = |seq: SeqId| {
+            sorted.partition_point(|&s| s <= seq) - sorted.partition_point(|&s| s < seq)
+        };
 
         // Storage attention: ship the queries to the disk worker first, so it streams and
         // attends while the host engine works below.
         let mut groups = Vec::new();
         for &seq in &seqs {
-            let blocks = &self
-                .seqs
-                .get(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer];
+            let blocks = self.layer_blocks(seq, layer)?;
             let far = self.far_mask(blocks, rows_of(seq));
             let disk_blocks: Vec<DiskBlock> = blocks
                 .iter()
@@ -763,11 +763,7 @@ impl KvCache {
         let mut out = Vec::new();
         let mut disk_reads: Vec<(usize, u32)> = Vec::new();
         for &(seq, rows) in seqs {
-            let blocks = &self
-                .seqs
-                .get(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer];
+            let blocks = self.layer_blocks(seq, layer)?;
             let far = self.far_mask(blocks, rows);
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
                 let mut in_host = None;
@@ -1016,11 +1012,7 @@ impl KvCache {
     /// [`KvCache::fetch_overflows`].
     pub fn host_attends(&self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<bool, KvError> {
         for &(seq, rows) in seqs {
-            let blocks = &self
-                .seqs
-                .get(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer];
+            let blocks = self.layer_blocks(seq, layer)?;
             // Cheap first: a GPU-resident sequence (the common decode case) needs no mask.
             if blocks.iter().all(|b| matches!(b.loc, Loc::Gpu(_))) {
                 continue;
@@ -1060,42 +1052,36 @@ impl KvCache {
             return Ok((None, far));
         }
         let group = self.gpu.as_ref().map_or(0, |t| t.scratch().len());
-        // Through scratch when there is one (one copy per group, host blocks straight from the
-        // arena), else into free pool blocks one by one.
-        let pooled = if group == 0 {
-            self.import_far(&far)?
-        } else {
-            Vec::new()
-        };
-        let mut rest = far.split_off(pooled.len());
-        let leftover = if group == 0 {
-            std::mem::take(&mut rest)
-        } else {
-            Vec::new()
-        };
-        self.metrics.fetched_attended_on_host += leftover.len() as u64;
-        let mut groups = rest.chunks(group.max(1));
-        let mut first = pooled.clone();
-        if let Some(g) = groups.next() {
-            first.extend(self.import_scratch(g)?);
-        }
-        let mut parts = vec![self.attend_gpu_blocks(layer, rows, q, ag, &first, true)];
-        if let Some(gpu) = self.gpu.as_mut() {
-            for &(_, id, _, _) in &pooled {
-                gpu.free(id);
+        if group == 0 {
+            // No scratch: into free pool blocks one by one, the rest left to the host.
+            let pooled = self.import_far(&far)?;
+            let leftover = far.split_off(pooled.len());
+            self.metrics.fetched_attended_on_host += leftover.len() as u64;
+            let out = self.attend_gpu_blocks(layer, rows, q, ag, &pooled, true);
+            if let Some(gpu) = self.gpu.as_mut() {
+                for &(_, id, _, _) in &pooled {
+                    gpu.free(id);
+                }
             }
+            return Ok((Some(out?), leftover));
         }
+        // Through scratch: one copy per group (host blocks straight from the arena).
+        let mut groups = far.chunks(group);
+        let first = match groups.next() {
+            Some(g) => self.import_scratch(g)?,
+            None => Vec::new(),
+        };
+        let mut parts = vec![self.attend_gpu_blocks(layer, rows, q, ag, &first, true)?];
         for g in groups {
             let ids = self.import_scratch(g)?;
-            parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false));
+            parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false)?);
         }
-        let mut parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
         self.metrics.scratch_groups += parts.len() as u64 - 1;
         let out = match parts.len() {
             1 => parts.pop().ok_or(KvError::WorkerGone)?,
             _ => self.merge_device_partials(&parts)?,
         };
-        Ok((Some(out), leftover))
+        Ok((Some(out), Vec::new()))
     }
 
     /// Whether `n` fetched blocks leave some for the host ([`KvCache::attend_device`]): no GPU
@@ -1107,16 +1093,21 @@ impl KvCache {
         }
     }
 
+    /// The blocks of `seq` in `layer`, in position order.
+    fn layer_blocks(&self, seq: SeqId, layer: usize) -> Result<&[Block], KvError> {
+        Ok(&self
+            .seqs
+            .get(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?
+            .layers[layer])
+    }
+
     /// Whether a sequence of `rows` has a block of `layer` in the GPU tier.
     fn any_on_gpu(&self, layer: usize, rows: &[(SeqId, usize)]) -> Result<bool, KvError> {
         let mut seqs: Vec<SeqId> = rows.iter().map(|r| r.0).collect();
         seqs.dedup();
         for seq in seqs {
-            let blocks = &self
-                .seqs
-                .get(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer];
+            let blocks = self.layer_blocks(seq, layer)?;
             if blocks.iter().any(|b| matches!(b.loc, Loc::Gpu(_))) {
                 return Ok(true);
             }
@@ -1225,11 +1216,7 @@ impl KvCache {
             if per_seq.contains_key(&seq) {
                 continue;
             }
-            let blocks = &self
-                .seqs
-                .get(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer];
+            let blocks = self.layer_blocks(seq, layer)?;
             let mut on_gpu = Vec::new();
             for (j, b) in blocks.iter().enumerate().filter(|_| with_resident) {
                 if let Loc::Gpu(id) = b.loc {
