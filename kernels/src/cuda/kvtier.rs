@@ -59,7 +59,7 @@ fn dtype_index(d: DType) -> usize {
     }
 }
 
-/// A copy in flight on the copy stream. Its destination must not be read (or freed) before
+/// A copy in flight on the spill stream. Its destination must not be read (or freed) before
 /// [`CopyTicket::wait`] returns; dropping the ticket waits too.
 pub struct CopyTicket {
     done: Option<CudaEvent>,
@@ -222,7 +222,7 @@ impl CudaBackend {
     /// each `dst[i]`): `to` is the pool's dtype (its bytes, copied as they are) or f32 (widened,
     /// exactly). A kernel on the compute stream gathers the blocks into a staging buffer (so it
     /// sees every append enqueued before it, and later appends into these blocks come after
-    /// it); the copies to the host run on the copy stream.
+    /// it); the copies to the host run on the spill stream.
     ///
     /// # Safety
     /// Every `dst[i]` must stay valid, and must not be read or written by anyone else, until the
@@ -297,13 +297,13 @@ impl CudaBackend {
             .stream
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
-        be.copy.wait(&exported).map_err(|e| device_err(op, e))?;
-        be.timed_copy(op, Dir::D2h, total, |copy| {
+        be.spill.wait(&exported).map_err(|e| device_err(op, e))?;
+        be.timed_copy_on(&be.spill, op, Dir::D2h, total, |copy| {
             let (base, _sync) = staging.device_ptr(copy);
             for (i, &d) in dst.iter().enumerate() {
                 // SAFETY: the caller keeps `d` valid and untouched for `block_bytes` bytes until
                 // the ticket is done; the source is block i of `staging`, alive until then too
-                // (the ticket owns it), and written by the export kernel the copy stream waited
+                // (the ticket owns it), and written by the export kernel the spill stream waited
                 // for.
                 let host = unsafe { std::slice::from_raw_parts_mut(d, block_bytes) };
                 unsafe {
@@ -319,7 +319,7 @@ impl CudaBackend {
         })?;
         // The compute stream does not wait for the copies (they overlap its work); the staging
         // buffer goes back to the pool only once the host has seen them land (`finish`).
-        let done = be.copy.record_event(None).map_err(|e| device_err(op, e))?;
+        let done = be.spill.record_event(None).map_err(|e| device_err(op, e))?;
         Ok(CopyTicket {
             done: Some(done),
             staging: Some(staging),

@@ -140,13 +140,17 @@ struct Inner {
     kvt: kvtier::KvTierKernels,
     prefill: prefill::PrefillKernels,
     stream: Arc<CudaStream>,
-    /// Host <-> device copies that overlap compute (spills, weight prefetch); ordered against
-    /// `stream` by events.
+    /// Host -> device copies that overlap compute (weight prefetch); ordered against `stream` by
+    /// events.
     copy: Arc<CudaStream>,
+    /// Device -> host spills of KV blocks, off `copy`: behind a weight prefetch there, a spill
+    /// (and the host attention that waits for it before reading the spilled blocks) would wait
+    /// for the next layer's weights to land. A copy engine per direction runs the two at once.
+    spill: Arc<CudaStream>,
     /// The small, latency-bound copies of tiered attention (queries down, partials up), kept
     /// off `copy` so they never wait behind a weight prefetch or a spill (see `transfer`).
     xfer: Arc<CudaStream>,
-    /// Timed copies on `copy` and `xfer` (see `transfer`).
+    /// Timed copies on `copy`, `spill` and `xfer` (see `transfer`).
     copies: Mutex<transfer::CopyLog>,
     ctx: Arc<CudaContext>,
     /// The first error an infallible trait method hit (see the module header).
@@ -228,6 +232,7 @@ impl CudaBackend {
                 let stream = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let copy = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let xfer = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
+                let spill = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
                 let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
@@ -254,6 +259,7 @@ impl CudaBackend {
                         prefill,
                         stream,
                         copy,
+                        spill,
                         xfer,
                         copies: Mutex::new(transfer::CopyLog::default()),
                         ctx,

@@ -1,8 +1,10 @@
 //! Host ↔ device copies, each timed by a pair of events, so a run can say how many bytes crossed
 //! PCIe each way and how long the copy engines spent on them ([`CudaBackend::copy_stats`]).
 //!
-//! Bulk copies (weight prefetch, spills) run on the copy stream. The small transfers of tiered
-//! attention go through page-locked staging elsewhere:
+//! Bulk copies run on a stream per direction: weight prefetch on the copy stream, KV spills on
+//! the spill stream (a spill the host attention waits for must not queue behind the next
+//! layer's weights). The small transfers of tiered attention go through page-locked staging
+//! elsewhere:
 //! - queries down on a stream of their own: on the copy stream they would queue behind the next
 //!   layer's weight prefetch, and the host attention that waits for them would start only once
 //!   those weights had landed, serialising the two streams the block schedule means to overlap;
@@ -152,8 +154,8 @@ impl Inner {
 }
 
 impl CudaBackend {
-    /// Bytes and copy-engine time of every copy on the copy stream so far (waits for the ones
-    /// still in flight).
+    /// Bytes and copy-engine time of every timed copy so far (the copy, spill and transfer
+    /// streams; waits for the ones still in flight).
     pub fn copy_stats(&self) -> Result<CopyStats> {
         let mut log = self
             .inner

@@ -4,8 +4,9 @@
 //!
 //! Spills: the export kernel gathers the chosen blocks on the compute stream (in the pool's dtype
 //! when the host tier holds it, the normal case: no widening, half the bytes of f32 across
-//! PCIe), then the copy stream moves them straight into their host-arena slots (page-locked the first time a slot of
-//! each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
+//! PCIe), then the spill stream (not the weight prefetch's: a spill must not wait for the next
+//! layer's weights) moves them straight into their host-arena slots (page-locked the first time
+//! a slot of each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
 //! before anything reads the host tier (host attention, a host → disk spill) or the next spill.
 
 use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool, StreamMark};
