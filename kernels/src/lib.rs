@@ -24,7 +24,9 @@ pub mod testing;
 
 pub use attention::{AttentionGeometry, KvBlockView, Partial};
 pub use cpu::{CpuBackend, CpuTensor};
-pub use cuda::{CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo, GemmPrecision};
+pub use cuda::{
+    CudaBackend, CudaTensor, CudaUnavailable, CudaWeight, DeviceInfo, GemmBackend, GemmPrecision,
+};
 pub use dtype::{DType, HostWeight, WeightData};
 pub use kv::{KvBuf, KvSlice, KvSliceMut};
 pub use rope::{RopeScaling, RopeTable};

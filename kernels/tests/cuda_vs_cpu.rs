@@ -7,9 +7,10 @@
 //! - `linear`, f32 weights (cuBLAS SGEMM) and f16/bf16 weights up to 8 rows (GEMV kernel, f32
 //!   activations): 1e-5 against the f64 reference.
 //! - `linear`, f16/bf16 weights over 8 rows (activation split into two half-precision terms,
-//!   cuBLAS GemmEx, f32 output): 2e-5 against the f64 reference.
+//!   two GEMMs on cuBLASLt, autotuned, or cuBLAS GemmEx, f32 output): 2e-5 against the f64
+//!   reference, on both libraries.
 //! - `linear` in `GemmPrecision::Rounded` (activation rounded once to the weight dtype, one
-//!   GemmEx): 2e-5 against the CPU backend fed the same rounded activation; against the CPU
+//!   GEMM): 2e-5 against the CPU backend fed the same rounded activation; against the CPU
 //!   backend fed the f32 activation, per element `|Δ| ≤ (u + 2k·2⁻²⁴) · Σᵢ|xᵢ·wⱼᵢ|` with
 //!   `u = 2⁻⁸` (bf16) or `2⁻¹¹` (f16), the bound of one rounding plus f32 accumulation.
 //!
@@ -23,11 +24,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use strata_kernels::cuda::KernelOrigin;
+use strata_kernels::cuda::{GemmChoice, GemmTuning, KernelOrigin, LtFallback};
 use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_gpu, test_seed};
 use strata_kernels::{
-    Backend, CpuBackend, CudaBackend, DType, GemmPrecision, HostWeight, RopeScaling, RopeTable,
-    WeightData, reference,
+    Backend, CpuBackend, CudaBackend, DType, GemmBackend, GemmPrecision, HostWeight, RopeScaling,
+    RopeTable, WeightData, reference,
 };
 
 fn up(gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> strata_kernels::CudaTensor {
@@ -87,7 +88,8 @@ fn linear_matches_reference_for_every_dtype_path_and_shape() {
         } else {
             eprintln!(
                 "linear {dtype:?}: max rel err {worst_gemv:.2e} (≤ 8 rows, GEMV), \
-                 {worst_gemm:.2e} (> 8 rows, split GemmEx)"
+                 {worst_gemm:.2e} (> 8 rows, split GEMM on {})",
+                gpu.gemm_backend()
             );
         }
     }
@@ -493,4 +495,108 @@ fn producers_write_gemm_operands_identical_to_converting() {
             }
         }
     }
+}
+
+/// The f16/bf16 GEMM on cuBLASLt (autotuned on first use) and on cuBLAS GemmEx, in both precision
+/// modes, on odd sizes: each within the tolerances above (Split against the f64 reference,
+/// Rounded against the CPU backend on the rounded activation), and a second call of a tuned
+/// shape bit-identical to the first (the tuning's timing runs leave nothing behind). Shapes whose
+/// `k` is not a multiple of 8 fall back to GemmEx, and the tuning table says so; aligned ones run
+/// on cuBLASLt. Without libcublasLt both runs are GemmEx, and the test says so.
+#[test]
+fn linear_lt_autotuned_and_gemmex_match_reference() {
+    let Some(_) = test_gpu() else { return };
+    // A backend of its own: the GEMM library and mode are per backend.
+    let gpu = CudaBackend::new(0).unwrap();
+    gpu.poison_outputs(true);
+    let lt_available = match gpu.lt_unavailable() {
+        None => true,
+        Some(why) => {
+            eprintln!("cuBLASLt unavailable ({why}): both runs use GemmEx");
+            false
+        }
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(test_seed());
+    // (m, k, n, runs on cuBLASLt): k % 8 != 0 is the GemmEx fallback; n any.
+    let shapes = [
+        (9, 96, 64, true),
+        (17, 96, 65, true),
+        (33, 256, 257, true),
+        (33, 4096, 130, true),
+        (600, 512, 1000, true),
+        (600, 1024, 333, true),
+        (33, 255, 257, false),
+        (600, 100, 33, false),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for (m, k, n, aligned) in shapes {
+            let w = rng.weight(n, k, dtype);
+            let x = rng.vec(m * k);
+            let x_rounded = WeightData::F32(x.clone()).cast(dtype).to_f32_vec();
+            let want_split = reference::linear(&x, m, &w, None);
+            let t = cpu.tensor(m, k, x_rounded).unwrap();
+            let want_rounded = cpu.linear(&t, &w, None).unwrap().data;
+            let wg = gpu.upload_weight(w).unwrap();
+            let xg = up(&gpu, m, k, &x);
+            for mode in [GemmPrecision::Split, GemmPrecision::Rounded] {
+                gpu.set_gemm_precision(mode);
+                let what = format!("{dtype:?} {mode:?} m={m} k={k} n={n}");
+                let want = match mode {
+                    GemmPrecision::Split => &want_split,
+                    GemmPrecision::Rounded => &want_rounded,
+                };
+                let run = |b: GemmBackend| {
+                    gpu.set_gemm_backend(b);
+                    gpu.to_host(&gpu.linear(&xg, &wg, None).unwrap()).unwrap()
+                };
+                let gemm_ex = run(GemmBackend::GemmEx);
+                assert_eq!(gpu.gemm_backend(), GemmBackend::GemmEx);
+                let tuned_first = run(GemmBackend::LtAutotuned);
+                let tuned_again = run(GemmBackend::LtAutotuned);
+                for (lib, got) in [("GemmEx", &gemm_ex), ("cuBLASLt", &tuned_first)] {
+                    let err = max_rel_err(got, want);
+                    assert!(err < 2e-5, "{what} {lib}: rel err {err:.2e} (tol 2e-5)");
+                }
+                assert!(
+                    tuned_first
+                        .iter()
+                        .zip(&tuned_again)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: the tuned GEMM differs between its first and second call"
+                );
+                if !lt_available {
+                    assert_eq!(gpu.gemm_backend(), GemmBackend::GemmEx);
+                    continue;
+                }
+                assert_eq!(gpu.gemm_backend(), GemmBackend::LtAutotuned);
+                let tuning = find_tuning(gpu.gemm_tunings(), m, n, k, dtype, mode)
+                    .unwrap_or_else(|| panic!("{what}: no tuning recorded"));
+                eprintln!("{what}: {}", tuning.choice);
+                match (&tuning.choice, aligned) {
+                    (GemmChoice::Lt { .. }, true) => {}
+                    // The heuristic may offer nothing for an f32 output of odd stride; it then
+                    // falls back, which is what is checked here.
+                    (GemmChoice::GemmEx(LtFallback::NoAlgorithm(_)), true) if n % 4 != 0 => {}
+                    (GemmChoice::GemmEx(LtFallback::Unaligned), false) => {}
+                    (other, _) => panic!("{what}: unexpected choice {other:?}"),
+                }
+            }
+        }
+    }
+    gpu.set_gemm_backend(GemmBackend::LtAutotuned);
+    assert!(gpu.deferred_error().is_none());
+}
+
+fn find_tuning(
+    tunings: Vec<GemmTuning>,
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    precision: GemmPrecision,
+) -> Option<GemmTuning> {
+    tunings
+        .into_iter()
+        .find(|t| (t.m, t.n, t.k, t.dtype, t.precision) == (m, n, k, dtype, precision))
 }

@@ -338,20 +338,37 @@ fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
-/// Opens the GPU `device` asks for: `None` means the CPU.
+/// Opens the GPU `device` asks for: `None` means the CPU. Says once when the GEMMs cannot use
+/// cuBLASLt.
 fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
-    match device {
-        Device::Cpu => Ok(None),
-        Device::Cuda(n) => CudaBackend::new(n)
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+    let gpu = match device {
+        Device::Cpu => None,
+        Device::Cuda(n) => {
+            Some(CudaBackend::new(n).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?)
+        }
         Device::Auto => match CudaBackend::new(0) {
-            Ok(gpu) => Ok(Some(gpu)),
+            Ok(gpu) => Some(gpu),
             Err(e) => {
                 eprintln!("note: no usable GPU ({e}); computing on the CPU");
-                Ok(None)
+                None
             }
         },
+    };
+    if let Some(why) = gpu.as_ref().and_then(|g| g.lt_unavailable()) {
+        eprintln!("note: {why}; f16/bf16 GEMMs run on cuBLAS GemmEx");
+    }
+    Ok(gpu)
+}
+
+/// The library the GPU's f16/bf16 GEMMs run on, for `strata info`.
+fn gemm_library(gpu: &CudaBackend) -> String {
+    match gpu.lt_unavailable() {
+        Some(why) => format!("{} ({why})", strata_kernels::GemmBackend::GemmEx),
+        None => format!(
+            "{} ({}=gemmex or lt selects)",
+            gpu.gemm_backend(),
+            strata_kernels::GemmBackend::ENV
+        ),
     }
 }
 
@@ -697,6 +714,7 @@ fn print_gpu() {
                 );
             }
             println!("gpu kernels:      {}", gpu.kernel_origin());
+            println!("gpu gemm:         {}", gemm_library(&gpu));
         }
         Err(e) => println!("gpu:              none usable ({e}); computing on the CPU"),
     }

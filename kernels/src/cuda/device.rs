@@ -67,15 +67,17 @@ pub(crate) fn guard<T>(
 ) -> Result<T, CudaUnavailable> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic in the CUDA bindings".into());
-            Err(on_panic(msg))
-        }
+        Err(payload) => Err(on_panic(panic_message(payload.as_ref()))),
     }
+}
+
+/// The text of a panic caught by `catch_unwind`.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic in the CUDA bindings".into())
 }
 
 pub(crate) fn driver_present() -> Result<(), CudaUnavailable> {

@@ -3,7 +3,10 @@
 //!
 //! cuBLAS is column-major: row-major `w: [n, k]` is the column-major `k × n` matrix `W`, row-major
 //! `x: [m, k]` is `X` (`k × m`), and row-major `out: [m, n]` is `O` (`n × m`). So `O = Wᵀ · X`:
-//! `gemm(transa = T, transb = N, m = n, n = m, k, lda = k, ldb = k, ldc = n)`.
+//! `gemm(transa = T, transb = N, m = n, n = m, k, lda = k, ldb = k, ldc = n)`. The f16/bf16
+//! GEMMs run on cuBLASLt, autotuned per shape (`lt.rs`, the same layout), or on cuBLAS GemmEx
+//! ([`GemmBackend`](super::GemmBackend): when asked for, without cuBLASLt, or for a shape
+//! cuBLASLt does not take).
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -17,6 +20,7 @@ use cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, PushKernelArg,
 };
 
+use super::lt::{HalfGemm, HalfType};
 use super::{Inner, WeightBuf, device_err, kernels};
 use crate::{Result, shape_err};
 
@@ -25,7 +29,7 @@ const OP: &str = "linear";
 /// How `linear` feeds an f32 activation to the tensor-core GEMM when the weight is f16/bf16 and
 /// the activation has more than `GEMV_MAX_ROWS` rows (the GEMV path for fewer rows is the same
 /// in both modes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmPrecision {
     /// The activation is split into `hi + lo` half-precision terms and the GEMM runs twice
     /// (`C = w · hi`, then `C += w · lo`): nearly f32-exact, twice the tensor-core work.
@@ -87,7 +91,7 @@ pub(super) fn linear(
                 be,
                 (&kn.split_f16, &kn.round_f16),
                 &cache.f16,
-                cudaDataType_t::CUDA_R_16F,
+                HalfType::F16,
                 mode,
                 ws,
                 x,
@@ -98,7 +102,7 @@ pub(super) fn linear(
                 be,
                 (&kn.split_bf16, &kn.round_bf16),
                 &cache.bf16,
-                cudaDataType_t::CUDA_R_16BF,
+                HalfType::BF16,
                 mode,
                 ws,
                 x,
@@ -298,15 +302,15 @@ impl ProducedOperands {
 }
 
 /// `out = x · wᵀ` with `w` in f16/bf16 (`T`, `dtype`) on tensor cores: the activation's operands
-/// (converted by the `round` or `split` kernel, or taken from `cache`), then cuBLAS GemmEx once
-/// (`Rounded`: `C = w · hi`) or twice (`Split`: `C = w · hi`, then `C += w · lo`), f32 compute
-/// and f32 output.
+/// (converted by the `round` or `split` kernel, or taken from `cache`), then one GEMM
+/// (`Rounded`: `C = w · hi`) or two (`Split`: `C = w · hi`, then `C += w · lo`), f32 compute
+/// and f32 output, on cuBLASLt (autotuned) or cuBLAS GemmEx.
 #[allow(clippy::too_many_arguments)]
 fn half_gemm<T: DeviceRepr>(
     be: &Inner,
     (split, round): (&CudaFunction, &CudaFunction),
     cache: &OnceLock<Operands<T>>,
-    dtype: cudaDataType_t,
+    dtype: HalfType,
     mode: GemmPrecision,
     w: &CudaSlice<T>,
     x: &CudaSlice<f32>,
@@ -339,6 +343,22 @@ fn half_gemm<T: DeviceRepr>(
         (GemmPrecision::Split, Some(lo_ptr)) => &[(hi_ptr, 0.0), (lo_ptr, 1.0)],
         _ => &[(hi_ptr, 0.0)],
     };
+    if let Some(lt) = be.lt_selected() {
+        let g = HalfGemm {
+            m: d.m,
+            n: d.n,
+            k: d.k,
+            dtype,
+            precision: mode,
+            w: w_ptr,
+            passes,
+            out: out_ptr,
+        };
+        if lt.matmul(&be.stream, &g)? {
+            return Ok(());
+        }
+    }
+    let dtype = dtype.cublas();
     for &(b_ptr, beta) in passes {
         // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
         // C = out: n × m, f32), with A and B in `dtype` (f16 or bf16, matching T), f32 compute

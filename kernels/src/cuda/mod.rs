@@ -16,15 +16,18 @@
 //!   - f32 weights: cuBLAS SGEMM (full f32; cuBLAS does not use TF32 unless asked).
 //!   - f16/bf16 weights, up to 8 rows (decode): the `gemv_*` kernel, f32 activation × widened
 //!     weight, f32 accumulation — the CPU backend's math.
-//!   - f16/bf16 weights, more rows (prefill): cuBLAS GemmEx on tensor cores with f16/bf16
-//!     inputs, f32 compute and **f32 output**, in one of two modes ([`GemmPrecision`], set per
-//!     backend with [`CudaBackend::set_gemm_precision`]):
+//!   - f16/bf16 weights, more rows (prefill): a tensor-core GEMM with f16/bf16 inputs, f32
+//!     compute and **f32 output**, on cuBLASLt with the algorithm autotuned per shape (`lt.rs`)
+//!     or on cuBLAS GemmEx ([`GemmBackend`]: [`CudaBackend::set_gemm_backend`], or
+//!     `STRATA_GEMM=gemmex` at creation; GemmEx also when libcublasLt is missing, see
+//!     [`CudaBackend::lt_unavailable`], and for shapes cuBLASLt does not take), in one of two
+//!     modes ([`GemmPrecision`], set per backend with [`CudaBackend::set_gemm_precision`]):
 //!     - `Split` (the default): the activation is split into two half-precision terms `hi + lo`
-//!       (`hi = round(x)`, `lo = round(x − hi)`) and GemmEx runs twice (`C += w · lo` after
+//!       (`hi = round(x)`, `lo = round(x − hi)`) and the GEMM runs twice (`C += w · lo` after
 //!       `C = w · hi`). The activation is carried to about 2⁻¹⁷ (bf16) or 2⁻²² (f16) relative,
 //!       at twice the GEMM work.
 //!     - `Rounded`: the activation is rounded once to the weight's dtype (nearest even, at most
-//!       2⁻⁸ (bf16) or 2⁻¹¹ (f16) relative per element) and GemmEx runs once: the math of a
+//!       2⁻⁸ (bf16) or 2⁻¹¹ (f16) relative per element) and the GEMM runs once: the math of a
 //!       bf16/f16 PyTorch model (which also rounds the activation, there when it is stored), at
 //!       half the tensor-core work.
 //!
@@ -42,6 +45,7 @@ mod device;
 mod kernels;
 mod kvtier;
 mod linear;
+mod lt;
 mod prefill;
 mod staging;
 mod transfer;
@@ -60,6 +64,7 @@ pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
 pub use kvtier::{CopyTicket, HostRegistration};
 pub use linear::GemmPrecision;
+pub use lt::{GemmBackend, GemmChoice, GemmTuning, LtFallback};
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
 pub use transfer::{CopyStats, PendingDownload};
@@ -135,6 +140,10 @@ struct Inner {
     info: DeviceInfo,
     origin: KernelOrigin,
     blas: CudaBlas,
+    /// cuBLASLt and its autotuned algorithms, or why it cannot be used (then GemmEx runs).
+    lt: std::result::Result<lt::LtGemm, String>,
+    /// The [`GemmBackend`] asked for, as `GemmBackend::to_u8`.
+    gemm_backend: AtomicU8,
     k: Kernels,
     attn: attention::AttentionKernels,
     kvt: kvtier::KvTierKernels,
@@ -234,6 +243,8 @@ impl CudaBackend {
                 let xfer = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let spill = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
+                // Never fails the backend: without cuBLASLt, GemmEx runs the GEMMs.
+                let lt = lt::LtGemm::new(&stream);
                 let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
                     info.compute_capability,
@@ -253,6 +264,8 @@ impl CudaBackend {
                         info: info.clone(),
                         origin,
                         blas,
+                        lt,
+                        gemm_backend: AtomicU8::new(GemmBackend::from_env().to_u8()),
                         k,
                         attn,
                         kvt,
@@ -318,6 +331,37 @@ impl CudaBackend {
         GemmPrecision::from_u8(self.inner.gemm_precision.load(Ordering::Relaxed))
     }
 
+    /// Which library runs f16/bf16 GEMMs of more than 8 rows from now on (the default comes from
+    /// `STRATA_GEMM`, see [`GemmBackend::ENV`]); shared by every clone of this backend. Asking
+    /// for cuBLASLt where it is unavailable keeps GemmEx.
+    pub fn set_gemm_backend(&self, b: GemmBackend) {
+        self.inner.gemm_backend.store(b.to_u8(), Ordering::Relaxed);
+    }
+
+    /// The library that runs f16/bf16 GEMMs: GemmEx when asked for or when cuBLASLt is
+    /// unavailable.
+    pub fn gemm_backend(&self) -> GemmBackend {
+        match self.inner.lt_selected() {
+            Some(_) => GemmBackend::LtAutotuned,
+            None => GemmBackend::GemmEx,
+        }
+    }
+
+    /// Why cuBLASLt cannot be used on this machine (the GEMMs then run on GemmEx), if so.
+    pub fn lt_unavailable(&self) -> Option<&str> {
+        self.inner.lt.as_ref().err().map(String::as_str)
+    }
+
+    /// The GEMM problems cuBLASLt has tuned so far and what it chose for each (GemmEx included,
+    /// for problems it does not take), ordered by (n, k, m).
+    pub fn gemm_tunings(&self) -> Vec<GemmTuning> {
+        self.inner
+            .lt
+            .as_ref()
+            .map(lt::LtGemm::tunings)
+            .unwrap_or_default()
+    }
+
     /// The first error hit by an op that cannot return one (`zeros`, `to_host`, `relu_inplace`,
     /// `softmax_inplace`), if any. Every fallible op returns it too.
     pub fn deferred_error(&self) -> Option<String> {
@@ -326,6 +370,14 @@ impl CudaBackend {
 }
 
 impl Inner {
+    /// cuBLASLt, when it is selected and available.
+    fn lt_selected(&self) -> Option<&lt::LtGemm> {
+        match GemmBackend::from_u8(self.gemm_backend.load(Ordering::Relaxed)) {
+            GemmBackend::LtAutotuned => self.lt.as_ref().ok(),
+            GemmBackend::GemmEx => None,
+        }
+    }
+
     /// Records the dtype of an f16/bf16 matrix weight: the GEMM operand dtype producers write.
     fn note_matrix_weight(&self, data: &WeightBuf) {
         let dtype = match data {
