@@ -434,14 +434,19 @@ impl LtState {
             )
         }?;
         let [a, b, c] = key.align;
+        // No split-K: its reduction adds the k-slices' partial sums in an order of its own, so
+        // two processes that tuned to different algorithms could round differently, and the
+        // tokens of one policy must not depend on which algorithm another process timed fastest.
+        let no_split_k = lts::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
         for (attr, bytes) in [
+            (Attr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, no_split_k),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
         ] {
-            // SAFETY: `pref` is live; the MIN_ALIGNMENT_*_BYTES attributes take a uint32_t,
-            // read from the local during the call.
+            // SAFETY: `pref` is live; the REDUCTION_SCHEME_MASK and MIN_ALIGNMENT_*_BYTES
+            // attributes take a uint32_t, read from the local during the call.
             unsafe {
                 ltr::set_matmul_pref_attribute(
                     pref.0,
