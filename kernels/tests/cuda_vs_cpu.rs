@@ -575,6 +575,10 @@ fn linear_lt_autotuned_and_gemmex_match_reference() {
                 eprintln!("{what}: {}", tuning.choice);
                 match (&tuning.choice, aligned) {
                     (GemmChoice::Lt { .. }, true) => {}
+                    // GemmEx timed faster than every cuBLASLt candidate: both ran and were timed.
+                    (GemmChoice::GemmEx(LtFallback::Faster { gemm_ex_ms, lt_ms }), true) => {
+                        assert!(gemm_ex_ms < lt_ms, "{what}: {gemm_ex_ms} vs {lt_ms} ms");
+                    }
                     // The heuristic may offer nothing for an f32 output of odd stride; it then
                     // falls back, which is what is checked here.
                     (GemmChoice::GemmEx(LtFallback::NoAlgorithm(_)), true) if n % 4 != 0 => {}

@@ -318,7 +318,7 @@ struct GenerateArgs {
 }
 
 /// The `--device` choice.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Device {
     Auto,
     Cpu,
@@ -341,6 +341,9 @@ fn parse_device(s: &str) -> Result<Device, String> {
 /// Opens the GPU `device` asks for: `None` means the CPU. Says once when the GEMMs cannot use
 /// cuBLASLt.
 fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
+    if device != Device::Cpu {
+        strata_kernels::GemmBackend::check_env().map_err(anyhow::Error::msg)?;
+    }
     let gpu = match device {
         Device::Cpu => None,
         Device::Cuda(n) => {

@@ -343,6 +343,41 @@ fn half_gemm<T: DeviceRepr>(
         (GemmPrecision::Split, Some(lo_ptr)) => &[(hi_ptr, 0.0), (lo_ptr, 1.0)],
         _ => &[(hi_ptr, 0.0)],
     };
+    let blas_type = dtype.cublas();
+    let gemm_ex = || -> Result<()> {
+        for &(b_ptr, beta) in passes {
+            // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
+            // C = out: n × m, f32), with A and B in `blas_type` (f16 or bf16, matching T), f32
+            // compute and f32 output, a combination cublasGemmEx supports. `alpha`/`beta` are
+            // host scalars read during the call (host pointer mode, the default). All buffers
+            // live on the handle's stream, in order after the split kernel.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *be.blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    cm,
+                    cn,
+                    ck,
+                    (&alpha as *const f32).cast::<c_void>(),
+                    w_ptr as *const c_void,
+                    blas_type,
+                    ck,
+                    b_ptr as *const c_void,
+                    blas_type,
+                    ck,
+                    (&beta as *const f32).cast::<c_void>(),
+                    out_ptr as *mut c_void,
+                    cudaDataType_t::CUDA_R_32F,
+                    cm,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| device_err(OP, e))?;
+        }
+        Ok(())
+    };
     if let Some(lt) = be.lt_selected() {
         let g = HalfGemm {
             m: d.m,
@@ -354,43 +389,11 @@ fn half_gemm<T: DeviceRepr>(
             passes,
             out: out_ptr,
         };
-        if lt.matmul(&be.stream, &g)? {
+        if lt.matmul(&be.stream, &g, &gemm_ex)? {
             return Ok(());
         }
     }
-    let dtype = dtype.cublas();
-    for &(b_ptr, beta) in passes {
-        // SAFETY: the same column-major layout as `sgemm` (A = w: k × n, B = hi or lo: k × m,
-        // C = out: n × m, f32), with A and B in `dtype` (f16 or bf16, matching T), f32 compute
-        // and f32 output, a combination cublasGemmEx supports. `alpha`/`beta` are host scalars
-        // read during the call (host pointer mode, the default). All buffers live on the
-        // handle's stream, in order after the split kernel.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *be.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                cm,
-                cn,
-                ck,
-                (&alpha as *const f32).cast::<c_void>(),
-                w_ptr as *const c_void,
-                dtype,
-                ck,
-                b_ptr as *const c_void,
-                dtype,
-                ck,
-                (&beta as *const f32).cast::<c_void>(),
-                out_ptr as *mut c_void,
-                cudaDataType_t::CUDA_R_32F,
-                cm,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| device_err(OP, e))?;
-    }
-    Ok(())
+    gemm_ex()
 }
 
 /// Converts `x` (`len` values) into GEMM operands: `hi` alone (`round` kernel) or `hi` and `lo`

@@ -11,12 +11,15 @@
 //!   operands' alignments) asks `cublasLtMatmulAlgoGetHeuristic` for up to [`CANDIDATES`]
 //!   algorithms that fit the workspace and the alignments, runs each on the real operands (the
 //!   mode's whole pass sequence: one GEMM for `Rounded`, two for `Split`) once untimed and
-//!   [`TIMED_RUNS`] times between CUDA events, and keeps the fastest; that GEMM then runs with it,
+//!   [`TIMED_RUNS`] times between CUDA events, then cuBLAS GemmEx the same way, and keeps the
+//!   fastest of them all (GemmEx's own heuristic wins some shapes); that GEMM then runs with it,
 //!   as every later one of the key does. The first call therefore waits for the device and costs
-//!   about 32 calls' time (8 candidates × 4 runs); the choice lasts the backend's life
+//!   about 36 calls' time (9 candidates × 4 runs); the choice lasts the backend's life
 //!   (`CudaBackend::gemm_tunings` lists them). Timing runs write `out` before the real passes
 //!   overwrite it (the first pass has β = 0), so the result is the chosen algorithm's.
-//! - **Fallback to GemmEx**, per key and remembered: when a half-precision operand is less than
+//!   Algorithms with a split-K reduction are not offered (see `heuristic`).
+//! - **Fallback to GemmEx**, per key and remembered: when it timed fastest; when a
+//!   half-precision operand is less than
 //!   16-byte aligned (its address, or its leading dimension `k`: `k` not a multiple of 8; every
 //!   Llama-type shape is aligned, and for the others cuBLASLt offers only the low-alignment
 //!   kernels GemmEx itself would pick); when the heuristic returns no algorithm; when no
@@ -63,14 +66,35 @@ pub enum GemmBackend {
 
 impl GemmBackend {
     /// The environment variable a new backend reads: `gemmex` selects [`GemmBackend::GemmEx`];
-    /// unset, `lt` or any other value, [`GemmBackend::LtAutotuned`].
+    /// unset or `lt`, [`GemmBackend::LtAutotuned`] (an unknown value too: the CLI refuses one
+    /// before it opens the GPU, see [`Self::check_env`]).
     pub const ENV: &'static str = "STRATA_GEMM";
+
+    /// `lt` or `gemmex` (any case, spaces around ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lt" => Some(GemmBackend::LtAutotuned),
+            "gemmex" => Some(GemmBackend::GemmEx),
+            _ => None,
+        }
+    }
 
     /// The backend [`Self::ENV`] selects.
     pub fn from_env() -> Self {
+        std::env::var(Self::ENV)
+            .ok()
+            .and_then(|v| Self::parse(&v))
+            .unwrap_or_default()
+    }
+
+    /// An error naming [`Self::ENV`] when it is set to something other than `lt` or `gemmex`.
+    pub fn check_env() -> std::result::Result<(), String> {
         match std::env::var(Self::ENV) {
-            Ok(v) if v.trim().eq_ignore_ascii_case("gemmex") => GemmBackend::GemmEx,
-            _ => GemmBackend::LtAutotuned,
+            Ok(v) if Self::parse(&v).is_none() => Err(format!(
+                "{}={v:?}: expected `lt` (the default) or `gemmex`",
+                Self::ENV
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -123,13 +147,15 @@ pub enum GemmChoice {
 }
 
 /// Why a problem runs on GemmEx with cuBLASLt selected.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum LtFallback {
     /// A half-precision operand is less than 16-byte aligned (`k` not a multiple of 8, or its
     /// address).
     Unaligned,
     /// cuBLASLt offered no algorithm, or none launched; the detail says which.
     NoAlgorithm(String),
+    /// GemmEx ran faster than cuBLASLt's fastest algorithm (ms per call of each, as timed).
+    Faster { gemm_ex_ms: f64, lt_ms: f64 },
 }
 
 impl std::fmt::Display for GemmChoice {
@@ -140,6 +166,11 @@ impl std::fmt::Display for GemmChoice {
             } => write!(f, "cuBLASLt algorithm {} of {candidates}", rank + 1),
             GemmChoice::GemmEx(LtFallback::Unaligned) => f.write_str("GemmEx (unaligned)"),
             GemmChoice::GemmEx(LtFallback::NoAlgorithm(why)) => write!(f, "GemmEx ({why})"),
+            GemmChoice::GemmEx(LtFallback::Faster { gemm_ex_ms, lt_ms }) => write!(
+                f,
+                "GemmEx ({:.3} ms, cuBLASLt's best {:.3} ms)",
+                gemm_ex_ms, lt_ms
+            ),
         }
     }
 }
@@ -305,10 +336,16 @@ impl LtGemm {
         }
     }
 
-    /// Runs `g` on cuBLASLt with its key's tuned algorithm (tuning it on first use): `true` when
-    /// done, `false` when the caller must run it on GemmEx (nothing of it was left half done
-    /// that GemmEx's β = 0 first pass does not overwrite).
-    pub(super) fn matmul(&self, stream: &CudaStream, g: &HalfGemm) -> Result<bool> {
+    /// Runs `g` on cuBLASLt with its key's tuned algorithm (tuning it on first use, against
+    /// `gemm_ex`, which runs `g`'s passes on GemmEx): `true` when done, `false` when the caller
+    /// must run it on GemmEx (nothing of it was left half done that GemmEx's β = 0 first pass
+    /// does not overwrite).
+    pub(super) fn matmul(
+        &self,
+        stream: &CudaStream,
+        g: &HalfGemm,
+        gemm_ex: &dyn Fn() -> Result<()>,
+    ) -> Result<bool> {
         let key = TuneKey::new(g);
         let mut st = self
             .state
@@ -323,7 +360,7 @@ impl LtGemm {
         let algo = match st.tuned.get(&key) {
             Some(t) => t.algo,
             None => {
-                let t = st.tune(&key, stream, g)?;
+                let t = st.tune(&key, stream, g, gemm_ex)?;
                 let algo = t.algo;
                 st.tuned.insert(key, t);
                 algo
@@ -364,10 +401,16 @@ impl LtGemm {
 }
 
 impl LtState {
-    /// Times the heuristic's candidates on `g`'s operands and picks the fastest (see the module
-    /// header). Device errors around the timing (events) are errors; a candidate cuBLASLt
-    /// refuses is skipped.
-    fn tune(&mut self, key: &TuneKey, stream: &CudaStream, g: &HalfGemm) -> Result<Tuned> {
+    /// Times the heuristic's candidates and `gemm_ex` on `g`'s operands and picks the fastest
+    /// (see the module header). Device errors around the timing (events) are errors; a
+    /// candidate cuBLASLt refuses is skipped.
+    fn tune(
+        &mut self,
+        key: &TuneKey,
+        stream: &CudaStream,
+        g: &HalfGemm,
+        gemm_ex: &dyn Fn() -> Result<()>,
+    ) -> Result<Tuned> {
         let found = match Problem::new(key).and_then(|p| {
             let found = self.heuristic(key, &p)?;
             Ok((p, found))
@@ -394,6 +437,18 @@ impl LtState {
             }
             if best.is_none_or(|(_, b)| ms < b) {
                 best = Some((rank, ms));
+            }
+        }
+        if let Some((_, lt_ms)) = best {
+            gemm_ex()?;
+            let gemm_ex_ms = timed(stream, || {
+                (0..TIMED_RUNS).try_for_each(|_| gemm_ex())?;
+                Ok(true)
+            })?;
+            if let Some(gemm_ex_ms) = gemm_ex_ms
+                && gemm_ex_ms < lt_ms
+            {
+                return Ok(Tuned::gemm_ex(LtFallback::Faster { gemm_ex_ms, lt_ms }));
             }
         }
         Ok(match best {
@@ -505,17 +560,9 @@ impl LtState {
         if self.run(p, algo, stream, g).is_err() {
             return Ok(None);
         }
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let e0 = stream.record_event(flags).map_err(|e| device_err(OP, e))?;
-        for _ in 0..TIMED_RUNS {
-            if self.run(p, algo, stream, g).is_err() {
-                return Ok(None);
-            }
-        }
-        let e1 = stream.record_event(flags).map_err(|e| device_err(OP, e))?;
-        e1.synchronize().map_err(|e| device_err(OP, e))?;
-        let ms = e0.elapsed_ms(&e1).map_err(|e| device_err(OP, e))?;
-        Ok(Some(ms as f64 / TIMED_RUNS as f64))
+        timed(stream, || {
+            Ok((0..TIMED_RUNS).all(|_| self.run(p, algo, stream, g).is_ok()))
+        })
     }
 
     /// `g`'s passes with `algo`: `out = w · B₀ᵀ`, then `out += w · B₁ᵀ` for `Split`.
@@ -559,6 +606,20 @@ impl LtState {
         }
         Ok(())
     }
+}
+
+/// Milliseconds per run of `runs` ([`TIMED_RUNS`] runs enqueued on `stream`, `Ok(false)` when
+/// one was refused) between two events, or `None` when refused.
+fn timed(stream: &CudaStream, runs: impl FnOnce() -> Result<bool>) -> Result<Option<f64>> {
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let e0 = stream.record_event(flags).map_err(|e| device_err(OP, e))?;
+    if !runs()? {
+        return Ok(None);
+    }
+    let e1 = stream.record_event(flags).map_err(|e| device_err(OP, e))?;
+    e1.synchronize().map_err(|e| device_err(OP, e))?;
+    let ms = e0.elapsed_ms(&e1).map_err(|e| device_err(OP, e))?;
+    Ok(Some(ms as f64 / TIMED_RUNS as f64))
 }
 
 /// A cuBLASLt handle, destroyed on drop.
@@ -692,5 +753,11 @@ mod tests {
             assert_eq!(GemmBackend::from_u8(b.to_u8()), b);
         }
         assert_eq!(GemmBackend::default(), GemmBackend::LtAutotuned);
+        for b in [GemmBackend::LtAutotuned, GemmBackend::GemmEx] {
+            assert_eq!(GemmBackend::parse(b.name()), Some(b));
+        }
+        assert_eq!(GemmBackend::parse(" GemmEx "), Some(GemmBackend::GemmEx));
+        assert_eq!(GemmBackend::parse("cublas"), None);
+        assert_eq!(GemmBackend::parse(""), None);
     }
 }
