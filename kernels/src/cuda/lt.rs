@@ -1,13 +1,16 @@
 //! cuBLASLt for the f16/bf16 tensor-core GEMMs of `linear`, autotuned per problem. The layout is
 //! `linear.rs`'s: `O (n × m) = Wᵀ · X` column-major, A = `w` as a `k × n` matrix with op T,
-//! B = the activation's operands (`k × m`), C = D = `out` (`n × m`, f32).
+//! B = the activation's operands (`k × m`), C = D = `out` (`n × m`, f32). Opt-in
+//! (`STRATA_GEMM=lt`, or `CudaBackend::set_gemm_backend`); [`GemmBackend`] says why GemmEx is the
+//! default.
 //!
 //! - **State** ([`LtGemm`], one per backend): a cuBLASLt handle, a 32 MiB workspace (NVIDIA's
 //!   recommendation for Hopper) and the tuned algorithms, all behind one mutex, so the backend
 //!   makes one cuBLASLt call at a time. Made in `CudaBackend::new` when libcublasLt loads; when it
 //!   does not, or the handle or workspace cannot be made, the backend runs cuBLAS GemmEx and
 //!   `CudaBackend::lt_unavailable` says why.
-//! - **Autotuning.** The first GEMM of each `TuneKey` (m, n, k, dtype, precision mode, and the
+//! - **Autotuning**, for GEMMs of at least [`LT_MIN_ROWS`] rows (fewer run on GemmEx: see there).
+//!   The first GEMM of each `TuneKey` (m, n, k, dtype, precision mode, and the
 //!   operands' alignments) asks `cublasLtMatmulAlgoGetHeuristic` for up to [`CANDIDATES`]
 //!   algorithms that fit the workspace and the alignments, runs each on the real operands (the
 //!   mode's whole pass sequence: one GEMM for `Rounded`, two for `Split`) once untimed and
@@ -50,23 +53,33 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 pub const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed.
 pub const TIMED_RUNS: usize = 3;
+/// Rows from which a GEMM is tuned and may run on cuBLASLt; fewer run on GemmEx untuned. Below
+/// this a GEMM is bound by reading its weight, and the tuning's back-to-back runs on one weight
+/// (up to 50 MiB, in L2 after the first) time the wrong thing: on an H100 the algorithms they
+/// picked for 16-row decode GEMMs made a Llama-3-8B decode step twice as slow as GemmEx.
+pub const LT_MIN_ROWS: usize = 512;
 /// The alignment (bytes) both half-precision operands need for the Lt path.
 const MIN_OPERAND_ALIGN: u32 = 16;
 
 /// Which library runs the f16/bf16 GEMMs of `linear` (more than 8 rows).
+///
+/// GemmEx is the default. Autotuning wins a few GEMMs alone (up to 1.10× on an H100), but in a
+/// whole run its first call per shape costs ~36 GEMMs of time (a 16 × 2048 Llama-3-8B prefill
+/// was 13% slower; a 64 × 2048 one 2% slower, decode unchanged), and two processes may time
+/// different algorithms fastest, so their tokens could differ by rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmBackend {
-    /// cuBLASLt, with the algorithm autotuned per problem (see the module header of `lt.rs`),
-    /// GemmEx for the problems cuBLASLt cannot take.
-    #[default]
+    /// cuBLASLt, with the algorithm autotuned per problem of at least [`LT_MIN_ROWS`] rows
+    /// against GemmEx (see the module header of `lt.rs`), GemmEx for the rest.
     LtAutotuned,
     /// cuBLAS `cublasGemmEx` with `CUBLAS_GEMM_DEFAULT`: the library's own choice, untimed.
+    #[default]
     GemmEx,
 }
 
 impl GemmBackend {
-    /// The environment variable a new backend reads: `gemmex` selects [`GemmBackend::GemmEx`];
-    /// unset or `lt`, [`GemmBackend::LtAutotuned`] (an unknown value too: the CLI refuses one
+    /// The environment variable a new backend reads: `lt` selects [`GemmBackend::LtAutotuned`];
+    /// unset or `gemmex`, [`GemmBackend::GemmEx`] (an unknown value too: the CLI refuses one
     /// before it opens the GPU, see [`Self::check_env`]).
     pub const ENV: &'static str = "STRATA_GEMM";
 
@@ -91,7 +104,7 @@ impl GemmBackend {
     pub fn check_env() -> std::result::Result<(), String> {
         match std::env::var(Self::ENV) {
             Ok(v) if Self::parse(&v).is_none() => Err(format!(
-                "{}={v:?}: expected `lt` (the default) or `gemmex`",
+                "{}={v:?}: expected `gemmex` (the default) or `lt`",
                 Self::ENV
             )),
             _ => Ok(()),
@@ -277,16 +290,17 @@ fn align_bytes(ptr: u64, ld_bytes: usize) -> u32 {
     1 << (ptr | ld_bytes as u64 | 256).trailing_zeros()
 }
 
-/// The tuned algorithm of a key (`None`: GemmEx) and how it was chosen.
+/// The tuned algorithm of a key with its descriptors, made once (`None`: GemmEx), and how it was
+/// chosen.
 struct Tuned {
-    algo: Option<lts::cublasLtMatmulAlgo_t>,
+    lt: Option<(Problem, lts::cublasLtMatmulAlgo_t)>,
     choice: GemmChoice,
 }
 
 impl Tuned {
     fn gemm_ex(why: LtFallback) -> Self {
         Tuned {
-            algo: None,
+            lt: None,
             choice: GemmChoice::GemmEx(why),
         }
     }
@@ -346,6 +360,9 @@ impl LtGemm {
         g: &HalfGemm,
         gemm_ex: &dyn Fn() -> Result<()>,
     ) -> Result<bool> {
+        if g.m < LT_MIN_ROWS {
+            return Ok(false);
+        }
         let key = TuneKey::new(g);
         let mut st = self
             .state
@@ -357,22 +374,24 @@ impl LtGemm {
                 .or_insert_with(|| Tuned::gemm_ex(LtFallback::Unaligned));
             return Ok(false);
         }
-        let algo = match st.tuned.get(&key) {
-            Some(t) => t.algo,
-            None => {
-                let t = st.tune(&key, stream, g, gemm_ex)?;
-                let algo = t.algo;
-                st.tuned.insert(key, t);
-                algo
-            }
+        if !st.tuned.contains_key(&key) {
+            let t = st.tune(&key, stream, g, gemm_ex)?;
+            st.tuned.insert(key, t);
+        }
+        let LtState {
+            handle,
+            workspace,
+            tuned,
+        } = &mut *st;
+        let Some((problem, algo)) = tuned.get(&key).and_then(|t| t.lt.as_ref()) else {
+            return Ok(false);
         };
-        let Some(algo) = algo else { return Ok(false) };
-        match Problem::new(&key).and_then(|p| st.run(&p, &algo, stream, g)) {
+        match run(handle, workspace, problem, algo, stream, g) {
             Ok(()) => Ok(true),
             Err(e) => {
                 // A synchronous refusal: nothing launched past the failing pass. Remember it.
                 let why = LtFallback::NoAlgorithm(format!("cublasLtMatmul: {e}"));
-                st.tuned.insert(key, Tuned::gemm_ex(why));
+                tuned.insert(key, Tuned::gemm_ex(why));
                 Ok(false)
             }
         }
@@ -453,7 +472,7 @@ impl LtState {
         }
         Ok(match best {
             Some((rank, ms)) => Tuned {
-                algo: Some(algos[rank]),
+                lt: Some((problem, algos[rank])),
                 choice: GemmChoice::Lt {
                     rank,
                     candidates: algos.len(),
@@ -557,55 +576,57 @@ impl LtState {
         stream: &CudaStream,
         g: &HalfGemm,
     ) -> Result<Option<f64>> {
-        if self.run(p, algo, stream, g).is_err() {
+        let (h, ws) = (&self.handle, &mut self.workspace);
+        if run(h, ws, p, algo, stream, g).is_err() {
             return Ok(None);
         }
         timed(stream, || {
-            Ok((0..TIMED_RUNS).all(|_| self.run(p, algo, stream, g).is_ok()))
+            Ok((0..TIMED_RUNS).all(|_| run(h, ws, p, algo, stream, g).is_ok()))
         })
     }
+}
 
-    /// `g`'s passes with `algo`: `out = w · B₀ᵀ`, then `out += w · B₁ᵀ` for `Split`.
-    fn run(
-        &mut self,
-        p: &Problem,
-        algo: &lts::cublasLtMatmulAlgo_t,
-        stream: &CudaStream,
-        g: &HalfGemm,
-    ) -> std::result::Result<(), CublasError> {
-        let alpha = 1.0f32;
-        let (ws, _ws) = self.workspace.device_ptr_mut(stream);
-        for &(b, beta) in g.passes {
-            // SAFETY: the layouts of `p` describe the buffers exactly (built from the same m,
-            // n, k): A = `w`, `k × n` with ld k in `g.dtype` (n * k values); B = the pass's
-            // operand, `k × m` with ld k (m * k values); C = D = `out`, `n × m` f32 with ld n
-            // (m * n values), in place. `algo` came from the heuristic for these descriptors and
-            // alignments, and needs at most WORKSPACE_BYTES of the workspace passed. `alpha` and
-            // `beta` are f32 host scalars (host pointer mode, the default), read during the call.
-            // Everything is enqueued on `stream`, the one the buffers and the workspace live on.
-            unsafe {
-                ltr::matmul(
-                    self.handle.0,
-                    p.desc.0,
-                    (&alpha as *const f32).cast::<c_void>(),
-                    (&beta as *const f32).cast::<c_void>(),
-                    g.w as *const c_void,
-                    p.a.0,
-                    b as *const c_void,
-                    p.b.0,
-                    g.out as *const c_void,
-                    p.c.0,
-                    g.out as *mut c_void,
-                    p.c.0,
-                    algo,
-                    ws as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream.cu_stream() as lts::cudaStream_t,
-                )
-            }?;
-        }
-        Ok(())
+/// `g`'s passes with `algo`: `out = w · B₀ᵀ`, then `out += w · B₁ᵀ` for `Split`.
+fn run(
+    handle: &Handle,
+    workspace: &mut CudaSlice<u8>,
+    p: &Problem,
+    algo: &lts::cublasLtMatmulAlgo_t,
+    stream: &CudaStream,
+    g: &HalfGemm,
+) -> std::result::Result<(), CublasError> {
+    let alpha = 1.0f32;
+    let (ws, _ws) = workspace.device_ptr_mut(stream);
+    for &(b, beta) in g.passes {
+        // SAFETY: the layouts of `p` describe the buffers exactly (built from the same m,
+        // n, k): A = `w`, `k × n` with ld k in `g.dtype` (n * k values); B = the pass's
+        // operand, `k × m` with ld k (m * k values); C = D = `out`, `n × m` f32 with ld n
+        // (m * n values), in place. `algo` came from the heuristic for these descriptors and
+        // alignments, and needs at most WORKSPACE_BYTES of the workspace passed. `alpha` and
+        // `beta` are f32 host scalars (host pointer mode, the default), read during the call.
+        // Everything is enqueued on `stream`, the one the buffers and the workspace live on.
+        unsafe {
+            ltr::matmul(
+                handle.0,
+                p.desc.0,
+                (&alpha as *const f32).cast::<c_void>(),
+                (&beta as *const f32).cast::<c_void>(),
+                g.w as *const c_void,
+                p.a.0,
+                b as *const c_void,
+                p.b.0,
+                g.out as *const c_void,
+                p.c.0,
+                g.out as *mut c_void,
+                p.c.0,
+                algo,
+                ws as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as lts::cudaStream_t,
+            )
+        }?;
     }
+    Ok(())
 }
 
 /// Milliseconds per run of `runs` ([`TIMED_RUNS`] runs enqueued on `stream`, `Ok(false)` when
@@ -637,13 +658,17 @@ impl Drop for Handle {
 }
 
 /// The descriptors of one problem: f32 compute and scale with op(A) = T, and the A, B and C (= D)
-/// layouts.
+/// layouts. Made once per tuned key and kept with its algorithm, so a call makes none.
 struct Problem {
     desc: MatmulDesc,
     a: Layout,
     b: Layout,
     c: Layout,
 }
+
+// SAFETY: the descriptors are plain host-side structures the library allocated, not tied to the
+// thread that made them; they live in `LtState`, used only under its mutex, one thread at a time.
+unsafe impl Send for Problem {}
 
 impl Problem {
     fn new(key: &TuneKey) -> std::result::Result<Self, CublasError> {
@@ -752,7 +777,7 @@ mod tests {
         for b in [GemmBackend::LtAutotuned, GemmBackend::GemmEx] {
             assert_eq!(GemmBackend::from_u8(b.to_u8()), b);
         }
-        assert_eq!(GemmBackend::default(), GemmBackend::LtAutotuned);
+        assert_eq!(GemmBackend::default(), GemmBackend::GemmEx);
         for b in [GemmBackend::LtAutotuned, GemmBackend::GemmEx] {
             assert_eq!(GemmBackend::parse(b.name()), Some(b));
         }

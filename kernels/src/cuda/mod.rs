@@ -64,7 +64,7 @@ pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
 pub use kvtier::{CopyTicket, HostRegistration};
 pub use linear::GemmPrecision;
-pub use lt::{GemmBackend, GemmChoice, GemmTuning, LtFallback};
+pub use lt::{GemmBackend, GemmChoice, GemmTuning, LT_MIN_ROWS, LtFallback};
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
 pub use transfer::{CopyStats, PendingDownload};
