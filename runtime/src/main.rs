@@ -338,8 +338,8 @@ fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
-/// Opens the GPU `device` asks for: `None` means the CPU. Says once when the GEMMs cannot use
-/// cuBLASLt.
+/// Opens the GPU `device` asks for: `None` means the CPU. Says once when `STRATA_GEMM=lt` asks
+/// for cuBLASLt and it cannot be used.
 fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
     if device != Device::Cpu {
         strata_kernels::GemmBackend::check_env().map_err(anyhow::Error::msg)?;
@@ -357,7 +357,10 @@ fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
             }
         },
     };
-    if let Some(why) = gpu.as_ref().and_then(|g| g.lt_unavailable()) {
+    if let Some(gpu) = &gpu
+        && strata_kernels::GemmBackend::from_env() == strata_kernels::GemmBackend::LtAutotuned
+        && let Some(why) = gpu.lt_unavailable()
+    {
         eprintln!("note: {why}; f16/bf16 GEMMs run on cuBLAS GemmEx");
     }
     Ok(gpu)

@@ -6,9 +6,9 @@
 //!
 //! - **State** ([`LtGemm`], one per backend): a cuBLASLt handle, a 32 MiB workspace (NVIDIA's
 //!   recommendation for Hopper) and the tuned algorithms, all behind one mutex, so the backend
-//!   makes one cuBLASLt call at a time. Made in `CudaBackend::new` when libcublasLt loads; when it
-//!   does not, or the handle or workspace cannot be made, the backend runs cuBLAS GemmEx and
-//!   `CudaBackend::lt_unavailable` says why.
+//!   makes one cuBLASLt call at a time. Made the first time cuBLASLt is selected (or asked
+//!   about); when libcublasLt does not load, or the handle or workspace cannot be made, the
+//!   backend runs cuBLAS GemmEx and `CudaBackend::lt_unavailable` says why.
 //! - **Autotuning**, for GEMMs of at least [`LT_MIN_ROWS`] rows (fewer run on GemmEx: see there).
 //!   The first GEMM of each `TuneKey` (m, n, k, dtype, precision mode, and the
 //!   operands' alignments) asks `cublasLtMatmulAlgoGetHeuristic` for up to [`CANDIDATES`]
@@ -22,11 +22,10 @@
 //!   overwrite it (the first pass has β = 0), so the result is the chosen algorithm's.
 //!   Algorithms with a split-K reduction are not offered (see `heuristic`).
 //! - **Fallback to GemmEx**, per key and remembered: when it timed fastest; when a
-//!   half-precision operand is less than
-//!   16-byte aligned (its address, or its leading dimension `k`: `k` not a multiple of 8; every
-//!   Llama-type shape is aligned, and for the others cuBLASLt offers only the low-alignment
-//!   kernels GemmEx itself would pick); when the heuristic returns no algorithm; when no
-//!   candidate launches. The f32 output may have any `n`: its true alignment is passed to the
+//!   half-precision operand is less than 16-byte aligned (its address, or its leading dimension
+//!   `k`: `k` not a multiple of 8; every Llama-type shape is aligned, and for the others
+//!   cuBLASLt offers only the low-alignment kernels GemmEx itself would pick); when the
+//!   heuristic returns no algorithm; when no candidate launches. The f32 output may have any `n`: its true alignment is passed to the
 //!   heuristic, which then offers only algorithms that accept it.
 //! - **Results**: the same types as GemmEx (f16/bf16 A and B, f32 compute, scale, C and D), so
 //!   `Split` and `Rounded` keep their error bounds. The bits can differ from GemmEx's (another

@@ -17,11 +17,12 @@
 //!   - f16/bf16 weights, up to 8 rows (decode): the `gemv_*` kernel, f32 activation × widened
 //!     weight, f32 accumulation — the CPU backend's math.
 //!   - f16/bf16 weights, more rows (prefill): a tensor-core GEMM with f16/bf16 inputs, f32
-//!     compute and **f32 output**, on cuBLASLt with the algorithm autotuned per shape (`lt.rs`)
-//!     or on cuBLAS GemmEx ([`GemmBackend`]: [`CudaBackend::set_gemm_backend`], or
-//!     `STRATA_GEMM=gemmex` at creation; GemmEx also when libcublasLt is missing, see
-//!     [`CudaBackend::lt_unavailable`], and for shapes cuBLASLt does not take), in one of two
-//!     modes ([`GemmPrecision`], set per backend with [`CudaBackend::set_gemm_precision`]):
+//!     compute and **f32 output**, on cuBLAS GemmEx (the default) or, opted into with
+//!     [`CudaBackend::set_gemm_backend`] or `STRATA_GEMM=lt` ([`GemmBackend`]), on cuBLASLt
+//!     with the algorithm autotuned per shape (`lt.rs`; loaded on first use, GemmEx when
+//!     libcublasLt is missing, see [`CudaBackend::lt_unavailable`], and for shapes it does not
+//!     take), in one of two modes ([`GemmPrecision`], set per backend with
+//!     [`CudaBackend::set_gemm_precision`]):
 //!     - `Split` (the default): the activation is split into two half-precision terms `hi + lo`
 //!       (`hi = round(x)`, `lo = round(x − hi)`) and the GEMM runs twice (`C += w · lo` after
 //!       `C = w · hi`). The activation is carried to about 2⁻¹⁷ (bf16) or 2⁻²² (f16) relative,
@@ -52,7 +53,7 @@ mod transfer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg};
@@ -140,8 +141,9 @@ struct Inner {
     info: DeviceInfo,
     origin: KernelOrigin,
     blas: CudaBlas,
-    /// cuBLASLt and its autotuned algorithms, or why it cannot be used (then GemmEx runs).
-    lt: std::result::Result<lt::LtGemm, String>,
+    /// cuBLASLt and its autotuned algorithms, or why it cannot be used (then GemmEx runs); made
+    /// the first time it is selected or asked about.
+    lt: OnceLock<std::result::Result<lt::LtGemm, String>>,
     /// The [`GemmBackend`] asked for, as `GemmBackend::to_u8`.
     gemm_backend: AtomicU8,
     k: Kernels,
@@ -243,8 +245,6 @@ impl CudaBackend {
                 let xfer = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let spill = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
-                // Never fails the backend: without cuBLASLt, GemmEx runs the GEMMs.
-                let lt = lt::LtGemm::new(&stream);
                 let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
                     info.compute_capability,
@@ -264,7 +264,7 @@ impl CudaBackend {
                         info: info.clone(),
                         origin,
                         blas,
-                        lt,
+                        lt: OnceLock::new(),
                         gemm_backend: AtomicU8::new(GemmBackend::from_env().to_u8()),
                         k,
                         attn,
@@ -347,19 +347,19 @@ impl CudaBackend {
         }
     }
 
-    /// Why cuBLASLt cannot be used on this machine (the GEMMs then run on GemmEx), if so.
+    /// Why cuBLASLt cannot be used on this machine (the GEMMs then run on GemmEx), if so
+    /// (loads it to find out).
     pub fn lt_unavailable(&self) -> Option<&str> {
-        self.inner.lt.as_ref().err().map(String::as_str)
+        self.inner.lt().as_ref().err().map(String::as_str)
     }
 
     /// The GEMM problems cuBLASLt has tuned so far and what it chose for each (GemmEx included,
     /// for problems it does not take), ordered by (n, k, m).
     pub fn gemm_tunings(&self) -> Vec<GemmTuning> {
-        self.inner
-            .lt
-            .as_ref()
-            .map(lt::LtGemm::tunings)
-            .unwrap_or_default()
+        match self.inner.lt.get() {
+            Some(Ok(lt)) => lt.tunings(),
+            _ => Vec::new(),
+        }
     }
 
     /// The first error hit by an op that cannot return one (`zeros`, `to_host`, `relu_inplace`,
@@ -370,10 +370,15 @@ impl CudaBackend {
 }
 
 impl Inner {
+    /// cuBLASLt, loaded on first use; never fails the backend (without it, GemmEx runs).
+    fn lt(&self) -> &std::result::Result<lt::LtGemm, String> {
+        self.lt.get_or_init(|| lt::LtGemm::new(&self.stream))
+    }
+
     /// cuBLASLt, when it is selected and available.
     fn lt_selected(&self) -> Option<&lt::LtGemm> {
         match GemmBackend::from_u8(self.gemm_backend.load(Ordering::Relaxed)) {
-            GemmBackend::LtAutotuned => self.lt.as_ref().ok(),
+            GemmBackend::LtAutotuned => self.lt().as_ref().ok(),
             GemmBackend::GemmEx => None,
         }
     }
