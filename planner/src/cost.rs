@@ -246,6 +246,19 @@ impl Traffic {
 }
 
 /// Per-sequence tokens per tier at context `c`: (stored as KV, stored as hidden states).
+/// KV tokens (hidden states not included) of each sequence that `p` keeps on `tier` at the job's
+/// final length, in whole blocks: what [`memory`] counts there.
+pub fn kv_tokens_on(p: &Policy, wl: &Workload, tier: Tier) -> u64 {
+    let kv = split_tokens(p, wl.final_len() as f64).get(tier).0;
+    whole_blocks(kv, p.kv_block_tokens) as u64
+}
+
+/// `tokens` rounded up to whole blocks of `block` tokens (a hair of float error kept below one).
+fn whole_blocks(tokens: f64, block: u64) -> f64 {
+    let block = block.max(1) as f64;
+    (tokens / block - 1e-9).ceil().max(0.0) * block
+}
+
 fn split_tokens(p: &Policy, c: f64) -> PerTier<(f64, f64)> {
     let hot = (p.kv.hot_window_tokens as f64).min(c);
     let cold = c - hot;
@@ -457,8 +470,7 @@ pub fn predict(m: &ModelSpec, wl: &Workload, p: &Policy, hw: &HardwareProfile) -
 pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     let z = sizes(m, wl, p);
     let layers = m.layers as f64;
-    let block = p.kv_block_tokens as f64;
-    let blocks = |tokens: f64| (tokens / block - 1e-9).ceil().max(0.0) * block;
+    let blocks = |tokens: f64| whole_blocks(tokens, p.kv_block_tokens);
     let split = split_tokens(p, wl.final_len() as f64);
     let slots = (p.prefetch_depth + 1) as f64;
     let g = p.gpu_batch_size as f64;

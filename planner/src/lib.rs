@@ -32,7 +32,7 @@ pub mod search;
 pub use baselines::{gpu_only, layerwise, serial};
 pub use cost::{
     PREFILL_ROWS, PhaseTime, Prediction, Stream, StreamTimes, TierBytes, gpu_workspace_bytes,
-    memory, predict,
+    kv_tokens_on, memory, predict,
 };
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};

@@ -16,8 +16,9 @@
 //! Objective: predicted job time (prefill + gen_len decode steps). Ties keep the first found;
 //! enumeration order puts weights on faster tiers first. Invariants: the returned policy and every
 //! alternative fit the budgets; the objective does not depend on the budgets and a larger budget
-//! only fills faster tiers further, so a larger budget never returns a slower plan. When nothing fits, the error reports the policy that came closest
-//! (least total bytes over budget), tier by tier.
+//! only fills faster tiers further, so a larger budget never returns a slower plan. When nothing
+//! fits, the error reports the policy that came closest (least total bytes over budget), tier by
+//! tier.
 
 use std::collections::HashMap;
 

@@ -390,10 +390,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     let gpu_name = match &gpu {
         Some(cal) => {
             measure_gpu(cal, &sz, &steps, &mut p, &mut row)?;
-            let device = match opts.device {
-                DeviceChoice::Cuda(d) => d,
-                DeviceChoice::Auto | DeviceChoice::Cpu => 0,
-            };
+            let device = cal.device_info().ordinal;
             measure_prefill_attention(device, &sz, &steps, &mut p, &mut row)?;
             cal.device_info().name.clone()
         }

@@ -14,7 +14,9 @@
 //! the KV that lands there.
 
 use serde::Serialize;
-use strata_planner::{Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload};
+use strata_planner::{
+    Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload, kv_tokens_on,
+};
 
 use crate::forward::Residency;
 use crate::generate::JobStats;
@@ -168,18 +170,6 @@ pub fn keeps_gpu_kv(p: &Policy) -> bool {
     p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0)
 }
 
-/// KV tokens of each sequence that `p` keeps on the GPU at the job's final length (its hot
-/// window there, and its GPU share of the older tokens stored as KV), in whole blocks: what the
-/// planner counts in GPU memory.
-pub fn gpu_kv_tokens_per_sequence(p: &Policy, wl: &Workload) -> u64 {
-    let len = wl.final_len() as f64;
-    let hot = (p.kv.hot_window_tokens as f64).min(len);
-    let hot_on_gpu = if p.kv.hot_tier == Tier::Gpu { hot } else { 0.0 };
-    let tokens = hot_on_gpu + (len - hot) * p.kv.cold.gpu * (1.0 - p.recompute.gpu);
-    let block = p.kv_block_tokens.max(1);
-    (tokens / block as f64 - 1e-9).ceil().max(0.0) as u64 * block
-}
-
 /// Bytes of the GPU KV tier that runs `p` for `wl` on a model of `layers` layers, with KV
 /// blocks of `block_bytes` (the GPU tier's dtype): the policy's GPU KV, at most `room` (what
 /// the GPU budget leaves after weights and workspace), and a note for the user when the room
@@ -191,7 +181,7 @@ pub fn gpu_kv_tier_bytes(
     block_bytes: u64,
     room: u64,
 ) -> (u64, Option<String>) {
-    let blocks = gpu_kv_tokens_per_sequence(p, wl) / p.kv_block_tokens.max(1);
+    let blocks = kv_tokens_on(p, wl, Tier::Gpu) / p.kv_block_tokens.max(1);
     let planned = blocks * wl.batch * layers * block_bytes;
     if planned <= room {
         return (planned, None);
@@ -344,7 +334,7 @@ mod tests {
         p.kv.cold = TierSplit::all_on(Tier::Host);
         p.kv.hot_tier = Tier::Host;
         p.kv.hot_window_tokens = 128;
-        assert_eq!(gpu_kv_tokens_per_sequence(&p, &wl), 0);
+        assert_eq!(kv_tokens_on(&p, &wl, Tier::Gpu), 0);
         assert_eq!(
             gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),
             (0, None)
@@ -357,7 +347,7 @@ mod tests {
             host: 0.9,
             disk: 0.0,
         };
-        assert_eq!(gpu_kv_tokens_per_sequence(&p, &wl), 17 * 32);
+        assert_eq!(kv_tokens_on(&p, &wl, Tier::Gpu), 17 * 32);
         let planned = 17 * 4 * 32 * block_bytes;
         assert_eq!(
             gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),

@@ -26,6 +26,16 @@ struct Expected {
     last_logits: Vec<Vec<f64>>,
 }
 
+fn golden_model(name: &str) -> Model {
+    model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap()
+}
+
+/// Whether the KV cache can keep `m`'s hidden states for recompute: they fit where its K and V
+/// would (MHA); a GQA model's hidden state is larger than its K and V, and the cache refuses it.
+fn stores_hidden_states(m: &Model) -> bool {
+    m.config.hidden <= 2 * m.config.kv_dim()
+}
+
 fn expected(name: &str) -> Expected {
     let e = read_json(&fixture(&format!("golden/{name}/expected.json")));
     let cases = e["cases"].as_array().unwrap();
@@ -102,6 +112,21 @@ fn check(name: &str, what: &str, e: &Expected, got: &[(Vec<f32>, Vec<u32>)], tol
     }
 }
 
+/// Runs `engine` over the fixture's prompts, checks transformers' tokens and logits (the golden
+/// tolerance) and the tier budgets, and returns the cache's metrics.
+fn run_golden(
+    engine: &mut Engine<'_, CudaBackend>,
+    name: &str,
+    what: &str,
+    e: &Expected,
+) -> KvMetrics {
+    let got = run(engine, e);
+    check(name, what, e, &got, LOGIT_REL_TOL);
+    let k = engine.kv.metrics();
+    within_budgets(name, what, &k);
+    k
+}
+
 fn within_budgets(name: &str, what: &str, k: &KvMetrics) {
     assert!(
         k.gpu_blocks_peak <= k.gpu_capacity_blocks,
@@ -121,7 +146,7 @@ fn within_budgets(name: &str, what: &str, k: &KvMetrics) {
 fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
     let Some(gpu) = test_gpu() else { return };
     for name in FIXTURES {
-        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let m = golden_model(name);
         let e = expected(name);
         let (small, tails) = small_gpu_tier(&m, &e);
         let placements = [
@@ -204,7 +229,7 @@ fn half_precision_kv_is_the_same_in_every_tier() {
     let Some(gpu) = test_gpu() else { return };
     let bf16 = Some(DType::BF16);
     for name in FIXTURES {
-        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let m = golden_model(name);
         // f32 hidden states fit a bf16 KV block when d_model <= kv_heads * head_dim.
         let mha = m.config.hidden <= m.config.kv_dim();
         let e = expected(name);
@@ -368,9 +393,9 @@ fn routed_engine<'m>(
 fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
     let Some(gpu) = test_gpu() else { return };
     for name in FIXTURES {
-        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let m = golden_model(name);
         let e = expected(name);
-        let mha = m.config.hidden <= 2 * m.config.kv_dim();
+        let mha = stores_hidden_states(&m);
         let (small, tails) = small_gpu_tier(&m, &e);
         for (near, recompute, gpu_batches) in
             [(0.0, 0.0, 1), (0.5, 0.0, 2), (1.0, 0.5, 1), (0.0, 1.0, 2)]
@@ -382,10 +407,7 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
             let placement = host_and_disk(&format!("{name}-routes"), tails + small / 4, None);
             let mut engine = routed_engine(gpu, &m, placement, near, recompute);
             engine.tf.set_gpu_batches(gpu_batches);
-            let got = run(&mut engine, &e);
-            check(name, &what, &e, &got, LOGIT_REL_TOL);
-            let k = engine.kv.metrics();
-            within_budgets(name, &what, &k);
+            let k = run_golden(&mut engine, name, &what, &e);
             assert!(
                 k.spilled_blocks > 0,
                 "{name} {what}: nothing reached the disk"
@@ -419,10 +441,7 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
                 },
             };
             let mut engine = routed_engine(gpu, &m, placement, near, 0.0);
-            let got = run(&mut engine, &e);
-            check(name, &what, &e, &got, LOGIT_REL_TOL);
-            let k = engine.kv.metrics();
-            within_budgets(name, &what, &k);
+            let k = run_golden(&mut engine, name, &what, &e);
             assert!(k.gpu_spilled_blocks > 0, "{name} {what}: nothing spilled");
             assert!(k.fetched_blocks > 0, "{name} {what}: nothing was fetched");
             eprintln!(
@@ -443,9 +462,9 @@ fn fetched_split_and_recomputed_kv_on_the_gpu_give_the_golden_tokens() {
 fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
     let Some(gpu) = test_gpu() else { return };
     for name in FIXTURES {
-        let m = model::open(fixture(&format!("golden/{name}")).to_str().unwrap()).unwrap();
+        let m = golden_model(name);
         let e = expected(name);
-        let mha = m.config.hidden <= 2 * m.config.kv_dim();
+        let mha = stores_hidden_states(&m);
         let (small, tails) = small_gpu_tier(&m, &e);
         for (kv_blocks, recompute) in [(small, 0.0), (0, 0.0), (0, 0.5)] {
             if recompute > 0.0 && !mha {
@@ -457,10 +476,7 @@ fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
                 host_and_disk(&format!("{name}-chunked"), tails + small / 4, Some(tier));
             let mut engine = routed_engine(gpu, &m, placement, 1.0, recompute);
             engine.prefill_chunk = 3;
-            let got = run(&mut engine, &e);
-            check(name, &what, &e, &got, LOGIT_REL_TOL);
-            let k = engine.kv.metrics();
-            within_budgets(name, &what, &k);
+            let k = run_golden(&mut engine, name, &what, &e);
             assert!(k.fetched_blocks > 0, "{name} {what}: nothing was fetched");
             if kv_blocks == 0 {
                 assert!(k.scratch_groups > 0, "{name} {what}: one group only");

@@ -25,8 +25,9 @@
 //!   half-precision operand is less than 16-byte aligned (its address, or its leading dimension
 //!   `k`: `k` not a multiple of 8; every Llama-type shape is aligned, and for the others
 //!   cuBLASLt offers only the low-alignment kernels GemmEx itself would pick); when the
-//!   heuristic returns no algorithm; when no candidate launches. The f32 output may have any `n`: its true alignment is passed to the
-//!   heuristic, which then offers only algorithms that accept it.
+//!   heuristic returns no algorithm; when no candidate launches. The f32 output may have any
+//!   `n`: its true alignment is passed to the heuristic, which then offers only algorithms that
+//!   accept it.
 //! - **Results**: the same types as GemmEx (f16/bf16 A and B, f32 compute, scale, C and D), so
 //!   `Split` and `Rounded` keep their error bounds. The bits can differ from GemmEx's (another
 //!   kernel, another summation order), never between two calls of one key.

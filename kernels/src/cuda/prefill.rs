@@ -632,8 +632,10 @@ impl CudaBackend {
         self.kv_pool_write(&mut pool, 0, &values)?;
         self.kv_pool_tile(&mut pool, seed)?;
         let ids: Vec<u32> = (0..blocks as u32).collect();
-        let tables =
-            self.upload_paged_tables(&pool, &[SeqBlocks::contiguous(&ids, tokens, 32)?])?;
+        let tables = self.upload_paged_tables(
+            &pool,
+            &[SeqBlocks::contiguous(&ids, tokens, shape.block_tokens)?],
+        )?;
         let at: Vec<(u32, u32)> = (0..tokens as u32).map(|p| (0, p)).collect();
         let rows = self.upload_query_rows(&at)?;
         let width = HEADS * shape.head_dim;

@@ -680,7 +680,7 @@ fn write_prompts(path: &Path, batch: u64, prompt_len: u64, vocab: usize) -> anyh
 
 /// KV bytes the policy keeps on the GPU for the whole job (its hot window and GPU share).
 fn gpu_kv_bytes(p: &Policy, spec: &ModelSpec, wl: &Workload) -> u64 {
-    let tokens = strata_runtime::policy_exec::gpu_kv_tokens_per_sequence(p, wl);
+    let tokens = strata_planner::kv_tokens_on(p, wl, Tier::Gpu);
     tokens * wl.batch * spec.layers * spec.kv_bytes_per_token_per_layer()
 }
 

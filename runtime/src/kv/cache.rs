@@ -1077,9 +1077,10 @@ impl KvCache {
             parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false)?);
         }
         self.metrics.scratch_groups += parts.len() as u64 - 1;
-        let out = match parts.len() {
-            1 => parts.pop().ok_or(KvError::WorkerGone)?,
-            _ => self.merge_device_partials(&parts)?,
+        let out = if parts.len() == 1 {
+            parts.swap_remove(0)
+        } else {
+            self.merge_device_partials(&parts)?
         };
         Ok((Some(out), Vec::new()))
     }

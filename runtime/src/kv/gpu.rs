@@ -6,8 +6,9 @@
 //! when the host tier holds it, the normal case: no widening, half the bytes of f32 across
 //! PCIe), then the spill stream (not the weight prefetch's: a spill must not wait for the next
 //! layer's weights) moves them straight into their host-arena slots (page-locked the first time
-//! a slot of each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is waited
-//! before anything reads the host tier (host attention, a host → disk spill) or the next spill.
+//! a slot of each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is
+//! waited before anything reads the host tier (host attention, a host → disk spill) or the next
+//! spill.
 
 use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool, StreamMark};
 use strata_kernels::{CudaBackend, DType};
