@@ -23,8 +23,9 @@ pub struct CpuBackend;
 /// few enough tasks to balance across cores.
 const GEMM_COLS_PER_TASK: usize = 64;
 /// Up to this many rows, `linear` runs as dot products straight off the row-major weights
-/// (decode: memory-bound, and packing a weight tile for sgemm would triple its traffic).
-const GEMV_MAX_ROWS: usize = 8;
+/// (decode, and the host's MLP share of a decode step: memory-bound, and packing a weight tile
+/// for sgemm would triple its traffic).
+const GEMV_MAX_ROWS: usize = 32;
 /// Below this many elements an elementwise op runs on the calling thread.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
@@ -74,22 +75,26 @@ fn sgemm_tile(x: &[f32], m: usize, k: usize, w_tile: &[f32], c: usize, out: &mut
     }
 }
 
-/// `out[m, c] = x[m, k] · w[j0 .. j0 + c, :]ᵀ`, one weight row at a time (widened if needed).
-/// Uses the AVX2+FMA build when the CPU has it (checked at run time).
+/// `out[m, c] = x[m, k] · w[j0 .. j0 + c, :]ᵀ`. Uses the AVX2+FMA register tiles when the CPU
+/// has them (checked at run time), else one weight row at a time (widened if needed).
 fn gemv_tile(x: &[f32], m: usize, k: usize, w: &WeightData, j0: usize, c: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `gemv_tile_avx2` only requires AVX2 and FMA, which the CPU was just checked to
-        // have.
-        unsafe { gemv_tile_avx2(x, m, k, w, j0, c, out) };
+        let f16c = std::arch::is_x86_feature_detected!("f16c");
+        // SAFETY: `gemv_tile_avx2` requires AVX2 and FMA, which the CPU was just checked to
+        // have, and F16C only when told it is there.
+        unsafe { gemv_tile_avx2(x, m, k, w, j0, c, out, f16c) };
         return;
     }
     gemv_tile_portable(x, m, k, w, j0, c, out);
 }
 
+/// # Safety
+/// The CPU has F16C when `f16c` is true.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gemv_tile_avx2(
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_tile_avx2(
     x: &[f32],
     m: usize,
     k: usize,
@@ -97,8 +102,122 @@ fn gemv_tile_avx2(
     j0: usize,
     c: usize,
     out: &mut [f32],
+    f16c: bool,
 ) {
-    gemv_tile_portable(x, m, k, w, j0, c, out);
+    use half::bf16;
+    // Whole tiles of 8 weight rows in registers; the rest row by row.
+    let tiled = if k.is_multiple_of(8) { c / 8 * 8 } else { 0 };
+    let done = match w {
+        // SAFETY (both): AVX2 and FMA are enabled on this function; `w` holds the rows
+        // `j0 .. j0 + c` of `k` values (the caller's shape checks), `x` holds `m * k` and `out`
+        // `m * c` values, and `k % 8 == 0` whenever `tiled > 0`.
+        WeightData::BF16(v) => unsafe { gemv_tiles::<bf16>(x, m, k, v, j0, tiled, c, out) },
+        WeightData::F32(v) => unsafe { gemv_tiles::<f32>(x, m, k, v, j0, tiled, c, out) },
+        // SAFETY: as above, and the caller says the CPU has F16C.
+        WeightData::F16(v) if f16c => unsafe { gemv_tiles_f16c(x, m, k, v, j0, tiled, c, out) },
+        // f16 widens in registers only with F16C: row by row here.
+        WeightData::F16(_) => 0,
+    };
+    if done < c {
+        let mut rest = vec![0.0f32; m * (c - done)];
+        gemv_tile_portable(x, m, k, w, j0 + done, c - done, &mut rest);
+        let width = c - done;
+        for i in 0..m {
+            out[i * c + done..(i + 1) * c].copy_from_slice(&rest[i * width..(i + 1) * width]);
+        }
+    }
+}
+
+/// [`gemv_tiles`] over f16 weights, widened in registers by F16C.
+///
+/// # Safety
+/// As [`gemv_tiles`], and the CPU has F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_tiles_f16c(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[half::f16],
+    j0: usize,
+    tiled: usize,
+    c: usize,
+    out: &mut [f32],
+) -> usize {
+    // SAFETY: the caller's guarantees are `gemv_tiles`' plus F16C, enabled here.
+    unsafe { gemv_tiles::<half::f16>(x, m, k, w, j0, tiled, c, out) }
+}
+
+/// The first `tiled` (a multiple of 8) output columns of [`gemv_tile`]: for each tile of 8
+/// weight rows, the activation rows in groups of up to 6, each group through a register tile
+/// sized for it (see [`crate::simd::avx2::gemv_tile`]). The tile's weights come from memory for
+/// the first group and from cache for the others. Returns `tiled`, the columns written.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `k % 8 == 0` when `tiled > 0`; `w` holds rows `j0 .. j0 + tiled`
+/// of `k` values, `x` `m * k` values and `out` `m * c` values with `tiled <= c`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemv_tiles<E: crate::simd::avx2::Widen>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[E],
+    j0: usize,
+    tiled: usize,
+    c: usize,
+    out: &mut [f32],
+) -> usize {
+    use crate::simd::avx2::gemv_tile;
+    assert!(w.len() >= (j0 + tiled) * k && x.len() >= m * k && out.len() >= m * c);
+    /// Rows `i .. i + H` against weight rows `jt .. jt + 8`, `T` at a time.
+    ///
+    /// # Safety
+    /// As [`gemv_tiles`], with `i + H <= m` and `jt + 8 <= tiled`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group<E: crate::simd::avx2::Widen, const H: usize, const T: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[E],
+        j0: usize,
+        i: usize,
+        jt: usize,
+        c: usize,
+        out: &mut [f32],
+    ) {
+        for t0 in (0..8).step_by(T) {
+            let rows: [*const E; T] = std::array::from_fn(|t| w[(j0 + jt + t0 + t) * k..].as_ptr());
+            // SAFETY: rows i .. i + H of x and T weight rows of k values are in bounds (the
+            // caller's assertion and conditions); k % 8 == 0 and AVX2/FMA per the caller.
+            let s = unsafe { gemv_tile::<E, H, T>(x[i * k..].as_ptr(), rows, k) };
+            for (h, row) in s.iter().enumerate() {
+                let o = (i + h) * c + jt + t0;
+                out[o..o + T].copy_from_slice(row);
+            }
+        }
+    }
+    for jt in (0..tiled).step_by(8) {
+        let mut i = 0;
+        while i < m {
+            let g = (m - i).min(6);
+            // SAFETY: i + g <= m and jt + 8 <= tiled, with the caller's guarantees.
+            unsafe {
+                match g {
+                    1 => group::<E, 1, 4>(x, k, w, j0, i, jt, c, out),
+                    2 => group::<E, 2, 4>(x, k, w, j0, i, jt, c, out),
+                    3 => group::<E, 3, 2>(x, k, w, j0, i, jt, c, out),
+                    4 => group::<E, 4, 2>(x, k, w, j0, i, jt, c, out),
+                    5 => group::<E, 5, 2>(x, k, w, j0, i, jt, c, out),
+                    _ => group::<E, 6, 2>(x, k, w, j0, i, jt, c, out),
+                }
+            }
+            i += g;
+        }
+    }
+    tiled
 }
 
 #[inline(always)]
@@ -231,7 +350,7 @@ impl Backend for CpuBackend {
         }
         if let Some(b) = bias {
             let b = vector_f32(b);
-            for row in data.chunks_exact_mut(n) {
+            for row in data.chunks_exact_mut(n.max(1)) {
                 for (o, bb) in row.iter_mut().zip(&b) {
                     *o += bb;
                 }

@@ -113,4 +113,65 @@ impl HostWeight {
     pub fn size_bytes(&self) -> usize {
         self.data.len() * self.data.dtype().size_bytes()
     }
+
+    /// Splits the columns into `[0, at)` and `[at, cols)` (a vector's elements: it is `1 × n`).
+    pub fn split_cols(self, at: usize) -> crate::Result<(Self, Self)> {
+        let (rows, cols) = (self.rows, self.cols);
+        if at > cols {
+            return Err(crate::shape_err(
+                "HostWeight::split_cols",
+                format!("column {at} is past the {cols} columns"),
+            ));
+        }
+        fn split<T: Copy>(v: &[T], rows: usize, cols: usize, at: usize) -> (Vec<T>, Vec<T>) {
+            let mut left = Vec::with_capacity(rows * at);
+            let mut right = Vec::with_capacity(rows * (cols - at));
+            for row in v.chunks_exact(cols.max(1)).take(rows) {
+                left.extend_from_slice(&row[..at]);
+                right.extend_from_slice(&row[at..]);
+            }
+            (left, right)
+        }
+        let (l, r) = match &self.data {
+            WeightData::F32(v) => {
+                let (l, r) = split(v, rows, cols, at);
+                (WeightData::F32(l), WeightData::F32(r))
+            }
+            WeightData::F16(v) => {
+                let (l, r) = split(v, rows, cols, at);
+                (WeightData::F16(l), WeightData::F16(r))
+            }
+            WeightData::BF16(v) => {
+                let (l, r) = split(v, rows, cols, at);
+                (WeightData::BF16(l), WeightData::BF16(r))
+            }
+        };
+        Ok((Self::new(rows, at, l)?, Self::new(rows, cols - at, r)?))
+    }
+
+    /// Splits the rows into `[0, at)` and `[at, rows)`.
+    pub fn split_rows(self, at: usize) -> crate::Result<(Self, Self)> {
+        let (rows, cols) = (self.rows, self.cols);
+        if at > rows {
+            return Err(crate::shape_err(
+                "HostWeight::split_rows",
+                format!("row {at} is past the {rows} rows"),
+            ));
+        }
+        let (l, r) = match self.data {
+            WeightData::F32(mut v) => {
+                let r = v.split_off(at * cols);
+                (WeightData::F32(v), WeightData::F32(r))
+            }
+            WeightData::F16(mut v) => {
+                let r = v.split_off(at * cols);
+                (WeightData::F16(v), WeightData::F16(r))
+            }
+            WeightData::BF16(mut v) => {
+                let r = v.split_off(at * cols);
+                (WeightData::BF16(v), WeightData::BF16(r))
+            }
+        };
+        Ok((Self::new(at, cols, l)?, Self::new(rows - at, cols, r)?))
+    }
 }

@@ -185,4 +185,49 @@ pub(crate) mod avx2 {
             }
         }
     }
+
+    /// Sum of the eight lanes of `v`.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: register-only AVX arithmetic; the caller guarantees AVX.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+
+    /// Dot products of `H` activation rows (`x + h · k`) with `T` weight rows: element `[h][t]`
+    /// is `x[h] · w[t]`. The `H · T` accumulators stay in registers (at most 12 of the 16, with
+    /// the `T` widened weights and one activation); each weight load, widened once, serves all
+    /// `H` rows, which is what makes a decode step's MLP on the host read weights at memory pace.
+    ///
+    /// # Safety
+    /// `x .. x + H · k` and each `w[t] .. w[t] + k` are readable, `k % 8 == 0`, and the CPU has
+    /// AVX2 and FMA (and F16C when `E` is `f16`).
+    #[inline(always)]
+    pub(crate) unsafe fn gemv_tile<E: Widen, const H: usize, const T: usize>(
+        x: *const f32,
+        w: [*const E; T],
+        k: usize,
+    ) -> [[f32; T]; H] {
+        const { assert!(H * T <= 12, "a GEMV tile keeps at most 12 accumulators") };
+        // SAFETY: every load is within the extents the caller guarantees (`d + 8 <= k`); the rest
+        // is register arithmetic on features the caller guarantees.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; H];
+            let mut d = 0;
+            while d < k {
+                let wv: [__m256; T] = std::array::from_fn(|t| E::load8(w[t].add(d)));
+                for (h, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(h * k + d));
+                    for (a, wt) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *wt, *a);
+                    }
+                }
+                d += 8;
+            }
+            acc.map(|row| row.map(|a| hsum(a)))
+        }
+    }
 }

@@ -27,6 +27,13 @@ fn linear_matches_reference_for_every_dtype_and_shape() {
             (3, 37, 129),
             (17, 96, 64),
             (5, 200, 65),
+            // Register tiles for every group of rows up to 6, several groups, partial tiles.
+            (2, 16, 8),
+            (4, 24, 16),
+            (8, 64, 136),
+            (32, 128, 24),
+            // Past the matrix-vector rows: sgemm.
+            (40, 32, 16),
         ] {
             let w = rng.weight(n, k, dtype);
             let b = HostWeight::vector(WeightData::F32(rng.vec(n)).cast(dtype));

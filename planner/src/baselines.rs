@@ -35,6 +35,7 @@ fn base(wl: &Workload, weights: TierSplit, kv: TierSplit, block: u64) -> Policy 
         num_gpu_batches: 1,
         kv_block_tokens: block.max(1),
         prefetch_depth: 1,
+        host_mlp_share: 0.0,
     }
 }
 

@@ -18,6 +18,11 @@
 //! - recompute tokens: `hb` each over `h2d` (and `disk_read` from disk), then
 //!   `2·hidden·kv_width` FLOPs to regenerate K, V and HBM `hb + 2·kvb` (read h, write and read KV).
 //! - GPU attention: `4·q_width` FLOPs and `kvb` HBM bytes per (query, key) pair on the GPU.
+//! - host MLP share `μ` (`host_mlp_share`) with `Wm` MLP bytes per layer: `μ·w_host·Wm` of the
+//!   weights stay in host memory (off `h2d` and the GPU's HBM and FLOPs) and are read by host
+//!   threads once per GPU batch (`host_compute += k·μ·w_host·Wm`, the same memory-bound
+//!   dot products as host attention, at its calibrated rate); each GPU batch's MLP input goes
+//!   down and the host's partial output comes up (`N·hidden·4` each way).
 //! - new tokens: `N` tokens' KV land on the hot tier and `N` age into the cold split (KV from the
 //!   hot tier, hidden states from the GPU): `d2h` when leaving the GPU, `disk_write` into disk.
 //!
@@ -34,7 +39,8 @@
 //! on the layer that no single stream shows.
 //! **Overlap**: streams run concurrently, so a layer costs the max over streams and
 //! `host_memory` — except that near-data attention of a GPU batch must finish before that
-//! batch's output projection, so host attention overlaps GPU compute only across GPU batches:
+//! batch's output projection (and the host's MLP share before its next layer), so host compute
+//! overlaps GPU compute only across GPU batches:
 //! that pair costs `max(g, a) + min(g, a)/k`. The layer's copies run while the host attends (the
 //! next layer's weights are prefetched as a layer starts), so they share the memory with it:
 //! `a = max(host_attention, host_memory)`. A phase costs `L · layer + fill`, where the pipeline
@@ -85,6 +91,7 @@ pub enum Stream {
     GpuCompute,
     H2d,
     D2h,
+    /// Host threads: attention near the data, and the host's share of the MLP.
     HostAttention,
     DiskRead,
     DiskWrite,
@@ -121,7 +128,7 @@ impl Stream {
             Stream::GpuCompute => "gpu compute",
             Stream::H2d => "host→device",
             Stream::D2h => "device→host",
-            Stream::HostAttention => "host attention",
+            Stream::HostAttention => "host compute",
             Stream::DiskRead => "disk read",
             Stream::DiskWrite => "disk write",
             Stream::HostMemory => "host memory",
@@ -135,6 +142,7 @@ pub struct StreamTimes {
     pub gpu_compute_s: f64,
     pub h2d_s: f64,
     pub d2h_s: f64,
+    /// Host threads: attention near the data and the host's MLP share.
     pub host_attention_s: f64,
     pub disk_read_s: f64,
     pub disk_write_s: f64,
@@ -223,6 +231,8 @@ struct Traffic {
     h2d: f64,
     d2h: f64,
     host_attention: f64,
+    /// MLP weight bytes host threads read (the host's MLP share).
+    host_mlp: f64,
     disk_read_weights: f64,
     disk_read_kv: f64,
     disk_read_hidden: f64,
@@ -347,8 +357,25 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
             t.d2h += z.n * (m.heads * (m.head_dim + 1) * 4) as f64;
         }
     }
+    host_mlp_traffic(&mut t, m, p, &z);
     write_traffic(&mut t, p, &z, z.n);
     t
+}
+
+/// The host's MLP share of a decode step: its weights stay in host memory and are read there
+/// once per GPU batch; the MLP input goes down and the partial output comes back.
+fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
+    let kept = p.host_mlp_share * p.weights.host * m.mlp_bytes_per_layer() as f64;
+    if kept <= 0.0 {
+        return;
+    }
+    t.h2d -= kept;
+    t.hbm -= z.k * kept;
+    t.flops -= 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
+    t.host_mlp += z.k * kept;
+    let act = z.n * (m.hidden * 4) as f64;
+    t.d2h += act;
+    t.h2d += act;
 }
 
 /// Rows of one prefill forward pass: at most one GPU batch's prompts (the runtime's chunk under
@@ -399,12 +426,12 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     // Every upload leaves from host memory (weights and KV live there; disk bytes are staged
     // there), downloads and disk reads land in it, disk writes leave from it.
     let disk_read = t.disk_read_weights + t.disk_read_kv + t.disk_read_hidden;
-    let host_memory = t.host_attention + t.h2d + t.d2h + disk_read + t.disk_write;
+    let host_memory = t.host_attention + t.host_mlp + t.h2d + t.d2h + disk_read + t.disk_write;
     StreamTimes {
         gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
-        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9),
+        host_attention_s: (t.host_attention + t.host_mlp) / (hw.host_attention_gbps * 1e9),
         disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),

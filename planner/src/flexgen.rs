@@ -198,6 +198,8 @@ impl FlexGenPolicy {
             num_gpu_batches: self.num_gpu_batches,
             kv_block_tokens: kv_block_tokens.max(1),
             prefetch_depth: 1,
+            // FlexGen computes every weight on the GPU.
+            host_mlp_share: 0.0,
         }
     }
 

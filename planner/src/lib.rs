@@ -37,6 +37,8 @@ pub use cost::{
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};
 pub use model::{Budgets, MlpKind, ModelSpec, Workload};
-pub use policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
+pub use policy::{
+    Attention, HOST_MLP_MAX_ROWS, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
+};
 pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};
 pub use search::{Alternative, Plan, SearchSpace, plan, plan_with};

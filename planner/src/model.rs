@@ -98,6 +98,16 @@ impl ModelSpec {
         self.params_per_layer() * self.weight_dtype_bytes
     }
 
+    /// Bytes of a layer's MLP matrices (gate, up, down or fc1, fc2; biases left out): the part
+    /// whose neurons a policy can split between the GPU and host threads.
+    pub fn mlp_bytes_per_layer(&self) -> u64 {
+        let mats = match self.mlp {
+            MlpKind::Gated => 3,
+            MlpKind::Plain => 2,
+        };
+        mats * self.hidden * self.intermediate * self.weight_dtype_bytes
+    }
+
     /// Token embedding plus LM head, counted as two matrices (an upper bound when tied): kept on
     /// the GPU by every policy.
     pub fn embedding_bytes(&self) -> u64 {

@@ -13,10 +13,15 @@
 //! - `gpu_batch_size × num_gpu_batches = batch`: FlexGen's block schedule; each layer's weights
 //!   are loaded once per step and reused across the GPU batches.
 //! - `prefetch_depth`: layers (or GPU batches) of transfers in flight ahead of compute.
+//! - `host_mlp_share`: in decode steps, this share of the MLP neurons of every host-resident
+//!   layer is computed by host threads straight from the staged weights, and only the rest of
+//!   the MLP is copied to the GPU: fewer bytes over PCIe, paid for with host memory bandwidth
+//!   (the prefill, with many rows per GPU batch, fetches and computes the whole MLP on the GPU).
 //!
 //! Invariants ([`Policy::validate`]): every split sums to 1 (±1e-6) with entries in [0, 1];
 //! recompute shares and near fractions in [0, 1]; `gpu_batch_size·num_gpu_batches == batch`;
-//! `kv_block_tokens ≥ 1`; `prefetch_depth ≥ 1`; `version == POLICY_VERSION`.
+//! `kv_block_tokens ≥ 1`; `prefetch_depth ≥ 1`; `host_mlp_share` in [0, 1], and non-zero only with
+//! a GPU batch of at most [`HOST_MLP_MAX_ROWS`] sequences; `version == POLICY_VERSION`.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +29,11 @@ use crate::error::PlanError;
 use crate::model::Workload;
 
 pub const POLICY_VERSION: u32 = 1;
+
+/// Rows per GPU batch up to which a forward pass computes the host's MLP share on the host: a
+/// decode step's few rows make the MLP a matrix-vector product bound by memory bandwidth, which
+/// host threads can add to PCIe's; a prefill's many rows are compute-bound, and stay on the GPU.
+pub const HOST_MLP_MAX_ROWS: u64 = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,6 +150,10 @@ pub struct Policy {
     pub num_gpu_batches: u64,
     pub kv_block_tokens: u64,
     pub prefetch_depth: u32,
+    /// Share of a host-resident layer's MLP neurons that host threads compute in decode steps
+    /// (policies written before this field existed read as 0: all on the GPU).
+    #[serde(default)]
+    pub host_mlp_share: f64,
 }
 
 impl Policy {
@@ -186,6 +200,17 @@ impl Policy {
         }
         if self.prefetch_depth == 0 {
             return bad("prefetch_depth must be at least 1".into());
+        }
+        let share = self.host_mlp_share;
+        if !(0.0..=1.0).contains(&share) {
+            return bad(format!("host_mlp_share = {share} is not in [0, 1]"));
+        }
+        if share > 0.0 && self.gpu_batch_size > HOST_MLP_MAX_ROWS {
+            return bad(format!(
+                "host_mlp_share = {share} needs GPU batches of at most {HOST_MLP_MAX_ROWS} \
+                 sequences (decode rows the host computes quickly), not {}",
+                self.gpu_batch_size
+            ));
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 //! (15) over the three tiers; hot window (4 blocks) on the GPU or the host; per off-GPU tier holding KV, attention
 //! near-fraction {0, ½, 1} × recompute share {0, ½, 1} (full recompute leaves nothing to attend
 //! near); GPU recompute {0, 1}; GPU batch sizes dividing the batch (the largest 8); block sizes
-//! {16, 32, 64, 128}; prefetch depth {1, 2}. Options that cannot differ (attention of a tier that
+//! {16, 32, 64, 128}; prefetch depth {1, 2}; host MLP share {0, ¼, ⅜, ½, ⅝, ¾} where weights are
+//! in host memory, GPU batches have at most [`HOST_MLP_MAX_ROWS`] sequences and the weight
+//! copies bound the decode step without one (nowhere else can it gain). Options that cannot differ (attention of a tier that
 //! holds no KV) are enumerated once.
 //!
 //! Each feasible policy is also considered filled ([`fill_faster_tiers`]): its cold KV moved up
@@ -24,11 +26,13 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::cost::{Prediction, TierBytes, memory, predict};
+use crate::cost::{Prediction, Stream, TierBytes, memory, predict};
 use crate::error::{PlanError, Shortfall};
 use crate::fill::fill_faster_tiers;
 use crate::model::{Budgets, ModelSpec, Workload};
-use crate::policy::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit};
+use crate::policy::{
+    Attention, HOST_MLP_MAX_ROWS, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
+};
 use crate::profile::HardwareProfile;
 
 #[derive(Clone, Debug)]
@@ -41,6 +45,9 @@ pub struct SearchSpace {
     pub recompute_shares: Vec<f64>,
     pub block_tokens: Vec<u64>,
     pub prefetch_depths: Vec<u32>,
+    /// Host MLP shares tried where the policy allows one (weights in host memory, small GPU
+    /// batches).
+    pub host_mlp_shares: Vec<f64>,
     pub hot_window_blocks: u64,
     /// At most this many GPU batch sizes (the largest divisors of the batch).
     pub max_gpu_batch_sizes: usize,
@@ -60,6 +67,7 @@ impl Default for SearchSpace {
             recompute_shares: vec![0.0, 0.5, 1.0],
             block_tokens: vec![16, 32, 64, 128],
             prefetch_depths: vec![1, 2],
+            host_mlp_shares: vec![0.0, 0.25, 0.375, 0.5, 0.625, 0.75],
             hot_window_blocks: 4,
             max_gpu_batch_sizes: 8,
             runners_up: 4,
@@ -118,6 +126,7 @@ const FAMILIES: &[Family] = &[
     ("all weights on the GPU", |p| p.weights.gpu >= 1.0),
     ("one GPU batch", |p| p.num_gpu_batches == 1),
     ("several GPU batches", |p| p.num_gpu_batches > 1),
+    ("the whole MLP on the GPU", |p| p.host_mlp_share == 0.0),
 ];
 
 fn no_recompute(p: &Policy) -> bool {
@@ -143,6 +152,7 @@ struct Search<'a> {
     budgets: &'a Budgets,
     hw: &'a HardwareProfile,
     runnable: Option<fn(&Policy, &ModelSpec) -> bool>,
+    host_mlp_shares: &'a [f64],
     considered: u64,
     feasible: u64,
     best: Option<Best>,
@@ -171,7 +181,29 @@ impl Search<'_> {
         if let Some(filled) = fill_faster_tiers(self.m, self.wl, &p, self.budgets, &mem) {
             self.consider(filled, key);
         }
-        let time = predict(self.m, self.wl, &p, self.hw).total_s;
+        let prediction = predict(self.m, self.wl, &p, self.hw);
+        self.keep(p, prediction.total_s, key);
+        // The host MLP share changes no memory, and gains only where the weight copies bound
+        // the decode step: only there are its other values worth predicting.
+        let streams_weights = p.weights.host > 0.0 && p.gpu_batch_size <= HOST_MLP_MAX_ROWS;
+        if p.host_mlp_share == 0.0 && streams_weights && prediction.bound_by == Stream::H2d {
+            for &host_mlp_share in self.host_mlp_shares {
+                if host_mlp_share > 0.0 {
+                    let q = Policy {
+                        host_mlp_share,
+                        ..p
+                    };
+                    self.considered += 1;
+                    self.feasible += 1;
+                    let time = predict(self.m, self.wl, &q, self.hw).total_s;
+                    self.keep(q, time, key);
+                }
+            }
+        }
+    }
+
+    /// Records a feasible policy and its predicted job time.
+    fn keep(&mut self, p: Policy, time: f64, key: [u32; 7]) {
         let better = |b: &Option<Best>| b.as_ref().is_none_or(|b| time < b.time);
         if better(&self.best) {
             self.best = Some(Best { time, policy: p });
@@ -274,6 +306,7 @@ pub fn plan_with(
         budgets,
         hw,
         runnable: space.runnable,
+        host_mlp_shares: &space.host_mlp_shares,
         considered: 0,
         feasible: 0,
         best: None,
@@ -316,6 +349,7 @@ pub fn plan_with(
                                             num_gpu_batches: wl.batch / g,
                                             kv_block_tokens: block,
                                             prefetch_depth: depth,
+                                            host_mlp_share: 0.0,
                                         };
                                         s.consider(p, key);
                                     }

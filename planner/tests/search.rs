@@ -285,3 +285,87 @@ fn policy_round_trips_through_json() {
     let back: Policy = serde_json::from_str(&plan.policy.to_json()).unwrap();
     assert_eq!(back, plan.policy);
 }
+
+/// FlexGen's OPT-30B setting (weights mostly in host memory, a small batch): the decode step is
+/// bound by copying weights, so the planner has host threads compute part of each streamed
+/// layer's MLP, predicts that faster than copying it all, and keeps the share where the copies
+/// do not bound the step (all weights on the GPU).
+#[test]
+fn the_host_computes_part_of_the_mlp_only_where_weight_copies_bound_decode() {
+    let m = opt_30b();
+    let w = wl(6, 512, 32);
+    let b = budgets(16 * GIB, 100 * GIB, 40 * GIB);
+    // The host's memory as `strata calibrate` measured it on the H100 machine. The reference
+    // profile's older figure (28 GB/s copied) leaves no room beside 52.6 GB/s of copies.
+    let hw = HardwareProfile {
+        host_mem_gbps: 52.9,
+        host_attention_gbps: 69.3,
+        ..h100()
+    };
+    let chosen = plan(&m, &w, &b, &hw).unwrap();
+    let p = chosen.policy;
+    assert!(p.weights.host > 0.5, "{p:?}");
+    assert!(p.host_mlp_share > 0.0, "{p:?}");
+    let without = Policy {
+        host_mlp_share: 0.0,
+        ..p
+    };
+    let (with_s, without_s) = (
+        chosen.prediction.decode_step.total_s,
+        strata_planner::predict(&m, &w, &without, &hw)
+            .decode_step
+            .total_s,
+    );
+    assert!(with_s < 0.9 * without_s, "{with_s} vs {without_s}");
+    // The bytes the host computes leave the host→device stream.
+    let d = strata_planner::predict(&m, &w, &without, &hw)
+        .decode_step
+        .per_layer;
+    assert!(chosen.prediction.decode_step.per_layer.h2d_s < d.h2d_s);
+    assert!(chosen.prediction.decode_step.per_layer.host_attention_s > d.host_attention_s);
+    // The alternative without it is explained.
+    assert!(
+        chosen
+            .alternatives
+            .iter()
+            .any(|a| a.label.contains("whole MLP on the GPU") && a.slowdown > 1.0),
+        "{:#?}",
+        chosen.alternatives
+    );
+    // With the reference profile's host memory, already saturated by the copies, none.
+    assert_eq!(
+        plan(&m, &w, &b, &h100()).unwrap().policy.host_mlp_share,
+        0.0
+    );
+    // All weights fit on the GPU: nothing to gain, no share.
+    let small = plan(&m, &wl(6, 512, 32), &budgets(80 * GIB, 100 * GIB, 0), &hw).unwrap();
+    assert_eq!(small.policy.weights.gpu, 1.0);
+    assert_eq!(small.policy.host_mlp_share, 0.0);
+}
+
+#[test]
+fn a_host_mlp_share_needs_small_gpu_batches_and_old_policy_files_read_as_none() {
+    let m = llama_3_8b();
+    let w = wl(64, 512, 16);
+    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
+        .unwrap()
+        .policy;
+    let big = Policy {
+        gpu_batch_size: 64,
+        num_gpu_batches: 1,
+        host_mlp_share: 0.5,
+        ..p
+    };
+    let e = big.validate(&w).unwrap_err().to_string();
+    assert!(e.contains("host_mlp_share"), "{e}");
+    let out_of_range = Policy {
+        host_mlp_share: 1.5,
+        ..p
+    };
+    assert!(out_of_range.validate(&w).is_err());
+    // A policy file from before the field existed.
+    let mut json: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+    json.as_object_mut().unwrap().remove("host_mlp_share");
+    let old: Policy = serde_json::from_value(json).unwrap();
+    assert_eq!(old.host_mlp_share, 0.0);
+}

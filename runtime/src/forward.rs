@@ -33,6 +33,7 @@ use crate::error::ModelResult;
 use crate::far_attention::{KvProjection, attend_far, recompute};
 use crate::kv::{FarBlock, KvCache, KvError, SeqId, TierAttention, TierQuery};
 use crate::model::{Family, LayerTensor, Model, ModelConfig, WeightName, WeightSource};
+use strata_planner::HOST_MLP_MAX_ROWS;
 
 /// One token of one sequence at one position.
 #[derive(Clone, Copy, Debug)]
@@ -52,11 +53,148 @@ pub enum ForwardError {
     Kv(#[from] KvError),
 }
 
+/// An MLP, or a share of its neurons: the MLP is a sum over its neurons, so two shares' outputs
+/// add up to the whole's (the output bias goes with one of them).
 enum Mlp<W> {
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu { gate: W, up: W, down: W },
     /// `fc2(relu(fc1(x) + b1)) + b2`.
-    Relu { fc1: W, fc1_b: W, fc2: W, fc2_b: W },
+    Relu {
+        fc1: W,
+        fc1_b: W,
+        fc2: W,
+        fc2_b: Option<W>,
+    },
+}
+
+impl<W> Mlp<W> {
+    fn as_ref(&self) -> Mlp<&W> {
+        match self {
+            Mlp::SwiGlu { gate, up, down } => Mlp::SwiGlu { gate, up, down },
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b: fc2_b.as_ref(),
+            },
+        }
+    }
+
+    fn try_into_map<V, E>(self, f: &mut impl FnMut(W) -> Result<V, E>) -> Result<Mlp<V>, E> {
+        Ok(match self {
+            Mlp::SwiGlu { gate, up, down } => Mlp::SwiGlu {
+                gate: f(gate)?,
+                up: f(up)?,
+                down: f(down)?,
+            },
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => Mlp::Relu {
+                fc1: f(fc1)?,
+                fc1_b: f(fc1_b)?,
+                fc2: f(fc2)?,
+                fc2_b: fc2_b.map(&mut *f).transpose()?,
+            },
+        })
+    }
+
+    fn map<V>(self, mut f: impl FnMut(W) -> V) -> Mlp<V> {
+        match self.try_into_map(&mut |w| Ok::<V, std::convert::Infallible>(f(w))) {
+            Ok(m) => m,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl Mlp<HostWeight> {
+    /// Splits off the last `host` neurons: `(the first ones, with the output bias; the last
+    /// ones)`.
+    fn split_neurons(self, host: usize) -> KernelResult<(Mlp<HostWeight>, Mlp<HostWeight>)> {
+        Ok(match self {
+            Mlp::SwiGlu { gate, up, down } => {
+                let at = gate.rows.saturating_sub(host);
+                let (gate, gate_h) = gate.split_rows(at)?;
+                let (up, up_h) = up.split_rows(at)?;
+                let (down, down_h) = down.split_cols(at)?;
+                (
+                    Mlp::SwiGlu { gate, up, down },
+                    Mlp::SwiGlu {
+                        gate: gate_h,
+                        up: up_h,
+                        down: down_h,
+                    },
+                )
+            }
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => {
+                let at = fc1.rows.saturating_sub(host);
+                let (fc1, fc1_h) = fc1.split_rows(at)?;
+                let (fc1_b, fc1_b_h) = fc1_b.split_cols(at)?;
+                let (fc2, fc2_h) = fc2.split_cols(at)?;
+                (
+                    Mlp::Relu {
+                        fc1,
+                        fc1_b,
+                        fc2,
+                        fc2_b,
+                    },
+                    Mlp::Relu {
+                        fc1: fc1_h,
+                        fc1_b: fc1_b_h,
+                        fc2: fc2_h,
+                        fc2_b: None,
+                    },
+                )
+            }
+        })
+    }
+}
+
+impl Mlp<&HostWeight> {
+    fn bytes(&self) -> u64 {
+        let size = |w: &HostWeight| w.size_bytes() as u64;
+        match *self {
+            Mlp::SwiGlu { gate, up, down } => size(gate) + size(up) + size(down),
+            Mlp::Relu {
+                fc1,
+                fc1_b,
+                fc2,
+                fc2_b,
+            } => size(fc1) + size(fc1_b) + size(fc2) + fc2_b.map_or(0, size),
+        }
+    }
+}
+
+/// The MLP (or a share of its neurons) of `h: [rows, hidden]`.
+fn mlp<B: Backend + ?Sized>(b: &B, h: &B::Tensor, m: &Mlp<&B::Weight>) -> KernelResult<B::Tensor> {
+    Ok(match *m {
+        Mlp::SwiGlu { gate, up, down } => {
+            let act = b.swiglu(&b.linear(h, gate, None)?, &b.linear(h, up, None)?)?;
+            b.linear(&act, down, None)?
+        }
+        Mlp::Relu {
+            fc1,
+            fc1_b,
+            fc2,
+            fc2_b,
+        } => {
+            let mut a = b.linear(h, fc1, Some(fc1_b))?;
+            b.relu_inplace(&mut a)?;
+            b.linear(&a, fc2, fc2_b)?
+        }
+    })
 }
 
 struct LayerWeights<W> {
@@ -73,10 +211,13 @@ struct LayerWeights<W> {
     mlp_norm: W,
     mlp_norm_b: Option<W>,
     mlp: Mlp<W>,
+    /// The neurons that host threads compute in decode passes (staged layers under a host MLP
+    /// share); `mlp` holds the rest. Fetched to the GPU only for passes with many rows.
+    host_mlp: Option<Mlp<W>>,
 }
 
 /// Where the layers' weights live between forward passes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Residency {
     /// On the backend for the whole run.
     Resident,
@@ -88,7 +229,13 @@ pub enum Residency {
     /// `resident_layers` layers resident, the rest staged (FlexGen's weight split across GPU
     /// and host, by whole layers). The staged layers are spread evenly through the stack
     /// ([`layer_is_resident`]), so each one's copy overlaps the resident layers before it.
-    Split { resident_layers: usize },
+    /// A share `host_mlp_share` of each staged layer's MLP neurons is computed by host threads
+    /// in passes of at most [`HOST_MLP_MAX_ROWS`] rows per GPU batch (decode steps), straight
+    /// from the staged copy, so only the rest crosses PCIe; larger passes fetch it all.
+    Split {
+        resident_layers: usize,
+        host_mlp_share: f64,
+    },
 }
 
 /// A staged layer on its way to the device: its weights, the mark to wait for, its bytes.
@@ -120,8 +267,8 @@ pub trait RuntimeBackend: Backend {
     type Fetched;
     /// The partials `(o, lse)` of the attention computed on the device (the GPU tier's).
     type DevicePart;
-    /// A batch's queries on their way to host memory.
-    type HostQueries;
+    /// A tensor on its way to host memory.
+    type Download;
 
     /// Stages `w` for per-pass fetches, or `None` when this backend does not stage.
     fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<Self::Staged>>;
@@ -131,6 +278,8 @@ pub trait RuntimeBackend: Backend {
     fn fetched(&self) -> KernelResult<Self::Fetched>;
     fn wait_fetched(&self, mark: &Self::Fetched) -> KernelResult<()>;
     fn staged_bytes(&self, w: &Self::Staged) -> u64;
+    /// The staged values, where host threads can compute with them.
+    fn staged_host(w: &Self::Staged) -> &HostWeight;
 
     /// Appends the rows' K and V (`[rows, kv_heads * head_dim]`) to `layer` of the cache, with
     /// the layer's input `x: [rows, hidden]` when the cache stores hidden states for recompute.
@@ -146,11 +295,12 @@ pub trait RuntimeBackend: Backend {
         host_append(self, kv, layer, rows, k, v, x)
     }
 
-    /// Starts copying a batch's queries to host memory, for the tiers attended there (the
-    /// copy waits for the kernels that made them, not for later ones).
-    fn queries_to_host(&self, q: &Self::Tensor) -> KernelResult<Self::HostQueries>;
-    /// Waits for [`RuntimeBackend::queries_to_host`]'s copy.
-    fn wait_queries(&self, q: Self::HostQueries) -> KernelResult<Vec<f32>>;
+    /// Starts copying a tensor to host memory (a batch's queries for the tiers attended there,
+    /// the MLP input of the host's share): the copy waits for the kernels that made it, not for
+    /// later ones.
+    fn start_download(&self, q: &Self::Tensor) -> KernelResult<Self::Download>;
+    /// Waits for [`RuntimeBackend::start_download`]'s copy.
+    fn finish_download(&self, q: Self::Download) -> KernelResult<Vec<f32>>;
 
     /// Launches the attention of each row (`q: [rows, n_heads * head_dim]`) over the blocks of
     /// its sequence in `layer` that the device holds, and over the far blocks it can take (see
@@ -188,7 +338,7 @@ pub trait RuntimeBackend: Backend {
 struct Attending<B: RuntimeBackend + ?Sized> {
     layer: usize,
     device: Option<B::DevicePart>,
-    host: HostHalf<B::HostQueries>,
+    host: HostHalf<B::Download>,
     rows: usize,
 }
 
@@ -213,7 +363,7 @@ impl RuntimeBackend for CpuBackend {
     type Staged = HostWeight;
     type Fetched = ();
     type DevicePart = std::convert::Infallible;
-    type HostQueries = Vec<f32>;
+    type Download = Vec<f32>;
 
     fn stage_weight(&self, _: HostWeight) -> KernelResult<Option<HostWeight>> {
         Ok(None)
@@ -227,13 +377,16 @@ impl RuntimeBackend for CpuBackend {
     fn wait_fetched(&self, _: &()) -> KernelResult<()> {
         Ok(())
     }
+    fn staged_host(w: &HostWeight) -> &HostWeight {
+        w
+    }
     fn staged_bytes(&self, w: &HostWeight) -> u64 {
         (w.data.len() * w.data.dtype().size_bytes()) as u64
     }
-    fn queries_to_host(&self, q: &CpuTensor) -> KernelResult<Vec<f32>> {
+    fn start_download(&self, q: &CpuTensor) -> KernelResult<Vec<f32>> {
         self.to_host(q)
     }
-    fn wait_queries(&self, q: Vec<f32>) -> KernelResult<Vec<f32>> {
+    fn finish_download(&self, q: Vec<f32>) -> KernelResult<Vec<f32>> {
         Ok(q)
     }
     fn merge_attention(
@@ -259,7 +412,7 @@ impl RuntimeBackend for CudaBackend {
     type Staged = PinnedWeight;
     type Fetched = Fetched;
     type DevicePart = DevicePartial;
-    type HostQueries = PendingDownload;
+    type Download = PendingDownload;
 
     fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<PinnedWeight>> {
         self.pin_weight(w).map(Some)
@@ -272,6 +425,9 @@ impl RuntimeBackend for CudaBackend {
     }
     fn wait_fetched(&self, mark: &Fetched) -> KernelResult<()> {
         CudaBackend::wait_fetched(self, mark)
+    }
+    fn staged_host(w: &PinnedWeight) -> &HostWeight {
+        w.host()
     }
     fn staged_bytes(&self, w: &PinnedWeight) -> u64 {
         w.bytes() as u64
@@ -293,10 +449,10 @@ impl RuntimeBackend for CudaBackend {
         Ok(kv.append_device(layer, &at, k, v)?)
     }
 
-    fn queries_to_host(&self, q: &CudaTensor) -> KernelResult<PendingDownload> {
+    fn start_download(&self, q: &CudaTensor) -> KernelResult<PendingDownload> {
         self.download_async(q)
     }
-    fn wait_queries(&self, q: PendingDownload) -> KernelResult<Vec<f32>> {
+    fn finish_download(&self, q: PendingDownload) -> KernelResult<Vec<f32>> {
         self.wait_download(q)
     }
 
@@ -399,6 +555,8 @@ pub struct LayerTimings {
     /// Layers whose weights were loaded or fetched (once per layer per forward pass, whatever
     /// the number of GPU batches).
     pub layer_loads: u64,
+    /// Weight bytes host threads read to compute the host MLP share (once per GPU batch).
+    pub host_mlp_bytes: u64,
 }
 
 fn upload<B: Backend>(b: &B, src: &dyn WeightSource, name: WeightName) -> ModelResult<B::Weight> {
@@ -428,7 +586,7 @@ fn layer_with<W, E>(
             fc1: w(Fc1)?,
             fc1_b: w(Fc1Bias)?,
             fc2: w(Fc2)?,
-            fc2_b: w(Fc2Bias)?,
+            fc2_b: Some(w(Fc2Bias)?),
         }
     } else {
         Mlp::SwiGlu {
@@ -452,45 +610,52 @@ fn layer_with<W, E>(
         mlp_norm: w(MlpNorm)?,
         mlp_norm_b: if opt { Some(w(MlpNormBias)?) } else { None },
         mlp,
+        host_mlp: None,
     })
 }
 
 impl<W> LayerWeights<W> {
+    /// The layer by reference, with its host MLP share only when `host_mlp`.
+    fn as_ref(&self, host_mlp: bool) -> LayerWeights<&W> {
+        LayerWeights {
+            attn_norm: &self.attn_norm,
+            attn_norm_b: self.attn_norm_b.as_ref(),
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            o: &self.o,
+            q_b: self.q_b.as_ref(),
+            k_b: self.k_b.as_ref(),
+            v_b: self.v_b.as_ref(),
+            o_b: self.o_b.as_ref(),
+            mlp_norm: &self.mlp_norm,
+            mlp_norm_b: self.mlp_norm_b.as_ref(),
+            mlp: self.mlp.as_ref(),
+            host_mlp: self.host_mlp.as_ref().filter(|_| host_mlp).map(Mlp::as_ref),
+        }
+    }
+
     /// The same layer with every tensor mapped by `f`.
-    fn try_map<V, E>(&self, f: impl Fn(&W) -> Result<V, E>) -> Result<LayerWeights<V>, E> {
-        let opt = |w: &Option<W>| w.as_ref().map(&f).transpose();
-        let mlp = match &self.mlp {
-            Mlp::SwiGlu { gate, up, down } => Mlp::SwiGlu {
-                gate: f(gate)?,
-                up: f(up)?,
-                down: f(down)?,
-            },
-            Mlp::Relu {
-                fc1,
-                fc1_b,
-                fc2,
-                fc2_b,
-            } => Mlp::Relu {
-                fc1: f(fc1)?,
-                fc1_b: f(fc1_b)?,
-                fc2: f(fc2)?,
-                fc2_b: f(fc2_b)?,
-            },
-        };
+    fn try_into_map<V, E>(
+        self,
+        mut f: impl FnMut(W) -> Result<V, E>,
+    ) -> Result<LayerWeights<V>, E> {
+        let mut opt = |w: Option<W>| w.map(&mut f).transpose();
         Ok(LayerWeights {
-            attn_norm: f(&self.attn_norm)?,
-            attn_norm_b: opt(&self.attn_norm_b)?,
-            q: f(&self.q)?,
-            k: f(&self.k)?,
-            v: f(&self.v)?,
-            o: f(&self.o)?,
-            q_b: opt(&self.q_b)?,
-            k_b: opt(&self.k_b)?,
-            v_b: opt(&self.v_b)?,
-            o_b: opt(&self.o_b)?,
-            mlp_norm: f(&self.mlp_norm)?,
-            mlp_norm_b: opt(&self.mlp_norm_b)?,
-            mlp,
+            attn_norm_b: opt(self.attn_norm_b)?,
+            q_b: opt(self.q_b)?,
+            k_b: opt(self.k_b)?,
+            v_b: opt(self.v_b)?,
+            o_b: opt(self.o_b)?,
+            mlp_norm_b: opt(self.mlp_norm_b)?,
+            attn_norm: f(self.attn_norm)?,
+            q: f(self.q)?,
+            k: f(self.k)?,
+            v: f(self.v)?,
+            o: f(self.o)?,
+            mlp_norm: f(self.mlp_norm)?,
+            mlp: self.mlp.try_into_map(&mut f)?,
+            host_mlp: self.host_mlp.map(|m| m.try_into_map(&mut f)).transpose()?,
         })
     }
 }
@@ -521,10 +686,16 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let cfg = model.config.clone();
         let src = model.weights.as_ref();
         let opt = cfg.family == Family::Opt;
-        let resident_layers = match residency {
-            Residency::Resident => cfg.layers,
-            Residency::Staged | Residency::Streamed => 0,
-            Residency::Split { resident_layers } => resident_layers.min(cfg.layers),
+        let (resident_layers, host_neurons) = match residency {
+            Residency::Resident => (cfg.layers, 0),
+            Residency::Staged | Residency::Streamed => (0, 0),
+            Residency::Split {
+                resident_layers,
+                host_mlp_share,
+            } => (
+                resident_layers.min(cfg.layers),
+                host_mlp_neurons(cfg.intermediate, host_mlp_share),
+            ),
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         // Once the backend declines to stage (the CPU), the other layers stream without asking.
@@ -535,7 +706,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             } else if stream {
                 LayerSlot::Streamed
             } else {
-                stage_layer(&backend, &cfg, src, i)?
+                stage_layer(&backend, &cfg, src, i, host_neurons)?
             };
             stream |= matches!(slot, LayerSlot::Streamed);
             layers.push(slot);
@@ -662,6 +833,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         kv: &mut KvCache,
     ) -> Result<(Vec<B::Tensor>, Vec<usize>), ForwardError> {
         let batches = gpu_batches(rows, self.gpu_batches);
+        // Passes of decode-sized GPU batches leave staged layers' host MLP share to host
+        // threads; larger ones fetch it with the rest of the layer.
+        let host_mlp = batches.iter().all(|r| r.len() as u64 <= HOST_MLP_MAX_ROWS);
         let b = &self.backend;
         // xs[g]: [rows of GPU batch g, hidden]
         let mut xs = Vec::with_capacity(batches.len());
@@ -680,34 +854,42 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // is in use, so it overlaps every layer in between (double buffering: at most two
         // staged layers on the device at a time), once per step whatever the number of GPU
         // batches.
-        let mut next = self.fetch_staged_after(None)?;
-        let (mut fetched_bytes, mut loads) = (0, 0);
+        let mut next = self.fetch_staged_after(None, host_mlp)?;
+        let (mut fetched_bytes, mut loads, mut host_mlp_bytes) = (0, 0, 0);
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             xs = match &self.layers[i] {
-                LayerSlot::Resident(lw) => self.layer(lw, i, xs, &batches, rows, kv)?,
+                LayerSlot::Resident(lw) => self.layer(lw, None, i, xs, &batches, rows, kv)?,
                 LayerSlot::Staged(ls) => {
                     let (lw, mark, bytes) = match next.take() {
                         Some((j, f)) if j == i => f,
-                        _ => self.fetch(ls)?,
+                        _ => self.fetch(ls, host_mlp)?,
                     };
                     b.wait_fetched(&mark)?;
                     fetched_bytes += bytes;
                     loads += 1;
-                    next = self.fetch_staged_after(Some(i))?;
-                    self.layer(&lw, i, xs, &batches, rows, kv)?
+                    next = self.fetch_staged_after(Some(i), host_mlp)?;
+                    let on_host = match &ls.host_mlp {
+                        Some(m) if host_mlp => Some(m.as_ref().map(|w| B::staged_host(w))),
+                        _ => None,
+                    };
+                    if let Some(m) = &on_host {
+                        host_mlp_bytes += m.bytes() * batches.len() as u64;
+                    }
+                    self.layer(&lw, on_host.as_ref(), i, xs, &batches, rows, kv)?
                 }
                 LayerSlot::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
                     self.timings.weight_load_s += t0.elapsed().as_secs_f64();
                     loads += 1;
-                    self.layer(&lw, i, xs, &batches, rows, kv)?
+                    self.layer(&lw, None, i, xs, &batches, rows, kv)?
                 }
             };
         }
         self.timings.weight_bytes_fetched += fetched_bytes;
         self.timings.layer_loads += loads;
+        self.timings.host_mlp_bytes += host_mlp_bytes;
         let _span = debug_span!("logits").entered();
         let mut parts = Vec::with_capacity(batches.len());
         let mut order = vec![0; logit_rows.len()];
@@ -735,28 +917,35 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 
     /// Starts fetching the first staged layer after `after` (from the first layer when `None`),
-    /// if there is one: its index, weights, mark and bytes.
+    /// if there is one: its index, weights, mark and bytes. `host_mlp`: the host computes the
+    /// layer's host MLP share (it stays in host memory).
     fn fetch_staged_after(
         &self,
         after: Option<usize>,
+        host_mlp: bool,
     ) -> Result<Option<(usize, FetchedLayer<B>)>, ForwardError> {
         let from = after.map_or(0, |i| i + 1);
         for (j, slot) in self.layers.iter().enumerate().skip(from) {
             if let LayerSlot::Staged(ls) = slot {
-                return Ok(Some((j, self.fetch(ls)?)));
+                return Ok(Some((j, self.fetch(ls, host_mlp)?)));
             }
         }
         Ok(None)
     }
 
-    /// Starts fetching a staged layer; returns it and the mark to wait for before using it.
-    fn fetch(&self, staged: &LayerWeights<B::Staged>) -> Result<FetchedLayer<B>, ForwardError> {
-        let bytes = std::cell::Cell::new(0u64);
-        let lw = staged.try_map(|w| {
-            bytes.set(bytes.get() + self.backend.staged_bytes(w));
+    /// Starts fetching a staged layer (without its host MLP share when `host_mlp`); returns it
+    /// and the mark to wait for before using it.
+    fn fetch(
+        &self,
+        staged: &LayerWeights<B::Staged>,
+        host_mlp: bool,
+    ) -> Result<FetchedLayer<B>, ForwardError> {
+        let mut bytes = 0u64;
+        let lw = staged.as_ref(!host_mlp).try_into_map(|w| {
+            bytes += self.backend.staged_bytes(w);
             self.backend.fetch_weight(w)
         })?;
-        Ok((lw, self.backend.fetched()?, bytes.get()))
+        Ok((lw, self.backend.fetched()?, bytes))
     }
 
     fn norm(
@@ -777,9 +966,11 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// finished (its output projection and MLP enqueued), then the host attends batch `g` while
     /// the device runs all that. The storage engine streams batch `g`'s disk blocks from then
     /// until `g` is finished, after `g + 1` is launched.
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         w: &LayerWeights<B::Weight>,
+        host_mlp: Option<&Mlp<&HostWeight>>,
         layer: usize,
         xs: Vec<B::Tensor>,
         batches: &[Range<usize>],
@@ -792,13 +983,13 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             let _span = debug_span!("gpu_batch", rows = r.len()).entered();
             let mut attending = self.begin_layer(w, layer, &x, &rows[r.clone()], kv)?;
             if let Some((x, a)) = pending.take() {
-                out.push(self.finish_layer(w, x, a, kv)?);
+                out.push(self.finish_layer(w, host_mlp, x, a, kv)?);
             }
             self.attend_host(&mut attending, kv)?;
             pending = Some((x, attending));
         }
         if let Some((x, a)) = pending {
-            out.push(self.finish_layer(w, x, a, kv)?);
+            out.push(self.finish_layer(w, host_mlp, x, a, kv)?);
         }
         Ok(out)
     }
@@ -842,7 +1033,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         kv.note_recomputed(tokens);
         // The copy down is enqueued before the device's attention, so it waits only for q.
         let queries = if kv.fetch_overflows(far.len()) || kv.host_attends(layer, &seqs)? {
-            Some(b.queries_to_host(&q)?)
+            Some(b.start_download(&q)?)
         } else {
             None
         };
@@ -877,7 +1068,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         let ag = &self.attention;
         // Time waiting here is the device still computing the queries (or the copy stream
         // still landing this layer's weights before them).
-        let qh = debug_span!("wait_queries").in_scope(|| self.backend.wait_queries(q))?;
+        let qh = debug_span!("wait_queries").in_scope(|| self.backend.finish_download(q))?;
         let qd = ag.n_heads * ag.head_dim;
         let queries: Vec<TierQuery<'_>> = at
             .iter()
@@ -923,10 +1114,12 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 
     /// The rest of the layer once the attention is in: the storage engine's partials joined,
-    /// everything merged, output projection and MLP.
+    /// everything merged, output projection and MLP (`host_mlp`: the share host threads
+    /// compute).
     fn finish_layer(
         &self,
         w: &LayerWeights<B::Weight>,
+        host_mlp: Option<&Mlp<&HostWeight>>,
         mut x: B::Tensor,
         attending: Attending<B>,
         kv: &mut KvCache,
@@ -937,24 +1130,42 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         b.add_inplace(&mut x, &o)?;
         // MLP block.
         let h = self.norm(&x, &w.mlp_norm, w.mlp_norm_b.as_ref())?;
-        let out = match &w.mlp {
-            Mlp::SwiGlu { gate, up, down } => {
-                let act = b.swiglu(&b.linear(&h, gate, None)?, &b.linear(&h, up, None)?)?;
-                b.linear(&act, down, None)?
-            }
-            Mlp::Relu {
-                fc1,
-                fc1_b,
-                fc2,
-                fc2_b,
-            } => {
-                let mut a = b.linear(&h, fc1, Some(fc1_b))?;
-                b.relu_inplace(&mut a)?;
-                b.linear(&a, fc2, Some(fc2_b))?
+        let out = match host_mlp {
+            Some(on_host) => self.mlp_with_host(&h, &w.mlp, on_host)?,
+            None => {
+                let mut out = mlp(b, &h, &w.mlp.as_ref())?;
+                // A host share fetched with the layer (a pass with many rows) runs here too.
+                if let Some(share) = &w.host_mlp {
+                    b.add_inplace(&mut out, &mlp(b, &h, &share.as_ref())?)?;
+                }
+                out
             }
         };
         b.add_inplace(&mut x, &out)?;
         Ok(x)
+    }
+
+    /// The MLP of `h` with host threads computing the `on_host` neurons from their staged
+    /// weights while the device computes the rest: `h` goes down, the host's partial output
+    /// comes back and adds to the device's.
+    fn mlp_with_host(
+        &self,
+        h: &B::Tensor,
+        on_device: &Mlp<B::Weight>,
+        on_host: &Mlp<&HostWeight>,
+    ) -> Result<B::Tensor, ForwardError> {
+        let b = &self.backend;
+        let _span = debug_span!("host_mlp").entered();
+        let down = b.start_download(h)?;
+        let mut out = mlp(b, h, &on_device.as_ref())?;
+        let (rows, cols) = b.shape(h);
+        // Time waiting here is the device still computing the input (or the copy stream still
+        // landing this layer's weights before it).
+        let data = debug_span!("wait_mlp_input").in_scope(|| b.finish_download(down))?;
+        let x = CpuTensor { rows, cols, data };
+        let part = debug_span!("host_mlp_compute").in_scope(|| mlp(&CpuBackend, &x, on_host))?;
+        b.add_inplace(&mut out, &b.tensor(rows, cols, part.data)?)?;
+        Ok(out)
     }
 }
 
@@ -997,25 +1208,51 @@ fn gpu_batches(rows: &[Row], n: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Stages layer `i` in host memory, or streams it when the backend does not stage.
+/// Neurons of an MLP of `intermediate` neurons that a host share of `share` gives the host: a
+/// multiple of 8 (the GPU's vector loads want the rest to be one too), leaving the GPU at least
+/// 8; none for MLPs too small to split.
+pub fn host_mlp_neurons(intermediate: usize, share: f64) -> usize {
+    if intermediate < 16 || share.is_nan() {
+        return 0;
+    }
+    let n = (share.clamp(0.0, 1.0) * intermediate as f64 / 8.0).round() as usize * 8;
+    n.min(intermediate - 8)
+}
+
+/// Stages layer `i` in host memory, its last `host_neurons` MLP neurons as a share of their own
+/// (see [`Residency::Split`]), or streams it when the backend does not stage.
 fn stage_layer<B: RuntimeBackend>(
     b: &B,
     cfg: &ModelConfig,
     src: &dyn WeightSource,
     i: usize,
+    host_neurons: usize,
 ) -> ModelResult<LayerSlot<B::Weight, B::Staged>> {
     enum Stop {
         Declined,
         Failed(crate::error::ModelError),
     }
-    let lw = layer_with(cfg, i, |name| {
-        let w = src.load(name).map_err(Stop::Failed)?;
-        match b.stage_weight(w) {
-            Ok(Some(s)) => Ok(s),
-            Ok(None) => Err(Stop::Declined),
-            Err(e) => Err(Stop::Failed(e.into())),
-        }
-    });
+    let stage = |w: HostWeight| match b.stage_weight(w) {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(Stop::Declined),
+        Err(e) => Err(Stop::Failed(e.into())),
+    };
+    let lw = if host_neurons == 0 {
+        // Tensor by tensor: a backend that declines has loaded one tensor, not a layer.
+        layer_with(cfg, i, |name| stage(src.load(name).map_err(Stop::Failed)?))
+    } else {
+        layer_with(cfg, i, |name| src.load(name))
+            .map_err(Stop::Failed)
+            .and_then(|mut lw| {
+                let (gpu, host) = lw
+                    .mlp
+                    .split_neurons(host_neurons)
+                    .map_err(|e| Stop::Failed(e.into()))?;
+                lw.mlp = gpu;
+                lw.host_mlp = Some(host);
+                lw.try_into_map(stage)
+            })
+    };
     match lw {
         Ok(lw) => Ok(LayerSlot::Staged(lw)),
         Err(Stop::Declined) => Ok(LayerSlot::Streamed),
@@ -1046,8 +1283,64 @@ pub fn weight_bytes(cfg: &ModelConfig) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::layer_is_resident;
+    use super::{Mlp, host_mlp_neurons, layer_is_resident, mlp};
+    use strata_kernels::testing::{SplitMix, max_rel_err, test_seed};
+    use strata_kernels::{Backend, CpuBackend, DType, HostWeight};
+
+    #[test]
+    fn host_mlp_shares_round_to_whole_vectors_and_leave_the_gpu_some() {
+        assert_eq!(host_mlp_neurons(28672, 0.625), 17920);
+        assert_eq!(host_mlp_neurons(28672, 0.0), 0);
+        assert_eq!(host_mlp_neurons(128, 0.25), 32);
+        assert_eq!(host_mlp_neurons(100, 0.3), 32); // 30 rounds to 32
+        assert_eq!(host_mlp_neurons(128, 1.0), 120);
+        assert_eq!(host_mlp_neurons(8, 0.5), 0);
+        assert_eq!(host_mlp_neurons(128, f64::NAN), 0);
+    }
+
+    /// The two shares of a split MLP add up to the whole MLP, for both kinds, whatever the
+    /// split (none, some, all but one vector).
+    #[test]
+    fn an_mlp_split_by_neurons_sums_to_the_whole() {
+        let seed = test_seed();
+        let mut rng = SplitMix(seed);
+        let cpu = CpuBackend::new();
+        let (rows, hidden, f) = (3, 24, 40);
+        let mut w = |r: usize, c: usize| rng.weight(r, c, DType::BF16);
+        let kinds: Vec<Mlp<HostWeight>> = vec![
+            Mlp::Relu {
+                fc1: w(f, hidden),
+                fc1_b: w(1, f),
+                fc2: w(hidden, f),
+                fc2_b: Some(w(1, hidden)),
+            },
+            Mlp::SwiGlu {
+                gate: w(f, hidden),
+                up: w(f, hidden),
+                down: w(hidden, f),
+            },
+        ];
+        let x = cpu
+            .tensor(rows, hidden, SplitMix(seed ^ 1).vec(rows * hidden))
+            .unwrap();
+        for whole in kinds {
+            let want = mlp(&cpu, &x, &whole.as_ref()).unwrap();
+            for host in [0, 8, 16, 32] {
+                let copy = whole.as_ref().map(HostWeight::clone);
+                let (gpu, on_host) = copy.split_neurons(host).unwrap();
+                let mut got = mlp(&cpu, &x, &gpu.as_ref()).unwrap();
+                let part = mlp(&cpu, &x, &on_host.as_ref()).unwrap();
+                cpu.add_inplace(&mut got, &part).unwrap();
+                let err = max_rel_err(&got.data, &want.data);
+                assert!(
+                    err < 1e-5,
+                    "seed {seed}, {host} neurons on the host: {err:e}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn staged_layers_are_spread_evenly_and_counted_exactly() {

@@ -492,7 +492,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             };
             let rows = a.prefill_chunk;
             let resident_layers = match planned.as_ref().map(|p| p.2.residency) {
-                Some(Residency::Split { resident_layers }) => Some(resident_layers),
+                Some(Residency::Split {
+                    resident_layers, ..
+                }) => Some(resident_layers),
                 Some(Residency::Resident) => Some(model.config.layers),
                 Some(Residency::Staged) => Some(0),
                 _ => None,
@@ -914,6 +916,13 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     }
     println!("policy:");
     println!("  weights:    {}", split(&p.weights));
+    if p.host_mlp_share > 0.0 {
+        println!(
+            "  host MLP:   in decode steps host threads compute {:.1}% of each host-resident \
+             layer's MLP neurons from host memory; the GPU fetches only the rest",
+            p.host_mlp_share * 100.0
+        );
+    }
     println!(
         "  kv cache:   newest {} tokens of each sequence on {}; older tokens {}",
         p.kv.hot_window_tokens,

@@ -83,12 +83,13 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
     let w = p.weights;
     let residency = if w.gpu >= 1.0 {
         Residency::Resident
-    } else if w.host >= 1.0 {
+    } else if w.host >= 1.0 && p.host_mlp_share == 0.0 {
         Residency::Staged
     } else if w.disk <= 0.0 {
         // Whole layers: the GPU share rounded to the nearest layer.
         Residency::Split {
             resident_layers: (w.gpu * layers as f64).round() as usize,
+            host_mlp_share: p.host_mlp_share,
         }
     } else {
         return Err(format!(
@@ -283,6 +284,7 @@ mod tests {
             num_gpu_batches: 1,
             kv_block_tokens: 32,
             prefetch_depth: 1,
+            host_mlp_share: 0.0,
         }
     }
 
@@ -423,7 +425,8 @@ mod tests {
         assert_eq!(
             executable(&split, 32).unwrap().residency,
             Residency::Split {
-                resident_layers: 20
+                resident_layers: 20,
+                host_mlp_share: 0.0,
             }
         );
         let mut bad = p;

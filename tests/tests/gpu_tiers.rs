@@ -163,9 +163,32 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 4096,
                 None,
                 None,
-                Residency::Split { resident_layers: 1 },
+                Residency::Split {
+                    resident_layers: 1,
+                    host_mlp_share: 0.0,
+                },
+            ),
+            (
+                "GPU only, staged weights, half of each MLP on the host",
+                4096,
+                None,
+                None,
+                Residency::Split {
+                    resident_layers: 0,
+                    host_mlp_share: 0.5,
+                },
             ),
             ("GPU + host", small, None, None, Residency::Resident),
+            (
+                "GPU + host, one layer staged with a quarter of its MLP on the host",
+                small,
+                None,
+                None,
+                Residency::Split {
+                    resident_layers: 1,
+                    host_mlp_share: 0.25,
+                },
+            ),
             (
                 "GPU + host + disk",
                 small,
@@ -195,6 +218,12 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 );
             }
             check(name, what, &e, &got, LOGIT_REL_TOL);
+            if what.contains("MLP on the host") {
+                assert!(
+                    engine.tf.timings.host_mlp_bytes > 0,
+                    "{name} {what}: the host computed no MLP neurons"
+                );
+            }
             let k = engine.kv.metrics();
             within_budgets(name, what, &k);
             eprintln!(

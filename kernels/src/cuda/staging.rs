@@ -21,29 +21,34 @@ use crate::{HostWeight, Result, WeightData};
 /// A weight staged in page-locked host memory, in the dtype it has on the device (vectors
 /// widened to f32, as [`crate::Backend::upload_weight`] does).
 pub struct PinnedWeight {
-    rows: usize,
-    cols: usize,
-    /// Declared before `data`: fields drop in order, so the memory is unregistered before it
+    /// Declared before `weight`: fields drop in order, so the memory is unregistered before it
     /// is freed.
     _registration: Option<HostRegistration>,
-    data: WeightData,
+    weight: HostWeight,
 }
 
 impl std::fmt::Debug for PinnedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = &self.weight;
         write!(
             f,
             "PinnedWeight[{}, {}] {}",
-            self.rows,
-            self.cols,
-            self.data.dtype().name()
+            w.rows,
+            w.cols,
+            w.data.dtype().name()
         )
     }
 }
 
 impl PinnedWeight {
     pub fn bytes(&self) -> usize {
-        self.data.len() * self.data.dtype().size_bytes()
+        self.weight.size_bytes()
+    }
+
+    /// The staged values, for host threads that compute with them where they are (page-locked
+    /// memory is ordinary cached memory to the CPU).
+    pub fn host(&self) -> &HostWeight {
+        &self.weight
     }
 }
 
@@ -78,9 +83,7 @@ impl CudaBackend {
             Some(unsafe { self.register_host(ptr.cast_mut(), bytes) }?)
         };
         Ok(PinnedWeight {
-            rows: w.rows,
-            cols: w.cols,
-            data,
+            weight: HostWeight::new(w.rows, w.cols, data)?,
             _registration: registration,
         })
     }
@@ -92,6 +95,7 @@ impl CudaBackend {
         let be = &self.inner;
         let op = "fetch_weight";
         be.check(op)?;
+        let w = &w.weight;
         let data = match &w.data {
             WeightData::F32(v) => WeightBuf::F32(self.copy_in(op, v)?),
             WeightData::F16(v) => WeightBuf::F16(self.copy_in(op, v)?),

@@ -75,5 +75,6 @@ pub fn streamed_policy(batch: u64, cold: TierSplit) -> Policy {
         num_gpu_batches: 1,
         kv_block_tokens: 64,
         prefetch_depth: 1,
+        host_mlp_share: 0.0,
     }
 }

@@ -1,0 +1,172 @@
+//! The host's share of a decode step's MLP: `CpuBackend::linear` over bf16 weights with a few
+//! activation rows, as weight bytes read per second, against a multi-threaded memcpy of the
+//! same bytes in the same run (the memory's own pace).
+//!
+//! `cargo run --release -p strata-bench --bin cpu-gemv -- --rows 1,2,6,8,16`
+//! The default shapes are OPT-30B's MLP (hidden 7168, 28672 neurons) with 5/8 of its neurons:
+//! what host threads compute for one layer under a host MLP share of 0.625.
+//!
+//! On a GPU machine, `--pinned` computes from page-locked weights (as the runtime stages them)
+//! and `--copy-beside` keeps copying 1 GiB of page-locked memory to the GPU meanwhile (as the
+//! weight stream of a decode step does), to see what each costs the host's share.
+
+use std::time::Instant;
+
+use clap::Parser;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use strata_kernels::cuda::PinnedWeight;
+use strata_kernels::testing::SplitMix;
+use strata_kernels::{Backend, CpuBackend, CudaBackend, DType, HostWeight};
+
+#[derive(Parser)]
+struct Args {
+    /// Activation rows (sequences in a decode GPU batch), comma-separated.
+    #[arg(long, default_value = "1,2,6,8,16,32", value_delimiter = ',')]
+    rows: Vec<usize>,
+    /// Model width (the MLP's input and output).
+    #[arg(long, default_value_t = 7168)]
+    hidden: usize,
+    /// Neurons the host computes.
+    #[arg(long, default_value_t = 17920)]
+    neurons: usize,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Weight dtype: bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Page-lock the weights with the GPU first (needs a GPU).
+    #[arg(long)]
+    pinned: bool,
+    /// Copy page-locked memory to the GPU on another thread while timing (needs a GPU).
+    #[arg(long)]
+    copy_beside: bool,
+}
+
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f();
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+enum Weights {
+    Plain(HostWeight, HostWeight),
+    Pinned(PinnedWeight, PinnedWeight),
+}
+
+impl Weights {
+    fn get(&self) -> (&HostWeight, &HostWeight) {
+        match self {
+            Weights::Plain(a, b) => (a, b),
+            Weights::Pinned(a, b) => (a.host(), b.host()),
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = Args::parse();
+    let cpu = CpuBackend::new();
+    let gpu = if a.pinned || a.copy_beside {
+        Some(
+            CudaBackend::new(0)
+                .map_err(|e| format!("--pinned and --copy-beside need a GPU: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => return Err(format!("--dtype {other}: expected bf16 or f16").into()),
+    };
+    let mut rng = SplitMix(1);
+    // fc1 [neurons, hidden] then fc2 [hidden, neurons], as the MLP reads them.
+    let fc1 = rng.weight(a.neurons, a.hidden, dtype);
+    let fc2 = rng.weight(a.hidden, a.neurons, dtype);
+    let bytes = (fc1.size_bytes() + fc2.size_bytes()) as f64;
+    let weights = match &gpu {
+        Some(g) if a.pinned => Weights::Pinned(g.pin_weight(fc1)?, g.pin_weight(fc2)?),
+        _ => Weights::Plain(fc1, fc2),
+    };
+    let (fc1, fc2) = weights.get();
+    // The memory's pace: every thread copying its share of a buffer of the same size.
+    let src = vec![1u8; bytes as usize];
+    let mut dst = vec![0u8; bytes as usize];
+    let chunk = src.len().div_ceil(rayon::current_num_threads() * 4);
+    let copy_s = best(a.reps, || {
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    });
+    println!(
+        "{} threads; weights {:.1} MiB {} (fc1 [{}, {}], fc2 [{}, {}]){}; memcpy of the same \
+         bytes {:.1} GB/s",
+        rayon::current_num_threads(),
+        bytes / (1 << 20) as f64,
+        dtype.name(),
+        a.neurons,
+        a.hidden,
+        a.hidden,
+        a.neurons,
+        if a.pinned { ", page-locked" } else { "" },
+        bytes / copy_s / 1e9
+    );
+    let stop = AtomicBool::new(false);
+    let copied = AtomicU64::new(0);
+    std::thread::scope(|scope| -> Result<(), Box<dyn std::error::Error>> {
+        let beside = match (&gpu, a.copy_beside) {
+            (Some(g), true) => {
+                let block = g.pin_weight(SplitMix(2).weight(1 << 14, 1 << 15, DType::BF16))?;
+                let (stop, copied) = (&stop, &copied);
+                Some(scope.spawn(move || -> strata_kernels::Result<f64> {
+                    let t0 = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        let w = g.fetch_weight(&block)?;
+                        // The copy runs on the copy stream: make the compute stream wait for
+                        // it, then wait for the compute stream.
+                        g.wait_fetched(&g.fetched()?)?;
+                        g.synchronize()?;
+                        drop(w);
+                        copied.fetch_add(block.bytes() as u64, Ordering::Relaxed);
+                    }
+                    Ok(t0.elapsed().as_secs_f64())
+                }))
+            }
+            _ => None,
+        };
+        println!("| rows | ms | weight GB/s | vs memcpy |");
+        println!("|---:|---:|---:|---:|");
+        for &m in &a.rows {
+            let x = cpu.tensor(m, a.hidden, rng.vec(m * a.hidden))?;
+            let mut sink = 0.0f32;
+            let s = best(a.reps, || {
+                let h = cpu.linear(&x, fc1, None).expect("shapes match");
+                let y = cpu.linear(&h, fc2, None).expect("shapes match");
+                sink += y.data[0];
+            });
+            std::hint::black_box(sink);
+            println!(
+                "| {m} | {:.2} | {:.1} | {:.2}× |",
+                s * 1e3,
+                bytes / s / 1e9,
+                copy_s / s
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(h) = beside {
+            let secs = h.join().expect("copy thread")?;
+            println!(
+                "copied beside: {:.1} GB/s host→GPU over the run",
+                copied.load(Ordering::Relaxed) as f64 / secs / 1e9
+            );
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
