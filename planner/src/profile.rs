@@ -68,6 +68,12 @@ pub struct HardwareProfile {
     /// runs well below the GEMM peak. Absent (older files, no GPU): the GEMM rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_attention_tflops: Option<f64>,
+    /// Bytes per second the host's memory served to host threads scanning it (host attention)
+    /// and to host→device copies at the same time, both counted. Measured because the two
+    /// contend: the sum is well below what each gets alone. Absent (older files, no GPU):
+    /// estimated from the copy and scan rates ([`HardwareProfile::host_memory_bps`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_memory_shared_gbps: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -116,6 +122,7 @@ impl HardwareProfile {
             gpu_layer_overhead_us: 40.0,
             // `gpu-prefill`, bf16, 4 × 8K tokens (bench/RESULTS.md).
             prefill_attention_tflops: Some(285.0),
+            host_memory_shared_gbps: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -149,6 +156,7 @@ impl HardwareProfile {
             disk_half_bandwidth_request_bytes: 128 * 1024,
             gpu_layer_overhead_us: 5.0,
             prefill_attention_tflops: None,
+            host_memory_shared_gbps: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -174,12 +182,14 @@ impl HardwareProfile {
     }
 
     /// Bytes per second the host's memory serves, reads and writes together, to everything that
-    /// shares it (host attention, the copy engines' DMA, disk IO). `host_mem_gbps` counts a
-    /// copy's bytes once, but a copy reads each byte and writes it (and with ordinary stores also
-    /// reads the destination line first), so the memory sustained at least twice that. The host
+    /// shares it (host attention and the host's MLP share, the copy engines' DMA, disk IO): the
+    /// measured shared rate when there is one. Else an estimate: `host_mem_gbps` counts a copy's
+    /// bytes once, but a copy reads each byte and writes it (and with ordinary stores also reads
+    /// the destination line first), so the memory sustained at least twice that; the host
     /// attention figure is a read-only scan the memory also sustained, so it is a floor.
     pub fn host_memory_bps(&self) -> f64 {
-        (2.0 * self.host_mem_gbps).max(self.host_attention_gbps) * 1e9
+        let estimate = (2.0 * self.host_mem_gbps).max(self.host_attention_gbps);
+        self.host_memory_shared_gbps.unwrap_or(estimate) * 1e9
     }
 
     /// Effective disk read bandwidth in bytes/s at request size `request_bytes`.
@@ -249,6 +259,10 @@ impl HardwareProfile {
             (
                 "prefill_attention_tflops",
                 self.prefill_attention_tflops.unwrap_or(1.0),
+            ),
+            (
+                "host_memory_shared_gbps",
+                self.host_memory_shared_gbps.unwrap_or(1.0),
             ),
         ];
         for (field, v) in rates {

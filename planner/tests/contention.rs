@@ -129,3 +129,32 @@ fn prefill_streams_the_weights_once_per_pass() {
         );
     }
 }
+
+/// A measured shared rate (`strata calibrate` scanning host memory while copies run) replaces
+/// the estimate from the separate rates, and a profile written before the field existed reads
+/// as having none.
+#[test]
+fn a_measured_shared_rate_replaces_the_estimate() {
+    let estimate = with_host_memory(52.0);
+    assert_eq!(estimate.host_memory_bps(), 104e9);
+    let measured = HardwareProfile {
+        host_memory_shared_gbps: Some(84.7),
+        ..estimate.clone()
+    };
+    assert_eq!(measured.host_memory_bps(), 84.7e9);
+    let m = llama_3_8b();
+    let w = wl(8, 4096);
+    let p = streamed_policy(8, TierSplit::all_on(Tier::Host));
+    let (a, b) = (
+        predict(&m, &w, &p, &estimate).decode_step.per_layer,
+        predict(&m, &w, &p, &measured).decode_step.per_layer,
+    );
+    assert!((b.host_memory_s / a.host_memory_s - 104.0 / 84.7).abs() < 1e-9);
+    let mut json: serde_json::Value = serde_json::from_str(&measured.to_json()).unwrap();
+    assert_eq!(json["host_memory_shared_gbps"], 84.7);
+    json.as_object_mut()
+        .unwrap()
+        .remove("host_memory_shared_gbps");
+    let old = HardwareProfile::from_json(&json.to_string(), std::path::Path::new("old.json"));
+    assert_eq!(old.unwrap().host_memory_shared_gbps, None);
+}

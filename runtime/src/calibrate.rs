@@ -8,7 +8,9 @@
 //!   first use), one 8192-token prompt on Llama-3-8B's heads over bf16 KV.
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
-//!   Llama-3-8B's geometry, one decode query.
+//!   Llama-3-8B's geometry, one decode query. With a GPU, that scan again while another thread
+//!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
+//!   the sum of both rates is the profile's `host_memory_shared_gbps`.
 //!   Capacity: `MemAvailable`.
 //! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
 //!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit
@@ -332,7 +334,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     }
     let mut notes = Vec::new();
     let gpu = open_gpu(opts.device, &mut notes)?;
-    let steps = Steps::new(if gpu.is_some() { 9 } else { 5 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 10 } else { 5 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -382,6 +384,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
             .disk_half_bandwidth_request_bytes,
         gpu_layer_overhead_us: HardwareProfile::cpu_only_reference().gpu_layer_overhead_us,
         prefill_attention_tflops: None,
+        host_memory_shared_gbps: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -593,6 +596,20 @@ fn measure_gpu(
     row("device -> host", format!("{d2h:.1} GB/s"), how);
     p.host_bytes = crate::mem_available_bytes().unwrap_or(0);
 
+    steps.step("host memory shared with copies");
+    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16);
+    let (scanned, copied) = cal
+        .h2d_beside(pinned, || scan.gbps(sz.trials))
+        .map_err(err("host memory shared with copies"))?;
+    p.host_memory_shared_gbps = Some(scanned + copied);
+    row(
+        "host memory, shared",
+        format!("{:.1} GB/s", scanned + copied),
+        format!(
+            "host attention {scanned:.1} GB/s while host -> device copies ran at {copied:.1} GB/s"
+        ),
+    );
+
     steps.step("fixed cost per op");
     let per_op = cal
         .op_overhead_us(sz.op_reps, sz.trials)
@@ -718,27 +735,53 @@ fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
 /// split-KV over all threads, as the host tier attends. The calibrator measures bf16, what the
 /// host tier holds on a GPU run (the model's dtype, which the planner counts KV bytes in).
 fn host_attention_gbps(bytes: usize, trials: usize, dtype: DType) -> f64 {
-    let g = AttentionGeometry::new(32, 8, 128, 32);
-    let e = g.block_elems();
-    let block_bytes = 2 * e * dtype.size_bytes();
-    let blocks = (bytes / block_bytes).max(1);
-    // [blocks][K, V][kv_heads, block_tokens, head_dim] in `dtype`
-    let kv = testing::synthetic_kv_blocks(dtype, blocks, e);
-    let views = testing::full_block_views(&kv, &g);
-    let q = testing::bench_query(&g);
-    let query = [AttentionQuery {
-        q: &q,
-        pos: blocks * g.block_tokens,
-        blocks: &views,
-    }];
-    let chunk_blocks = blocks.div_ceil(2 * rayon::current_num_threads().max(1));
-    let attend = || {
-        std::hint::black_box(attend_batch(&query, &g, chunk_blocks));
-        Ok::<(), ()>(())
-    };
-    let _ = attend();
-    let secs = best_secs(trials, attend).unwrap_or(f64::INFINITY);
-    (blocks * block_bytes) as f64 / secs / 1e9
+    HostAttentionScan::new(bytes, dtype).gbps(trials)
+}
+
+/// The KV blocks and query of [`host_attention_gbps`], made once so that timing them again
+/// (beside host→device copies) times only the scan.
+struct HostAttentionScan {
+    g: AttentionGeometry,
+    kv: Vec<strata_kernels::KvBuf>,
+    q: Vec<f32>,
+    block_bytes: usize,
+}
+
+impl HostAttentionScan {
+    fn new(bytes: usize, dtype: DType) -> Self {
+        let g = AttentionGeometry::new(32, 8, 128, 32);
+        let e = g.block_elems();
+        let block_bytes = 2 * e * dtype.size_bytes();
+        let blocks = (bytes / block_bytes).max(1);
+        // [blocks][K, V][kv_heads, block_tokens, head_dim] in `dtype`
+        let kv = testing::synthetic_kv_blocks(dtype, blocks, e);
+        let q = testing::bench_query(&g);
+        Self {
+            g,
+            kv,
+            q,
+            block_bytes,
+        }
+    }
+
+    /// KV bytes attended per second, the best of `trials` after one warm-up.
+    fn gbps(&self, trials: usize) -> f64 {
+        let (g, blocks) = (&self.g, self.kv.len());
+        let views = testing::full_block_views(&self.kv, g);
+        let query = [AttentionQuery {
+            q: &self.q,
+            pos: blocks * g.block_tokens,
+            blocks: &views,
+        }];
+        let chunk_blocks = blocks.div_ceil(2 * rayon::current_num_threads().max(1));
+        let attend = || {
+            std::hint::black_box(attend_batch(&query, g, chunk_blocks));
+            Ok::<(), ()>(())
+        };
+        let _ = attend();
+        let secs = best_secs(trials, attend).unwrap_or(f64::INFINITY);
+        (blocks * self.block_bytes) as f64 / secs / 1e9
+    }
 }
 
 struct DiskFigures {

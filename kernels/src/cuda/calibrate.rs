@@ -185,6 +185,49 @@ impl DeviceCalibrator {
         Ok((gbps(h2d), gbps(d2h)))
     }
 
+    /// Runs `f` on this thread while another thread keeps copying `bytes` of page-locked host
+    /// memory to the device, one copy after another; returns `f`'s result and the host→device
+    /// GB/s the copies kept up meanwhile (copies finished while `f` ran, over its duration).
+    pub fn h2d_beside<R: Send>(&self, bytes: usize, f: impl FnOnce() -> R) -> Result<(R, f64)> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let op = "h2d_beside";
+        let s = &self.stream;
+        let bytes = bytes.max(1);
+        // SAFETY: the buffer is filled below before any copy reads it.
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .map_err(|e| device_err(op, e))?;
+        host.as_mut_slice()
+            .map_err(|e| device_err(op, e))?
+            .fill(0x5a);
+        let mut dev = s.alloc_zeros::<u8>(bytes).map_err(|e| device_err(op, e))?;
+        s.synchronize().map_err(|e| device_err(op, e))?;
+        let (stop, copies) = (AtomicBool::new(false), AtomicU64::new(0));
+        std::thread::scope(|scope| {
+            let copier = scope.spawn(|| -> Result<()> {
+                self.ctx.bind_to_thread().map_err(|e| device_err(op, e))?;
+                while !stop.load(Ordering::Relaxed) {
+                    s.memcpy_htod(&host, &mut dev)
+                        .map_err(|e| device_err(op, e))?;
+                    s.synchronize().map_err(|e| device_err(op, e))?;
+                    copies.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            });
+            // One copy in flight before the clock starts.
+            while copies.load(Ordering::Relaxed) == 0 && !copier.is_finished() {
+                std::thread::yield_now();
+            }
+            let (c0, t0) = (copies.load(Ordering::Relaxed), std::time::Instant::now());
+            let r = f();
+            let (c1, secs) = (copies.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+            stop.store(true, Ordering::Relaxed);
+            copier
+                .join()
+                .map_err(|_| device_err(op, "the copy thread panicked"))??;
+            Ok((r, (c1 - c0) as f64 * bytes as f64 / secs / 1e9))
+        })
+    }
+
     /// Milliseconds per call of `f`: one warm-up call, then `trials` loops of `reps` calls
     /// between two timing events; the best loop's mean.
     fn best_ms(
