@@ -92,6 +92,8 @@ pub struct JobStats {
     pub weight_load_seconds: f64,
     /// Weight bytes copied from page-locked host memory to the GPU (staged weights).
     pub weight_bytes_fetched: u64,
+    /// Weight bytes host threads read to compute the host MLP share (`host_mlp_share`).
+    pub host_mlp_bytes: u64,
     pub peak_rss_bytes: u64,
     pub peak_kv_bytes: usize,
     pub batch_size: usize,
@@ -234,6 +236,7 @@ pub fn run<B: RuntimeBackend>(
     s.decode_tokens_per_s = rate(s.decode_tokens, s.decode_seconds);
     s.weight_load_seconds = job.tf.timings.weight_load_s;
     s.weight_bytes_fetched = job.tf.timings.weight_bytes_fetched;
+    s.host_mlp_bytes = job.tf.timings.host_mlp_bytes;
     s.peak_rss_bytes = peak_rss_bytes();
     s.kv = job.kv.metrics();
     s.peak_kv_bytes = (s.kv.host_blocks_peak + s.kv.disk_blocks_peak) * s.kv.bytes_per_block
