@@ -298,9 +298,9 @@ pub trait RuntimeBackend: Backend {
     /// Starts copying a tensor to host memory (a batch's queries for the tiers attended there,
     /// the MLP input of the host's share): the copy waits for the kernels that made it, not for
     /// later ones.
-    fn start_download(&self, q: &Self::Tensor) -> KernelResult<Self::Download>;
+    fn start_download(&self, t: &Self::Tensor) -> KernelResult<Self::Download>;
     /// Waits for [`RuntimeBackend::start_download`]'s copy.
-    fn finish_download(&self, q: Self::Download) -> KernelResult<Vec<f32>>;
+    fn finish_download(&self, d: Self::Download) -> KernelResult<Vec<f32>>;
 
     /// Launches the attention of each row (`q: [rows, n_heads * head_dim]`) over the blocks of
     /// its sequence in `layer` that the device holds, and over the far blocks it can take (see
@@ -383,11 +383,11 @@ impl RuntimeBackend for CpuBackend {
     fn staged_bytes(&self, w: &HostWeight) -> u64 {
         (w.data.len() * w.data.dtype().size_bytes()) as u64
     }
-    fn start_download(&self, q: &CpuTensor) -> KernelResult<Vec<f32>> {
-        self.to_host(q)
+    fn start_download(&self, t: &CpuTensor) -> KernelResult<Vec<f32>> {
+        self.to_host(t)
     }
-    fn finish_download(&self, q: Vec<f32>) -> KernelResult<Vec<f32>> {
-        Ok(q)
+    fn finish_download(&self, d: Vec<f32>) -> KernelResult<Vec<f32>> {
+        Ok(d)
     }
     fn merge_attention(
         &self,
@@ -449,11 +449,11 @@ impl RuntimeBackend for CudaBackend {
         Ok(kv.append_device(layer, &at, k, v)?)
     }
 
-    fn start_download(&self, q: &CudaTensor) -> KernelResult<PendingDownload> {
-        self.download_async(q)
+    fn start_download(&self, t: &CudaTensor) -> KernelResult<PendingDownload> {
+        self.download_async(t)
     }
-    fn finish_download(&self, q: PendingDownload) -> KernelResult<Vec<f32>> {
-        self.wait_download(q)
+    fn finish_download(&self, d: PendingDownload) -> KernelResult<Vec<f32>> {
+        self.wait_download(d)
     }
 
     fn launch_device_attention(
@@ -640,22 +640,23 @@ impl<W> LayerWeights<W> {
         self,
         mut f: impl FnMut(W) -> Result<V, E>,
     ) -> Result<LayerWeights<V>, E> {
-        let mut opt = |w: Option<W>| w.map(&mut f).transpose();
+        let f = &mut f;
+        let opt = |w: Option<W>, f: &mut dyn FnMut(W) -> Result<V, E>| w.map(f).transpose();
         Ok(LayerWeights {
-            attn_norm_b: opt(self.attn_norm_b)?,
-            q_b: opt(self.q_b)?,
-            k_b: opt(self.k_b)?,
-            v_b: opt(self.v_b)?,
-            o_b: opt(self.o_b)?,
-            mlp_norm_b: opt(self.mlp_norm_b)?,
             attn_norm: f(self.attn_norm)?,
+            attn_norm_b: opt(self.attn_norm_b, f)?,
             q: f(self.q)?,
             k: f(self.k)?,
             v: f(self.v)?,
             o: f(self.o)?,
+            q_b: opt(self.q_b, f)?,
+            k_b: opt(self.k_b, f)?,
+            v_b: opt(self.v_b, f)?,
+            o_b: opt(self.o_b, f)?,
             mlp_norm: f(self.mlp_norm)?,
-            mlp: self.mlp.try_into_map(&mut f)?,
-            host_mlp: self.host_mlp.map(|m| m.try_into_map(&mut f)).transpose()?,
+            mlp_norm_b: opt(self.mlp_norm_b, f)?,
+            mlp: self.mlp.try_into_map(f)?,
+            host_mlp: self.host_mlp.map(|m| m.try_into_map(f)).transpose()?,
         })
     }
 }
