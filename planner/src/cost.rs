@@ -20,9 +20,11 @@
 //! - GPU attention: `4·q_width` FLOPs and `kvb` HBM bytes per (query, key) pair on the GPU.
 //! - host MLP share `μ` (`host_mlp_share`) with `Wm` MLP bytes per layer: `μ·w_host·Wm` of the
 //!   weights stay in host memory (off `h2d` and the GPU's HBM and FLOPs) and are read by host
-//!   threads once per GPU batch (`host_compute += k·μ·w_host·Wm`, the same memory-bound
-//!   dot products as host attention, at its calibrated rate); each GPU batch's MLP input goes
-//!   down and the host's partial output comes up (`N·hidden·4` each way).
+//!   threads once per GPU batch (`k·μ·w_host·Wm` bytes at host attention's calibrated rate: the
+//!   same dot products), or computed at the host's calibrated matrix-vector FLOP rate
+//!   (`2·N·μ·w_host·Wm / dtype` FLOPs), whichever takes longer: a few rows are bound by memory,
+//!   a GPU batch of 20–30 by the cores. Each GPU batch's MLP input goes down and the host's
+//!   partial output comes up (`N·hidden·4` each way).
 //! - new tokens: `N` tokens' KV land on the hot tier and `N` age into the cold split (KV from the
 //!   hot tier, hidden states from the GPU): `d2h` when leaving the GPU, `disk_write` into disk.
 //!
@@ -231,8 +233,9 @@ struct Traffic {
     h2d: f64,
     d2h: f64,
     host_attention: f64,
-    /// MLP weight bytes host threads read (the host's MLP share).
+    /// MLP weight bytes host threads read (the host's MLP share), and the FLOPs they compute.
     host_mlp: f64,
+    host_mlp_flops: f64,
     disk_read_weights: f64,
     disk_read_kv: f64,
     disk_read_hidden: f64,
@@ -373,6 +376,7 @@ fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
     t.hbm -= z.k * kept;
     t.flops -= 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
     t.host_mlp += z.k * kept;
+    t.host_mlp_flops += 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
     let act = z.n * (m.hidden * 4) as f64;
     t.d2h += act;
     t.h2d += act;
@@ -431,7 +435,9 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
         gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
-        host_attention_s: (t.host_attention + t.host_mlp) / (hw.host_attention_gbps * 1e9),
+        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9)
+            + (t.host_mlp / (hw.host_attention_gbps * 1e9))
+                .max(t.host_mlp_flops / hw.host_mlp_flops()),
         disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),

@@ -20,6 +20,11 @@ use crate::error::ProfileError;
 /// all meant as figures).
 pub const PROFILE_VERSION: u32 = 1;
 
+/// Per-core GFLOP/s assumed for the host MLP share when a profile has no measurement: what
+/// `strata calibrate` measured on the 16-core host of an H100 machine (about 480 GFLOP/s at
+/// 16–32 rows over f16 weights, 2026-11-22).
+pub const FALLBACK_HOST_MLP_GFLOPS_PER_CORE: f64 = 30.0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GemmTflops {
     pub f32: f64,
@@ -74,6 +79,13 @@ pub struct HardwareProfile {
     /// estimated from the copy and scan rates ([`HardwareProfile::host_memory_bps`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_memory_shared_gbps: Option<f64>,
+    /// GFLOP/s host threads sustain on matrix-vector products of [`HOST_MLP_MAX_ROWS`] rows over
+    /// half-precision weights: the host MLP share's rate once its rows make it compute-bound.
+    /// Absent (older files): [`FALLBACK_HOST_MLP_GFLOPS_PER_CORE`] per core.
+    ///
+    /// [`HOST_MLP_MAX_ROWS`]: crate::HOST_MLP_MAX_ROWS
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mlp_gflops: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -123,6 +135,7 @@ impl HardwareProfile {
             // `gpu-prefill`, bf16, 4 × 8K tokens (bench/RESULTS.md).
             prefill_attention_tflops: Some(285.0),
             host_memory_shared_gbps: None,
+            host_mlp_gflops: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -157,6 +170,7 @@ impl HardwareProfile {
             gpu_layer_overhead_us: 5.0,
             prefill_attention_tflops: None,
             host_memory_shared_gbps: None,
+            host_mlp_gflops: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -190,6 +204,13 @@ impl HardwareProfile {
     pub fn host_memory_bps(&self) -> f64 {
         let estimate = (2.0 * self.host_mem_gbps).max(self.host_attention_gbps);
         self.host_memory_shared_gbps.unwrap_or(estimate) * 1e9
+    }
+
+    /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
+    pub fn host_mlp_flops(&self) -> f64 {
+        self.host_mlp_gflops
+            .unwrap_or(FALLBACK_HOST_MLP_GFLOPS_PER_CORE * self.cpu_cores.max(1) as f64)
+            * 1e9
     }
 
     /// Effective disk read bandwidth in bytes/s at request size `request_bytes`.
@@ -264,6 +285,7 @@ impl HardwareProfile {
                 "host_memory_shared_gbps",
                 self.host_memory_shared_gbps.unwrap_or(1.0),
             ),
+            ("host_mlp_gflops", self.host_mlp_gflops.unwrap_or(1.0)),
         ];
         for (field, v) in rates {
             if !(v.is_finite() && v > 0.0) {

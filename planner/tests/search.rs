@@ -369,3 +369,49 @@ fn a_host_mlp_share_needs_small_gpu_batches_and_old_policy_files_read_as_none() 
     let old: Policy = serde_json::from_value(json).unwrap();
     assert_eq!(old.host_mlp_share, 0.0);
 }
+
+/// FlexGen's OPT-30B setting at prompt 256 (batch 44): GPU batches of 22 rows make the host's
+/// matrix-vector products compute-bound, so the host MLP share costs its FLOPs at the host's
+/// measured rate, and with a slow host the planner leaves the MLP on the GPU.
+#[test]
+fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
+    let m = opt_30b();
+    let w = wl(44, 256, 32);
+    let p = Policy {
+        weights: strata_planner::TierSplit {
+            gpu: 0.125,
+            host: 0.875,
+            disk: 0.0,
+        },
+        gpu_batch_size: 22,
+        num_gpu_batches: 2,
+        host_mlp_share: 0.75,
+        ..plan(&m, &w, &budgets(16 * GIB, 100 * GIB, 0), &h100())
+            .unwrap()
+            .policy
+    };
+    let slow = HardwareProfile {
+        host_mlp_gflops: Some(100.0),
+        ..h100()
+    };
+    let fast = HardwareProfile {
+        host_mlp_gflops: Some(1e9),
+        ..h100()
+    };
+    let kept_params = 0.75 * 0.875 * (m.mlp_bytes_per_layer() / m.weight_dtype_bytes) as f64;
+    let flops_s = 2.0 * 44.0 * kept_params / 100e9;
+    let host_s = |hw: &HardwareProfile| {
+        strata_planner::predict(&m, &w, &p, hw)
+            .decode_step
+            .per_layer
+            .host_attention_s
+    };
+    assert!(host_s(&slow) >= flops_s, "{} < {flops_s}", host_s(&slow));
+    assert!(host_s(&fast) < flops_s);
+    let chosen = plan(&m, &w, &budgets(16 * GIB, 100 * GIB, 0), &slow).unwrap();
+    assert!(
+        chosen.policy.host_mlp_share == 0.0 || chosen.policy.gpu_batch_size <= 8,
+        "{:?}",
+        chosen.policy
+    );
+}

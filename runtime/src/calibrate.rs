@@ -10,7 +10,9 @@
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query. With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
-//!   the sum of both rates is the profile's `host_memory_shared_gbps`.
+//!   the sum of both rates is the profile's `host_memory_shared_gbps`. And the CPU backend's
+//!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
+//!   share's rate where its rows make it compute-bound).
 //!   Capacity: `MemAvailable`.
 //! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
 //!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit
@@ -41,6 +43,7 @@ use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
     AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, WeightData, testing,
 };
+use strata_planner::HOST_MLP_MAX_ROWS;
 use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
 use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
 
@@ -334,7 +337,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     }
     let mut notes = Vec::new();
     let gpu = open_gpu(opts.device, &mut notes)?;
-    let steps = Steps::new(if gpu.is_some() { 10 } else { 5 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 11 } else { 6 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -359,6 +362,9 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
             format_size(sz.host_kv as u64)
         ),
     );
+    steps.step("host MLP matrix-vector");
+    let (host_mlp_gflops, how) = host_mlp_gflops(sz.trials)?;
+    row("host MLP", format!("{host_mlp_gflops:.0} GFLOP/s"), how);
     let host_avail = crate::mem_available_bytes().unwrap_or(0);
 
     let mut p = HardwareProfile {
@@ -385,6 +391,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
         gpu_layer_overhead_us: HardwareProfile::cpu_only_reference().gpu_layer_overhead_us,
         prefill_attention_tflops: None,
         host_memory_shared_gbps: None,
+        host_mlp_gflops: Some(host_mlp_gflops),
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -701,6 +708,31 @@ fn measure_cpu_gemm(
         "no GPU: host memory copies".into(),
     );
     Ok(())
+}
+
+/// GFLOP/s of the CPU backend's matrix-vector products at [`HOST_MLP_MAX_ROWS`] rows over bf16
+/// weights: the host MLP share at its most rows, where the cores (not the memory) bound it.
+/// Returns the rate and how it was measured.
+fn host_mlp_gflops(trials: usize) -> Result<(f64, String), CalibrateError> {
+    let (m, n, k) = (HOST_MLP_MAX_ROWS as usize, 8192, 4096);
+    let be = CpuBackend::new();
+    let x = be
+        .tensor(m, k, pseudo_random(m * k))
+        .map_err(CalibrateError::Cpu)?;
+    let w = HostWeight::new(
+        n,
+        k,
+        WeightData::F32(pseudo_random(n * k)).cast(DType::BF16),
+    )
+    .map_err(CalibrateError::Cpu)?;
+    be.linear(&x, &w, None).map_err(CalibrateError::Cpu)?;
+    let secs =
+        best_secs(trials, || be.linear(&x, &w, None).map(drop)).map_err(CalibrateError::Cpu)?;
+    let how = format!(
+        "CPU backend linear, [{m}, {k}] x bf16 [{n}, {k}], {} threads",
+        rayon::current_num_threads()
+    );
+    Ok((2.0 * (m * n * k) as f64 / secs / 1e9, how))
 }
 
 /// The shortest of `trials` runs of `f`, in seconds (at least 1 ns).
