@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 use half::slice::HalfFloatSliceExt;
 
 use super::device::{self, CudaUnavailable, DeviceInfo};
@@ -166,13 +166,7 @@ impl DeviceCalibrator {
         let op = "pinned_copy_gbps";
         let s = &self.stream;
         let bytes = bytes.max(1);
-        // SAFETY: the buffer is filled below before any copy reads it.
-        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
-            .map_err(|e| device_err(op, e))?;
-        host.as_mut_slice()
-            .map_err(|e| device_err(op, e))?
-            .fill(0x5a);
-        let mut dev = s.alloc_zeros::<u8>(bytes).map_err(|e| device_err(op, e))?;
+        let (mut host, mut dev) = self.pinned_and_device(op, bytes)?;
         let h2d = self.best_ms(op, reps, trials, || {
             s.memcpy_htod(&host, &mut dev)
                 .map_err(|e| device_err(op, e))
@@ -185,6 +179,26 @@ impl DeviceCalibrator {
         Ok((gbps(h2d), gbps(d2h)))
     }
 
+    /// `bytes` of page-locked host memory (`cuMemHostAlloc`, not write-combined), filled, and as
+    /// many of device memory, zeroed: the two ends of the copies timed here.
+    fn pinned_and_device(
+        &self,
+        op: &'static str,
+        bytes: usize,
+    ) -> Result<(PinnedHostSlice<u8>, CudaSlice<u8>)> {
+        // SAFETY: the buffer is filled below before any copy reads it.
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .map_err(|e| device_err(op, e))?;
+        host.as_mut_slice()
+            .map_err(|e| device_err(op, e))?
+            .fill(0x5a);
+        let dev = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(|e| device_err(op, e))?;
+        Ok((host, dev))
+    }
+
     /// Runs `f` on this thread while another thread keeps copying `bytes` of page-locked host
     /// memory to the device, one copy after another; returns `f`'s result and the host→device
     /// GB/s the copies kept up meanwhile (copies finished while `f` ran, over its duration).
@@ -193,13 +207,7 @@ impl DeviceCalibrator {
         let op = "h2d_beside";
         let s = &self.stream;
         let bytes = bytes.max(1);
-        // SAFETY: the buffer is filled below before any copy reads it.
-        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
-            .map_err(|e| device_err(op, e))?;
-        host.as_mut_slice()
-            .map_err(|e| device_err(op, e))?
-            .fill(0x5a);
-        let mut dev = s.alloc_zeros::<u8>(bytes).map_err(|e| device_err(op, e))?;
+        let (host, mut dev) = self.pinned_and_device(op, bytes)?;
         s.synchronize().map_err(|e| device_err(op, e))?;
         let (stop, copies) = (AtomicBool::new(false), AtomicU64::new(0));
         std::thread::scope(|scope| {
