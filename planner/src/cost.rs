@@ -372,11 +372,13 @@ fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
     if kept <= 0.0 {
         return;
     }
+    // Every row of the batch multiplies every kept weight once.
+    let flops = 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
     t.h2d -= kept;
     t.hbm -= z.k * kept;
-    t.flops -= 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
+    t.flops -= flops;
     t.host_mlp += z.k * kept;
-    t.host_mlp_flops += 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
+    t.host_mlp_flops += flops;
     let act = z.n * (m.hidden * 4) as f64;
     t.d2h += act;
     t.h2d += act;
