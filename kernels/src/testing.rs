@@ -93,6 +93,11 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
     })
 }
 
+/// Whether `a` and `b` hold the same values bit for bit (NaNs included), and as many.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// One GPU backend shared by every test of a binary, with output poisoning on; `None` (after
 /// printing `skipped: <reason>`) on a machine without a usable GPU.
 pub fn test_gpu() -> Option<&'static CudaBackend> {

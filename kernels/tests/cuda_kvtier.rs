@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use strata_kernels::cuda::KvBlockShape;
-use strata_kernels::testing::{SplitMix as Rng, test_gpu, test_seed};
+use strata_kernels::testing::{SplitMix as Rng, same_bits, test_gpu, test_seed};
 use strata_kernels::{Backend, DType};
 
 /// The first `n` values of `words` (as the export wrote their bytes) in `dtype`, widened.
@@ -95,7 +95,7 @@ fn appends_land_in_their_slots_and_exports_copy_them_exactly() {
                     let e = shape.block_elems();
                     let w = &want[id as usize * e..(id as usize + 1) * e];
                     let got = widen(h, to, e);
-                    let same = got.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = same_bits(&got, w);
                     assert!(
                         same,
                         "seed {seed}: {dtype:?} pool exported as {to:?}: {shape:?}: block {id} \

@@ -25,7 +25,9 @@
 #![allow(clippy::unwrap_used)]
 
 use strata_kernels::cuda::{GemmChoice, GemmTuning, KernelOrigin, LT_MIN_ROWS, LtFallback};
-use strata_kernels::testing::{SplitMix as Rng, max_rel_err, rope_scalings, test_gpu, test_seed};
+use strata_kernels::testing::{
+    SplitMix as Rng, max_rel_err, rope_scalings, same_bits, test_gpu, test_seed,
+};
 use strata_kernels::{
     Backend, CpuBackend, CudaBackend, DType, GemmBackend, GemmPrecision, HostWeight, RopeScaling,
     RopeTable, WeightData, reference,
@@ -476,10 +478,7 @@ fn producers_write_gemm_operands_identical_to_converting() {
                     y.forget_operands();
                     let converted = gpu.to_host(&gpu.linear(&y, &w, None).unwrap()).unwrap();
                     assert!(
-                        fused
-                            .iter()
-                            .zip(&converted)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        same_bits(&fused, &converted),
                         "{what}: {name}'s operands differ from converting its output"
                     );
                 }
@@ -560,10 +559,7 @@ fn linear_lt_autotuned_and_gemmex_match_reference() {
                     assert!(err < 2e-5, "{what} {lib}: rel err {err:.2e} (tol 2e-5)");
                 }
                 assert!(
-                    tuned_first
-                        .iter()
-                        .zip(&tuned_again)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(&tuned_first, &tuned_again),
                     "{what}: the tuned GEMM differs between its first and second call"
                 );
                 if !lt_available {

@@ -353,7 +353,9 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
         ),
     );
     steps.step("host attention");
-    let host_attention = host_attention_gbps(sz.host_kv, sz.trials, DType::BF16);
+    // Kept for the GPU's shared-memory measurement, which times the same scan beside copies.
+    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16);
+    let host_attention = scan.gbps(sz.trials);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
@@ -399,7 +401,7 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     };
     let gpu_name = match &gpu {
         Some(cal) => {
-            measure_gpu(cal, &sz, &steps, &mut p, &mut row)?;
+            measure_gpu(cal, &sz, &scan, &steps, &mut p, &mut row)?;
             let device = cal.device_info().ordinal;
             measure_prefill_attention(device, &sz, &steps, &mut p, &mut row)?;
             cal.device_info().name.clone()
@@ -540,6 +542,7 @@ type Row<'a> = dyn FnMut(&str, String, String) + 'a;
 fn measure_gpu(
     cal: &DeviceCalibrator,
     sz: &Sizes,
+    scan: &HostAttentionScan,
     steps: &Steps,
     p: &mut HardwareProfile,
     row: &mut Row<'_>,
@@ -604,7 +607,6 @@ fn measure_gpu(
     p.host_bytes = crate::mem_available_bytes().unwrap_or(0);
 
     steps.step("host memory shared with copies");
-    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16);
     let (scanned, copied) = cal
         .h2d_beside(pinned, || scan.gbps(sz.trials))
         .map_err(err("host memory shared with copies"))?;
@@ -762,16 +764,11 @@ fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// KV bytes per second the host attention engine reads: one decode query over `bytes` of KV
-/// blocks in `dtype` (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128; 32-token blocks),
-/// split-KV over all threads, as the host tier attends. The calibrator measures bf16, what the
-/// host tier holds on a GPU run (the model's dtype, which the planner counts KV bytes in).
-fn host_attention_gbps(bytes: usize, trials: usize, dtype: DType) -> f64 {
-    HostAttentionScan::new(bytes, dtype).gbps(trials)
-}
-
-/// The KV blocks and query of [`host_attention_gbps`], made once so that timing them again
-/// (beside host→device copies) times only the scan.
+/// What host attention is timed on: one decode query over `bytes` of KV blocks in `dtype`
+/// (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128; 32-token blocks), split-KV over all
+/// threads, as the host tier attends. The calibrator measures bf16, what the host tier holds on a
+/// GPU run (the model's dtype, which the planner counts KV bytes in). Made once, timed alone and
+/// again beside host→device copies.
 struct HostAttentionScan {
     g: AttentionGeometry,
     kv: Vec<strata_kernels::KvBuf>,

@@ -15,6 +15,7 @@ use std::time::Instant;
 use clap::Parser;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use strata_bench::best;
 
 use strata_kernels::cuda::PinnedWeight;
 use strata_kernels::testing::SplitMix;
@@ -43,16 +44,6 @@ struct Args {
     /// Copy page-locked memory to the GPU on another thread while timing (needs a GPU).
     #[arg(long)]
     copy_beside: bool,
-}
-
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    let mut best = f64::INFINITY;
-    for _ in 0..reps.max(1) {
-        let t0 = Instant::now();
-        f();
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    best
 }
 
 enum Weights {
@@ -99,7 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let src = vec![1u8; bytes as usize];
     let mut dst = vec![0u8; bytes as usize];
     let chunk = src.len().div_ceil(rayon::current_num_threads() * 4);
-    let copy_s = best(a.reps, || {
+    let (copy_s, ()) = best(a.reps, || {
         dst.par_chunks_mut(chunk)
             .zip(src.par_chunks(chunk))
             .for_each(|(d, s)| d.copy_from_slice(s));
@@ -145,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &m in &a.rows {
             let x = cpu.tensor(m, a.hidden, rng.vec(m * a.hidden))?;
             let mut sink = 0.0f32;
-            let s = best(a.reps, || {
+            let (s, ()) = best(a.reps, || {
                 let h = cpu.linear(&x, fc1, None).expect("shapes match");
                 let y = cpu.linear(&h, fc2, None).expect("shapes match");
                 sink += y.data[0];

@@ -8,10 +8,9 @@
 //! `cargo run --release -p strata-bench --bin tier-attention -- --dir /nvme/tmp --kv-mem 1GiB`
 //! The KV geometry is Llama-3-8B's (8 KV heads, head dim 128, 32 query heads), one decode query.
 
-use std::time::Instant;
-
 use clap::Parser;
 use rayon::prelude::*;
+use strata_bench::best;
 use strata_kernels::attention::{AttentionQuery, attend_batch, attend_partial};
 use strata_kernels::{AttentionGeometry, KvBlockView, Partial};
 use strata_storage::{
@@ -36,18 +35,6 @@ struct Args {
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-}
-
-fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
-    let mut out = None;
-    let mut best = f64::INFINITY;
-    for _ in 0..reps.max(1) {
-        let t0 = Instant::now();
-        let r = f();
-        best = best.min(t0.elapsed().as_secs_f64());
-        out = Some(r);
-    }
-    (best, out.expect("at least one repetition"))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
