@@ -7,8 +7,11 @@
 //! what host threads compute for one layer under a host MLP share of 0.625.
 //!
 //! On a GPU machine, `--pinned` computes from page-locked weights (as the runtime stages them)
-//! and `--copy-beside` keeps copying 1 GiB of page-locked memory to the GPU meanwhile (as the
-//! weight stream of a decode step does), to see what each costs the host's share.
+//! and `--copy-beside` keeps copying page-locked memory to the GPU meanwhile (as the weight
+//! stream of a decode step does), to see what each costs the other: the copy's rate is counted
+//! inside each timed window, and alone before the first. `--threads 4,8,16` repeats every row
+//! count with that many host threads (the host's share may leave the copies memory bandwidth by
+//! using fewer cores).
 
 use std::time::Instant;
 
@@ -44,6 +47,17 @@ struct Args {
     /// Copy page-locked memory to the GPU on another thread while timing (needs a GPU).
     #[arg(long)]
     copy_beside: bool,
+    /// Host thread counts to time each row count with, comma-separated (default: all cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Seconds each (rows, threads) cell repeats its product for (the copy's rate beside it is
+    /// counted over this window).
+    #[arg(long, default_value_t = 0.5)]
+    window: f64,
+    /// GiB of page-locked memory the copies beside cycle over, in 64 MiB blocks (a model's
+    /// weights are gigabytes that the copies walk once per step, not one block read again).
+    #[arg(long, default_value_t = 1)]
+    copy_gib: usize,
 }
 
 enum Weights {
@@ -108,17 +122,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if a.pinned { ", page-locked" } else { "" },
         bytes / copy_s / 1e9
     );
+    let threads = if a.threads.is_empty() {
+        vec![rayon::current_num_threads()]
+    } else {
+        a.threads.clone()
+    };
     let stop = AtomicBool::new(false);
     let copied = AtomicU64::new(0);
     std::thread::scope(|scope| -> Result<(), Box<dyn std::error::Error>> {
         let beside = match (&gpu, a.copy_beside) {
             (Some(g), true) => {
-                let block = g.pin_weight(SplitMix(2).weight(1 << 14, 1 << 15, DType::BF16))?;
+                // 64 MiB per copy: fine enough to count inside a window of a few hundred ms.
+                let blocks = (0..a.copy_gib.max(1) * 16)
+                    .map(|i| {
+                        g.pin_weight(SplitMix(2 + i as u64).weight(1 << 12, 1 << 13, DType::BF16))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 let (stop, copied) = (&stop, &copied);
-                Some(scope.spawn(move || -> strata_kernels::Result<f64> {
-                    let t0 = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        let w = g.fetch_weight(&block)?;
+                Some(scope.spawn(move || -> strata_kernels::Result<()> {
+                    for block in blocks.iter().cycle() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let w = g.fetch_weight(block)?;
                         // The copy runs on the copy stream: make the compute stream wait for
                         // it, then wait for the compute stream.
                         g.wait_fetched(&g.fetched()?)?;
@@ -126,36 +152,72 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         drop(w);
                         copied.fetch_add(block.bytes() as u64, Ordering::Relaxed);
                     }
-                    Ok(t0.elapsed().as_secs_f64())
+                    Ok(())
                 }))
             }
             _ => None,
         };
-        println!("| rows | ms | weight GB/s | vs memcpy |");
-        println!("|---:|---:|---:|---:|");
+        // Bytes copied per second over `f`'s run.
+        let copy_rate = |f: &mut dyn FnMut()| {
+            let (c0, t0) = (copied.load(Ordering::Relaxed), Instant::now());
+            f();
+            (copied.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64()
+        };
+        if beside.is_some() {
+            let alone = copy_rate(&mut || std::thread::sleep(std::time::Duration::from_secs(1)));
+            println!("host→GPU copies alone: {:.1} GB/s", alone / 1e9);
+            println!(
+                "| rows | threads | ms | weight GB/s | vs memcpy | copies beside GB/s | together GB/s |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
+        } else {
+            println!("| rows | threads | ms | weight GB/s | vs memcpy |");
+            println!("|---:|---:|---:|---:|---:|");
+        }
         for &m in &a.rows {
             let x = cpu.tensor(m, a.hidden, rng.vec(m * a.hidden))?;
-            let mut sink = 0.0f32;
-            let (s, ()) = best(a.reps, || {
-                let h = cpu.linear(&x, fc1, None).expect("shapes match");
-                let y = cpu.linear(&h, fc2, None).expect("shapes match");
-                sink += y.data[0];
-            });
-            std::hint::black_box(sink);
-            println!(
-                "| {m} | {:.2} | {:.1} | {:.2}× |",
-                s * 1e3,
-                bytes / s / 1e9,
-                copy_s / s
-            );
+            for &t in &threads {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t.max(1))
+                    .build()?;
+                let mut sink = 0.0f32;
+                let mut product = || {
+                    let h = cpu.linear(&x, fc1, None).expect("shapes match");
+                    let y = cpu.linear(&h, fc2, None).expect("shapes match");
+                    sink += y.data[0];
+                };
+                let (s, ()) = pool.install(|| best(a.reps, &mut product));
+                let weight_gbps = bytes / s / 1e9;
+                let mut cell = format!(
+                    "| {m} | {t} | {:.2} | {weight_gbps:.1} | {:.2}× |",
+                    s * 1e3,
+                    copy_s / s
+                );
+                if beside.is_some() {
+                    // Back-to-back products for the window, as the host's share runs beside
+                    // a layer's weight copy.
+                    let (mut calls, mut took) = (0u32, 0.0);
+                    let window = a.window;
+                    let rate = copy_rate(&mut || {
+                        let t0 = Instant::now();
+                        pool.install(|| {
+                            while t0.elapsed().as_secs_f64() < window {
+                                product();
+                                calls += 1;
+                            }
+                        });
+                        took = t0.elapsed().as_secs_f64();
+                    });
+                    let during = bytes * calls as f64 / took / 1e9;
+                    cell += &format!(" {:.1} | {:.1} |", rate / 1e9, during + rate / 1e9);
+                }
+                std::hint::black_box(sink);
+                println!("{cell}");
+            }
         }
         stop.store(true, Ordering::Relaxed);
         if let Some(h) = beside {
-            let secs = h.join().expect("copy thread")?;
-            println!(
-                "copied beside: {:.1} GB/s host→GPU over the run",
-                copied.load(Ordering::Relaxed) as f64 / secs / 1e9
-            );
+            h.join().expect("copy thread")?;
         }
         Ok(())
     })?;

@@ -21,6 +21,18 @@ extern "C" __global__ void embedding_bf16(float* out, const bf16* table, const u
     gather_rows(out, table, ids, n_ids, dim);
 }
 
+// dst[0, bytes) = src[0, bytes), src in page-locked host memory that the SMs read over PCIe
+// (unified addressing). Small uploads take this path instead of a copy engine: host-to-device
+// copies from every stream queue on the same engine, so a few bytes of block table would
+// otherwise wait behind a whole layer's weights on their way in. Both pointers 16-byte aligned.
+extern "C" __global__ void copy_from_host(unsigned char* dst, const unsigned char* src, u64 bytes) {
+    const u64 words = bytes / 16;
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    for (u64 i = global_thread(); i < words; i += grid_threads()) d[i] = s[i];
+    for (u64 i = words * 16 + global_thread(); i < bytes; i += grid_threads()) dst[i] = src[i];
+}
+
 // x = hi + lo with hi = round(x) and lo = round(x - hi) in T: two half-precision terms that carry
 // ~16 (bf16) or ~22 (f16) bits of x, so a GEMM over both keeps f32-like accuracy on tensor cores.
 // (x - hi is exact in f32.)

@@ -34,6 +34,7 @@ kernel_table!(
     round_bf16,
     bias_add,
     add_inplace,
+    copy_from_host,
     relu_inplace,
     swiglu,
     swiglu_ops_f16,

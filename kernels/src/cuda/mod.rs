@@ -56,7 +56,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, PushKernelArg};
 
 pub use attention::{
     DeviceBlockTables, DevicePartial, KvBlockShape, KvPool, StreamMark, choose_splits,
@@ -436,12 +436,28 @@ impl Inner {
     }
 
     /// Copies `data` to a new device buffer (one unused element when `data` is empty).
-    fn upload<T: DeviceRepr>(&self, op: &'static str, data: &[T]) -> Result<CudaSlice<T>> {
-        if data.is_empty() {
-            // SAFETY: an empty tensor's buffer is never read.
-            return unsafe { self.stream.alloc::<T>(1) }.map_err(|e| device_err(op, e));
+    /// Small ones in order on the compute stream without the host waiting (see
+    /// [`Inner::upload_bytes`]); large ones (weights at load time) through a copy engine.
+    fn upload<T: transfer::PlainBytes>(
+        &self,
+        op: &'static str,
+        data: &[T],
+    ) -> Result<CudaSlice<T>> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > transfer::SMALL_UPLOAD_BYTES {
+            return self.stream.clone_htod(data).map_err(|e| device_err(op, e));
         }
-        self.stream.clone_htod(data).map_err(|e| device_err(op, e))
+        // SAFETY: written by the copy below before anything reads it (an empty tensor's
+        // buffer is never read).
+        let mut buf =
+            unsafe { self.stream.alloc::<T>(data.len().max(1)) }.map_err(|e| device_err(op, e))?;
+        {
+            let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `buf` holds data.len() values (16-byte aligned, as every allocation),
+            // allocated on the compute stream, where the copy runs.
+            unsafe { self.upload_bytes(op, ptr, transfer::as_bytes(data)) }?;
+        }
+        Ok(buf)
     }
 
     fn buf<'t>(&self, op: &'static str, t: &'t CudaTensor) -> Result<&'t CudaSlice<f32>> {

@@ -13,10 +13,12 @@
 //!   would have to wait for the compute stream's allocation of its destination, and the host
 //!   for the copy before reusing the buffer: a drain of the compute stream per upload.)
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
+use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+use cudarc::driver::{
+    CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, PushKernelArg,
+};
 
-use super::{CudaBackend, CudaTensor, Inner, device_err};
+use super::{CudaBackend, CudaTensor, Inner, device_err, kernels};
 use crate::Result;
 
 /// Bytes and copy-engine seconds per direction since the backend started.
@@ -66,7 +68,7 @@ pub(crate) struct CopyLog {
 
 /// Upload staging buffers in the ring: an upload reuses the one used this many uploads ago,
 /// whose copy has long run by then (two uploads per merge).
-const UPLOAD_RING: usize = 4;
+const UPLOAD_RING: usize = 16;
 
 /// `slot`'s buffer with room for `n` values, (re)allocated when too small.
 fn staging<'s>(
@@ -80,8 +82,10 @@ fn staging<'s>(
         // SAFETY: page-locked host memory of n.next_power_of_two() f32; every use writes the
         // part it reads (a copy into it, or copy_from_slice) first.
         let b = unsafe {
-            be.ctx
-                .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
+            be.ctx.alloc_pinned_with_flags::<f32>(
+                n.next_power_of_two(),
+                cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP,
+            )
         }
         .map_err(|e| device_err(op, e))?;
         *slot = Some(b);
@@ -231,49 +235,118 @@ impl CudaBackend {
     }
 
     /// A new `[rows, cols]` tensor holding `data`, copied on the compute stream from
-    /// page-locked staging: kernels enqueued later see it, and the host does not wait.
+    /// page-locked staging (see [`Inner::upload_bytes`]): kernels enqueued later see it, and the
+    /// host does not wait.
     pub fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
         let be = &self.inner;
         let op = "upload";
         super::check_len(op, "data", data.len(), rows * cols)?;
         let mut out = be.output(op, data.len())?;
-        let n = data.len();
-        if n == 0 {
-            return Ok(Inner::tensor(rows, cols, out));
+        {
+            let (ptr, _sync) = out.device_ptr_mut(&be.stream);
+            // SAFETY: `out` holds data.len() f32 (16-byte aligned, as every allocation), live
+            // on the compute stream, where the copy runs.
+            unsafe { be.upload_bytes(op, ptr, as_bytes(data)) }?;
         }
-        let (buf, last) = be.take_upload_staging(op)?;
+        Ok(Inner::tensor(rows, cols, out))
+    }
+}
+
+/// Element types that are plain bytes (no padding, every bit pattern a value), so a slice of
+/// them may be uploaded as bytes.
+///
+/// # Safety
+/// Only for types with no padding bytes.
+pub(crate) unsafe trait PlainBytes: DeviceRepr {}
+// SAFETY: primitive numbers, no padding.
+unsafe impl PlainBytes for u32 {}
+// SAFETY: as above.
+unsafe impl PlainBytes for u64 {}
+// SAFETY: as above.
+unsafe impl PlainBytes for i32 {}
+// SAFETY: as above.
+unsafe impl PlainBytes for f32 {}
+// SAFETY: a 16-bit float is a u16, no padding.
+unsafe impl PlainBytes for half::f16 {}
+// SAFETY: as above.
+unsafe impl PlainBytes for half::bf16 {}
+
+pub(crate) fn as_bytes<T: PlainBytes>(v: &[T]) -> &[u8] {
+    // SAFETY: T has no padding (PlainBytes), so every byte of the slice is initialised; the
+    // view borrows `v` and covers exactly its bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Uploads up to this size go through [`Inner::upload_bytes`]; larger ones (weights at load
+/// time) through a copy engine, which moves bulk data faster.
+pub(crate) const SMALL_UPLOAD_BYTES: usize = 1 << 20;
+
+impl Inner {
+    /// Copies `src` to device memory at `dst`, in order on the compute stream, without the host
+    /// waiting: `src` goes into a page-locked staging buffer of the upload ring, and the
+    /// `copy_from_host` kernel reads it from there over PCIe. Not a copy engine: host-to-device
+    /// copies from every stream share one, so even a few bytes of block table would wait behind
+    /// a whole layer's weights streaming in on the copy stream, and the compute stream with them.
+    ///
+    /// # Safety
+    /// `dst` must address at least `src.len()` writable bytes, 16-byte aligned, allocated until
+    /// the compute stream has run the copy.
+    pub(crate) unsafe fn upload_bytes(
+        &self,
+        op: &'static str,
+        dst: CUdeviceptr,
+        src: &[u8],
+    ) -> Result<()> {
+        let n = src.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let (buf, last) = self.take_upload_staging(op)?;
         if let Some(e) = last {
             // The buffer's previous copy, UPLOAD_RING uploads ago: done in all but name.
             e.synchronize().map_err(|e| device_err(op, e))?;
         }
         let mut slot = Some(buf);
         let r = (|| {
-            let host = staging(be, op, &mut slot, n)?;
-            host.as_mut_slice().map_err(|e| device_err(op, e))?[..n].copy_from_slice(data);
-            be.timed_copy_on(&be.stream, op, Dir::H2d, n * 4, |s| {
-                let (ptr, _sync) = out.device_ptr_mut(s);
-                let src = &host.as_slice().map_err(|e| device_err(op, e))?[..n];
-                // SAFETY: `out` holds n f32; `src` is page-locked and is neither written nor
-                // freed before the event recorded below has passed (the ring synchronises on
-                // it before the buffer's next use, and `put_upload_staging` keeps it alive).
-                unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, s.cu_stream()) }
-                    .map_err(|e| device_err(op, e))
+            let host = staging(self, op, &mut slot, n.div_ceil(4))?;
+            let words = host.as_mut_slice().map_err(|e| device_err(op, e))?;
+            // SAFETY: the staging words are page-locked memory owned by `host`; any bytes are a
+            // valid f32, so writing them through a byte view is sound.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4)
+            };
+            bytes[..n].copy_from_slice(src);
+            // Unified addressing: the kernel reads page-locked memory at its host address.
+            let from = bytes.as_ptr() as u64;
+            self.timed_copy_on(&self.stream, op, Dir::H2d, n, |s| {
+                let n64 = n as u64;
+                let mut b = s.launch_builder(&self.k.copy_from_host);
+                b.arg(&dst).arg(&from).arg(&n64);
+                // SAFETY: copy_from_host(u8* dst, const u8* src, u64 bytes): `dst` holds n
+                // bytes (the caller's contract), `from` the n staged bytes, both 16-byte
+                // aligned; the staging buffer is neither written nor freed before the event
+                // recorded below has passed (the ring synchronises on it before its next use).
+                unsafe { b.launch(kernels::elementwise(n.div_ceil(16))) }
+                    .map_err(|e| device_err(op, e))?;
+                Ok(())
             })?;
-            be.stream.record_event(None).map_err(|e| device_err(op, e))
+            self.stream
+                .record_event(None)
+                .map_err(|e| device_err(op, e))
         })();
         let Some(buf) = slot else {
             // `staging` failed to allocate a larger buffer: `r` holds its error.
-            return r.map(|_| Inner::tensor(rows, cols, out));
+            return r.map(|_| ());
         };
         match r {
             Ok(done) => {
-                be.put_upload_staging(buf, Some(done));
-                Ok(Inner::tensor(rows, cols, out))
+                self.put_upload_staging(buf, Some(done));
+                Ok(())
             }
             Err(e) => {
                 // Nothing may still read the buffer when it goes back.
-                be.stream.synchronize().map_err(|e| device_err(op, e))?;
-                be.put_upload_staging(buf, None);
+                self.stream.synchronize().map_err(|e| device_err(op, e))?;
+                self.put_upload_staging(buf, None);
                 Err(e)
             }
         }
