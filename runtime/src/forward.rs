@@ -512,10 +512,17 @@ fn host_append<B: Backend + ?Sized>(
     v: &B::Tensor,
     x: Option<&B::Tensor>,
 ) -> Result<(), ForwardError> {
-    let (kh, vh) = (b.to_host(k)?, b.to_host(v)?);
+    // Time here is the device still computing k and v (and what it waits for before them).
+    let _span = debug_span!("host_append").entered();
+    let (kh, vh) = debug_span!("wait_kv")
+        .in_scope(|| Ok::<_, ForwardError>((b.to_host(k)?, b.to_host(v)?)))?;
     let xh = x.map(|x| b.to_host(x)).transpose()?;
     let n = rows.len().max(1);
     let (kvd, xd) = (kh.len() / n, xh.as_ref().map_or(0, |x| x.len() / n));
+    if xh.is_none() {
+        let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
+        return Ok(kv.append_rows(layer, &at, &kh, &vh)?);
+    }
     for (r, row) in rows.iter().enumerate() {
         kv.append_with_hidden(
             row.seq,
@@ -1020,7 +1027,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         b.append_kv(kv, layer, rows, &k, &v, hidden)?;
         // Far blocks: fetched KV, and hidden states turned back into K and V here.
         let seqs = rows_per_seq(rows);
-        let mut far = kv.gather_far(layer, &seqs)?;
+        let mut far = debug_span!("gather_far").in_scope(|| kv.gather_far(layer, &seqs))?;
         let proj = KvProjection {
             norm: &w.attn_norm,
             norm_b: w.attn_norm_b.as_ref(),
@@ -1038,7 +1045,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         } else {
             None
         };
-        let (device, far) = b.launch_device_attention(kv, layer, rows, &q, &self.attention, far)?;
+        let (device, far) = debug_span!("device_attention")
+            .in_scope(|| b.launch_device_attention(kv, layer, rows, &q, &self.attention, far))?;
         let host = match queries {
             Some(q) => HostHalf::Queued {
                 q,

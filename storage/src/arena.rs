@@ -263,6 +263,56 @@ impl ArenaSlots {
         }
     }
 
+    /// Several distinct slots as 16-bit values (as [`ArenaSlots::slot_u16_mut`]) at once, in the
+    /// order of `ids`, so threads can fill them in parallel. Panics on an out-of-range id, as
+    /// [`ArenaSlots::slot`]; refuses repeated ids.
+    pub fn slots_u16_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [u16]>, StorageError> {
+        self.check_distinct(ids)?;
+        let n = self.slot_bytes / 2;
+        Ok(ids
+            .iter()
+            .map(|&id| {
+                let start = self.offset_of(id);
+                // SAFETY: as in `slot_u16_mut`: in bounds, aligned, any bit pattern valid; the
+                // ids are distinct (checked above) and slots never overlap, so the views are
+                // disjoint, and `&mut self` keeps every other view out while they live.
+                unsafe {
+                    let ptr = self.arena.base_ptr().add(start).cast::<u16>();
+                    std::slice::from_raw_parts_mut(ptr, n)
+                }
+            })
+            .collect())
+    }
+
+    /// Several distinct slots as f32 values at once (see [`ArenaSlots::slots_u16_mut`]).
+    pub fn slots_f32_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [f32]>, StorageError> {
+        self.check_distinct(ids)?;
+        let n = self.slot_bytes / 4;
+        Ok(ids
+            .iter()
+            .map(|&id| {
+                let start = self.offset_of(id);
+                // SAFETY: as in `slot_f32_mut`, and disjoint as in `slots_u16_mut`.
+                unsafe {
+                    let ptr = self.arena.base_ptr().add(start).cast::<f32>();
+                    std::slice::from_raw_parts_mut(ptr, n)
+                }
+            })
+            .collect())
+    }
+
+    fn check_distinct(&self, ids: &[SlotId]) -> Result<(), StorageError> {
+        let mut sorted: Vec<u32> = ids.iter().map(|id| id.0).collect();
+        sorted.sort_unstable();
+        match sorted.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => Err(StorageError::InvalidSlot {
+                slot: w[0],
+                reason: "asked for twice",
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The arena's base address and length in bytes, for page-locking it for DMA (a GPU copy
     /// engine). Writing through the pointer is the caller's `unsafe` business.
     pub fn raw_region(&self) -> (*mut u8, usize) {
@@ -406,6 +456,30 @@ mod tests {
             "a neighbour slot changed"
         );
         assert!(ArenaSlots::with_slots(2, 6).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn several_slots_at_once_are_the_slots_and_distinct() -> Result<(), StorageError> {
+        let mut slots = ArenaSlots::with_slots(4, 4096)?;
+        let ids: Vec<SlotId> = (0..4).filter_map(|_| slots.alloc()).collect();
+        let picked = [ids[3], ids[0], ids[2]];
+        for (k, view) in slots.slots_u16_mut(&picked)?.into_iter().enumerate() {
+            view.fill(k as u16 + 1);
+        }
+        assert!(slots.slot_u16(ids[3]).iter().all(|&v| v == 1));
+        assert!(slots.slot_u16(ids[0]).iter().all(|&v| v == 2));
+        assert!(slots.slot_u16(ids[2]).iter().all(|&v| v == 3));
+        assert!(
+            slots.slot(ids[1]).iter().all(|&b| b == 0),
+            "an unasked slot changed"
+        );
+        for view in slots.slots_f32_mut(&[ids[1]])? {
+            view[1] = 2.5;
+        }
+        assert_eq!(slots.slot_f32(ids[1])[1], 2.5);
+        assert!(slots.slots_u16_mut(&[ids[0], ids[2], ids[0]]).is_err());
+        assert!(slots.slots_f32_mut(&[ids[1], ids[1]]).is_err());
         Ok(())
     }
 

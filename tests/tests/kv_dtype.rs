@@ -216,3 +216,89 @@ fn host_and_storage_engines_attend_half_precision_blocks() {
         }
     }
 }
+
+/// `append_rows` (blocks taken first, values written by several threads) stores exactly what
+/// row-by-row appends store, for rows of several sequences in any order (a prefill chunk, decode
+/// rows interleaved, one sequence's rows split by another's), also when the host tier is too
+/// small for the new blocks and it falls back to row by row (spilling to disk); and a row out of
+/// order is an error that leaves the rows before it appended.
+#[test]
+fn bulk_appends_store_what_row_appends_store() {
+    let seed = test_seed();
+    let width = G.kv_heads * G.head_dim;
+    let (s0, s1, s2) = (SeqId(0), SeqId(1), SeqId(2));
+    let chunk: Vec<(SeqId, usize)> = (0..21)
+        .map(|p| (s0, p))
+        .chain((0..9).map(|p| (s1, p)))
+        .chain((0..17).map(|p| (s2, p)))
+        .collect();
+    let calls = [
+        chunk,
+        vec![(s2, 17), (s0, 21), (s1, 9)],
+        vec![(s0, 22), (s1, 10), (s0, 23)],
+    ];
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        // 64 host blocks hold everything; 8 do not, and spill.
+        for host_blocks in [64, 8] {
+            let what = format!("seed {seed}: {dtype:?}, {host_blocks} host blocks");
+            let tag = format!("bulk-{}-{host_blocks}", dtype.name());
+            let mut rng = Rng(seed);
+            let mut by_row = cache(dtype, host_blocks, IoEngine::Sync, &format!("{tag}-r"));
+            let mut bulk = cache(dtype, host_blocks, IoEngine::Sync, &format!("{tag}-b"));
+            for s in [s0, s1, s2] {
+                by_row.add_sequence(s);
+                bulk.add_sequence(s);
+            }
+            for at in &calls {
+                for layer in 0..G.layers {
+                    let k = rng.vec_scaled(at.len() * width, 3.0);
+                    let v = rng.vec_scaled(at.len() * width, 3.0);
+                    for (r, &(seq, pos)) in at.iter().enumerate() {
+                        let row = r * width..(r + 1) * width;
+                        by_row
+                            .append(seq, layer, pos, &k[row.clone()], &v[row])
+                            .unwrap();
+                    }
+                    bulk.append_rows(layer, at, &k, &v).unwrap();
+                }
+            }
+            let all_far = AttentionRoutes {
+                host_near: 0.0,
+                disk_near: 0.0,
+            };
+            for kv in [&mut by_row, &mut bulk] {
+                kv.set_executor(all_far, 0.0, 0).unwrap();
+            }
+            for layer in 0..G.layers {
+                let rows = [(s0, 1), (s1, 1), (s2, 1)];
+                let (a, b) = (
+                    by_row.gather_far(layer, &rows).unwrap(),
+                    bulk.gather_far(layer, &rows).unwrap(),
+                );
+                assert_eq!(a.len(), b.len(), "{what}: layer {layer}");
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!((x.seq, x.start_pos, x.len), (y.seq, y.start_pos, y.len));
+                    assert_eq!(
+                        filled_bits(&x.data.as_slice().to_f32_vec(), x.len),
+                        filled_bits(&y.data.as_slice().to_f32_vec(), y.len),
+                        "{what}: layer {layer}: block at {} of {:?}",
+                        x.start_pos,
+                        x.seq
+                    );
+                }
+            }
+        }
+    }
+    // Out of order: s1's row skips position 1; s0's rows before it are in.
+    let mut kv = cache(DType::F16, 64, IoEngine::Sync, "bulk-order");
+    kv.add_sequence(s0);
+    kv.add_sequence(s1);
+    let at = [(s0, 0), (s0, 1), (s1, 1), (s0, 2)];
+    let (k, v) = (vec![0.5; at.len() * width], vec![0.25; at.len() * width]);
+    assert!(kv.append_rows(0, &at, &k, &v).is_err());
+    assert_eq!((kv.len(s0, 0), kv.len(s1, 0)), (2, 0));
+    assert!(
+        kv.append_rows(0, &at[..1], &k, &v).is_err(),
+        "shape mismatch"
+    );
+}

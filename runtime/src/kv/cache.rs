@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
+use half::slice::HalfBitsSliceExt;
+use rayon::prelude::*;
 use serde::Serialize;
 use strata_kernels::attention::{AttentionQuery, attend_batch};
-use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, Partial};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, KvSliceMut, Partial};
 use strata_storage::{ArenaSlots, SlotId};
 
 use strata_kernels::CudaTensor;
@@ -383,46 +385,9 @@ impl KvCache {
         h: Option<&[f32]>,
     ) -> Result<(), KvError> {
         self.settle_host_reads()?;
-        let next = self.len(seq, layer);
-        if !self.seqs.contains_key(&seq) {
-            return Err(KvError::UnknownSequence(seq));
-        }
-        if pos != next {
-            return Err(KvError::OutOfOrder { seq, pos, next });
-        }
         let g = self.g;
-        if self.has_gpu_tier() {
-            return Err(KvError::Gpu(
-                "host append with a GPU tier: the GPU path appends with append_device".into(),
-            ));
-        }
-        if pos.is_multiple_of(g.block_tokens) {
-            let slot = self.host_slot()?;
-            self.seqs
-                .get_mut(&seq)
-                .ok_or(KvError::UnknownSequence(seq))?
-                .layers[layer]
-                .push(Block {
-                    loc: Loc::Host(slot),
-                    filled: 0,
-                    hidden: false,
-                });
-        }
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(KvError::UnknownSequence(seq))?;
-        let Some(block) = s.layers[layer].last_mut() else {
-            return Err(KvError::UnknownSequence(seq));
-        };
-        let Loc::Host(slot) = block.loc else {
-            return Err(KvError::Gpu(
-                "host append into a GPU-resident block (use append_device with a GPU tier)".into(),
-            ));
-        };
-        let t = block.filled;
-        block.filled += 1;
-        let j = s.layers[layer].len() - 1;
+        let (slot, t) = self.take_row(seq, layer, pos)?;
+        let j = self.seqs.get(&seq).map_or(0, |s| s.layers[layer].len() - 1);
         let mut data = slot_kv_mut(&mut self.host, slot, self.dtype);
         let (e, hd) = (g.block_elems(), g.head_dim);
         for h in 0..g.kv_heads {
@@ -434,6 +399,146 @@ impl KvCache {
             self.keep_hidden(seq, layer, j, t, slot, h)?;
         }
         Ok(())
+    }
+
+    /// Appends the KV of many tokens: row `r` is the token at `at[r] = (seq, pos)`, its K and V
+    /// `k[r]`, `v[r]` (`[rows, kv_heads * head_dim]` each). The same as [`KvCache::append`] row
+    /// by row, but the blocks are taken first and host threads write the values, a block each
+    /// (a prefill chunk's rows land in many blocks, and one thread writing them all was most of
+    /// a prefill over host KV). Where that could differ from row by row, it is row by row:
+    /// hidden states kept for recompute, or fewer free host slots than new blocks (a spill).
+    /// On an error the rows before the failing one are appended, as row by row.
+    pub fn append_rows(
+        &mut self,
+        layer: usize,
+        at: &[(SeqId, usize)],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        let g = self.g;
+        let (bt, hd, kvd) = (g.block_tokens, g.head_dim, g.kv_heads * g.head_dim);
+        if k.len() != at.len() * kvd || v.len() != at.len() * kvd {
+            return Err(KvError::Unsupported(format!(
+                "append of {} rows: k has {} values and v {}, expected {} each",
+                at.len(),
+                k.len(),
+                v.len(),
+                at.len() * kvd
+            )));
+        }
+        let new_blocks = at.iter().filter(|a| a.1.is_multiple_of(bt)).count();
+        let free = self.host.capacity() - self.host.in_use();
+        if self.recompute > 0.0 || self.has_gpu_tier() || new_blocks > free {
+            for (r, &(seq, pos)) in at.iter().enumerate() {
+                let (kr, vr) = (&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
+                self.append_with_hidden(seq, layer, pos, kr, vr, None)?;
+            }
+            return Ok(());
+        }
+        self.settle_host_reads()?;
+        // Blocks first, in row order: (slot, token in the block, row).
+        let mut writes: Vec<(SlotId, usize, usize)> = Vec::with_capacity(at.len());
+        let mut failed = None;
+        for (r, &(seq, pos)) in at.iter().enumerate() {
+            match self.take_row(seq, layer, pos) {
+                Ok((slot, t)) => writes.push((slot, t, r)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Then the values, a thread per block.
+        writes.sort_by_key(|w| w.0.index());
+        let mut groups: Vec<(SlotId, std::ops::Range<usize>)> = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            match groups.last_mut() {
+                Some((slot, range)) if *slot == w.0 => range.end = i + 1,
+                _ => groups.push((w.0, i..i + 1)),
+            }
+        }
+        let ids: Vec<SlotId> = groups.iter().map(|g| g.0).collect();
+        let views: Vec<KvSliceMut<'_>> = match self.dtype {
+            DType::F32 => self
+                .host
+                .slots_f32_mut(&ids)?
+                .into_iter()
+                .map(KvSliceMut::F32)
+                .collect(),
+            DType::F16 => self
+                .host
+                .slots_u16_mut(&ids)?
+                .into_iter()
+                .map(|s| KvSliceMut::F16(s.reinterpret_cast_mut()))
+                .collect(),
+            DType::BF16 => self
+                .host
+                .slots_u16_mut(&ids)?
+                .into_iter()
+                .map(|s| KvSliceMut::BF16(s.reinterpret_cast_mut()))
+                .collect(),
+        };
+        let e = g.block_elems();
+        views
+            .into_par_iter()
+            .zip(groups.par_iter())
+            .for_each(|(mut data, (_, range))| {
+                for &(_, t, r) in &writes[range.clone()] {
+                    for h in 0..g.kv_heads {
+                        let dst = (h * bt + t) * hd;
+                        let src = r * kvd + h * hd;
+                        data.store(dst, &k[src..src + hd]);
+                        data.store(e + dst, &v[src..src + hd]);
+                    }
+                }
+            });
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The host slot and token index that the token at `pos` of `seq` in `layer` goes to (the
+    /// next position), a new block when it starts one; counts it as filled. Host tier only.
+    fn take_row(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        pos: usize,
+    ) -> Result<(SlotId, usize), KvError> {
+        let next = self.len(seq, layer);
+        if !self.seqs.contains_key(&seq) {
+            return Err(KvError::UnknownSequence(seq));
+        }
+        if pos != next {
+            return Err(KvError::OutOfOrder { seq, pos, next });
+        }
+        if self.has_gpu_tier() {
+            return Err(KvError::Gpu(
+                "host append with a GPU tier: the GPU path appends with append_device".into(),
+            ));
+        }
+        if pos.is_multiple_of(self.g.block_tokens) {
+            let slot = self.host_slot()?;
+            self.seqs
+                .get_mut(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer]
+                .push(Block {
+                    loc: Loc::Host(slot),
+                    filled: 0,
+                    hidden: false,
+                });
+        }
+        let block = self
+            .seqs
+            .get_mut(&seq)
+            .and_then(|s| s.layers[layer].last_mut())
+            .ok_or(KvError::UnknownSequence(seq))?;
+        let Loc::Host(slot) = block.loc else {
+            return Err(KvError::Gpu(
+                "host append into a GPU-resident block (use append_device with a GPU tier)".into(),
+            ));
+        };
+        block.filled += 1;
+        Ok((slot, block.filled - 1))
     }
 
     /// Collects the writable block's hidden states; when block `j` is full and chosen for
