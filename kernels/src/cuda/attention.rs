@@ -441,7 +441,9 @@ impl CudaBackend {
 
     /// Copies `blocks` whole blocks from host memory at `src` (laid out as pool blocks, in the
     /// pool's dtype) into pool blocks `first_block ..`, on the compute stream, and returns
-    /// without waiting: kernels enqueued later read the copied blocks.
+    /// without waiting: kernels enqueued later read the copied blocks. The SMs read them over
+    /// PCIe where the memory is mapped for the device (see [`Inner::copy_from_mapped_host`]), so
+    /// a prompt's blocks do not wait behind the next layers' weights on the copy engine.
     ///
     /// # Safety
     /// `src` must point to `blocks` blocks of readable host memory, page-locked within one
@@ -481,16 +483,16 @@ impl CudaBackend {
                 PoolBuf::F16(d) => d.device_ptr_mut(s),
                 PoolBuf::BF16(d) => d.device_ptr_mut(s),
             };
-            // SAFETY: the destination range lies inside the pool's allocation (checked above);
-            // the source is page-locked and outlives the copy (the caller's contract).
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    base + (first_block * block_bytes) as u64,
-                    host,
-                    s.cu_stream(),
-                )
+            let dst = base + (first_block * block_bytes) as u64;
+            // SAFETY: the destination range lies inside the pool's allocation (checked above),
+            // used on its own stream; the source is page-locked and outlives the copy (the
+            // caller's contract).
+            if unsafe { be.copy_from_mapped_host(op, dst, host) }? {
+                return Ok(());
             }
-            .map_err(|e| device_err(op, e))
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, s.cu_stream()) }
+                .map_err(|e| device_err(op, e))
         })
     }
 

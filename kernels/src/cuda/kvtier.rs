@@ -206,9 +206,10 @@ impl CudaBackend {
         be.ctx
             .bind_to_thread()
             .map_err(|e| device_err("register_host", e))?;
-        // SAFETY: the caller guarantees the range is owned and stays mapped; flags 0 = plain
-        // page-locked (not write-combined: the CPU reads this memory).
-        unsafe { cudarc::driver::sys::cuMemHostRegister_v2(ptr.cast(), len, 0) }
+        // SAFETY: the caller guarantees the range is owned and stays mapped. Not write-combined
+        // (the CPU reads this memory); mapped for the device, so kernels can read it in place.
+        let flags = cudarc::driver::sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+        unsafe { cudarc::driver::sys::cuMemHostRegister_v2(ptr.cast(), len, flags) }
             .result()
             .map_err(|e| device_err("register_host", e))?;
         Ok(HostRegistration {

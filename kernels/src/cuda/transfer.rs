@@ -282,9 +282,54 @@ pub(crate) fn as_bytes<T: PlainBytes>(v: &[T]) -> &[u8] {
 pub(crate) const SMALL_UPLOAD_BYTES: usize = 1 << 20;
 
 impl Inner {
+    /// Enqueues on the compute stream a copy of `src` (page-locked host memory, mapped for the
+    /// device: allocated or registered with the DEVICEMAP flag) to `dst` by the
+    /// `copy_from_host` kernel, the SMs reading it over PCIe: no copy engine, so nothing queues
+    /// behind bulk copies on other streams. Returns false, having enqueued nothing, where the
+    /// memory is not mapped or either address is not 16-byte aligned (the caller copies it
+    /// another way).
+    ///
+    /// # Safety
+    /// `dst` must address `src.len()` writable device bytes and `src` stay alive and unwritten
+    /// until the compute stream has run the copy.
+    pub(crate) unsafe fn copy_from_mapped_host(
+        &self,
+        op: &'static str,
+        dst: CUdeviceptr,
+        src: &[u8],
+    ) -> Result<bool> {
+        if src.is_empty() {
+            return Ok(true);
+        }
+        let mut from: CUdeviceptr = 0;
+        // SAFETY: a query on a host address; it fails (and we fall back) unless the address lies
+        // in page-locked memory mapped for this context's device.
+        let mapped = unsafe {
+            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(
+                &mut from,
+                src.as_ptr().cast_mut().cast(),
+                0,
+            )
+        };
+        if mapped != cudarc::driver::sys::CUresult::CUDA_SUCCESS || !(dst | from).is_multiple_of(16)
+        {
+            return Ok(false);
+        }
+        let n = src.len() as u64;
+        let mut b = self.stream.launch_builder(&self.k.copy_from_host);
+        b.arg(&dst).arg(&from).arg(&n);
+        // SAFETY: copy_from_host(u8* dst, const u8* src, u64 bytes): `dst` holds n bytes (the
+        // caller's contract), `from` is the device's address of the n mapped source bytes, both
+        // 16-byte aligned (checked above).
+        unsafe { b.launch(kernels::elementwise(src.len().div_ceil(16))) }
+            .map_err(|e| device_err(op, e))?;
+        Ok(true)
+    }
+
     /// Copies `src` to device memory at `dst`, in order on the compute stream, without the host
     /// waiting: `src` goes into a page-locked staging buffer of the upload ring, and the
-    /// `copy_from_host` kernel reads it from there over PCIe. Not a copy engine: host-to-device
+    /// `copy_from_host` kernel reads it from there over PCIe ([`Inner::copy_from_mapped_host`]).
+    /// Not a copy engine: host-to-device
     /// copies from every stream share one, so even a few bytes of block table would wait behind
     /// a whole layer's weights streaming in on the copy stream, and the compute stream with them.
     ///
@@ -316,19 +361,17 @@ impl Inner {
                 std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4)
             };
             bytes[..n].copy_from_slice(src);
-            // Unified addressing: the kernel reads page-locked memory at its host address.
-            let from = bytes.as_ptr() as u64;
+            let staged = &bytes[..n];
             self.timed_copy_on(&self.stream, op, Dir::H2d, n, |s| {
-                let n64 = n as u64;
-                let mut b = s.launch_builder(&self.k.copy_from_host);
-                b.arg(&dst).arg(&from).arg(&n64);
-                // SAFETY: copy_from_host(u8* dst, const u8* src, u64 bytes): `dst` holds n
-                // bytes (the caller's contract), `from` the n staged bytes, both 16-byte
-                // aligned; the staging buffer is neither written nor freed before the event
-                // recorded below has passed (the ring synchronises on it before its next use).
-                unsafe { b.launch(kernels::elementwise(n.div_ceil(16))) }
-                    .map_err(|e| device_err(op, e))?;
-                Ok(())
+                // SAFETY: `dst` holds n bytes (the caller's contract); the staging buffer is
+                // neither written nor freed before the event recorded below has passed (the ring
+                // synchronises on it before its next use).
+                if unsafe { self.copy_from_mapped_host(op, dst, staged) }? {
+                    return Ok(());
+                }
+                // SAFETY: as above; the staging is page-locked, so the copy is asynchronous.
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst, staged, s.cu_stream()) }
+                    .map_err(|e| device_err(op, e))
             })?;
             self.stream
                 .record_event(None)
