@@ -100,8 +100,8 @@ pub struct JobStats {
     pub kv_block_tokens: usize,
     /// Blocks per tier, bytes per link, seconds per attention engine.
     pub kv: KvMetrics,
-    /// GPU runs: bytes and copy-engine seconds per direction on the copy stream (weight fetches,
-    /// spills to the host tier, queries and partials of host and disk attention).
+    /// GPU runs: bytes and timed seconds per direction (weight fetches, spills to the host tier,
+    /// queries and partials of host and disk attention, every other upload).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_copies: Option<GpuCopies>,
     /// With `--policy`: the policy, its prediction and the measured times beside it.

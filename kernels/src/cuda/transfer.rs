@@ -1,17 +1,20 @@
 //! Host ↔ device copies, each timed by a pair of events, so a run can say how many bytes crossed
-//! PCIe each way and how long the copy engines spent on them ([`CudaBackend::copy_stats`]).
+//! PCIe each way and how long they took ([`CudaBackend::copy_stats`]).
 //!
 //! Bulk copies run on a stream per direction: weight prefetch on the copy stream, KV spills on
 //! the spill stream (a spill the host attention waits for must not queue behind the next
-//! layer's weights). The small transfers of tiered attention go through page-locked staging
-//! elsewhere:
+//! layer's weights). The small transfers go through page-locked staging elsewhere:
 //! - queries down on a stream of their own: on the copy stream they would queue behind the next
 //!   layer's weight prefetch, and the host attention that waits for them would start only once
 //!   those weights had landed, serialising the two streams the block schedule means to overlap;
-//! - partials up on the compute stream, in order with the merge kernel that reads them, from a
-//!   small ring of staging buffers: the host enqueues and goes on. (On another stream the copy
-//!   would have to wait for the compute stream's allocation of its destination, and the host
-//!   for the copy before reusing the buffer: a drain of the compute stream per upload.)
+//! - everything up to [`SMALL_UPLOAD_BYTES`] (block tables, KV slots, token ids, host attention's
+//!   partials, the host MLP share's output) in order on the compute stream, from a ring of
+//!   staging buffers that a copy kernel reads over PCIe: the host enqueues and goes on, and no
+//!   copy engine is involved. Host-to-device copies from different streams queue on the same
+//!   engine: on an H100, each of these few-kilobyte copies waited behind the next layer's weights
+//!   and held the compute stream with it (OPT-30B's decode step went from 928 to 550 ms without
+//!   them). (On a stream of its own a copy would have to wait for the compute stream's
+//!   allocation of its destination, and the host for the copy before reusing the buffer.)
 
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{
@@ -21,7 +24,8 @@ use cudarc::driver::{
 use super::{CudaBackend, CudaTensor, Inner, device_err, kernels};
 use crate::Result;
 
-/// Bytes and copy-engine seconds per direction since the backend started.
+/// Bytes and timed seconds (between each copy's two events) per direction since the backend
+/// started.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CopyStats {
     pub h2d_bytes: u64,
@@ -67,7 +71,7 @@ pub(crate) struct CopyLog {
 }
 
 /// Upload staging buffers in the ring: an upload reuses the one used this many uploads ago,
-/// whose copy has long run by then (two uploads per merge).
+/// whose copy has long run by then (a layer makes a handful: block tables, slots, partials).
 const UPLOAD_RING: usize = 16;
 
 /// `slot`'s buffer with room for `n` values, (re)allocated when too small.
@@ -158,8 +162,8 @@ impl Inner {
 }
 
 impl CudaBackend {
-    /// Bytes and copy-engine time of every timed copy so far (the copy, spill and transfer
-    /// streams; waits for the ones still in flight).
+    /// Bytes and time of every timed copy so far (the copy, spill and transfer streams, and the
+    /// uploads on the compute stream; waits for the ones still in flight).
     pub fn copy_stats(&self) -> Result<CopyStats> {
         let mut log = self
             .inner
@@ -328,10 +332,8 @@ impl Inner {
 
     /// Copies `src` to device memory at `dst`, in order on the compute stream, without the host
     /// waiting: `src` goes into a page-locked staging buffer of the upload ring, and the
-    /// `copy_from_host` kernel reads it from there over PCIe ([`Inner::copy_from_mapped_host`]).
-    /// Not a copy engine: host-to-device
-    /// copies from every stream share one, so even a few bytes of block table would wait behind
-    /// a whole layer's weights streaming in on the copy stream, and the compute stream with them.
+    /// `copy_from_host` kernel reads it from there over PCIe ([`Inner::copy_from_mapped_host`]),
+    /// not a copy engine (see the module header).
     ///
     /// # Safety
     /// `dst` must address at least `src.len()` writable bytes, 16-byte aligned, allocated until

@@ -388,13 +388,13 @@ impl KvCache {
         let g = self.g;
         let (slot, t) = self.take_row(seq, layer, pos)?;
         let j = self.seqs.get(&seq).map_or(0, |s| s.layers[layer].len() - 1);
-        let mut data = slot_kv_mut(&mut self.host, slot, self.dtype);
-        let (e, hd) = (g.block_elems(), g.head_dim);
-        for h in 0..g.kv_heads {
-            let dst = (h * g.block_tokens + t) * hd;
-            data.store(dst, &k[h * hd..(h + 1) * hd]);
-            data.store(e + dst, &v[h * hd..(h + 1) * hd]);
-        }
+        store_token(
+            &mut slot_kv_mut(&mut self.host, slot, self.dtype),
+            &g,
+            t,
+            k,
+            v,
+        );
         if self.recompute > 0.0 {
             self.keep_hidden(seq, layer, j, t, slot, h)?;
         }
@@ -416,7 +416,7 @@ impl KvCache {
         v: &[f32],
     ) -> Result<(), KvError> {
         let g = self.g;
-        let (bt, hd, kvd) = (g.block_tokens, g.head_dim, g.kv_heads * g.head_dim);
+        let (bt, kvd) = (g.block_tokens, g.kv_heads * g.head_dim);
         if k.len() != at.len() * kvd || v.len() != at.len() * kvd {
             return Err(KvError::Unsupported(format!(
                 "append of {} rows: k has {} values and v {}, expected {} each",
@@ -478,18 +478,13 @@ impl KvCache {
                 .map(|s| KvSliceMut::BF16(s.reinterpret_cast_mut()))
                 .collect(),
         };
-        let e = g.block_elems();
         views
             .into_par_iter()
             .zip(groups.par_iter())
             .for_each(|(mut data, (_, range))| {
                 for &(_, t, r) in &writes[range.clone()] {
-                    for h in 0..g.kv_heads {
-                        let dst = (h * bt + t) * hd;
-                        let src = r * kvd + h * hd;
-                        data.store(dst, &k[src..src + hd]);
-                        data.store(e + dst, &v[src..src + hd]);
-                    }
+                    let row = r * kvd..(r + 1) * kvd;
+                    store_token(&mut data, &g, t, &k[row.clone()], &v[row]);
                 }
             });
         failed.map_or(Ok(()), Err)
@@ -1399,5 +1394,16 @@ impl KvCache {
         let qrows = be.upload_query_rows(&at).map_err(err)?;
         be.prefill_attention(&gpu.pool, &tables, q, &qrows, ag.n_heads, ag.scale)
             .map_err(err)
+    }
+}
+
+/// Stores one token's `k`, `v: [kv_heads, head_dim]` at token `t` of a block laid out as
+/// `[2 (K, V), kv_heads, block_tokens, head_dim]`.
+fn store_token(data: &mut KvSliceMut<'_>, g: &KvGeometry, t: usize, k: &[f32], v: &[f32]) {
+    let (e, hd) = (g.block_elems(), g.head_dim);
+    for h in 0..g.kv_heads {
+        let dst = (h * g.block_tokens + t) * hd;
+        data.store(dst, &k[h * hd..(h + 1) * hd]);
+        data.store(e + dst, &v[h * hd..(h + 1) * hd]);
     }
 }
