@@ -267,34 +267,35 @@ impl ArenaSlots {
     /// order of `ids`, so threads can fill them in parallel. Panics on an out-of-range id, as
     /// [`ArenaSlots::slot`]; refuses repeated ids.
     pub fn slots_u16_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [u16]>, StorageError> {
-        self.check_distinct(ids)?;
-        let n = self.slot_bytes / 2;
-        Ok(ids
-            .iter()
-            .map(|&id| {
-                let start = self.offset_of(id);
-                // SAFETY: as in `slot_u16_mut`: in bounds, aligned, any bit pattern valid; the
-                // ids are distinct (checked above) and slots never overlap, so the views are
-                // disjoint, and `&mut self` keeps every other view out while they live.
-                unsafe {
-                    let ptr = self.arena.base_ptr().add(start).cast::<u16>();
-                    std::slice::from_raw_parts_mut(ptr, n)
-                }
-            })
-            .collect())
+        // SAFETY: every bit pattern is a valid u16.
+        unsafe { self.slots_as_mut(ids) }
     }
 
     /// Several distinct slots as f32 values at once (see [`ArenaSlots::slots_u16_mut`]).
     pub fn slots_f32_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [f32]>, StorageError> {
+        // SAFETY: every bit pattern is a valid f32.
+        unsafe { self.slots_as_mut(ids) }
+    }
+
+    /// Distinct slots as `slot_bytes / size_of::<T>()` values of `T` each.
+    ///
+    /// # Safety
+    /// Every bit pattern must be a valid `T`, and `T`'s size and alignment must divide 4 (as
+    /// `u16` and `f32` do).
+    unsafe fn slots_as_mut<T>(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [T]>, StorageError> {
         self.check_distinct(ids)?;
-        let n = self.slot_bytes / 4;
+        let n = self.slot_bytes / std::mem::size_of::<T>();
         Ok(ids
             .iter()
             .map(|&id| {
                 let start = self.offset_of(id);
-                // SAFETY: as in `slot_f32_mut`, and disjoint as in `slots_u16_mut`.
+                // SAFETY: in bounds (`offset_of`), aligned (slots start at multiples of the
+                // arena alignment, ≥ 4096) and `slot_bytes % 4 == 0`, so n values of T fit; any
+                // bit pattern is a T (the caller's contract); the ids are distinct (checked
+                // above) and slots never overlap, so the views are disjoint, and `&mut self`
+                // keeps every other view out while they live.
                 unsafe {
-                    let ptr = self.arena.base_ptr().add(start).cast::<f32>();
+                    let ptr = self.arena.base_ptr().add(start).cast::<T>();
                     std::slice::from_raw_parts_mut(ptr, n)
                 }
             })
