@@ -442,11 +442,15 @@ impl RuntimeBackend for CudaBackend {
         v: &Self::Tensor,
         x: Option<&Self::Tensor>,
     ) -> Result<(), ForwardError> {
-        if !kv.has_gpu_tier() {
-            return host_append(self, kv, layer, rows, k, v, x);
-        }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        Ok(kv.append_device(layer, &at, k, v)?)
+        if kv.has_gpu_tier() {
+            return Ok(kv.append_device(layer, &at, k, v)?);
+        }
+        // A prompt pass over host KV stays on the GPU for its attention, and goes down whole.
+        if x.is_none() && kv.append_through_scratch(layer, &at, k, v)? {
+            return Ok(());
+        }
+        host_append(self, kv, layer, rows, k, v, x)
     }
 
     fn start_download(&self, t: &CudaTensor) -> KernelResult<PendingDownload> {

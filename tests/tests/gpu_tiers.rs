@@ -521,3 +521,60 @@ fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
         }
     }
 }
+
+/// Prompts over host KV with no GPU KV tier and a scratch that holds a pass: each prompt pass is
+/// appended on the GPU into the scratch beside the blocks its sequences already hold, attended
+/// there, and its blocks copied down to host memory whole (`KvCache::append_through_scratch`).
+/// Whole prompts, and chunks of 5 rows (which end inside blocks, so a part-full tail goes up and
+/// back down with the rows added to it; a chunk that holds one row of a prompt takes the host
+/// path), over host memory alone and over a host tier small enough that earlier chunks reach the
+/// disk. Every case gives transformers' tokens and logits, and passes really went through the
+/// scratch.
+#[test]
+fn prompt_passes_over_host_kv_stay_in_scratch_and_go_down_whole() {
+    let Some(gpu) = test_gpu() else { return };
+    for name in FIXTURES {
+        let m = golden_model(name);
+        let e = expected(name);
+        let (small, tails) = small_gpu_tier(&m, &e);
+        for (chunk, disk) in [(usize::MAX, false), (5, false), (5, true)] {
+            let what = format!("scratch only, prompt chunks of {chunk} rows, disk {disk}");
+            let tier = with_scratch(gpu, &m, 0, 64, DType::F32);
+            let placement = if disk {
+                host_and_disk(
+                    &format!("{name}-through-scratch"),
+                    tails + small / 4,
+                    Some(tier),
+                )
+            } else {
+                Placement {
+                    gpu: Some(tier),
+                    ..Placement::default()
+                }
+            };
+            let mut engine = routed_engine(gpu, &m, placement, 1.0, 0.0);
+            engine.prefill_chunk = chunk;
+            let k = run_golden(&mut engine, name, &what, &e);
+            assert!(
+                k.passes_through_scratch > 0 && k.blocks_through_scratch > 0,
+                "{name} {what}: no pass went through the scratch: {k:?}"
+            );
+            if chunk < usize::MAX {
+                assert!(
+                    k.fetched_blocks > 0,
+                    "{name} {what}: no earlier chunk was fetched"
+                );
+            }
+            if disk {
+                assert!(
+                    k.spilled_blocks > 0,
+                    "{name} {what}: nothing reached the disk"
+                );
+            }
+            eprintln!(
+                "{name} {what}: {} passes, {} blocks through the scratch, {} fetched",
+                k.passes_through_scratch, k.blocks_through_scratch, k.fetched_blocks
+            );
+        }
+    }
+}

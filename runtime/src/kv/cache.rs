@@ -80,6 +80,10 @@ pub struct KvMetrics {
     /// Groups of fetched blocks beyond the first that went through the GPU scratch (each one
     /// more copy, launch and LSE merge): fetches larger than the scratch.
     pub scratch_groups: u64,
+    /// Prompt blocks written into GPU scratch, attended there and copied down to their host
+    /// slots whole ([`KvCache::append_through_scratch`]), and prompt passes that went that way.
+    pub blocks_through_scratch: u64,
+    pub passes_through_scratch: u64,
     /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
     pub hidden_blocks_stored: u64,
     pub bytes_hidden_stored: u64,
@@ -172,6 +176,17 @@ pub struct KvCache {
     /// `(seq, layer)` → hidden states `[filled, d_model]` of its writable block, kept while
     /// recompute is on so the block can switch to hidden states once full.
     writable_hidden: HashMap<(SeqId, usize), Vec<f32>>,
+    /// A prompt pass appended through the scratch ([`KvCache::append_through_scratch`]): every
+    /// block its rows attend is in scratch, for the attention that follows.
+    scratch_pass: Option<ScratchPass>,
+}
+
+/// The blocks of one prompt pass held in the GPU scratch: `(seq, pool id, first position,
+/// tokens)`, every block its sequences have in `layer`.
+struct ScratchPass {
+    layer: usize,
+    seqs: Vec<SeqId>,
+    blocks: Vec<(SeqId, u32, usize, usize)>,
 }
 
 impl KvCache {
@@ -229,6 +244,7 @@ impl KvCache {
             recompute: 0.0,
             d_model: 0,
             writable_hidden: HashMap::new(),
+            scratch_pass: None,
         })
     }
 
@@ -841,6 +857,14 @@ impl KvCache {
         layer: usize,
         seqs: &[(SeqId, usize)],
     ) -> Result<Vec<FarBlock>, KvError> {
+        if self
+            .scratch_pass
+            .as_ref()
+            .is_some_and(|p| p.layer == layer && seqs.iter().all(|s| p.seqs.contains(&s.0)))
+        {
+            // Appended through the scratch: every block these rows attend is there already.
+            return Ok(Vec::new());
+        }
         let prefill_fetches = self.gpu.is_some() && seqs.iter().any(|s| s.1 > 1);
         if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
             return Ok(Vec::new());
@@ -1025,6 +1049,157 @@ impl KvCache {
             .map_err(|e| KvError::Gpu(e.to_string()))
     }
 
+    /// Appends a prompt pass's K and V on the GPU when there is no GPU tier: `k`, `v: [rows,
+    /// kv_heads * head_dim]` on the device, row `r` at `at[r] = (seq, pos)`. Every block the
+    /// pass's sequences already hold (host or disk) is fetched into the scratch, the new rows are
+    /// written there beside them (into the fetched tail when a sequence's last block is part
+    /// full), and the new and tail blocks are copied down to their host slots whole, in the KV
+    /// dtype, in the background. The attention that follows ([`KvCache::attend_device`]) reads
+    /// them all in scratch, so the prompt's K and V are not read back to the host as f32,
+    /// appended there and fetched up again ([`KvCache::append_rows`] and a fetch).
+    ///
+    /// Returns `false`, having changed nothing, when the pass does not go this way: a GPU tier
+    /// (appends go there), no scratch, a host tier in another dtype than the pool's, hidden
+    /// states kept for recompute, a sequence with one row in the pass (decode, whose blocks are
+    /// attended where the routes say), or more blocks than the scratch or the free host slots
+    /// hold.
+    pub fn append_through_scratch(
+        &mut self,
+        layer: usize,
+        at: &[(SeqId, usize)],
+        k: &CudaTensor,
+        v: &CudaTensor,
+    ) -> Result<bool, KvError> {
+        let bt = self.g.block_tokens;
+        let Some(gpu) = self.gpu.as_ref() else {
+            return Ok(false);
+        };
+        let scratch = gpu.scratch();
+        // A host tier in the pool's dtype: a tail block goes back down with its earlier tokens'
+        // bytes unchanged.
+        let same_dtype = self.dtype == gpu.pool.dtype();
+        if gpu.capacity() > 0 || scratch.is_empty() || self.recompute > 0.0 || !same_dtype {
+            return Ok(false);
+        }
+        // Sequences in order of first appearance with their rows in the pass, and where each
+        // starts; positions checked as any append checks them.
+        let mut seqs: Vec<(SeqId, usize)> = Vec::new();
+        let mut first: HashMap<SeqId, usize> = HashMap::new();
+        let mut next: HashMap<SeqId, usize> = HashMap::new();
+        let mut new_blocks = 0;
+        for &(seq, pos) in at {
+            if !self.seqs.contains_key(&seq) {
+                return Err(KvError::UnknownSequence(seq));
+            }
+            let n = next.entry(seq).or_insert_with(|| {
+                let len = self.len(seq, layer);
+                first.insert(seq, len);
+                seqs.push((seq, 0));
+                len
+            });
+            if pos != *n {
+                return Err(KvError::OutOfOrder { seq, pos, next: *n });
+            }
+            *n += 1;
+            new_blocks += usize::from(pos.is_multiple_of(bt));
+        }
+        for (seq, rows) in &mut seqs {
+            *rows = next[seq] - first[seq];
+        }
+        let mut held = 0;
+        for &(seq, rows) in &seqs {
+            let blocks = self.layer_blocks(seq, layer)?;
+            if rows < 2 || blocks.iter().any(|b| matches!(b.loc, Loc::Gpu(_))) {
+                return Ok(false);
+            }
+            held += blocks.len();
+        }
+        let free_host = self.host.capacity() - self.host.in_use();
+        if held + new_blocks > scratch.len() || new_blocks > free_host {
+            return Ok(false);
+        }
+        let _span = tracing::debug_span!("append_through_scratch", rows = at.len()).entered();
+        // Every block held, into scratch (all of them are far for a pass of several rows).
+        let far = self.gather_far(layer, &seqs)?;
+        let mut blocks = if far.is_empty() {
+            Vec::new()
+        } else {
+            self.import_scratch(&far)?
+        };
+        // The new blocks' host slots, all free (so no spill moves a block not yet written).
+        let mut slots = Vec::with_capacity(new_blocks);
+        for _ in 0..new_blocks {
+            slots.push(self.host.alloc().ok_or(KvError::HostTooSmall {
+                capacity: self.host.capacity(),
+                needed: new_blocks,
+            })?);
+        }
+        let mut slots = slots.into_iter();
+        let mut index: HashMap<(SeqId, usize), usize> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ((b.0, b.2), i))
+            .collect();
+        let mut next_id = scratch.start + blocks.len() as u32;
+        let mut row_slots = Vec::with_capacity(at.len());
+        let mut moves: Vec<(u32, SlotId)> = Vec::new();
+        for &(seq, pos) in at {
+            let start = pos - pos % bt;
+            let layer_blocks = &mut self
+                .seqs
+                .get_mut(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?
+                .layers[layer];
+            if pos == start {
+                let slot = slots.next().ok_or(KvError::WorkerGone)?;
+                layer_blocks.push(Block {
+                    loc: Loc::Host(slot),
+                    filled: 0,
+                    hidden: false,
+                });
+                index.insert((seq, start), blocks.len());
+                blocks.push((seq, next_id, start, 0));
+                moves.push((next_id, slot));
+                next_id += 1;
+            }
+            let i = *index.get(&(seq, start)).ok_or_else(|| {
+                KvError::Gpu(format!("no scratch block for {seq:?} at position {start}"))
+            })?;
+            let Some(Block {
+                loc: Loc::Host(slot),
+                filled,
+                ..
+            }) = layer_blocks.last_mut()
+            else {
+                return Err(KvError::Gpu(format!(
+                    "the writable block of {seq:?} in layer {layer} is not in host memory"
+                )));
+            };
+            if pos == first[&seq] && pos != start {
+                // The part-full tail goes down whole with the rows added to it.
+                moves.push((blocks[i].1, *slot));
+            }
+            *filled += 1;
+            row_slots.push(blocks[i].1 * bt as u32 + (pos - start) as u32);
+            blocks[i].3 += 1;
+        }
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        gpu.backend
+            .kv_append(&mut gpu.pool, k, v, &row_slots)
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        gpu.export(&mut self.host, &moves, self.dtype)?;
+        self.metrics.blocks_through_scratch += moves.len() as u64;
+        self.metrics.passes_through_scratch += 1;
+        self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
+        self.scratch_pass = Some(ScratchPass {
+            layer,
+            seqs: seqs.iter().map(|s| s.0).collect(),
+            blocks,
+        });
+        self.note_peaks();
+        Ok(true)
+    }
+
     /// Moves at least `need` of the coldest GPU blocks (by policy; never a sequence's writable
     /// last block) to the host tier, in a batch of 1/16 of the tier when there are enough.
     /// `wanted` is what the caller asked for, for the error when the tier cannot make room.
@@ -1139,7 +1314,8 @@ impl KvCache {
     /// blocks are reused once the kernels are enqueued: later writes into them are ordered
     /// after those kernels on the compute stream. A pool without scratch takes them into free
     /// blocks one by one, and returns those it has no room for, for the host to attend with the
-    /// near blocks (`fetched_attended_on_host` counts them).
+    /// near blocks (`fetched_attended_on_host` counts them). A pass appended through the
+    /// scratch ([`KvCache::append_through_scratch`]) is attended over the blocks already there.
     pub fn attend_device(
         &mut self,
         layer: usize,
@@ -1148,6 +1324,19 @@ impl KvCache {
         ag: &AttentionGeometry,
         mut far: Vec<FarBlock>,
     ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), KvError> {
+        if let Some(pass) = self.scratch_pass.take() {
+            if pass.layer != layer
+                || !far.is_empty()
+                || rows.iter().any(|r| !pass.seqs.contains(&r.0))
+            {
+                return Err(KvError::Gpu(format!(
+                    "attention in layer {layer} after a pass appended through scratch in layer {}",
+                    pass.layer
+                )));
+            }
+            let out = self.attend_gpu_blocks(layer, rows, q, ag, &pass.blocks, false)?;
+            return Ok((Some(out), far));
+        }
         if far.is_empty() && !self.any_on_gpu(layer, rows)? {
             return Ok((None, far));
         }

@@ -261,6 +261,7 @@ impl GpuTier {
             }
             let start = c * chunk;
             let n = chunk.min(arena_len - start);
+            let _span = tracing::debug_span!("register_host", bytes = n).entered();
             // SAFETY: `[start, start + n)` lies inside the host arena, which the cache owns and
             // drops after this tier (field order of `KvCache`), so it stays mapped while
             // registered.
