@@ -51,12 +51,11 @@
 //! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
 //! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
 //! `(depth+1)·(streamed weights of a layer + fetched/regenerated KV of one GPU batch in one layer)`,
-//! the workspace of a prefill forward pass of `min(g·s, PREFILL_ROWS)` rows (one GPU batch's
-//! prompts; the prefill runs `⌈N·s / rows⌉` passes, each streaming the weights it does not
-//! keep) and the logits
-//! ([`gpu_workspace_bytes`], the runtime's own sizing); with several GPU batches, the batch's
-//! prompt hidden states in host memory between layers (`N·s·hb` each way over PCIe per prefill
-//! layer);
+//! the workspace of a prefill GPU batch of `r = min(g·s, PREFILL_ROWS)` rows (one GPU batch's
+//! prompts) and the logits, plus the residual stream of the pass's other `k − 1` GPU batches
+//! ([`prefill_workspace_bytes`], the runtime's own sizing: a prefill pass runs the block
+//! schedule over `k` GPU batches of `r` rows, so the prefill runs `⌈N·s / (k·r)⌉` passes, each
+//! streaming the weights it does not keep once);
 //! pinned host staging `(depth+1)·(disk bytes of one layer, one GPU batch)`.
 //!
 //! Not modelled yet: layer 0 recomputed from token ids, prefix sharing, jitter between layers.
@@ -84,6 +83,19 @@ pub fn gpu_workspace_bytes(m: &ModelSpec, rows: u64, logit_rows: u64) -> u64 {
     let per_row = 8 * h + 3 * m.intermediate + 2 * m.intermediate.max(m.hidden);
     let act = rows * per_row * 4 + logit_rows * m.vocab * 4;
     act * 3 / 2 + (512 << 20)
+}
+
+/// GPU workspace of a prefill pass in `gpu_batches` GPU batches of at most `batch_rows` rows:
+/// one batch's [`gpu_workspace_bytes`], and the other batches' residual stream (f32, with the
+/// same margin), which waits on the GPU while each layer serves every batch in turn.
+pub fn prefill_workspace_bytes(
+    m: &ModelSpec,
+    batch_rows: u64,
+    gpu_batches: u64,
+    logit_rows: u64,
+) -> u64 {
+    let others = gpu_batches.saturating_sub(1) * batch_rows * m.hidden * 4;
+    gpu_workspace_bytes(m, batch_rows, logit_rows) + others * 3 / 2
 }
 const WEIGHT_REQUEST_BYTES: u64 = 4 << 20;
 
@@ -384,10 +396,30 @@ fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
     t.h2d += act;
 }
 
-/// Rows of one prefill forward pass: at most one GPU batch's prompts (the runtime's chunk under
-/// a policy), and at most [`PREFILL_ROWS`].
-fn prefill_pass_rows(p: &Policy, wl: &Workload) -> u64 {
+/// GPU KV blocks (`block_tokens` tokens of one sequence in one layer each) the runtime needs
+/// before it keeps any KV on the GPU: every sequence's writable block in every layer, one
+/// prefill GPU batch's new blocks (`batch_rows` rows), and one more per sequence. A policy with
+/// less GPU KV than that gets this much.
+pub fn gpu_kv_min_blocks(batch: u64, layers: u64, batch_rows: u64, block_tokens: u64) -> u64 {
+    batch * layers + batch_rows.div_ceil(block_tokens.max(1)) + batch
+}
+
+/// GPU scratch blocks the runtime keeps, when KV lives off the GPU, to attend it there (a
+/// prompt pass's blocks and its earlier chunks, fetched blocks): twice one prefill GPU batch's
+/// blocks, at least 16.
+pub fn gpu_scratch_blocks(batch_rows: u64, block_tokens: u64) -> u64 {
+    (2 * batch_rows.div_ceil(block_tokens.max(1))).max(16)
+}
+
+/// Rows of one GPU batch of a prefill pass: at most one GPU batch's prompts, and at most
+/// [`PREFILL_ROWS`] (the runtime's `--prefill-chunk` under a policy).
+pub fn prefill_batch_rows(p: &Policy, wl: &Workload) -> u64 {
     (p.gpu_batch_size * wl.prompt_len.max(1)).min(PREFILL_ROWS)
+}
+
+/// Rows of one prefill forward pass: every GPU batch, so the weights stream once per pass.
+fn prefill_pass_rows(p: &Policy, wl: &Workload) -> u64 {
+    prefill_batch_rows(p, wl) * p.num_gpu_batches.max(1)
 }
 
 fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
@@ -408,12 +440,6 @@ fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     // Activations in and out of HBM: about 4 hidden-sized and 2 MLP-sized tensors per token.
     let ab = m.weight_dtype_bytes as f64;
     t.hbm += z.n * s * (4 * m.hidden + 2 * m.intermediate) as f64 * ab;
-    if p.num_gpu_batches > 1 {
-        // Each GPU batch's hidden states come in from and go back to host memory.
-        let hidden = z.n * s * z.hb;
-        t.h2d += hidden;
-        t.d2h += hidden;
-    }
     let split = split_tokens(p, s);
     for tier in Tier::ALL {
         let (kv, hid) = split.get(tier);
@@ -527,14 +553,24 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
             disk_per_batch += g * (kv * z.kvb + hid * z.hb);
         }
     }
-    let streamed_weights = (1.0 - p.weights.gpu) * z.w;
-    // With several GPU batches the batch's prompt hidden states wait in host memory between
-    // layers; on the GPU, a forward pass's rows (at most one prefill chunk) are the workspace.
-    if p.num_gpu_batches > 1 {
-        bytes[1] += z.n * wl.prompt_len.max(1) as f64 * z.hb;
+    // The runtime's GPU KV tier holds at least its minimum when it holds any, and scratch
+    // blocks sit beside it when KV lives elsewhere.
+    let block = p.kv_block_tokens as f64 * z.kvb;
+    let rows = prefill_batch_rows(p, wl);
+    let gpu_blocks = z.n * layers * blocks(split.gpu.0) / p.kv_block_tokens as f64;
+    let min_blocks = gpu_kv_min_blocks(wl.batch, m.layers, rows, p.kv_block_tokens) as f64;
+    if gpu_blocks > 0.0 && gpu_blocks < min_blocks {
+        bytes[0] += (min_blocks - gpu_blocks) * block;
     }
-    let rows = prefill_pass_rows(p, wl);
-    let activations = gpu_workspace_bytes(m, rows, wl.batch) as f64;
+    let off_gpu = [split.host, split.disk]
+        .iter()
+        .any(|&(kv, hid)| kv + hid > 0.0);
+    if off_gpu {
+        bytes[0] += gpu_scratch_blocks(rows, p.kv_block_tokens) as f64 * block;
+    }
+    let streamed_weights = (1.0 - p.weights.gpu) * z.w;
+    // A prefill pass: one GPU batch's working set, the other batches' residual stream.
+    let activations = prefill_workspace_bytes(m, rows, p.num_gpu_batches, wl.batch) as f64;
     bytes[0] +=
         m.embedding_bytes() as f64 + slots * (streamed_weights + fetched_per_batch) + activations;
     if disk_per_batch > 0.0 || p.weights.disk > 0.0 {

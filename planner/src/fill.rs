@@ -6,8 +6,9 @@
 //! then into host memory from disk. The runtime sizes its GPU KV tier from the policy, so the KV
 //! the plan counts on the GPU is the KV that lands there.
 //!
-//! Invariants: the filled policy's splits still sum to 1; no tier receives tokens whose storage
-//! it would change (a target tier with a recompute share is left as it is, since moved tokens
+//! Invariants: the filled policy's splits still sum to 1; a GPU that holds no KV receives some
+//! only when its room holds the runtime's smallest GPU KV tier ([`crate::gpu_kv_min_blocks`]);
+//! no tier receives tokens whose storage it would change (a target tier with a recompute share is left as it is, since moved tokens
 //! would turn into hidden states there); host memory is filled only where it already holds KV
 //! (its attention route was chosen for it). The caller checks the result against the budgets.
 
@@ -48,8 +49,17 @@ pub fn fill_faster_tiers(
             &[Tier::Disk][..],
         ),
     ];
+    // The runtime keeps a GPU KV tier of at least its minimum, or none.
+    let rows = crate::cost::prefill_batch_rows(p, wl);
+    let min_tier = crate::cost::gpu_kv_min_blocks(wl.batch, m.layers, rows, p.kv_block_tokens)
+        * p.kv_block_tokens
+        * m.kv_bytes_per_token_per_layer();
+    let gpu_holds_kv =
+        p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0);
     for (target, free, sources) in targets {
-        if !can_receive(&filled, target) {
+        if !can_receive(&filled, target)
+            || (target == Tier::Gpu && !gpu_holds_kv && free < min_tier)
+        {
             continue;
         }
         let mut room = room_share(free);

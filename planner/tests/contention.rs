@@ -102,10 +102,11 @@ fn more_host_memory_bandwidth_never_predicts_slower() {
     }
 }
 
-/// The runtime prefills in passes of at most one GPU batch's prompt rows and 8192, each
-/// streaming the weights it does not keep: 8 prompts of 32K tokens run 32 passes, 8 prompts of
-/// 1K run one, so the streamed eighth of the weights costs 32 one-pass times in the first
-/// prefill and one in the second (nothing else crosses PCIe here).
+/// The runtime prefills in passes of every GPU batch, each GPU batch at most its prompt rows and
+/// 8192, each pass streaming the weights it does not keep: 8 prompts of 32K tokens run 32
+/// passes, 8 prompts of 1K run one, and so do 8 prompts of 1K in 4 GPU batches of 2 (the block
+/// schedule: each layer serves the 4 in turn). The streamed eighth of the weights costs that
+/// many one-pass times (nothing else crosses PCIe here).
 #[test]
 fn prefill_streams_the_weights_once_per_pass() {
     let m = llama_3_8b();
@@ -119,7 +120,12 @@ fn prefill_streams_the_weights_once_per_pass() {
         },
     );
     let one_pass_s = 0.125 * m.weight_bytes_per_layer() as f64 / (hw.h2d_gbps * 1e9);
-    for (prompt, passes) in [(32768, 32.0), (1024, 1.0)] {
+    let four_batches = strata_planner::Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 4,
+        ..p
+    };
+    for (prompt, p, passes) in [(32768, p, 32.0), (1024, p, 1.0), (1024, four_batches, 1.0)] {
         let st = predict(&m, &wl(8, prompt), &p, &hw).prefill.per_layer;
         let want = passes * one_pass_s;
         assert!(

@@ -1202,21 +1202,39 @@ pub fn layer_is_resident(i: usize, layers: usize, resident: usize) -> bool {
     layers == 0 || (i + 1) * staged / layers == i * staged / layers
 }
 
-/// Splits `rows` into at most `n` GPU batches of whole sequences (a sequence's rows are
-/// contiguous and in position order in every caller), as even in sequences as possible.
+/// Splits `rows` (a sequence's rows contiguous and in position order, in every caller) into
+/// GPU batches of at most `⌈rows / n⌉` rows each, cut between sequences where it can be: a
+/// decode step's `n` batches even in sequences, a prefill pass's `n` batches of about one
+/// batch's prompts each.
+/// A sequence with more rows than that is cut inside (after filling the batch before it): batch
+/// `g + 1` then attends over what batch `g` appended in the same layer, as a later prompt chunk
+/// does. May give one batch more than `n` when prompts straddle the pass.
 fn gpu_batches(rows: &[Row], n: usize) -> Vec<Range<usize>> {
-    // Start of each run of one sequence's rows.
-    let starts: Vec<usize> = (0..rows.len())
-        .filter(|&i| i == 0 || rows[i].seq != rows[i - 1].seq)
-        .collect();
-    let n = n.clamp(1, starts.len().max(1));
-    let per = starts.len().div_ceil(n).max(1);
-    let mut out: Vec<Range<usize>> = starts.chunks(per).map(|c| c[0]..rows.len()).collect();
-    for i in 1..out.len() {
-        out[i - 1].end = out[i].start;
+    let cap = rows.len().div_ceil(n.max(1)).max(1);
+    let mut out = Vec::new();
+    let (mut start, mut end) = (0, 0);
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && rows[j].seq == rows[i].seq {
+            j += 1;
+        }
+        if j - start > cap {
+            if end > start && j - i <= cap {
+                // Close the batch before this sequence, which fits in the next one.
+                out.push(start..end);
+                start = i;
+            }
+            while j - start > cap {
+                out.push(start..start + cap);
+                start += cap;
+            }
+        }
+        end = j;
+        i = j;
     }
-    if out.is_empty() {
-        out.push(0..rows.len());
+    if end > start || out.is_empty() {
+        out.push(start..end);
     }
     out
 }
@@ -1298,7 +1316,7 @@ pub fn weight_bytes(cfg: &ModelConfig) -> u64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{Mlp, host_mlp_neurons, layer_is_resident, mlp};
+    use super::{Mlp, Range, Row, SeqId, gpu_batches, host_mlp_neurons, layer_is_resident, mlp};
     use strata_kernels::testing::{SplitMix, max_rel_err, test_seed};
     use strata_kernels::{Backend, CpuBackend, DType, HostWeight};
 
@@ -1352,6 +1370,62 @@ mod tests {
                     "seed {seed}, {host} neurons on the host: {err:e}"
                 );
             }
+        }
+    }
+
+    /// `(sequence, rows)` runs laid end to end as rows.
+    fn runs(r: &[(u64, usize)]) -> Vec<Row> {
+        r.iter()
+            .flat_map(|&(seq, n)| {
+                (0..n).map(move |pos| Row {
+                    seq: SeqId(seq),
+                    pos,
+                    token: 0,
+                })
+            })
+            .collect()
+    }
+
+    fn sizes(b: &[Range<usize>]) -> Vec<usize> {
+        b.iter().map(Range::len).collect()
+    }
+
+    #[test]
+    fn gpu_batches_cover_the_rows_in_order_within_a_batch_share() {
+        // A decode step: even in sequences, as FlexGen's GPU batches.
+        let step = |seqs: u64, n| {
+            let r: Vec<(u64, usize)> = (0..seqs).map(|s| (s, 1)).collect();
+            sizes(&gpu_batches(&runs(&r), n))
+        };
+        assert_eq!(step(44, 4), vec![11; 4]);
+        assert_eq!(step(45, 4), vec![12, 12, 12, 9]);
+        assert_eq!(step(5, 4), vec![2, 2, 1]);
+        assert_eq!(step(3, 1), vec![3]);
+        // A prefill pass of 44 prompts of 256 in 4 GPU batches: 11 prompts each.
+        let prompts: Vec<(u64, usize)> = (0..44).map(|s| (s, 256)).collect();
+        let b = gpu_batches(&runs(&prompts), 4);
+        assert_eq!(sizes(&b), vec![11 * 256; 4]);
+        // Prompts straddling the pass: cut between them, one batch more.
+        let b = gpu_batches(
+            &runs(&[(0, 100), (1, 256), (2, 256), (3, 256), (4, 156)]),
+            4,
+        );
+        assert_eq!(sizes(&b), vec![100, 256, 256, 256, 156]);
+        // A prompt longer than a batch's share is cut inside it.
+        assert_eq!(sizes(&gpu_batches(&runs(&[(0, 1000)]), 4)), vec![250; 4]);
+        let b = gpu_batches(&runs(&[(0, 100), (1, 1000)]), 2);
+        assert_eq!(sizes(&b), vec![550, 550]);
+        assert_eq!(sizes(&gpu_batches(&[], 3)), vec![0]);
+        // Always contiguous, in order, covering every row.
+        for (r, n) in [
+            (runs(&[(0, 7), (1, 3), (2, 9), (3, 1)]), 3),
+            (runs(&prompts), 7),
+        ] {
+            let b = gpu_batches(&r, n);
+            assert_eq!(b[0].start, 0);
+            assert_eq!(b.last().map(|x| x.end), Some(r.len()));
+            assert!(b.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(b.iter().all(|x| x.len() <= r.len().div_ceil(n)), "{b:?}");
         }
     }
 

@@ -21,31 +21,42 @@ pub struct GpuBudget {
     pub kv_bytes: u64,
 }
 
-/// Activations of a forward pass over `rows` rows with the logits of `logit_rows`: the planner's
-/// [`strata_planner::gpu_workspace_bytes`], so a planned policy and the run count GPU memory alike.
-pub fn workspace_bytes(cfg: &ModelConfig, rows: usize, logit_rows: usize) -> u64 {
-    strata_planner::gpu_workspace_bytes(&model_spec("", cfg), rows as u64, logit_rows as u64)
+/// Activations of a forward pass in `gpu_batches` GPU batches of at most `rows` rows with the
+/// logits of `logit_rows`: the planner's [`strata_planner::prefill_workspace_bytes`], so a
+/// planned policy and the run count GPU memory alike.
+pub fn workspace_bytes(
+    cfg: &ModelConfig,
+    (rows, gpu_batches): (usize, usize),
+    logit_rows: usize,
+) -> u64 {
+    strata_planner::prefill_workspace_bytes(
+        &model_spec("", cfg),
+        rows as u64,
+        gpu_batches as u64,
+        logit_rows as u64,
+    )
 }
 
 /// Splits `budget` bytes of GPU memory for a model run with prefill chunks of `rows` rows and
 /// `logit_rows` sequences in flight: all layers resident when they fit with a tenth of the
 /// budget left for KV, else all staged.
 pub fn split(cfg: &ModelConfig, budget: u64, rows: usize, logit_rows: usize) -> GpuBudget {
-    split_with(cfg, budget, rows, logit_rows, None)
+    split_with(cfg, budget, (rows, 1), logit_rows, None)
 }
 
-/// [`split`] with the number of resident layers given (a policy's weight split): those layers
-/// stay on the GPU, the others are staged through two layer-sized buffers.
+/// [`split`] with prefill passes of several GPU batches (`prefill`: rows of one GPU batch, GPU
+/// batches per pass) and the number of resident layers given (a policy's weight split): those
+/// layers stay on the GPU, the others are staged through two layer-sized buffers.
 pub fn split_with(
     cfg: &ModelConfig,
     budget: u64,
-    rows: usize,
+    prefill: (usize, usize),
     logit_rows: usize,
     resident_layers: Option<usize>,
 ) -> GpuBudget {
     let all = weight_bytes(cfg);
     let layer = all.saturating_sub(global_weight_bytes(cfg)) / cfg.layers.max(1) as u64;
-    let workspace = workspace_bytes(cfg, rows, logit_rows);
+    let workspace = workspace_bytes(cfg, prefill, logit_rows);
     let resident = resident_layers.unwrap_or(
         // Resident when the weights leave at least a tenth of the budget for KV.
         if all + workspace + budget / 10 <= budget {
@@ -94,7 +105,7 @@ mod tests {
         let small = split(&cfg, 16 << 30, 8192, 8);
         assert!(!small.resident_weights, "{small:?}");
         assert!(small.weight_bytes < 4 << 30, "{small:?}");
-        let half = split_with(&cfg, 16 << 30, 8192, 8, Some(16));
+        let half = split_with(&cfg, 16 << 30, (8192, 1), 8, Some(16));
         assert!(!half.resident_weights);
         assert!(
             half.weight_bytes > small.weight_bytes + (6 << 30),
@@ -130,11 +141,11 @@ mod tests {
             };
             let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
             let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
-            let rows = (p.gpu_batch_size * prompt) as usize;
+            let rows = strata_planner::prefill_batch_rows(&p, &wl) as usize;
             let split = split_with(
                 &cfg,
                 budgets.gpu_bytes,
-                rows.min(strata_planner::PREFILL_ROWS as usize),
+                (rows, p.num_gpu_batches as usize),
                 batch as usize,
                 Some(resident),
             );
@@ -158,6 +169,76 @@ mod tests {
             );
         }
     }
+
+    /// OPT-30B with FlexGen's budgets (16 GiB of GPU, 100 GiB of host memory) at prompt 512 and
+    /// 256: the planner's policy, laid out as `generate --policy` lays it out, gets the GPU KV it
+    /// planned (none, or at least the tier's minimum, which the run needs to keep a tier at all)
+    /// and the whole scratch beside it, within the room the budget leaves.
+    #[test]
+    fn planned_policies_keep_their_gpu_kv_and_the_scratch() {
+        use crate::policy_exec::gpu_kv_tier_bytes;
+        use strata_planner::{Budgets, HardwareProfile, Workload, plan};
+        let cfg = synthetic::config("opt-30b").expect("preset");
+        let spec = model_spec("opt-30b", &cfg);
+        // An H100 machine's calibrated profile (`strata calibrate`), under which the plan at 44
+        // × 256 put 7% of the cold KV on the GPU: less than the run's minimum tier.
+        let profile: HardwareProfile = serde_json::from_str(CALIBRATED_H100).expect("profile");
+        let budgets = Budgets {
+            gpu_bytes: 16 << 30,
+            host_bytes: 100 << 30,
+            disk_bytes: 40 << 30,
+        };
+        for (batch, prompt) in [(6u64, 512u64), (44, 256), (24, 512)] {
+            let wl = Workload {
+                batch,
+                prompt_len: prompt,
+                gen_len: 32,
+            };
+            let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
+            let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
+            let rows = strata_planner::prefill_batch_rows(&p, &wl);
+            let split = split_with(
+                &cfg,
+                budgets.gpu_bytes,
+                (rows as usize, p.num_gpu_batches as usize),
+                batch as usize,
+                Some(resident),
+            );
+            let bt = p.kv_block_tokens;
+            let block_bytes = 2 * cfg.kv_dim() as u64 * bt * 2;
+            let layers = cfg.layers as u64;
+            let (tier, short) = gpu_kv_tier_bytes(&p, &wl, layers, block_bytes, split.kv_bytes);
+            let scratch = strata_planner::gpu_scratch_blocks(rows, bt) * block_bytes;
+            let what = format!("{batch} x {prompt}: policy {p:?}, split {split:?}");
+            assert!(short.is_none(), "{what}: {short:?}");
+            assert!(
+                tier + scratch <= split.kv_bytes,
+                "{what}: tier {tier} + scratch {scratch}"
+            );
+            let min = strata_planner::gpu_kv_min_blocks(batch, layers, rows, bt);
+            assert!(
+                tier == 0 || tier / block_bytes >= min,
+                "{what}: tier {tier}"
+            );
+            eprintln!(
+                "{batch} x {prompt}: GPU KV tier {tier} B, scratch {scratch} B, room {}",
+                split.kv_bytes
+            );
+        }
+    }
+
+    const CALIBRATED_H100: &str = r#"{
+        "version": 1,
+        "machine": "NVIDIA H100 80GB HBM3, 16 CPU cores, disk /tmp/cal (io_uring)",
+        "measured_at": "2026-11-22T22:03:58Z", "reference": false, "has_gpu": true,
+        "gemm_tflops": {"f32": 51.7, "f16": 749.4, "bf16": 782.4},
+        "hbm_gbps": 3011.7, "h2d_gbps": 55.01, "d2h_gbps": 55.21, "host_mem_gbps": 51.9,
+        "host_attention_gbps": 50.52, "disk_read_gbps": 1.233, "disk_write_gbps": 1.985,
+        "disk_measured": true, "disk_half_bandwidth_request_bytes": 4096,
+        "gpu_layer_overhead_us": 155.5, "prefill_attention_tflops": 280.1,
+        "host_memory_shared_gbps": 84.71, "gpu_bytes": 85017493504,
+        "host_bytes": 133437825024, "disk_bytes": 68653113344, "cpu_cores": 16
+    }"#;
 
     #[test]
     fn a_budget_below_the_workspace_leaves_no_kv() {

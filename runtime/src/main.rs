@@ -291,7 +291,9 @@ struct GenerateArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     kv_dtype: String,
     /// Prompt tokens per forward pass during prefill: long prompts (or many at once) run in
-    /// chunks of this many tokens, which bounds activation memory.
+    /// chunks of this many tokens, which bounds activation memory. Under a policy with several
+    /// GPU batches it is the rows of one GPU batch (at most its prompts), and a pass runs every
+    /// GPU batch, so streamed weights are copied once per pass.
     #[arg(long, default_value_t = strata_planner::PREFILL_ROWS as usize)]
     prefill_chunk: usize,
     /// GPU GEMMs with half-precision weights: `split` carries the f32 activation as two
@@ -450,9 +452,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             );
             a.kv_block_tokens = run.block_tokens;
             a.batch_size = run.batch_size.max(1);
-            // Prefill one GPU batch's prompts per pass at most: the workspace the planner counted.
+            // A prefill pass runs the block schedule over the policy's GPU batches (the weights
+            // stream once per pass), each of at most one GPU batch's prompts: the workspace the
+            // planner counted.
             let rows = (policy.gpu_batch_size * workload.prompt_len).max(1);
-            a.prefill_chunk = a.prefill_chunk.min(rows as usize);
+            a.prefill_chunk = a.prefill_chunk.min(rows as usize) * run.exec.gpu_batches.max(1);
             Some((policy, prediction, run, workload))
         }
     };
@@ -490,7 +494,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(b) => b,
                 None => free as u64 / 100 * 92,
             };
-            let rows = a.prefill_chunk;
+            // Rows of one GPU batch of a prefill pass, and the pass's GPU batches.
+            let gpu_batches = planned.as_ref().map_or(1, |p| p.2.exec.gpu_batches.max(1));
+            let rows = a.prefill_chunk.div_ceil(gpu_batches);
             let resident_layers = match planned.as_ref().map(|p| p.2.residency) {
                 Some(Residency::Split {
                     resident_layers, ..
@@ -499,8 +505,13 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(Residency::Staged) => Some(0),
                 _ => None,
             };
-            let mut split =
-                gpu_budget::split_with(&model.config, budget, rows, a.batch_size, resident_layers);
+            let mut split = gpu_budget::split_with(
+                &model.config,
+                budget,
+                (rows, gpu_batches),
+                a.batch_size,
+                resident_layers,
+            );
             if let Some(kv) = a.gpu_kv_mem {
                 if kv > split.kv_bytes {
                     anyhow::bail!(
@@ -544,9 +555,12 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 split.kv_bytes = bytes;
             }
             // Every sequence's writable block in every layer, plus one prefill chunk's blocks.
-            let min_blocks = (a.batch_size * cfg.layers
-                + rows.div_ceil(a.kv_block_tokens)
-                + a.batch_size) as u64;
+            let min_blocks = strata_planner::gpu_kv_min_blocks(
+                a.batch_size as u64,
+                cfg.layers as u64,
+                rows as u64,
+                a.kv_block_tokens as u64,
+            );
             eprintln!(
                 "note: GPU budget {}: weights {} ({}), activations {}, KV {}",
                 human_bytes(budget),
@@ -567,7 +581,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             let bt = a.kv_block_tokens;
             let room_blocks = (room / block_bytes) as usize;
             let tier_blocks = (split.kv_bytes / block_bytes) as usize;
-            let want = GpuTierConfig::scratch_want(rows, bt);
+            let want = strata_planner::gpu_scratch_blocks(rows as u64, bt as u64) as usize;
             let spare = room_blocks.saturating_sub(tier_blocks);
             let scratch = want.min(spare.max(tier_blocks / 8)).min(room_blocks);
             let kv_blocks = match (tier_blocks + scratch).min(room_blocks) - scratch {

@@ -172,9 +172,10 @@ pub fn keeps_gpu_kv(p: &Policy) -> bool {
 }
 
 /// Bytes of the GPU KV tier that runs `p` for `wl` on a model of `layers` layers, with KV
-/// blocks of `block_bytes` (the GPU tier's dtype): the policy's GPU KV, at most `room` (what
-/// the GPU budget leaves after weights and workspace), and a note for the user when the room
-/// falls short of the policy.
+/// blocks of `block_bytes` (the GPU tier's dtype): the policy's GPU KV (at least the tier's
+/// minimum, [`strata_planner::gpu_kv_min_blocks`], when it keeps any), at most `room` (what the
+/// GPU budget leaves after weights and workspace), and a note for the user when the room falls
+/// short of the policy.
 pub fn gpu_kv_tier_bytes(
     p: &Policy,
     wl: &Workload,
@@ -182,8 +183,10 @@ pub fn gpu_kv_tier_bytes(
     block_bytes: u64,
     room: u64,
 ) -> (u64, Option<String>) {
-    let blocks = kv_tokens_on(p, wl, Tier::Gpu) / p.kv_block_tokens.max(1);
-    let planned = blocks * wl.batch * layers * block_bytes;
+    let blocks = kv_tokens_on(p, wl, Tier::Gpu) / p.kv_block_tokens.max(1) * wl.batch * layers;
+    let rows = strata_planner::prefill_batch_rows(p, wl);
+    let min = strata_planner::gpu_kv_min_blocks(wl.batch, layers, rows, p.kv_block_tokens);
+    let planned = if blocks > 0 { blocks.max(min) } else { 0 } * block_bytes;
     if planned <= room {
         return (planned, None);
     }
@@ -358,6 +361,21 @@ mod tests {
         let (bytes, note) = gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, planned / 2);
         assert_eq!(bytes, planned / 2);
         assert!(note.is_some_and(|n| n.contains("slower than predicted")));
+        // A sliver of KV on the GPU gets the tier's minimum: a writable block per sequence and
+        // layer, one prefill GPU batch's blocks and one per sequence (the run keeps no tier below
+        // that).
+        p.kv.hot_tier = Tier::Host;
+        p.kv.cold = TierSplit {
+            gpu: 0.001,
+            host: 0.999,
+            disk: 0.0,
+        };
+        let rows = strata_planner::prefill_batch_rows(&p, &wl);
+        let min = 4 * 32 + rows.div_ceil(32) + 4;
+        assert_eq!(
+            gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),
+            (min * block_bytes, None)
+        );
     }
 
     #[test]

@@ -33,14 +33,6 @@ pub struct GpuTierConfig {
     pub scratch_blocks: usize,
 }
 
-impl GpuTierConfig {
-    /// Scratch for a run whose forward passes have at most `rows` prompt rows: room for twice
-    /// one pass's blocks, so a long prompt's earlier chunks go through in few groups.
-    pub fn scratch_want(rows: usize, block_tokens: usize) -> usize {
-        (2 * rows.div_ceil(block_tokens.max(1))).max(16)
-    }
-}
-
 /// Page-locking granularity of the host arena, about: rounded to whole slots ([`register_chunk`]).
 const REGISTER_CHUNK: usize = 64 << 20;
 
