@@ -555,6 +555,8 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     attention: AttentionGeometry,
     /// GPU batches per step (FlexGen's `num_gpu_batches`); 1 runs the whole batch as one.
     gpu_batches: usize,
+    /// Rows of one GPU batch at most.
+    batch_rows: usize,
     pub timings: LayerTimings,
 }
 
@@ -752,6 +754,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             lm_head,
             attention,
             gpu_batches: 1,
+            batch_rows: usize::MAX,
             timings: LayerTimings::default(),
         })
     }
@@ -759,6 +762,12 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// Runs each forward pass as `n` GPU batches of whole sequences (at least 1).
     pub fn set_gpu_batches(&mut self, n: usize) {
         self.gpu_batches = n.max(1);
+    }
+
+    /// Caps a GPU batch at `rows` rows (at least 1): a prefill pass larger than `n` such batches
+    /// runs more of them.
+    pub fn set_batch_rows(&mut self, rows: usize) {
+        self.batch_rows = rows.max(1);
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -844,7 +853,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         logit_rows: &[usize],
         kv: &mut KvCache,
     ) -> Result<(Vec<B::Tensor>, Vec<usize>), ForwardError> {
-        let batches = gpu_batches(rows, self.gpu_batches);
+        let batches = gpu_batches(rows, self.gpu_batches, self.batch_rows);
         // Passes of decode-sized GPU batches leave staged layers' host MLP share to host
         // threads; larger ones fetch it with the rest of the layer.
         let host_mlp = batches.iter().all(|r| r.len() as u64 <= HOST_MLP_MAX_ROWS);
@@ -1203,14 +1212,15 @@ pub fn layer_is_resident(i: usize, layers: usize, resident: usize) -> bool {
 }
 
 /// Splits `rows` (a sequence's rows contiguous and in position order, in every caller) into
-/// GPU batches of at most `⌈rows / n⌉` rows each, cut between sequences where it can be: a
+/// GPU batches of at most `⌈rows / n⌉` rows each (and at most `max_rows`), cut between
+/// sequences where it can be: a
 /// decode step's `n` batches even in sequences, a prefill pass's `n` batches of about one
 /// batch's prompts each.
 /// A sequence with more rows than that is cut inside (after filling the batch before it): batch
 /// `g + 1` then attends over what batch `g` appended in the same layer, as a later prompt chunk
 /// does. May give one batch more than `n` when prompts straddle the pass.
-fn gpu_batches(rows: &[Row], n: usize) -> Vec<Range<usize>> {
-    let cap = rows.len().div_ceil(n.max(1)).max(1);
+fn gpu_batches(rows: &[Row], n: usize, max_rows: usize) -> Vec<Range<usize>> {
+    let cap = rows.len().div_ceil(n.max(1)).min(max_rows).max(1);
     let mut out = Vec::new();
     let (mut start, mut end) = (0, 0);
     let mut i = 0;
@@ -1395,7 +1405,7 @@ mod tests {
         // A decode step: even in sequences, as FlexGen's GPU batches.
         let step = |seqs: u64, n| {
             let r: Vec<(u64, usize)> = (0..seqs).map(|s| (s, 1)).collect();
-            sizes(&gpu_batches(&runs(&r), n))
+            sizes(&gpu_batches(&runs(&r), n, usize::MAX))
         };
         assert_eq!(step(44, 4), vec![11; 4]);
         assert_eq!(step(45, 4), vec![12, 12, 12, 9]);
@@ -1403,25 +1413,32 @@ mod tests {
         assert_eq!(step(3, 1), vec![3]);
         // A prefill pass of 44 prompts of 256 in 4 GPU batches: 11 prompts each.
         let prompts: Vec<(u64, usize)> = (0..44).map(|s| (s, 256)).collect();
-        let b = gpu_batches(&runs(&prompts), 4);
+        let b = gpu_batches(&runs(&prompts), 4, usize::MAX);
         assert_eq!(sizes(&b), vec![11 * 256; 4]);
         // Prompts straddling the pass: cut between them, one batch more.
         let b = gpu_batches(
             &runs(&[(0, 100), (1, 256), (2, 256), (3, 256), (4, 156)]),
             4,
+            usize::MAX,
         );
         assert_eq!(sizes(&b), vec![100, 256, 256, 256, 156]);
         // A prompt longer than a batch's share is cut inside it.
-        assert_eq!(sizes(&gpu_batches(&runs(&[(0, 1000)]), 4)), vec![250; 4]);
-        let b = gpu_batches(&runs(&[(0, 100), (1, 1000)]), 2);
+        assert_eq!(
+            sizes(&gpu_batches(&runs(&[(0, 1000)]), 4, usize::MAX)),
+            vec![250; 4]
+        );
+        let b = gpu_batches(&runs(&[(0, 100), (1, 1000)]), 2, usize::MAX);
         assert_eq!(sizes(&b), vec![550, 550]);
-        assert_eq!(sizes(&gpu_batches(&[], 3)), vec![0]);
+        assert_eq!(sizes(&gpu_batches(&[], 3, usize::MAX)), vec![0]);
+        // Batches capped below the pass's share: more of them, cut between prompts.
+        let b = gpu_batches(&runs(&prompts), 4, 5 * 256 + 10);
+        assert_eq!(sizes(&b), [vec![5 * 256; 8], vec![4 * 256]].concat());
         // Always contiguous, in order, covering every row.
         for (r, n) in [
             (runs(&[(0, 7), (1, 3), (2, 9), (3, 1)]), 3),
             (runs(&prompts), 7),
         ] {
-            let b = gpu_batches(&r, n);
+            let b = gpu_batches(&r, n, usize::MAX);
             assert_eq!(b[0].start, 0);
             assert_eq!(b.last().map(|x| x.end), Some(r.len()));
             assert!(b.windows(2).all(|w| w[0].end == w[1].start));

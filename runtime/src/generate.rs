@@ -52,6 +52,9 @@ pub struct GenerateOptions {
     pub gpu: Option<crate::kv::GpuTierConfig>,
     /// Prompt tokens per forward pass during prefill (a long prompt, or many, runs in chunks).
     pub prefill_chunk: usize,
+    /// Rows of one GPU batch of a prefill pass at most (a pass runs more GPU batches than the
+    /// policy's when they would be larger).
+    pub prefill_batch_rows: usize,
     /// What a planner policy sets beyond the flags above (GPU batches per step, where cold KV is
     /// attended, the recompute share).
     pub exec: crate::policy_exec::ExecSettings,
@@ -183,6 +186,7 @@ pub fn run<B: RuntimeBackend>(
     let mut tf = Transformer::with_residency(backend, model, opts.block_tokens, residency)
         .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
     tf.set_gpu_batches(opts.exec.gpu_batches);
+    tf.set_batch_rows(opts.prefill_batch_rows);
     let cfg = &model.config;
     let geometry = KvGeometry {
         layers: cfg.layers,

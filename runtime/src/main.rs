@@ -411,6 +411,9 @@ fn main() -> ExitCode {
     })
 }
 
+/// The fewest rows a prefill GPU batch is cut to so that GPU scratch blocks fit.
+const MIN_PREFILL_BATCH_ROWS: usize = 256;
+
 fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
@@ -461,6 +464,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut gpu_tier = None;
+    // Rows of one GPU batch of a prefill pass (all of a pass without a GPU).
+    let mut prefill_batch_rows = a.prefill_chunk;
     // The host and disk tiers' K and V dtype: f32 on the CPU (it computes and is checked against
     // transformers in f32); on a GPU, the GPU tier's dtype (below).
     let mut host_kv_dtype = DType::F32;
@@ -494,9 +499,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(b) => b,
                 None => free as u64 / 100 * 92,
             };
-            // Rows of one GPU batch of a prefill pass, and the pass's GPU batches.
+            // The pass's GPU batches (rows of one are chosen below).
             let gpu_batches = planned.as_ref().map_or(1, |p| p.2.exec.gpu_batches.max(1));
-            let rows = a.prefill_chunk.div_ceil(gpu_batches);
             let resident_layers = match planned.as_ref().map(|p| p.2.residency) {
                 Some(Residency::Split {
                     resident_layers, ..
@@ -505,13 +509,47 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(Residency::Staged) => Some(0),
                 _ => None,
             };
-            let mut split = gpu_budget::split_with(
-                &model.config,
-                budget,
-                (rows, gpu_batches),
-                a.batch_size,
-                resident_layers,
-            );
+            let kv_dtype = match a.kv_dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                _ => gpu_budget::auto_kv_dtype(&model.config),
+            };
+            let cfg = &model.config;
+            let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
+            // A policy that keeps KV off the GPU attends prompts over it in GPU scratch blocks:
+            // when one GPU batch's activations leave no room for them, smaller GPU batches
+            // (more per pass) make it, rather than prefill attention on the CPU.
+            let off_gpu = planned.as_ref().is_some_and(|(p, _, _, wl)| {
+                use strata_planner::{Tier, kv_tokens_on};
+                kv_tokens_on(p, wl, Tier::Host) + kv_tokens_on(p, wl, Tier::Disk) > 0
+            });
+            let pass_rows = a.prefill_chunk;
+            let mut rows = pass_rows.div_ceil(gpu_batches);
+            let mut split = loop {
+                let split = gpu_budget::split_with(
+                    cfg,
+                    budget,
+                    (rows, pass_rows.div_ceil(rows)),
+                    a.batch_size,
+                    resident_layers,
+                );
+                let scratch =
+                    strata_planner::gpu_scratch_blocks(rows as u64, a.kv_block_tokens as u64)
+                        * block_bytes;
+                if !off_gpu || split.kv_bytes >= scratch || rows <= MIN_PREFILL_BATCH_ROWS {
+                    break split;
+                }
+                rows = (rows / 2).max(MIN_PREFILL_BATCH_ROWS);
+            };
+            if rows < pass_rows.div_ceil(gpu_batches) {
+                eprintln!(
+                    "note: prefill GPU batches of {rows} rows, not {}: the GPU scratch blocks \
+                     that attend prompts over host KV fit beside their activations",
+                    pass_rows.div_ceil(gpu_batches)
+                );
+            }
+            prefill_batch_rows = rows;
             if let Some(kv) = a.gpu_kv_mem {
                 if kv > split.kv_bytes {
                     anyhow::bail!(
@@ -526,18 +564,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 }
                 split.kv_bytes = kv;
             }
-            let kv_dtype = match a.kv_dtype.as_str() {
-                "f32" => DType::F32,
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                _ => gpu_budget::auto_kv_dtype(&model.config),
-            };
             // K and V are rounded to this dtype on the GPU, so the host and disk tiers hold the
             // same values in it (spilled blocks move as they are; without a GPU tier, host
             // appends round to it alike).
             host_kv_dtype = kv_dtype;
-            let cfg = &model.config;
-            let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
             let room = split.kv_bytes;
             // Under a policy the GPU KV tier holds what the policy keeps there (its prediction
             // counts that), not whatever the budget leaves; `--gpu-kv-mem` still overrides.
@@ -670,6 +700,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         },
         gpu: gpu_tier,
         prefill_chunk: a.prefill_chunk,
+        prefill_batch_rows,
     };
     let residency = planned.as_ref().map_or(residency, |p| p.2.residency);
     let mut stats = match gpu {
