@@ -679,11 +679,6 @@ fn write_prompts(path: &Path, batch: u64, prompt_len: u64, vocab: usize) -> anyh
 }
 
 /// KV bytes the policy keeps on the GPU for the whole job (its hot window and GPU share).
-fn gpu_kv_bytes(p: &Policy, spec: &ModelSpec, wl: &Workload) -> u64 {
-    let tokens = strata_planner::kv_tokens_on(p, wl, Tier::Gpu);
-    tokens * wl.batch * spec.layers * spec.kv_bytes_per_token_per_layer()
-}
-
 /// The host KV arena for a run (`--host-mem` of generate, allocated at start): the policy's
 /// host share of the KV (on the CPU, where there is no GPU tier, its GPU share too) in the host
 /// tier's f32 blocks, plus the writable block every sequence needs in every layer; at most the
@@ -771,12 +766,10 @@ fn execute(
         argv.push(v);
     };
     if ctx.has_gpu {
+        // `generate --policy` sizes the GPU KV tier from the policy, and keeps the room left
+        // for the scratch blocks that attend prompts over host KV on the GPU.
         if let Some(g) = ctx.gpu_mem {
             flag("--gpu-mem", g.to_string());
-        }
-        let all_on_gpu = p.kv.cold.gpu >= 1.0 && p.kv.hot_tier == Tier::Gpu;
-        if !all_on_gpu {
-            flag("--gpu-kv-mem", gpu_kv_bytes(p, spec, &wl).to_string());
         }
     }
     flag(
