@@ -277,6 +277,12 @@ impl ArenaSlots {
         unsafe { self.slots_as_mut(ids) }
     }
 
+    /// Several distinct slots as bytes at once (see [`ArenaSlots::slots_u16_mut`]).
+    pub fn slots_bytes_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut [u8]>, StorageError> {
+        // SAFETY: every bit pattern is a valid u8.
+        unsafe { self.slots_as_mut(ids) }
+    }
+
     /// Distinct slots as `slot_bytes / size_of::<T>()` values of `T` each.
     ///
     /// # Safety
@@ -479,6 +485,21 @@ mod tests {
             view[1] = 2.5;
         }
         assert_eq!(slots.slot_f32(ids[1])[1], 2.5);
+        for (k, view) in slots
+            .slots_bytes_mut(&[ids[2], ids[3]])?
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(view.len(), 4096);
+            view[4095] = 7 + k as u8;
+        }
+        assert_eq!((slots.slot(ids[2])[4095], slots.slot(ids[3])[4095]), (7, 8));
+        assert_eq!(
+            slots.slot(ids[2])[0],
+            3,
+            "the bytes of the u16 written before"
+        );
+        assert!(slots.slots_bytes_mut(&[ids[3], ids[3]]).is_err());
         assert!(slots.slots_u16_mut(&[ids[0], ids[2], ids[0]]).is_err());
         assert!(slots.slots_f32_mut(&[ids[1], ids[1]]).is_err());
         Ok(())

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, CudaSlice, DevicePtr, PushKernelArg};
 
 use super::attention::{KvPool, PoolBuf};
-use super::transfer::Dir;
+use super::transfer::{Dir, PendingDownload, staging};
 use super::{CudaBackend, CudaTensor, device_err, kernels};
 use crate::{DType, Result, shape_err};
 
@@ -326,6 +326,85 @@ impl CudaBackend {
             staging: Some(staging),
             bytes: total,
         })
+    }
+
+    /// Starts copying pool blocks `ids` as they are (in the pool's dtype) into one page-locked
+    /// host buffer: a kernel on the compute stream gathers them (it sees every append enqueued
+    /// before it, and later writes into these blocks come after it), and one copy on the spill
+    /// stream brings them down. [`CudaBackend::wait_download_bytes`] hands over the bytes, block
+    /// `i` at `i × block bytes`. Unlike [`CudaBackend::kv_export_async`] the blocks' final host
+    /// memory needs no page-locking (which costs about as much as the copy itself, the first
+    /// time a page is used): the caller copies them there.
+    pub fn kv_blocks_download_async(&self, pool: &KvPool, ids: &[u32]) -> Result<PendingDownload> {
+        let be = &self.inner;
+        let op = "kv_blocks_download";
+        be.check(op)?;
+        if let Some(&bad) = ids.iter().find(|&&b| b as usize >= pool.n_blocks()) {
+            return Err(shape_err(
+                op,
+                format!("block {bad} is past the pool's {}", pool.n_blocks()),
+            ));
+        }
+        let per = pool.shape().block_elems();
+        let total = ids.len() * per * pool.dtype().size_bytes();
+        let words = total.div_ceil(4);
+        let mut gathered = be.output(op, words.max(1))?;
+        if !ids.is_empty() {
+            let ids_d = be.upload(op, ids)?;
+            let (n, per64) = (ids.len() as u64, per as u64);
+            let kernel = match pool.dtype() {
+                DType::F16 | DType::BF16 => &be.kvt.gather_u16,
+                DType::F32 => &be.kvt.export[dtype_index(DType::F32)],
+            };
+            let mut l = be.stream.launch_builder(kernel);
+            l.arg(&mut gathered);
+            match &pool.data {
+                PoolBuf::F32(d) => l.arg(d),
+                PoolBuf::F16(d) => l.arg(d),
+                PoolBuf::BF16(d) => l.arg(d),
+            };
+            l.arg(&ids_d).arg(&n).arg(&per64);
+            // SAFETY: as in `kv_export_async` with the pool's own dtype out: `gathered` holds
+            // n × block_elems values of it (`total` bytes, rounded up to whole f32 words), and
+            // every id is inside the pool (checked above).
+            unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
+                .map_err(|e| device_err(op, e))?;
+        }
+        let ready = be
+            .stream
+            .record_event(None)
+            .map_err(|e| device_err(op, e))?;
+        be.spill.wait(&ready).map_err(|e| device_err(op, e))?;
+        let mut host = be.take_download_staging(op)?;
+        let enqueued = (|| {
+            let buf = staging(be, op, &mut host, words.max(1))?;
+            if total > 0 {
+                be.timed_copy_on(&be.spill, op, Dir::D2h, total, |s| {
+                    let (ptr, _sync) = gathered.device_ptr(s);
+                    let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..words];
+                    // SAFETY: `gathered` holds `words` f32 words written by the gather kernel
+                    // the spill stream waited for; `dst` as many. Both move into the
+                    // PendingDownload, which waits for the copy before it frees or reuses them.
+                    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
+                        .map_err(|e| device_err(op, e))
+                })?;
+            }
+            be.spill.record_event(None).map_err(|e| device_err(op, e))
+        })();
+        match enqueued {
+            Ok(done) => Ok(PendingDownload {
+                host,
+                n: words,
+                done,
+                device: Some(gathered),
+            }),
+            Err(e) => {
+                // Nothing may still read or write the buffers when they go.
+                be.spill.synchronize().map_err(|e| device_err(op, e))?;
+                be.put_download_staging(host);
+                Err(e)
+            }
+        }
     }
 
     /// The index of the largest value of each row of `x` (the first on ties; NaN never wins).

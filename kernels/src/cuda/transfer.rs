@@ -37,9 +37,12 @@ pub struct CopyStats {
 /// A copy to the host in flight ([`CudaBackend::download_async`]): its page-locked staging
 /// buffer, the values it will hold, and the event that marks the copy done.
 pub struct PendingDownload {
-    host: Option<PinnedHostSlice<f32>>,
-    n: usize,
-    done: CudaEvent,
+    pub(crate) host: Option<PinnedHostSlice<f32>>,
+    pub(crate) n: usize,
+    pub(crate) done: CudaEvent,
+    /// A device buffer the copy reads that nothing else owns (gathered blocks): freed only
+    /// after the copy has landed.
+    pub(crate) device: Option<cudarc::driver::CudaSlice<f32>>,
 }
 
 impl Drop for PendingDownload {
@@ -75,7 +78,7 @@ pub(crate) struct CopyLog {
 const UPLOAD_RING: usize = 16;
 
 /// `slot`'s buffer with room for `n` values, (re)allocated when too small.
-fn staging<'s>(
+pub(crate) fn staging<'s>(
     be: &Inner,
     op: &'static str,
     slot: &'s mut Option<PinnedHostSlice<f32>>,
@@ -215,7 +218,12 @@ impl CudaBackend {
             be.xfer.record_event(None).map_err(|e| device_err(op, e))
         })();
         match enqueued {
-            Ok(done) => Ok(PendingDownload { host, n, done }),
+            Ok(done) => Ok(PendingDownload {
+                host,
+                n,
+                done,
+                device: None,
+            }),
             Err(e) => {
                 // Nothing may still write into the buffer when it goes back.
                 be.xfer.synchronize().map_err(|e| device_err(op, e))?;
@@ -232,6 +240,27 @@ impl CudaBackend {
         let host = p.host.take();
         let out = match &host {
             Some(h) => Ok(h.as_slice().map_err(|e| device_err(op, e))?[..p.n].to_vec()),
+            None => Err(device_err(op, "staging buffer")),
+        };
+        self.inner.put_download_staging(host);
+        out
+    }
+
+    /// Waits for a download and hands its bytes to `f` in the page-locked buffer they landed in
+    /// (no copy out: the caller puts them where they go), then recycles the buffer.
+    pub fn wait_download_bytes<R>(
+        &self,
+        mut p: PendingDownload,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        let op = "download";
+        p.done.synchronize().map_err(|e| device_err(op, e))?;
+        p.device = None;
+        let host = p.host.take();
+        let out = match &host {
+            Some(h) => Ok(f(as_bytes(
+                &h.as_slice().map_err(|e| device_err(op, e))?[..p.n],
+            ))),
             None => Err(device_err(op, "staging buffer")),
         };
         self.inner.put_download_staging(host);
@@ -400,7 +429,10 @@ impl Inner {
 
 impl Inner {
     /// The download staging buffer, if no other download holds it.
-    fn take_download_staging(&self, op: &'static str) -> Result<Option<PinnedHostSlice<f32>>> {
+    pub(crate) fn take_download_staging(
+        &self,
+        op: &'static str,
+    ) -> Result<Option<PinnedHostSlice<f32>>> {
         let mut log = self
             .copies
             .lock()
@@ -437,7 +469,7 @@ impl Inner {
     }
 
     /// Puts a download staging buffer back, keeping the larger when two were in use at once.
-    fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
+    pub(crate) fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
         if let Ok(mut log) = self.copies.lock() {
             let len = |b: &Option<PinnedHostSlice<f32>>| b.as_ref().map_or(0, |b| b.len());
             if len(&buf) >= len(&log.down) {

@@ -13,7 +13,7 @@ use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, KvSl
 use strata_storage::{ArenaSlots, SlotId};
 
 use strata_kernels::CudaTensor;
-use strata_kernels::cuda::{DevicePartial, SeqBlocks as GpuSeqBlocks};
+use strata_kernels::cuda::{DevicePartial, PendingDownload, SeqBlocks as GpuSeqBlocks};
 
 use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
 use super::far::{self, AttentionRoutes, FarBlock};
@@ -179,6 +179,14 @@ pub struct KvCache {
     /// A prompt pass appended through the scratch ([`KvCache::append_through_scratch`]): every
     /// block its rows attend is in scratch, for the attention that follows.
     scratch_pass: Option<ScratchPass>,
+    /// That pass's new and tail blocks coming down, for their host slots ([`KvCache::land`]).
+    landing: Option<Landing>,
+}
+
+/// Blocks on their way down from the GPU: `slots[i]` gets block `i` of the download.
+struct Landing {
+    pending: PendingDownload,
+    slots: Vec<SlotId>,
 }
 
 /// The blocks of one prompt pass held in the GPU scratch: `(seq, pool id, first position,
@@ -245,6 +253,7 @@ impl KvCache {
             d_model: 0,
             writable_hidden: HashMap::new(),
             scratch_pass: None,
+            landing: None,
         })
     }
 
@@ -594,12 +603,45 @@ impl KvCache {
     }
 
     /// Waits for copies that read host slots straight into GPU scratch
-    /// ([`KvCache::attend_device`]), before a host slot is written or freed.
+    /// ([`KvCache::attend_device`]), before a host slot is written or freed; and lands the
+    /// blocks of a prompt pass still coming down, which would overwrite it.
     fn settle_host_reads(&mut self) -> Result<(), KvError> {
+        self.land()?;
         match &mut self.gpu {
             Some(t) => t.settle_reads(),
             None => Ok(()),
         }
+    }
+
+    /// Everything coming down from the GPU into host slots, landed: a spill in flight, and a
+    /// prompt pass's blocks ([`KvCache::land`]). Before host slots are read, freed or spilled.
+    fn settle_gpu(&mut self) -> Result<(), KvError> {
+        self.land()?;
+        match &mut self.gpu {
+            Some(t) => t.settle(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a prompt pass's blocks ([`KvCache::append_through_scratch`]) and copies them
+    /// into their host slots, a thread per block.
+    fn land(&mut self) -> Result<(), KvError> {
+        let (Some(l), Some(t)) = (self.landing.take(), self.gpu.as_ref()) else {
+            return Ok(());
+        };
+        let _span = tracing::debug_span!("land_blocks", blocks = l.slots.len()).entered();
+        let be = t.backend.clone();
+        let bpb = self.bpb;
+        let host = &mut self.host;
+        be.wait_download_bytes(l.pending, |bytes| {
+            let views = host.slots_bytes_mut(&l.slots)?;
+            views
+                .into_par_iter()
+                .zip(bytes.par_chunks(bpb))
+                .for_each(|(slot, block)| slot[..bpb].copy_from_slice(block));
+            Ok::<(), KvError>(())
+        })
+        .map_err(|e| KvError::Gpu(e.to_string()))?
     }
 
     fn host_slot(&mut self) -> Result<SlotId, KvError> {
@@ -642,12 +684,10 @@ impl KvCache {
     /// disk tier: reserve disk slots, hand the bytes to the disk worker, free the host slots.
     /// The write itself happens on the worker, overlapping compute.
     fn spill(&mut self) -> Result<(), KvError> {
-        if let Some(t) = &mut self.gpu {
-            // The blocks about to be written to disk may still be landing from the GPU, and
-            // their slots, freed below, may still be read by a copy into scratch.
-            t.settle()?;
-            t.settle_reads()?;
-        }
+        // The blocks about to be written to disk may still be landing from the GPU, and their
+        // slots, freed below, may still be read by a copy into scratch.
+        self.settle_gpu()?;
+        self.settle_host_reads()?;
         let bpb = self.bpb;
         let Some(disk) = self.disk.as_mut() else {
             return Err(KvError::HostFull {
@@ -787,9 +827,7 @@ impl KvCache {
         };
 
         // Host attention over host-resident blocks.
-        if let Some(t) = &mut self.gpu {
-            t.settle()?;
-        }
+        self.settle_gpu()?;
         let t0 = Instant::now();
         let views: Vec<Vec<KvBlockView<'_>>> = seqs
             .iter()
@@ -869,10 +907,8 @@ impl KvCache {
         if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
             return Ok(Vec::new());
         }
-        if let Some(t) = &mut self.gpu {
-            // Host blocks read below may still be landing from a GPU spill.
-            t.settle()?;
-        }
+        // Host blocks read below may still be landing from the GPU.
+        self.settle_gpu()?;
         let (bt, e, d, dtype) = (
             self.g.block_tokens,
             self.g.block_elems(),
@@ -1183,11 +1219,22 @@ impl KvCache {
             row_slots.push(blocks[i].1 * bt as u32 + (pos - start) as u32);
             blocks[i].3 += 1;
         }
+        // The previous pass's blocks land first: one download in flight.
+        self.land()?;
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         gpu.backend
             .kv_append(&mut gpu.pool, k, v, &row_slots)
-            .map_err(|e| KvError::Gpu(e.to_string()))?;
-        gpu.export(&mut self.host, &moves, self.dtype)?;
+            .map_err(err)?;
+        let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
+        let pending = gpu
+            .backend
+            .kv_blocks_download_async(&gpu.pool, &ids)
+            .map_err(err)?;
+        self.landing = Some(Landing {
+            pending,
+            slots: moves.iter().map(|m| m.1).collect(),
+        });
         self.metrics.blocks_through_scratch += moves.len() as u64;
         self.metrics.passes_through_scratch += 1;
         self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
