@@ -179,7 +179,8 @@ pub struct KvCache {
     /// A prompt pass appended through the scratch ([`KvCache::append_through_scratch`]): every
     /// block its rows attend is in scratch, for the attention that follows.
     scratch_pass: Option<ScratchPass>,
-    /// That pass's new and tail blocks coming down, for their host slots ([`KvCache::land`]).
+    /// Blocks coming down from the GPU for their host slots ([`KvCache::land`]): a prompt
+    /// pass's new and tail blocks, or blocks spilled from the GPU tier.
     landing: Option<Landing>,
 }
 
@@ -623,8 +624,8 @@ impl KvCache {
         }
     }
 
-    /// Waits for a prompt pass's blocks ([`KvCache::append_through_scratch`]) and copies them
-    /// into their host slots, a thread per block.
+    /// Waits for blocks coming down ([`KvCache::append_through_scratch`], a GPU spill) and
+    /// copies them into their host slots, a thread per block.
     fn land(&mut self) -> Result<(), KvError> {
         let (Some(l), Some(t)) = (self.landing.take(), self.gpu.as_ref()) else {
             return Ok(());
@@ -1312,11 +1313,28 @@ impl KvCache {
                 _ => self.host.free(slot)?,
             }
         }
+        // In the pool's dtype the blocks come down in one copy and host threads put them in
+        // their slots (no page-locking of the arena on the way); widened to f32, per block.
+        self.land()?;
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
-        gpu.export(&mut self.host, &moves, self.dtype)?;
+        let mut landing = None;
+        if self.dtype == gpu.pool.dtype() {
+            let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
+            let pending = gpu
+                .backend
+                .kv_blocks_download_async(&gpu.pool, &ids)
+                .map_err(|e| KvError::Gpu(e.to_string()))?;
+            landing = Some(Landing {
+                pending,
+                slots: moves.iter().map(|m| m.1).collect(),
+            });
+        } else {
+            gpu.export(&mut self.host, &moves, self.dtype)?;
+        }
         for &(id, _) in &moves {
             gpu.free(id);
         }
+        self.landing = landing;
         self.metrics.gpu_spilled_blocks += moves.len() as u64;
         self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
         tracing::debug!(
