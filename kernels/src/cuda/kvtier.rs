@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, CudaSlice, DevicePtr, PushKernelArg};
 
 use super::attention::{KvPool, PoolBuf};
-use super::transfer::{Dir, PendingDownload, staging};
+use super::transfer::{Dir, PendingDownload};
 use super::{CudaBackend, CudaTensor, device_err, kernels};
 use crate::{DType, Result, shape_err};
 
@@ -272,28 +272,7 @@ impl CudaBackend {
             });
         }
         let total = ids.len() * block_bytes;
-        let mut staging = be.output(op, total.div_ceil(4))?;
-        let ids_d = be.upload(op, ids)?;
-        let (n, per64) = (ids.len() as u64, per as u64);
-        let kernel = match (pool.dtype(), to) {
-            (DType::F16 | DType::BF16, DType::F16 | DType::BF16) => &be.kvt.gather_u16,
-            (from, _) => &be.kvt.export[dtype_index(from)],
-        };
-        let mut l = be.stream.launch_builder(kernel);
-        l.arg(&mut staging);
-        match &pool.data {
-            PoolBuf::F32(d) => l.arg(d),
-            PoolBuf::F16(d) => l.arg(d),
-            PoolBuf::BF16(d) => l.arg(d),
-        };
-        l.arg(&ids_d).arg(&n).arg(&per64);
-        // SAFETY: kv_export_T(float* out, const T* pool, const u32* ids, u64 n, u64 block_elems)
-        // and kv_gather_u16(u16* out, const u16* pool, ...) (chosen above for a 16-bit pool
-        // exported as is, so the pointer types match the data): `staging` holds n × block_elems
-        // values of the output dtype (`total` bytes, rounded up to whole f32 words) and every id
-        // is inside the pool.
-        unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
-            .map_err(|e| device_err(op, e))?;
+        let staging = self.gather_blocks(op, pool, ids, to)?;
         let exported = be
             .stream
             .record_event(None)
@@ -345,66 +324,59 @@ impl CudaBackend {
                 format!("block {bad} is past the pool's {}", pool.n_blocks()),
             ));
         }
-        let per = pool.shape().block_elems();
-        let total = ids.len() * per * pool.dtype().size_bytes();
+        let total = ids.len() * pool.shape().block_elems() * pool.dtype().size_bytes();
         let words = total.div_ceil(4);
-        let mut gathered = be.output(op, words.max(1))?;
-        if !ids.is_empty() {
-            let ids_d = be.upload(op, ids)?;
-            let (n, per64) = (ids.len() as u64, per as u64);
-            let kernel = match pool.dtype() {
-                DType::F16 | DType::BF16 => &be.kvt.gather_u16,
-                DType::F32 => &be.kvt.export[dtype_index(DType::F32)],
-            };
-            let mut l = be.stream.launch_builder(kernel);
-            l.arg(&mut gathered);
-            match &pool.data {
-                PoolBuf::F32(d) => l.arg(d),
-                PoolBuf::F16(d) => l.arg(d),
-                PoolBuf::BF16(d) => l.arg(d),
-            };
-            l.arg(&ids_d).arg(&n).arg(&per64);
-            // SAFETY: as in `kv_export_async` with the pool's own dtype out: `gathered` holds
-            // n × block_elems values of it (`total` bytes, rounded up to whole f32 words), and
-            // every id is inside the pool (checked above).
-            unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
-                .map_err(|e| device_err(op, e))?;
-        }
+        let gathered = if ids.is_empty() {
+            be.output(op, 1)?
+        } else {
+            self.gather_blocks(op, pool, ids, pool.dtype())?
+        };
         let ready = be
             .stream
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
         be.spill.wait(&ready).map_err(|e| device_err(op, e))?;
-        let mut host = be.take_download_staging(op)?;
-        let enqueued = (|| {
-            let buf = staging(be, op, &mut host, words.max(1))?;
-            if total > 0 {
-                be.timed_copy_on(&be.spill, op, Dir::D2h, total, |s| {
-                    let (ptr, _sync) = gathered.device_ptr(s);
-                    let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..words];
-                    // SAFETY: `gathered` holds `words` f32 words written by the gather kernel
-                    // the spill stream waited for; `dst` as many. Both move into the
-                    // PendingDownload, which waits for the copy before it frees or reuses them.
-                    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
-                        .map_err(|e| device_err(op, e))
-                })?;
-            }
-            be.spill.record_event(None).map_err(|e| device_err(op, e))
-        })();
-        match enqueued {
-            Ok(done) => Ok(PendingDownload {
-                host,
-                n: words,
-                done,
-                device: Some(gathered),
-            }),
-            Err(e) => {
-                // Nothing may still read or write the buffers when they go.
-                be.spill.synchronize().map_err(|e| device_err(op, e))?;
-                be.put_download_staging(host);
-                Err(e)
-            }
-        }
+        // The PendingDownload owns the gathered blocks until their copy has landed.
+        let mut p = be.download_words_on(&be.spill, op, &gathered, words)?;
+        p.device = Some(gathered);
+        Ok(p)
+    }
+
+    /// A new device buffer holding pool blocks `ids` (non-empty, checked to be inside the pool)
+    /// end to end in dtype `to` (the pool's, copied as they are, or f32), gathered by a kernel
+    /// on the compute stream; allocated as f32 words.
+    fn gather_blocks(
+        &self,
+        op: &'static str,
+        pool: &KvPool,
+        ids: &[u32],
+        to: DType,
+    ) -> Result<CudaSlice<f32>> {
+        let be = &self.inner;
+        let per = pool.shape().block_elems();
+        let mut out = be.output(op, (ids.len() * per * to.size_bytes()).div_ceil(4))?;
+        let ids_d = be.upload(op, ids)?;
+        let (n, per64) = (ids.len() as u64, per as u64);
+        let kernel = match (pool.dtype(), to) {
+            (DType::F16 | DType::BF16, DType::F16 | DType::BF16) => &be.kvt.gather_u16,
+            (from, _) => &be.kvt.export[dtype_index(from)],
+        };
+        let mut l = be.stream.launch_builder(kernel);
+        l.arg(&mut out);
+        match &pool.data {
+            PoolBuf::F32(d) => l.arg(d),
+            PoolBuf::F16(d) => l.arg(d),
+            PoolBuf::BF16(d) => l.arg(d),
+        };
+        l.arg(&ids_d).arg(&n).arg(&per64);
+        // SAFETY: kv_export_T(float* out, const T* pool, const u32* ids, u64 n, u64 block_elems)
+        // and kv_gather_u16(u16* out, const u16* pool, ...) (chosen above for a 16-bit pool
+        // gathered as is, so the pointer types match the data): `out` holds n × block_elems
+        // values of the output dtype (rounded up to whole f32 words) and every id is inside the
+        // pool (the callers check).
+        unsafe { l.launch(kernels::elementwise(ids.len() * per)) }
+            .map_err(|e| device_err(op, e))?;
+        Ok(out)
     }
 
     /// The index of the largest value of each row of `x` (the first on ties; NaN never wins).

@@ -18,7 +18,8 @@
 
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{
-    CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice,
+    PushKernelArg,
 };
 
 use super::{CudaBackend, CudaTensor, Inner, device_err, kernels};
@@ -42,7 +43,7 @@ pub struct PendingDownload {
     pub(crate) done: CudaEvent,
     /// A device buffer the copy reads that nothing else owns (gathered blocks): freed only
     /// after the copy has landed.
-    pub(crate) device: Option<cudarc::driver::CudaSlice<f32>>,
+    pub(crate) device: Option<CudaSlice<f32>>,
 }
 
 impl Drop for PendingDownload {
@@ -139,6 +140,50 @@ impl Inner {
         self.timed_copy_on(&self.copy, op, dir, bytes, enqueue)
     }
 
+    /// Copies the first `words` f32 words of `src` into page-locked staging on `stream` (which
+    /// must already wait for their producer) and returns the pending download.
+    pub(crate) fn download_words_on(
+        &self,
+        stream: &CudaStream,
+        op: &'static str,
+        src: &CudaSlice<f32>,
+        words: usize,
+    ) -> Result<PendingDownload> {
+        // The staging buffer is taken out of the log while in use; a second download in flight
+        // gets a buffer of its own.
+        let mut host = self.take_download_staging(op)?;
+        let enqueued = (|| {
+            let buf = staging(self, op, &mut host, words.max(1))?;
+            if words > 0 {
+                self.timed_copy_on(stream, op, Dir::D2h, words * 4, |s| {
+                    let (ptr, _sync) = src.device_ptr(s);
+                    let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..words];
+                    // SAFETY: `src` holds at least `words` f32 (the caller's buffer), `dst` as
+                    // many; the copy is ordered after the producer by the caller's wait, and the
+                    // staging buffer moves into the PendingDownload, which waits for the copy
+                    // before it reads, reuses or frees it (the caller keeps `src` alive as long).
+                    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
+                        .map_err(|e| device_err(op, e))
+                })?;
+            }
+            stream.record_event(None).map_err(|e| device_err(op, e))
+        })();
+        match enqueued {
+            Ok(done) => Ok(PendingDownload {
+                host,
+                n: words,
+                done,
+                device: None,
+            }),
+            Err(e) => {
+                // Nothing may still write into the buffer when it goes back.
+                stream.synchronize().map_err(|e| device_err(op, e))?;
+                self.put_download_staging(host);
+                Err(e)
+            }
+        }
+    }
+
     /// [`Inner::timed_copy`] on stream `s`.
     pub(crate) fn timed_copy_on<R>(
         &self,
@@ -198,39 +243,7 @@ impl CudaBackend {
             .record_event(None)
             .map_err(|e| device_err(op, e))?;
         be.xfer.wait(&ready).map_err(|e| device_err(op, e))?;
-        // The staging buffer is taken out of the log while in use; a second download in flight
-        // gets a buffer of its own.
-        let mut host = be.take_download_staging(op)?;
-        let enqueued = (|| {
-            let buf = staging(be, op, &mut host, n.max(1))?;
-            if n > 0 {
-                be.timed_copy_on(&be.xfer, op, Dir::D2h, n * 4, |s| {
-                    let (ptr, _sync) = src.device_ptr(s);
-                    let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..n];
-                    // SAFETY: `src` holds at least n f32 (the tensor's storage), `dst` n; the
-                    // copy is ordered after the producing kernels by the event above, and the
-                    // staging buffer moves into the PendingDownload, which waits for the copy
-                    // before it reads, reuses or frees it.
-                    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
-                        .map_err(|e| device_err(op, e))
-                })?;
-            }
-            be.xfer.record_event(None).map_err(|e| device_err(op, e))
-        })();
-        match enqueued {
-            Ok(done) => Ok(PendingDownload {
-                host,
-                n,
-                done,
-                device: None,
-            }),
-            Err(e) => {
-                // Nothing may still write into the buffer when it goes back.
-                be.xfer.synchronize().map_err(|e| device_err(op, e))?;
-                be.put_download_staging(host);
-                Err(e)
-            }
-        }
+        be.download_words_on(&be.xfer, op, src, n)
     }
 
     /// Waits for a download started by [`CudaBackend::download_async`] and returns its values.
