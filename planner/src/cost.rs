@@ -404,6 +404,14 @@ pub fn gpu_kv_min_blocks(batch: u64, layers: u64, batch_rows: u64, block_tokens:
     batch * layers + batch_rows.div_ceil(block_tokens.max(1)) + batch
 }
 
+/// Bytes of the runtime's smallest GPU KV tier for `p` ([`gpu_kv_min_blocks`] in `p`'s blocks).
+pub(crate) fn gpu_kv_min_bytes(m: &ModelSpec, wl: &Workload, p: &Policy) -> u64 {
+    let rows = prefill_batch_rows(p, wl);
+    gpu_kv_min_blocks(wl.batch, m.layers, rows, p.kv_block_tokens)
+        * p.kv_block_tokens
+        * m.kv_bytes_per_token_per_layer()
+}
+
 /// GPU scratch blocks the runtime keeps, when KV lives off the GPU, to attend it there (a
 /// prompt pass's blocks and its earlier chunks, fetched blocks): twice one prefill GPU batch's
 /// blocks, at least 16.
@@ -555,13 +563,13 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     }
     // The runtime's GPU KV tier holds at least its minimum when it holds any, and scratch
     // blocks sit beside it when KV lives elsewhere.
+    let gpu_kv = z.n * layers * blocks(split.gpu.0) * z.kvb;
+    let min_tier = gpu_kv_min_bytes(m, wl, p) as f64;
+    if gpu_kv > 0.0 && gpu_kv < min_tier {
+        bytes[0] += min_tier - gpu_kv;
+    }
     let block = p.kv_block_tokens as f64 * z.kvb;
     let rows = prefill_batch_rows(p, wl);
-    let gpu_blocks = z.n * layers * blocks(split.gpu.0) / p.kv_block_tokens as f64;
-    let min_blocks = gpu_kv_min_blocks(wl.batch, m.layers, rows, p.kv_block_tokens) as f64;
-    if gpu_blocks > 0.0 && gpu_blocks < min_blocks {
-        bytes[0] += (min_blocks - gpu_blocks) * block;
-    }
     let off_gpu = [split.host, split.disk]
         .iter()
         .any(|&(kv, hid)| kv + hid > 0.0);

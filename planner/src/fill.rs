@@ -50,15 +50,10 @@ pub fn fill_faster_tiers(
         ),
     ];
     // The runtime keeps a GPU KV tier of at least its minimum, or none.
-    let rows = crate::cost::prefill_batch_rows(p, wl);
-    let min_tier = crate::cost::gpu_kv_min_blocks(wl.batch, m.layers, rows, p.kv_block_tokens)
-        * p.kv_block_tokens
-        * m.kv_bytes_per_token_per_layer();
-    let gpu_holds_kv =
-        p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0);
+    let min_tier = crate::cost::gpu_kv_min_bytes(m, wl, p);
     for (target, free, sources) in targets {
         if !can_receive(&filled, target)
-            || (target == Tier::Gpu && !gpu_holds_kv && free < min_tier)
+            || (target == Tier::Gpu && !p.keeps_gpu_kv() && free < min_tier)
         {
             continue;
         }

@@ -157,6 +157,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether the policy keeps KV on the GPU (its hot window, or a share of the older tokens).
+    pub fn keeps_gpu_kv(&self) -> bool {
+        self.kv.cold.gpu > 0.0 || (self.kv.hot_tier == Tier::Gpu && self.kv.hot_window_tokens > 0)
+    }
+
     pub fn attention(&self, tier: Tier) -> Attention {
         match tier {
             Tier::Gpu => Attention::FetchToGpu,

@@ -1213,12 +1213,11 @@ pub fn layer_is_resident(i: usize, layers: usize, resident: usize) -> bool {
 
 /// Splits `rows` (a sequence's rows contiguous and in position order, in every caller) into
 /// GPU batches of at most `⌈rows / n⌉` rows each (and at most `max_rows`), cut between
-/// sequences where it can be: a
-/// decode step's `n` batches even in sequences, a prefill pass's `n` batches of about one
-/// batch's prompts each.
-/// A sequence with more rows than that is cut inside (after filling the batch before it): batch
-/// `g + 1` then attends over what batch `g` appended in the same layer, as a later prompt chunk
-/// does. May give one batch more than `n` when prompts straddle the pass.
+/// sequences where it can be: a decode step's `n` batches even in sequences, a prefill pass's
+/// `n` batches of about one batch's prompts each. A sequence with more rows than that is cut
+/// inside (after filling the batch before it): batch `g + 1` then attends over what batch `g`
+/// appended in the same layer, as a later prompt chunk does. May give one batch more than `n`
+/// when prompts straddle the pass.
 fn gpu_batches(rows: &[Row], n: usize, max_rows: usize) -> Vec<Range<usize>> {
     let cap = rows.len().div_ceil(n.max(1)).min(max_rows).max(1);
     let mut out = Vec::new();

@@ -161,14 +161,9 @@ pub fn runnable(p: &Policy, m: &ModelSpec) -> bool {
     });
     executable(p, m.layers as usize).is_ok()
         && !fetches
-        && (!recompute || (!keeps_gpu_kv(p) && hidden_fits_kv_block(m)))
-}
-
-/// Whether `p` keeps KV on the GPU (its hot window, or a share of the older tokens). Hidden
-/// states for recompute need a cache without a GPU KV tier, so a policy with recompute runs
-/// only when it keeps none there (and then `generate` makes none).
-pub fn keeps_gpu_kv(p: &Policy) -> bool {
-    p.kv.cold.gpu > 0.0 || (p.kv.hot_tier == Tier::Gpu && p.kv.hot_window_tokens > 0)
+        // Hidden states for recompute need a cache without a GPU KV tier, so a policy with
+        // recompute runs only when it keeps none there (and then `generate` makes none).
+        && (!recompute || (!p.keeps_gpu_kv() && hidden_fits_kv_block(m)))
 }
 
 /// Bytes of the GPU KV tier that runs `p` for `wl` on a model of `layers` layers, with KV
@@ -311,7 +306,7 @@ mod tests {
         // KV on the GPU (its hot window, or older tokens) rules recompute out.
         let mut hot_gpu = p;
         hot_gpu.kv.hot_tier = Tier::Gpu;
-        assert!(keeps_gpu_kv(&hot_gpu));
+        assert!(hot_gpu.keeps_gpu_kv());
         assert!(!runnable(&hot_gpu, &spec("opt-6.7b", 2)));
         let mut cold_gpu = p;
         cold_gpu.kv.cold = TierSplit {

@@ -247,33 +247,33 @@ impl CudaBackend {
     }
 
     /// Waits for a download started by [`CudaBackend::download_async`] and returns its values.
-    pub fn wait_download(&self, mut p: PendingDownload) -> Result<Vec<f32>> {
-        let op = "download";
-        p.done.synchronize().map_err(|e| device_err(op, e))?;
-        let host = p.host.take();
-        let out = match &host {
-            Some(h) => Ok(h.as_slice().map_err(|e| device_err(op, e))?[..p.n].to_vec()),
-            None => Err(device_err(op, "staging buffer")),
-        };
-        self.inner.put_download_staging(host);
-        out
+    pub fn wait_download(&self, p: PendingDownload) -> Result<Vec<f32>> {
+        self.wait_download_with(p, <[f32]>::to_vec)
     }
 
     /// Waits for a download and hands its bytes to `f` in the page-locked buffer they landed in
     /// (no copy out: the caller puts them where they go), then recycles the buffer.
     pub fn wait_download_bytes<R>(
         &self,
-        mut p: PendingDownload,
+        p: PendingDownload,
         f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        self.wait_download_with(p, |v| f(as_bytes(v)))
+    }
+
+    /// Waits for a download, hands its values to `f` where they landed, then recycles the
+    /// staging buffer (and frees the device buffer the copy read, if it owned one).
+    fn wait_download_with<R>(
+        &self,
+        mut p: PendingDownload,
+        f: impl FnOnce(&[f32]) -> R,
     ) -> Result<R> {
         let op = "download";
         p.done.synchronize().map_err(|e| device_err(op, e))?;
         p.device = None;
         let host = p.host.take();
         let out = match &host {
-            Some(h) => Ok(f(as_bytes(
-                &h.as_slice().map_err(|e| device_err(op, e))?[..p.n],
-            ))),
+            Some(h) => Ok(f(&h.as_slice().map_err(|e| device_err(op, e))?[..p.n])),
             None => Err(device_err(op, "staging buffer")),
         };
         self.inner.put_download_staging(host);

@@ -1115,7 +1115,14 @@ impl KvCache {
         // A host tier in the pool's dtype: a tail block goes back down with its earlier tokens'
         // bytes unchanged.
         let same_dtype = self.dtype == gpu.pool.dtype();
-        if gpu.capacity() > 0 || scratch.is_empty() || self.recompute > 0.0 || !same_dtype {
+        // A decode step (no sequence with two rows in a row) leaves here, every layer.
+        let prompt_pass = at.windows(2).any(|w| w[0].0 == w[1].0);
+        if !prompt_pass
+            || gpu.capacity() > 0
+            || scratch.is_empty()
+            || self.recompute > 0.0
+            || !same_dtype
+        {
             return Ok(false);
         }
         // Sequences in order of first appearance with their rows in the pass, and where each
@@ -1220,7 +1227,8 @@ impl KvCache {
             row_slots.push(blocks[i].1 * bt as u32 + (pos - start) as u32);
             blocks[i].3 += 1;
         }
-        // The previous pass's blocks land first: one download in flight.
+        // One download in flight: the previous pass's blocks have landed (`gather_far` above
+        // lands them; this is a no-op then, and keeps it so whatever path got here).
         self.land()?;
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
