@@ -69,10 +69,16 @@ pub(crate) enum Dir {
 pub(crate) struct CopyLog {
     pending: Vec<(CudaEvent, CudaEvent, Dir, u64)>,
     totals: CopyStats,
-    down: Option<PinnedHostSlice<f32>>,
+    /// Download staging not in use, at most [`DOWNLOAD_STAGING_KEPT`].
+    down: Vec<PinnedHostSlice<f32>>,
     /// Upload staging, oldest use first, each with the event after its last copy.
     ups: std::collections::VecDeque<(PinnedHostSlice<f32>, Option<CudaEvent>)>,
 }
+
+/// Download staging buffers kept for reuse: one per download the runtime keeps in flight (two,
+/// blocks landing in host memory) and one for a tensor downloaded meanwhile. Allocating
+/// page-locked memory costs milliseconds per buffer, so none is freed while in this bound.
+const DOWNLOAD_STAGING_KEPT: usize = 3;
 
 /// Upload staging buffers in the ring: an upload reuses the one used this many uploads ago,
 /// whose copy has long run by then (a layer makes a handful: block tables, slots, partials).
@@ -441,7 +447,7 @@ impl Inner {
 }
 
 impl Inner {
-    /// The download staging buffer, if no other download holds it.
+    /// The largest free download staging buffer, if any.
     pub(crate) fn take_download_staging(
         &self,
         op: &'static str,
@@ -450,7 +456,7 @@ impl Inner {
             .copies
             .lock()
             .map_err(|_| device_err(op, "copy log poisoned"))?;
-        Ok(log.down.take())
+        Ok(log.down.pop())
     }
 
     /// The oldest upload staging buffer of the ring and the event of its last copy, or a new
@@ -481,12 +487,14 @@ impl Inner {
         }
     }
 
-    /// Puts a download staging buffer back, keeping the larger when two were in use at once.
+    /// Puts a download staging buffer back; past [`DOWNLOAD_STAGING_KEPT`] the smallest goes.
     pub(crate) fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
-        if let Ok(mut log) = self.copies.lock() {
-            let len = |b: &Option<PinnedHostSlice<f32>>| b.as_ref().map_or(0, |b| b.len());
-            if len(&buf) >= len(&log.down) {
-                log.down = buf;
+        if let (Some(buf), Ok(mut log)) = (buf, self.copies.lock()) {
+            log.down.push(buf);
+            // Smallest first, so `pop` hands out the largest.
+            log.down.sort_by_key(|b| b.len());
+            if log.down.len() > DOWNLOAD_STAGING_KEPT {
+                log.down.remove(0);
             }
         }
     }

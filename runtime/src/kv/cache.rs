@@ -1,7 +1,7 @@
 //! [`KvCache`]: the block table and tier manager (bookkeeping), and the fan-out of attention to
 //! the engine of each tier with the exact LSE merge of their partials.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
@@ -180,9 +180,15 @@ pub struct KvCache {
     /// block its rows attend is in scratch, for the attention that follows.
     scratch_pass: Option<ScratchPass>,
     /// Blocks coming down from the GPU for their host slots ([`KvCache::land`]): a prompt
-    /// pass's new and tail blocks, or blocks spilled from the GPU tier.
-    landing: Option<Landing>,
+    /// pass's new and tail blocks, or blocks spilled from the GPU tier, oldest first; at most
+    /// [`LANDINGS_IN_FLIGHT`].
+    landing: VecDeque<Landing>,
 }
+
+/// Downloads of blocks in flight at once. With one, each pass waited for the previous pass's
+/// copy and put its blocks in their slots while the GPU, having nothing queued behind, idled;
+/// with two, host threads land one pass while the GPU computes the next.
+const LANDINGS_IN_FLIGHT: usize = 2;
 
 /// Blocks on their way down from the GPU: `slots[i]` gets block `i` of the download.
 struct Landing {
@@ -254,7 +260,7 @@ impl KvCache {
             d_model: 0,
             writable_hidden: HashMap::new(),
             scratch_pass: None,
-            landing: None,
+            landing: VecDeque::new(),
         })
     }
 
@@ -627,22 +633,31 @@ impl KvCache {
     /// Waits for blocks coming down ([`KvCache::append_through_scratch`], a GPU spill) and
     /// copies them into their host slots, a thread per block.
     fn land(&mut self) -> Result<(), KvError> {
-        let (Some(l), Some(t)) = (self.landing.take(), self.gpu.as_ref()) else {
-            return Ok(());
-        };
-        let _span = tracing::debug_span!("land_blocks", blocks = l.slots.len()).entered();
-        let be = t.backend.clone();
-        let bpb = self.bpb;
-        let host = &mut self.host;
-        be.wait_download_bytes(l.pending, |bytes| {
-            let views = host.slots_bytes_mut(&l.slots)?;
-            views
-                .into_par_iter()
-                .zip(bytes.par_chunks(bpb))
-                .for_each(|(slot, block)| slot[..bpb].copy_from_slice(block));
-            Ok::<(), KvError>(())
-        })
-        .map_err(|e| KvError::Gpu(e.to_string()))?
+        self.land_older(0)
+    }
+
+    /// Lands the oldest downloads until at most `keep` are in flight.
+    fn land_older(&mut self, keep: usize) -> Result<(), KvError> {
+        while self.landing.len() > keep {
+            let (Some(l), Some(t)) = (self.landing.pop_front(), self.gpu.as_ref()) else {
+                return Ok(());
+            };
+            let _span = tracing::debug_span!("land_blocks", blocks = l.slots.len()).entered();
+            let be = t.backend.clone();
+            let bpb = self.bpb;
+            let host = &mut self.host;
+            be.wait_download_bytes(l.pending, |bytes| {
+                let _span = tracing::debug_span!("land_copy", bytes = bytes.len()).entered();
+                let views = host.slots_bytes_mut(&l.slots)?;
+                views
+                    .into_par_iter()
+                    .zip(bytes.par_chunks(bpb))
+                    .for_each(|(slot, block)| slot[..bpb].copy_from_slice(block));
+                Ok::<(), KvError>(())
+            })
+            .map_err(|e| KvError::Gpu(e.to_string()))??;
+        }
+        Ok(())
     }
 
     fn host_slot(&mut self) -> Result<SlotId, KvError> {
@@ -908,8 +923,20 @@ impl KvCache {
         if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
             return Ok(Vec::new());
         }
-        // Host blocks read below may still be landing from the GPU.
-        self.settle_gpu()?;
+        // Host blocks read below may still be landing from the GPU. Passes that read none leave
+        // the downloads in flight (the next pass's attention must not wait for them).
+        let reads_host = seqs.iter().any(|&(seq, rows)| {
+            self.layer_blocks(seq, layer).is_ok_and(|blocks| {
+                let far = self.far_mask(blocks, rows);
+                blocks
+                    .iter()
+                    .zip(far)
+                    .any(|(b, far)| far && matches!(b.loc, Loc::Host(_)))
+            })
+        });
+        if reads_host {
+            self.settle_gpu()?;
+        }
         let (bt, e, d, dtype) = (
             self.g.block_tokens,
             self.g.block_elems(),
@@ -1227,9 +1254,8 @@ impl KvCache {
             row_slots.push(blocks[i].1 * bt as u32 + (pos - start) as u32);
             blocks[i].3 += 1;
         }
-        // One download in flight: the previous pass's blocks have landed (`gather_far` above
-        // lands them; this is a no-op then, and keeps it so whatever path got here).
-        self.land()?;
+        // The pass before last has landed; the last may still be coming down.
+        self.land_older(LANDINGS_IN_FLIGHT - 1)?;
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         gpu.backend
@@ -1240,7 +1266,7 @@ impl KvCache {
             .backend
             .kv_blocks_download_async(&gpu.pool, &ids)
             .map_err(err)?;
-        self.landing = Some(Landing {
+        self.landing.push_back(Landing {
             pending,
             slots: moves.iter().map(|m| m.1).collect(),
         });
@@ -1323,26 +1349,25 @@ impl KvCache {
         }
         // In the pool's dtype the blocks come down in one copy and host threads put them in
         // their slots (no page-locking of the arena on the way); widened to f32, per block.
-        self.land()?;
+        self.land_older(LANDINGS_IN_FLIGHT - 1)?;
         let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
-        let mut landing = None;
         if self.dtype == gpu.pool.dtype() {
             let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
             let pending = gpu
                 .backend
                 .kv_blocks_download_async(&gpu.pool, &ids)
                 .map_err(|e| KvError::Gpu(e.to_string()))?;
-            landing = Some(Landing {
+            self.landing.push_back(Landing {
                 pending,
                 slots: moves.iter().map(|m| m.1).collect(),
             });
         } else {
             gpu.export(&mut self.host, &moves, self.dtype)?;
         }
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         for &(id, _) in &moves {
             gpu.free(id);
         }
-        self.landing = landing;
         self.metrics.gpu_spilled_blocks += moves.len() as u64;
         self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
         tracing::debug!(
