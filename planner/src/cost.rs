@@ -30,6 +30,10 @@
 //!
 //! **Prefill, per layer**: the same weight traffic once; FLOPs `2·params·N·s + 2·s(s+1)·q_width·N`
 //! (causal); every prompt token's KV or hidden state written to its tier (`d2h`, `disk_write`).
+//! A prompt longer than a GPU batch's `r` rows runs in `C = ⌈s/r⌉` chunks, and chunk `c` attends
+//! the `c·r` tokens before it, so each sequence reads back `r·C(C−1)/2` tokens; those the split
+//! keeps off the GPU come up through scratch (`h2d`; from disk also `disk_read`), hidden states
+//! regenerated as in decode.
 //!
 //! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
 //! bandwidth) + k · layer overhead`. Disk bandwidth depends on request size (weights: 4 MiB
@@ -453,7 +457,31 @@ fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
         let (kv, hid) = split.get(tier);
         t.move_bytes(Tier::Gpu, tier, kv * z.n * z.kvb + hid * z.n * z.hb);
     }
+    chunk_reread_traffic(&mut t, m, wl, p, &z);
     t
+}
+
+/// A chunked prompt's attention over its earlier chunks (see the module header): each tier's
+/// share of the tokens read back, at the prompt's split, comes up from where it lives.
+fn chunk_reread_traffic(t: &mut Traffic, m: &ModelSpec, wl: &Workload, p: &Policy, z: &Sizes) {
+    let (s, r) = (wl.prompt_len as f64, prefill_batch_rows(p, wl) as f64);
+    if s <= r || r <= 0.0 {
+        return;
+    }
+    let chunks = (s / r).ceil();
+    let reread = r * chunks * (chunks - 1.0) / 2.0 * z.n;
+    let split = split_tokens(p, s);
+    for tier in [Tier::Host, Tier::Disk] {
+        let (kv, hid) = split.get(tier);
+        let (kv, hid) = (reread * kv / s, reread * hid / s);
+        t.h2d += kv * z.kvb + hid * z.hb;
+        t.flops += m.recompute_flops_per_token_per_layer() * hid;
+        t.hbm += hid * 2.0 * z.kvb;
+        if tier == Tier::Disk {
+            t.disk_read_kv += kv * z.kvb;
+            t.disk_read_hidden += hid * z.hb;
+        }
+    }
 }
 
 fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) -> StreamTimes {

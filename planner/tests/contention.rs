@@ -164,3 +164,46 @@ fn a_measured_shared_rate_replaces_the_estimate() {
     let old = HardwareProfile::from_json(&json.to_string(), std::path::Path::new("old.json"));
     assert_eq!(old.unwrap().host_memory_shared_gbps, None);
 }
+
+/// A prompt longer than a GPU batch's rows runs in chunks of 8192, and each chunk attends the
+/// chunks before it: 2 prompts of 32768 tokens read back 3·4/2 = 6 chunks each. Of those tokens
+/// the share the split keeps on the host comes up over PCIe, and the disk's share is also read
+/// from the disk; the GPU's share stays. A prompt of one chunk reads nothing back.
+#[test]
+fn chunked_prompts_read_their_earlier_chunks_back_from_where_they_live() {
+    let m = llama_3_8b();
+    let hw = HardwareProfile::h100_reference();
+    let kvb = m.kv_bytes_per_token_per_layer() as f64;
+    let on_gpu = TierSplit {
+        gpu: 1.0,
+        host: 0.0,
+        disk: 0.0,
+    };
+    let spread = TierSplit {
+        gpu: 0.2,
+        host: 0.3,
+        disk: 0.5,
+    };
+    let prefill = |prompt: u64, cold: TierSplit| {
+        let mut p = streamed_policy(2, cold);
+        p.weights = TierSplit::all_on(Tier::Gpu);
+        predict(&m, &wl(2, prompt), &p, &hw).prefill.per_layer
+    };
+    let (s, hot) = (32768.0, 256.0);
+    let reread = 8192.0 * 6.0 * 2.0;
+    // The split of the prompt's tokens: the hot window on the GPU, the rest by `spread`.
+    let (host, disk) = (0.3 * (s - hot) / s, 0.5 * (s - hot) / s);
+    let (a, b) = (prefill(32768, on_gpu), prefill(32768, spread));
+    assert_eq!(a.h2d_s, 0.0);
+    assert_eq!(a.disk_read_s, 0.0);
+    let want_h2d = reread * (host + disk) * kvb / (hw.h2d_gbps * 1e9);
+    assert!((b.h2d_s - want_h2d).abs() <= 1e-9 * want_h2d, "{b:?}");
+    let want_disk = reread * disk * kvb / hw.disk_read_bps(64 * m.kv_bytes_per_token_per_layer());
+    assert!(
+        (b.disk_read_s - want_disk).abs() <= 1e-9 * want_disk,
+        "{b:?}"
+    );
+    let one_chunk = prefill(4096, spread);
+    assert_eq!(one_chunk.h2d_s, 0.0);
+    assert_eq!(one_chunk.disk_read_s, 0.0);
+}
