@@ -1364,7 +1364,6 @@ impl KvCache {
         } else {
             gpu.export(&mut self.host, &moves, self.dtype)?;
         }
-        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         for &(id, _) in &moves {
             gpu.free(id);
         }
