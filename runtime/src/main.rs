@@ -133,6 +133,10 @@ struct BenchArgs {
     /// Plan and predict every policy, run none.
     #[arg(long)]
     dry_run: bool,
+    /// Stop any one run (a policy on a workload) after this many seconds, model loading
+    /// included, and report it as timed out; the other runs go on. Default: no limit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_run_timeout)]
+    run_timeout: Option<f64>,
     /// Where to compute: auto, cpu, cuda or cuda:N (as for generate).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
@@ -325,6 +329,13 @@ enum Device {
     Auto,
     Cpu,
     Cuda(usize),
+}
+
+fn parse_run_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {

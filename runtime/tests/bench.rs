@@ -94,7 +94,15 @@ fn check_schema(r: &Value) {
             assert!(run["policy"].is_string());
             let status = run["status"].as_str().unwrap();
             assert!(
-                ["ok", "not_runnable", "does_not_fit", "failed", "not_run"].contains(&status),
+                [
+                    "ok",
+                    "not_runnable",
+                    "does_not_fit",
+                    "failed",
+                    "timed_out",
+                    "not_run"
+                ]
+                .contains(&status),
                 "{status}"
             );
             assert!(run["source"].is_string());
@@ -416,4 +424,104 @@ fn bad_input_is_refused_naming_the_flag() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt-len is required"));
     assert!(!Path::new(&d.path("bench/RESULTS.md")).exists());
+}
+
+/// `--run-timeout` stops a run that outlasts it: each row says `timed out` and why, the bench
+/// goes on to the next and writes its reports; a limit that is not a positive number is refused
+/// naming the flag.
+#[test]
+fn runs_past_the_run_timeout_are_stopped_and_reported() {
+    let d = new_dir("timeout");
+    let out = bench(
+        &d,
+        &[
+            "--policies",
+            "strata,gpu-only",
+            "--run-timeout",
+            "0.001",
+            "--json",
+            "report.json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("| strata | timed out |"),
+        "{}",
+        text(&out)
+    );
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    check_schema(&r);
+    for p in ["strata", "gpu-only"] {
+        let run = run_of(&r, p);
+        assert_eq!(run["status"], "timed_out", "{run}");
+        assert!(run["reason"].as_str().unwrap().contains("--run-timeout"));
+        assert!(run["measured"].is_null());
+    }
+    for bad in ["0", "-1", "soon"] {
+        let out = bench(&d, &[&format!("--run-timeout={bad}")]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--run-timeout"),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+/// The JSON report is written after every run, the runs not reached yet marked `not run`: the
+/// first version to appear has the first run done and the others still to come, and every
+/// version parses (each is written whole).
+#[test]
+fn the_json_report_is_written_after_every_run() {
+    let d = new_dir("partial");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .current_dir(&d.0)
+        .args([
+            "bench",
+            "--model",
+            "synthetic:tiny-llama",
+            "--prompt-len",
+            "12",
+            "--gen-len",
+            "4",
+            "--batch",
+            "3",
+            "--device",
+            "cpu",
+            "--profile",
+            "profile.json",
+            "--policies",
+            "strata,layerwise,gpu-only",
+            "--json",
+            "report.json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let path = d.path("report.json");
+    let first = loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            break text;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("bench ended ({status}) before any report was written");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let r: Value = serde_json::from_str(&first).unwrap();
+    check_schema(&r);
+    let runs = r["configs"][0]["runs"].as_array().unwrap();
+    let ok = runs.iter().filter(|x| x["status"] == "ok").count();
+    let pending: Vec<&Value> = runs.iter().filter(|x| x["status"] == "not_run").collect();
+    assert_eq!(ok, 1, "{first}");
+    assert!(!pending.is_empty(), "{first}");
+    for p in pending {
+        assert!(p["reason"].as_str().unwrap().contains("not run yet"), "{p}");
+    }
+    let last: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(ran_count(&last["configs"][0]), 3);
 }

@@ -12,8 +12,11 @@
 //!
 //! A policy the executor cannot run yet is reported as `not runnable` with the executor's reason,
 //! one that does not fit the budgets as `does not fit` with the short tier, a failed run as
-//! `failed`: nothing is faked and nothing stops the other policies. Working files (prompts,
-//! policies, outputs, stats) live in a temporary directory removed at the end.
+//! `failed`, one stopped at `--run-timeout` as `timed out`: nothing is faked and nothing stops
+//! the other policies. The JSON and SVG reports are written again after every run (the runs not
+//! reached yet marked `not run`), so a bench stopped from outside keeps what it finished.
+//! Working files (prompts, policies, outputs, stats) live in a temporary directory removed at
+//! the end.
 
 mod presets;
 mod report;
@@ -22,6 +25,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -140,13 +144,38 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     if !a.dry_run {
         warm_up(&ctx, &configs)?;
     }
+    let report_of = |configs: Vec<ConfigReport>| {
+        let exact = configs.iter().filter_map(|c| c.exact).reduce(|x, y| x && y);
+        Report {
+            schema: report::SCHEMA,
+            date: report::utc_date(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
+            command: command_line(),
+            machine: machine(gpu_name.clone(), &device),
+            profile: ProfileInfo {
+                file: Some(profile_file.display().to_string()),
+                machine: profile.machine.clone(),
+                reference: profile.reference,
+            },
+            preset: a.preset.clone(),
+            budgets,
+            policies: policies.iter().map(|s| s.to_string()).collect(),
+            exact,
+            configs,
+        }
+    };
     let bar = progress(if a.dry_run { 0 } else { to_run });
     let mut done = 0;
-    for c in &mut configs {
+    for ci in 0..configs.len() {
         if a.dry_run {
             break;
         }
-        for r in &mut c.runs {
+        for ri in 0..configs[ci].runs.len() {
+            let c = &mut configs[ci];
+            let r = &mut c.runs[ri];
             let Some(policy) = r.policy else { continue };
             done += 1;
             say(
@@ -174,55 +203,63 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 Err(e) => {
-                    r.report.status = Status::Failed;
+                    r.report.status = match e.downcast_ref::<RunTimedOut>() {
+                        Some(_) => Status::TimedOut,
+                        None => Status::Failed,
+                    };
                     r.report.reason = Some(format!("{e:#}"));
-                    say(&bar, format!("  failed: {e:#}"));
+                    say(&bar, format!("  {}: {e:#}", r.report.status.label()));
                 }
             }
             bar.inc(1);
+            let so_far = configs.iter().map(|c| finish_config(so_far(c))).collect();
+            write_files(a, &report_of(so_far))?;
         }
     }
     bar.finish_and_clear();
-    let configs: Vec<ConfigReport> = configs.into_iter().map(finish_config).collect();
-    let exact = configs.iter().filter_map(|c| c.exact).reduce(|x, y| x && y);
-    let report = Report {
-        schema: report::SCHEMA,
-        date: report::utc_date(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        ),
-        command: command_line(),
-        machine: machine(gpu_name, &device),
-        profile: ProfileInfo {
-            file: Some(profile_file.display().to_string()),
-            machine: profile.machine.clone(),
-            reference: profile.reference,
-        },
-        preset: a.preset.clone(),
-        budgets,
-        policies: policies.iter().map(|s| s.to_string()).collect(),
-        exact,
-        configs,
-    };
+    let report = report_of(configs.into_iter().map(finish_config).collect());
     write_outputs(a, &report)?;
-    if exact == Some(false) {
+    if report.exact == Some(false) {
         eprintln!("error: policies gave different tokens (see `exactness` above)");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_outputs(a: &BenchArgs, report: &Report) -> anyhow::Result<()> {
-    println!("{}", report::markdown(report));
+/// `c` as a report written while the bench runs has it: the runs still to come are `not run`.
+fn so_far(c: &PlannedConfig) -> PlannedConfig {
+    let mut c = c.clone();
+    for r in &mut c.runs {
+        if r.policy.is_some() && r.report.measured.is_none() && r.report.status == Status::Ok {
+            r.report.status = Status::NotRun;
+            r.report.reason = Some("not run yet when this report was written".into());
+        }
+    }
+    c
+}
+
+/// The report files (`--json`, `--plot`), written after every run and at the end, each whole
+/// or not at all (a temporary file beside it, renamed over it), so a reader never sees half.
+fn write_files(a: &BenchArgs, report: &Report) -> anyhow::Result<()> {
+    let write = |flag: &str, path: &Path, text: String| {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("{flag} {}", path.display()))
+    };
     if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(report)?;
-        std::fs::write(p, text + "\n").with_context(|| format!("--json {}", p.display()))?;
+        write("--json", p, serde_json::to_string_pretty(report)? + "\n")?;
     }
     if let Some(p) = &a.plot {
-        std::fs::write(p, report::svg(report))
-            .with_context(|| format!("--plot {}", p.display()))?;
+        write("--plot", p, report::svg(report))?;
     }
+    Ok(())
+}
+
+fn write_outputs(a: &BenchArgs, report: &Report) -> anyhow::Result<()> {
+    println!("{}", report::markdown(report));
+    write_files(a, report)?;
     if a.append_results {
         let path = Path::new("bench/RESULTS.md");
         if !path.parent().is_some_and(Path::is_dir) {
@@ -312,6 +349,7 @@ struct Ctx<'a> {
     work: &'a Path,
 }
 
+#[derive(Clone)]
 struct PlannedRun {
     name: String,
     /// Set when the run is to happen (chosen, fits, runnable).
@@ -321,6 +359,7 @@ struct PlannedRun {
     tokens: Option<BTreeMap<u64, Vec<u32>>>,
 }
 
+#[derive(Clone)]
 struct PlannedConfig {
     report: ConfigReport,
     spec: ModelSpec,
@@ -789,10 +828,14 @@ fn execute(
     // Each run in a process of its own: it starts from a clean device and host (nothing pinned,
     // registered or cached by the previous policy's run), as a user's `strata generate` would.
     let exe = std::env::current_exe().context("locating the strata executable")?;
-    let status = std::process::Command::new(&exe)
+    let mut child = std::process::Command::new(&exe)
         .args(&argv[1..])
-        .status()
+        .spawn()
         .with_context(|| format!("running {}", exe.display()))?;
+    let status = match ctx.a.run_timeout {
+        None => child.wait()?,
+        Some(limit) => wait_at_most(&mut child, limit)?,
+    };
     if !status.success() {
         bail!("`{cmd}` failed ({status}); its error is above");
     }
@@ -807,6 +850,44 @@ fn execute(
     }
     let tokens = read_tokens(&output)?;
     Ok((measured(&stats), tokens, cmd))
+}
+
+/// A run stopped at `--run-timeout`.
+#[derive(Debug)]
+struct RunTimedOut(f64);
+
+impl std::fmt::Display for RunTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped after {} s (--run-timeout), before it finished; nothing of it is measured",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for RunTimedOut {}
+
+/// Waits for `child` at most `limit` seconds; past that, kills it and says so.
+fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: f64,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs_f64(limit);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // Killed, then reaped: no zombie, and its disk files are left-overs the next run
+            // removes.
+            let _ = child.kill();
+            child.wait()?;
+            return Err(RunTimedOut(limit).into());
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
+    }
 }
 
 fn read_tokens(path: &Path) -> anyhow::Result<Tokens> {

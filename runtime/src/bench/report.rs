@@ -80,7 +80,9 @@ pub enum Status {
     DoesNotFit,
     /// The run failed (`reason`).
     Failed,
-    /// `--dry-run`: planned, not run.
+    /// Stopped at `--run-timeout` (`reason`).
+    TimedOut,
+    /// `--dry-run`: planned, not run (or not run yet, in a report written while the bench ran).
     NotRun,
 }
 
@@ -91,6 +93,7 @@ impl Status {
             Status::NotRunnable => "not runnable",
             Status::DoesNotFit => "does not fit",
             Status::Failed => "failed",
+            Status::TimedOut => "timed out",
             Status::NotRun => "not run",
         }
     }
