@@ -212,8 +212,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             bar.inc(1);
-            let so_far = configs.iter().map(|c| finish_config(so_far(c))).collect();
-            write_files(a, &report_of(so_far))?;
+            let partial = configs.iter().map(|c| finish_config(written_so_far(c)));
+            write_files(a, &report_of(partial.collect()))?;
         }
     }
     bar.finish_and_clear();
@@ -227,7 +227,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `c` as a report written while the bench runs has it: the runs still to come are `not run`.
-fn so_far(c: &PlannedConfig) -> PlannedConfig {
+fn written_so_far(c: &PlannedConfig) -> PlannedConfig {
     let mut c = c.clone();
     for r in &mut c.runs {
         if r.policy.is_some() && r.report.measured.is_none() && r.report.status == Status::Ok {
