@@ -43,8 +43,11 @@
 //! rate was calibrated alone, so `host_memory = (host_attention + h2d + d2h + disk_read +
 //! disk_write bytes) / host memory bandwidth` ([`HardwareProfile::host_memory_bps`]) is a floor
 //! on the layer that no single stream shows.
-//! **Overlap**: streams run concurrently, so a layer costs the max over streams and
-//! `host_memory` — except that near-data attention of a GPU batch must finish before that
+//! **The disk** is one device: its reads and writes take turns, so `disk_read + disk_write` is
+//! a floor on the layer too (it matters where both are large: a long prompt's chunks written to
+//! disk and read back).
+//! **Overlap**: streams run concurrently, so a layer costs the max over streams and the two
+//! floors — except that near-data attention of a GPU batch must finish before that
 //! batch's output projection (and the host's MLP share before its next layer), so host compute
 //! overlaps GPU compute only across GPU batches:
 //! that pair costs `max(g, a) + min(g, a)/k`. The layer's copies run while the host attends (the
@@ -514,6 +517,15 @@ fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
     let (mut bound_by, mut layer_s) = st.max();
     if st.host_memory_s > layer_s {
         (bound_by, layer_s) = (Stream::HostMemory, st.host_memory_s);
+    }
+    let disk = st.disk_read_s + st.disk_write_s;
+    if disk > layer_s {
+        layer_s = disk;
+        bound_by = if st.disk_read_s >= st.disk_write_s {
+            Stream::DiskRead
+        } else {
+            Stream::DiskWrite
+        };
     }
     // Host attention of GPU batch b overlaps GPU work only on other GPU batches.
     let (g, a) = (st.gpu_compute_s, st.host_attention_shared_s());

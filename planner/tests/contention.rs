@@ -207,3 +207,33 @@ fn chunked_prompts_read_their_earlier_chunks_back_from_where_they_live() {
     assert_eq!(one_chunk.h2d_s, 0.0);
     assert_eq!(one_chunk.disk_read_s, 0.0);
 }
+
+/// The disk's reads and writes take turns: 2 prompts of 32K tokens whose older half goes to disk
+/// write it there and read the earlier chunks back, and each layer of the prefill costs at
+/// least both (more than any one stream here), bound by the larger.
+#[test]
+fn disk_reads_and_writes_share_the_disk() {
+    let m = llama_3_8b();
+    let hw = HardwareProfile::h100_reference();
+    let mut p = streamed_policy(
+        2,
+        TierSplit {
+            gpu: 0.0,
+            host: 0.5,
+            disk: 0.5,
+        },
+    );
+    p.weights = TierSplit::all_on(Tier::Gpu);
+    let ph = predict(&m, &wl(2, 32768), &p, &hw).prefill;
+    let st = ph.per_layer;
+    let disk = st.disk_read_s + st.disk_write_s;
+    assert!(st.disk_read_s > 0.0 && st.disk_write_s > 0.0, "{st:?}");
+    assert!(disk > st.max().1.max(st.host_memory_s), "{st:?}");
+    assert!((ph.layer_s - disk).abs() <= 1e-12 * disk, "{ph:?}");
+    let larger = if st.disk_read_s >= st.disk_write_s {
+        Stream::DiskRead
+    } else {
+        Stream::DiskWrite
+    };
+    assert_eq!(ph.bound_by, larger);
+}
