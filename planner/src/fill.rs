@@ -8,9 +8,10 @@
 //!
 //! Invariants: the filled policy's splits still sum to 1; a GPU that holds no KV receives some
 //! only when its room holds the runtime's smallest GPU KV tier ([`crate::gpu_kv_min_blocks`]);
-//! no tier receives tokens whose storage it would change (a target tier with a recompute share is left as it is, since moved tokens
-//! would turn into hidden states there); host memory is filled only where it already holds KV
-//! (its attention route was chosen for it). The caller checks the result against the budgets.
+//! no tier receives tokens whose storage it would change (a target tier with a recompute share
+//! is left as it is, since moved tokens would turn into hidden states there); host memory is
+//! filled only where it already holds KV (its attention route was chosen for it). The caller
+//! checks the result against the budgets.
 
 use crate::cost::TierBytes;
 use crate::model::{Budgets, ModelSpec, Workload};

@@ -536,7 +536,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 kv_tokens_on(p, wl, Tier::Host) + kv_tokens_on(p, wl, Tier::Disk) > 0
             });
             let pass_rows = a.prefill_chunk;
-            let mut rows = pass_rows.div_ceil(gpu_batches);
+            let planned_rows = pass_rows.div_ceil(gpu_batches);
+            let mut rows = planned_rows;
             let mut split = loop {
                 let split = gpu_budget::split_with(
                     cfg,
@@ -553,11 +554,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 }
                 rows = (rows / 2).max(MIN_PREFILL_BATCH_ROWS);
             };
-            if rows < pass_rows.div_ceil(gpu_batches) {
+            if rows < planned_rows {
                 eprintln!(
-                    "note: prefill GPU batches of {rows} rows, not {}: the GPU scratch blocks \
-                     that attend prompts over host KV fit beside their activations",
-                    pass_rows.div_ceil(gpu_batches)
+                    "note: prefill GPU batches of {rows} rows, not {planned_rows}: the GPU \
+                     scratch blocks that attend prompts over host KV fit beside their activations"
                 );
             }
             prefill_batch_rows = rows;

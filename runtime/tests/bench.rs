@@ -22,6 +22,11 @@ fn new_dir(tag: &str) -> Dir {
 
 /// `strata bench` on a tiny model in `d`; `extra` flags replace the defaults of the same name.
 fn bench(d: &Dir, extra: &[&str]) -> Output {
+    bench_command(d, extra).output().unwrap()
+}
+
+/// The command [`bench`] runs, not started.
+fn bench_command(d: &Dir, extra: &[&str]) -> Command {
     let defaults = [
         ("--model", "synthetic:tiny-llama"),
         ("--prompt-len", "12"),
@@ -37,11 +42,9 @@ fn bench(d: &Dir, extra: &[&str]) -> Output {
         }
     }
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-        .current_dir(&d.0)
-        .args(&args)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.current_dir(&d.0).args(&args);
+    cmd
 }
 
 fn text(o: &Output) -> String {
@@ -475,31 +478,19 @@ fn runs_past_the_run_timeout_are_stopped_and_reported() {
 #[test]
 fn the_json_report_is_written_after_every_run() {
     let d = new_dir("partial");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .current_dir(&d.0)
-        .args([
-            "bench",
-            "--model",
-            "synthetic:tiny-llama",
-            "--prompt-len",
-            "12",
-            "--gen-len",
-            "4",
-            "--batch",
-            "3",
-            "--device",
-            "cpu",
-            "--profile",
-            "profile.json",
+    let mut child = bench_command(
+        &d,
+        &[
             "--policies",
             "strata,layerwise,gpu-only",
             "--json",
             "report.json",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let path = d.path("report.json");
     let first = loop {
         if let Ok(text) = std::fs::read_to_string(&path) {

@@ -85,7 +85,7 @@ const DOWNLOAD_STAGING_KEPT: usize = 3;
 const UPLOAD_RING: usize = 16;
 
 /// `slot`'s buffer with room for `n` values, (re)allocated when too small.
-pub(crate) fn staging<'s>(
+fn staging<'s>(
     be: &Inner,
     op: &'static str,
     slot: &'s mut Option<PinnedHostSlice<f32>>,
@@ -448,10 +448,7 @@ impl Inner {
 
 impl Inner {
     /// The largest free download staging buffer, if any.
-    pub(crate) fn take_download_staging(
-        &self,
-        op: &'static str,
-    ) -> Result<Option<PinnedHostSlice<f32>>> {
+    fn take_download_staging(&self, op: &'static str) -> Result<Option<PinnedHostSlice<f32>>> {
         let mut log = self
             .copies
             .lock()
@@ -488,7 +485,7 @@ impl Inner {
     }
 
     /// Puts a download staging buffer back; past [`DOWNLOAD_STAGING_KEPT`] the smallest goes.
-    pub(crate) fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
+    fn put_download_staging(&self, buf: Option<PinnedHostSlice<f32>>) {
         if let (Some(buf), Ok(mut log)) = (buf, self.copies.lock()) {
             log.down.push(buf);
             // Smallest first, so `pop` hands out the largest.

@@ -925,14 +925,16 @@ impl KvCache {
         }
         // Host blocks read below may still be landing from the GPU. Passes that read none leave
         // the downloads in flight (the next pass's attention must not wait for them).
-        let reads_host = seqs.iter().any(|&(seq, rows)| {
-            self.layer_blocks(seq, layer).is_ok_and(|blocks| {
-                let far = self.far_mask(blocks, rows);
-                blocks
-                    .iter()
-                    .zip(far)
-                    .any(|(b, far)| far && matches!(b.loc, Loc::Host(_)))
-            })
+        // (Landing moves no block, so the far masks hold across it.)
+        let masks = seqs
+            .iter()
+            .map(|&(seq, rows)| Ok(self.far_mask(self.layer_blocks(seq, layer)?, rows)))
+            .collect::<Result<Vec<_>, KvError>>()?;
+        let reads_host = seqs.iter().zip(&masks).any(|(&(seq, _), far)| {
+            self.seqs[&seq].layers[layer]
+                .iter()
+                .zip(far)
+                .any(|(b, &far)| far && matches!(b.loc, Loc::Host(_)))
         });
         if reads_host {
             self.settle_gpu()?;
@@ -950,9 +952,8 @@ impl KvCache {
             .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == dtype);
         let mut out = Vec::new();
         let mut disk_reads: Vec<(usize, u32)> = Vec::new();
-        for &(seq, rows) in seqs {
+        for (&(seq, _), far) in seqs.iter().zip(&masks) {
             let blocks = self.layer_blocks(seq, layer)?;
-            let far = self.far_mask(blocks, rows);
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
                 let mut in_host = None;
                 let data = match b.loc {
