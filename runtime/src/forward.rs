@@ -1000,9 +1000,15 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     ) -> Result<Vec<B::Tensor>, ForwardError> {
         let mut out = Vec::with_capacity(xs.len());
         let mut pending: Option<(B::Tensor, Attending<B>)> = None;
-        for (x, r) in xs.into_iter().zip(batches) {
+        for (g, (x, r)) in xs.into_iter().zip(batches).enumerate() {
             let _span = debug_span!("gpu_batch", rows = r.len()).entered();
-            let mut attending = self.begin_layer(w, layer, &x, &rows[r.clone()], kv)?;
+            // The gather after this one: the next GPU batch, or the next layer's first.
+            let next = match batches.get(g + 1) {
+                Some(n) => Some((layer, n)),
+                None => (layer + 1 < self.cfg.layers).then(|| (layer + 1, &batches[0])),
+            };
+            let next = next.map(|(l, n)| (l, rows_per_seq(&rows[n.clone()])));
+            let mut attending = self.begin_layer(w, layer, &x, &rows[r.clone()], next, kv)?;
             if let Some((x, a)) = pending.take() {
                 out.push(self.finish_layer(w, host_mlp, x, a, kv)?);
             }
@@ -1016,13 +1022,15 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 
     /// The attention block up to the attention itself: projections, RoPE, KV append, the
-    /// device's attention launched and the queries on their way to the host.
+    /// device's attention launched and the queries on their way to the host. `next`: the layer
+    /// and sequences of the gather that follows this one, whose disk reads start here.
     fn begin_layer(
         &self,
         w: &LayerWeights<B::Weight>,
         layer: usize,
         x: &B::Tensor,
         rows: &[Row],
+        next: Option<(usize, Vec<(SeqId, usize)>)>,
         kv: &mut KvCache,
     ) -> Result<Attending<B>, ForwardError> {
         let b = &self.backend;
@@ -1041,6 +1049,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // Far blocks: fetched KV, and hidden states turned back into K and V here.
         let seqs = rows_per_seq(rows);
         let mut far = debug_span!("gather_far").in_scope(|| kv.gather_far(layer, &seqs))?;
+        if let Some((layer, seqs)) = next {
+            kv.prefetch_far(layer, &seqs)?;
+        }
         let proj = KvProjection {
             norm: &w.attn_norm,
             norm_b: w.attn_norm_b.as_ref(),

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`: locating fixtures, running a model's
 //! forward pass directly (prefill, greedy decode, logits at every position), and comparing logits.
 
+pub mod kv_tiers;
+
 use std::path::PathBuf;
 
 use strata_kernels::{CpuBackend, DType};

@@ -11,10 +11,8 @@
 
 use strata_kernels::testing::{SplitMix as Rng, test_seed};
 use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, Partial, reference};
-use strata_runtime::kv::policy::SinkAndRecent;
-use strata_runtime::kv::{
-    AttentionRoutes, IoEngine, KvCache, KvCacheConfig, KvGeometry, SeqId, TierQuery,
-};
+use strata_runtime::kv::{AttentionRoutes, IoEngine, KvCache, KvGeometry, SeqId, TierQuery};
+use strata_tests::kv_tiers::{self, io_engines};
 use strata_tests::scratch_disk;
 
 const G: KvGeometry = KvGeometry {
@@ -25,77 +23,27 @@ const G: KvGeometry = KvGeometry {
 };
 const N_HEADS: usize = 6;
 
-fn engines() -> Vec<IoEngine> {
-    let mut e = vec![IoEngine::Sync];
-    if strata_storage::probe_io_uring().is_ok() {
-        e.push(IoEngine::Uring);
-    }
-    e
-}
-
 fn geometry() -> AttentionGeometry {
     AttentionGeometry::new(N_HEADS, G.kv_heads, G.head_dim, G.block_tokens)
 }
 
 /// A cache whose host tier holds `host_blocks` blocks over a disk tier.
 fn cache(dtype: DType, host_blocks: usize, engine: IoEngine, tag: &str) -> KvCache {
-    let stride = G.bytes_per_block(dtype).next_multiple_of(4096) as u64;
-    KvCache::new(KvCacheConfig {
-        geometry: G,
-        host_bytes: host_blocks as u64 * stride,
-        kv_dtype: dtype,
-        disk: Some(scratch_disk("kv-dtype", tag, engine)),
-        gpu: None,
-        policy: Box::new(SinkAndRecent {
-            sink_blocks: 1,
-            recent_blocks: 1,
-        }),
-    })
-    .unwrap()
+    kv_tiers::host_and_disk(G, dtype, host_blocks, scratch_disk("kv-dtype", tag, engine))
 }
 
-/// Appends `tokens` random tokens to `seq` in every layer. Returns, per layer, the K and V
-/// blocks as the tiers should hold them: `[blocks][2 · block_elems]` f32, unfilled slots zero.
 fn fill(kv: &mut KvCache, rng: &mut Rng, seq: SeqId, tokens: usize) -> Vec<Vec<Vec<f32>>> {
-    let (e, hd, bt) = (G.block_elems(), G.head_dim, G.block_tokens);
-    let width = G.kv_heads * hd;
-    let mut want = vec![vec![vec![0.0f32; 2 * e]; tokens.div_ceil(bt)]; G.layers];
-    kv.add_sequence(seq);
-    for pos in 0..tokens {
-        for (layer, blocks) in want.iter_mut().enumerate() {
-            let k = rng.vec_scaled(width, 3.0);
-            let v = rng.vec_scaled(width, 3.0);
-            kv.append(seq, layer, pos, &k, &v).unwrap();
-            let (b, t) = (pos / bt, pos % bt);
-            for h in 0..G.kv_heads {
-                let at = (h * bt + t) * hd;
-                blocks[b][at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-                blocks[b][e + at..e + at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
-            }
-        }
-    }
-    want
+    kv_tiers::fill(kv, G, rng, seq, tokens)
 }
 
 fn rounded(dtype: DType, x: &[f32]) -> Vec<f32> {
     KvBuf::from_f32(dtype, x).as_slice().to_f32_vec()
 }
 
-/// The bits of the first `len` token rows of every head of K and V (a block's filled part: the
-/// rest of a reused slot is stale).
-fn filled_bits(block: &[f32], len: usize) -> Vec<u32> {
-    let (hd, bt) = (G.head_dim, G.block_tokens);
-    block
-        .chunks_exact(bt * hd)
-        .flat_map(|head| &head[..len * hd])
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 #[test]
 fn host_to_disk_and_back_is_bit_exact_in_every_dtype() {
     let seed = test_seed();
-    for engine in engines() {
+    for engine in io_engines() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             let what = format!("seed {seed}: {dtype:?} {engine:?}");
             let mut rng = Rng(seed);
@@ -133,8 +81,8 @@ fn host_to_disk_and_back_is_bit_exact_in_every_dtype() {
                     assert_eq!(f.data.dtype(), dtype, "{what}");
                     assert_eq!(f.data.size_bytes(), G.bytes_per_block(dtype), "{what}");
                     assert_eq!(
-                        filled_bits(&f.data.as_slice().to_f32_vec(), f.len),
-                        filled_bits(&rounded(dtype, w), f.len),
+                        kv_tiers::filled_bits(G, &f.data.as_slice().to_f32_vec(), f.len),
+                        kv_tiers::filled_bits(G, &rounded(dtype, w), f.len),
                         "{what}: layer {layer} block at {} of {:?} changed",
                         f.start_pos,
                         f.seq
@@ -165,7 +113,7 @@ fn reference_partial(q: &[f32], pos: usize, blocks: &[Vec<f32>], tokens: usize) 
 fn host_and_storage_engines_attend_half_precision_blocks() {
     let seed = test_seed();
     let ag = geometry();
-    for engine in engines() {
+    for engine in io_engines() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             let what = format!("seed {seed}: {dtype:?} {engine:?}");
             let mut rng = Rng(seed ^ 0x5eed);
@@ -279,8 +227,8 @@ fn bulk_appends_store_what_row_appends_store() {
                 for (x, y) in a.iter().zip(&b) {
                     assert_eq!((x.seq, x.start_pos, x.len), (y.seq, y.start_pos, y.len));
                     assert_eq!(
-                        filled_bits(&x.data.as_slice().to_f32_vec(), x.len),
-                        filled_bits(&y.data.as_slice().to_f32_vec(), y.len),
+                        kv_tiers::filled_bits(G, &x.data.as_slice().to_f32_vec(), x.len),
+                        kv_tiers::filled_bits(G, &y.data.as_slice().to_f32_vec(), y.len),
                         "{what}: layer {layer}: block at {} of {:?}",
                         x.start_pos,
                         x.seq

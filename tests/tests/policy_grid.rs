@@ -115,6 +115,13 @@ fn run(
         // (At recompute 1 every full block holds hidden states: no KV is left to fetch.)
         assert!(k.fetched_blocks > 0, "{tag} {point:?}: nothing was fetched");
     }
+    if point.host_blocks.is_some() && (point.near < 1.0 || point.recompute > 0.0) {
+        // Disk blocks gathered for the next layer (or GPU batch) were read while this one ran.
+        assert!(
+            k.disk_blocks_read_ahead > 0,
+            "{tag} {point:?}: no disk block was read ahead"
+        );
+    }
     if point.recompute > 0.0 {
         assert!(
             k.hidden_blocks_stored > 0 && k.recomputed_tokens > 0 && k.bytes_hidden_read > 0,

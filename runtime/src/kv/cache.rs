@@ -71,6 +71,9 @@ pub struct KvMetrics {
     pub host_attention_seconds: f64,
     pub storage_attention_seconds: f64,
     pub disk_write_seconds: f64,
+    /// Disk blocks a fetch found already read, queued one fetch ahead
+    /// ([`KvCache::prefetch_far`]) while the device computed.
+    pub disk_blocks_read_ahead: u64,
     /// Host and disk KV blocks fetched to the compute device (policy `FetchToGpu`/`Split`), and
     /// their bytes.
     pub fetched_blocks: u64,
@@ -330,6 +333,7 @@ impl KvCache {
             m.bytes_kept_off_host_link = s.bytes_read.saturating_sub(s.result_bytes);
             m.storage_attention_seconds = s.attend_seconds;
             m.disk_write_seconds = s.write_seconds;
+            m.disk_blocks_read_ahead = s.blocks_read_ahead;
         }
         m
     }
@@ -902,6 +906,58 @@ impl KvCache {
         mask
     }
 
+    /// Each sequence's far mask in `layer` ([`KvCache::far_mask`]), or `None` when
+    /// [`KvCache::gather_far`] has nothing to gather there: a prompt pass appended through the
+    /// scratch, or no route that leaves blocks far.
+    fn far_masks(
+        &self,
+        layer: usize,
+        seqs: &[(SeqId, usize)],
+    ) -> Result<Option<Vec<Vec<bool>>>, KvError> {
+        if self
+            .scratch_pass
+            .as_ref()
+            .is_some_and(|p| p.layer == layer && seqs.iter().all(|s| p.seqs.contains(&s.0)))
+        {
+            // Appended through the scratch: every block these rows attend is there already.
+            return Ok(None);
+        }
+        let prefill_fetches = self.gpu.is_some() && seqs.iter().any(|s| s.1 > 1);
+        if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
+            return Ok(None);
+        }
+        seqs.iter()
+            .map(|&(seq, rows)| Ok(self.far_mask(self.layer_blocks(seq, layer)?, rows)))
+            .collect::<Result<Vec<_>, KvError>>()
+            .map(Some)
+    }
+
+    /// Queues the disk reads of the next [`KvCache::gather_far`], for `seqs` in `layer`, so the
+    /// disk reads them while the device computes this one. A prompt chunk reads every earlier
+    /// chunk's disk blocks back, and a fetch policy its cold blocks each step: read one gather
+    /// ahead, those reads overlap compute instead of following it. Blocks that move to disk
+    /// after this are read when gathered; a gather of something else reads as before.
+    pub fn prefetch_far(&mut self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<(), KvError> {
+        if self.disk.is_none() {
+            return Ok(());
+        }
+        let Some(masks) = self.far_masks(layer, seqs)? else {
+            return Ok(());
+        };
+        let mut slots = Vec::new();
+        for (&(seq, _), far) in seqs.iter().zip(&masks) {
+            for (b, &far) in self.seqs[&seq].layers[layer].iter().zip(far) {
+                if let (true, Loc::Disk(slot)) = (far, &b.loc) {
+                    slots.push(*slot);
+                }
+            }
+        }
+        match (&mut self.disk, slots.is_empty()) {
+            (Some(disk), false) => disk.read_ahead(slots),
+            _ => Ok(()),
+        }
+    }
+
     /// The far blocks of `seqs` in `layer` (see [`KvCache::far_mask`]; each sequence with the
     /// number of rows it has in this pass), copied out of the host tier or read back from the
     /// disk tier, in each sequence's position order. The attention that follows
@@ -911,25 +967,12 @@ impl KvCache {
         layer: usize,
         seqs: &[(SeqId, usize)],
     ) -> Result<Vec<FarBlock>, KvError> {
-        if self
-            .scratch_pass
-            .as_ref()
-            .is_some_and(|p| p.layer == layer && seqs.iter().all(|s| p.seqs.contains(&s.0)))
-        {
-            // Appended through the scratch: every block these rows attend is there already.
+        let Some(masks) = self.far_masks(layer, seqs)? else {
             return Ok(Vec::new());
-        }
-        let prefill_fetches = self.gpu.is_some() && seqs.iter().any(|s| s.1 > 1);
-        if self.routes == AttentionRoutes::default() && self.recompute == 0.0 && !prefill_fetches {
-            return Ok(Vec::new());
-        }
+        };
         // Host blocks read below may still be landing from the GPU. Passes that read none leave
         // the downloads in flight (the next pass's attention must not wait for them).
         // (Landing moves no block, so the far masks hold across it.)
-        let masks = seqs
-            .iter()
-            .map(|&(seq, rows)| Ok(self.far_mask(self.layer_blocks(seq, layer)?, rows)))
-            .collect::<Result<Vec<_>, KvError>>()?;
         let reads_host = seqs.iter().zip(&masks).any(|(&(seq, _), far)| {
             self.seqs[&seq].layers[layer]
                 .iter()

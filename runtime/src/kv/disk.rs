@@ -12,12 +12,15 @@
 //!
 //! - **Reads** ([`DiskTier::read`]): whole blocks back to the host, for blocks the policy
 //!   fetches to the compute device instead of attending near, and for stored hidden states.
+//!   The caller can queue the blocks of its next read ahead ([`DiskTier::read_ahead`]), so the
+//!   disk reads them while the device computes; the read then takes them from there.
 //!
 //! Because commands run in FIFO order, a read always sees every earlier write to its slot, so a
 //! block is readable as soon as its spill is queued. Slot bookkeeping (reserve and free) happens
 //! on the caller's side. The worker only moves bytes and does math. A failed write is sticky: it
 //! is reported with the next attention reply, never silently dropped.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -61,6 +64,9 @@ pub(crate) struct DiskGroup {
 
 pub(crate) type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
 type ReadReply = Result<Vec<Vec<u8>>, KvError>;
+/// `None` when the worker could not read ahead (an IO error, or a failed write it keeps for the
+/// next read or attention to report): the read that wanted the blocks reads them itself.
+type AheadReply = Option<Vec<Vec<u8>>>;
 
 enum Command {
     Write(Vec<(u32, Vec<u8>)>),
@@ -74,6 +80,18 @@ enum Command {
         geometry: AttentionGeometry,
         reply: Sender<AttendReply>,
     },
+    ReadAhead {
+        slots: Vec<u32>,
+        reply: Sender<AheadReply>,
+    },
+}
+
+/// Blocks read ahead of the [`DiskTier::read`] that will want them. `slots[i]` is the block of
+/// reply entry `i`, or `None` once that slot was freed (its bytes may belong to another block
+/// by the time they are wanted).
+struct ReadAhead {
+    slots: Vec<Option<u32>>,
+    reply: Receiver<AheadReply>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,6 +100,8 @@ pub(crate) struct DiskStats {
     pub result_bytes: u64,
     pub attend_seconds: f64,
     pub write_seconds: f64,
+    /// Blocks a read found already read ahead.
+    pub blocks_read_ahead: u64,
 }
 
 pub(crate) struct DiskTier {
@@ -91,6 +111,7 @@ pub(crate) struct DiskTier {
     capacity: usize,
     engine: String,
     stats: Arc<Mutex<DiskStats>>,
+    ahead: Option<ReadAhead>,
 }
 
 impl DiskTier {
@@ -140,6 +161,7 @@ impl DiskTier {
             capacity,
             engine,
             stats,
+            ahead: None,
         })
     }
 
@@ -165,6 +187,13 @@ impl DiskTier {
     }
 
     pub fn free(&mut self, slot: u32) {
+        if let Some(ahead) = &mut self.ahead {
+            for s in &mut ahead.slots {
+                if *s == Some(slot) {
+                    *s = None;
+                }
+            }
+        }
         self.free.push(slot);
     }
 
@@ -181,11 +210,71 @@ impl DiskTier {
         self.send(Command::Write(blocks))
     }
 
-    /// Reads `slots` back whole, in order (after every write queued before).
+    /// Reads `slots` back whole, in order (after every write queued before). Blocks read ahead
+    /// ([`DiskTier::read_ahead`]) come from there; the rest are read now.
     pub fn read(&mut self, slots: Vec<u32>) -> Result<Vec<Vec<u8>>, KvError> {
+        let mut ready = self.take_read_ahead()?;
+        let mut out: Vec<Option<Vec<u8>>> = slots.iter().map(|s| ready.remove(s)).collect();
+        let missing: Vec<u32> = slots
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| o.is_none())
+            .map(|(&s, _)| s)
+            .collect();
+        let hits = (slots.len() - missing.len()) as u64;
+        if let Ok(mut s) = self.stats.lock() {
+            s.blocks_read_ahead += hits;
+        }
+        if !missing.is_empty() {
+            let (reply, rx) = channel();
+            self.send(Command::Read {
+                slots: missing,
+                reply,
+            })?;
+            let mut read = rx.recv().map_err(|_| KvError::WorkerGone)??.into_iter();
+            for o in out.iter_mut().filter(|o| o.is_none()) {
+                *o = read.next();
+            }
+        }
+        out.into_iter()
+            .map(|o| o.ok_or(KvError::WorkerGone))
+            .collect()
+    }
+
+    /// Queues reads of `slots` for the next [`DiskTier::read`], which takes whichever of its
+    /// blocks are among them; returns at once. A read-ahead not yet taken is dropped. A slot
+    /// must hold its block's bytes (its write queued) and keep them until read or freed: disk
+    /// blocks are full and never rewritten in place, so only a free ends that.
+    pub fn read_ahead(&mut self, slots: Vec<u32>) -> Result<(), KvError> {
         let (reply, rx) = channel();
-        self.send(Command::Read { slots, reply })?;
-        rx.recv().map_err(|_| KvError::WorkerGone)?
+        self.send(Command::ReadAhead {
+            slots: slots.clone(),
+            reply,
+        })?;
+        self.ahead = Some(ReadAhead {
+            slots: slots.into_iter().map(Some).collect(),
+            reply: rx,
+        });
+        Ok(())
+    }
+
+    /// The blocks read ahead, by slot, once the worker has read them (empty when there were
+    /// none or the worker could not read them).
+    fn take_read_ahead(&mut self) -> Result<HashMap<u32, Vec<u8>>, KvError> {
+        let Some(ahead) = self.ahead.take() else {
+            return Ok(HashMap::new());
+        };
+        let _span = tracing::debug_span!("wait_read_ahead").entered();
+        let read = ahead.reply.recv().map_err(|_| KvError::WorkerGone)?;
+        Ok(match read {
+            Some(blocks) => ahead
+                .slots
+                .into_iter()
+                .zip(blocks)
+                .filter_map(|(s, b)| Some((s?, b)))
+                .collect(),
+            None => HashMap::new(),
+        })
     }
 
     /// Queues storage attention for `groups`; the partials arrive on the returned channel.
@@ -255,6 +344,14 @@ impl Worker {
                     let result = match self.failed.take() {
                         Some(e) => Err(KvError::Storage(e)),
                         None => self.read(&slots),
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::ReadAhead { slots, reply } => {
+                    // A failed write stays for the next read or attention to report.
+                    let result = match self.failed {
+                        Some(_) => None,
+                        None => self.read(&slots).ok(),
                     };
                     let _ = reply.send(result);
                 }
