@@ -224,3 +224,72 @@ fn copies_on_the_copy_stream_round_trip_and_are_counted() {
     assert!(after.d2h_bytes >= before.d2h_bytes + 12_000, "{after:?}");
     assert!(after.h2d_seconds > before.h2d_seconds && after.d2h_seconds > before.d2h_seconds);
 }
+
+/// Blocks written without waiting, in pieces through the upload staging ring (over 8 MiB here,
+/// so more than one piece), land bit for bit where the synchronous write puts them; blocks in
+/// another dtype than the pool's are rounded on the way, as the synchronous write rounds them.
+#[test]
+fn asynchronous_imports_land_like_synchronous_ones() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    let shape = KvBlockShape {
+        kv_heads: 8,
+        block_tokens: 32,
+        head_dim: 128,
+    };
+    let e = shape.block_elems();
+    let n = 80;
+    for dtype in [DType::F16, DType::BF16] {
+        let mut sync_pool = gpu.kv_pool(dtype, shape, n + 3).unwrap();
+        let mut async_pool = gpu.kv_pool(dtype, shape, n + 3).unwrap();
+        let wide = rng.vec_scaled(n * e, 4.0);
+        let stored = strata_kernels::KvBuf::from_f32(dtype, &wide);
+        assert!(stored.size_bytes() > 8 << 20, "one piece only");
+        gpu.kv_pool_write_kv(&mut sync_pool, 2, stored.as_slice())
+            .unwrap();
+        gpu.kv_pool_write_kv_async(&mut async_pool, 2, stored.as_slice())
+            .unwrap();
+        drop(stored);
+        // A block of f32 values into the pool's dtype: the synchronous path, rounded.
+        let f32_block = strata_kernels::KvBuf::from_f32(DType::F32, &wide[..e]);
+        gpu.kv_pool_write_kv(&mut sync_pool, n + 2, f32_block.as_slice())
+            .unwrap();
+        gpu.kv_pool_write_kv_async(&mut async_pool, n + 2, f32_block.as_slice())
+            .unwrap();
+        let ids: Vec<u32> = (2..n as u32 + 3).collect();
+        // Each block's bytes in the pool's dtype, one after another.
+        let words = e * dtype.size_bytes() / 4;
+        let mut got = [vec![0u32; ids.len() * words], vec![0u32; ids.len() * words]];
+        for (pool, host) in [&sync_pool, &async_pool].into_iter().zip(&mut got) {
+            let dst: Vec<*mut u8> = host
+                .chunks_mut(words)
+                .map(|b| b.as_mut_ptr().cast::<u8>())
+                .collect();
+            // SAFETY: the buffers outlive the ticket, waited on before they are read.
+            unsafe { gpu.kv_export_async(pool, &ids, &dst, dtype) }
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        let bits = |h: &[u32]| {
+            widen(h, dtype, ids.len() * e)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            bits(&got[0]) == bits(&got[1]),
+            "seed {seed}: {dtype:?}: blocks written without waiting differ"
+        );
+        let want: Vec<u32> = wide[..n * e]
+            .iter()
+            .chain(&wide[..e])
+            .map(|w| round(*w, dtype).to_bits())
+            .collect();
+        assert!(
+            bits(&got[1]) == want,
+            "seed {seed}: {dtype:?}: blocks are not the values written"
+        );
+    }
+}

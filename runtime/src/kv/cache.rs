@@ -629,7 +629,7 @@ impl KvCache {
     fn settle_gpu(&mut self) -> Result<(), KvError> {
         self.land()?;
         match &mut self.gpu {
-            Some(t) => t.settle(),
+            Some(t) => tracing::debug_span!("settle_spill").in_scope(|| t.settle()),
             None => Ok(()),
         }
     }
@@ -1576,7 +1576,7 @@ impl KvCache {
             };
             out.push((f.seq, id, f.start_pos, f.len));
             gpu.backend
-                .kv_pool_write_kv(&mut gpu.pool, id as usize, f.data.as_slice())
+                .kv_pool_write_kv_async(&mut gpu.pool, id as usize, f.data.as_slice())
                 .map_err(|e| KvError::Gpu(e.to_string()))?;
         }
         self.note_peaks();
@@ -1590,6 +1590,7 @@ impl KvCache {
         &mut self,
         far: &[FarBlock],
     ) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
+        let _span = tracing::debug_span!("import_scratch", blocks = far.len()).entered();
         let gpu = self
             .gpu
             .as_mut()
@@ -1610,8 +1611,9 @@ impl KvCache {
         for f in &in_hand {
             data.extend_from(f.data.as_slice().slice(0..e));
         }
+        // Without waiting for the device: the host goes on to the next gather meanwhile.
         gpu.backend
-            .kv_pool_write_kv(&mut gpu.pool, ids.start as usize, data.as_slice())
+            .kv_pool_write_kv_async(&mut gpu.pool, ids.start as usize, data.as_slice())
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         let slots: Vec<SlotId> = in_host.iter().filter_map(|f| f.in_host).collect();
         gpu.fetch_slots(&mut self.host, ids.start + in_hand.len() as u32, &slots)?;

@@ -226,6 +226,7 @@ impl DiskTier {
             s.blocks_read_ahead += hits;
         }
         if !missing.is_empty() {
+            let _span = tracing::debug_span!("read_disk", blocks = missing.len()).entered();
             let (reply, rx) = channel();
             self.send(Command::Read {
                 slots: missing,
