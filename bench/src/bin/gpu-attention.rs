@@ -15,6 +15,12 @@
 //!   written per second (twice that): attention only reads, so "r+w" is the HBM traffic a
 //!   copy sustains and the fair ceiling; the ratio columns divide by it.
 //! - **Floor**: the same two timings of a call that reads one block: the fixed cost per call.
+//! - **Same-size floors** (diagnostics beside the target, never instead of it), for every cell of
+//!   at most `FLOOR_MAX_BYTES`, loop-timed like the attention over the same rotation:
+//!   - **read**: a pure streaming-read kernel over exactly the cell's bytes (16-byte loads, a
+//!     grid that fills every SM), the fastest any kernel that reads those bytes once per call
+//!     could be;
+//!   - **copy**: a device-to-device copy of the cell's bytes, its r+w rate against the 1 GiB one.
 //! - **Splits sweep**: loop time per call of the small cells at forced split counts
 //!   (`decode_attention_with_splits`), the one `decode_splits` picks marked `*`.
 //!
@@ -39,6 +45,8 @@ const SINGLE_CALLS: usize = 25;
 /// (batch, context) cells of the splits sweep, and the split counts it tries.
 const SWEEP_CELLS: [(usize, usize); 4] = [(1, 4096), (8, 4096), (1, 32 * 1024), (1, 128 * 1024)];
 const SWEEP_SPLITS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Cells up to this size get the same-size read and copy floors.
+const FLOOR_MAX_BYTES: usize = GIB;
 
 fn main() {
     if let Err(e) = run() {
@@ -125,10 +133,12 @@ fn run() -> Result<(), String> {
     println!();
     println!(
         "| batch | context | KV read / step | splits | loop: time / step | loop GB/s | loop vs copy \
-         r+w | host enqueue / call | single call | single vs copy r+w |"
+         r+w | host enqueue / call | single call | single vs copy r+w | pure read, same bytes | \
+         copy, same bytes (r+w vs 1 GiB copy) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut sweeps = Vec::new();
+    let mut floors = std::collections::BTreeMap::new();
     for ctx in CONTEXTS {
         for batch in BATCHES {
             let blocks_per_seq = ctx / g.block_tokens;
@@ -136,7 +146,7 @@ fn run() -> Result<(), String> {
             let step_bytes = step_blocks * block_bytes;
             if step_blocks > n_blocks {
                 println!(
-                    "| {batch} | {}K | {:.2} GiB | | skipped: does not fit | | | | | |",
+                    "| {batch} | {}K | {:.2} GiB | | skipped: does not fit | | | | | | | |",
                     ctx / 1024,
                     step_bytes as f64 / GIB as f64
                 );
@@ -173,9 +183,28 @@ fn run() -> Result<(), String> {
             let (loop_ms, host_ms) = step.time_loop(steps, None, 3).map_err(ke)?;
             let single_ms = step.time_single(SINGLE_CALLS).map_err(ke)?;
             let gbps = step_bytes as f64 / (loop_ms * 1e-3) / 1e9;
+            let floor_cols = if step_bytes <= FLOOR_MAX_BYTES {
+                let (read, copy) = match floors.get(&step_bytes) {
+                    Some(&f) => f,
+                    None => {
+                        let f = same_size_floors(&gpu, step_bytes, steps).map_err(ke)?;
+                        floors.insert(step_bytes, f);
+                        f
+                    }
+                };
+                format!(
+                    "{:.1} µs ({:.0}%) | {:.1} µs ({:.0}%)",
+                    read * 1e3,
+                    pct(step_bytes, read),
+                    copy * 1e3,
+                    pct(2 * step_bytes, copy)
+                )
+            } else {
+                "– | –".to_string()
+            };
             println!(
                 "| {batch} | {}K | {:.1} MiB | {splits} | {:.1} µs | {gbps:.0} | {:.0}% | {:.1} µs \
-                 | {:.1} µs | {:.0}% |",
+                 | {:.1} µs | {:.0}% | {floor_cols} |",
                 ctx / 1024,
                 step_bytes as f64 / (1 << 20) as f64,
                 loop_ms * 1e3,
@@ -205,6 +234,19 @@ fn run() -> Result<(), String> {
         println!("{row}");
     }
     Ok(())
+}
+
+/// Milliseconds per pure read and per device-to-device copy of `bytes`, `reps` of each timed
+/// back to back over a rotation of at least `ROTATE_BYTES`, best of 3.
+fn same_size_floors(
+    gpu: &CudaBackend,
+    bytes: usize,
+    reps: usize,
+) -> Result<(f64, f64), KernelError> {
+    let span = bytes.max(ROTATE_BYTES);
+    let read = gpu.read_time_ms(bytes, span, reps, 3)?;
+    let copy = gpu.copy_span_time_ms(bytes, span, reps, 3)?;
+    Ok((read, copy))
 }
 
 /// One benchmark cell: decode calls over rotating tables.

@@ -20,7 +20,12 @@
 //!   kernel.
 //! - **Specialisation.** head_dim 64 and 128 with 16-byte loads and groups of 1, 2, 4 or 8 query
 //!   heads per CTA (larger groups take several CTAs); any other head_dim up to 256 runs a generic
-//!   kernel.
+//!   kernel. CTAs of 2 to 8 heads have 8 warps: half the splits of 4-warp CTAs for the same
+//!   occupancy, so half the partials for the last CTA of a column to merge (bench/RESULTS.md,
+//!   tenth session).
+//! - **Bandwidth floors.** [`CudaBackend::copy_span_time_ms`] and [`CudaBackend::read_time_ms`]
+//!   time a device-to-device copy and a pure streaming read of a given size, for the bench to
+//!   compare the decode with.
 //! - **Merge.** [`CudaBackend::merge_partials`] merges partials from different tiers (a GPU
 //!   partial, a host partial uploaded with [`CudaBackend::tensor`], ...) with the formula of
 //!   `Partial::merge`.
@@ -37,8 +42,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use super::{CudaBackend, CudaTensor, Inner, check_len, device_err};
 use crate::{AttentionGeometry, DType, KernelError, KvSlice, Result, shape_err};
 
-/// Warps per decode CTA; `ATTN_WARPS` in attention.cu.
-const DECODE_THREADS: u32 = 4 * 32;
+/// Warps per CTA of the specialised decode kernels, by query heads per CTA as `GROUP_SIZES` (the
+/// `WARPS` of each `ATTN_FAST` in attention.cu), and of the generic kernel (`ATTN_WARPS`).
+const FAST_WARPS: [u32; 4] = [4, 8, 8, 8];
+const GENERIC_WARPS: u32 = 4;
 /// head_dim at most for the generic kernel; `ATTN_GENERIC_MAX_DIM` in attention.cu.
 const GENERIC_MAX_DIM: usize = 256;
 /// Query heads per CTA of each specialised kernel; the generic kernel takes 8.
@@ -47,6 +54,8 @@ const FAST_DIMS: [usize; 2] = [64, 128];
 /// A split covers at least this many tokens (rounded up to whole blocks).
 const MIN_SPLIT_TOKENS: usize = 64;
 const MAX_SPLITS: usize = 256;
+/// Threads per CTA of `hbm_read_floor`.
+const READ_THREADS: u32 = 256;
 /// Rows (sequence × head) per block of the merge kernels: one warp each.
 const MERGE_THREADS: u32 = 256;
 
@@ -175,29 +184,34 @@ pub(crate) struct AttentionKernels {
     /// `[dtype]`.
     generic: Vec<DecodeKernel>,
     merge_parts: CudaFunction,
+    /// `hbm_read_floor`: the pure streaming read the decode bench compares with.
+    read_floor: CudaFunction,
     /// The split partials and arrival counters of `decode_attention`, reused by every call.
     scratch: Mutex<SplitScratch>,
 }
 
-/// One decode kernel and how many of its CTAs an SM holds (queried on first use, then kept).
+/// One decode kernel, its threads per CTA, and how many of its CTAs an SM holds (queried on
+/// first use, then kept).
 struct DecodeKernel {
     f: CudaFunction,
+    threads: u32,
     ctas_per_sm: OnceLock<usize>,
 }
 
 impl DecodeKernel {
-    fn new(f: CudaFunction) -> Self {
+    fn new(f: CudaFunction, threads: u32) -> Self {
         Self {
             f,
+            threads,
             ctas_per_sm: OnceLock::new(),
         }
     }
 
-    /// CTAs of `DECODE_THREADS` threads resident per SM (2 if the driver cannot say).
+    /// CTAs of `self.threads` threads resident per SM (2 if the driver cannot say).
     fn ctas_per_sm(&self) -> usize {
         *self.ctas_per_sm.get_or_init(|| {
             self.f
-                .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
+                .occupancy_max_active_blocks_per_multiprocessor(self.threads, 0, None)
                 .map(|n| n.max(1) as usize)
                 .unwrap_or(2)
         })
@@ -295,20 +309,19 @@ impl AttentionKernels {
         let mut generic = Vec::new();
         for dt in DTYPES {
             for d in FAST_DIMS {
-                for g in GROUP_SIZES {
+                for (g, warps) in GROUP_SIZES.into_iter().zip(FAST_WARPS) {
                     let f = load(format!("attn_decode_{}_d{d}_g{g}", dt.name()))?;
-                    fast.push(DecodeKernel::new(f));
+                    fast.push(DecodeKernel::new(f, warps * 32));
                 }
             }
-            generic.push(DecodeKernel::new(load(format!(
-                "attn_decode_{}_generic",
-                dt.name()
-            ))?));
+            let f = load(format!("attn_decode_{}_generic", dt.name()))?;
+            generic.push(DecodeKernel::new(f, GENERIC_WARPS * 32));
         }
         Ok(Self {
             fast,
             generic,
             merge_parts: load("attn_merge_parts".into())?,
+            read_floor: load("hbm_read_floor".into())?,
             scratch: Mutex::new(SplitScratch::default()),
         })
     }
@@ -654,7 +667,7 @@ impl CudaBackend {
         let columns = g.n_kv_heads * chunks;
         let cfg = LaunchConfig {
             grid_dim: (splits as u32, columns as u32, batch as u32),
-            block_dim: (DECODE_THREADS, 1, 1),
+            block_dim: (k.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let u = |x: usize| x as u32;
@@ -801,26 +814,103 @@ impl CudaBackend {
     /// Milliseconds per device-to-device copy of `bytes` bytes: `reps` copies between two
     /// buffers, timed together, best of `trials`.
     pub fn copy_time_ms(&self, bytes: usize, reps: usize, trials: usize) -> Result<f64> {
+        self.copy_span_time_ms(bytes, bytes, reps, trials)
+    }
+
+    /// Milliseconds per device-to-device copy of `bytes` bytes, where copy `i` moves bytes
+    /// `[j * bytes, (j + 1) * bytes)` of one `span`-byte buffer to the same place in another
+    /// (`j = i mod span / bytes`): with a span past the L2 cache, no copy is served by the one
+    /// before it. `reps` copies timed together, best of `trials`.
+    pub fn copy_span_time_ms(
+        &self,
+        bytes: usize,
+        span: usize,
+        reps: usize,
+        trials: usize,
+    ) -> Result<f64> {
         let be = &self.inner;
         let op = "copy_time_ms";
         be.check(op)?;
-        let src = be
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(|e| device_err(op, e))?;
-        let mut dst = be
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(|e| device_err(op, e))?;
-        let copy = |dst: &mut CudaSlice<u8>| {
+        let bytes = bytes.max(1);
+        let slots = (span / bytes).max(1);
+        let alloc = |n| {
             be.stream
-                .memcpy_dtod(&src, dst)
+                .alloc_zeros::<u8>(n)
                 .map_err(|e| device_err(op, e))
         };
-        copy(&mut dst)?;
+        let src = alloc(slots * bytes)?;
+        let mut dst = alloc(slots * bytes)?;
+        let copy = |i: usize, dst: &mut CudaSlice<u8>| {
+            let at = (i % slots) * bytes;
+            be.stream
+                .memcpy_dtod(
+                    &src.slice(at..at + bytes),
+                    &mut dst.slice_mut(at..at + bytes),
+                )
+                .map_err(|e| device_err(op, e))
+        };
+        (0..slots).try_for_each(|i| copy(i, &mut dst))?;
         let mut best = f64::INFINITY;
         for _ in 0..trials.max(1) {
-            let (ms, ()) = self.time_ms(|| (0..reps.max(1)).try_for_each(|_| copy(&mut dst)))?;
+            let (ms, ()) = self.time_ms(|| (0..reps.max(1)).try_for_each(|i| copy(i, &mut dst)))?;
+            best = best.min(ms / reps.max(1) as f64);
+        }
+        Ok(best)
+    }
+
+    /// Milliseconds per pure streaming read of `bytes` bytes (rounded down to 16-byte vectors)
+    /// by `hbm_read_floor`, a grid that fills every SM; read `i` covers slot `i mod span / bytes`
+    /// of a `span`-byte buffer, as in [`CudaBackend::copy_span_time_ms`]. `reps` reads timed
+    /// together, best of `trials`: the floor for a kernel that reads `bytes` once per call.
+    pub fn read_time_ms(
+        &self,
+        bytes: usize,
+        span: usize,
+        reps: usize,
+        trials: usize,
+    ) -> Result<f64> {
+        let be = &self.inner;
+        let op = "read_time_ms";
+        be.check(op)?;
+        let vecs = (bytes / 16).max(1);
+        let slots = (span / (vecs * 16)).max(1);
+        let f = &be.attn.read_floor;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(READ_THREADS, 0, None)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(1);
+        let ctas = be.info.multiprocessors.max(1) as usize * per_sm;
+        let src = be
+            .stream
+            .alloc_zeros::<u8>(slots * vecs * 16)
+            .map_err(|e| device_err(op, e))?;
+        let mut sink = be
+            .stream
+            .alloc_zeros::<u32>(ctas)
+            .map_err(|e| device_err(op, e))?;
+        let n_vec = vecs as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (ctas as u32, 1, 1),
+            block_dim: (READ_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let read = |i: usize, sink: &mut CudaSlice<u32>| {
+            let at = (i % slots) * vecs * 16;
+            let view = src.slice(at..at + vecs * 16);
+            let mut b = be.stream.launch_builder(f);
+            b.arg(&view).arg(&n_vec).arg(sink);
+            // SAFETY: hbm_read_floor(const uint4* src, u64 n_vec, u32* sink): `view` holds
+            // n_vec 16-byte vectors (its offset is a multiple of 16 in a 16-byte aligned
+            // allocation) and `sink` one u32 per CTA of the grid.
+            unsafe { b.launch(cfg) }
+                .map(drop)
+                .map_err(|e| device_err(op, e))
+        };
+        (0..slots).try_for_each(|i| read(i, &mut sink))?;
+        let mut best = f64::INFINITY;
+        for _ in 0..trials.max(1) {
+            let (ms, ()) =
+                self.time_ms(|| (0..reps.max(1)).try_for_each(|i| read(i, &mut sink)))?;
             best = best.min(ms / reps.max(1) as f64);
         }
         Ok(best)
