@@ -225,9 +225,10 @@ fn copies_on_the_copy_stream_round_trip_and_are_counted() {
     assert!(after.h2d_seconds > before.h2d_seconds && after.d2h_seconds > before.d2h_seconds);
 }
 
-/// Blocks written without waiting, in pieces through the upload staging ring (over 8 MiB here,
-/// so more than one piece), land bit for bit where the synchronous write puts them; blocks in
-/// another dtype than the pool's are rounded on the way, as the synchronous write rounds them.
+/// Blocks written without waiting, one slice each, in pieces through the upload staging ring
+/// (over 8 MiB here, so more than one piece), land bit for bit where the synchronous write puts
+/// them; blocks in another dtype than the pool's are rounded on the way, as the synchronous write
+/// rounds them; a block of the wrong size is refused.
 #[test]
 fn asynchronous_imports_land_like_synchronous_ones() {
     let Some(gpu) = test_gpu() else { return };
@@ -248,15 +249,24 @@ fn asynchronous_imports_land_like_synchronous_ones() {
         assert!(stored.size_bytes() > 8 << 20, "one piece only");
         gpu.kv_pool_write_kv(&mut sync_pool, 2, stored.as_slice())
             .unwrap();
-        gpu.kv_pool_write_kv_async(&mut async_pool, 2, stored.as_slice())
+        let blocks: Vec<_> = (0..n)
+            .map(|i| stored.as_slice().slice(i * e..(i + 1) * e))
+            .collect();
+        gpu.kv_pool_write_blocks_async(&mut async_pool, 2, &blocks)
             .unwrap();
+        drop(blocks);
         drop(stored);
         // A block of f32 values into the pool's dtype: the synchronous path, rounded.
         let f32_block = strata_kernels::KvBuf::from_f32(DType::F32, &wide[..e]);
         gpu.kv_pool_write_kv(&mut sync_pool, n + 2, f32_block.as_slice())
             .unwrap();
-        gpu.kv_pool_write_kv_async(&mut async_pool, n + 2, f32_block.as_slice())
+        gpu.kv_pool_write_blocks_async(&mut async_pool, n + 2, &[f32_block.as_slice()])
             .unwrap();
+        let short = f32_block.as_slice().slice(0..e - 8);
+        assert!(
+            gpu.kv_pool_write_blocks_async(&mut async_pool, 0, &[short])
+                .is_err()
+        );
         let ids: Vec<u32> = (2..n as u32 + 3).collect();
         // Each block's bytes in the pool's dtype, one after another.
         let words = e * dtype.size_bytes() / 4;

@@ -13,6 +13,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use cudarc::driver::{
     CudaEvent, CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg,
 };
@@ -22,7 +24,7 @@ use super::transfer::{Dir, PendingDownload, as_bytes};
 use super::{CudaBackend, CudaTensor, device_err, kernels};
 use crate::{DType, KvSlice, Result, shape_err};
 
-/// The largest piece of an asynchronous pool write ([`CudaBackend::kv_pool_write_kv_async`]):
+/// The largest piece of an asynchronous pool write ([`CudaBackend::kv_pool_write_blocks_async`]):
 /// each piece takes a buffer of the 16-buffer upload staging ring, which grows to it, so the
 /// ring holds at most 128 MiB of page-locked memory for them.
 const POOL_UPLOAD_PIECE: usize = 8 << 20;
@@ -137,54 +139,71 @@ impl Drop for HostRegistration {
 }
 
 impl CudaBackend {
-    /// Copies whole blocks in the pool's dtype (`blocks`, laid out as pool blocks) into pool
-    /// blocks `first_block ..`, in order on the compute stream, without the host waiting for
-    /// the device: the bytes go through the upload staging ring in pieces of at most
-    /// [`POOL_UPLOAD_PIECE`] bytes, and `blocks` may be dropped on return. Blocks read from disk
-    /// for the next attention come this way, so the host goes on to the next GPU batch while
-    /// they copy ([`CudaBackend::kv_pool_write_kv`] waits for the stream). Blocks in another
-    /// dtype go through that synchronous path.
-    pub fn kv_pool_write_kv_async(
+    /// Copies `blocks` (each one whole block, in the pool's dtype) into pool blocks
+    /// `first_block ..`, in order on the compute stream, without the host waiting for the
+    /// device: host threads copy them into buffers of the upload staging ring, pieces of at most
+    /// [`POOL_UPLOAD_PIECE`] bytes, once, and the slices may be dropped on return. Blocks read
+    /// from disk for the next attention come this way, so the host goes on to the next GPU
+    /// batch while they copy ([`CudaBackend::kv_pool_write_kv`] waits for the stream). Blocks
+    /// in another dtype go through that synchronous path.
+    pub fn kv_pool_write_blocks_async(
         &self,
         pool: &mut KvPool,
         first_block: usize,
-        blocks: KvSlice<'_>,
+        blocks: &[KvSlice<'_>],
     ) -> Result<()> {
         let be = &self.inner;
-        let op = "kv_pool_write_kv_async";
+        let op = "kv_pool_write_blocks_async";
         be.check(op)?;
-        if blocks.dtype() != pool.dtype() {
-            return self.kv_pool_write_kv(pool, first_block, blocks);
-        }
         let per = pool.shape().block_elems();
-        if !blocks.len().is_multiple_of(per) || first_block + blocks.len() / per > pool.n_blocks() {
+        if first_block + blocks.len() > pool.n_blocks() {
             return Err(shape_err(
                 op,
                 format!(
-                    "{} values from block {first_block}: not whole blocks of {per}, or past the \
-                     pool's {} blocks",
-                    blocks.len(),
+                    "blocks {first_block}..{} past the pool's {}",
+                    first_block + blocks.len(),
                     pool.n_blocks()
                 ),
             ));
         }
-        let src = match blocks {
-            KvSlice::F32(h) => as_bytes(h),
-            KvSlice::F16(h) => as_bytes(h),
-            KvSlice::BF16(h) => as_bytes(h),
-        };
-        let offset = first_block * per * pool.dtype().size_bytes();
+        if let Some(b) = blocks.iter().find(|b| b.len() != per) {
+            return Err(shape_err(
+                op,
+                format!("a block of {} values, not {per}", b.len()),
+            ));
+        }
+        let block_bytes = per * pool.dtype().size_bytes();
+        // Pieces start on block boundaries, which the staged copy needs 16-byte aligned.
+        if blocks.iter().any(|b| b.dtype() != pool.dtype()) || !block_bytes.is_multiple_of(16) {
+            for (i, b) in blocks.iter().enumerate() {
+                self.kv_pool_write_kv(pool, first_block + i, *b)?;
+            }
+            return Ok(());
+        }
+        let per_piece = (POOL_UPLOAD_PIECE / block_bytes).max(1);
         let (base, _sync) = match &mut pool.data {
             PoolBuf::F32(d) => d.device_ptr_mut(&be.stream),
             PoolBuf::F16(d) => d.device_ptr_mut(&be.stream),
             PoolBuf::BF16(d) => d.device_ptr_mut(&be.stream),
         };
-        for (i, piece) in src.chunks(POOL_UPLOAD_PIECE).enumerate() {
-            let dst = base + (offset + i * POOL_UPLOAD_PIECE) as u64;
-            // SAFETY: `dst .. dst + piece.len()` lies inside the pool's allocation (checked
-            // above), 16-byte aligned (whole blocks and pieces are multiples of 16 bytes);
-            // the pool outlives the compute stream's copies (it is freed on that stream).
-            unsafe { be.upload_bytes(op, dst, piece) }?;
+        for (i, piece) in blocks.chunks(per_piece).enumerate() {
+            let dst = base + ((first_block + i * per_piece) * block_bytes) as u64;
+            let fill = |staged: &mut [u8]| {
+                staged
+                    .par_chunks_mut(block_bytes)
+                    .zip(piece.par_iter())
+                    .for_each(|(to, b)| {
+                        to.copy_from_slice(match b {
+                            KvSlice::F32(h) => as_bytes(h),
+                            KvSlice::F16(h) => as_bytes(h),
+                            KvSlice::BF16(h) => as_bytes(h),
+                        })
+                    });
+            };
+            // SAFETY: `dst .. dst + piece.len() * block_bytes` lies inside the pool's allocation
+            // (checked above), 16-byte aligned (so are the pool and every block, checked); the pool
+            // outlives the compute stream's copies (it is freed on that stream).
+            unsafe { be.upload_filled(op, dst, piece.len() * block_bytes, fill) }?;
         }
         Ok(())
     }

@@ -392,7 +392,22 @@ impl Inner {
         dst: CUdeviceptr,
         src: &[u8],
     ) -> Result<()> {
-        let n = src.len();
+        // SAFETY: the caller's contract, for `src.len()` bytes.
+        unsafe { self.upload_filled(op, dst, src.len(), |staged| staged.copy_from_slice(src)) }
+    }
+
+    /// [`Inner::upload_bytes`] of `n` bytes that `fill` writes into the staging buffer (all
+    /// `n` of them), so a caller with its bytes in pieces copies them once.
+    ///
+    /// # Safety
+    /// As [`Inner::upload_bytes`], for `n` bytes.
+    pub(crate) unsafe fn upload_filled(
+        &self,
+        op: &'static str,
+        dst: CUdeviceptr,
+        n: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -410,7 +425,7 @@ impl Inner {
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4)
             };
-            bytes[..n].copy_from_slice(src);
+            fill(&mut bytes[..n]);
             let staged = &bytes[..n];
             self.timed_copy_on(&self.stream, op, Dir::H2d, n, |s| {
                 // SAFETY: `dst` holds n bytes (the caller's contract); the staging buffer is

@@ -15,11 +15,11 @@ use strata_storage::{ArenaSlots, SlotId};
 use strata_kernels::CudaTensor;
 use strata_kernels::cuda::{DevicePartial, PendingDownload, SeqBlocks as GpuSeqBlocks};
 
-use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig};
+use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig, WholeBlock};
 use super::far::{self, AttentionRoutes, FarBlock};
 use super::gpu::{GpuTier, GpuTierConfig};
 use super::policy::PlacementPolicy;
-use super::stored::{slot_kv, slot_kv_mut, with_stored_kv};
+use super::stored::{slot_kv, slot_kv_mut};
 use super::{KvError, KvGeometry, SeqId};
 
 pub struct KvCacheConfig {
@@ -944,16 +944,19 @@ impl KvCache {
         let Some(masks) = self.far_masks(layer, seqs)? else {
             return Ok(());
         };
-        let mut slots = Vec::new();
+        let mut blocks = Vec::new();
         for (&(seq, _), far) in seqs.iter().zip(&masks) {
             for (b, &far) in self.seqs[&seq].layers[layer].iter().zip(far) {
-                if let (true, Loc::Disk(slot)) = (far, &b.loc) {
-                    slots.push(*slot);
+                if let (true, &Loc::Disk(slot)) = (far, &b.loc) {
+                    blocks.push(WholeBlock {
+                        slot,
+                        hidden: b.hidden,
+                    });
                 }
             }
         }
-        match (&mut self.disk, slots.is_empty()) {
-            (Some(disk), false) => disk.read_ahead(slots),
+        match (&mut self.disk, blocks.is_empty()) {
+            (Some(disk), false) => disk.read_ahead(blocks),
             _ => Ok(()),
         }
     }
@@ -1027,13 +1030,22 @@ impl KvCache {
         }
         if !disk_reads.is_empty() {
             let disk = self.disk.as_mut().ok_or(KvError::WorkerGone)?;
-            let bytes = disk.read(disk_reads.iter().map(|r| r.1).collect())?;
-            for (&(i, _), raw) in disk_reads.iter().zip(bytes) {
+            let blocks = disk_reads
+                .iter()
+                .map(|&(i, slot)| WholeBlock {
+                    slot,
+                    hidden: out[i].hidden,
+                })
+                .collect();
+            for (&(i, _), data) in disk_reads.iter().zip(disk.read(blocks)?) {
                 let f = &mut out[i];
-                f.data = if f.hidden {
-                    KvBuf::F32(strata_storage::f32_view(&raw)[..f.len * d].to_vec())
-                } else {
-                    with_stored_kv(&raw, dtype, |kv| KvBuf::copy_of(kv.slice(0..2 * e)))
+                f.data = match data {
+                    // A block's hidden states: its filled rows of `d` values.
+                    KvBuf::F32(mut h) if f.hidden => {
+                        h.truncate(f.len * d);
+                        KvBuf::F32(h)
+                    }
+                    kv => kv,
                 };
             }
         }
@@ -1576,7 +1588,7 @@ impl KvCache {
             };
             out.push((f.seq, id, f.start_pos, f.len));
             gpu.backend
-                .kv_pool_write_kv_async(&mut gpu.pool, id as usize, f.data.as_slice())
+                .kv_pool_write_blocks_async(&mut gpu.pool, id as usize, &[f.data.as_slice()])
                 .map_err(|e| KvError::Gpu(e.to_string()))?;
         }
         self.note_peaks();
@@ -1607,13 +1619,30 @@ impl KvCache {
         let (in_host, in_hand): (Vec<&FarBlock>, Vec<&FarBlock>) =
             far.iter().partition(|f| f.in_host.is_some());
         let e = 2 * self.g.block_elems();
-        let mut data = KvBuf::with_capacity(gpu.pool.dtype(), in_hand.len() * e);
-        for f in &in_hand {
-            data.extend_from(f.data.as_slice().slice(0..e));
-        }
+        // Blocks in another dtype than the pool's (an f32 host tier) are converted first.
+        let pool_dtype = gpu.pool.dtype();
+        let converted = in_hand
+            .iter()
+            .any(|f| f.data.dtype() != pool_dtype)
+            .then(|| {
+                let mut all = KvBuf::with_capacity(pool_dtype, in_hand.len() * e);
+                for f in &in_hand {
+                    all.extend_from(f.data.as_slice().slice(0..e));
+                }
+                all
+            });
+        let data: Vec<_> = match &converted {
+            Some(all) => (0..in_hand.len())
+                .map(|i| all.as_slice().slice(i * e..(i + 1) * e))
+                .collect(),
+            None => in_hand
+                .iter()
+                .map(|f| f.data.as_slice().slice(0..e))
+                .collect(),
+        };
         // Without waiting for the device: the host goes on to the next gather meanwhile.
         gpu.backend
-            .kv_pool_write_kv_async(&mut gpu.pool, ids.start as usize, data.as_slice())
+            .kv_pool_write_blocks_async(&mut gpu.pool, ids.start as usize, &data)
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         let slots: Vec<SlotId> = in_host.iter().filter_map(|f| f.in_host).collect();
         gpu.fetch_slots(&mut self.host, ids.start + in_hand.len() as u32, &slots)?;

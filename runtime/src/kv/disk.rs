@@ -10,8 +10,9 @@
 //!   emulated on the host. The worker counts the KV bytes a computational storage drive would
 //!   have kept off the host link.
 //!
-//! - **Reads** ([`DiskTier::read`]): whole blocks back to the host, for blocks the policy
-//!   fetches to the compute device instead of attending near, and for stored hidden states.
+//! - **Reads** ([`DiskTier::read`]): whole blocks back to the host, typed on the worker (K and
+//!   V in the tier's dtype, hidden states in f32), for blocks the policy fetches to the compute
+//!   device instead of attending near, and for stored hidden states.
 //!   The caller can queue the blocks of its next read ahead ([`DiskTier::read_ahead`]), so the
 //!   disk reads them while the device computes; the read then takes them from there.
 //!
@@ -29,9 +30,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use strata_kernels::attention::attend_partial;
-use strata_kernels::{AttentionGeometry, DType, KvBlockView, Partial};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, Partial};
 use strata_storage::{
-    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, free_bytes,
+    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, f32_view,
+    free_bytes,
 };
 
 use super::stored::with_stored_kv;
@@ -63,16 +65,24 @@ pub(crate) struct DiskGroup {
 }
 
 pub(crate) type AttendReply = Result<Vec<(usize, Partial)>, KvError>;
-type ReadReply = Result<Vec<Vec<u8>>, KvError>;
+type ReadReply = Result<Vec<KvBuf>, KvError>;
 /// `None` when the worker could not read ahead (an IO error, or a failed write it keeps for the
 /// next read or attention to report): the read that wanted the blocks reads them itself.
-type AheadReply = Option<Vec<Vec<u8>>>;
+type AheadReply = Option<Vec<KvBuf>>;
+
+/// A block to read back whole: its slot, and whether it holds hidden states (f32) rather than
+/// K and V (the tier's dtype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WholeBlock {
+    pub slot: u32,
+    pub hidden: bool,
+}
 
 enum Command {
     Write(Vec<(u32, Vec<u8>)>),
     /// Blocks read back whole (fetched to the compute device, or hidden states to recompute).
     Read {
-        slots: Vec<u32>,
+        blocks: Vec<WholeBlock>,
         reply: Sender<ReadReply>,
     },
     Attend {
@@ -81,16 +91,16 @@ enum Command {
         reply: Sender<AttendReply>,
     },
     ReadAhead {
-        slots: Vec<u32>,
+        blocks: Vec<WholeBlock>,
         reply: Sender<AheadReply>,
     },
 }
 
-/// Blocks read ahead of the [`DiskTier::read`] that will want them. `slots[i]` is the block of
-/// reply entry `i`, or `None` once that slot was freed (its bytes may belong to another block
-/// by the time they are wanted).
+/// Blocks read ahead of the [`DiskTier::read`] that will want them. `blocks[i]` is the block of
+/// reply entry `i`, or `None` once its slot was freed (its bytes may belong to another block by
+/// the time they are wanted).
 struct ReadAhead {
-    slots: Vec<Option<u32>>,
+    blocks: Vec<Option<WholeBlock>>,
     reply: Receiver<AheadReply>,
 }
 
@@ -188,9 +198,9 @@ impl DiskTier {
 
     pub fn free(&mut self, slot: u32) {
         if let Some(ahead) = &mut self.ahead {
-            for s in &mut ahead.slots {
-                if *s == Some(slot) {
-                    *s = None;
+            for b in &mut ahead.blocks {
+                if b.is_some_and(|b| b.slot == slot) {
+                    *b = None;
                 }
             }
         }
@@ -210,18 +220,18 @@ impl DiskTier {
         self.send(Command::Write(blocks))
     }
 
-    /// Reads `slots` back whole, in order (after every write queued before). Blocks read ahead
-    /// ([`DiskTier::read_ahead`]) come from there; the rest are read now.
-    pub fn read(&mut self, slots: Vec<u32>) -> Result<Vec<Vec<u8>>, KvError> {
+    /// Reads `blocks` back whole, in order (after every write queued before). Blocks read
+    /// ahead ([`DiskTier::read_ahead`]) come from there; the rest are read now.
+    pub fn read(&mut self, blocks: Vec<WholeBlock>) -> Result<Vec<KvBuf>, KvError> {
         let mut ready = self.take_read_ahead()?;
-        let mut out: Vec<Option<Vec<u8>>> = slots.iter().map(|s| ready.remove(s)).collect();
-        let missing: Vec<u32> = slots
+        let mut out: Vec<Option<KvBuf>> = blocks.iter().map(|b| ready.remove(b)).collect();
+        let missing: Vec<WholeBlock> = blocks
             .iter()
             .zip(&out)
             .filter(|(_, o)| o.is_none())
-            .map(|(&s, _)| s)
+            .map(|(&b, _)| b)
             .collect();
-        let hits = (slots.len() - missing.len()) as u64;
+        let hits = (blocks.len() - missing.len()) as u64;
         if let Ok(mut s) = self.stats.lock() {
             s.blocks_read_ahead += hits;
         }
@@ -229,7 +239,7 @@ impl DiskTier {
             let _span = tracing::debug_span!("read_disk", blocks = missing.len()).entered();
             let (reply, rx) = channel();
             self.send(Command::Read {
-                slots: missing,
+                blocks: missing,
                 reply,
             })?;
             let mut read = rx.recv().map_err(|_| KvError::WorkerGone)??.into_iter();
@@ -242,37 +252,37 @@ impl DiskTier {
             .collect()
     }
 
-    /// Queues reads of `slots` for the next [`DiskTier::read`], which takes whichever of its
+    /// Queues reads of `blocks` for the next [`DiskTier::read`], which takes whichever of its
     /// blocks are among them; returns at once. A read-ahead not yet taken is dropped. A slot
     /// must hold its block's bytes (its write queued) and keep them until read or freed: disk
     /// blocks are full and never rewritten in place, so only a free ends that.
-    pub fn read_ahead(&mut self, slots: Vec<u32>) -> Result<(), KvError> {
+    pub fn read_ahead(&mut self, blocks: Vec<WholeBlock>) -> Result<(), KvError> {
         let (reply, rx) = channel();
         self.send(Command::ReadAhead {
-            slots: slots.clone(),
+            blocks: blocks.clone(),
             reply,
         })?;
         self.ahead = Some(ReadAhead {
-            slots: slots.into_iter().map(Some).collect(),
+            blocks: blocks.into_iter().map(Some).collect(),
             reply: rx,
         });
         Ok(())
     }
 
-    /// The blocks read ahead, by slot, once the worker has read them (empty when there were
-    /// none or the worker could not read them).
-    fn take_read_ahead(&mut self) -> Result<HashMap<u32, Vec<u8>>, KvError> {
+    /// The blocks read ahead, once the worker has read them (empty when there were none or the
+    /// worker could not read them).
+    fn take_read_ahead(&mut self) -> Result<HashMap<WholeBlock, KvBuf>, KvError> {
         let Some(ahead) = self.ahead.take() else {
             return Ok(HashMap::new());
         };
         let _span = tracing::debug_span!("wait_read_ahead").entered();
         let read = ahead.reply.recv().map_err(|_| KvError::WorkerGone)?;
         Ok(match read {
-            Some(blocks) => ahead
-                .slots
+            Some(data) => ahead
+                .blocks
                 .into_iter()
-                .zip(blocks)
-                .filter_map(|(s, b)| Some((s?, b)))
+                .zip(data)
+                .filter_map(|(b, d)| Some((b?, d)))
                 .collect(),
             None => HashMap::new(),
         })
@@ -341,18 +351,18 @@ impl Worker {
         for cmd in rx {
             match cmd {
                 Command::Write(blocks) => self.write(blocks),
-                Command::Read { slots, reply } => {
+                Command::Read { blocks, reply } => {
                     let result = match self.failed.take() {
                         Some(e) => Err(KvError::Storage(e)),
-                        None => self.read(&slots),
+                        None => self.read(&blocks),
                     };
                     let _ = reply.send(result);
                 }
-                Command::ReadAhead { slots, reply } => {
+                Command::ReadAhead { blocks, reply } => {
                     // A failed write stays for the next read or attention to report.
                     let result = match self.failed {
                         Some(_) => None,
-                        None => self.read(&slots).ok(),
+                        None => self.read(&blocks).ok(),
                     };
                     let _ = reply.send(result);
                 }
@@ -388,12 +398,19 @@ impl Worker {
         }
     }
 
-    fn read(&mut self, slots: &[u32]) -> Result<Vec<Vec<u8>>, KvError> {
-        let disk: Vec<DiskSlot> = slots.iter().map(|&i| self.slots[i as usize]).collect();
-        let mut out = vec![Vec::new(); slots.len()];
-        let bpb = self.bytes_per_block;
+    /// Reads `blocks` whole, typed here (K and V in the tier's dtype, hidden states as f32),
+    /// so the caller gets them without another copy.
+    fn read(&mut self, blocks: &[WholeBlock]) -> Result<Vec<KvBuf>, KvError> {
+        let disk: Vec<DiskSlot> = blocks.iter().map(|b| self.slots[b.slot as usize]).collect();
+        let mut out = vec![KvBuf::F32(Vec::new()); blocks.len()];
+        let (bpb, dtype) = (self.bytes_per_block, self.dtype);
         self.store.read_blocks(&disk, |i, bytes| {
-            out[i] = bytes[..bpb].to_vec();
+            let bytes = &bytes[..bpb];
+            out[i] = if blocks[i].hidden {
+                KvBuf::F32(f32_view(bytes).to_vec())
+            } else {
+                with_stored_kv(bytes, dtype, KvBuf::copy_of)
+            };
             Ok::<(), StorageError>(())
         })?;
         Ok(out)
