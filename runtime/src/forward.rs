@@ -557,6 +557,9 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     gpu_batches: usize,
     /// Rows of one GPU batch at most.
     batch_rows: usize,
+    /// The sequences (with their rows) of the first GPU batch of the pass after the next one
+    /// ([`Transformer::expect_next_pass`]).
+    next_pass: Option<Vec<(SeqId, usize)>>,
     pub timings: LayerTimings,
 }
 
@@ -755,6 +758,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             attention,
             gpu_batches: 1,
             batch_rows: usize::MAX,
+            next_pass: None,
             timings: LayerTimings::default(),
         })
     }
@@ -768,6 +772,16 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// runs more of them.
     pub fn set_batch_rows(&mut self, rows: usize) {
         self.batch_rows = rows.max(1);
+    }
+
+    /// Names the rows of the pass that follows the next one (a prompt's next chunk): the next
+    /// pass's last layer then reads the disk blocks of that pass's first gather ahead, as each
+    /// gather reads the next one's ([`KvCache::prefetch_far`]). Without it a pass's first
+    /// gather reads its disk blocks on the spot.
+    pub fn expect_next_pass(&mut self, rows: &[Row]) {
+        self.next_pass = gpu_batches(rows, self.gpu_batches, self.batch_rows)
+            .first()
+            .map(|r| rows_per_seq(&rows[r.clone()]));
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -854,6 +868,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         kv: &mut KvCache,
     ) -> Result<(Vec<B::Tensor>, Vec<usize>), ForwardError> {
         let batches = gpu_batches(rows, self.gpu_batches, self.batch_rows);
+        let next_pass = self.next_pass.take();
         // Passes of decode-sized GPU batches leave staged layers' host MLP share to host
         // threads; larger ones fetch it with the rest of the layer.
         let host_mlp = batches.iter().all(|r| r.len() as u64 <= HOST_MLP_MAX_ROWS);
@@ -880,7 +895,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             xs = match &self.layers[i] {
-                LayerSlot::Resident(lw) => self.layer(lw, None, i, xs, &batches, rows, kv)?,
+                LayerSlot::Resident(lw) => {
+                    self.layer(lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
+                }
                 LayerSlot::Staged(ls) => {
                     let (lw, mark, bytes) = match next.take() {
                         Some((j, f)) if j == i => f,
@@ -897,14 +914,23 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                     if let Some(m) = &on_host {
                         host_mlp_bytes += m.bytes() * batches.len() as u64;
                     }
-                    self.layer(&lw, on_host.as_ref(), i, xs, &batches, rows, kv)?
+                    self.layer(
+                        &lw,
+                        on_host.as_ref(),
+                        i,
+                        xs,
+                        &batches,
+                        rows,
+                        next_pass.as_deref(),
+                        kv,
+                    )?
                 }
                 LayerSlot::Streamed => {
                     let t0 = Instant::now();
                     let lw = load_layer(b, &self.cfg, self.source, i)?;
                     self.timings.weight_load_s += t0.elapsed().as_secs_f64();
                     loads += 1;
-                    self.layer(&lw, None, i, xs, &batches, rows, kv)?
+                    self.layer(&lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
                 }
             };
         }
@@ -986,7 +1012,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// append and device attention enqueued, its queries copied down), then batch `g - 1` is
     /// finished (its output projection and MLP enqueued), then the host attends batch `g` while
     /// the device runs all that. The storage engine streams batch `g`'s disk blocks from then
-    /// until `g` is finished, after `g + 1` is launched.
+    /// until `g` is finished, after `g + 1` is launched. `next_pass`: the first GPU batch of the
+    /// pass after this one, whose first gather the last layer's last batch reads ahead.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -996,18 +1023,22 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         xs: Vec<B::Tensor>,
         batches: &[Range<usize>],
         rows: &[Row],
+        next_pass: Option<&[(SeqId, usize)]>,
         kv: &mut KvCache,
     ) -> Result<Vec<B::Tensor>, ForwardError> {
         let mut out = Vec::with_capacity(xs.len());
         let mut pending: Option<(B::Tensor, Attending<B>)> = None;
         for (g, (x, r)) in xs.into_iter().zip(batches).enumerate() {
             let _span = debug_span!("gpu_batch", rows = r.len()).entered();
-            // The gather after this one: the next GPU batch, or the next layer's first.
+            // The gather after this one: the next GPU batch's, the next layer's first, or the
+            // next pass's first.
             let next = match batches.get(g + 1) {
-                Some(n) => Some((layer, n)),
-                None => (layer + 1 < self.cfg.layers).then(|| (layer + 1, &batches[0])),
+                Some(n) => Some((layer, rows_per_seq(&rows[n.clone()]))),
+                None if layer + 1 < self.cfg.layers => {
+                    Some((layer + 1, rows_per_seq(&rows[batches[0].clone()])))
+                }
+                None => next_pass.map(|s| (0, s.to_vec())),
             };
-            let next = next.map(|(l, n)| (l, rows_per_seq(&rows[n.clone()])));
             let mut attending = self.begin_layer(w, layer, &x, &rows[r.clone()], next, kv)?;
             if let Some((x, a)) = pending.take() {
                 out.push(self.finish_layer(w, host_mlp, x, a, kv)?);

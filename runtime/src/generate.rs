@@ -468,6 +468,10 @@ impl<'a, 'm, B: RuntimeBackend> Job<'a, 'm, B> {
                 ends.next();
             }
             let logit_rows: Vec<usize> = here.iter().map(|h| h.1).collect();
+            if end < rows.len() {
+                self.tf
+                    .expect_next_pass(&rows[end..(end + chunk).min(rows.len())]);
+            }
             let picks = self.sample(batch, &here, &rows[start..end], &logit_rows)?;
             for (&(i, _), t) in here.iter().zip(picks) {
                 batch[i].next = t;

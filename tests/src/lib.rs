@@ -89,6 +89,9 @@ pub struct Engine<'m, B: RuntimeBackend = CpuBackend> {
     /// Prompt rows per forward pass in [`Engine::greedy_batch`] (as `generate --prefill-chunk`):
     /// a chunk attends the earlier chunks' KV wherever it has gone by then.
     pub prefill_chunk: usize,
+    /// Whether each chunk names the next ([`Transformer::expect_next_pass`], as `generate`
+    /// does), so its last layer reads the next chunk's first disk blocks ahead.
+    pub expect_next_chunk: bool,
     next_seq: u64,
 }
 
@@ -155,6 +158,7 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
             tf,
             kv,
             prefill_chunk: usize::MAX,
+            expect_next_chunk: true,
             next_seq: 0,
         }
     }
@@ -200,10 +204,13 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
         }
         // Chunks of `prefill_chunk` rows, each giving the logits of the prompts that end in it.
         let mut first = Vec::with_capacity(prompts.len());
-        for start in (0..rows.len()).step_by(self.prefill_chunk.max(1)) {
-            let end = rows
-                .len()
-                .min(start.saturating_add(self.prefill_chunk.max(1)));
+        let chunk = self.prefill_chunk.max(1);
+        for start in (0..rows.len()).step_by(chunk) {
+            let end = rows.len().min(start.saturating_add(chunk));
+            if self.expect_next_chunk && end < rows.len() {
+                let next = rows.len().min(end.saturating_add(chunk));
+                self.tf.expect_next_pass(&rows[end..next]);
+            }
             let ends: Vec<usize> = last
                 .iter()
                 .filter(|&&l| (start..end).contains(&l))

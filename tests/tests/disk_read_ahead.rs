@@ -1,16 +1,19 @@
 //! Disk reads queued one gather ahead (`KvCache::prefetch_far`), through the KV cache's own
 //! interface: a gather takes the blocks read ahead and they are bit for bit the blocks a plain
 //! gather reads; blocks freed after the read-ahead (their slots reused by another sequence) are
-//! read again, never served stale; and a failed spill write is still reported by the gather
-//! that follows a read-ahead, with both IO engines.
+//! read again, never served stale; a failed spill write is still reported by the gather
+//! that follows a read-ahead, with both IO engines; and a prompt run in chunks reads each
+//! chunk's first disk blocks ahead once the chunk before names it, with the same logits.
 
 #![allow(clippy::unwrap_used)]
 
 use strata_kernels::testing::{SplitMix as Rng, test_seed};
 use strata_kernels::{DType, KvBuf};
+use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{AttentionRoutes, FarBlock, IoEngine, KvCache, KvGeometry, SeqId};
+use strata_runtime::model;
 use strata_tests::kv_tiers::{fill, filled_bits, host_and_disk, io_engines};
-use strata_tests::scratch_disk;
+use strata_tests::{Engine, Placement, scratch_disk};
 
 const G: KvGeometry = KvGeometry {
     layers: 3,
@@ -149,4 +152,39 @@ fn a_failed_spill_write_is_reported_by_the_gather_after_a_read_ahead() {
             "{engine:?}: {msg}"
         );
     }
+}
+
+#[test]
+fn a_chunk_naming_the_next_reads_its_first_disk_blocks_ahead() {
+    let m = model::open("synthetic:tiny-llama").unwrap();
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|i| (0..40).map(|t| (t * 7 + i * 31) % 250).collect())
+        .collect();
+    let run = |expect: bool| {
+        let tag = if expect { "named" } else { "unnamed" };
+        let placement = Placement {
+            host_blocks: Some(3 * m.config.layers + 4),
+            disk: Some(scratch_disk("read-ahead", tag, IoEngine::Sync)),
+            gpu: None,
+            policy: SinkAndRecent {
+                sink_blocks: 1,
+                recent_blocks: 1,
+            },
+            kv_dtype: None,
+        };
+        let mut e = Engine::with_placement(&m, 4, true, placement);
+        e.kv.set_executor(ALL_FAR, 0.0, m.config.hidden).unwrap();
+        e.prefill_chunk = 16;
+        e.expect_next_chunk = expect;
+        let out = e.greedy_batch(&prompts, 2);
+        (out, e.kv.metrics().disk_blocks_read_ahead)
+    };
+    let (named, ahead_named) = run(true);
+    let (unnamed, ahead_unnamed) = run(false);
+    assert!(named == unnamed, "reading ahead changed the results");
+    assert!(
+        ahead_named > ahead_unnamed,
+        "the next chunk's first disk blocks were not read ahead ({ahead_named} against \
+         {ahead_unnamed} blocks)"
+    );
 }
