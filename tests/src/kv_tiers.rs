@@ -6,9 +6,6 @@ use strata_kernels::testing::SplitMix;
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{DiskTierConfig, IoEngine, KvCache, KvCacheConfig, KvGeometry, SeqId};
 
-#[cfg(doc)]
-use crate::scratch_disk;
-
 /// The IO engines this machine can run: the synchronous one, and io_uring where the kernel
 /// allows it.
 pub fn io_engines() -> Vec<IoEngine> {
@@ -20,8 +17,8 @@ pub fn io_engines() -> Vec<IoEngine> {
 }
 
 /// A cache of geometry `g` whose host tier holds `host_blocks` blocks over the disk tier
-/// `disk` (e.g. [`scratch_disk`]); the first and the last block of each sequence stay in host
-/// memory longest.
+/// `disk` (e.g. [`crate::scratch_disk`]); the first and the last block of each sequence stay
+/// in host memory longest.
 pub fn host_and_disk(
     g: KvGeometry,
     dtype: DType,
