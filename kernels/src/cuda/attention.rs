@@ -840,7 +840,7 @@ impl CudaBackend {
         };
         let src = alloc(slots * bytes)?;
         let mut dst = alloc(slots * bytes)?;
-        let copy = |i: usize, dst: &mut CudaSlice<u8>| {
+        self.best_call_ms(slots, reps, trials, |i| {
             let at = (i % slots) * bytes;
             be.stream
                 .memcpy_dtod(
@@ -848,11 +848,22 @@ impl CudaBackend {
                     &mut dst.slice_mut(at..at + bytes),
                 )
                 .map_err(|e| device_err(op, e))
-        };
-        (0..slots).try_for_each(|i| copy(i, &mut dst))?;
+        })
+    }
+
+    /// Milliseconds per call of `call(i)` (`i` counting calls): one warm-up call per slot, then
+    /// `reps` calls timed together, best of `trials`.
+    fn best_call_ms(
+        &self,
+        slots: usize,
+        reps: usize,
+        trials: usize,
+        mut call: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        (0..slots).try_for_each(&mut call)?;
         let mut best = f64::INFINITY;
         for _ in 0..trials.max(1) {
-            let (ms, ()) = self.time_ms(|| (0..reps.max(1)).try_for_each(|i| copy(i, &mut dst)))?;
+            let (ms, ()) = self.time_ms(|| (0..reps.max(1)).try_for_each(&mut call))?;
             best = best.min(ms / reps.max(1) as f64);
         }
         Ok(best)
@@ -894,26 +905,18 @@ impl CudaBackend {
             block_dim: (READ_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let read = |i: usize, sink: &mut CudaSlice<u32>| {
+        self.best_call_ms(slots, reps, trials, |i| {
             let at = (i % slots) * vecs * 16;
             let view = src.slice(at..at + vecs * 16);
             let mut b = be.stream.launch_builder(f);
-            b.arg(&view).arg(&n_vec).arg(sink);
+            b.arg(&view).arg(&n_vec).arg(&mut sink);
             // SAFETY: hbm_read_floor(const uint4* src, u64 n_vec, u32* sink): `view` holds
             // n_vec 16-byte vectors (its offset is a multiple of 16 in a 16-byte aligned
             // allocation) and `sink` one u32 per CTA of the grid.
             unsafe { b.launch(cfg) }
                 .map(drop)
                 .map_err(|e| device_err(op, e))
-        };
-        (0..slots).try_for_each(|i| read(i, &mut sink))?;
-        let mut best = f64::INFINITY;
-        for _ in 0..trials.max(1) {
-            let (ms, ()) =
-                self.time_ms(|| (0..reps.max(1)).try_for_each(|i| read(i, &mut sink)))?;
-            best = best.min(ms / reps.max(1) as f64);
-        }
-        Ok(best)
+        })
     }
 }
 

@@ -22,7 +22,7 @@ use cudarc::driver::{
 use super::attention::{KvPool, PoolBuf};
 use super::transfer::{Dir, PendingDownload, as_bytes};
 use super::{CudaBackend, CudaTensor, device_err, kernels};
-use crate::{DType, KvSlice, Result, shape_err};
+use crate::{DType, KvBuf, KvSlice, Result, shape_err};
 
 /// The largest piece of an asynchronous pool write ([`CudaBackend::kv_pool_write_blocks_async`]):
 /// each piece takes a buffer of the 16-buffer upload staging ring, which grows to it, so the
@@ -145,7 +145,7 @@ impl CudaBackend {
     /// [`POOL_UPLOAD_PIECE`] bytes, once, and the slices may be dropped on return. Blocks read
     /// from disk for the next attention come this way, so the host goes on to the next GPU
     /// batch while they copy ([`CudaBackend::kv_pool_write_kv`] waits for the stream). Blocks
-    /// in another dtype go through that synchronous path.
+    /// in another dtype are rounded to the pool's on the way.
     pub fn kv_pool_write_blocks_async(
         &self,
         pool: &mut KvPool,
@@ -172,9 +172,25 @@ impl CudaBackend {
                 format!("a block of {} values, not {per}", b.len()),
             ));
         }
+        // Blocks in another dtype than the pool's (an f32 host tier) are rounded to it first.
+        let rounded: Vec<Option<KvBuf>> = blocks
+            .iter()
+            .map(|b| {
+                (b.dtype() != pool.dtype()).then(|| {
+                    let mut r = KvBuf::with_capacity(pool.dtype(), per);
+                    r.extend_from(*b);
+                    r
+                })
+            })
+            .collect();
+        let blocks: Vec<KvSlice<'_>> = blocks
+            .iter()
+            .zip(&rounded)
+            .map(|(b, r)| r.as_ref().map_or(*b, KvBuf::as_slice))
+            .collect();
         let block_bytes = per * pool.dtype().size_bytes();
         // Pieces start on block boundaries, which the staged copy needs 16-byte aligned.
-        if blocks.iter().any(|b| b.dtype() != pool.dtype()) || !block_bytes.is_multiple_of(16) {
+        if !block_bytes.is_multiple_of(16) {
             for (i, b) in blocks.iter().enumerate() {
                 self.kv_pool_write_kv(pool, first_block + i, *b)?;
             }

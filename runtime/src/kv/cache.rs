@@ -1619,27 +1619,10 @@ impl KvCache {
         let (in_host, in_hand): (Vec<&FarBlock>, Vec<&FarBlock>) =
             far.iter().partition(|f| f.in_host.is_some());
         let e = 2 * self.g.block_elems();
-        // Blocks in another dtype than the pool's (an f32 host tier) are converted first.
-        let pool_dtype = gpu.pool.dtype();
-        let converted = in_hand
+        let data: Vec<_> = in_hand
             .iter()
-            .any(|f| f.data.dtype() != pool_dtype)
-            .then(|| {
-                let mut all = KvBuf::with_capacity(pool_dtype, in_hand.len() * e);
-                for f in &in_hand {
-                    all.extend_from(f.data.as_slice().slice(0..e));
-                }
-                all
-            });
-        let data: Vec<_> = match &converted {
-            Some(all) => (0..in_hand.len())
-                .map(|i| all.as_slice().slice(i * e..(i + 1) * e))
-                .collect(),
-            None => in_hand
-                .iter()
-                .map(|f| f.data.as_slice().slice(0..e))
-                .collect(),
-        };
+            .map(|f| f.data.as_slice().slice(0..e))
+            .collect();
         // Without waiting for the device: the host goes on to the next gather meanwhile.
         gpu.backend
             .kv_pool_write_blocks_async(&mut gpu.pool, ids.start as usize, &data)
