@@ -621,6 +621,109 @@ fn linear_lt_autotuned_and_gemmex_match_reference() {
     assert!(gpu.deferred_error().is_none());
 }
 
+/// The GEMM tuning record: a backend that tunes a problem writes it to the record's file; a
+/// backend opened on the same folder by another path (as a new process would: it reads the
+/// file) restores the choice without timing, and computes the same bits; a record damaged on
+/// disk is reported, tuned again and rewritten.
+#[test]
+fn gemm_tunings_are_recorded_and_restored_from_disk() {
+    let Some(_) = test_gpu() else { return };
+    let base = std::env::temp_dir().join(format!("strata-gemm-record-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let dir = base.join("record");
+    std::fs::create_dir_all(&dir).unwrap();
+    let open = |name: &str| {
+        // Each spelling of the folder is a record of its own in this process, so the second
+        // and third backends read the file the first one wrote.
+        let link = base.join(name);
+        if name != "record" {
+            std::os::unix::fs::symlink(&dir, &link).unwrap();
+        }
+        let gpu = CudaBackend::with_caches(0, None, Some(link)).unwrap();
+        gpu.set_gemm_backend(GemmBackend::LtAutotuned);
+        gpu.set_gemm_precision(GemmPrecision::Rounded);
+        gpu
+    };
+    let first = open("record");
+    if let Some(why) = first.lt_unavailable() {
+        eprintln!("skipped: cuBLASLt unavailable ({why})");
+        return;
+    }
+    let (m, k, n) = (640, 1024, 768);
+    let mut rng = Rng(test_seed());
+    let w = rng.weight(n, k, DType::BF16);
+    let x = rng.vec(m * k);
+    let run = |gpu: &CudaBackend| {
+        let wg = gpu.upload_weight(w.clone()).unwrap();
+        let out = gpu.linear(&up(gpu, m, k, &x), &wg, None).unwrap();
+        let t = find_tuning(
+            gpu.gemm_tunings(),
+            m,
+            n,
+            k,
+            DType::BF16,
+            GemmPrecision::Rounded,
+        )
+        .expect("the problem was tuned");
+        (gpu.to_host(&out).unwrap(), t)
+    };
+    let (want, tuned) = run(&first);
+    assert!(!tuned.recorded, "the first backend times the problem");
+    let info = first
+        .gemm_record()
+        .expect("a record once cuBLASLt is loaded");
+    assert_eq!(info.problem, None);
+    let path = info.path.clone().expect("kept on disk");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = format!("{m} {n} {k} bf16 rounded ");
+    assert!(
+        text.contains(&line),
+        "{line:?} not in {}:\n{text}",
+        path.display()
+    );
+    eprintln!("recorded: {} ({})", tuned.choice, path.display());
+
+    let second = open("again");
+    let (got, restored) = run(&second);
+    assert!(restored.recorded, "restored from the file, not timed");
+    assert_eq!(restored.choice, tuned.choice);
+    assert!(
+        same_bits(&got, &want),
+        "the restored algorithm computes other bits"
+    );
+    assert_eq!(second.gemm_record().unwrap().loaded, info.entries);
+
+    // A torn file: the backend says why, times again and rewrites it whole.
+    let recorded_path = second.gemm_record().unwrap().path.unwrap();
+    std::fs::write(&recorded_path, &text[..text.len() - 3]).unwrap();
+    let third = open("torn");
+    assert!(third.lt_unavailable().is_none());
+    let why = third
+        .gemm_record()
+        .unwrap()
+        .problem
+        .expect("the damage is reported");
+    assert!(why.contains("checksum"), "{why}");
+    let (again, retimed) = run(&third);
+    assert!(!retimed.recorded, "a damaged record is not used");
+    let max = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let err = want
+        .iter()
+        .zip(&again)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+        / max;
+    assert!(err < 1e-5, "re-timed GEMM off by {err:.2e}");
+    let after = third.gemm_record().unwrap();
+    assert_eq!(after.problem, None, "rewritten after the new timing");
+    assert!(
+        std::fs::read_to_string(&recorded_path)
+            .unwrap()
+            .contains(&line)
+    );
+    assert!(first.deferred_error().is_none() && third.deferred_error().is_none());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 fn find_tuning(
     tunings: Vec<GemmTuning>,
     m: usize,

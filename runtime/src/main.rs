@@ -351,8 +351,8 @@ fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
-/// Opens the GPU `device` asks for: `None` means the CPU. Says once when `STRATA_GEMM=lt` asks
-/// for cuBLASLt and it cannot be used.
+/// Opens the GPU `device` asks for: `None` means the CPU. Says once when cuBLASLt (the default
+/// GEMM library) is asked for and cannot be used.
 fn open_gpu(device: Device) -> anyhow::Result<Option<CudaBackend>> {
     if device != Device::Cpu {
         strata_kernels::GemmBackend::check_env().map_err(anyhow::Error::msg)?;
@@ -779,6 +779,16 @@ fn print_gpu() {
             }
             println!("gpu kernels:      {}", gpu.kernel_origin());
             println!("gpu gemm:         {}", gemm_library(&gpu));
+            if let Some(r) = gpu.gemm_record() {
+                let at = r
+                    .path
+                    .map_or("kept in memory only".into(), |p| p.display().to_string());
+                let state = r.problem.map_or(String::new(), |p| format!("; {p}"));
+                println!(
+                    "gemm tunings:     {} problems recorded at {at}{state}",
+                    r.entries
+                );
+            }
         }
         Err(e) => println!("gpu:              none usable ({e}); computing on the CPU"),
     }

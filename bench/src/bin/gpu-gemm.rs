@@ -8,11 +8,11 @@
 //!   and library). Output allocation is stream-ordered and included, as in the forward pass.
 //! - **GEMM libraries** (`--gemm`, `gemmex,lt` by default, measured one after the other in that
 //!   order for each shape, m and mode, in the same process): `gemmex`, cuBLAS GemmEx with
-//!   `CUBLAS_GEMM_DEFAULT` (strata's default), and `lt` (what `STRATA_GEMM=lt` selects): for m
-//!   of at least 512, the fastest of cuBLASLt's candidate algorithms and GemmEx, timed on the
+//!   `CUBLAS_GEMM_DEFAULT` (what `STRATA_GEMM=gemmex` selects), and `lt` (strata's default): for
+//!   m of at least 512, the fastest of cuBLASLt's candidate algorithms and GemmEx, timed on the
 //!   problem's first call (which falls in the warm-up reps; with `--warmup 0` it lands in the
-//!   first timed rep); below 512 rows, GemmEx as well. Without libcublasLt, `lt` is left out,
-//!   with a note.
+//!   first timed rep) or restored from the machine's tuning record; below 512 rows, GemmEx as
+//!   well. Without libcublasLt, `lt` is left out, with a note.
 //! - **How**: CUDA events around `calls` back-to-back calls; a rep's time per call is the
 //!   events' span divided by `calls`; the table shows the median of `--reps` reps after
 //!   `--warmup` untimed ones. Calls rotate over enough copies of the weight (≥ 256 MiB together)

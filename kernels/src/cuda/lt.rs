@@ -1,8 +1,7 @@
 //! cuBLASLt for the f16/bf16 tensor-core GEMMs of `linear`, autotuned per problem. The layout is
 //! `linear.rs`'s: `O (n × m) = Wᵀ · X` column-major, A = `w` as a `k × n` matrix with op T,
-//! B = the activation's operands (`k × m`), C = D = `out` (`n × m`, f32). Opt-in
-//! (`STRATA_GEMM=lt`, or `CudaBackend::set_gemm_backend`); [`GemmBackend`] says why GemmEx is the
-//! default.
+//! B = the activation's operands (`k × m`), C = D = `out` (`n × m`, f32). The default;
+//! `STRATA_GEMM=gemmex` (or `CudaBackend::set_gemm_backend`) runs every GEMM on GemmEx instead.
 //!
 //! - **State** ([`LtGemm`], one per backend): a cuBLASLt handle, a 32 MiB workspace (NVIDIA's
 //!   recommendation for Hopper) and the tuned algorithms, all behind one mutex, so the backend
@@ -17,8 +16,10 @@
 //!   [`TIMED_RUNS`] times between CUDA events, then cuBLAS GemmEx the same way, and keeps the
 //!   fastest of them all (GemmEx's own heuristic wins some shapes); that GEMM then runs with it,
 //!   as every later one of the key does. The first call therefore waits for the device and costs
-//!   about 36 calls' time (9 candidates × 4 runs); the choice lasts the backend's life
-//!   (`CudaBackend::gemm_tunings` lists them). Timing runs write `out` before the real passes
+//!   about 36 calls' time (9 candidates × 4 runs). The choice is kept in the machine's record
+//!   (`gemm_record.rs`): every backend of the process and every later process restores it
+//!   instead of timing (`CudaBackend::gemm_tunings` lists them, saying which were restored).
+//!   Timing runs write `out` before the real passes
 //!   overwrite it (the first pass has β = 0), so the result is the chosen algorithm's.
 //!   Algorithms with a split-K reduction are not offered (see `heuristic`).
 //! - **Fallback to GemmEx**, per key and remembered: when it timed fastest; when a
@@ -35,6 +36,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{cublasOperation_t, cudaDataType_t as BlasType};
@@ -43,7 +45,8 @@ use cudarc::cublaslt::sys as lts;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 
-use super::{GemmPrecision, device_err};
+use super::gemm_record::{self, Recorded, TuningRecord};
+use super::{DeviceInfo, GemmPrecision, device_err};
 use crate::{DType, Result};
 
 const OP: &str = "linear";
@@ -63,24 +66,24 @@ const MIN_OPERAND_ALIGN: u32 = 16;
 
 /// Which library runs the f16/bf16 GEMMs of `linear` (more than 8 rows).
 ///
-/// GemmEx is the default. Autotuning wins a few GEMMs alone (up to 1.10× on an H100), but in a
-/// whole run its first call per shape costs ~36 GEMMs of time (a 16 × 2048 Llama-3-8B prefill
-/// was 13% slower; a 64 × 2048 one 2% slower, decode unchanged), and two processes may time
-/// different algorithms fastest, so their tokens could differ by rounding.
+/// cuBLASLt autotuned is the default: on an H100 it keeps every Llama-3-8B projection at or
+/// above 0.90× PyTorch's `matmul`, where GemmEx fell to 0.85× on some. Its cost, ~36 GEMMs of
+/// timing on a shape's first call, is paid once per machine: the outcome is recorded on disk and
+/// restored by later runs, which also makes every run on the machine use the same algorithms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmBackend {
     /// cuBLASLt, with the algorithm autotuned per problem of at least [`LT_MIN_ROWS`] rows
     /// against GemmEx (see the module header of `lt.rs`), GemmEx for the rest.
+    #[default]
     LtAutotuned,
     /// cuBLAS `cublasGemmEx` with `CUBLAS_GEMM_DEFAULT`: the library's own choice, untimed.
-    #[default]
     GemmEx,
 }
 
 impl GemmBackend {
-    /// The environment variable a new backend reads: `lt` selects [`GemmBackend::LtAutotuned`];
-    /// unset or `gemmex`, [`GemmBackend::GemmEx`] (an unknown value too: the CLI refuses one
-    /// before it opens the GPU, see [`Self::check_env`]).
+    /// The environment variable a new backend reads: unset or `lt` selects
+    /// [`GemmBackend::LtAutotuned`]; `gemmex`, [`GemmBackend::GemmEx`] (an unknown value gives
+    /// the default: the CLI refuses one before it opens the GPU, see [`Self::check_env`]).
     pub const ENV: &'static str = "STRATA_GEMM";
 
     /// `lt` or `gemmex` (any case, spaces around ignored).
@@ -104,7 +107,7 @@ impl GemmBackend {
     pub fn check_env() -> std::result::Result<(), String> {
         match std::env::var(Self::ENV) {
             Ok(v) if Self::parse(&v).is_none() => Err(format!(
-                "{}={v:?}: expected `gemmex` (the default) or `lt`",
+                "{}={v:?}: expected `lt` (the default) or `gemmex`",
                 Self::ENV
             )),
             _ => Ok(()),
@@ -197,6 +200,22 @@ pub struct GemmTuning {
     pub dtype: DType,
     pub precision: GemmPrecision,
     pub choice: GemmChoice,
+    /// Taken from the machine's record (timed by an earlier process, or by another backend of
+    /// this one), not timed by this backend.
+    pub recorded: bool,
+}
+
+/// The machine's GEMM tuning record, for `strata info` (see `gemm_record.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmRecordInfo {
+    /// The file, or `None` when kept in memory only.
+    pub path: Option<PathBuf>,
+    /// Problems it holds now.
+    pub entries: usize,
+    /// Problems read from the file when it was opened.
+    pub loaded: usize,
+    /// Why the file was not used or could not be written, if so.
+    pub problem: Option<String>,
 }
 
 /// The half-precision type of a GEMM's A and B.
@@ -250,14 +269,14 @@ pub(super) struct HalfGemm<'p> {
 
 /// The autotuner's cache key: a problem and its operands' alignments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct TuneKey {
-    m: usize,
-    n: usize,
-    k: usize,
-    dtype: HalfType,
-    precision: GemmPrecision,
+pub(super) struct TuneKey {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dtype: HalfType,
+    pub precision: GemmPrecision,
     /// Bytes, at most 256: A (`w`), B (every pass's operand), C = D (`out`).
-    align: [u32; 3],
+    pub align: [u32; 3],
 }
 
 impl TuneKey {
@@ -290,11 +309,12 @@ fn align_bytes(ptr: u64, ld_bytes: usize) -> u32 {
     1 << (ptr | ld_bytes as u64 | 256).trailing_zeros()
 }
 
-/// The tuned algorithm of a key with its descriptors, made once (`None`: GemmEx), and how it was
-/// chosen.
+/// The tuned algorithm of a key with its descriptors, made once (`None`: GemmEx), how it was
+/// chosen, and whether it came from the machine's record rather than timing here.
 struct Tuned {
     lt: Option<(Problem, lts::cublasLtMatmulAlgo_t)>,
     choice: GemmChoice,
+    recorded: bool,
 }
 
 impl Tuned {
@@ -302,6 +322,32 @@ impl Tuned {
         Tuned {
             lt: None,
             choice: GemmChoice::GemmEx(why),
+            recorded: false,
+        }
+    }
+
+    /// The outcome to keep in the record: only what was timed.
+    fn to_record(&self) -> Option<Recorded> {
+        match (&self.choice, &self.lt) {
+            (
+                &GemmChoice::Lt {
+                    rank,
+                    candidates,
+                    ms,
+                    first_ms,
+                },
+                Some((_, algo)),
+            ) => Some(Recorded::Lt {
+                rank,
+                candidates,
+                ms,
+                first_ms,
+                algo: algo.data,
+            }),
+            (&GemmChoice::GemmEx(LtFallback::Faster { gemm_ex_ms, lt_ms }), _) => {
+                Some(Recorded::GemmEx { gemm_ex_ms, lt_ms })
+            }
+            _ => None,
         }
     }
 }
@@ -316,11 +362,19 @@ struct LtState {
     /// [`WORKSPACE_BYTES`] bytes on the backend's stream.
     workspace: CudaSlice<u8>,
     tuned: HashMap<TuneKey, Tuned>,
+    /// The machine's record, shared with every backend of this process on the same device
+    /// (`gemm_record.rs`).
+    record: Arc<Mutex<TuningRecord>>,
 }
 
 impl LtGemm {
-    /// The handle and workspace, or why cuBLASLt cannot be used (never panics).
-    pub(super) fn new(stream: &Arc<CudaStream>) -> std::result::Result<Self, String> {
+    /// The handle, workspace and the machine's tuning record (kept in `record_dir`, or in
+    /// memory only when `None`), or why cuBLASLt cannot be used (never panics).
+    pub(super) fn new(
+        stream: &Arc<CudaStream>,
+        device: &DeviceInfo,
+        record_dir: Option<PathBuf>,
+    ) -> std::result::Result<Self, String> {
         // SAFETY: `is_culib_present` only tries to dlopen libcublasLt by name and drops it.
         if !unsafe { lts::is_culib_present() } {
             return Err("cuBLASLt not found (libcublasLt.so not loadable)".into());
@@ -332,10 +386,20 @@ impl LtGemm {
                 let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| {
                     format!("cuBLASLt workspace ({} MiB): {e}", WORKSPACE_BYTES >> 20)
                 })?;
+                // SAFETY: both take no arguments and return the loaded library's versions.
+                let versions =
+                    unsafe { (lts::cublasLtGetVersion(), lts::cublasLtGetCudartVersion()) };
+                let machine = gemm_record::machine(
+                    &device.name,
+                    device.compute_capability,
+                    versions.0,
+                    versions.1,
+                );
                 Ok(LtState {
                     handle,
                     workspace,
                     tuned: HashMap::new(),
+                    record: gemm_record::shared(record_dir, machine),
                 })
             },
         ));
@@ -375,13 +439,28 @@ impl LtGemm {
             return Ok(false);
         }
         if !st.tuned.contains_key(&key) {
-            let t = st.tune(&key, stream, g, gemm_ex)?;
+            // Held while timing: another backend of this process waits, then restores what
+            // this one timed, and no two time on the GPU at once.
+            let record = st.record.clone();
+            let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
+            let restored = record.get(&key).and_then(|r| st.restore(&key, r));
+            let t = match restored {
+                Some(t) => t,
+                None => {
+                    let t = st.tune(&key, stream, g, gemm_ex)?;
+                    if let Some(r) = t.to_record() {
+                        record.insert(key, r);
+                    }
+                    t
+                }
+            };
             st.tuned.insert(key, t);
         }
         let LtState {
             handle,
             workspace,
             tuned,
+            ..
         } = &mut *st;
         let Some((problem, algo)) = tuned.get(&key).and_then(|t| t.lt.as_ref()) else {
             return Ok(false);
@@ -412,14 +491,82 @@ impl LtGemm {
                 dtype: key.dtype.dtype(),
                 precision: key.precision,
                 choice: t.choice.clone(),
+                recorded: t.recorded,
             })
             .collect();
         v.sort_by_key(|t| (t.n, t.k, t.m, t.precision.to_u8(), t.dtype.name()));
         v
     }
+
+    /// Where the machine's record is kept, what it holds and whether it could be used.
+    pub(super) fn record_info(&self) -> Option<GemmRecordInfo> {
+        let st = self.state.lock().ok()?;
+        let r = st.record.lock().ok()?;
+        Some(GemmRecordInfo {
+            path: r.path().map(Path::to_path_buf),
+            entries: r.len(),
+            loaded: r.loaded(),
+            problem: r.problem().map(str::to_string),
+        })
+    }
 }
 
 impl LtState {
+    /// `key`'s outcome as the record keeps it, made ready to run; `None` (time it again) when
+    /// cuBLASLt no longer accepts the recorded algorithm for these descriptors.
+    fn restore(&self, key: &TuneKey, r: Recorded) -> Option<Tuned> {
+        let (rank, candidates, ms, first_ms, data) = match r {
+            Recorded::GemmEx { gemm_ex_ms, lt_ms } => {
+                return Some(Tuned {
+                    recorded: true,
+                    ..Tuned::gemm_ex(LtFallback::Faster { gemm_ex_ms, lt_ms })
+                });
+            }
+            Recorded::Lt {
+                rank,
+                candidates,
+                ms,
+                first_ms,
+                algo,
+            } => (rank, candidates, ms, first_ms, algo),
+        };
+        let p = Problem::new(key).ok()?;
+        let algo = lts::cublasLtMatmulAlgo_t { data };
+        let mut check = lts::cublasLtMatmulHeuristicResult_t {
+            algo,
+            workspaceSize: 0,
+            state: lts::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            wavesCount: 0.0,
+            reserved: [0; 4],
+        };
+        // SAFETY: the handle and `p`'s descriptors are live; `algo` and `check` are locals the
+        // call reads and writes during the call.
+        let status = unsafe {
+            lts::cublasLtMatmulAlgoCheck(
+                self.handle.0,
+                p.desc.0,
+                p.a.0,
+                p.b.0,
+                p.c.0,
+                p.c.0,
+                &algo,
+                &mut check,
+            )
+        };
+        let fits = status == lts::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && check.workspaceSize <= WORKSPACE_BYTES;
+        fits.then(|| Tuned {
+            lt: Some((p, algo)),
+            choice: GemmChoice::Lt {
+                rank,
+                candidates,
+                ms,
+                first_ms,
+            },
+            recorded: true,
+        })
+    }
+
     /// Times the heuristic's candidates and `gemm_ex` on `g`'s operands and picks the fastest
     /// (see the module header). Device errors around the timing (events) are errors; a
     /// candidate cuBLASLt refuses is skipped.
@@ -479,6 +626,7 @@ impl LtState {
                     ms,
                     first_ms,
                 },
+                recorded: false,
             },
             None => Tuned::gemm_ex(LtFallback::NoAlgorithm(format!(
                 "none of the heuristic's {} algorithms launched",
@@ -777,7 +925,7 @@ mod tests {
         for b in [GemmBackend::LtAutotuned, GemmBackend::GemmEx] {
             assert_eq!(GemmBackend::from_u8(b.to_u8()), b);
         }
-        assert_eq!(GemmBackend::default(), GemmBackend::GemmEx);
+        assert_eq!(GemmBackend::default(), GemmBackend::LtAutotuned);
         for b in [GemmBackend::LtAutotuned, GemmBackend::GemmEx] {
             assert_eq!(GemmBackend::parse(b.name()), Some(b));
         }

@@ -17,11 +17,11 @@
 //!   - f16/bf16 weights, up to 8 rows (decode): the `gemv_*` kernel, f32 activation × widened
 //!     weight, f32 accumulation — the CPU backend's math.
 //!   - f16/bf16 weights, more rows (prefill): a tensor-core GEMM with f16/bf16 inputs, f32
-//!     compute and **f32 output**, on cuBLAS GemmEx (the default) or, opted into with
-//!     [`CudaBackend::set_gemm_backend`] or `STRATA_GEMM=lt` ([`GemmBackend`]), on cuBLASLt
-//!     with the algorithm autotuned per shape (`lt.rs`; loaded on first use, GemmEx when
-//!     libcublasLt is missing, see [`CudaBackend::lt_unavailable`], and for shapes it does not
-//!     take), in one of two modes ([`GemmPrecision`], set per backend with
+//!     compute and **f32 output**, on cuBLASLt with the algorithm autotuned per shape and
+//!     recorded per machine (the default; `lt.rs`, `gemm_record.rs`; loaded on first use,
+//!     GemmEx when libcublasLt is missing, see [`CudaBackend::lt_unavailable`], and for shapes
+//!     it does not take) or, with [`CudaBackend::set_gemm_backend`] or `STRATA_GEMM=gemmex`
+//!     ([`GemmBackend`]), on cuBLAS GemmEx, in one of two modes ([`GemmPrecision`], set per backend with
 //!     [`CudaBackend::set_gemm_precision`]):
 //!     - `Split` (the default): the activation is split into two half-precision terms `hi + lo`
 //!       (`hi = round(x)`, `lo = round(x − hi)`) and the GEMM runs twice (`C += w · lo` after
@@ -43,6 +43,7 @@ mod attention;
 pub mod calibrate;
 mod compile;
 mod device;
+mod gemm_record;
 mod kernels;
 mod kvtier;
 mod linear;
@@ -63,9 +64,10 @@ pub use attention::{
 };
 pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
+pub use gemm_record::default_gemm_record_dir;
 pub use kvtier::{CopyTicket, HostRegistration};
 pub use linear::GemmPrecision;
-pub use lt::{GemmBackend, GemmChoice, GemmTuning, LT_MIN_ROWS, LtFallback};
+pub use lt::{GemmBackend, GemmChoice, GemmRecordInfo, GemmTuning, LT_MIN_ROWS, LtFallback};
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
 pub use transfer::{CopyStats, PendingDownload};
@@ -144,6 +146,8 @@ struct Inner {
     /// cuBLASLt and its autotuned algorithms, or why it cannot be used (then GemmEx runs); made
     /// the first time it is selected or asked about.
     lt: OnceLock<std::result::Result<lt::LtGemm, String>>,
+    /// The folder of the machine's GEMM tuning record (`None`: kept in memory only).
+    gemm_record_dir: Option<PathBuf>,
     /// The [`GemmBackend`] asked for, as `GemmBackend::to_u8`.
     gemm_backend: AtomicU8,
     k: Kernels,
@@ -225,10 +229,21 @@ impl CudaBackend {
         Self::with_ptx_cache(device, default_ptx_cache_dir())
     }
 
-    /// Opens CUDA device `device`, caching compiled kernels in `ptx_cache` (none: no cache).
+    /// Opens CUDA device `device`, caching compiled kernels in `ptx_cache` (none: no cache), the
+    /// GEMM tuning record in its default place.
     pub fn with_ptx_cache(
         device: usize,
         ptx_cache: Option<PathBuf>,
+    ) -> std::result::Result<Self, CudaUnavailable> {
+        Self::with_caches(device, ptx_cache, default_gemm_record_dir())
+    }
+
+    /// Opens CUDA device `device`, caching compiled kernels in `ptx_cache` and keeping the GEMM
+    /// autotuner's record in `gemm_record` (either `None`: not kept on disk).
+    pub fn with_caches(
+        device: usize,
+        ptx_cache: Option<PathBuf>,
+        gemm_record: Option<PathBuf>,
     ) -> std::result::Result<Self, CudaUnavailable> {
         let info = device::find(device)?;
         let setup = |detail: String| CudaUnavailable::Setup { device, detail };
@@ -265,6 +280,7 @@ impl CudaBackend {
                         origin,
                         blas,
                         lt: OnceLock::new(),
+                        gemm_record_dir: gemm_record.clone(),
                         gemm_backend: AtomicU8::new(GemmBackend::from_env().to_u8()),
                         k,
                         attn,
@@ -362,6 +378,15 @@ impl CudaBackend {
         }
     }
 
+    /// The machine's GEMM tuning record: where it is, what it holds, whether it could be used
+    /// (`None` while cuBLASLt has not been loaded, or where it is unavailable).
+    pub fn gemm_record(&self) -> Option<GemmRecordInfo> {
+        match self.inner.lt.get() {
+            Some(Ok(lt)) => lt.record_info(),
+            _ => None,
+        }
+    }
+
     /// The first error hit by an op that cannot return one (`zeros`, `to_host`, `relu_inplace`,
     /// `softmax_inplace`), if any. Every fallible op returns it too.
     pub fn deferred_error(&self) -> Option<String> {
@@ -372,7 +397,8 @@ impl CudaBackend {
 impl Inner {
     /// cuBLASLt, loaded on first use; never fails the backend (without it, GemmEx runs).
     fn lt(&self) -> &std::result::Result<lt::LtGemm, String> {
-        self.lt.get_or_init(|| lt::LtGemm::new(&self.stream))
+        self.lt
+            .get_or_init(|| lt::LtGemm::new(&self.stream, &self.info, self.gemm_record_dir.clone()))
     }
 
     /// cuBLASLt, when it is selected and available.
