@@ -285,6 +285,8 @@ fn parse_line(line: &str) -> Result<(TuneKey, Recorded), String> {
 }
 
 /// The file's text: header, the machine as a comment, then the entries sorted (stable output).
+/// Times are written in the shortest form that reads back to the same `f64`, so a restored
+/// choice equals the one timed.
 fn render(machine: &str, entries: &HashMap<TuneKey, Recorded>) -> String {
     let mut body = format!(
         "# {machine}\n# m n k dtype precision align_w align_x align_out then: gemmex \
@@ -309,7 +311,7 @@ fn render(machine: &str, entries: &HashMap<TuneKey, Recorded>) -> String {
         );
         let _ = match entries[key] {
             Recorded::GemmEx { gemm_ex_ms, lt_ms } => {
-                writeln!(body, "gemmex {gemm_ex_ms:.6} {lt_ms:.6}")
+                writeln!(body, "gemmex {gemm_ex_ms} {lt_ms}")
             }
             Recorded::Lt {
                 rank,
@@ -318,11 +320,11 @@ fn render(machine: &str, entries: &HashMap<TuneKey, Recorded>) -> String {
                 first_ms,
                 algo,
             } => {
-                let first = first_ms.map_or("-".to_string(), |v| format!("{v:.6}"));
+                let first = first_ms.map_or("-".to_string(), |v| v.to_string());
                 let words: Vec<String> = algo.iter().map(|w| format!("{w:016x}")).collect();
                 writeln!(
                     body,
-                    "lt {rank} {candidates} {ms:.6} {first} {}",
+                    "lt {rank} {candidates} {ms} {first} {}",
                     words.join(" ")
                 )
             }
@@ -361,8 +363,8 @@ mod tests {
         Recorded::Lt {
             rank,
             candidates: 8,
-            ms: 0.5,
-            first_ms: Some(0.625),
+            ms: 0.012330666184425354,
+            first_ms: Some(0.01708799973130226),
             algo: [1, 2, 3, u64::MAX, 0, 0, 7, 0x8000_0000_0000_0000],
         }
     }
