@@ -106,6 +106,7 @@ pub fn serial(pred: &Prediction, m: &ModelSpec, wl: &Workload) -> Prediction {
             layer_s,
             pipeline_fill_s: 0.0,
             total_s: m.layers as f64 * layer_s,
+            floor_s: p.floor_s,
         }
     };
     let decode_step = phase(&pred.decode_step);

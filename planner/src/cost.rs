@@ -223,6 +223,12 @@ pub struct PhaseTime {
     pub pipeline_fill_s: f64,
     /// `layers · layer_s + pipeline_fill_s`.
     pub total_s: f64,
+    /// The calibrated lower bound: `layers ·` the slowest stream's time per layer (host memory
+    /// included), as if every stream overlapped every other perfectly with nothing to fill. No
+    /// schedule of this policy's bytes and FLOPs on this machine can beat it; the distance from
+    /// it to `total_s` is what the model charges the schedule.
+    #[serde(default)]
+    pub floor_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -547,6 +553,7 @@ fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
         layer_s,
         pipeline_fill_s,
         total_s: m.layers as f64 * layer_s + pipeline_fill_s,
+        floor_s: m.layers as f64 * st.max().1.max(st.host_memory_s),
     }
 }
 

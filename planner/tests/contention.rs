@@ -237,3 +237,73 @@ fn disk_reads_and_writes_share_the_disk() {
     };
     assert_eq!(ph.bound_by, larger);
 }
+
+/// The calibrated lower bound of a phase is the slowest stream's time over every layer (the host
+/// memory floor included), never above the prediction: here a GPU-resident step, a step whose
+/// host attention and weight copies share the host memory, and one reading KV from disk.
+#[test]
+fn the_lower_bound_is_the_slowest_stream_and_never_above_the_prediction() {
+    let m = llama_3_8b();
+    let hw = with_host_memory(28.0);
+    let w = wl(8, 4096);
+    let cases = [
+        (
+            "gpu",
+            streamed_policy(
+                8,
+                TierSplit {
+                    gpu: 1.0,
+                    host: 0.0,
+                    disk: 0.0,
+                },
+            ),
+        ),
+        (
+            "host",
+            streamed_policy(
+                8,
+                TierSplit {
+                    gpu: 0.25,
+                    host: 0.75,
+                    disk: 0.0,
+                },
+            ),
+        ),
+        (
+            "disk",
+            streamed_policy(
+                8,
+                TierSplit {
+                    gpu: 0.25,
+                    host: 0.25,
+                    disk: 0.5,
+                },
+            ),
+        ),
+    ];
+    for (name, p) in cases {
+        let pred = predict(&m, &w, &p, &hw);
+        for (phase, d) in [("decode", pred.decode_step), ("prefill", pred.prefill)] {
+            let st = d.per_layer;
+            let slowest = Stream::ALL
+                .iter()
+                .map(|&s| st.get(s))
+                .fold(0.0f64, f64::max);
+            let want = m.layers as f64 * slowest;
+            assert!(
+                (d.floor_s - want).abs() <= 1e-12 * want,
+                "{name} {phase}: {} vs {want}",
+                d.floor_s
+            );
+            assert!(
+                d.floor_s > 0.0 && d.floor_s <= d.total_s,
+                "{name} {phase}: {d:?}"
+            );
+        }
+        if name == "disk" {
+            let st = pred.decode_step.per_layer;
+            assert!(st.disk_read_s > 0.0, "{st:?}");
+            assert!(pred.decode_step.floor_s >= m.layers as f64 * st.disk_read_s);
+        }
+    }
+}

@@ -1050,6 +1050,12 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         f.bound_by.name()
     );
     println!(
+        "  {:<26} {:>11.3}  {:>8.3}",
+        "lower bound (all overlap)",
+        d.floor_s * 1e3,
+        f.floor_s * 1e3
+    );
+    println!(
         "throughput: decode {:.1} tokens/s; whole job {:.1} generated tokens/s ({:.2} s: prefill {:.2} s + {} steps × {:.2} ms)",
         pred.decode_tokens_per_s,
         pred.tokens_per_s,

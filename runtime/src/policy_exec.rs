@@ -221,6 +221,11 @@ pub struct PolicyCheck {
     pub measured_prefill_s: f64,
     pub prefill_ratio: f64,
     pub predicted_bound_by: String,
+    /// The calibrated lower bound of a decode step (every stream's bytes over its calibrated
+    /// bandwidth, the slowest of them, as if all overlapped perfectly; see
+    /// `PhaseTime::floor_s`), and the measured step over it.
+    pub decode_step_lower_bound_s: f64,
+    pub decode_step_over_lower_bound: f64,
 }
 
 /// Compares the prediction with the run: seconds per decode step (decode seconds over decode
@@ -240,6 +245,8 @@ pub fn check(policy: &Policy, prediction: &Prediction, stats: &JobStats) -> Poli
         measured_prefill_s: stats.prefill_seconds,
         prefill_ratio: ratio(stats.prefill_seconds, prediction.prefill.total_s),
         predicted_bound_by: prediction.bound_by.name().to_string(),
+        decode_step_lower_bound_s: prediction.decode_step.floor_s,
+        decode_step_over_lower_bound: ratio(measured_step, prediction.decode_step.floor_s),
     }
 }
 
@@ -248,11 +255,14 @@ impl PolicyCheck {
     pub fn report(&self) -> String {
         format!(
             "policy check: decode step predicted {:.2} ms (bound by {}), measured {:.2} ms \
-             ({:.2}x); prefill predicted {:.3} s, measured {:.3} s ({:.2}x)",
+             ({:.2}x; {:.2}x the calibrated lower bound of {:.2} ms); prefill predicted {:.3} s, \
+             measured {:.3} s ({:.2}x)",
             self.predicted_decode_step_s * 1e3,
             self.predicted_bound_by,
             self.measured_decode_step_s * 1e3,
             self.decode_step_ratio,
+            self.decode_step_over_lower_bound,
+            self.decode_step_lower_bound_s * 1e3,
             self.predicted_prefill_s,
             self.measured_prefill_s,
             self.prefill_ratio

@@ -96,6 +96,7 @@ fn text_output_says_the_profile_is_a_reference() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("NOT a measurement of this machine"), "{text}");
     assert!(text.contains("bound by"), "{text}");
+    assert!(text.contains("lower bound (all overlap)"), "{text}");
     assert!(text.contains("alternatives"), "{text}");
 }
 

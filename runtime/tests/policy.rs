@@ -110,6 +110,14 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
             check["measured_decode_step_s"].as_f64().unwrap() > 0.0,
             "{check}"
         );
+        // The calibrated lower bound: positive, at most the prediction, and the ratio to it.
+        let floor = check["decode_step_lower_bound_s"].as_f64().unwrap();
+        let predicted = check["predicted_decode_step_s"].as_f64().unwrap();
+        assert!(floor > 0.0 && floor <= predicted, "{check}");
+        let over = check["decode_step_over_lower_bound"].as_f64().unwrap();
+        let measured = check["measured_decode_step_s"].as_f64().unwrap();
+        assert!((over - measured / floor).abs() <= 1e-9 * over, "{check}");
+        assert!(stderr(&run).contains("the calibrated lower bound of"));
         assert_eq!(
             stats["kv_block_tokens"].as_u64(),
             check["policy"]["kv_block_tokens"].as_u64()
