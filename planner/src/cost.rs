@@ -623,11 +623,17 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     if off_gpu {
         bytes[0] += gpu_scratch_blocks(rows, p.kv_block_tokens) as f64 * block;
     }
-    let streamed_weights = (1.0 - p.weights.gpu) * z.w;
+    // The executor keeps whole layers resident (the GPU share rounded to the nearest layer) and
+    // stages every other layer through two layer-sized buffers, whatever the prefetch depth
+    // (`runtime/src/gpu_budget.rs`, `policy_exec::executable`): count what it allocates, or
+    // the GPU KV tier the plan counts on would not fit beside them.
+    if p.weights.gpu < 1.0 {
+        let resident = (p.weights.gpu * layers).round().min(layers);
+        bytes[0] += (resident - p.weights.gpu * layers) * z.w + 2.0 * z.w;
+    }
     // A prefill pass: one GPU batch's working set, the other batches' residual stream.
     let activations = prefill_workspace_bytes(m, rows, p.num_gpu_batches, wl.batch) as f64;
-    bytes[0] +=
-        m.embedding_bytes() as f64 + slots * (streamed_weights + fetched_per_batch) + activations;
+    bytes[0] += m.embedding_bytes() as f64 + slots * fetched_per_batch + activations;
     if disk_per_batch > 0.0 || p.weights.disk > 0.0 {
         bytes[1] += slots * (disk_per_batch + p.weights.disk * z.w);
     }

@@ -510,4 +510,71 @@ mod runnable_tests {
             "no case needed the restriction: the test no longer exercises it"
         );
     }
+
+    /// The GPU KV tier a plan counts on fits in what the runtime leaves of `--gpu-mem` after
+    /// the weights it keeps (whole resident layers, two staging buffers) and the activations,
+    /// split as `generate` splits it: the run then holds the KV the prediction assumed. Cases
+    /// where weights are split between the GPU and host memory, as the planner picks them for
+    /// Llama-3-8B at 4K and 32K context.
+    #[test]
+    fn a_planned_gpu_kv_tier_fits_the_runtime_split_of_the_gpu_budget() {
+        let hw = HardwareProfile::h100_reference();
+        let cases = [
+            ("llama-3-8b", 8u64, 4096u64, 20u64, 64u64),
+            ("llama-3-8b", 16, 4096, 24, 64),
+            ("llama-3-8b", 8, 32704, 24, 32),
+            ("llama-3-8b", 4, 8192, 18, 24),
+            ("opt-30b", 6, 512, 16, 100),
+        ];
+        let mut split_weights = 0;
+        for (name, batch, prompt, gpu_gib, host_gib) in cases {
+            let cfg = synthetic::config(name).expect("preset");
+            let spec = model_spec(name, &cfg);
+            let wl = Workload {
+                batch,
+                prompt_len: prompt,
+                gen_len: 32,
+            };
+            let budgets = Budgets {
+                gpu_bytes: gpu_gib << 30,
+                host_bytes: host_gib << 30,
+                disk_bytes: 100 << 30,
+            };
+            let what = format!("{name} {batch}x{prompt}, GPU {gpu_gib} GiB");
+            let p = plan_with(&spec, &wl, &budgets, &hw, &search_space())
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .policy;
+            let run = executable(&p, cfg.layers).unwrap();
+            let resident = match run.residency {
+                Residency::Resident => cfg.layers,
+                Residency::Staged => 0,
+                Residency::Split {
+                    resident_layers, ..
+                } => resident_layers,
+                Residency::Streamed => panic!("{what}: streamed"),
+            };
+            if resident > 0 && resident < cfg.layers {
+                split_weights += 1;
+            }
+            // As `generate` sizes a prefill pass under a policy (`--prefill-chunk` default).
+            let gpu_batches = run.exec.gpu_batches.max(1);
+            let rows = (strata_planner::PREFILL_ROWS).min(p.gpu_batch_size * prompt) as usize;
+            let split = crate::gpu_budget::split_with(
+                &cfg,
+                budgets.gpu_bytes,
+                (rows, gpu_batches),
+                batch as usize,
+                Some(resident),
+            );
+            let block_bytes = (2 * cfg.kv_dim() * run.block_tokens * 2) as u64;
+            let (bytes, short) =
+                gpu_kv_tier_bytes(&p, &wl, cfg.layers as u64, block_bytes, split.kv_bytes);
+            assert_eq!(short, None, "{what}: {p:?}");
+            assert!(bytes <= split.kv_bytes, "{what}");
+        }
+        assert!(
+            split_weights >= 2,
+            "only {split_weights} case(s) split the weights: the test no longer exercises it"
+        );
+    }
 }
