@@ -1,6 +1,7 @@
 //! `strata bench` on the CPU: a tiny end-to-end run of every policy (same tokens under every
 //! policy that runs, report files written, a dated RESULTS.md entry), the report's JSON schema,
-//! a well-formed SVG, FlexGen's flags placing what they say, and bad input refused naming the flag.
+//! the targets judged on what was measured, a well-formed SVG, FlexGen's flags placing what they
+//! say, and bad input refused naming the flag.
 
 #![allow(clippy::unwrap_used)]
 
@@ -60,9 +61,9 @@ fn is_num(v: &Value) -> bool {
     v.is_number()
 }
 
-/// Field names and JSON types of the report (`strata-bench/1`).
+/// Field names and JSON types of the report (`strata-bench/2`).
 fn check_schema(r: &Value) {
-    assert_eq!(r["schema"], "strata-bench/1");
+    assert_eq!(r["schema"], "strata-bench/2");
     for k in ["date", "command"] {
         assert!(r[k].is_string(), "{k}");
     }
@@ -88,11 +89,14 @@ fn check_schema(r: &Value) {
     let configs = r["configs"].as_array().unwrap();
     assert!(!configs.is_empty());
     for c in configs {
-        for k in ["prompt_len", "gen_len", "batch", "context"] {
+        for k in ["prompt_len", "gen_len", "batch", "context", "kv_bytes"] {
             assert!(c[k].is_u64(), "config.{k}");
         }
         assert!(c["model"].is_string());
         assert!(c["mismatches"].is_array());
+        for t in c["targets"].as_array().unwrap() {
+            check_target(t);
+        }
         for run in c["runs"].as_array().unwrap() {
             assert!(run["policy"].is_string());
             let status = run["status"].as_str().unwrap();
@@ -190,6 +194,41 @@ fn check_schema(r: &Value) {
                 );
             }
         }
+    }
+}
+
+/// One entry of a configuration's `targets`: a ratio when measured, a reason when not, and the
+/// bounding streams unless met.
+fn check_target(t: &Value) {
+    let id = t["id"].as_str().unwrap();
+    assert!(
+        ["3x-flexgen", "1.5x-flexgen-opt-30b", "0.95x-best-baseline"].contains(&id),
+        "{id}"
+    );
+    for k in ["name", "rule", "applies_because", "baseline"] {
+        assert!(t[k].is_string(), "target.{k}: {t}");
+    }
+    assert!(is_num(&t["required_ratio"]));
+    assert!(is_num(&t["predicted_ratio"]) || t["predicted_ratio"].is_null());
+    let outcome = t["outcome"].as_str().unwrap();
+    assert!(
+        ["met", "missed", "not_measured"].contains(&outcome),
+        "{outcome}"
+    );
+    if outcome == "not_measured" {
+        assert!(t["measured_ratio"].is_null(), "{t}");
+        assert!(t["not_measured_because"].is_string(), "{t}");
+    } else {
+        assert!(is_num(&t["measured_ratio"]), "{t}");
+        assert!(t["not_measured_because"].is_null(), "{t}");
+    }
+    if outcome == "met" {
+        assert!(t["bound"].is_null(), "{t}");
+    } else {
+        let b = &t["bound"];
+        assert!(b["predicted_bound_by"].is_string(), "{t}");
+        assert!(is_num(&b["predicted_streams"]["disk_read_s"]), "{t}");
+        assert!(b.get("measured_streams").is_some(), "{t}");
     }
 }
 
@@ -299,6 +338,55 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
     // FlexGen's row carries its policy in FlexGen's terms.
     let fg = run_of(&r, "flexgen");
     assert!(fg["flexgen_flags"].as_str().unwrap().contains("--percent"));
+    // tiny-llama's KV: 2 layers × K and V × 2 KV heads × head dim 16 × 4 bytes (f32) = 512 bytes
+    // a token (as `strata info` says), for 3 sequences of 16 tokens.
+    assert_eq!(c["kv_bytes"], 3 * 16 * 512, "{c}");
+
+    // 16 tokens of a tiny model: only the best-baseline target applies, judged against the
+    // fastest other policy that finished, on the same ratio as the table's.
+    let targets = c["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 1, "{c}");
+    let t = &targets[0];
+    assert_eq!(t["id"], "0.95x-best-baseline");
+    assert_eq!(t["required_ratio"], 0.95);
+    let fastest = c["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["policy"] != "strata" && x["status"] == "ok")
+        .max_by(|a, b| {
+            let tps = |x: &Value| x["measured"]["end_to_end_tokens_per_s"].as_f64().unwrap();
+            tps(a).total_cmp(&tps(b))
+        })
+        .unwrap();
+    assert_eq!(t["baseline"], fastest["policy"], "{t}");
+    let baseline = fastest["policy"].as_str().unwrap();
+    let ratio = t["measured_ratio"].as_f64().unwrap();
+    let table = run_of(&r, "strata")["ratios"][baseline].as_f64().unwrap();
+    assert!((ratio - table).abs() < 1e-9, "{ratio} vs {table}");
+    let met = ratio >= 0.95;
+    assert_eq!(t["outcome"], if met { "met" } else { "missed" }, "{t}");
+    let line = format!(
+        "- target ≥ 0.95× best baseline (strata compared with {}",
+        c["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| {
+                let s = &x["status"];
+                x["policy"] != "strata" && s != "not_runnable" && s != "does_not_fit"
+            })
+            .map(|x| x["policy"].as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(stdout.contains(&line), "{line}\n{stdout}");
+    let summary = format!(
+        "**Targets**: {} met, {} missed, 0 not measured",
+        u8::from(met),
+        u8::from(!met)
+    );
+    assert!(stdout.contains(&summary), "{summary}\n{stdout}");
 
     let svg = std::fs::read_to_string(d.path("plot.svg")).unwrap();
     check_well_formed_svg(&svg);
@@ -312,6 +400,10 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
         "the command is recorded"
     );
     assert!(results.contains("| strata | ok |"));
+    assert!(
+        results.contains(&summary) && results.contains(&line),
+        "{results}"
+    );
 }
 
 fn ran_count(c: &Value) -> usize {
@@ -371,6 +463,9 @@ fn flexgen_flags_place_what_they_say_and_unrunnable_policies_say_why() {
     let status = fg["status"].as_str().unwrap();
     assert!(status == "not_runnable" || status == "not_run", "{fg}");
     assert!(fg["measured"].is_null());
+    // No strata row: no target applies.
+    assert_eq!(r["configs"][0]["targets"], Value::Array(Vec::new()));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("**Targets**: none applies here"));
 }
 
 #[test]
@@ -461,6 +556,14 @@ fn runs_past_the_run_timeout_are_stopped_and_reported() {
         assert!(run["reason"].as_str().unwrap().contains("--run-timeout"));
         assert!(run["measured"].is_null());
     }
+    // The best-baseline target still applies, not measured, saying why.
+    let t = &r["configs"][0]["targets"][0];
+    assert_eq!(t["outcome"], "not_measured", "{t}");
+    assert_eq!(
+        t["not_measured_because"],
+        "strata timed out and gpu-only timed out"
+    );
+    assert!(t["bound"]["predicted_bound_by"].is_string(), "{t}");
     for bad in ["0", "-1", "soon"] {
         let out = bench(&d, &[&format!("--run-timeout={bad}")]);
         assert!(!out.status.success());

@@ -8,7 +8,8 @@
 //! `layerwise`; `gpu-only`) and predict it; then run each one the executor accepts through the
 //! very path of `strata generate --policy FILE` (a generate command line parsed and run in this
 //! process), on the same JSONL of prompt token ids; then compare tokens (the exactness contract:
-//! every policy must give the same tokens), compute ratios, and write the [`report`].
+//! every policy must give the same tokens), compute ratios, judge the [`targets`] that apply, and
+//! write the [`report`].
 //!
 //! A policy the executor cannot run yet is reported as `not runnable` with the executor's reason,
 //! one that does not fit the budgets as `does not fit` with the short tier, a failed run as
@@ -20,6 +21,7 @@
 
 mod presets;
 mod report;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -212,12 +214,19 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             bar.inc(1);
-            let partial = configs.iter().map(|c| finish_config(written_so_far(c)));
+            let partial = configs
+                .iter()
+                .map(|c| finish_config(written_so_far(c), &budgets));
             write_files(a, &report_of(partial.collect()))?;
         }
     }
     bar.finish_and_clear();
-    let report = report_of(configs.into_iter().map(finish_config).collect());
+    let report = report_of(
+        configs
+            .into_iter()
+            .map(|c| finish_config(c, &budgets))
+            .collect(),
+    );
     write_outputs(a, &report)?;
     if report.exact == Some(false) {
         eprintln!("error: policies gave different tokens (see `exactness` above)");
@@ -664,10 +673,12 @@ fn plan_config(
             gen_len: w.gen_len,
             batch,
             context: len,
+            kv_bytes: batch * len * spec.layers * spec.kv_bytes_per_token_per_layer(),
             note: w.note.clone(),
             exact: None,
             mismatches: Vec::new(),
             runs: Vec::new(),
+            targets: Vec::new(),
         },
         spec,
         vocab: c.vocab,
@@ -957,8 +968,9 @@ fn measured(s: &Value) -> Measured {
     }
 }
 
-/// Exactness, ratios and measured-over-predicted for one configuration.
-fn finish_config(c: PlannedConfig) -> ConfigReport {
+/// Exactness, ratios, measured-over-predicted and targets for one configuration run under
+/// `budgets`.
+fn finish_config(c: PlannedConfig, budgets: &Budgets) -> ConfigReport {
     let mut report = c.report;
     let ran: Vec<(&str, &Tokens)> = c
         .runs
@@ -1001,6 +1013,7 @@ fn finish_config(c: PlannedConfig) -> ConfigReport {
         }
         report.runs.push(r.report);
     }
+    report.targets = targets::evaluate(&report, budgets);
     report
 }
 

@@ -5,6 +5,7 @@
 //! Units: seconds, bytes, tokens per second. Measured end-to-end throughput is generated tokens
 //! over prefill plus decode seconds (model loading excluded), FlexGen's definition; a `ratios`
 //! entry is this run's end-to-end throughput over another policy's in the same configuration.
+//! Each configuration lists the [`targets`](super::targets) that apply to it, met or not.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,7 +15,10 @@ use strata_planner::{Budgets, FlexGenPolicy, Policy, TierBytes};
 
 use strata_runtime::units::format_size as human_bytes;
 
-pub const SCHEMA: &str = "strata-bench/1";
+use super::targets::{self, Target};
+
+/// `/2`: each configuration has `kv_bytes` and `targets`.
+pub const SCHEMA: &str = "strata-bench/2";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -61,12 +65,17 @@ pub struct ConfigReport {
     pub batch: u64,
     /// `prompt_len + gen_len`.
     pub context: u64,
+    /// KV of the whole job at its final length: batch × context × layers × KV bytes per token
+    /// per layer, in the model's KV dtype.
+    pub kv_bytes: u64,
     pub note: Option<String>,
     /// Same tokens under every policy that ran here (None: fewer than two ran).
     pub exact: Option<bool>,
     /// Policies whose tokens differ from the first policy that ran.
     pub mismatches: Vec<String>,
     pub runs: Vec<RunReport>,
+    /// The targets that apply here, each met, missed or not measured.
+    pub targets: Vec<Target>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -221,10 +230,11 @@ fn bytes(b: u64) -> String {
     if b == 0 { "0".into() } else { human_bytes(b) }
 }
 
-/// The Markdown tables: per configuration, throughput and ratios, then links, streams and
-/// memory, then what did not run and why.
+/// The Markdown tables: a line on the targets, then per configuration, throughput and ratios,
+/// then links, streams and memory, then what did not run and why, exactness and the targets.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
+    let _ = writeln!(s, "{}\n", targets::summary(&r.configs));
     for c in &r.configs {
         let _ = writeln!(
             s,
@@ -341,6 +351,9 @@ pub fn markdown(r: &Report) -> String {
             ),
             None => writeln!(s, "- exactness: fewer than two policies ran"),
         };
+        for t in &c.targets {
+            let _ = writeln!(s, "{}", targets::markdown_line(t));
+        }
         let _ = writeln!(s);
     }
     s
