@@ -307,3 +307,47 @@ fn the_lower_bound_is_the_slowest_stream_and_never_above_the_prediction() {
         }
     }
 }
+
+/// With a measured cost per block head, host attention over small blocks costs more than the
+/// calibrated rate (and over large ones less); without one, the block size does not matter. A
+/// planner that knows it picks larger blocks for a workload bound by host attention.
+#[test]
+fn small_blocks_cost_host_attention_their_per_block_work() {
+    let m = llama_3_8b();
+    let kvb = m.kv_bytes_per_token_per_layer();
+    let bytes = 100e6;
+    let plain = with_host_memory(28.0);
+    let costed = HardwareProfile {
+        host_attention_block_us: Some(0.11),
+        ..plain.clone()
+    };
+    let at = |hw: &HardwareProfile, bt: u64| hw.host_attention_s(bytes, bt, m.kv_heads, kvb);
+    let scan = bytes / (plain.host_attention_gbps * 1e9);
+    for bt in [16, 32, 64, 128] {
+        assert_eq!(at(&plain, bt), scan);
+    }
+    assert_eq!(at(&costed, 32), scan);
+    // 100 MB of 16-token blocks is 8 heads x 24,414 tokens / 32 more block heads than 32-token.
+    let extra = 8.0 * (bytes / kvb as f64) * (1.0 / 16.0 - 1.0 / 32.0) * 0.11e-6;
+    assert!(
+        (at(&costed, 16) - scan - extra).abs() < 1e-12,
+        "{}",
+        at(&costed, 16)
+    );
+    assert!(at(&costed, 64) < scan && at(&costed, 128) < at(&costed, 64));
+
+    // W6-like: 16 sequences of 4K, KV split between GPU and host, attended near.
+    let w = wl(16, 4096);
+    let budgets = Budgets {
+        gpu_bytes: 24 * GIB,
+        host_bytes: 64 * GIB,
+        disk_bytes: 0,
+    };
+    let expensive = HardwareProfile {
+        host_attention_block_us: Some(1.0),
+        ..plain.clone()
+    };
+    let p = plan(&m, &w, &budgets, &expensive).unwrap().policy;
+    assert!(p.kv.cold.host > 0.0, "host attention is in play: {p:?}");
+    assert!(p.kv_block_tokens >= 32, "{p:?}");
+}

@@ -544,7 +544,7 @@ mod runnable_tests {
             let p = plan_with(&spec, &wl, &budgets, &hw, &search_space())
                 .unwrap_or_else(|e| panic!("{what}: {e}"))
                 .policy;
-            let run = executable(&p, cfg.layers).unwrap();
+            let run = executable(&p, cfg.layers).expect("a plan of the executor search space runs");
             let resident = match run.residency {
                 Residency::Resident => cfg.layers,
                 Residency::Staged => 0,
