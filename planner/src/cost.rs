@@ -508,13 +508,9 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
         gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
-        host_attention_s: hw.host_attention_s(
-            t.host_attention,
-            block,
-            m.kv_heads,
-            m.kv_bytes_per_token_per_layer(),
-        ) + (t.host_mlp / (hw.host_attention_gbps * 1e9))
-            .max(t.host_mlp_flops / hw.host_mlp_flops()),
+        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9)
+            + (t.host_mlp / (hw.host_attention_gbps * 1e9))
+                .max(t.host_mlp_flops / hw.host_mlp_flops()),
         disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),

@@ -41,7 +41,5 @@ pub use model::{Budgets, MlpKind, ModelSpec, Workload};
 pub use policy::{
     Attention, HOST_MLP_MAX_ROWS, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
 };
-pub use profile::{
-    GemmTflops, HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS, HardwareProfile, PROFILE_VERSION,
-};
+pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};
 pub use search::{Alternative, Plan, SearchSpace, plan, plan_with};

@@ -20,9 +20,6 @@ use crate::error::ProfileError;
 /// all meant as figures).
 pub const PROFILE_VERSION: u32 = 1;
 
-/// Tokens per block of the KV `strata calibrate` measures host attention over.
-pub const HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS: u64 = 32;
-
 /// Per-core GFLOP/s assumed for the host MLP share when a profile has no measurement: what
 /// `strata calibrate` measured on the 16-core host of an H100 machine (about 480 GFLOP/s at
 /// 16–32 rows over f16 weights, 2026-11-22).
@@ -89,14 +86,6 @@ pub struct HardwareProfile {
     /// [`HOST_MLP_MAX_ROWS`]: crate::HOST_MLP_MAX_ROWS
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mlp_gflops: Option<f64>,
-    /// Host attention's wall-clock cost per KV head of each block it attends, microseconds (all
-    /// threads together), beyond its bytes at `host_attention_gbps`, which is the rate at blocks
-    /// of [`HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS`] tokens. Each block costs each query head an
-    /// online-softmax step (its accumulator rescaled), so small blocks attend slower: on an H100
-    /// host, 16-token bf16 blocks ran at 50 GB/s where 32-token ones ran at 76. Absent (older
-    /// files): the rate does not depend on the block size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_attention_block_us: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -147,7 +136,6 @@ impl HardwareProfile {
             prefill_attention_tflops: Some(285.0),
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
-            host_attention_block_us: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -183,7 +171,6 @@ impl HardwareProfile {
             prefill_attention_tflops: None,
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
-            host_attention_block_us: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -217,29 +204,6 @@ impl HardwareProfile {
     pub fn host_memory_bps(&self) -> f64 {
         let estimate = (2.0 * self.host_mem_gbps).max(self.host_attention_gbps);
         self.host_memory_shared_gbps.unwrap_or(estimate) * 1e9
-    }
-
-    /// Seconds host threads take to attend `bytes` of KV held in blocks of `block_tokens`
-    /// tokens, for a model of `kv_heads` KV heads and `kv_bytes_per_token` (one layer, K and V):
-    /// the bytes at `host_attention_gbps`, plus [`Self::host_attention_block_us`] for every
-    /// block head more than blocks of the calibrated size would have (less for larger blocks).
-    pub fn host_attention_s(
-        &self,
-        bytes: f64,
-        block_tokens: u64,
-        kv_heads: u64,
-        kv_bytes_per_token: u64,
-    ) -> f64 {
-        let scan = bytes / (self.host_attention_gbps * 1e9);
-        let Some(c) = self.host_attention_block_us else {
-            return scan;
-        };
-        let tokens = bytes / kv_bytes_per_token.max(1) as f64;
-        let extra_block_heads = kv_heads as f64
-            * tokens
-            * (1.0 / block_tokens.max(1) as f64
-                - 1.0 / HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS as f64);
-        (scan + extra_block_heads * c * 1e-6).max(0.0)
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -322,11 +286,6 @@ impl HardwareProfile {
                 self.host_memory_shared_gbps.unwrap_or(1.0),
             ),
             ("host_mlp_gflops", self.host_mlp_gflops.unwrap_or(1.0)),
-            (
-                "host_attention_block_us",
-                // 0 is a valid cost: check it as a rate that is positive when shifted.
-                self.host_attention_block_us.map_or(1.0, |c| c + 1.0),
-            ),
         ];
         for (field, v) in rates {
             if !(v.is_finite() && v > 0.0) {

@@ -8,8 +8,7 @@
 //!   first use), one 8192-token prompt on Llama-3-8B's heads over bf16 KV.
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
-//!   Llama-3-8B's geometry, one decode query, in 32-token blocks and again in 16-token blocks:
-//!   the difference is the cost of a block (`host_attention_block_us`). With a GPU, that scan again while another thread
+//!   Llama-3-8B's geometry, one decode query. With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
 //!   the sum of both rates is the profile's `host_memory_shared_gbps`. And the CPU backend's
 //!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
@@ -45,10 +44,7 @@ use strata_kernels::{
     AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, WeightData, testing,
 };
 use strata_planner::HOST_MLP_MAX_ROWS;
-use strata_planner::{
-    GemmTflops, HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS, HardwareProfile, PROFILE_VERSION,
-    ProfileError,
-};
+use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
 use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
 
 use crate::units::format_size;
@@ -358,25 +354,14 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     );
     steps.step("host attention");
     // Kept for the GPU's shared-memory measurement, which times the same scan beside copies.
-    let calibrated_block = HOST_ATTENTION_CALIBRATED_BLOCK_TOKENS as usize;
-    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16, calibrated_block);
+    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16);
     let host_attention = scan.gbps(sz.trials);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
         format!(
-            "KV bytes attended: {} of bf16 blocks of {calibrated_block} tokens, {threads} threads",
+            "KV bytes attended: {} of bf16 blocks, {threads} threads",
             format_size(sz.host_kv as u64)
-        ),
-    );
-    let half = HostAttentionScan::new(sz.host_kv, DType::BF16, calibrated_block / 2);
-    let block_us = per_block_head_us(&scan, host_attention, &half, half.gbps(sz.trials));
-    row(
-        "host attention per block",
-        format!("{block_us:.3} µs"),
-        format!(
-            "per KV head of a block, from the same bytes in {}-token blocks",
-            calibrated_block / 2
         ),
     );
     steps.step("host MLP matrix-vector");
@@ -409,7 +394,6 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
         prefill_attention_tflops: None,
         host_memory_shared_gbps: None,
         host_mlp_gflops: Some(host_mlp_gflops),
-        host_attention_block_us: Some(block_us),
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -793,8 +777,8 @@ struct HostAttentionScan {
 }
 
 impl HostAttentionScan {
-    fn new(bytes: usize, dtype: DType, block_tokens: usize) -> Self {
-        let g = AttentionGeometry::new(32, 8, 128, block_tokens);
+    fn new(bytes: usize, dtype: DType) -> Self {
+        let g = AttentionGeometry::new(32, 8, 128, 32);
         let e = g.block_elems();
         let block_bytes = 2 * e * dtype.size_bytes();
         let blocks = (bytes / block_bytes).max(1);
@@ -827,28 +811,6 @@ impl HostAttentionScan {
         let secs = best_secs(trials, attend).unwrap_or(f64::INFINITY);
         (blocks * self.block_bytes) as f64 / secs / 1e9
     }
-}
-
-/// The wall-clock microseconds each block head (one KV head of one block) adds to host
-/// attention, from two scans of the same bytes in blocks of two sizes and their rates (GB/s):
-/// the time difference over the difference in block heads. 0 when the smaller blocks were not
-/// slower; at most 90% of the larger blocks' time per block head, so the bytes keep a rate.
-fn per_block_head_us(
-    large: &HostAttentionScan,
-    large_gbps: f64,
-    small: &HostAttentionScan,
-    small_gbps: f64,
-) -> f64 {
-    let heads = |s: &HostAttentionScan| (s.kv.len() * s.g.n_kv_heads) as f64;
-    let secs =
-        |s: &HostAttentionScan, gbps: f64| (s.kv.len() * s.block_bytes) as f64 / (gbps * 1e9);
-    let (t_large, t_small) = (secs(large, large_gbps), secs(small, small_gbps));
-    let extra_heads = heads(small) - heads(large);
-    if !(extra_heads > 0.0 && t_small > t_large && t_large.is_finite()) {
-        return 0.0;
-    }
-    let per_head = (t_small - t_large) / extra_heads;
-    per_head.min(0.9 * t_large / heads(large)) * 1e6
 }
 
 struct DiskFigures {

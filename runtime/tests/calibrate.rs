@@ -72,10 +72,6 @@ fn quick_calibration_writes_a_profile_that_plan_accepts() {
         p.host_mem_gbps > 0.0 && p.host_attention_gbps > 0.0,
         "{p:?}"
     );
-    // The cost of a block head, from 16- against 32-token blocks: measured, finite, >= 0.
-    assert!(stdout.contains("host attention per block"), "{stdout}");
-    let block_us = p.host_attention_block_us.expect("measured");
-    assert!(block_us.is_finite() && block_us >= 0.0, "{p:?}");
     assert!(p.disk_measured, "{p:?}");
     assert!(p.disk_read_gbps > 0.0 && p.disk_write_gbps > 0.0, "{p:?}");
     assert!(p.disk_bytes > 0 && p.host_bytes > 0, "{p:?}");
