@@ -89,7 +89,14 @@ fn check_schema(r: &Value) {
     let configs = r["configs"].as_array().unwrap();
     assert!(!configs.is_empty());
     for c in configs {
-        for k in ["prompt_len", "gen_len", "batch", "context", "kv_bytes"] {
+        for k in [
+            "prompt_len",
+            "gen_len",
+            "batch",
+            "context",
+            "kv_bytes",
+            "weight_bytes",
+        ] {
             assert!(c[k].is_u64(), "config.{k}");
         }
         assert!(c["model"].is_string());
@@ -341,6 +348,7 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
     // tiny-llama's KV: 2 layers × K and V × 2 KV heads × head dim 16 × 4 bytes (f32) = 512 bytes
     // a token (as `strata info` says), for 3 sequences of 16 tokens.
     assert_eq!(c["kv_bytes"], 3 * 16 * 512, "{c}");
+    assert!(c["weight_bytes"].as_u64().is_some_and(|w| w > 0), "{c}");
 
     // 16 tokens of a tiny model: only the best-baseline target applies, judged against the
     // fastest other policy that finished, on the same ratio as the table's.

@@ -674,6 +674,7 @@ fn plan_config(
             batch,
             context: len,
             kv_bytes: batch * len * spec.layers * spec.kv_bytes_per_token_per_layer(),
+            weight_bytes: spec.layers * spec.weight_bytes_per_layer() + spec.embedding_bytes(),
             note: w.note.clone(),
             exact: None,
             mismatches: Vec::new(),

@@ -68,6 +68,10 @@ pub struct ConfigReport {
     /// KV of the whole job at its final length: batch × context × layers × KV bytes per token
     /// per layer, in the model's KV dtype.
     pub kv_bytes: u64,
+    /// The model's weights (every layer, the embedding and the LM head), which share the GPU and
+    /// host budgets with the KV.
+    #[serde(default)]
+    pub weight_bytes: u64,
     pub note: Option<String>,
     /// Same tokens under every policy that ran here (None: fewer than two ran).
     pub exact: Option<bool>,
