@@ -780,12 +780,12 @@ fn print_gpu() {
             println!("gpu kernels:      {}", gpu.kernel_origin());
             println!("gpu gemm:         {}", gemm_library(&gpu));
             if let Some(r) = gpu.gemm_record() {
-                let at = r
-                    .path
-                    .map_or("kept in memory only".into(), |p| p.display().to_string());
+                let at = r.path.map_or("kept in memory only".into(), |p| {
+                    format!("in {}", p.display())
+                });
                 let state = r.problem.map_or(String::new(), |p| format!("; {p}"));
                 println!(
-                    "gemm tunings:     {} problems recorded at {at}{state}",
+                    "gemm tunings:     {} problems recorded {at}{state}",
                     r.entries
                 );
             }

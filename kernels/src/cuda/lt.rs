@@ -19,8 +19,8 @@
 //!   about 36 calls' time (9 candidates × 4 runs). The choice is kept in the machine's record
 //!   (`gemm_record.rs`): every backend of the process and every later process restores it
 //!   instead of timing (`CudaBackend::gemm_tunings` lists them, saying which were restored).
-//!   Timing runs write `out` before the real passes
-//!   overwrite it (the first pass has β = 0), so the result is the chosen algorithm's.
+//!   Timing runs write `out` before the real passes overwrite it (the first pass has β = 0), so
+//!   the result is the chosen algorithm's.
 //!   Algorithms with a split-K reduction are not offered (see `heuristic`).
 //! - **Fallback to GemmEx**, per key and remembered: when it timed fastest; when a
 //!   half-precision operand is less than 16-byte aligned (its address, or its leading dimension
