@@ -13,7 +13,9 @@
 //! A target applies from the configuration and the plans alone, never from what was measured,
 //! so a run that timed out still shows the target it was meant to test, as `not measured`. A
 //! policy counts as run when it was started or is still to be started (`ok`, `failed`, `timed
-//! out`, `not run`); one that does not fit or that the executor cannot run yet tests nothing.
+//! out`, `not run`); one that does not fit or that the executor cannot run yet is no baseline for
+//! the best-baseline target, but FlexGen's own targets still stand there, not measured, naming
+//! why (`flexgen does not fit (host memory short by …)`).
 //!
 //! Ratios are strata's end-to-end tokens/s over the baseline's, as in the report's `ratios`.
 //! Where a target is missed or not measured, its entry names what bounds strata there: the
@@ -130,7 +132,9 @@ pub fn evaluate(c: &ConfigReport, budgets: &Budgets) -> Vec<Target> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    if let Some(flexgen) = run_of(c, "flexgen") {
+    // FlexGen's targets stand wherever its policy was asked for: where it does not fit or
+    // cannot run, they are not measured, and say why, rather than vanish from the report.
+    if let Some(flexgen) = c.runs.iter().find(|r| r.policy == "flexgen") {
         if let Some(why) = kv_beyond_memory(c, budgets) {
             out.push(judge(&THREE_X_FLEXGEN, why, strata, flexgen));
         }
@@ -252,10 +256,13 @@ fn best_baseline_why(others: &[&RunReport], best: &RunReport) -> String {
 /// `flexgen timed out`, `strata not run and flexgen failed`.
 fn unfinished_text(runs: &[&RunReport]) -> String {
     runs.iter()
-        .map(|r| match r.status {
+        .map(|r| match (r.status, &r.reason) {
             // Finished, but in no measurable time: no throughput to compare.
-            Status::Ok => format!("{} measured no time", r.policy),
-            s => format!("{} {}", r.policy, s.label()),
+            (Status::Ok, _) => format!("{} measured no time", r.policy),
+            (s @ (Status::DoesNotFit | Status::NotRunnable), Some(why)) => {
+                format!("{} {} ({why})", r.policy, s.label())
+            }
+            (s, _) => format!("{} {}", r.policy, s.label()),
         })
         .collect::<Vec<_>>()
         .join(" and ")
@@ -621,12 +628,19 @@ mod tests {
         assert!(!ids(&c, &roomy).contains(&"3x-flexgen"));
         let c88 = config("m", 32_766, 2, 88 * GIB, strata_and_flexgen(3.0, 1.0));
         assert!(!ids(&c88, &BUDGETS).contains(&"3x-flexgen"));
-        // Only where both strata and flexgen ran.
-        let flexgen_too_big = long(vec![
-            ok("strata", 1.28, 0.3),
-            run("flexgen", Status::DoesNotFit, 1.0, None),
-        ]);
-        assert!(ids(&flexgen_too_big, &BUDGETS).is_empty());
+        // Where FlexGen's policy does not fit, the target stands, not measured, saying why,
+        // with strata's bound; the best-baseline target has no baseline that ran.
+        let mut too_big = run("flexgen", Status::DoesNotFit, 1.0, None);
+        too_big.reason = Some("host memory short by 9.00 GiB".into());
+        let flexgen_too_big = long(vec![ok("strata", 1.28, 0.3), too_big]);
+        assert_eq!(ids(&flexgen_too_big, &BUDGETS), ["3x-flexgen"]);
+        let t = target(&flexgen_too_big, "3x-flexgen");
+        assert_eq!(t.outcome, Outcome::NotMeasured);
+        assert_eq!(
+            t.not_measured_because.as_deref(),
+            Some("flexgen does not fit (host memory short by 9.00 GiB)")
+        );
+        assert!(t.bound.is_some(), "{t:?}");
         let no_flexgen = long(vec![ok("strata", 1.28, 0.3), ok("layerwise", 1.0, 0.1)]);
         assert_eq!(ids(&no_flexgen, &BUDGETS), ["0.95x-best-baseline"]);
     }
