@@ -17,7 +17,7 @@ use strata_runtime::units::format_size as human_bytes;
 
 use super::targets::{self, Target};
 
-/// `/2`: each configuration has `kv_bytes` and `targets`.
+/// `/2`: each configuration has `kv_bytes`, `weight_bytes` and `targets`.
 pub const SCHEMA: &str = "strata-bench/2";
 
 #[derive(Clone, Debug, Serialize)]
@@ -70,7 +70,6 @@ pub struct ConfigReport {
     pub kv_bytes: u64,
     /// The model's weights (every layer, the embedding and the LM head), which share the GPU and
     /// host budgets with the KV.
-    #[serde(default)]
     pub weight_bytes: u64,
     pub note: Option<String>,
     /// Same tokens under every policy that ran here (None: fewer than two ran).
