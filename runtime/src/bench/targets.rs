@@ -68,7 +68,8 @@ pub struct Target {
     /// `≥ 3× flexgen`.
     pub name: &'static str,
     pub rule: &'static str,
-    /// Why it applies here (`KV 128.00 GiB + weights 15.00 GiB > GPU + host 88.00 GiB at context 32,768`).
+    /// Why it applies here (`KV 128.00 GiB + weights 15.00 GiB > GPU + host 88.00 GiB at
+    /// context 32,768`).
     pub applies_because: String,
     /// The policy strata is compared with.
     pub baseline: String,
@@ -352,9 +353,9 @@ pub fn summary(configs: &[ConfigReport]) -> String {
         .collect();
     if all.is_empty() {
         return format!(
-            "**Targets**: none applies here ({} where the KV exceeds GPU + host memory at 32K \
-             context or more; {} for OPT-30B at prompt 512, 32 generated, weights offloaded; {} \
-             where strata and another policy ran).",
+            "**Targets**: none applies here ({} where the KV does not fit GPU + host memory \
+             beside the weights at 32K context or more; {} for OPT-30B at prompt 512, 32 \
+             generated, weights offloaded; {} where strata and another policy ran).",
             THREE_X_FLEXGEN.name, ONE_AND_HALF_X_FLEXGEN.name, BEST_BASELINE.name
         );
     }
