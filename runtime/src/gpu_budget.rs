@@ -96,6 +96,27 @@ mod tests {
     use super::*;
     use crate::model::synthetic;
 
+    /// `p`'s resident layers (its GPU share rounded to whole layers, as the executor keeps them),
+    /// the rows of one prefill GPU batch, and the runtime's split of `gpu_bytes` for them: what
+    /// `generate --policy` lays out.
+    fn runtime_split(
+        cfg: &ModelConfig,
+        p: &strata_planner::Policy,
+        wl: &strata_planner::Workload,
+        gpu_bytes: u64,
+    ) -> (usize, u64, GpuBudget) {
+        let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
+        let rows = strata_planner::prefill_batch_rows(p, wl);
+        let split = split_with(
+            cfg,
+            gpu_bytes,
+            (rows as usize, p.num_gpu_batches as usize),
+            wl.batch as usize,
+            Some(resident),
+        );
+        (resident, rows, split)
+    }
+
     #[test]
     fn an_8b_model_is_resident_on_80gb_and_streamed_on_24gb() {
         let cfg = synthetic::config("llama-3-8b").expect("preset");
@@ -140,15 +161,7 @@ mod tests {
                 disk_bytes: 200 << 30,
             };
             let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
-            let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
-            let rows = strata_planner::prefill_batch_rows(&p, &wl) as usize;
-            let split = split_with(
-                &cfg,
-                budgets.gpu_bytes,
-                (rows, p.num_gpu_batches as usize),
-                batch as usize,
-                Some(resident),
-            );
+            let (_, _, split) = runtime_split(&cfg, &p, &wl, budgets.gpu_bytes);
             let final_len = (prompt + 32).div_ceil(p.kv_block_tokens) * p.kv_block_tokens;
             let kv_per_token = 2 * cfg.kv_dim() as u64 * 2 * cfg.layers as u64;
             let hot = p.kv.hot_window_tokens.min(final_len);
@@ -159,8 +172,7 @@ mod tests {
             };
             let gpu_tokens = hot_on_gpu + (p.kv.cold.gpu * (final_len - hot) as f64) as u64;
             let planned_kv = batch * gpu_tokens * kv_per_token;
-            // Within 5%: the runtime splits weights by whole layers with two staging buffers,
-            // the planner streams a share of every layer through `prefetch_depth + 1` slots.
+            // Within 5%: the count here is by tokens, the planner's by whole blocks.
             assert!(
                 split.kv_bytes as f64 >= 0.95 * planned_kv as f64,
                 "{gpu_gib} GiB, {batch} x {prompt}: the planner puts {planned_kv} B of KV on the \
@@ -195,15 +207,7 @@ mod tests {
                 gen_len: 32,
             };
             let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
-            let resident = (p.weights.gpu * cfg.layers as f64).round() as usize;
-            let rows = strata_planner::prefill_batch_rows(&p, &wl);
-            let split = split_with(
-                &cfg,
-                budgets.gpu_bytes,
-                (rows as usize, p.num_gpu_batches as usize),
-                batch as usize,
-                Some(resident),
-            );
+            let (_, rows, split) = runtime_split(&cfg, &p, &wl, budgets.gpu_bytes);
             let bt = p.kv_block_tokens;
             let block_bytes = 2 * cfg.kv_dim() as u64 * bt * 2;
             let layers = cfg.layers as u64;
@@ -225,6 +229,57 @@ mod tests {
                 split.kv_bytes
             );
         }
+    }
+
+    /// The GPU KV tier a plan counts on fits in what the runtime leaves of `--gpu-mem` after
+    /// the weights it keeps (whole resident layers, two staging buffers) and the activations:
+    /// the run then holds the KV the prediction assumed. Plans of the executor's search space
+    /// whose weights are split between the GPU and host memory, as the planner picks them for
+    /// Llama-3-8B at 4K and 32K context.
+    #[test]
+    fn a_planned_gpu_kv_tier_fits_the_runtime_split_of_the_gpu_budget() {
+        use crate::policy_exec::{gpu_kv_tier_bytes, search_space};
+        use strata_planner::{Budgets, HardwareProfile, Workload, plan_with};
+        let hw = HardwareProfile::h100_reference();
+        let cases = [
+            ("llama-3-8b", 8u64, 4096u64, 20u64, 64u64),
+            ("llama-3-8b", 16, 4096, 24, 64),
+            ("llama-3-8b", 8, 32704, 24, 32),
+            ("llama-3-8b", 4, 8192, 18, 24),
+            ("opt-30b", 6, 512, 16, 100),
+        ];
+        let mut split_weights = 0;
+        for (name, batch, prompt, gpu_gib, host_gib) in cases {
+            let cfg = synthetic::config(name).expect("preset");
+            let spec = model_spec(name, &cfg);
+            let wl = Workload {
+                batch,
+                prompt_len: prompt,
+                gen_len: 32,
+            };
+            let budgets = Budgets {
+                gpu_bytes: gpu_gib << 30,
+                host_bytes: host_gib << 30,
+                disk_bytes: 100 << 30,
+            };
+            let what = format!("{name} {batch}x{prompt}, GPU {gpu_gib} GiB");
+            let p = plan_with(&spec, &wl, &budgets, &hw, &search_space())
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .policy;
+            let (resident, _, split) = runtime_split(&cfg, &p, &wl, budgets.gpu_bytes);
+            if resident > 0 && resident < cfg.layers {
+                split_weights += 1;
+            }
+            let block_bytes = 2 * cfg.kv_dim() as u64 * p.kv_block_tokens * 2;
+            let (bytes, short) =
+                gpu_kv_tier_bytes(&p, &wl, cfg.layers as u64, block_bytes, split.kv_bytes);
+            assert_eq!(short, None, "{what}: {p:?}");
+            assert!(bytes <= split.kv_bytes, "{what}");
+        }
+        assert!(
+            split_weights >= 2,
+            "only {split_weights} case(s) split the weights: the test no longer exercises it"
+        );
     }
 
     const CALIBRATED_H100: &str = r#"{

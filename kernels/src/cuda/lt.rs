@@ -532,13 +532,7 @@ impl LtState {
         };
         let p = Problem::new(key).ok()?;
         let algo = lts::cublasLtMatmulAlgo_t { data };
-        let mut check = lts::cublasLtMatmulHeuristicResult_t {
-            algo,
-            workspaceSize: 0,
-            state: lts::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
-            wavesCount: 0.0,
-            reserved: [0; 4],
-        };
+        let mut check = unfilled_result(algo);
         // SAFETY: the handle and `p`'s descriptors are live; `algo` and `check` are locals the
         // call reads and writes during the call.
         let status = unsafe {
@@ -678,14 +672,7 @@ impl LtState {
                 )
             }?;
         }
-        let empty = lts::cublasLtMatmulHeuristicResult_t {
-            algo: lts::cublasLtMatmulAlgo_t { data: [0; 8] },
-            workspaceSize: 0,
-            state: lts::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
-            wavesCount: 0.0,
-            reserved: [0; 4],
-        };
-        let mut results = [empty; CANDIDATES];
+        let mut results = [unfilled_result(lts::cublasLtMatmulAlgo_t { data: [0; 8] }); CANDIDATES];
         let mut count: c_int = 0;
         // SAFETY: the handle, the descriptors and `pref` are live; `results` has room for the
         // CANDIDATES entries requested and `count` receives how many were written.
@@ -731,6 +718,17 @@ impl LtState {
         timed(stream, || {
             Ok((0..TIMED_RUNS).all(|_| run(h, ws, p, algo, stream, g).is_ok()))
         })
+    }
+}
+
+/// A heuristic result for cuBLASLt to fill (for `algo`), marked unsupported until it does.
+fn unfilled_result(algo: lts::cublasLtMatmulAlgo_t) -> lts::cublasLtMatmulHeuristicResult_t {
+    lts::cublasLtMatmulHeuristicResult_t {
+        algo,
+        workspaceSize: 0,
+        state: lts::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+        wavesCount: 0.0,
+        reserved: [0; 4],
     }
 }
 
