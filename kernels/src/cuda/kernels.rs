@@ -79,6 +79,18 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
+/// Threads per block of `argmax_rows`; `ARGMAX_THREADS` in kvtier.cu.
+const ARGMAX_THREADS: u32 = 1024;
+
+/// `argmax_rows`: one block of [`ARGMAX_THREADS`] per row; `rows` as in [`per_row`].
+pub(crate) fn argmax_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ARGMAX_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// One block per row; `rows` must be in `1..=i32::MAX` (the caller checks).
 pub(crate) fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {

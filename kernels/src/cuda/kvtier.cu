@@ -65,36 +65,67 @@ extern "C" __global__ void kv_gather_u16(unsigned short* out, const unsigned sho
     }
 }
 
+// (v, i) beats (w, j): a value beats no value (index 0xffffffff), then the larger value, then,
+// on ties, the lower index, so the combined pick is the first largest whatever the partition.
+__device__ __forceinline__ bool argmax_beats(float v, u32 i, float w, u32 j) {
+    return i != 0xffffffffu && (j == 0xffffffffu || v > w || (v == w && i < j));
+}
+
 // out[r] = the first index of the largest value of row r of x: [rows, cols] (NaN never wins,
-// like the CPU sampler's greedy pick). One block of ROW_THREADS per row.
-extern "C" __global__ void argmax_rows(u32* out, const float* x, u64 cols) {
-    __shared__ float s_v[ROW_THREADS];
-    __shared__ u32 s_i[ROW_THREADS];
+// like the CPU sampler's greedy pick). One block of ARGMAX_THREADS per row: a row is a whole
+// vocabulary (128K values for Llama 3), so each thread keeps ARGMAX_UNROLL loads in flight
+// rather than waiting on one at a time.
+#define ARGMAX_THREADS 1024
+#define ARGMAX_UNROLL 8
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(u32* out, const float* x,
+                                                                         u64 cols) {
+    __shared__ float s_v[32];
+    __shared__ u32 s_i[32];
     const float* row = x + (u64)blockIdx.x * cols;
     float best = NEG_INF;
     u32 at = 0xffffffffu;
-    for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = row[c];
-        if (v > best || (at == 0xffffffffu && v == v)) {
-            best = v;
-            at = (u32)c;
+    const u64 step = (u64)blockDim.x * ARGMAX_UNROLL;
+    for (u64 c0 = threadIdx.x; c0 < cols; c0 += step) {
+        float v[ARGMAX_UNROLL];
+#pragma unroll
+        for (u32 r = 0; r < ARGMAX_UNROLL; ++r) {
+            const u64 c = c0 + (u64)r * blockDim.x;
+            v[r] = c < cols ? row[c] : 0.0f;
         }
-    }
-    s_v[threadIdx.x] = best;
-    s_i[threadIdx.x] = at;
-    __syncthreads();
-    for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            const float v = s_v[threadIdx.x + s];
-            const u32 i = s_i[threadIdx.x + s];
-            const float b = s_v[threadIdx.x];
-            const u32 j = s_i[threadIdx.x];
-            if (i != 0xffffffffu && (j == 0xffffffffu || v > b || (v == b && i < j))) {
-                s_v[threadIdx.x] = v;
-                s_i[threadIdx.x] = i;
+#pragma unroll
+        for (u32 r = 0; r < ARGMAX_UNROLL; ++r) {
+            const u64 c = c0 + (u64)r * blockDim.x;
+            if (c < cols && (v[r] > best || (at == 0xffffffffu && v[r] == v[r]))) {
+                best = v[r];
+                at = (u32)c;
             }
         }
-        __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = s_i[0] == 0xffffffffu ? 0u : s_i[0];
+    for (u32 o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_down_sync(0xffffffffu, best, o);
+        const u32 i = __shfl_down_sync(0xffffffffu, at, o);
+        if (argmax_beats(v, i, best, at)) {
+            best = v;
+            at = i;
+        }
+    }
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        s_v[warp] = best;
+        s_i[warp] = at;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < (blockDim.x >> 5) ? s_v[lane] : NEG_INF;
+        at = lane < (blockDim.x >> 5) ? s_i[lane] : 0xffffffffu;
+        for (u32 o = 16; o > 0; o >>= 1) {
+            const float v = __shfl_down_sync(0xffffffffu, best, o);
+            const u32 i = __shfl_down_sync(0xffffffffu, at, o);
+            if (argmax_beats(v, i, best, at)) {
+                best = v;
+                at = i;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = at == 0xffffffffu ? 0u : at;
+    }
 }

@@ -490,8 +490,9 @@ impl CudaBackend {
         let cols = x.cols as u64;
         let mut l = be.stream.launch_builder(&be.kvt.argmax);
         l.arg(&mut out).arg(xb).arg(&cols);
-        // SAFETY: argmax_rows(u32* out, const float* x, u64 cols): one block per row of x.
-        unsafe { l.launch(kernels::per_row(x.rows)) }.map_err(|e| device_err(op, e))?;
+        // SAFETY: argmax_rows(u32* out, const float* x, u64 cols): one block per row of x, of
+        // the ARGMAX_THREADS threads its launch bounds allow.
+        unsafe { l.launch(kernels::argmax_per_row(x.rows)) }.map_err(|e| device_err(op, e))?;
         be.stream.clone_dtoh(&out).map_err(|e| device_err(op, e))
     }
 }

@@ -177,6 +177,10 @@ struct Inner {
     /// The dtype of the f16/bf16 matrix weights uploaded (`linear::OPERANDS_*`): producers of
     /// GEMM inputs (RMSNorm, SwiGLU) write their output's operands in it.
     operand_dtype: AtomicU8,
+    /// The last positions and frequencies `rope` uploaded, and their device copy (only ever
+    /// read): a forward pass ropes q and k of every layer at the same positions, so one upload
+    /// serves them all instead of two per layer.
+    rope_positions: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -294,6 +298,7 @@ impl CudaBackend {
                         ctx,
                         deferred: Mutex::new(None),
                         poison: AtomicBool::new(false),
+                        rope_positions: Mutex::new(None),
                         gemm_precision: AtomicU8::new(GemmPrecision::default().to_u8()),
                         operand_dtype: AtomicU8::new(linear::OPERANDS_NONE),
                     }),
@@ -777,10 +782,19 @@ impl Backend for CudaBackend {
             .map(|&p| p as f32)
             .chain(table.inv_freq[..hd / 2].iter().copied())
             .collect();
-        let pf = be.upload(op, &pos_freq)?;
+        let mut last = be
+            .rope_positions
+            .lock()
+            .map_err(|_| device_err(op, "rope position cache poisoned"))?;
+        if last.as_ref().is_none_or(|(v, _)| *v != pos_freq) {
+            // The replaced buffer is freed in stream order, after the launches that read it.
+            let pf = be.upload(op, &pos_freq)?;
+            *last = Some((pos_freq, pf));
+        }
+        let pf = &last.as_ref().expect("set above").1;
         let (heads64, hd64) = (heads as u64, hd as u64);
         let mut b = be.stream.launch_builder(&be.k.rope_inplace);
-        b.arg(xb).arg(&pf).arg(&rows).arg(&heads64).arg(&hd64);
+        b.arg(xb).arg(pf).arg(&rows).arg(&heads64).arg(&hd64);
         // SAFETY: rope_inplace(float* x, const float* pos_freq, u64 rows, u64 heads,
         // u64 head_dim); `x` holds rows * heads * head_dim values, `pos_freq` rows + head_dim / 2.
         unsafe { b.launch(kernels::elementwise(n)) }.map_err(|e| device_err(op, e))?;
