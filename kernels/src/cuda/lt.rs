@@ -8,7 +8,13 @@
 //!   makes one cuBLASLt call at a time. Made the first time cuBLASLt is selected (or asked
 //!   about); when libcublasLt does not load, or the handle or workspace cannot be made, the
 //!   backend runs cuBLAS GemmEx and `CudaBackend::lt_unavailable` says why.
-//! - **Autotuning**, for GEMMs of at least [`LT_MIN_ROWS`] rows (fewer run on GemmEx: see there).
+//! - **Fewer than [`LT_MIN_ROWS`] rows** (decode): the heuristic's first pick for the problem's
+//!   descriptors, split-K allowed, untimed, both made once per problem and kept in memory (not
+//!   in the record: the heuristic gives every process the same pick). A decode step's GEMMs are
+//!   bound by reading their weights, where timing back-to-back runs would time the L2 cache (see
+//!   [`LT_MIN_ROWS`]); what cuBLASLt saves there is host time: GemmEx builds its descriptors and
+//!   asks its heuristic on every call.
+//! - **Autotuning**, for GEMMs of at least [`LT_MIN_ROWS`] rows.
 //!   The first GEMM of each `TuneKey` (m, n, k, dtype, precision mode, and the
 //!   operands' alignments) asks `cublasLtMatmulAlgoGetHeuristic` for up to [`CANDIDATES`]
 //!   algorithms that fit the workspace and the alignments, runs each on the real operands (the
@@ -56,7 +62,7 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 pub const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed.
 pub const TIMED_RUNS: usize = 3;
-/// Rows from which a GEMM is tuned and may run on cuBLASLt; fewer run on GemmEx untuned. Below
+/// Rows from which a GEMM is tuned; fewer run untuned, on the heuristic's first pick. Below
 /// this a GEMM is bound by reading its weight, and the tuning's back-to-back runs on one weight
 /// (up to 50 MiB, in L2 after the first) time the wrong thing: on an H100 the algorithms they
 /// picked for 16-row decode GEMMs made a Llama-3-8B decode step twice as slow as GemmEx.
@@ -73,7 +79,7 @@ const MIN_OPERAND_ALIGN: u32 = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmBackend {
     /// cuBLASLt, with the algorithm autotuned per problem of at least [`LT_MIN_ROWS`] rows
-    /// against GemmEx (see the module header of `lt.rs`), GemmEx for the rest.
+    /// against GemmEx, the heuristic's first pick below (see the module header of `lt.rs`).
     #[default]
     LtAutotuned,
     /// cuBLAS `cublasGemmEx` with `CUBLAS_GEMM_DEFAULT`: the library's own choice, untimed.
@@ -362,6 +368,9 @@ struct LtState {
     /// [`WORKSPACE_BYTES`] bytes on the backend's stream.
     workspace: CudaSlice<u8>,
     tuned: HashMap<TuneKey, Tuned>,
+    /// Problems below [`LT_MIN_ROWS`] rows: the heuristic's first pick, split-K allowed, made
+    /// ready once (`None`: cuBLASLt cannot run it; GemmEx does).
+    untuned: HashMap<TuneKey, Option<(Problem, lts::cublasLtMatmulAlgo_t)>>,
     /// The machine's record, shared with every backend of this process on the same device
     /// (`gemm_record.rs`).
     record: Arc<Mutex<TuningRecord>>,
@@ -399,6 +408,7 @@ impl LtGemm {
                     handle,
                     workspace,
                     tuned: HashMap::new(),
+                    untuned: HashMap::new(),
                     record: gemm_record::shared(record_dir, machine),
                 })
             },
@@ -425,7 +435,7 @@ impl LtGemm {
         gemm_ex: &dyn Fn() -> Result<()>,
     ) -> Result<bool> {
         if g.m < LT_MIN_ROWS {
-            return Ok(false);
+            return self.matmul_untuned(stream, g);
         }
         let key = TuneKey::new(g);
         let mut st = self
@@ -471,6 +481,47 @@ impl LtGemm {
                 // A synchronous refusal: nothing launched past the failing pass. Remember it.
                 let why = LtFallback::NoAlgorithm(format!("cublasLtMatmul: {e}"));
                 tuned.insert(key, Tuned::gemm_ex(why));
+                Ok(false)
+            }
+        }
+    }
+
+    /// Runs `g` (fewer than [`LT_MIN_ROWS`] rows) on cuBLASLt with the heuristic's first pick
+    /// for its descriptors, split-K allowed, untimed (see [`LT_MIN_ROWS`]); `false` when the
+    /// caller must run it on GemmEx. The descriptors and the pick are made once per problem: a
+    /// decode step's GEMMs are bound by their weights' bytes, and GemmEx, which makes its own
+    /// for every call, cost 12-40 µs of host time per 16-row projection on an H100's host, more
+    /// than the device spends on the small ones.
+    fn matmul_untuned(&self, stream: &CudaStream, g: &HalfGemm) -> Result<bool> {
+        let key = TuneKey::new(g);
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| device_err(OP, "the cuBLASLt state was poisoned by a panic"))?;
+        if !key.lt_can_run() {
+            return Ok(false);
+        }
+        if !st.untuned.contains_key(&key) {
+            let ready = Problem::new(&key).ok().and_then(|p| {
+                let first = st.heuristic(&key, &p, true).ok()?.into_iter().next()?;
+                Some((p, first))
+            });
+            st.untuned.insert(key, ready);
+        }
+        let LtState {
+            handle,
+            workspace,
+            untuned,
+            ..
+        } = &mut *st;
+        let Some(Some((problem, algo))) = untuned.get(&key) else {
+            return Ok(false);
+        };
+        match run(handle, workspace, problem, algo, stream, g) {
+            Ok(()) => Ok(true),
+            Err(_) => {
+                // A synchronous refusal, nothing launched past the failing pass: GemmEx from now.
+                untuned.insert(key, None);
                 Ok(false)
             }
         }
@@ -572,7 +623,7 @@ impl LtState {
         gemm_ex: &dyn Fn() -> Result<()>,
     ) -> Result<Tuned> {
         let found = match Problem::new(key).and_then(|p| {
-            let found = self.heuristic(key, &p)?;
+            let found = self.heuristic(key, &p, false)?;
             Ok((p, found))
         }) {
             Ok((p, found)) if !found.is_empty() => (p, found),
@@ -635,6 +686,7 @@ impl LtState {
         &self,
         key: &TuneKey,
         p: &Problem,
+        split_k: bool,
     ) -> std::result::Result<Vec<lts::cublasLtMatmulAlgo_t>, CublasError> {
         use lts::cublasLtMatmulPreferenceAttributes_t as Attr;
         let pref = Pref(ltr::create_matmul_pref()?);
@@ -650,12 +702,18 @@ impl LtState {
             )
         }?;
         let [a, b, c] = key.align;
-        // No split-K: its reduction adds the k-slices' partial sums in an order of its own, so
-        // two processes that tuned to different algorithms could round differently, and the
-        // tokens of one policy must not depend on which algorithm another process timed fastest.
-        let no_split_k = lts::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
+        // No split-K for tuned problems: its reduction adds the k-slices' partial sums in an
+        // order of its own, so two processes that tuned to different algorithms could round
+        // differently, and the tokens of one policy must not depend on which algorithm another
+        // process timed fastest. An untuned pick is the same in every process (the heuristic
+        // is deterministic), and a few-row GEMM needs split-K to spread its weight over the SMs.
+        let reductions = if split_k {
+            lts::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK as u32
+        } else {
+            lts::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32
+        };
         for (attr, bytes) in [
-            (Attr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, no_split_k),
+            (Attr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, reductions),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
             (Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
