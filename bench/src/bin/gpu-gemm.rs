@@ -11,9 +11,9 @@
 //!   `CUBLAS_GEMM_DEFAULT` (what `STRATA_GEMM=gemmex` selects), and `lt` (strata's default): for
 //!   m of at least 512, the fastest of cuBLASLt's candidate algorithms and GemmEx, timed on the
 //!   problem's first call (which falls in the warm-up reps; with `--warmup 0` it lands in the
-//!   first timed rep) or restored from the machine's tuning record; below 512 rows, cuBLASLt
-//!   with its heuristic's first pick, untimed. Without libcublasLt, `lt` is left out, with a
-//!   note.
+//!   first timed rep) or restored from the machine's tuning record; up to 16 rows, cuBLASLt
+//!   with its heuristic's first pick, untimed; between, GemmEx. Without libcublasLt, `lt` is
+//!   left out, with a note.
 //! - **How**: CUDA events around `calls` back-to-back calls; a rep's time per call is the
 //!   events' span divided by `calls`; the table shows the median of `--reps` reps after
 //!   `--warmup` untimed ones. Calls rotate over enough copies of the weight (≥ 256 MiB together)
@@ -70,7 +70,7 @@ struct Args {
     m: Vec<usize>,
     /// GEMM libraries for m > 8, comma-separated, timed in this order: `gemmex` (cuBLAS
     /// GemmEx, the default), `lt` (cuBLASLt autotuned against GemmEx from 512 rows, its
-    /// heuristic's first pick below).
+    /// heuristic's first pick up to 16, GemmEx between).
     #[arg(long, default_value = "gemmex,lt", value_delimiter = ',',
           value_parser = ["gemmex", "lt"])]
     gemm: Vec<String>,

@@ -8,12 +8,12 @@
 //!   makes one cuBLASLt call at a time. Made the first time cuBLASLt is selected (or asked
 //!   about); when libcublasLt does not load, or the handle or workspace cannot be made, the
 //!   backend runs cuBLAS GemmEx and `CudaBackend::lt_unavailable` says why.
-//! - **Fewer than [`LT_MIN_ROWS`] rows** (decode): the heuristic's first pick for the problem's
+//! - **Up to [`UNTUNED_MAX_ROWS`] rows** (decode): the heuristic's first pick for the problem's
 //!   descriptors, split-K allowed, untimed, both made once per problem and kept in memory (not
 //!   in the record: the heuristic gives every process the same pick). A decode step's GEMMs are
 //!   bound by reading their weights, where timing back-to-back runs would time the L2 cache (see
 //!   [`LT_MIN_ROWS`]); what cuBLASLt saves there is host time: GemmEx builds its descriptors and
-//!   asks its heuristic on every call.
+//!   asks its heuristic on every call. Between the two, GemmEx (see [`UNTUNED_MAX_ROWS`]).
 //! - **Autotuning**, for GEMMs of at least [`LT_MIN_ROWS`] rows.
 //!   The first GEMM of each `TuneKey` (m, n, k, dtype, precision mode, and the
 //!   operands' alignments) asks `cublasLtMatmulAlgoGetHeuristic` for up to [`CANDIDATES`]
@@ -62,11 +62,18 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 pub const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed.
 pub const TIMED_RUNS: usize = 3;
-/// Rows from which a GEMM is tuned; fewer run untuned, on the heuristic's first pick. Below
+/// Rows from which a GEMM is tuned (fewer run on GemmEx or, up to [`UNTUNED_MAX_ROWS`], on the
+/// heuristic's first pick). Below
 /// this a GEMM is bound by reading its weight, and the tuning's back-to-back runs on one weight
 /// (up to 50 MiB, in L2 after the first) time the wrong thing: on an H100 the algorithms they
 /// picked for 16-row decode GEMMs made a Llama-3-8B decode step twice as slow as GemmEx.
 pub const LT_MIN_ROWS: usize = 512;
+/// Rows up to which a GEMM runs on cuBLASLt's heuristic pick, untimed; from here to
+/// [`LT_MIN_ROWS`] GemmEx runs it. On an H100 the pick at 16 rows was GemmEx's own kernels
+/// (Llama-3-8B, 16 sequences: the same kernels and device time, the step 14.0 -> 11.3 ms from
+/// host time alone), while at 64 rows it made the decode step 10% slower than GemmEx's choice
+/// (20.6 against 18.4-18.8 ms).
+pub const UNTUNED_MAX_ROWS: usize = 16;
 /// The alignment (bytes) both half-precision operands need for the Lt path.
 const MIN_OPERAND_ALIGN: u32 = 16;
 
@@ -79,7 +86,8 @@ const MIN_OPERAND_ALIGN: u32 = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmBackend {
     /// cuBLASLt, with the algorithm autotuned per problem of at least [`LT_MIN_ROWS`] rows
-    /// against GemmEx, the heuristic's first pick below (see the module header of `lt.rs`).
+    /// against GemmEx, the heuristic's first pick up to [`UNTUNED_MAX_ROWS`] rows, GemmEx between
+    /// (see the module header of `lt.rs`).
     #[default]
     LtAutotuned,
     /// cuBLAS `cublasGemmEx` with `CUBLAS_GEMM_DEFAULT`: the library's own choice, untimed.
@@ -434,8 +442,11 @@ impl LtGemm {
         g: &HalfGemm,
         gemm_ex: &dyn Fn() -> Result<()>,
     ) -> Result<bool> {
-        if g.m < LT_MIN_ROWS {
+        if g.m <= UNTUNED_MAX_ROWS {
             return self.matmul_untuned(stream, g);
+        }
+        if g.m < LT_MIN_ROWS {
+            return Ok(false);
         }
         let key = TuneKey::new(g);
         let mut st = self
@@ -486,7 +497,7 @@ impl LtGemm {
         }
     }
 
-    /// Runs `g` (fewer than [`LT_MIN_ROWS`] rows) on cuBLASLt with the heuristic's first pick
+    /// Runs `g` (at most [`UNTUNED_MAX_ROWS`] rows) on cuBLASLt with the heuristic's first pick
     /// for its descriptors, split-K allowed, untimed (see [`LT_MIN_ROWS`]); `false` when the
     /// caller must run it on GemmEx. The descriptors and the pick are made once per problem: a
     /// decode step's GEMMs are bound by their weights' bytes, and GemmEx, which makes its own
