@@ -214,20 +214,42 @@ fn argmax_picks_the_first_maximum_of_each_row() {
 fn copies_on_the_copy_stream_round_trip_and_are_counted() {
     let Some(gpu) = test_gpu() else { return };
     let mut rng = Rng(test_seed());
-    let before = gpu.copy_stats().unwrap();
-    let data = rng.vec(3 * 1000);
-    let t = gpu.upload(3, 1000, &data).unwrap();
-    // A kernel on the compute stream reads the uploaded tensor: it must see the copied values.
-    let mut doubled = gpu.tensor(3, 1000, vec![0.0; 3000]).unwrap();
-    gpu.add_inplace(&mut doubled, &t).unwrap();
-    gpu.add_inplace(&mut doubled, &t).unwrap();
-    let back = gpu.download(&doubled).unwrap();
-    let want: Vec<f32> = data.iter().map(|x| x + x).collect();
-    assert_eq!(back, want);
-    let after = gpu.copy_stats().unwrap();
-    assert!(after.h2d_bytes >= before.h2d_bytes + 12_000, "{after:?}");
-    assert!(after.d2h_bytes >= before.d2h_bytes + 12_000, "{after:?}");
-    assert!(after.h2d_seconds > before.h2d_seconds && after.d2h_seconds > before.d2h_seconds);
+    // A small upload (counted, untimed) and one past TIMED_UPLOAD_MIN (timed), both through
+    // the upload ring, its slots reused many times over.
+    for cols in [1000, 30_000] {
+        let before = gpu.copy_stats().unwrap();
+        let mut last = None;
+        for _ in 0..40 {
+            let data = rng.vec(3 * cols);
+            let t = gpu.upload(3, cols, &data).unwrap();
+            // A kernel on the compute stream reads the uploaded tensor: it must see the values.
+            let mut doubled = gpu.zeros(3, cols).unwrap();
+            gpu.add_inplace(&mut doubled, &t).unwrap();
+            gpu.add_inplace(&mut doubled, &t).unwrap();
+            last = Some((doubled, data));
+        }
+        let (doubled, data) = last.unwrap();
+        let back = gpu.download(&doubled).unwrap();
+        let want: Vec<f32> = data.iter().map(|x| x + x).collect();
+        assert_eq!(back, want);
+        let after = gpu.copy_stats().unwrap();
+        let bytes = 40 * 12 * cols as u64;
+        if 12 * cols < strata_kernels::cuda::TIMED_UPLOAD_MIN {
+            assert_eq!(
+                after.h2d_small_bytes,
+                before.h2d_small_bytes + bytes,
+                "{after:?}"
+            );
+        } else {
+            assert!(after.h2d_bytes >= before.h2d_bytes + bytes, "{after:?}");
+            assert!(after.h2d_seconds > before.h2d_seconds, "{after:?}");
+        }
+        assert!(
+            after.d2h_bytes >= before.d2h_bytes + 12 * cols as u64,
+            "{after:?}"
+        );
+        assert!(after.d2h_seconds > before.d2h_seconds, "{after:?}");
+    }
 }
 
 /// Blocks written without waiting, one slice each, in pieces through the upload staging ring

@@ -121,6 +121,9 @@ pub struct GpuCopies {
     pub d2h_bytes: u64,
     pub d2h_seconds: f64,
     pub d2h_gbps: f64,
+    /// Small uploads (under 64 KiB: block tables, KV slots) on the compute stream, untimed and
+    /// not in `h2d_bytes`.
+    pub h2d_small_bytes: u64,
 }
 
 impl From<strata_kernels::cuda::CopyStats> for GpuCopies {
@@ -133,6 +136,7 @@ impl From<strata_kernels::cuda::CopyStats> for GpuCopies {
             d2h_bytes: c.d2h_bytes,
             d2h_seconds: c.d2h_seconds,
             d2h_gbps: gbps(c.d2h_bytes, c.d2h_seconds),
+            h2d_small_bytes: c.h2d_small_bytes,
         }
     }
 }

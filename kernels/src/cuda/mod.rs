@@ -70,7 +70,7 @@ pub use linear::GemmPrecision;
 pub use lt::{GemmBackend, GemmChoice, GemmRecordInfo, GemmTuning, LT_MIN_ROWS, LtFallback};
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
 pub use staging::{Fetched, PinnedWeight};
-pub use transfer::{CopyStats, PendingDownload};
+pub use transfer::{CopyStats, PendingDownload, TIMED_UPLOAD_MIN};
 
 use crate::{Backend, DType, HostWeight, KernelError, Result, RopeTable, WeightData, shape_err};
 use kernels::Kernels;

@@ -1,5 +1,7 @@
 //! Host ↔ device copies, each timed by a pair of events, so a run can say how many bytes crossed
-//! PCIe each way and how long they took ([`CudaBackend::copy_stats`]).
+//! PCIe each way and how long they took ([`CudaBackend::copy_stats`]); uploads under
+//! [`TIMED_UPLOAD_MIN`] are only counted, apart (their events cost more host time than they
+//! take to copy).
 //!
 //! Bulk copies run on a stream per direction: weight prefetch on the copy stream, KV spills on
 //! the spill stream (a spill the host attention waits for must not queue behind the next
@@ -33,6 +35,9 @@ pub struct CopyStats {
     pub h2d_seconds: f64,
     pub d2h_bytes: u64,
     pub d2h_seconds: f64,
+    /// Bytes of uploads under [`TIMED_UPLOAD_MIN`] (block tables, KV slots, positions), copied
+    /// in order on the compute stream and not timed: not in `h2d_bytes`.
+    pub h2d_small_bytes: u64,
 }
 
 /// A copy to the host in flight ([`CudaBackend::download_async`]): its page-locked staging
@@ -71,9 +76,27 @@ pub(crate) struct CopyLog {
     totals: CopyStats,
     /// Download staging not in use, at most [`DOWNLOAD_STAGING_KEPT`].
     down: Vec<PinnedHostSlice<f32>>,
-    /// Upload staging, oldest use first, each with the event after its last copy.
-    ups: std::collections::VecDeque<(PinnedHostSlice<f32>, Option<CudaEvent>)>,
+    /// Upload staging, oldest use first.
+    ups: std::collections::VecDeque<UploadSlot>,
 }
+
+/// A staging buffer of the upload ring, with what each use needs made once: its device address
+/// and the event marking its last copy done. An upload is on every layer's path (a decode step
+/// makes about a hundred), where creating, recording and destroying three events and asking the
+/// driver for the mapping each time cost 10-25 µs of host time per upload.
+struct UploadSlot {
+    buf: PinnedHostSlice<f32>,
+    /// The device's address of `buf` (page-locked and mapped), `None` where the driver gave none.
+    mapped: Option<CUdeviceptr>,
+    /// Recorded on the compute stream after the slot's last copy (`recorded`: at least once).
+    done: CudaEvent,
+    recorded: bool,
+}
+
+/// Uploads from this size are timed by a pair of events and counted in
+/// [`CopyStats::h2d_bytes`]; smaller ones (a few kilobytes of metadata, on every layer) only in
+/// [`CopyStats::h2d_small_bytes`]: their events cost more host time than the copy takes.
+pub const TIMED_UPLOAD_MIN: usize = 64 << 10;
 
 /// Download staging buffers kept for reuse: one per download the runtime keeps in flight (two,
 /// blocks landing in host memory) and one for a tensor downloaded meanwhile. Allocating
@@ -363,18 +386,40 @@ impl Inner {
                 0,
             )
         };
-        if mapped != cudarc::driver::sys::CUresult::CUDA_SUCCESS || !(dst | from).is_multiple_of(16)
-        {
+        if mapped != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
             return Ok(false);
         }
-        let n = src.len() as u64;
+        // SAFETY: `from` is the device's address of `src` (the caller's contract for `src`).
+        unsafe { self.copy_from_device_view(op, dst, from, src.len()) }
+    }
+
+    /// Enqueues the `copy_from_host` kernel copying `n` bytes from `from`, the device's address of
+    /// mapped page-locked host memory, to `dst`; false, having enqueued nothing, unless both are
+    /// 16-byte aligned.
+    ///
+    /// # Safety
+    /// `dst` must address `n` writable device bytes and `from` `n` mapped host bytes, alive and
+    /// unwritten until the compute stream has run the copy.
+    unsafe fn copy_from_device_view(
+        &self,
+        op: &'static str,
+        dst: CUdeviceptr,
+        from: CUdeviceptr,
+        n: usize,
+    ) -> Result<bool> {
+        if n == 0 {
+            return Ok(true);
+        }
+        if !(dst | from).is_multiple_of(16) {
+            return Ok(false);
+        }
+        let bytes = n as u64;
         let mut b = self.stream.launch_builder(&self.k.copy_from_host);
-        b.arg(&dst).arg(&from).arg(&n);
-        // SAFETY: copy_from_host(u8* dst, const u8* src, u64 bytes): `dst` holds n bytes (the
-        // caller's contract), `from` is the device's address of the n mapped source bytes, both
-        // 16-byte aligned (checked above).
-        unsafe { b.launch(kernels::elementwise(src.len().div_ceil(16))) }
-            .map_err(|e| device_err(op, e))?;
+        b.arg(&dst).arg(&from).arg(&bytes);
+        // SAFETY: copy_from_host(u8* dst, const u8* src, u64 bytes): `dst` holds n bytes and
+        // `from` is the device's address of the n mapped source bytes (the caller's contract),
+        // both 16-byte aligned (checked above).
+        unsafe { b.launch(kernels::elementwise(n.div_ceil(16))) }.map_err(|e| device_err(op, e))?;
         Ok(true)
     }
 
@@ -411,54 +456,78 @@ impl Inner {
         if n == 0 {
             return Ok(());
         }
-        let (buf, last) = self.take_upload_staging(op)?;
-        if let Some(e) = last {
-            // The buffer's previous copy, UPLOAD_RING uploads ago: done in all but name.
-            e.synchronize().map_err(|e| device_err(op, e))?;
-        }
-        let mut slot = Some(buf);
+        let mut slot = self.take_upload_slot(op)?;
         let r = (|| {
-            let host = staging(self, op, &mut slot, n.div_ceil(4))?;
-            let words = host.as_mut_slice().map_err(|e| device_err(op, e))?;
-            // SAFETY: the staging words are page-locked memory owned by `host`; any bytes are a
-            // valid f32, so writing them through a byte view is sound.
+            if slot.recorded {
+                // The slot's previous copy, UPLOAD_RING uploads ago: done in all but name.
+                slot.done.synchronize().map_err(|e| device_err(op, e))?;
+            }
+            let words = n.div_ceil(4);
+            if slot.buf.len() < words {
+                let mut grown = None;
+                staging(self, op, &mut grown, words)?;
+                slot.buf = grown.ok_or_else(|| device_err(op, "staging buffer"))?;
+                slot.mapped = mapped_address(&slot.buf);
+            }
+            let host = slot.buf.as_mut_slice().map_err(|e| device_err(op, e))?;
+            // SAFETY: the staging words are page-locked memory owned by the slot; any bytes
+            // are a valid f32, so writing them through a byte view is sound.
             let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4)
+                std::slice::from_raw_parts_mut(host.as_mut_ptr().cast::<u8>(), host.len() * 4)
             };
             fill(&mut bytes[..n]);
             let staged = &bytes[..n];
-            self.timed_copy_on(&self.stream, op, Dir::H2d, n, |s| {
-                // SAFETY: `dst` holds n bytes (the caller's contract); the staging buffer is
-                // neither written nor freed before the event recorded below has passed (the ring
-                // synchronises on it before its next use).
-                if unsafe { self.copy_from_mapped_host(op, dst, staged) }? {
-                    return Ok(());
+            let mapped = slot.mapped;
+            let copy = |s: &CudaStream| {
+                if let Some(from) = mapped {
+                    // SAFETY: `dst` holds n bytes (the caller's contract); `from` is the device's
+                    // address of the slot's staging, n bytes of which were filled above, neither
+                    // written nor freed before the slot's event, recorded below, has passed (the
+                    // ring synchronises on it before the slot's next use).
+                    if unsafe { self.copy_from_device_view(op, dst, from, n) }? {
+                        return Ok(());
+                    }
                 }
                 // SAFETY: as above; the staging is page-locked, so the copy is asynchronous.
                 unsafe { cudarc::driver::result::memcpy_htod_async(dst, staged, s.cu_stream()) }
                     .map_err(|e| device_err(op, e))
-            })?;
-            self.stream
-                .record_event(None)
-                .map_err(|e| device_err(op, e))
+            };
+            if n >= TIMED_UPLOAD_MIN {
+                self.timed_copy_on(&self.stream, op, Dir::H2d, n, copy)?;
+            } else {
+                copy(&self.stream)?;
+                let mut log = self
+                    .copies
+                    .lock()
+                    .map_err(|_| device_err(op, "copy log poisoned"))?;
+                log.totals.h2d_small_bytes += n as u64;
+            }
+            slot.done
+                .record(&self.stream)
+                .map_err(|e| device_err(op, e))?;
+            slot.recorded = true;
+            Ok(())
         })();
-        let Some(buf) = slot else {
-            // `staging` failed to allocate a larger buffer: `r` holds its error.
-            return r.map(|_| ());
-        };
-        match r {
-            Ok(done) => {
-                self.put_upload_staging(buf, Some(done));
-                Ok(())
-            }
-            Err(e) => {
-                // Nothing may still read the buffer when it goes back.
-                self.stream.synchronize().map_err(|e| device_err(op, e))?;
-                self.put_upload_staging(buf, None);
-                Err(e)
-            }
+        if r.is_err() {
+            // Nothing may still read the buffer when it goes back.
+            self.stream.synchronize().map_err(|e| device_err(op, e))?;
+            slot.recorded = false;
         }
+        self.put_upload_slot(slot);
+        r
     }
+}
+
+/// The device's address of mapped page-locked `buf`, `None` when the driver has none for it.
+fn mapped_address(buf: &PinnedHostSlice<f32>) -> Option<CUdeviceptr> {
+    let host = buf.as_ptr().ok()?;
+    let mut from: CUdeviceptr = 0;
+    // SAFETY: a query on a host address, which fails unless it lies in page-locked memory mapped
+    // for this context's device.
+    let r = unsafe {
+        cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut from, host.cast_mut().cast(), 0)
+    };
+    (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(from)
 }
 
 impl Inner {
@@ -471,12 +540,8 @@ impl Inner {
         Ok(log.down.pop())
     }
 
-    /// The oldest upload staging buffer of the ring and the event of its last copy, or a new
-    /// buffer while the ring is not full.
-    fn take_upload_staging(
-        &self,
-        op: &'static str,
-    ) -> Result<(PinnedHostSlice<f32>, Option<CudaEvent>)> {
+    /// The oldest slot of the upload ring, or a new one while the ring is not full.
+    fn take_upload_slot(&self, op: &'static str) -> Result<UploadSlot> {
         let mut log = self
             .copies
             .lock()
@@ -490,12 +555,17 @@ impl Inner {
         let mut fresh = None;
         staging(self, op, &mut fresh, 1)?;
         let buf = fresh.ok_or_else(|| device_err(op, "staging buffer"))?;
-        Ok((buf, None))
+        Ok(UploadSlot {
+            mapped: mapped_address(&buf),
+            buf,
+            done: self.ctx.new_event(None).map_err(|e| device_err(op, e))?,
+            recorded: false,
+        })
     }
 
-    fn put_upload_staging(&self, buf: PinnedHostSlice<f32>, last: Option<CudaEvent>) {
+    fn put_upload_slot(&self, slot: UploadSlot) {
         if let Ok(mut log) = self.copies.lock() {
-            log.ups.push_back((buf, last));
+            log.ups.push_back(slot);
         }
     }
 
