@@ -281,6 +281,12 @@ pub trait RuntimeBackend: Backend {
     /// The staged values, where host threads can compute with them.
     fn staged_host(w: &Self::Staged) -> &HostWeight;
 
+    /// Seconds spent so far on one-time GEMM tuning (see `CudaBackend::gemm_tuning_seconds`),
+    /// which a run takes out of the phase it fell in.
+    fn gemm_tuning_seconds(&self) -> f64 {
+        0.0
+    }
+
     /// Appends the rows' K and V (`[rows, kv_heads * head_dim]`) to `layer` of the cache, with
     /// the layer's input `x: [rows, hidden]` when the cache stores hidden states for recompute.
     fn append_kv(
@@ -416,6 +422,9 @@ impl RuntimeBackend for CudaBackend {
 
     fn stage_weight(&self, w: HostWeight) -> KernelResult<Option<PinnedWeight>> {
         self.pin_weight(w).map(Some)
+    }
+    fn gemm_tuning_seconds(&self) -> f64 {
+        CudaBackend::gemm_tuning_seconds(self)
     }
     fn fetch_weight(&self, w: &PinnedWeight) -> KernelResult<CudaWeight> {
         CudaBackend::fetch_weight(self, w)
@@ -786,6 +795,11 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
 
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// [`RuntimeBackend::gemm_tuning_seconds`] of the backend the model runs on.
+    pub fn gemm_tuning_seconds(&self) -> f64 {
+        self.backend.gemm_tuning_seconds()
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -731,6 +731,14 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", check.report());
         stats.policy_check = Some(check);
     }
+    if stats.gemm_tuning_seconds > 0.0 {
+        eprintln!(
+            "note: {:.2} s went to tuning GEMM shapes new to this machine, left out of the \
+             prefill and decode times (`gemm_tuning_seconds` in --stats-json); later runs \
+             restore them from the tuning record (`strata info`)",
+            stats.gemm_tuning_seconds
+        );
+    }
     if let Some(path) = a.stats_json {
         let text = serde_json::to_string_pretty(&stats)?;
         std::fs::write(&path, text + "\n")

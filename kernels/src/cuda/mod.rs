@@ -383,6 +383,16 @@ impl CudaBackend {
         }
     }
 
+    /// Seconds spent so far timing cuBLASLt's candidate algorithms for new GEMM problems (0 when
+    /// every problem was restored from the machine's record, or cuBLASLt is not in use). A run
+    /// subtracts it from the prefill or decode time it was spent in and reports it apart.
+    pub fn gemm_tuning_seconds(&self) -> f64 {
+        match self.inner.lt.get() {
+            Some(Ok(lt)) => lt.tuning_seconds(),
+            _ => 0.0,
+        }
+    }
+
     /// The machine's GEMM tuning record: where it is, what it holds, whether it could be used
     /// (`None` while cuBLASLt has not been loaded, or where it is unavailable).
     pub fn gemm_record(&self) -> Option<GemmRecordInfo> {
