@@ -687,7 +687,11 @@ fn gemm_tunings_are_recorded_and_restored_from_disk() {
     let second = open("again");
     let (got, restored) = run(&second);
     assert!(restored.recorded, "restored from the file, not timed");
-    assert_eq!(second.gemm_tuning_seconds(), 0.0, "restoring costs no tuning time");
+    assert_eq!(
+        second.gemm_tuning_seconds(),
+        0.0,
+        "restoring costs no tuning time"
+    );
     assert_eq!(restored.choice, tuned.choice);
     assert!(
         same_bits(&got, &want),
