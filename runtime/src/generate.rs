@@ -265,7 +265,7 @@ fn reject(item: JobItem, error: impl Into<String>) -> BadLine {
     }
 }
 
-/// A phase's time less the tuning spent in it (never below zero: the two clocks differ).
+/// A phase's time less the tuning timed within it (never below zero, whatever the rounding).
 fn net_of_tuning(elapsed_s: f64, tuning_s: f64) -> f64 {
     (elapsed_s - tuning_s).max(0.0)
 }
@@ -635,7 +635,7 @@ mod tests {
     fn tuning_time_comes_out_of_the_phase_it_fell_in() {
         assert_eq!(net_of_tuning(1.5, 0.0), 1.5);
         assert_eq!(net_of_tuning(1.5, 0.25), 1.25);
-        // Host and device clocks may disagree by a little; a phase never goes negative.
+        // The tuning is timed inside the phase; a rounding slip never makes it negative.
         assert_eq!(net_of_tuning(0.1, 0.2), 0.0);
     }
 }

@@ -65,10 +65,10 @@ pub const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed.
 pub const TIMED_RUNS: usize = 3;
 /// Rows from which a GEMM is tuned (fewer run on GemmEx or, up to [`UNTUNED_MAX_ROWS`], on the
-/// heuristic's first pick). Below
-/// this a GEMM is bound by reading its weight, and the tuning's back-to-back runs on one weight
-/// (up to 50 MiB, in L2 after the first) time the wrong thing: on an H100 the algorithms they
-/// picked for 16-row decode GEMMs made a Llama-3-8B decode step twice as slow as GemmEx.
+/// heuristic's first pick). Below this a GEMM is bound by reading its weight, and the tuning's
+/// back-to-back runs on one weight (up to 50 MiB, in L2 after the first) time the wrong thing:
+/// on an H100 the algorithms they picked for 16-row decode GEMMs made a Llama-3-8B decode step
+/// twice as slow as GemmEx.
 pub const LT_MIN_ROWS: usize = 512;
 /// Rows up to which a GEMM runs on cuBLASLt's heuristic pick, untimed; from here to
 /// [`LT_MIN_ROWS`] GemmEx runs it. On an H100 the pick at 16 rows was GemmEx's own kernels
@@ -380,8 +380,8 @@ struct LtState {
     /// [`WORKSPACE_BYTES`] bytes on the backend's stream.
     workspace: CudaSlice<u8>,
     tuned: HashMap<TuneKey, Tuned>,
-    /// Problems below [`LT_MIN_ROWS`] rows: the heuristic's first pick, split-K allowed, made
-    /// ready once (`None`: cuBLASLt cannot run it; GemmEx does).
+    /// Problems of at most [`UNTUNED_MAX_ROWS`] rows: the heuristic's first pick, split-K
+    /// allowed, made ready once (`None`: cuBLASLt cannot run it; GemmEx does).
     untuned: HashMap<TuneKey, Option<(Problem, lts::cublasLtMatmulAlgo_t)>>,
     /// The machine's record, shared with every backend of this process on the same device
     /// (`gemm_record.rs`).
