@@ -158,6 +158,7 @@ fn check_schema(r: &Value) {
                     "prefill_s",
                     "decode_s",
                     "decode_step_s",
+                    "gemm_tuning_s",
                     "prefill_tokens_per_s",
                     "decode_tokens_per_s",
                     "end_to_end_tokens_per_s",

@@ -938,6 +938,7 @@ fn measured(s: &Value) -> Measured {
         prefill_s,
         decode_s,
         decode_step_s: decode_s / steps as f64,
+        gemm_tuning_s: f(&s["gemm_tuning_seconds"]),
         prefill_tokens_per_s: f(&s["prefill_tokens_per_s"]),
         decode_tokens_per_s: f(&s["decode_tokens_per_s"]),
         end_to_end_tokens_per_s: if total > 0.0 {

@@ -3,7 +3,8 @@
 //! line per policy; hand-written SVG) and the dated entry for `bench/RESULTS.md`.
 //!
 //! Units: seconds, bytes, tokens per second. Measured end-to-end throughput is generated tokens
-//! over prefill plus decode seconds (model loading excluded), FlexGen's definition; a `ratios`
+//! over prefill plus decode seconds (model loading and one-time GEMM tuning, `gemm_tuning_s`,
+//! excluded), FlexGen's definition; a `ratios`
 //! entry is this run's end-to-end throughput over another policy's in the same configuration.
 //! Each configuration lists the [`targets`](super::targets) that apply to it, met or not.
 
@@ -17,7 +18,8 @@ use strata_runtime::units::format_size as human_bytes;
 
 use super::targets::{self, Target};
 
-/// `/2`: each configuration has `kv_bytes`, `weight_bytes` and `targets`.
+/// `/2`: each configuration has `kv_bytes`, `weight_bytes` and `targets` (and, added since
+/// without a bump, each measured run `gemm_tuning_s`).
 pub const SCHEMA: &str = "strata-bench/2";
 
 #[derive(Clone, Debug, Serialize)]
@@ -202,6 +204,10 @@ pub struct Measured {
     pub prefill_s: f64,
     pub decode_s: f64,
     pub decode_step_s: f64,
+    /// One-time GEMM tuning in this run (shapes new to the machine), left out of `prefill_s`
+    /// and `decode_s`: otherwise the policy run first would pay for shapes the others find
+    /// tuned.
+    pub gemm_tuning_s: f64,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub end_to_end_tokens_per_s: f64,
@@ -231,6 +237,16 @@ fn num(v: f64) -> String {
 
 fn bytes(b: u64) -> String {
     if b == 0 { "0".into() } else { human_bytes(b) }
+}
+
+/// What a run spent on GEMM tuning, when it spent any.
+fn tuning_line(m: &Measured) -> Option<String> {
+    (m.gemm_tuning_s > 0.0).then(|| {
+        format!(
+            "{:.2} s of GEMM tuning (shapes new to this machine), left out of its times",
+            m.gemm_tuning_s
+        )
+    })
 }
 
 /// The Markdown tables: a line on the targets, then per configuration, throughput and ratios,
@@ -337,6 +353,9 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(s, "- **{}**: {}{flags}", run.policy, run.source);
             if let Some(reason) = &run.reason {
                 let _ = writeln!(s, "  - {}: {reason}", run.status.label());
+            }
+            if let Some(line) = run.measured.as_ref().and_then(tuning_line) {
+                let _ = writeln!(s, "  - {line}");
             }
             for n in &run.notes {
                 let _ = writeln!(s, "  - {n}");
@@ -603,6 +622,19 @@ pub fn utc_date(unix_s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_tuned_gemms_says_how_long_and_that_its_times_leave_it_out() {
+        let tuned = Measured {
+            gemm_tuning_s: 0.094,
+            ..Measured::default()
+        };
+        assert_eq!(
+            tuning_line(&tuned).as_deref(),
+            Some("0.09 s of GEMM tuning (shapes new to this machine), left out of its times")
+        );
+        assert_eq!(tuning_line(&Measured::default()), None);
+    }
 
     #[test]
     fn dates() {
