@@ -92,9 +92,30 @@ pub fn auto_kv_dtype(cfg: &ModelConfig) -> DType {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::synthetic;
+
+    /// `batch` prompts of `prompt` tokens generating 32, under budgets given in GiB.
+    pub(crate) fn workload(
+        batch: u64,
+        prompt: u64,
+        gpu_gib: u64,
+        host_gib: u64,
+        disk_gib: u64,
+    ) -> (strata_planner::Workload, strata_planner::Budgets) {
+        let wl = strata_planner::Workload {
+            batch,
+            prompt_len: prompt,
+            gen_len: 32,
+        };
+        let budgets = strata_planner::Budgets {
+            gpu_bytes: gpu_gib << 30,
+            host_bytes: host_gib << 30,
+            disk_bytes: disk_gib << 30,
+        };
+        (wl, budgets)
+    }
 
     /// `p`'s resident layers (its GPU share rounded to whole layers, as the executor keeps them),
     /// the rows of one prefill GPU batch, and the runtime's split of `gpu_bytes` for them: what
@@ -145,21 +166,12 @@ mod tests {
     /// planner put on the GPU, within 5%.
     #[test]
     fn planned_gpu_kv_fits_in_the_runtime_split() {
-        use strata_planner::{Budgets, HardwareProfile, Workload, plan};
+        use strata_planner::{HardwareProfile, plan};
         let cfg = synthetic::config("llama-3-8b").expect("preset");
         let spec = model_spec("llama-3-8b", &cfg);
         let profile = HardwareProfile::h100_reference();
         for (gpu_gib, batch, prompt) in [(80u64, 16u64, 2048u64), (24, 8, 8192), (20, 4, 4096)] {
-            let wl = Workload {
-                batch,
-                prompt_len: prompt,
-                gen_len: 32,
-            };
-            let budgets = Budgets {
-                gpu_bytes: gpu_gib << 30,
-                host_bytes: 64 << 30,
-                disk_bytes: 200 << 30,
-            };
+            let (wl, budgets) = workload(batch, prompt, gpu_gib, 64, 200);
             let p = plan(&spec, &wl, &budgets, &profile).expect("a plan").policy;
             let (_, _, split) = runtime_split(&cfg, &p, &wl, budgets.gpu_bytes);
             let final_len = (prompt + 32).div_ceil(p.kv_block_tokens) * p.kv_block_tokens;
@@ -239,7 +251,7 @@ mod tests {
     #[test]
     fn a_planned_gpu_kv_tier_fits_the_runtime_split_of_the_gpu_budget() {
         use crate::policy_exec::{gpu_kv_tier_bytes, search_space};
-        use strata_planner::{Budgets, HardwareProfile, Workload, plan_with};
+        use strata_planner::{HardwareProfile, plan_with};
         let hw = HardwareProfile::h100_reference();
         let cases = [
             ("llama-3-8b", 8u64, 4096u64, 20u64, 64u64),
@@ -252,16 +264,7 @@ mod tests {
         for (name, batch, prompt, gpu_gib, host_gib) in cases {
             let cfg = synthetic::config(name).expect("preset");
             let spec = model_spec(name, &cfg);
-            let wl = Workload {
-                batch,
-                prompt_len: prompt,
-                gen_len: 32,
-            };
-            let budgets = Budgets {
-                gpu_bytes: gpu_gib << 30,
-                host_bytes: host_gib << 30,
-                disk_bytes: 100 << 30,
-            };
+            let (wl, budgets) = workload(batch, prompt, gpu_gib, host_gib, 100);
             let what = format!("{name} {batch}x{prompt}, GPU {gpu_gib} GiB");
             let p = plan_with(&spec, &wl, &budgets, &hw, &search_space())
                 .unwrap_or_else(|e| panic!("{what}: {e}"))

@@ -465,8 +465,9 @@ mod tests {
 #[cfg(test)]
 mod runnable_tests {
     use super::*;
+    use crate::gpu_budget::tests::workload;
     use crate::model::synthetic;
-    use strata_planner::{Budgets, HardwareProfile, Workload, plan, plan_with};
+    use strata_planner::{HardwareProfile, plan, plan_with};
 
     /// With the executor's check in the search, every plan is one `generate --policy` runs, even
     /// where the unrestricted search would put weights on disk.
@@ -482,16 +483,7 @@ mod runnable_tests {
         for (name, batch, prompt, gpu_gib, host_gib) in cases {
             let cfg = synthetic::config(name).expect("preset");
             let spec = model_spec(name, &cfg);
-            let wl = Workload {
-                batch,
-                prompt_len: prompt,
-                gen_len: 32,
-            };
-            let budgets = Budgets {
-                gpu_bytes: gpu_gib << 30,
-                host_bytes: host_gib << 30,
-                disk_bytes: 500 << 30,
-            };
+            let (wl, budgets) = workload(batch, prompt, gpu_gib, host_gib, 500);
             let free = plan(&spec, &wl, &budgets, &hw);
             let Ok(ours) = plan_with(&spec, &wl, &budgets, &hw, &search_space()) else {
                 continue;

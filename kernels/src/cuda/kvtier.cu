@@ -71,6 +71,18 @@ __device__ __forceinline__ bool argmax_beats(float v, u32 i, float w, u32 j) {
     return i != 0xffffffffu && (j == 0xffffffffu || v > w || (v == w && i < j));
 }
 
+// Folds each lane's (best, at) into lane 0's: the warp's pick.
+__device__ __forceinline__ void warp_argmax(float& best, u32& at) {
+    for (u32 o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_down_sync(0xffffffffu, best, o);
+        const u32 i = __shfl_down_sync(0xffffffffu, at, o);
+        if (argmax_beats(v, i, best, at)) {
+            best = v;
+            at = i;
+        }
+    }
+}
+
 // out[r] = the first index of the largest value of row r of x: [rows, cols] (NaN never wins,
 // like the CPU sampler's greedy pick). One block of ARGMAX_THREADS per row: a row is a whole
 // vocabulary (128K values for Llama 3), so each thread keeps ARGMAX_UNROLL loads in flight
@@ -101,14 +113,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(u32* ou
             }
         }
     }
-    for (u32 o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_down_sync(0xffffffffu, best, o);
-        const u32 i = __shfl_down_sync(0xffffffffu, at, o);
-        if (argmax_beats(v, i, best, at)) {
-            best = v;
-            at = i;
-        }
-    }
+    warp_argmax(best, at);
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     if (lane == 0) {
         s_v[warp] = best;
@@ -118,14 +123,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(u32* ou
     if (warp == 0) {
         best = lane < (blockDim.x >> 5) ? s_v[lane] : NEG_INF;
         at = lane < (blockDim.x >> 5) ? s_i[lane] : 0xffffffffu;
-        for (u32 o = 16; o > 0; o >>= 1) {
-            const float v = __shfl_down_sync(0xffffffffu, best, o);
-            const u32 i = __shfl_down_sync(0xffffffffu, at, o);
-            if (argmax_beats(v, i, best, at)) {
-                best = v;
-                at = i;
-            }
-        }
+        warp_argmax(best, at);
         if (lane == 0) out[blockIdx.x] = at == 0xffffffffu ? 0u : at;
     }
 }

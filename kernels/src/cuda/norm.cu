@@ -36,8 +36,11 @@ __device__ __forceinline__ float rms_inv(const float* x, u64 base, u64 cols, flo
     return 1.0f / sqrtf(ss / (float)cols + eps);
 }
 
-// out = x / sqrt(mean(x^2) + eps) * w; w: [cols] f32 (vectors are widened at upload).
-extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, u64 cols, float eps) {
+// Normalises this block's row, x / sqrt(mean(x^2) + eps) * w, and hands each value to
+// `store(index, value)`.
+template <typename Store>
+__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, u64 cols, float eps,
+                                             Store store) {
     __shared__ float scratch[32];
     const u64 base = (u64)blockIdx.x * cols;
     const float inv = rms_inv(x, base, cols, eps, scratch);
@@ -48,28 +51,22 @@ extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, 
 #pragma unroll
         for (u32 r = 0; r < ROW_UNROLL; ++r) {
             const u64 c = row_col(c0, r);
-            if (c < cols) out[base + c] = v[r] * inv * g[r];
+            if (c < cols) store(base + c, v[r] * inv * g[r]);
         }
     }
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w; w: [cols] f32 (vectors are widened at upload).
+extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, u64 cols, float eps) {
+    rms_norm_row(x, w, cols, eps, [&](u64 i, float v) { out[i] = v; });
 }
 
 // rms_norm, also writing the next projections' GEMM operands (see store_with_operands).
 template <typename T>
 __device__ void rms_norm_ops(float* out, T* hi, T* lo, const float* x, const float* w, u64 cols,
                              float eps) {
-    __shared__ float scratch[32];
-    const u64 base = (u64)blockIdx.x * cols;
-    const float inv = rms_inv(x, base, cols, eps, scratch);
-    for (u64 c0 = threadIdx.x; c0 < cols; c0 += (u64)blockDim.x * ROW_UNROLL) {
-        float v[ROW_UNROLL], g[ROW_UNROLL];
-        row_load(v, x + base, c0, cols);
-        row_load(g, w, c0, cols);
-#pragma unroll
-        for (u32 r = 0; r < ROW_UNROLL; ++r) {
-            const u64 c = row_col(c0, r);
-            if (c < cols) store_with_operands(out, hi, lo, base + c, v[r] * inv * g[r]);
-        }
-    }
+    rms_norm_row(x, w, cols, eps,
+                 [&](u64 i, float v) { store_with_operands(out, hi, lo, i, v); });
 }
 
 extern "C" __global__ void rms_norm_ops_f16(float* out, f16* hi, f16* lo, const float* x,
