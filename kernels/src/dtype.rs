@@ -62,6 +62,22 @@ impl WeightData {
             WeightData::BF16(v) => v[start..end].convert_to_f32_slice(out),
         }
     }
+    /// The values as bytes (native endianness), as they are written to and read from disk.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            WeightData::F32(v) => bytemuck::cast_slice(v),
+            WeightData::F16(v) => bytemuck::cast_slice(v),
+            WeightData::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+    /// [`WeightData::as_bytes`], to fill in place (the length and dtype stay as they are).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            WeightData::F32(v) => bytemuck::cast_slice_mut(v),
+            WeightData::F16(v) => bytemuck::cast_slice_mut(v),
+            WeightData::BF16(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
         self.widen_into(0, &mut out);

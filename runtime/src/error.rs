@@ -21,6 +21,8 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Kernel(#[from] strata_kernels::KernelError),
+    #[error("weights on disk: {0}")]
+    DiskWeights(String),
 }
 
 impl ModelError {

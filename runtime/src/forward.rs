@@ -17,21 +17,26 @@
 //! batch is the plain layer-by-layer pass, its host attention overlapping only its device
 //! attention and the next layer's weight copy.
 
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::io::IsTerminal;
 use std::ops::Range;
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use strata_kernels::cuda::{DevicePartial, Fetched, PendingDownload, PinnedWeight};
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, CpuTensor, CudaBackend, CudaTensor, CudaWeight,
-    HostWeight, Partial, RopeTable,
+    AttentionGeometry, Backend, CpuBackend, CpuTensor, CudaBackend, CudaTensor, CudaWeight, DType,
+    HostWeight, Partial, RopeTable, WeightData,
 };
 
 type KernelResult<T> = strata_kernels::Result<T>;
 use tracing::debug_span;
 
-use crate::error::ModelResult;
+use crate::disk_weights::{DiskWeightStats, DiskWeights};
+use crate::error::{ModelError, ModelResult};
 use crate::far_attention::{KvProjection, attend_far, recompute};
-use crate::kv::{FarBlock, KvCache, KvError, SeqId, TierAttention, TierQuery};
+use crate::kv::{DiskTierConfig, FarBlock, KvCache, KvError, SeqId, TierAttention, TierQuery};
 use crate::model::{Family, LayerTensor, Model, ModelConfig, WeightName, WeightSource};
 use strata_planner::HOST_MLP_MAX_ROWS;
 
@@ -55,6 +60,7 @@ pub enum ForwardError {
 
 /// An MLP, or a share of its neurons: the MLP is a sum over its neurons, so two shares' outputs
 /// add up to the whole's (the output bias goes with one of them).
+#[derive(Clone)]
 enum Mlp<W> {
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu { gate: W, up: W, down: W },
@@ -197,6 +203,7 @@ fn mlp<B: Backend + ?Sized>(b: &B, h: &B::Tensor, m: &Mlp<&B::Weight>) -> Kernel
     })
 }
 
+#[derive(Clone)]
 struct LayerWeights<W> {
     attn_norm: W,
     attn_norm_b: Option<W>,
@@ -232,9 +239,13 @@ pub enum Residency {
     /// A share `host_mlp_share` of each staged layer's MLP neurons is computed by host threads
     /// in passes of at most [`HOST_MLP_MAX_ROWS`] rows per GPU batch (decode steps), straight
     /// from the staged copy, so only the rest crosses PCIe; larger passes fetch it all.
+    /// `disk_layers` of the layers that are not resident are read from disk for every pass
+    /// (`--disk-dir`; see [`crate::disk_weights`]), spread evenly among them
+    /// ([`layers_on_disk`]), and fetched from there as staged layers are.
     Split {
         resident_layers: usize,
         host_mlp_share: f64,
+        disk_layers: usize,
     },
 }
 
@@ -250,6 +261,22 @@ enum LayerSlot<W, S> {
     Resident(LayerWeights<W>),
     Staged(LayerWeights<S>),
     Streamed,
+    /// Read from the disk weights for every pass.
+    OnDisk,
+}
+
+/// The layers on disk, and the shape that rebuilds a layer from its staging buffers.
+type DiskLayers<B> = (
+    RefCell<DiskWeights<<B as RuntimeBackend>::Staged>>,
+    LayerWeights<()>,
+);
+
+/// A layer's weights on their way to the device, and the staging buffers they came from when
+/// they were read from disk (given back once the copy is done).
+struct NextLayer<B: RuntimeBackend> {
+    layer: usize,
+    fetched: FetchedLayer<B>,
+    from_disk: Option<Vec<<B as RuntimeBackend>::Staged>>,
 }
 
 /// What the forward pass needs from a backend beyond [`Backend`]'s ops:
@@ -262,7 +289,7 @@ enum LayerSlot<W, S> {
 ///   copy with this layer's compute; the CPU streams them from their source instead.
 pub trait RuntimeBackend: Backend {
     /// A weight staged in host memory for fast fetches.
-    type Staged: Send + Sync;
+    type Staged: Send + Sync + 'static;
     /// A mark on the fetches enqueued so far.
     type Fetched;
     /// The partials `(o, lse)` of the attention computed on the device (the GPU tier's).
@@ -280,6 +307,15 @@ pub trait RuntimeBackend: Backend {
     fn staged_bytes(&self, w: &Self::Staged) -> u64;
     /// The staged values, where host threads can compute with them.
     fn staged_host(w: &Self::Staged) -> &HostWeight;
+    /// A staging buffer holding `w`, which disk reads refill in place for every pass (weights
+    /// on disk): page-locked on a GPU; plain host memory on the CPU, whose fetch is a copy.
+    /// Unlike [`RuntimeBackend::stage_weight`], every backend makes one.
+    fn staging_buffer(&self, w: HostWeight) -> KernelResult<Self::Staged>;
+    /// A staging buffer's values as bytes, to refill in place (shape and dtype unchanged).
+    fn staged_bytes_mut(w: &mut Self::Staged) -> &mut [u8];
+    /// Blocks this thread until the fetches behind `mark` have read their staging buffers,
+    /// which may then be refilled.
+    fn wait_fetched_host(&self, mark: &Self::Fetched) -> KernelResult<()>;
 
     /// Seconds spent so far on one-time GEMM tuning (see `CudaBackend::gemm_tuning_seconds`),
     /// which a run takes out of the phase it fell in.
@@ -389,6 +425,15 @@ impl RuntimeBackend for CpuBackend {
     fn staged_bytes(&self, w: &HostWeight) -> u64 {
         (w.data.len() * w.data.dtype().size_bytes()) as u64
     }
+    fn staging_buffer(&self, w: HostWeight) -> KernelResult<HostWeight> {
+        Ok(w)
+    }
+    fn staged_bytes_mut(w: &mut HostWeight) -> &mut [u8] {
+        w.data.as_bytes_mut()
+    }
+    fn wait_fetched_host(&self, _: &()) -> KernelResult<()> {
+        Ok(())
+    }
     fn start_download(&self, t: &CpuTensor) -> KernelResult<Vec<f32>> {
         self.to_host(t)
     }
@@ -440,6 +485,15 @@ impl RuntimeBackend for CudaBackend {
     }
     fn staged_bytes(&self, w: &PinnedWeight) -> u64 {
         w.bytes() as u64
+    }
+    fn staging_buffer(&self, w: HostWeight) -> KernelResult<PinnedWeight> {
+        self.pin_weight(w)
+    }
+    fn staged_bytes_mut(w: &mut PinnedWeight) -> &mut [u8] {
+        w.host_bytes_mut()
+    }
+    fn wait_fetched_host(&self, mark: &Fetched) -> KernelResult<()> {
+        CudaBackend::wait_fetched_host(self, mark)
     }
 
     fn append_kv(
@@ -569,6 +623,8 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     /// The sequences (with their rows) of the first GPU batch of the pass after the next one
     /// ([`Transformer::expect_next_pass`]).
     next_pass: Option<Vec<(SeqId, usize)>>,
+    /// The layers on disk and the shape that rebuilds one from its staging buffers.
+    disk: Option<DiskLayers<B>>,
     pub timings: LayerTimings,
 }
 
@@ -684,6 +740,47 @@ impl<W> LayerWeights<W> {
             host_mlp: self.host_mlp.map(|m| m.try_into_map(f)).transpose()?,
         })
     }
+
+    /// The tensors in a fixed order, and the layer's shape that [`LayerWeights::rebuild`]
+    /// rebuilds it with.
+    fn into_parts(self) -> (LayerWeights<()>, Vec<W>) {
+        let mut parts = Vec::new();
+        let shape = self.try_into_map(|w| {
+            parts.push(w);
+            Ok::<_, Infallible>(())
+        });
+        (shape.unwrap_or_else(|e| match e {}), parts)
+    }
+}
+
+impl LayerWeights<()> {
+    fn rebuild<W>(&self, parts: Vec<W>) -> Result<LayerWeights<W>, ModelError> {
+        let n = parts.len();
+        let mut it = parts.into_iter();
+        self.clone().try_into_map(|()| {
+            it.next().ok_or_else(|| {
+                ModelError::DiskWeights(format!("a layer read back with {n} tensors, too few"))
+            })
+        })
+    }
+}
+
+/// Staging buffer sets for layers on disk: one in use while the next layer is read into the
+/// other.
+const DISK_STAGING_SETS: usize = 2;
+
+/// Which layers of `layers` are on disk: `disk` of those that are not among the `resident`
+/// ones ([`layer_is_resident`]), spread evenly among them.
+pub fn layers_on_disk(layers: usize, resident: usize, disk: usize) -> Vec<bool> {
+    let off: Vec<usize> = (0..layers)
+        .filter(|&i| !layer_is_resident(i, layers, resident))
+        .collect();
+    let n = off.len();
+    let mut out = vec![false; layers];
+    for (k, &i) in off.iter().enumerate() {
+        out[i] = !layer_is_resident(k, n, n - disk.min(n));
+    }
+    out
 }
 
 impl<'m, B: RuntimeBackend> Transformer<'m, B> {
@@ -709,26 +806,44 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         block_tokens: usize,
         residency: Residency,
     ) -> ModelResult<Self> {
+        Self::with_placement(backend, model, block_tokens, residency, None)
+    }
+
+    /// [`Transformer::with_residency`], with the disk that a [`Residency::Split`]'s disk layers
+    /// go to (its directory gets a `weights` folder; its byte budget is not used: the layers
+    /// take what they need, [`Transformer::disk_weight_bytes`]).
+    pub fn with_placement(
+        backend: B,
+        model: &'m Model,
+        block_tokens: usize,
+        residency: Residency,
+        disk: Option<&DiskTierConfig>,
+    ) -> ModelResult<Self> {
         let cfg = model.config.clone();
         let src = model.weights.as_ref();
         let opt = cfg.family == Family::Opt;
-        let (resident_layers, host_neurons) = match residency {
-            Residency::Resident => (cfg.layers, 0),
-            Residency::Staged | Residency::Streamed => (0, 0),
+        let (resident_layers, host_neurons, disk_layers) = match residency {
+            Residency::Resident => (cfg.layers, 0, 0),
+            Residency::Staged | Residency::Streamed => (0, 0, 0),
             Residency::Split {
                 resident_layers,
                 host_mlp_share,
+                disk_layers,
             } => (
                 resident_layers.min(cfg.layers),
                 host_mlp_neurons(cfg.intermediate, host_mlp_share),
+                disk_layers,
             ),
         };
+        let on_disk = layers_on_disk(cfg.layers, resident_layers, disk_layers);
         let mut layers = Vec::with_capacity(cfg.layers);
         // Once the backend declines to stage (the CPU), the other layers stream without asking.
         let mut stream = residency == Residency::Streamed;
-        for i in 0..cfg.layers {
+        for (i, &disk_layer) in on_disk.iter().enumerate() {
             let slot = if layer_is_resident(i, cfg.layers, resident_layers) {
                 LayerSlot::Resident(load_layer(&backend, &cfg, src, i)?)
+            } else if disk_layer {
+                LayerSlot::OnDisk
             } else if stream {
                 LayerSlot::Streamed
             } else {
@@ -737,6 +852,19 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             stream |= matches!(slot, LayerSlot::Streamed);
             layers.push(slot);
         }
+        let order: Vec<usize> = (0..cfg.layers).filter(|&i| on_disk[i]).collect();
+        let disk = if order.is_empty() {
+            None
+        } else {
+            let dir = disk.ok_or_else(|| {
+                ModelError::DiskWeights(format!(
+                    "{} layers are placed on disk, and no disk directory is given \
+                     (--disk-dir)",
+                    order.len()
+                ))
+            })?;
+            Some(write_disk_layers(&backend, &cfg, src, dir, order)?)
+        };
         let embed = upload(&backend, src, WeightName::Embed)?;
         check_shape(&backend, &embed, cfg.vocab, cfg.hidden, "embedding table")?;
         let lm_head = if cfg.tie_embeddings {
@@ -768,8 +896,21 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             gpu_batches: 1,
             batch_rows: usize::MAX,
             next_pass: None,
+            disk,
             timings: LayerTimings::default(),
         })
+    }
+
+    /// What the layers on disk have read and waited for so far (`None` without any).
+    pub fn disk_weight_stats(&self) -> Option<DiskWeightStats> {
+        self.disk.as_ref().map(|(d, _)| d.borrow().stats)
+    }
+
+    /// Bytes of disk the layers on disk take (0 without any).
+    pub fn disk_weight_bytes(&self) -> u64 {
+        self.disk
+            .as_ref()
+            .map_or(0, |(d, _)| d.borrow().store_bytes())
     }
 
     /// Runs each forward pass as `n` GPU batches of whole sequences (at least 1).
@@ -904,6 +1045,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // is in use, so it overlaps every layer in between (double buffering: at most two
         // staged layers on the device at a time), once per step whatever the number of GPU
         // batches.
+        // Layers on disk join the same chain: the next one is taken from its staging buffers
+        // (waiting for its read) and its copy enqueued like a staged layer's.
         let mut next = self.fetch_staged_after(None, host_mlp)?;
         let (mut fetched_bytes, mut loads, mut host_mlp_bytes) = (0, 0, 0);
         for i in 0..self.cfg.layers {
@@ -912,10 +1055,33 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                 LayerSlot::Resident(lw) => {
                     self.layer(lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
                 }
+                LayerSlot::OnDisk => {
+                    let ((lw, mark, bytes), from_disk) = match next.take() {
+                        Some(n) if n.layer == i => (n.fetched, n.from_disk),
+                        other => {
+                            self.give_back(other)?;
+                            let n = self.fetch_from_disk(i)?;
+                            (n.fetched, n.from_disk)
+                        }
+                    };
+                    b.wait_fetched(&mark)?;
+                    if let Some(bufs) = from_disk {
+                        // The buffers go to the next read once the copy out of them is done.
+                        b.wait_fetched_host(&mark)?;
+                        self.give_back_buffers(bufs)?;
+                    }
+                    fetched_bytes += bytes;
+                    loads += 1;
+                    next = self.fetch_staged_after(Some(i), host_mlp)?;
+                    self.layer(&lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
+                }
                 LayerSlot::Staged(ls) => {
                     let (lw, mark, bytes) = match next.take() {
-                        Some((j, f)) if j == i => f,
-                        _ => self.fetch(ls, host_mlp)?,
+                        Some(n) if n.layer == i => n.fetched,
+                        other => {
+                            self.give_back(other)?;
+                            self.fetch(ls, host_mlp)?
+                        }
                     };
                     b.wait_fetched(&mark)?;
                     fetched_bytes += bytes;
@@ -977,21 +1143,69 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         Ok((parts, order))
     }
 
-    /// Starts fetching the first staged layer after `after` (from the first layer when `None`),
-    /// if there is one: its index, weights, mark and bytes. `host_mlp`: the host computes the
-    /// layer's host MLP share (it stays in host memory).
+    /// Starts fetching the first staged or on-disk layer after `after` (from the first layer
+    /// when `None`), if there is one. `host_mlp`: the host computes a staged layer's host MLP
+    /// share (it stays in host memory).
     fn fetch_staged_after(
         &self,
         after: Option<usize>,
         host_mlp: bool,
-    ) -> Result<Option<(usize, FetchedLayer<B>)>, ForwardError> {
+    ) -> Result<Option<NextLayer<B>>, ForwardError> {
         let from = after.map_or(0, |i| i + 1);
         for (j, slot) in self.layers.iter().enumerate().skip(from) {
-            if let LayerSlot::Staged(ls) = slot {
-                return Ok(Some((j, self.fetch(ls, host_mlp)?)));
+            match slot {
+                LayerSlot::Staged(ls) => {
+                    return Ok(Some(NextLayer {
+                        layer: j,
+                        fetched: self.fetch(ls, host_mlp)?,
+                        from_disk: None,
+                    }));
+                }
+                LayerSlot::OnDisk => return Ok(Some(self.fetch_from_disk(j)?)),
+                LayerSlot::Resident(_) | LayerSlot::Streamed => {}
             }
         }
         Ok(None)
+    }
+
+    /// Takes layer `i` from the disk weights (waiting for its read) and starts fetching it.
+    fn fetch_from_disk(&self, i: usize) -> Result<NextLayer<B>, ForwardError> {
+        let (disk, shape) = self.disk.as_ref().ok_or_else(|| {
+            ModelError::DiskWeights(format!("layer {i} is on disk, and no disk is open"))
+        })?;
+        let bufs = {
+            let _span = debug_span!("disk_weights_wait", layer = i).entered();
+            disk.borrow_mut().take(i)?
+        };
+        let staged = shape.rebuild(bufs)?;
+        let fetched = self.fetch(&staged, false)?;
+        Ok(NextLayer {
+            layer: i,
+            fetched,
+            from_disk: Some(staged.into_parts().1),
+        })
+    }
+
+    /// Returns a fetched layer's staging buffers, if it came from disk, once its copy is done
+    /// (a layer fetched ahead and not used: a pass that stopped early).
+    fn give_back(&self, next: Option<NextLayer<B>>) -> Result<(), ForwardError> {
+        if let Some(NextLayer {
+            fetched: (_, mark, _),
+            from_disk: Some(bufs),
+            ..
+        }) = next
+        {
+            self.backend.wait_fetched_host(&mark)?;
+            self.give_back_buffers(bufs)?;
+        }
+        Ok(())
+    }
+
+    fn give_back_buffers(&self, bufs: Vec<B::Staged>) -> Result<(), ForwardError> {
+        if let Some((disk, _)) = &self.disk {
+            disk.borrow_mut().give_back(bufs)?;
+        }
+        Ok(())
     }
 
     /// Starts fetching a staged layer (without its host MLP share when `host_mlp`); returns it
@@ -1313,6 +1527,63 @@ pub fn host_mlp_neurons(intermediate: usize, share: f64) -> usize {
     }
     let n = (share.clamp(0.0, 1.0) * intermediate as f64 / 8.0).round() as usize * 8;
     n.min(intermediate - 8)
+}
+
+/// Writes the layers `order` to disk under `dir`, with staging buffer sets shaped and typed
+/// ([`RuntimeBackend::staging_buffer`]) like the first of them, and starts reading the first
+/// ones ahead of the first pass.
+fn write_disk_layers<B: RuntimeBackend>(
+    b: &B,
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    dir: &DiskTierConfig,
+    order: Vec<usize>,
+) -> ModelResult<DiskLayers<B>> {
+    let first = layer_with(cfg, order[0], |name| src.load(name))?;
+    let mut sets = Vec::with_capacity(DISK_STAGING_SETS);
+    let mut shape = None;
+    for _ in 0..DISK_STAGING_SETS {
+        let (s, parts) = first
+            .clone()
+            .try_into_map(|w| b.staging_buffer(w))?
+            .into_parts();
+        shape = Some(s);
+        sets.push(parts);
+    }
+    drop(first);
+    let shape = shape.expect("DISK_STAGING_SETS > 0");
+    // Each tensor is written in its staging buffer's dtype, so a read is a byte copy.
+    let dtypes: Vec<DType> = sets[0]
+        .iter()
+        .map(|s| B::staged_host(s).data.dtype())
+        .collect();
+    let progress = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(order.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} layers written to disk  [{elapsed}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut disk = DiskWeights::open(dir, order.clone(), sets, B::staged_bytes_mut)?;
+    for &i in &order {
+        let (_, parts) = layer_with(cfg, i, |name| src.load(name))?.into_parts();
+        let data: Vec<WeightData> = parts
+            .into_iter()
+            .zip(&dtypes)
+            .map(|(w, &d)| w.data.cast(d))
+            .collect();
+        let bytes: Vec<&[u8]> = data.iter().map(WeightData::as_bytes).collect();
+        disk.write_layer(i, &bytes)?;
+        progress.inc(1);
+    }
+    disk.finish_writes()?;
+    progress.finish_and_clear();
+    Ok((RefCell::new(disk), shape))
 }
 
 /// Stages layer `i` in host memory, its last `host_neurons` MLP neurons as a share of their own

@@ -98,8 +98,12 @@ pub struct JobStats {
     pub decode_tokens_per_s: f64,
     pub wall_seconds: f64,
     pub weight_load_seconds: f64,
-    /// Weight bytes copied from page-locked host memory to the GPU (staged weights).
+    /// Weight bytes copied from page-locked host memory to the GPU (staged weights, and
+    /// layers read from disk).
     pub weight_bytes_fetched: u64,
+    /// Layers placed on disk: bytes written at load, bytes read back, and the seconds passes
+    /// waited for those reads (`None` without any).
+    pub disk_weights: Option<crate::disk_weights::DiskWeightStats>,
     /// Weight bytes host threads read to compute the host MLP share (`host_mlp_share`).
     pub host_mlp_bytes: u64,
     pub peak_rss_bytes: u64,
@@ -171,6 +175,9 @@ struct Job<'a, 'm, B: RuntimeBackend> {
     progress: ProgressBar,
 }
 
+/// The least the KV cache's disk tier keeps of `--disk-mem` when weights are on disk too.
+const MIN_DISK_KV_BYTES: u64 = 64 << 20;
+
 /// Runs the job; returns its statistics (`items_failed > 0` means some items have error records).
 pub fn run<B: RuntimeBackend>(
     model: &Model,
@@ -192,8 +199,32 @@ pub fn run<B: RuntimeBackend>(
     }
     let lines = read_input(&opts.input)?;
     let (out, done) = OutputWriter::open(&opts.output, opts.resume)?;
-    let mut tf = Transformer::with_residency(backend, model, opts.block_tokens, residency)
-        .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
+    let mut tf = Transformer::with_placement(
+        backend,
+        model,
+        opts.block_tokens,
+        residency,
+        opts.disk.as_ref(),
+    )
+    .map_err(|e| GenerateError::Forward(ForwardError::Model(e)))?;
+    // `--disk-mem` holds the weights placed on disk and the KV cache's disk tier together.
+    let weights_on_disk = tf.disk_weight_bytes();
+    let kv_disk = match opts.disk.clone() {
+        Some(mut d) if weights_on_disk > 0 => {
+            if d.bytes < weights_on_disk + MIN_DISK_KV_BYTES {
+                return Err(GenerateError::Usage(format!(
+                    "--disk-mem {}: the layers placed on disk take {} of it, leaving less than \
+                     {} for the KV cache's disk tier; raise --disk-mem",
+                    strata_planner::human_bytes(d.bytes),
+                    strata_planner::human_bytes(weights_on_disk),
+                    strata_planner::human_bytes(MIN_DISK_KV_BYTES)
+                )));
+            }
+            d.bytes -= weights_on_disk;
+            Some(d)
+        }
+        other => other,
+    };
     tf.set_gpu_batches(opts.exec.gpu_batches);
     tf.set_batch_rows(opts.prefill_batch_rows);
     let cfg = &model.config;
@@ -221,7 +252,7 @@ pub fn run<B: RuntimeBackend>(
             geometry,
             host_bytes: opts.host_kv_bytes,
             kv_dtype: opts.kv_dtype,
-            disk: opts.disk.clone(),
+            disk: kv_disk,
             gpu: opts.gpu.clone(),
             policy: Box::new(opts.hot_policy),
         })?,
@@ -250,6 +281,7 @@ pub fn run<B: RuntimeBackend>(
     s.weight_load_seconds = job.tf.timings.weight_load_s;
     s.weight_bytes_fetched = job.tf.timings.weight_bytes_fetched;
     s.host_mlp_bytes = job.tf.timings.host_mlp_bytes;
+    s.disk_weights = job.tf.disk_weight_stats();
     s.peak_rss_bytes = peak_rss_bytes();
     s.kv = job.kv.metrics();
     s.peak_kv_bytes = (s.kv.host_blocks_peak + s.kv.disk_blocks_peak) * s.kv.bytes_per_block

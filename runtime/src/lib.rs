@@ -3,6 +3,7 @@
 //! `strata` binary, and the machine calibration behind `strata calibrate` ([`calibrate`]).
 
 pub mod calibrate;
+pub mod disk_weights;
 pub mod error;
 mod far_attention;
 pub mod forward;

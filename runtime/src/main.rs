@@ -313,9 +313,11 @@ struct GenerateArgs {
     /// where host and disk KV is attended (near the data, fetched to the compute device, or
     /// split), and the share of KV blocks stored as hidden states and recomputed; after the run
     /// its predicted times are printed beside the measured ones (and written to --stats-json).
-    /// Policies the executor cannot run yet (weights on disk; different recompute shares for
-    /// tiers that all hold cold KV; recompute with a GPU KV tier, or where hidden states
-    /// outgrow K and V) are refused, naming the field.
+    /// Weights the policy places on disk are written to --disk-dir when the model loads and
+    /// read back for every pass (--disk-mem holds them and the disk KV tier together).
+    /// Policies the executor cannot run yet (different recompute shares for tiers that all hold
+    /// cold KV; recompute with a GPU KV tier, or where hidden states outgrow K and V) are
+    /// refused, naming the field.
     #[arg(long)]
     policy: Option<String>,
     /// Hardware profile for --policy (default: the calibrated one; calibrates first if none).
@@ -464,6 +466,16 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 prediction.decode_step.total_s * 1e3,
                 prediction.prefill.total_s
             );
+            if let Residency::Split { disk_layers, .. } = run.residency
+                && disk_layers > 0
+                && a.disk_dir.is_none()
+            {
+                anyhow::bail!(
+                    "--policy {arg}: the policy places {disk_layers} of {} layers' weights on \
+                     disk; give --disk-dir (and room for them in --disk-mem)",
+                    model.config.layers
+                );
+            }
             a.kv_block_tokens = run.block_tokens;
             a.batch_size = run.batch_size.max(1);
             // A prefill pass runs the block schedule over the policy's GPU batches (the weights
@@ -519,6 +531,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(Residency::Resident) => Some(model.config.layers),
                 Some(Residency::Staged) => Some(0),
                 _ => None,
+            };
+            let disk_layers = match planned.as_ref().map(|p| p.2.residency) {
+                Some(Residency::Split { disk_layers, .. }) => disk_layers,
+                _ => 0,
             };
             let kv_dtype = match a.kv_dtype.as_str() {
                 "f32" => DType::F32,
@@ -606,10 +622,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 "note: GPU budget {}: weights {} ({}), activations {}, KV {}",
                 human_bytes(budget),
                 human_bytes(split.weight_bytes),
-                match resident_layers {
+                match (resident_layers, disk_layers) {
                     _ if split.resident_weights => "resident".to_string(),
-                    Some(n) if n > 0 => format!(
-                        "{n} of {} layers resident, the rest fetched from host memory",
+                    (Some(n), d) if n > 0 || d > 0 => format!(
+                        "{n} of {} layers resident, {d} read from disk for every pass, the rest \
+                         fetched from host memory",
                         cfg.layers
                     ),
                     _ => "fetched from host memory layer by layer".to_string(),

@@ -1,13 +1,14 @@
 //! Running a planner [`Policy`] with `generate --policy auto|FILE`, and checking its prediction
 //! against the run.
 //!
-//! What the executor runs: weights on the GPU (resident) and in host memory (staged and fetched
-//! layer by layer), split by whole layers; FlexGen's block schedule (`num_gpu_batches` GPU
+//! What the executor runs: weights on the GPU (resident), in host memory (staged and fetched
+//! layer by layer) and on disk (read into staging buffers for every pass, then fetched), split
+//! by whole layers; FlexGen's block schedule (`num_gpu_batches` GPU
 //! batches per step, each layer loaded once per step); host and disk KV attended near the data,
 //! fetched to the compute device, or split (`attention_*`); a share of KV blocks stored as
 //! hidden states and recomputed (`recompute.*`). A policy outside that space is refused with the
-//! field that needs the missing piece (weights on disk; per-tier recompute shares that differ
-//! between tiers that all hold cold KV), so a run never claims to follow a policy it does not.
+//! field that needs the missing piece (per-tier recompute shares that differ between tiers that
+//! all hold cold KV), so a run never claims to follow a policy it does not.
 //! The KV cache refuses, naming `recompute`, what it cannot hold: hidden states with a GPU KV
 //! tier, or hidden states larger than a KV block. The GPU KV tier holds what the policy keeps on
 //! the GPU ([`gpu_kv_tier_bytes`]), not whatever GPU memory is left, so the prediction covers
@@ -85,20 +86,15 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
         Residency::Resident
     } else if w.host >= 1.0 && p.host_mlp_share == 0.0 {
         Residency::Staged
-    } else if w.disk <= 0.0 {
-        // Whole layers: the GPU share rounded to the nearest layer.
-        Residency::Split {
-            resident_layers: (w.gpu * layers as f64).round() as usize,
-            host_mlp_share: p.host_mlp_share,
-        }
     } else {
-        return Err(format!(
-            "weights gpu {:.0}% / host {:.0}% / disk {:.0}%: the executor keeps weights on the \
-             GPU and in host memory, not on disk",
-            w.gpu * 100.0,
-            w.host * 100.0,
-            w.disk * 100.0
-        ));
+        // Whole layers: the GPU and disk shares rounded to the nearest layer, the host's what
+        // is left.
+        let resident_layers = ((w.gpu * layers as f64).round() as usize).min(layers);
+        Residency::Split {
+            resident_layers,
+            host_mlp_share: p.host_mlp_share,
+            disk_layers: ((w.disk * layers as f64).round() as usize).min(layers - resident_layers),
+        }
     };
     let recompute = recompute_share(p)?;
     if p.num_gpu_batches == 0 {
@@ -450,15 +446,49 @@ mod tests {
             Residency::Split {
                 resident_layers: 20,
                 host_mlp_share: 0.0,
+                disk_layers: 0,
             }
         );
-        let mut bad = p;
-        bad.weights = TierSplit {
+        let mut disk = p;
+        disk.weights = TierSplit {
             gpu: 0.5,
             host: 0.25,
             disk: 0.25,
         };
-        assert!(executable(&bad, 32).unwrap_err().contains("not on disk"));
+        disk.host_mlp_share = 0.3;
+        assert_eq!(
+            executable(&disk, 32).unwrap().residency,
+            Residency::Split {
+                resident_layers: 16,
+                host_mlp_share: 0.3,
+                disk_layers: 8,
+            }
+        );
+        // All of it on disk; and shares that round past the layers never give more than all.
+        disk.weights = TierSplit::all_on(Tier::Disk);
+        disk.host_mlp_share = 0.0;
+        assert_eq!(
+            executable(&disk, 32).unwrap().residency,
+            Residency::Split {
+                resident_layers: 0,
+                host_mlp_share: 0.0,
+                disk_layers: 32,
+            }
+        );
+        disk.weights = TierSplit {
+            gpu: 0.51,
+            host: 0.0,
+            disk: 0.49,
+        };
+        let Residency::Split {
+            resident_layers,
+            disk_layers,
+            ..
+        } = executable(&disk, 3).unwrap().residency
+        else {
+            panic!("a split")
+        };
+        assert_eq!((resident_layers, disk_layers), (2, 1));
     }
 }
 
@@ -470,7 +500,8 @@ mod runnable_tests {
     use strata_planner::{HardwareProfile, plan, plan_with};
 
     /// With the executor's check in the search, every plan is one `generate --policy` runs, even
-    /// where the unrestricted search would put weights on disk.
+    /// where the unrestricted search would choose what it does not run well (KV fetched during
+    /// decode, recompute beside a GPU KV tier).
     #[test]
     fn plans_under_the_executor_search_space_are_runnable() {
         let hw = HardwareProfile::h100_reference();

@@ -175,6 +175,7 @@ fn check_schema(r: &Value) {
                     "kv_gpu_to_host_bytes",
                     "kv_host_to_disk_bytes",
                     "kv_disk_to_host_bytes",
+                    "weights_disk_to_host_bytes",
                 ] {
                     assert!(m["links"][k].is_u64(), "measured.links.{k}");
                 }
@@ -184,6 +185,7 @@ fn check_schema(r: &Value) {
                     "host_attention_s",
                     "storage_attention_s",
                     "disk_write_s",
+                    "weights_disk_wait_s",
                 ] {
                     assert!(is_num(&m["streams"][k]), "measured.streams.{k}");
                 }

@@ -1,8 +1,9 @@
 //! `generate --policy`: a policy from `strata plan --json` or from `auto` runs, and the run
 //! reports the prediction beside what it measured; a policy with several GPU batches, fetched
-//! KV and recompute runs and reports the bytes it fetched, stored and recomputed; a policy the
-//! executor cannot run yet is refused with the field that needs the missing piece, before any
-//! output is written.
+//! KV and recompute runs and reports the bytes it fetched, stored and recomputed; a policy with
+//! weights on disk gives the tokens of the all-in-memory run and reports the disk reads; a
+//! policy the executor cannot run yet is refused with the field that needs the missing piece,
+//! before any output is written.
 
 #![allow(clippy::unwrap_used)]
 
@@ -191,7 +192,9 @@ fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let plan = plan_json(&d);
     let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
     let p = &mut v["policy"];
-    p["weights"] = serde_json::json!({"gpu": 0.5, "host": 0.25, "disk": 0.25});
+    // Each block decides at fill time whether it keeps hidden states, before it knows its tier.
+    p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.5});
+    p["recompute"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.0});
     std::fs::write(
         d.path("bad.json"),
         serde_json::to_string(&v["policy"]).unwrap(),
@@ -200,7 +203,7 @@ fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let run = generate(&d, &d.path("bad.json"), "c.jsonl");
     assert!(!run.status.success());
     assert!(
-        stderr(&run).contains("weights gpu 50% / host 25% / disk 25%"),
+        stderr(&run).contains("recompute.host = 0.5"),
         "{}",
         stderr(&run)
     );
@@ -213,4 +216,74 @@ fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let run = generate(&d, &d.path("junk.json"), "d.jsonl");
     assert!(!run.status.success());
     assert!(stderr(&run).contains("not a policy"), "{}", stderr(&run));
+}
+
+fn output_ids(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["output_ids"].clone())
+        .collect()
+}
+
+#[test]
+fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
+    let d = new_dir("disk-weights");
+    let plan = plan_json(&d);
+    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let p = &mut v["policy"];
+    p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
+    std::fs::write(d.path("mem.json"), serde_json::to_string(p).unwrap()).unwrap();
+    p["weights"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.5});
+    std::fs::write(d.path("disk.json"), serde_json::to_string(p).unwrap()).unwrap();
+    let run = generate(&d, &d.path("mem.json"), "mem.jsonl");
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    // Without a disk directory: refused before anything is loaded or written.
+    let run = generate(&d, &d.path("disk.json"), "none.jsonl");
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("--disk-dir"), "{}", stderr(&run));
+    assert!(!d.path("none.jsonl").exists());
+
+    let disk_dir = d.path("disk");
+    let run = strata(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--input",
+        d.path("in.jsonl").to_str().unwrap(),
+        "--output",
+        d.path("disk.jsonl").to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--policy",
+        d.path("disk.json").to_str().unwrap(),
+        "--profile",
+        d.path("profile.json").to_str().unwrap(),
+        "--disk-dir",
+        disk_dir.to_str().unwrap(),
+        "--disk-mem",
+        "256MiB",
+        "--stats-json",
+        d.path("disk.stats.json").to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        output_ids(&d.path("disk.jsonl")),
+        output_ids(&d.path("mem.jsonl"))
+    );
+    let stats: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("disk.stats.json")).unwrap()).unwrap();
+    let w = &stats["disk_weights"];
+    assert!(w["layer_reads"].as_u64().unwrap() > 0, "{w}");
+    assert!(w["bytes_read"].as_u64().unwrap() > 0, "{w}");
+    // The store's files went with the run.
+    let left: Vec<_> = std::fs::read_dir(&disk_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.iter().all(|p| !p.ends_with("weights")), "{left:?}");
 }

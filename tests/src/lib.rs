@@ -128,8 +128,20 @@ impl<'m, B: RuntimeBackend> Engine<'m, B> {
         residency: Residency,
         placement: Placement,
     ) -> Self {
+        Self::with_weights_disk(backend, model, block_tokens, residency, placement, None)
+    }
+
+    /// [`Engine::with_backend`], with the disk that a [`Residency::Split`]'s disk layers go to.
+    pub fn with_weights_disk(
+        backend: B,
+        model: &'m Model,
+        block_tokens: usize,
+        residency: Residency,
+        placement: Placement,
+        weights_disk: Option<&DiskTierConfig>,
+    ) -> Self {
         let c = &model.config;
-        let tf = Transformer::with_residency(backend, model, block_tokens, residency)
+        let tf = Transformer::with_placement(backend, model, block_tokens, residency, weights_disk)
             .expect("load model");
         let geometry = KvGeometry {
             layers: c.layers,

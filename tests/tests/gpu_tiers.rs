@@ -1,7 +1,8 @@
 //! Placement equivalence with the GPU tier in play: the golden fixtures run on the GPU with their
 //! KV all in HBM, with a GPU tier so small that most blocks spill to host memory, and with GPU,
-//! host and disk tiers all holding part of it; with weights resident, and staged in page-locked
-//! host memory (fetched layer by layer on the copy stream). Every placement gives the greedy
+//! host and disk tiers all holding part of it; with weights resident, staged in page-locked
+//! host memory (fetched layer by layer on the copy stream), and read from disk for every pass
+//! into page-locked staging buffers. Every placement gives the greedy
 //! tokens of transformers and of the CPU, and logits within the golden tolerance; each tier stays
 //! within its budget and the spills really happened. Without a usable GPU the tests say they skipped.
 
@@ -166,6 +167,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 Residency::Split {
                     resident_layers: 1,
                     host_mlp_share: 0.0,
+                    disk_layers: 0,
                 },
             ),
             (
@@ -176,6 +178,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 Residency::Split {
                     resident_layers: 0,
                     host_mlp_share: 0.5,
+                    disk_layers: 0,
                 },
             ),
             ("GPU + host", small, None, None, Residency::Resident),
@@ -187,6 +190,29 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 Residency::Split {
                     resident_layers: 1,
                     host_mlp_share: 0.25,
+                    disk_layers: 0,
+                },
+            ),
+            (
+                "GPU only, one layer read from disk, one resident",
+                4096,
+                None,
+                None,
+                Residency::Split {
+                    resident_layers: 1,
+                    host_mlp_share: 0.0,
+                    disk_layers: 1,
+                },
+            ),
+            (
+                "GPU + host + disk, every layer read from disk",
+                small,
+                Some(tails + 4),
+                Some(scratch_disk("gpu-tiers-wd", name, IoEngine::Sync)),
+                Residency::Split {
+                    resident_layers: 0,
+                    host_mlp_share: 0.0,
+                    disk_layers: m.config.layers,
                 },
             ),
             (
@@ -208,9 +234,27 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                     recent_blocks: 1,
                 },
             };
-            let mut engine =
-                Engine::with_backend(gpu.clone(), &m, BLOCK_TOKENS, residency, placement);
+            let weights_disk = match residency {
+                Residency::Split { disk_layers, .. } if disk_layers > 0 => Some(scratch_disk(
+                    "gpu-tiers-weights",
+                    &format!("{name}-{disk_layers}"),
+                    IoEngine::Auto,
+                )),
+                _ => None,
+            };
+            let mut engine = Engine::with_weights_disk(
+                gpu.clone(),
+                &m,
+                BLOCK_TOKENS,
+                residency,
+                placement,
+                weights_disk.as_ref(),
+            );
             let got = run(&mut engine, &e);
+            if weights_disk.is_some() {
+                let w = engine.tf.disk_weight_stats().unwrap();
+                assert!(w.layer_reads > 0, "{name} {what}: no layer read from disk");
+            }
             if residency != Residency::Resident {
                 assert!(
                     engine.tf.timings.weight_bytes_fetched > 0,

@@ -50,6 +50,13 @@ impl PinnedWeight {
     pub fn host(&self) -> &HostWeight {
         &self.weight
     }
+
+    /// The staged values as bytes, to refill in place (weights read from disk for every pass).
+    /// The buffer neither moves nor changes length, so its registration stays valid; the caller
+    /// refills it only after [`CudaBackend::wait_fetched_host`] on the mark of its last fetch.
+    pub fn host_bytes_mut(&mut self) -> &mut [u8] {
+        self.weight.data.as_bytes_mut()
+    }
 }
 
 /// Marks copies enqueued on the copy stream (see the module header).
@@ -141,6 +148,14 @@ impl CudaBackend {
             .record_event(None)
             .map(Fetched)
             .map_err(|e| device_err("fetched", e))
+    }
+
+    /// Blocks this thread until the copies behind `mark` are done, so their staged sources may
+    /// be refilled.
+    pub fn wait_fetched_host(&self, mark: &Fetched) -> Result<()> {
+        mark.0
+            .synchronize()
+            .map_err(|e| device_err("wait_fetched_host", e))
     }
 
     /// Makes the compute stream wait for the copies behind `mark`.

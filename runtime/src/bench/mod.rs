@@ -953,6 +953,7 @@ fn measured(s: &Value) -> Measured {
             kv_gpu_to_host_bytes: u(&kv["bytes_gpu_to_host"]),
             kv_host_to_disk_bytes: u(&kv["bytes_host_to_disk"]),
             kv_disk_to_host_bytes: u(&kv["bytes_disk_to_host"]),
+            weights_disk_to_host_bytes: u(&s["disk_weights"]["bytes_read"]),
         },
         streams: MeasuredStreams {
             h2d_s: f(&gc["h2d_seconds"]),
@@ -960,6 +961,7 @@ fn measured(s: &Value) -> Measured {
             host_attention_s: f(&kv["host_attention_seconds"]),
             storage_attention_s: f(&kv["storage_attention_seconds"]),
             disk_write_s: f(&kv["disk_write_seconds"]),
+            weights_disk_wait_s: f(&s["disk_weights"]["wait_seconds"]),
         },
         peak: PeakBytes {
             gpu_kv: u(&kv["gpu_blocks_peak"]) * u(&kv["gpu_bytes_per_block"]),

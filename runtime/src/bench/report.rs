@@ -178,6 +178,8 @@ pub struct Links {
     pub kv_host_to_disk_bytes: u64,
     /// KV read from disk by the storage attention engine.
     pub kv_disk_to_host_bytes: u64,
+    /// Weights of the layers placed on disk, read back for every pass.
+    pub weights_disk_to_host_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -187,6 +189,8 @@ pub struct MeasuredStreams {
     pub host_attention_s: f64,
     pub storage_attention_s: f64,
     pub disk_write_s: f64,
+    /// Seconds passes waited for layers read from disk (their reads not hidden by compute).
+    pub weights_disk_wait_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -308,11 +312,12 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "| policy | host→GPU | GPU→host | weights fetched | KV host→disk | KV disk→host | \
-             host attention s | storage attention s | disk write s | peak GPU KV | peak host KV | \
-             peak disk KV | peak RSS | predicted memory GPU / host / disk |"
+            "| policy | host→GPU | GPU→host | weights fetched | weights disk→host | \
+             KV host→disk | KV disk→host | host attention s | storage attention s | disk write s \
+             | peak GPU KV | peak host KV | peak disk KV | peak RSS | \
+             predicted memory GPU / host / disk |"
         );
-        let _ = writeln!(s, "|{}", "---|".repeat(14));
+        let _ = writeln!(s, "|{}", "---|".repeat(15));
         for run in &c.runs {
             let mem = run.predicted.as_ref().map_or("–".into(), |p| {
                 format!(
@@ -323,16 +328,17 @@ pub fn markdown(r: &Report) -> String {
                 )
             });
             let Some(m) = &run.measured else {
-                let _ = writeln!(s, "| {} |{} {mem} |", run.policy, " – |".repeat(12));
+                let _ = writeln!(s, "| {} |{} {mem} |", run.policy, " – |".repeat(13));
                 continue;
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {mem} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {mem} |",
                 run.policy,
                 bytes(m.links.h2d_bytes),
                 bytes(m.links.d2h_bytes),
                 bytes(m.links.weights_h2d_bytes),
+                bytes(m.links.weights_disk_to_host_bytes),
                 bytes(m.links.kv_host_to_disk_bytes),
                 bytes(m.links.kv_disk_to_host_bytes),
                 num(m.streams.host_attention_s),
