@@ -63,14 +63,15 @@
 //! ([`prefill_workspace_bytes`], the runtime's own sizing: a prefill pass runs the block
 //! schedule over `k` GPU batches of `r` rows, so the prefill runs `⌈N·s / (k·r)⌉` passes, each
 //! streaming the weights it does not keep once);
-//! pinned host staging `(depth+1)·(disk bytes of one layer, one GPU batch)`.
+//! pinned host staging `(depth+1)·(disk KV bytes of one layer, one GPU batch)`, and two whole
+//! layers of weights when any layer's weights are on disk (the executor's staging buffers).
 //!
 //! Not modelled yet: layer 0 recomputed from token ids, prefix sharing, jitter between layers.
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelSpec, Workload};
-use crate::policy::{PerTier, Policy, Tier};
+use crate::policy::{PerTier, Policy, Tier, weight_layers};
 use crate::profile::HardwareProfile;
 
 /// Bytes per tier.
@@ -628,14 +629,19 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     // (`runtime/src/gpu_budget.rs`, `policy_exec::executable`): count what it allocates, or
     // the GPU KV tier the plan counts on would not fit beside them.
     if p.weights.gpu < 1.0 {
-        let resident = (p.weights.gpu * layers).round().min(layers);
+        let resident = weight_layers(&p.weights, m.layers).gpu as f64;
         bytes[0] += (resident - p.weights.gpu * layers) * z.w + 2.0 * z.w;
     }
     // A prefill pass: one GPU batch's working set, the other batches' residual stream.
     let activations = prefill_workspace_bytes(m, rows, p.num_gpu_batches, wl.batch) as f64;
     bytes[0] += m.embedding_bytes() as f64 + slots * fetched_per_batch + activations;
-    if disk_per_batch > 0.0 || p.weights.disk > 0.0 {
-        bytes[1] += slots * (disk_per_batch + p.weights.disk * z.w);
+    if disk_per_batch > 0.0 {
+        bytes[1] += slots * disk_per_batch;
+    }
+    // Layers on disk are read into two page-locked layer-sized staging buffers, whatever the
+    // prefetch depth (`runtime/src/disk_weights.rs`).
+    if weight_layers(&p.weights, m.layers).disk > 0 {
+        bytes[1] += 2.0 * z.w;
     }
     PerTier {
         gpu: bytes[0].ceil() as u64,

@@ -40,6 +40,7 @@ pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, Published
 pub use model::{Budgets, MlpKind, ModelSpec, Workload};
 pub use policy::{
     Attention, HOST_MLP_MAX_ROWS, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
+    weight_layers,
 };
 pub use profile::{GemmTflops, HardwareProfile, PROFILE_VERSION};
 pub use search::{Alternative, Plan, SearchSpace, plan, plan_with};

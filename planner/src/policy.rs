@@ -84,6 +84,20 @@ impl<T: Copy> PerTier<T> {
 /// Fractions per tier summing to 1.
 pub type TierSplit = PerTier<f64>;
 
+/// Whole layers of weights per tier, as the executor places them: the GPU and disk shares
+/// rounded to the nearest layer (the disk's out of what the GPU leaves), host memory what is
+/// left.
+pub fn weight_layers(weights: &TierSplit, layers: u64) -> PerTier<u64> {
+    let round = |share: f64| (share * layers as f64).round().max(0.0) as u64;
+    let gpu = round(weights.gpu).min(layers);
+    let disk = round(weights.disk).min(layers - gpu);
+    PerTier {
+        gpu,
+        host: layers - gpu - disk,
+        disk,
+    }
+}
+
 impl TierSplit {
     pub fn all_on(tier: Tier) -> Self {
         let mut s = PerTier::default();

@@ -415,3 +415,58 @@ fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
         chosen.policy
     );
 }
+
+/// The executor's whole-layer split: GPU and disk shares rounded to the nearest layer (the disk's
+/// out of what the GPU leaves), host memory the rest; never more than every layer.
+#[test]
+fn weights_split_into_whole_layers_as_the_executor_places_them() {
+    use strata_planner::{TierSplit, weight_layers};
+    let split = |gpu, host, disk| TierSplit { gpu, host, disk };
+    let cases = [
+        (split(1.0, 0.0, 0.0), 32, (32, 0, 0)),
+        (split(0.0, 1.0, 0.0), 32, (0, 32, 0)),
+        (split(0.0, 0.0, 1.0), 32, (0, 0, 32)),
+        (split(0.5, 0.25, 0.25), 32, (16, 8, 8)),
+        (split(0.51, 0.0, 0.49), 3, (2, 0, 1)),
+        (split(0.2, 0.3, 0.5), 96, (19, 29, 48)),
+    ];
+    for (w, layers, (gpu, host, disk)) in cases {
+        let got = weight_layers(&w, layers);
+        assert_eq!((got.gpu, got.host, got.disk), (gpu, host, disk), "{w:?}");
+    }
+}
+
+/// Layers on disk are read into two layer-sized staging buffers in host memory, whatever the
+/// prefetch depth: a policy with any weights on disk counts them.
+#[test]
+fn weights_on_disk_count_two_staging_layers_in_host_memory() {
+    use strata_planner::TierSplit;
+    let m = opt_30b();
+    let w = wl(8, 512, 32);
+    let layer_bytes = m.weight_bytes_per_layer() as f64;
+    let mut p = common::streamed_policy(8, TierSplit::all_on(Tier::Host));
+    p.weights = TierSplit {
+        gpu: 0.5,
+        host: 0.5,
+        disk: 0.0,
+    };
+    let in_memory = memory(&m, &w, &p);
+    // A quarter of the layers moved from host memory to disk.
+    p.weights = TierSplit {
+        gpu: 0.5,
+        host: 0.25,
+        disk: 0.25,
+    };
+    for depth in [1, 3] {
+        p.prefetch_depth = depth;
+        let on_disk = memory(&m, &w, &p);
+        let moved = 0.25 * m.layers as f64 * layer_bytes;
+        let host = in_memory.host as f64 - moved + 2.0 * layer_bytes;
+        assert!(
+            (on_disk.host as f64 - host).abs() < 1e6,
+            "depth {depth}: host {} against {host}",
+            on_disk.host
+        );
+        assert!((on_disk.disk as f64 - in_memory.disk as f64 - moved).abs() < 1e6);
+    }
+}

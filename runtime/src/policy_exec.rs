@@ -16,7 +16,7 @@
 
 use serde::Serialize;
 use strata_planner::{
-    Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload, kv_tokens_on,
+    Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload, kv_tokens_on, weight_layers,
 };
 
 use crate::forward::Residency;
@@ -89,11 +89,11 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
     } else {
         // Whole layers: the GPU and disk shares rounded to the nearest layer, the host's what
         // is left.
-        let resident_layers = ((w.gpu * layers as f64).round() as usize).min(layers);
+        let split = weight_layers(&w, layers as u64);
         Residency::Split {
-            resident_layers,
+            resident_layers: split.gpu as usize,
             host_mlp_share: p.host_mlp_share,
-            disk_layers: ((w.disk * layers as f64).round() as usize).min(layers - resident_layers),
+            disk_layers: split.disk as usize,
         }
     };
     let recompute = recompute_share(p)?;
