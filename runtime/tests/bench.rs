@@ -630,3 +630,47 @@ fn the_json_report_is_written_after_every_run() {
     let last: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(ran_count(&last["configs"][0]), 3);
 }
+
+/// FlexGen's flags that put weights on disk run end to end: the layers are written to
+/// `--disk-dir` and read back for every pass, the report counts the bytes, and the tokens are
+/// the GPU-only run's.
+#[test]
+fn a_flexgen_policy_with_weights_on_disk_runs_with_the_same_tokens() {
+    let d = new_dir("disk-weights");
+    let disk = d.path("disk");
+    let out = bench(
+        &d,
+        &[
+            "--policies",
+            "flexgen,gpu-only",
+            "--percent",
+            "0",
+            "50",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--disk-dir",
+            disk.to_str().unwrap(),
+            "--disk-mem",
+            "256MiB",
+            "--json",
+            "report.json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    check_schema(&r);
+    let fg = run_of(&r, "flexgen");
+    assert_eq!(fg["status"], "ok", "{fg}");
+    assert_eq!(fg["plan"]["weights"]["disk"], 0.5);
+    let links = &fg["measured"]["links"];
+    assert!(
+        links["weights_disk_to_host_bytes"].as_u64().unwrap() > 0,
+        "{links}"
+    );
+    assert_eq!(run_of(&r, "gpu-only")["status"], "ok");
+    assert_eq!(r["configs"][0]["exact"], true, "{}", r["configs"][0]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("weights disk→host"));
+}
