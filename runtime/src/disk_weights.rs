@@ -42,6 +42,8 @@ pub struct DiskWeightStats {
     pub bytes_read: u64,
     /// Layer reads completed.
     pub layer_reads: u64,
+    /// Seconds the IO thread spent reading layers (the disk's busy time).
+    pub read_seconds: f64,
     /// Seconds the forward pass waited for a layer's read (the disk's time not hidden by
     /// compute).
     pub wait_seconds: f64,
@@ -114,6 +116,7 @@ struct ReadDone<S> {
     layer: usize,
     bufs: Vec<S>,
     result: Result<u64, StorageError>,
+    seconds: f64,
 }
 
 /// The disk layers of one model. See the module header.
@@ -274,6 +277,7 @@ impl<S: Send + 'static> DiskWeights<S> {
             while let Some(l) = self.queued.pop_front() {
                 let done = self.recv()?;
                 debug_assert_eq!(done.layer, l);
+                self.stats.read_seconds += done.seconds;
                 self.free.push(done.bufs);
             }
             self.cursor =
@@ -293,6 +297,7 @@ impl<S: Send + 'static> DiskWeights<S> {
         self.stats.wait_seconds += t0.elapsed().as_secs_f64();
         self.queued.pop_front();
         debug_assert_eq!(done.layer, layer);
+        self.stats.read_seconds += done.seconds;
         match done.result {
             Ok(bytes) => {
                 self.stats.bytes_read += bytes;
@@ -370,12 +375,14 @@ impl<S> Worker<S> {
                     let _ = reply.send(self.write(layer, &chunks));
                 }
                 Command::Read { layer, mut bufs } => {
+                    let t0 = Instant::now();
                     let result = self.read(layer, &mut bufs);
                     if done
                         .send(ReadDone {
                             layer,
                             bufs,
                             result,
+                            seconds: t0.elapsed().as_secs_f64(),
                         })
                         .is_err()
                     {

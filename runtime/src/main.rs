@@ -744,7 +744,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some((policy, prediction, _, _)) = &planned {
-        let check = policy_exec::check(policy, prediction, &stats);
+        let check = policy_exec::check(policy, prediction, &stats, model.config.layers as u64);
         eprintln!("{}", check.report());
         stats.policy_check = Some(check);
     }

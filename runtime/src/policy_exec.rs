@@ -222,11 +222,31 @@ pub struct PolicyCheck {
     /// `PhaseTime::floor_s`), and the measured step over it.
     pub decode_step_lower_bound_s: f64,
     pub decode_step_over_lower_bound: f64,
+    /// Each stream's time over the job (prefill and the decode steps run), predicted and
+    /// measured.
+    pub streams: Vec<StreamCheck>,
+}
+
+/// One stream's seconds over the job: the planner's prediction beside what the run timed.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamCheck {
+    pub stream: &'static str,
+    pub predicted_s: f64,
+    /// `None` where the run has no timer for the stream.
+    pub measured_s: Option<f64>,
+    /// What the measured time is, or why there is none.
+    pub measured_as: &'static str,
 }
 
 /// Compares the prediction with the run: seconds per decode step (decode seconds over decode
-/// steps, a step being one token for every running sequence) and prefill seconds.
-pub fn check(policy: &Policy, prediction: &Prediction, stats: &JobStats) -> PolicyCheck {
+/// steps, a step being one token for every running sequence), prefill seconds, and each
+/// stream's seconds over the job, on a model of `layers` layers.
+pub fn check(
+    policy: &Policy,
+    prediction: &Prediction,
+    stats: &JobStats,
+    layers: u64,
+) -> PolicyCheck {
     let steps = stats.decode_steps.max(1) as f64;
     let measured_step = stats.decode_seconds / steps;
     let predicted_step = prediction.decode_step.total_s;
@@ -243,7 +263,64 @@ pub fn check(policy: &Policy, prediction: &Prediction, stats: &JobStats) -> Poli
         predicted_bound_by: prediction.bound_by.name().to_string(),
         decode_step_lower_bound_s: prediction.decode_step.floor_s,
         decode_step_over_lower_bound: ratio(measured_step, prediction.decode_step.floor_s),
+        streams: stream_checks(prediction, stats, layers),
     }
+}
+
+/// Predicted seconds per stream over the prefill and the decode steps the run made, beside the
+/// run's timers. GPU kernels are not timed; the host memory is a floor the streams share, not a
+/// stream, so it is left out.
+fn stream_checks(prediction: &Prediction, stats: &JobStats, layers: u64) -> Vec<StreamCheck> {
+    use strata_planner::Stream;
+    let steps = stats.decode_steps as f64;
+    let predicted = |s: Stream| {
+        layers as f64
+            * (prediction.prefill.per_layer.get(s)
+                + steps * prediction.decode_step.per_layer.get(s))
+    };
+    let copies = stats.gpu_copies.as_ref();
+    let kv = &stats.kv;
+    let weight_reads = stats.disk_weights.map_or(0.0, |w| w.read_seconds);
+    let rows: [(Stream, Option<f64>, &'static str); 6] = [
+        (Stream::GpuCompute, None, "kernels are not timed"),
+        (
+            Stream::H2d,
+            copies.map(|c| c.h2d_seconds),
+            "timed copies to the GPU (uploads under 64 KiB are not timed)",
+        ),
+        (
+            Stream::D2h,
+            copies.map(|c| c.d2h_seconds),
+            "timed copies to the host",
+        ),
+        (
+            Stream::HostAttention,
+            Some(kv.host_attention_seconds),
+            "host-tier attention, wall time",
+        ),
+        (
+            Stream::DiskRead,
+            Some(kv.storage_attention_seconds + weight_reads),
+            "storage attention (reads and math) and weight reads",
+        ),
+        (
+            Stream::DiskWrite,
+            Some(kv.disk_write_seconds),
+            "KV written to disk",
+        ),
+    ];
+    rows.into_iter()
+        .map(|(s, measured_s, measured_as)| StreamCheck {
+            stream: s.name(),
+            predicted_s: predicted(s),
+            measured_s,
+            measured_as: if copies.is_none() && matches!(s, Stream::H2d | Stream::D2h) {
+                "no GPU in this run"
+            } else {
+                measured_as
+            },
+        })
+        .collect()
 }
 
 impl PolicyCheck {
@@ -262,7 +339,31 @@ impl PolicyCheck {
             self.predicted_prefill_s,
             self.measured_prefill_s,
             self.prefill_ratio
-        )
+        ) + &self.streams_report()
+    }
+
+    /// The streams that either side puts above zero, one line each.
+    fn streams_report(&self) -> String {
+        let busy: Vec<&StreamCheck> = self
+            .streams
+            .iter()
+            .filter(|s| s.predicted_s > 0.0 || s.measured_s.is_some_and(|m| m > 0.0))
+            .collect();
+        if busy.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from("\n  per stream over the job, predicted / measured:");
+        for s in busy {
+            let measured = match s.measured_s {
+                Some(m) => format!("{m:.3} s ({})", s.measured_as),
+                None => format!("– ({})", s.measured_as),
+            };
+            out.push_str(&format!(
+                "\n    {:<16} {:>10.3} s / {measured}",
+                s.stream, s.predicted_s
+            ));
+        }
+        out
     }
 }
 

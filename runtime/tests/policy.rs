@@ -119,6 +119,34 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
         let measured = check["measured_decode_step_s"].as_f64().unwrap();
         assert!((over - measured / floor).abs() <= 1e-9 * over, "{check}");
         assert!(stderr(&run).contains("the calibrated lower bound of"));
+        // The breakdown per stream: every stream the model times but the shared host memory,
+        // GPU compute predicted and untimed, host attention timed on the CPU, the copies not.
+        let streams = check["streams"].as_array().unwrap();
+        let names: Vec<&str> = streams
+            .iter()
+            .map(|s| s["stream"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "gpu compute",
+                "host→device",
+                "device→host",
+                "host compute",
+                "disk read",
+                "disk write"
+            ],
+            "{check}"
+        );
+        assert!(streams[0]["predicted_s"].as_f64().unwrap() > 0.0);
+        assert!(streams[0]["measured_s"].is_null());
+        assert!(streams[1]["measured_s"].is_null(), "no GPU: {}", streams[1]);
+        assert!(streams[3]["measured_s"].as_f64().is_some());
+        assert!(
+            stderr(&run).contains("per stream over the job, predicted / measured"),
+            "{}",
+            stderr(&run)
+        );
         assert_eq!(
             stats["kv_block_tokens"].as_u64(),
             check["policy"]["kv_block_tokens"].as_u64()
@@ -280,6 +308,17 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
     let w = &stats["disk_weights"];
     assert!(w["layer_reads"].as_u64().unwrap() > 0, "{w}");
     assert!(w["bytes_read"].as_u64().unwrap() > 0, "{w}");
+    assert!(w["read_seconds"].as_f64().unwrap() > 0.0, "{w}");
+    // The planner predicted disk reads for the weights, and the run timed them.
+    let disk = stats["policy_check"]["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "disk read")
+        .unwrap()
+        .clone();
+    assert!(disk["predicted_s"].as_f64().unwrap() > 0.0, "{disk}");
+    assert!(disk["measured_s"].as_f64().unwrap() > 0.0, "{disk}");
     // The store's files went with the run.
     let left: Vec<_> = std::fs::read_dir(&disk_dir)
         .unwrap()
