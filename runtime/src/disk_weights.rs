@@ -100,10 +100,13 @@ impl StreamLayout {
     }
 }
 
+/// A layer's tensors, owned by the IO thread while it writes them.
+type Tensors = Vec<Box<dyn AsRef<[u8]> + Send>>;
+
 enum Command<S> {
     Write {
         layer: usize,
-        chunks: Vec<Vec<u8>>,
+        tensors: Tensors,
         reply: Sender<Result<u64, StorageError>>,
     },
     Read {
@@ -211,10 +214,16 @@ impl<S: Send + 'static> DiskWeights<S> {
         self.layer_bytes() * self.order.len() as u64
     }
 
-    /// Queues layer `layer`'s tensors (in the buffers' order and shapes) for writing, after
-    /// waiting for the write before it, so building one layer overlaps writing the last.
-    pub fn write_layer(&mut self, layer: usize, tensors: &[&[u8]]) -> Result<(), ModelError> {
-        let lens: Vec<usize> = tensors.iter().map(|t| t.len()).collect();
+    /// Hands layer `layer`'s tensors (in the buffers' order and shapes) to the IO thread to
+    /// write, after waiting for the write before it, so loading one layer overlaps writing the
+    /// last. The IO thread cuts the stream into chunks a batch at a time: the layer is not
+    /// copied whole.
+    pub fn write_layer<T: AsRef<[u8]> + Send + 'static>(
+        &mut self,
+        layer: usize,
+        tensors: Vec<T>,
+    ) -> Result<(), ModelError> {
+        let lens: Vec<usize> = tensors.iter().map(|t| t.as_ref().len()).collect();
         let want: Vec<usize> = self.layout.tensors.iter().map(|r| r.len()).collect();
         if lens != want {
             return Err(ModelError::DiskWeights(format!(
@@ -222,14 +231,15 @@ impl<S: Send + 'static> DiskWeights<S> {
                  every layer on disk must have the same shapes"
             )));
         }
-        let chunks = (0..self.layout.chunks())
-            .map(|k| self.layout.chunk(tensors, k))
+        let tensors: Tensors = tensors
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn AsRef<[u8]> + Send>)
             .collect();
         self.wait_write()?;
         let (reply, rx) = channel();
         self.send(Command::Write {
             layer,
-            chunks,
+            tensors,
             reply,
         })?;
         self.writing = Some((layer, rx));
@@ -369,10 +379,10 @@ impl<S> Worker<S> {
             match c {
                 Command::Write {
                     layer,
-                    chunks,
+                    tensors,
                     reply,
                 } => {
-                    let _ = reply.send(self.write(layer, &chunks));
+                    let _ = reply.send(self.write(layer, &tensors));
                 }
                 Command::Read { layer, mut bufs } => {
                     let t0 = Instant::now();
@@ -393,24 +403,30 @@ impl<S> Worker<S> {
         }
     }
 
-    fn write(&mut self, layer: usize, chunks: &[Vec<u8>]) -> Result<u64, StorageError> {
-        let slots = chunks
-            .iter()
+    fn write(&mut self, layer: usize, tensors: &Tensors) -> Result<u64, StorageError> {
+        let bytes: Vec<&[u8]> = tensors.iter().map(|t| (**t).as_ref()).collect();
+        let slots = (0..self.layout.chunks())
             .map(|_| self.store.alloc_slot())
             .collect::<Result<Vec<_>, _>>()?;
-        for (s, c) in slots
-            .chunks(WRITE_BATCH_CHUNKS)
-            .zip(chunks.chunks(WRITE_BATCH_CHUNKS))
-        {
-            let items: Vec<(DiskSlot, &[u8])> =
-                s.iter().zip(c).map(|(&s, c)| (s, c.as_slice())).collect();
+        let mut written = 0u64;
+        for (b, batch) in slots.chunks(WRITE_BATCH_CHUNKS).enumerate() {
+            let first = b * WRITE_BATCH_CHUNKS;
+            let chunks: Vec<Vec<u8>> = (first..first + batch.len())
+                .map(|k| self.layout.chunk(&bytes, k))
+                .collect();
+            let items: Vec<(DiskSlot, &[u8])> = batch
+                .iter()
+                .zip(&chunks)
+                .map(|(&s, c)| (s, c.as_slice()))
+                .collect();
             self.store.write_blocks(&items)?;
+            written += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
         }
         if self.slots.len() <= layer {
             self.slots.resize(layer + 1, Vec::new());
         }
         self.slots[layer] = slots;
-        Ok(chunks.iter().map(|c| c.len() as u64).sum())
+        Ok(written)
     }
 
     fn read(&mut self, layer: usize, bufs: &mut [S]) -> Result<u64, StorageError> {
@@ -501,9 +517,7 @@ mod tests {
         let dir = Scratch::new("passes");
         let mut d = open(dir.path(), None, 2);
         for l in [1u8, 4, 6] {
-            let t = layer(l);
-            let refs: Vec<&[u8]> = t.iter().map(Vec::as_slice).collect();
-            d.write_layer(l as usize, &refs).unwrap();
+            d.write_layer(l as usize, layer(l)).unwrap();
         }
         for _pass in 0..3 {
             for l in [1usize, 4, 6] {
@@ -527,9 +541,7 @@ mod tests {
         let dir = Scratch::new("order");
         let mut d = open(dir.path(), None, 2);
         for l in [1u8, 4, 6] {
-            let t = layer(l);
-            let refs: Vec<&[u8]> = t.iter().map(Vec::as_slice).collect();
-            d.write_layer(l as usize, &refs).unwrap();
+            d.write_layer(l as usize, layer(l)).unwrap();
         }
         let got = d.take(6).unwrap();
         assert!(got[2] == layer(6)[2]);
@@ -544,7 +556,10 @@ mod tests {
     fn a_layer_of_another_shape_is_refused_with_its_sizes() {
         let dir = Scratch::new("shape");
         let mut d = open(dir.path(), None, 1);
-        let err = d.write_layer(1, &[&[0u8; 3]]).unwrap_err().to_string();
+        let err = d
+            .write_layer(1, vec![vec![0u8; 3]])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("layer 1") && err.contains("same shapes"),
             "{err}"
@@ -557,9 +572,7 @@ mod tests {
         // Every read comes back corrupt, more times than the store re-reads.
         let mut d = open(dir.path(), Some("corrupt=1.0,seed=7"), 2);
         for l in [1u8, 4, 6] {
-            let t = layer(l);
-            let refs: Vec<&[u8]> = t.iter().map(Vec::as_slice).collect();
-            d.write_layer(l as usize, &refs).unwrap();
+            d.write_layer(l as usize, layer(l)).unwrap();
         }
         let err = d.take(1).unwrap_err().to_string();
         assert!(err.contains("layer 1") && err.contains("weights"), "{err}");

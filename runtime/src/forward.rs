@@ -1529,6 +1529,15 @@ pub fn host_mlp_neurons(intermediate: usize, share: f64) -> usize {
     n.min(intermediate - 8)
 }
 
+/// A tensor's values as the bytes written to disk.
+struct WeightBytes(WeightData);
+
+impl AsRef<[u8]> for WeightBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 /// Writes the layers `order` to disk under `dir`, with staging buffer sets shaped and typed
 /// ([`RuntimeBackend::staging_buffer`]) like the first of them, and starts reading the first
 /// ones ahead of the first pass.
@@ -1572,13 +1581,12 @@ fn write_disk_layers<B: RuntimeBackend>(
     let mut disk = DiskWeights::open(dir, order.clone(), sets, B::staged_bytes_mut)?;
     for &i in &order {
         let (_, parts) = layer_with(cfg, i, |name| src.load(name))?.into_parts();
-        let data: Vec<WeightData> = parts
+        let data: Vec<WeightBytes> = parts
             .into_iter()
             .zip(&dtypes)
-            .map(|(w, &d)| w.data.cast(d))
+            .map(|(w, &d)| WeightBytes(w.data.cast(d)))
             .collect();
-        let bytes: Vec<&[u8]> = data.iter().map(WeightData::as_bytes).collect();
-        disk.write_layer(i, &bytes)?;
+        disk.write_layer(i, data)?;
         progress.inc(1);
     }
     disk.finish_writes()?;
