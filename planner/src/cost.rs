@@ -35,8 +35,14 @@
 //! keeps off the GPU come up through scratch (`h2d`; from disk also `disk_read`), hidden states
 //! regenerated as in decode.
 //!
+//! **Between the GEMMs**, per token and layer, norms, RoPE, the KV append, residual adds and the
+//! MLP's activation move `a` bytes of f32 activations and half-precision operands through HBM
+//! ([`ModelSpec::activation_bytes_per_token_per_layer`]), `N·a` in a decode step and `N·s·a` in
+//! a prefill.
+//!
 //! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
-//! bandwidth) + k · layer overhead`. Disk bandwidth depends on request size (weights: 4 MiB
+//! bandwidth) + activation bytes / HBM bandwidth + k · layer overhead` (the kernels between the
+//! GEMMs run in turn with them). Disk bandwidth depends on request size (weights: 4 MiB
 //! chunks; KV: one block of one sequence in one layer), see [`HardwareProfile::disk_read_bps`].
 //! **Host memory** is shared: host attention reads it, every host→device copy reads it, and
 //! device→host copies and disk reads write into it (disk writes read it). Each stream's own
@@ -256,6 +262,10 @@ struct Traffic {
     /// Causal prefill attention, charged at its own rate.
     attention_flops: f64,
     hbm: f64,
+    /// Bytes the kernels between the GEMMs move through HBM (see
+    /// [`ModelSpec::activation_bytes_per_token_per_layer`]): they run in turn with the GEMMs,
+    /// so their time adds to the GEMMs' instead of hiding under it.
+    elementwise: f64,
     h2d: f64,
     d2h: f64,
     host_attention: f64,
@@ -361,6 +371,7 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     let mut t = Traffic::default();
     weight_traffic(&mut t, p, &z);
     t.flops += m.gemm_flops_per_token_per_layer() * z.n;
+    t.elementwise += m.activation_bytes_per_token_per_layer() as f64 * z.n;
     let split = split_tokens(p, wl.mean_decode_context());
     let attn_flops_per_key = m.attention_flops_per_token_per_layer(1.0);
     for tier in Tier::ALL {
@@ -459,9 +470,7 @@ fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     t.launches += passes.max(z.k);
     t.flops += m.gemm_flops_per_token_per_layer() * z.n * s;
     t.attention_flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
-    // Activations in and out of HBM: about 4 hidden-sized and 2 MLP-sized tensors per token.
-    let ab = m.weight_dtype_bytes as f64;
-    t.hbm += z.n * s * (4 * m.hidden + 2 * m.intermediate) as f64 * ab;
+    t.elementwise += m.activation_bytes_per_token_per_layer() as f64 * z.n * s;
     let split = split_tokens(p, s);
     for tier in Tier::ALL {
         let (kv, hid) = split.get(tier);
@@ -505,8 +514,11 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     // there), downloads and disk reads land in it, disk writes leave from it.
     let disk_read = t.disk_read_weights + t.disk_read_kv + t.disk_read_hidden;
     let host_memory = t.host_attention + t.host_mlp + t.h2d + t.d2h + disk_read + t.disk_write;
+    let elementwise = t.elementwise / (hw.hbm_gbps * 1e9);
     StreamTimes {
-        gpu_compute_s: compute.max(memory) + t.launches * hw.gpu_layer_overhead_us * 1e-6,
+        gpu_compute_s: compute.max(memory)
+            + elementwise
+            + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
         host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9)

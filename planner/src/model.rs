@@ -126,6 +126,44 @@ impl ModelSpec {
         self.kv_width() * self.kv_dtype_bytes
     }
 
+    /// Bytes one token moves through HBM per layer in the kernels between the GEMMs, which run
+    /// one after another with them on the compute stream. Activations are f32 between kernels
+    /// and GEMM operands are converted once to the weight dtype (`o` bytes a value):
+    /// - each norm reads its input and writes its f32 output and the operands: `(8 + o)·h`;
+    /// - RoPE rewrites q and k: `8·(q + kv)` (Llama family; OPT has learned positions);
+    /// - the KV append reads k and v and writes them in the KV dtype: `2·kv·(4 + kvb)`;
+    /// - the attention output becomes the output projection's operands: `(4 + o)·q`;
+    /// - two residual adds, each reading two tensors and writing one: `2 · 12·h`;
+    /// - the MLP's activation: SwiGLU reads gate and up and writes one (`12·i`), ReLU rewrites
+    ///   its input in place (`8·i`); then it becomes the down projection's operands:
+    ///   `(4 + o)·i`.
+    ///
+    /// The GEMMs' own reads and writes are theirs (a prefill's GEMMs are bound by FLOPs, a
+    /// decode step's by weights), and attention's K, V and queries are charged to attention.
+    pub fn activation_bytes_per_token_per_layer(&self) -> u64 {
+        // `kv`: K's width (V's is the same).
+        let (h, q, kv, i) = (
+            self.hidden,
+            self.q_width(),
+            self.kv_width() / 2,
+            self.intermediate,
+        );
+        let o = self.weight_dtype_bytes;
+        let norms = 2 * (8 + o) * h;
+        // Keyed on the MLP: the gated (Llama) family uses RoPE, the plain one (OPT) learned
+        // positions.
+        let rope = match self.mlp {
+            MlpKind::Gated => 8 * (q + kv),
+            MlpKind::Plain => 0,
+        };
+        let append = 2 * kv * (4 + self.kv_dtype_bytes);
+        let act = match self.mlp {
+            MlpKind::Gated => 12 * i,
+            MlpKind::Plain => 8 * i,
+        };
+        norms + rope + append + (4 + o) * q + 24 * h + act + (4 + o) * i
+    }
+
     /// f32 hidden states (see the module header).
     pub fn hidden_bytes_per_token(&self) -> u64 {
         self.hidden * 4

@@ -470,3 +470,36 @@ fn weights_on_disk_count_two_staging_layers_in_host_memory() {
         assert!((on_disk.disk as f64 - in_memory.disk as f64 - moved).abs() < 1e6);
     }
 }
+
+/// The bytes the kernels between the GEMMs move per token and layer, counted kernel by kernel
+/// for Llama-3-8B (f32 activations, bf16 operands and KV): the prefill prediction charges them
+/// in turn with the GEMMs.
+#[test]
+fn activation_bytes_are_counted_kernel_by_kernel() {
+    let m = llama_3_8b();
+    let (h, q, kv, i) = (4096u64, 4096u64, 1024u64, 14336u64);
+    let kernels = [
+        (
+            "attention norm: read x, write f32 and bf16",
+            4 * h + 4 * h + 2 * h,
+        ),
+        ("RoPE on q and k: read and write f32", 8 * (q + kv)),
+        (
+            "KV append: read f32 k and v, write bf16",
+            2 * kv * 4 + 2 * kv * 2,
+        ),
+        ("attention output to bf16 operands", 4 * q + 2 * q),
+        ("residual add: read two, write one", 12 * h),
+        ("MLP norm", 10 * h),
+        ("SwiGLU: read gate and up, write one", 12 * i),
+        ("its output to bf16 operands", 6 * i),
+        ("residual add", 12 * h),
+    ];
+    let total: u64 = kernels.iter().map(|k| k.1).sum();
+    assert_eq!(m.activation_bytes_per_token_per_layer(), total);
+    // OPT: no RoPE, ReLU in place.
+    let o = opt("opt-30b", 7168, 48, 56);
+    let (h, f) = (7168u64, 4 * 7168u64);
+    let opt_total = 2 * 10 * h + 2 * h * 6 + 6 * h + 24 * h + 8 * f + 6 * f;
+    assert_eq!(o.activation_bytes_per_token_per_layer(), opt_total);
+}
