@@ -286,7 +286,9 @@ struct NextLayer<B: RuntimeBackend> {
 ///   attends over its GPU tier on the device;
 /// - weights that do not stay resident: a backend that computes away from host memory stages
 ///   them there once (page-locked) and fetches each layer per pass, overlapping the next layer's
-///   copy with this layer's compute; the CPU streams them from their source instead.
+///   copy with this layer's compute; the CPU streams them from their source instead;
+/// - layers on disk: every backend makes staging buffers that disk reads refill for each pass
+///   ([`RuntimeBackend::staging_buffer`]), fetched from there as staged layers are.
 pub trait RuntimeBackend: Backend {
     /// A weight staged in host memory for fast fetches.
     type Staged: Send + Sync + 'static;
@@ -1660,7 +1662,10 @@ pub fn weight_bytes(cfg: &ModelConfig) -> u64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{Mlp, Range, Row, SeqId, gpu_batches, host_mlp_neurons, layer_is_resident, mlp};
+    use super::{
+        Mlp, Range, Row, SeqId, gpu_batches, host_mlp_neurons, layer_is_resident, layers_on_disk,
+        mlp,
+    };
     use strata_kernels::testing::{SplitMix, max_rel_err, test_seed};
     use strata_kernels::{Backend, CpuBackend, DType, HostWeight};
 
@@ -1808,5 +1813,27 @@ mod tests {
         // 24 of 32 resident: every fourth layer staged.
         let staged: Vec<usize> = (0..32).filter(|&i| !layer_is_resident(i, 32, 24)).collect();
         assert_eq!(staged, vec![3, 7, 11, 15, 19, 23, 27, 31]);
+    }
+
+    #[test]
+    fn disk_layers_are_taken_from_the_non_resident_ones_and_counted_exactly() {
+        for layers in [1, 2, 7, 32, 96] {
+            for resident in 0..=layers {
+                for disk in [0, 1, (layers - resident) / 2, layers - resident, layers + 3] {
+                    let on_disk = layers_on_disk(layers, resident, disk);
+                    let want = disk.min(layers - resident);
+                    assert_eq!(on_disk.iter().filter(|&&d| d).count(), want);
+                    for (i, &d) in on_disk.iter().enumerate() {
+                        assert!(
+                            !(d && layer_is_resident(i, layers, resident)),
+                            "{layers}/{resident}/{disk}: layer {i} resident and on disk"
+                        );
+                    }
+                }
+            }
+        }
+        // 16 of 32 resident, 8 on disk: every other staged layer goes to disk.
+        let disk: Vec<usize> = (0..32).filter(|&i| layers_on_disk(32, 16, 8)[i]).collect();
+        assert_eq!(disk, vec![3, 7, 11, 15, 19, 23, 27, 31]);
     }
 }
