@@ -468,12 +468,22 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             );
             if let Residency::Split { disk_layers, .. } = run.residency
                 && disk_layers > 0
-                && a.disk_dir.is_none()
             {
-                anyhow::bail!(
-                    "--policy {arg}: the policy places {disk_layers} of {} layers' weights on \
-                     disk; give --disk-dir (and room for them in --disk-mem)",
-                    model.config.layers
+                let Some(dir) = &a.disk_dir else {
+                    anyhow::bail!(
+                        "--policy {arg}: the policy places {disk_layers} of {} layers' weights \
+                         on disk; give --disk-dir (and room for them in --disk-mem)",
+                        model.config.layers
+                    );
+                };
+                let layer_bytes =
+                    policy_exec::model_spec(&a.model, &model.config).weight_bytes_per_layer();
+                eprintln!(
+                    "note: --policy {arg}: {disk_layers} of {} layers' weights (about {}) are \
+                     written to {} when the model loads and read back for every forward pass",
+                    model.config.layers,
+                    human_bytes(layer_bytes * disk_layers as u64),
+                    dir.join("weights").display()
                 );
             }
             a.kv_block_tokens = run.block_tokens;

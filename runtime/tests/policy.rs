@@ -299,6 +299,11 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
         d.path("disk.stats.json").to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("read back for every forward pass"),
+        "the run says where the weights go: {}",
+        stderr(&run)
+    );
     assert_eq!(
         output_ids(&d.path("disk.jsonl")),
         output_ids(&d.path("mem.jsonl"))
