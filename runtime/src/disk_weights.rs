@@ -348,6 +348,9 @@ impl<S: Send + 'static> DiskWeights<S> {
 impl<S: Send + 'static> Drop for DiskWeights<S> {
     fn drop(&mut self) {
         self.tx.take();
+        // Reads ahead of a pass that will not come: with nobody to hear them, the worker stops
+        // after the read in progress instead of doing the rest.
+        drop(std::mem::replace(&mut self.done, channel().1));
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
