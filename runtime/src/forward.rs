@@ -1551,18 +1551,13 @@ fn write_disk_layers<B: RuntimeBackend>(
     order: Vec<usize>,
 ) -> ModelResult<DiskLayers<B>> {
     let first = layer_with(cfg, order[0], |name| src.load(name))?;
-    let mut sets = Vec::with_capacity(DISK_STAGING_SETS);
-    let mut shape = None;
-    for _ in 0..DISK_STAGING_SETS {
-        let (s, parts) = first
-            .clone()
-            .try_into_map(|w| b.staging_buffer(w))?
-            .into_parts();
-        shape = Some(s);
-        sets.push(parts);
+    let staging = || first.clone().try_into_map(|w| b.staging_buffer(w));
+    let (shape, set) = staging()?.into_parts();
+    let mut sets = vec![set];
+    for _ in 1..DISK_STAGING_SETS {
+        sets.push(staging()?.into_parts().1);
     }
     drop(first);
-    let shape = shape.expect("DISK_STAGING_SETS > 0");
     // Each tensor is written in its staging buffer's dtype, so a read is a byte copy.
     let dtypes: Vec<DType> = sets[0]
         .iter()

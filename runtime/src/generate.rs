@@ -176,7 +176,7 @@ struct Job<'a, 'm, B: RuntimeBackend> {
 }
 
 /// The least the KV cache's disk tier keeps of `--disk-mem` when weights are on disk too.
-const MIN_DISK_KV_BYTES: u64 = 64 << 20;
+pub const MIN_DISK_KV_BYTES: u64 = 64 << 20;
 
 /// Runs the job; returns its statistics (`items_failed > 0` means some items have error records).
 pub fn run<B: RuntimeBackend>(

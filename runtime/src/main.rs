@@ -478,6 +478,21 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 };
                 let layer_bytes =
                     policy_exec::model_spec(&a.model, &model.config).weight_bytes_per_layer();
+                // Checked before anything is written: the layers go to disk as the model loads.
+                let need = layer_bytes * disk_layers as u64 + generate::MIN_DISK_KV_BYTES;
+                let budget = match a.disk_mem {
+                    Some(b) => b,
+                    None => default_disk_bytes(dir)?,
+                };
+                if budget < need {
+                    anyhow::bail!(
+                        "--disk-mem {}: the policy places about {} of weights on disk, and the KV \
+                         cache's disk tier needs at least {} beside them; raise --disk-mem",
+                        human_bytes(budget),
+                        human_bytes(layer_bytes * disk_layers as u64),
+                        human_bytes(generate::MIN_DISK_KV_BYTES)
+                    );
+                }
                 eprintln!(
                     "note: --policy {arg}: {disk_layers} of {} layers' weights (about {}) are \
                      written to {} when the model loads and read back for every forward pass",

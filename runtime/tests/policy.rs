@@ -274,6 +274,30 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
     assert!(!d.path("none.jsonl").exists());
 
     let disk_dir = d.path("disk");
+    // Too little --disk-mem for the layers: refused before anything is written.
+    let small = strata(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        "--input",
+        d.path("in.jsonl").to_str().unwrap(),
+        "--output",
+        d.path("small.jsonl").to_str().unwrap(),
+        "--policy",
+        d.path("disk.json").to_str().unwrap(),
+        "--profile",
+        d.path("profile.json").to_str().unwrap(),
+        "--disk-dir",
+        disk_dir.to_str().unwrap(),
+        "--disk-mem",
+        "1MiB",
+    ]);
+    assert!(!small.status.success());
+    assert!(stderr(&small).contains("--disk-mem"), "{}", stderr(&small));
+    assert!(!d.path("small.jsonl").exists());
+    assert!(!disk_dir.join("weights").exists());
     let run = strata(&[
         "generate",
         "--model",
