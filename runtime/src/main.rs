@@ -755,7 +755,17 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         prefill_chunk: a.prefill_chunk,
         prefill_batch_rows,
     };
-    let residency = planned.as_ref().map_or(residency, |p| p.2.residency);
+    let residency = match planned.as_ref().map(|p| p.2.residency) {
+        None => residency,
+        // On the CPU, GPU and host memory are the same memory: every layer not on disk stays
+        // resident (staging one would only reload it from its source for every pass).
+        Some(Residency::Split { disk_layers, .. }) if gpu.is_none() => Residency::Split {
+            resident_layers: model.config.layers - disk_layers.min(model.config.layers),
+            host_mlp_share: 0.0,
+            disk_layers,
+        },
+        Some(r) => r,
+    };
     let mut stats = match gpu {
         None => generate::run(&model, CpuBackend::new(), residency, &opts)?,
         Some(gpu) => {
