@@ -277,8 +277,8 @@ impl<S: Send + 'static> DiskWeights<S> {
         Ok(())
     }
 
-    /// Layer `layer`'s tensors, waiting for its read. Give them back with [`DiskWeights::give_back`]
-    /// once nothing reads them any more.
+    /// Layer `layer`'s tensors, waiting for its read. Give them back with
+    /// [`DiskWeights::give_back`] once nothing reads them any more.
     pub fn take(&mut self, layer: usize) -> Result<Vec<S>, ModelError> {
         self.finish_writes()?;
         if self.queued.front() != Some(&layer) {

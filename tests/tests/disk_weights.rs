@@ -1,8 +1,9 @@
 //! Weights on disk, on the CPU: layers written to a disk store when the model loads and read back
 //! for every forward pass give the same greedy tokens as the all-in-memory run and the same
 //! logits, bit for bit (within 1e-5 relative where KV is on disk too: the storage engine merges
-//! blocks in the order their reads complete), on every golden fixture (Llama with GQA in f32 and bf16, Qwen2 with tied
-//! embeddings and q/k/v biases, OPT with LayerNorm biases and learned positions).
+//! blocks in the order their reads complete), on every golden fixture (Llama with GQA in f32
+//! and bf16, Qwen2 with tied embeddings and q/k/v biases, OPT with LayerNorm biases and learned
+//! positions).
 //!
 //! Placements: one layer in memory and the rest on disk, and every layer on disk; 1 and 2 GPU
 //! batches; KV in host memory, or mostly on a disk tier in the same directory as the weights.
