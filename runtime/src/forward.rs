@@ -1557,7 +1557,8 @@ fn write_disk_layers<B: RuntimeBackend>(
     for _ in 1..DISK_STAGING_SETS {
         sets.push(staging()?.into_parts().1);
     }
-    drop(first);
+    // The first layer is written from the copy already loaded, not loaded again.
+    let mut first = Some(first);
     // Each tensor is written in its staging buffer's dtype, so a read is a byte copy.
     let dtypes: Vec<DType> = sets[0]
         .iter()
@@ -1577,7 +1578,11 @@ fn write_disk_layers<B: RuntimeBackend>(
     };
     let mut disk = DiskWeights::open(dir, order.clone(), sets, B::staged_bytes_mut)?;
     for &i in &order {
-        let (_, parts) = layer_with(cfg, i, |name| src.load(name))?.into_parts();
+        let layer = match first.take() {
+            Some(l) => l,
+            None => layer_with(cfg, i, |name| src.load(name))?,
+        };
+        let (_, parts) = layer.into_parts();
         let data: Vec<WeightBytes> = parts
             .into_iter()
             .zip(&dtypes)

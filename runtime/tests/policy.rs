@@ -36,26 +36,35 @@ fn strata(args: &[&str]) -> Output {
 }
 
 fn generate(d: &Dir, policy: &Path, out: &str) -> Output {
-    strata(&[
+    generate_with(d, policy, out, &[])
+}
+
+/// [`generate`] with `extra` flags after the common ones.
+fn generate_with(d: &Dir, policy: &Path, out: &str, extra: &[&str]) -> Output {
+    let (input, output) = (d.path("in.jsonl"), d.path(out));
+    let (profile, stats) = (d.path("profile.json"), d.path(&format!("{out}.stats.json")));
+    let mut args = vec![
         "generate",
         "--model",
         MODEL,
         "--device",
         "cpu",
         "--input",
-        d.path("in.jsonl").to_str().unwrap(),
+        input.to_str().unwrap(),
         "--output",
-        d.path(out).to_str().unwrap(),
+        output.to_str().unwrap(),
         "--max-new-tokens",
         "4",
         "--ignore-eos",
         "--policy",
         policy.to_str().unwrap(),
         "--profile",
-        d.path("profile.json").to_str().unwrap(),
+        profile.to_str().unwrap(),
         "--stats-json",
-        d.path(&format!("{out}.stats.json")).to_str().unwrap(),
-    ])
+        stats.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    strata(&args)
 }
 
 /// `strata plan --json` for the job of `in.jsonl` on the reference profile.
@@ -274,54 +283,24 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
     assert!(!d.path("none.jsonl").exists());
 
     let disk_dir = d.path("disk");
+    let dir = disk_dir.to_str().unwrap();
     // Too little --disk-mem for the layers: refused before anything is written.
-    let small = strata(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--device",
-        "cpu",
-        "--input",
-        d.path("in.jsonl").to_str().unwrap(),
-        "--output",
-        d.path("small.jsonl").to_str().unwrap(),
-        "--policy",
-        d.path("disk.json").to_str().unwrap(),
-        "--profile",
-        d.path("profile.json").to_str().unwrap(),
-        "--disk-dir",
-        disk_dir.to_str().unwrap(),
-        "--disk-mem",
-        "1MiB",
-    ]);
+    let small = generate_with(
+        &d,
+        &d.path("disk.json"),
+        "small.jsonl",
+        &["--disk-dir", dir, "--disk-mem", "1MiB"],
+    );
     assert!(!small.status.success());
     assert!(stderr(&small).contains("--disk-mem"), "{}", stderr(&small));
     assert!(!d.path("small.jsonl").exists());
     assert!(!disk_dir.join("weights").exists());
-    let run = strata(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--device",
-        "cpu",
-        "--input",
-        d.path("in.jsonl").to_str().unwrap(),
-        "--output",
-        d.path("disk.jsonl").to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-        "--ignore-eos",
-        "--policy",
-        d.path("disk.json").to_str().unwrap(),
-        "--profile",
-        d.path("profile.json").to_str().unwrap(),
-        "--disk-dir",
-        disk_dir.to_str().unwrap(),
-        "--disk-mem",
-        "256MiB",
-        "--stats-json",
-        d.path("disk.stats.json").to_str().unwrap(),
-    ]);
+    let run = generate_with(
+        &d,
+        &d.path("disk.json"),
+        "disk.jsonl",
+        &["--disk-dir", dir, "--disk-mem", "256MiB"],
+    );
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(
         stderr(&run).contains("read back for every forward pass"),
@@ -333,7 +312,8 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
         output_ids(&d.path("mem.jsonl"))
     );
     let stats: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("disk.stats.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(d.path("disk.jsonl.stats.json")).unwrap())
+            .unwrap();
     let w = &stats["disk_weights"];
     assert!(w["layer_reads"].as_u64().unwrap() > 0, "{w}");
     assert!(w["bytes_read"].as_u64().unwrap() > 0, "{w}");

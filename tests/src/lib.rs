@@ -58,6 +58,21 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     None
 }
 
+/// A golden fixture's model path, its cases' prompts (token ids) and the tokens each case
+/// generates.
+pub fn golden_case(name: &str) -> (String, Vec<Vec<u32>>, usize) {
+    let dir = fixture(&format!("golden/{name}"));
+    let e = read_json(&dir.join("expected.json"));
+    let prompts = e["cases"]
+        .as_array()
+        .expect("golden cases")
+        .iter()
+        .map(|c| json_u32s(&c["input_ids"]))
+        .collect();
+    let n = e["max_new_tokens"].as_u64().expect("max_new_tokens") as usize;
+    (dir.to_string_lossy().into_owned(), prompts, n)
+}
+
 /// The prompts (token ids) of SmolLM2's reference cases.
 pub fn smollm2_prompts() -> Vec<Vec<u32>> {
     read_json(&fixture("smollm2/reference.json"))["cases"]

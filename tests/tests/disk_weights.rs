@@ -15,22 +15,9 @@ use strata_runtime::forward::Residency;
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{DiskTierConfig, IoEngine};
 use strata_runtime::model;
-use strata_tests::{Engine, Placement, fixture, scratch_disk};
+use strata_tests::{Engine, Placement, golden_case, scratch_disk};
 
 type Greedy = (Vec<f32>, Vec<u32>);
-
-fn prompts_of(name: &str) -> (String, Vec<Vec<u32>>, usize) {
-    let dir = fixture(&format!("golden/{name}"));
-    let e = strata_tests::read_json(&dir.join("expected.json"));
-    let prompts = e["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
-        .collect();
-    let n = e["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir.to_str().unwrap().to_string(), prompts, n)
-}
 
 /// Greedy results of `prompts` one at a time, then as one batch, and the forward passes run.
 fn run(
@@ -75,7 +62,7 @@ fn run(
 #[test]
 fn layers_on_disk_give_the_all_in_memory_logits_and_tokens() {
     for name in ["llama-gqa", "llama-gqa-bf16", "qwen2-tied", "opt"] {
-        let (spec, prompts, n) = prompts_of(name);
+        let (spec, prompts, n) = golden_case(name);
         let layers = model::open(&spec).unwrap().config.layers;
         for (resident_layers, gpu_batches, kv_on_disk) in
             [(1, 1, false), (0, 2, false), (1, 2, true), (0, 1, true)]
@@ -139,7 +126,7 @@ fn layers_on_disk_give_the_all_in_memory_logits_and_tokens() {
 
 #[test]
 fn layers_on_disk_without_a_disk_directory_are_refused() {
-    let (spec, ..) = prompts_of("llama-gqa");
+    let (spec, ..) = golden_case("llama-gqa");
     let m = model::open(&spec).unwrap();
     let residency = Residency::Split {
         resident_layers: 0,
@@ -157,7 +144,7 @@ fn layers_on_disk_without_a_disk_directory_are_refused() {
 #[test]
 fn a_layer_corrupted_on_disk_fails_the_pass_naming_the_layer() {
     use std::os::unix::fs::FileExt;
-    let (spec, prompts, _) = prompts_of("opt");
+    let (spec, prompts, _) = golden_case("opt");
     let m = model::open(&spec).unwrap();
     let layers = m.config.layers;
     let disk = scratch_disk("disk-weights", "corrupt", IoEngine::Sync);

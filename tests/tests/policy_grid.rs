@@ -25,7 +25,7 @@
 use strata_runtime::kv::policy::SinkAndRecent;
 use strata_runtime::kv::{AttentionRoutes, DType, IoEngine};
 use strata_runtime::model;
-use strata_tests::{Engine, Placement, fixture, scratch_disk};
+use strata_tests::{Engine, Placement, golden_case, scratch_disk};
 
 /// Last-prompt-position logits and greedy tokens of one sequence.
 type Greedy = (Vec<f32>, Vec<u32>);
@@ -52,19 +52,6 @@ const ALL_IN_MEMORY: Point = Point {
     recompute: 0.0,
     kv_dtype: DType::F32,
 };
-
-fn prompts_of(name: &str) -> (String, Vec<Vec<u32>>, usize) {
-    let dir = fixture(&format!("golden/{name}"));
-    let e = strata_tests::read_json(&dir.join("expected.json"));
-    let prompts = e["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| strata_tests::json_u32s(&c["input_ids"]))
-        .collect();
-    let n = e["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir.to_str().unwrap().to_string(), prompts, n)
-}
 
 /// Greedy results of `prompts` one at a time, then as one batch, at `point`.
 fn run(
@@ -165,7 +152,7 @@ fn check_grid(points: &[Point]) {
 /// f32 hidden states do not fit a block of the point's K and V dtype (the cache refuses it).
 fn check_grid_against(reference: Point, points: &[Point]) {
     for name in FIXTURES {
-        let (spec, prompts, n) = prompts_of(name);
+        let (spec, prompts, n) = golden_case(name);
         let c = model::open(&spec).unwrap().config;
         let fits = |p: &Point| c.hidden * 4 <= 2 * c.kv_dim() * p.kv_dtype.size_bytes();
         let reference = run(&spec, &prompts, n, 4, reference, name);
@@ -262,7 +249,7 @@ fn smollm2_gives_the_same_tokens_fetched_split_and_in_gpu_batches() {
 
 #[test]
 fn a_layer_is_loaded_once_per_step_whatever_the_gpu_batches() {
-    let (spec, prompts, _) = prompts_of("llama-gqa");
+    let (spec, prompts, _) = golden_case("llama-gqa");
     let m = model::open(&spec).unwrap();
     let layers = m.config.layers as u64;
     for gpu_batches in [1, 4] {
