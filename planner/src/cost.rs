@@ -302,6 +302,15 @@ pub fn kv_tokens_on(p: &Policy, wl: &Workload, tier: Tier) -> u64 {
     whole_blocks(kv, p.kv_block_tokens) as u64
 }
 
+/// KV block slots of each sequence, per layer, that `p` fills on `tier` at the job's final
+/// length: its KV and its hidden states (a recomputed block's hidden states sit in the block's
+/// own slot), each in whole blocks, as [`memory`] counts them.
+pub fn kv_slots_on(p: &Policy, wl: &Workload, tier: Tier) -> u64 {
+    let (kv, hidden) = split_tokens(p, wl.final_len() as f64).get(tier);
+    let block = p.kv_block_tokens.max(1);
+    (whole_blocks(kv, block) + whole_blocks(hidden, block)) as u64 / block
+}
+
 /// `tokens` rounded up to whole blocks of `block` tokens (a hair of float error kept below one).
 fn whole_blocks(tokens: f64, block: u64) -> f64 {
     let block = block.max(1) as f64;

@@ -17,7 +17,7 @@
 //! batch is the plain layer-by-layer pass, its host attention overlapping only its device
 //! attention and the next layer's weight copy.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::ops::Range;
@@ -628,6 +628,8 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     /// The layers on disk and the shape that rebuilds one from its staging buffers.
     disk: Option<DiskLayers<B>>,
     pub timings: LayerTimings,
+    /// Host MLP seconds of the pass under way (`mlp_with_host` borrows `self` immutably).
+    host_mlp_s: Cell<f64>,
 }
 
 /// Seconds spent loading streamed weights (zero when resident), and bytes fetched from staging.
@@ -640,6 +642,11 @@ pub struct LayerTimings {
     pub layer_loads: u64,
     /// Weight bytes host threads read to compute the host MLP share (once per GPU batch).
     pub host_mlp_bytes: u64,
+    /// Seconds host threads computed the host MLP share (the device's part runs meanwhile).
+    pub host_mlp_s: f64,
+    /// Seconds passes waited for a fetched layer's copy to land before computing it: the copy
+    /// time that compute did not hide.
+    pub weight_wait_s: f64,
 }
 
 fn upload<B: Backend>(b: &B, src: &dyn WeightSource, name: WeightName) -> ModelResult<B::Weight> {
@@ -900,6 +907,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             next_pass: None,
             disk,
             timings: LayerTimings::default(),
+            host_mlp_s: Cell::new(0.0),
         })
     }
 
@@ -1051,6 +1059,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // (waiting for its read) and its copy enqueued like a staged layer's.
         let mut next = self.fetch_staged_after(None, host_mlp)?;
         let (mut fetched_bytes, mut loads, mut host_mlp_bytes) = (0, 0, 0);
+        let mut weight_wait_s = 0.0;
         for i in 0..self.cfg.layers {
             let _span = debug_span!("layer", i).entered();
             xs = match &self.layers[i] {
@@ -1066,7 +1075,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                             (n.fetched, n.from_disk)
                         }
                     };
+                    let t0 = Instant::now();
                     b.wait_fetched(&mark)?;
+                    weight_wait_s += t0.elapsed().as_secs_f64();
                     if let Some(bufs) = from_disk {
                         // The buffers go to the next read once the copy out of them is done.
                         b.wait_fetched_host(&mark)?;
@@ -1085,7 +1096,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                             self.fetch(ls, host_mlp)?
                         }
                     };
+                    let t0 = Instant::now();
                     b.wait_fetched(&mark)?;
+                    weight_wait_s += t0.elapsed().as_secs_f64();
                     fetched_bytes += bytes;
                     loads += 1;
                     next = self.fetch_staged_after(Some(i), host_mlp)?;
@@ -1119,6 +1132,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         self.timings.weight_bytes_fetched += fetched_bytes;
         self.timings.layer_loads += loads;
         self.timings.host_mlp_bytes += host_mlp_bytes;
+        self.timings.host_mlp_s += self.host_mlp_s.take();
+        self.timings.weight_wait_s += weight_wait_s;
         let _span = debug_span!("logits").entered();
         let mut parts = Vec::with_capacity(batches.len());
         let mut order = vec![0; logit_rows.len()];
@@ -1457,7 +1472,10 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         // landing this layer's weights before it).
         let data = debug_span!("wait_mlp_input").in_scope(|| b.finish_download(down))?;
         let x = CpuTensor { rows, cols, data };
+        let t0 = Instant::now();
         let part = debug_span!("host_mlp_compute").in_scope(|| mlp(&CpuBackend, &x, on_host))?;
+        self.host_mlp_s
+            .set(self.host_mlp_s.get() + t0.elapsed().as_secs_f64());
         b.add_inplace(&mut out, &b.tensor(rows, cols, part.data)?)?;
         Ok(out)
     }

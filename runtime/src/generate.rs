@@ -106,6 +106,11 @@ pub struct JobStats {
     pub disk_weights: Option<crate::disk_weights::DiskWeightStats>,
     /// Weight bytes host threads read to compute the host MLP share (`host_mlp_share`).
     pub host_mlp_bytes: u64,
+    /// Seconds host threads spent computing that share.
+    pub host_mlp_seconds: f64,
+    /// Seconds passes waited for a layer's weights to land on the device (copies that compute
+    /// did not hide; 0 when every layer is resident).
+    pub weight_wait_seconds: f64,
     pub peak_rss_bytes: u64,
     pub peak_kv_bytes: usize,
     pub batch_size: usize,
@@ -281,6 +286,8 @@ pub fn run<B: RuntimeBackend>(
     s.weight_load_seconds = job.tf.timings.weight_load_s;
     s.weight_bytes_fetched = job.tf.timings.weight_bytes_fetched;
     s.host_mlp_bytes = job.tf.timings.host_mlp_bytes;
+    s.host_mlp_seconds = job.tf.timings.host_mlp_s;
+    s.weight_wait_seconds = job.tf.timings.weight_wait_s;
     s.disk_weights = job.tf.disk_weight_stats();
     s.peak_rss_bytes = peak_rss_bytes();
     s.kv = job.kv.metrics();

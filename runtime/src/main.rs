@@ -271,7 +271,8 @@ struct GenerateArgs {
     /// Most recent KV blocks of each sequence kept in the fastest tier (GPU, else host memory).
     #[arg(long, default_value_t = 4)]
     kv_recent_blocks: usize,
-    /// CPU threads for compute (default: all cores).
+    /// CPU threads for host compute (default: all cores; with a GPU, all but one, which is
+    /// left to the thread that drives the GPU).
     #[arg(long)]
     threads: Option<usize>,
     /// Where to compute: cuda (GPU 0, or cuda:N), cpu, or auto (the GPU when one is usable,
@@ -443,13 +444,16 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     if a.temperature < 0.0 {
         anyhow::bail!("--temperature must be >= 0, got {}", a.temperature);
     }
-    if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()?;
-    }
-    let model = model::open(&a.model)?;
     let gpu = open_gpu(a.device)?;
+    // Before anything uses the pool (loading a model does).
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(
+            a.threads
+                .unwrap_or_else(|| strata_runtime::host_threads(gpu.is_some()))
+                .max(1),
+        )
+        .build_global()?;
+    let model = model::open(&a.model)?;
     let mut a = a;
     let planned = match &a.policy {
         None => None,
@@ -719,6 +723,33 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    let host_budget = a.host_mem.unwrap_or_else(default_host_kv_bytes);
+    let host_kv_bytes = match &planned {
+        Some((policy, _, _, workload)) if a.disk_dir.is_some() => {
+            let cfg = &model.config;
+            let geometry = strata_runtime::kv::KvGeometry {
+                layers: cfg.layers,
+                kv_heads: cfg.kv_heads,
+                head_dim: cfg.head_dim,
+                block_tokens: a.kv_block_tokens,
+            };
+            policy_exec::host_kv_tier_bytes(
+                policy,
+                workload,
+                cfg.layers as u64,
+                geometry.host_slot_bytes(host_kv_dtype),
+                host_budget,
+            )
+        }
+        _ => host_budget,
+    };
+    if host_kv_bytes < host_budget {
+        eprintln!(
+            "note: host KV tier {}: the KV the policy keeps in host memory (its host weights \
+             share the budget); older blocks go to disk as planned",
+            human_bytes(host_kv_bytes)
+        );
+    }
     let opts = GenerateOptions {
         input: a.input,
         output: a.output,
@@ -731,7 +762,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size,
         resume: a.resume,
         block_tokens: a.kv_block_tokens,
-        host_kv_bytes: a.host_mem.unwrap_or_else(default_host_kv_bytes),
+        host_kv_bytes,
         kv_dtype: host_kv_dtype,
         disk: match a.disk_dir {
             None => None,

@@ -16,7 +16,8 @@
 
 use serde::Serialize;
 use strata_planner::{
-    Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload, kv_tokens_on, weight_layers,
+    Attention, MlpKind, ModelSpec, Policy, Prediction, Tier, Workload, kv_slots_on, kv_tokens_on,
+    weight_layers,
 };
 
 use crate::forward::Residency;
@@ -190,6 +191,29 @@ pub fn gpu_kv_tier_bytes(
     (room, Some(note))
 }
 
+/// Bytes of the host KV tier that runs `p` for `wl` on a model of `layers` layers, with host
+/// block slots of `slot_bytes`, when `budget` is what `--host-mem` (or its default) allows. The
+/// KV cache spills to disk only what the host tier cannot hold, so a policy that puts KV on disk
+/// gets a host tier of the KV it keeps on the host (its hot window and host share, KV and hidden
+/// states, in whole blocks): the host weights it counts in the same budget stay out of it, and
+/// the disk holds, and is read for, what the prediction says. The tier never drops below two
+/// slots per sequence and layer (a writable block, and room to spill through), nor rises above
+/// `budget`. A policy that keeps no KV on disk gets `budget`: nothing would spill either way.
+pub fn host_kv_tier_bytes(
+    p: &Policy,
+    wl: &Workload,
+    layers: u64,
+    slot_bytes: u64,
+    budget: u64,
+) -> u64 {
+    if kv_slots_on(p, wl, Tier::Disk) == 0 {
+        return budget;
+    }
+    let planned = kv_slots_on(p, wl, Tier::Host) * wl.batch * layers;
+    let min = 2 * wl.batch * layers;
+    (planned.max(min) * slot_bytes).min(budget)
+}
+
 /// Whether a token's hidden state (kept in f32) fits where its K and V would be (in the KV
 /// dtype): the KV cache stores a recomputed block's hidden states in the block's own slot.
 fn hidden_fits_kv_block(m: &ModelSpec) -> bool {
@@ -225,6 +249,9 @@ pub struct PolicyCheck {
     /// Each stream's time over the job (prefill and the decode steps run), predicted and
     /// measured.
     pub streams: Vec<StreamCheck>,
+    /// Seconds the passes waited for layers' weights to land on the device: copy time compute
+    /// did not hide (the overlap the prediction assumes, where it failed).
+    pub weight_wait_s: f64,
 }
 
 /// One stream's seconds over the job: the planner's prediction beside what the run timed.
@@ -264,6 +291,7 @@ pub fn check(
         decode_step_lower_bound_s: prediction.decode_step.floor_s,
         decode_step_over_lower_bound: ratio(measured_step, prediction.decode_step.floor_s),
         streams: stream_checks(prediction, stats, layers),
+        weight_wait_s: stats.weight_wait_seconds,
     }
 }
 
@@ -295,8 +323,8 @@ fn stream_checks(prediction: &Prediction, stats: &JobStats, layers: u64) -> Vec<
         ),
         (
             Stream::HostAttention,
-            Some(kv.host_attention_seconds),
-            "host-tier attention, wall time",
+            Some(kv.host_attention_seconds + stats.host_mlp_seconds),
+            "host-tier attention and host MLP share, wall time",
         ),
         (
             Stream::DiskRead,
@@ -361,6 +389,12 @@ impl PolicyCheck {
             out.push_str(&format!(
                 "\n    {:<16} {:>10.3} s / {measured}",
                 s.stream, s.predicted_s
+            ));
+        }
+        if self.weight_wait_s > 0.0 {
+            out.push_str(&format!(
+                "\n  waited {:.3} s for weight copies to land (copy time compute did not hide)",
+                self.weight_wait_s
             ));
         }
         out
@@ -478,6 +512,56 @@ mod tests {
             gpu_kv_tier_bytes(&p, &wl, 32, block_bytes, 1 << 40),
             (min * block_bytes, None)
         );
+    }
+
+    /// With KV on disk, the host KV tier holds the policy's host KV (not the whole host budget,
+    /// which also holds host weights), so the disk holds what the prediction reads from it.
+    #[test]
+    fn the_host_kv_tier_holds_the_policys_host_kv_when_kv_goes_to_disk() {
+        let wl = Workload {
+            batch: 4,
+            prompt_len: 4000,
+            gen_len: 16,
+        };
+        let slot = 1 << 16;
+        let budget = 1 << 40;
+        let mut p = gpu_only();
+        p.kv.hot_tier = Tier::Host;
+        p.kv.hot_window_tokens = 128;
+        p.kv.cold = TierSplit {
+            gpu: 0.0,
+            host: 0.9,
+            disk: 0.1,
+        };
+        // 4016 tokens: 128 hot and 90% of the 3888 older ones on the host, 3627.2 in all: 114
+        // blocks of 32 per sequence and layer.
+        assert_eq!(kv_slots_on(&p, &wl, Tier::Host), 114);
+        assert_eq!(
+            host_kv_tier_bytes(&p, &wl, 32, slot, budget),
+            114 * 4 * 32 * slot
+        );
+        // Never above the budget.
+        assert_eq!(host_kv_tier_bytes(&p, &wl, 32, slot, 1 << 20), 1 << 20);
+        // Hidden states take slots too, each kind in whole blocks: with half the older tokens
+        // stored as hidden states, 128 + 1749.6 tokens of KV and 1749.6 of hidden states.
+        p.recompute.host = 0.5;
+        p.recompute.disk = 0.5;
+        assert_eq!(kv_slots_on(&p, &wl, Tier::Host), 59 + 55);
+        // Nearly all on disk: two slots per sequence and layer at least.
+        p.recompute = PerTier::default();
+        p.kv.hot_window_tokens = 0;
+        p.kv.cold = TierSplit {
+            gpu: 0.0,
+            host: 0.001,
+            disk: 0.999,
+        };
+        assert_eq!(
+            host_kv_tier_bytes(&p, &wl, 32, slot, budget),
+            2 * 4 * 32 * slot
+        );
+        // No KV on disk: the whole budget (nothing would spill).
+        p.kv.cold = TierSplit::all_on(Tier::Host);
+        assert_eq!(host_kv_tier_bytes(&p, &wl, 32, slot, budget), budget);
     }
 
     #[test]

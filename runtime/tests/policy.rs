@@ -335,3 +335,72 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
         .collect();
     assert!(left.iter().all(|p| !p.ends_with("weights")), "{left:?}");
 }
+
+/// A policy that puts most older KV on disk gets it there even when `--host-mem` could hold it
+/// all (the budget also holds the policy's host weights): the host tier holds the policy's host
+/// share, the rest spills to disk, and the tokens are those of the all-in-memory run.
+#[test]
+fn a_policy_with_kv_on_disk_puts_it_there_whatever_host_memory_is_left() {
+    let d = new_dir("disk-kv");
+    let plan = plan_json(&d);
+    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let p = &mut v["policy"];
+    p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
+    p["kv"]["hot_window_tokens"] = serde_json::json!(0);
+    p["kv"]["hot_tier"] = serde_json::json!("host");
+    p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 1.0, "disk": 0.0});
+    p["attention_host"] = serde_json::json!({"kind": "attend_near"});
+    p["attention_disk"] = serde_json::json!({"kind": "attend_near"});
+    p["recompute"] = serde_json::json!({"gpu": 0.0, "host": 0.0, "disk": 0.0});
+    p["kv_block_tokens"] = serde_json::json!(2);
+    std::fs::write(d.path("host.json"), serde_json::to_string(p).unwrap()).unwrap();
+    p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 0.2, "disk": 0.8});
+    std::fs::write(d.path("disk.json"), serde_json::to_string(p).unwrap()).unwrap();
+
+    let dir = d.path("disk");
+    let dir = dir.to_str().unwrap();
+    let flags = [
+        "--host-mem",
+        "1GiB",
+        "--disk-dir",
+        dir,
+        "--disk-mem",
+        "64MiB",
+    ];
+    let run = generate_with(&d, &d.path("host.json"), "host.jsonl", &flags);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let run = generate_with(&d, &d.path("disk.json"), "disk.jsonl", &flags);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("host KV tier"), "{}", stderr(&run));
+    assert_eq!(
+        output_ids(&d.path("disk.jsonl")),
+        output_ids(&d.path("host.jsonl"))
+    );
+    let kv = |out: &str| {
+        let stats: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.path(&format!("{out}.stats.json"))).unwrap(),
+        )
+        .unwrap();
+        stats["kv"].clone()
+    };
+    // All on the host: nothing spills out of 1 GiB.
+    assert_eq!(
+        kv("host.jsonl")["spilled_blocks"],
+        0,
+        "{}",
+        kv("host.jsonl")
+    );
+    // 10 tokens per sequence at the end, 5 blocks of 2: the host share (2 tokens) is one block,
+    // raised to the tier's floor of two per sequence and layer; the rest went to disk.
+    let disk = kv("disk.jsonl");
+    let layers = 2; // synthetic:tiny-llama
+    assert_eq!(
+        disk["host_capacity_blocks"].as_u64().unwrap(),
+        2 * 3 * layers,
+        "{disk}"
+    );
+    assert!(
+        disk["spilled_blocks"].as_u64().unwrap() >= 3 * layers,
+        "{disk}"
+    );
+}

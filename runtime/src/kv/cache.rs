@@ -223,7 +223,7 @@ impl KvCache {
             )));
         }
         let bpb = g.bytes_per_block(dtype);
-        let stride = bpb.next_multiple_of(strata_storage::MIN_ARENA_ALIGN) as u64;
+        let stride = g.host_slot_bytes(dtype);
         let slots = (cfg.host_bytes / stride) as usize;
         if slots == 0 {
             return Err(KvError::HostTooSmall {

@@ -60,6 +60,12 @@ impl KvGeometry {
     pub fn bytes_per_block(&self, dtype: DType) -> usize {
         2 * self.block_elems() * dtype.size_bytes()
     }
+
+    /// Bytes of one host tier slot (a block, aligned for O_DIRECT).
+    pub fn host_slot_bytes(&self, dtype: DType) -> u64 {
+        self.bytes_per_block(dtype)
+            .next_multiple_of(strata_storage::MIN_ARENA_ALIGN) as u64
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
