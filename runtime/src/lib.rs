@@ -29,8 +29,8 @@ pub fn mem_available_bytes() -> Option<u64> {
 /// the CPU; with a GPU, one core fewer (at least one), left to the thread that drives the GPU.
 /// That thread launches the kernels and spins in CUDA's waits, and a host attention split over
 /// every core waits for the share of the core it shares: on an H100 machine with 16 cores, a
-/// decode step of 8 × 4K tokens with half its KV attended on the host took 129 ms with 16
-/// threads and 99 ms with 15 (`bench/RESULTS.md`, 2026-11-23).
+/// decode step of 8 × 4K tokens with half its KV attended on the host took 114-129 ms with 16
+/// threads and 95-99 ms with 15 (`bench/RESULTS.md`, 2026-11-23).
 pub fn host_threads(gpu: bool) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if gpu && cores > 2 { cores - 1 } else { cores }
