@@ -252,6 +252,9 @@ pub struct PolicyCheck {
     /// Seconds the passes waited for layers' weights to land on the device: copy time compute
     /// did not hide (the overlap the prediction assumes, where it failed).
     pub weight_wait_s: f64,
+    /// Where the prediction missed, when the decode step is more than 20% off: the timed stream
+    /// furthest over its prediction, or that none was (see [`prediction_miss`]).
+    pub miss: Option<String>,
 }
 
 /// One stream's seconds over the job: the planner's prediction beside what the run timed.
@@ -292,7 +295,52 @@ pub fn check(
         decode_step_over_lower_bound: ratio(measured_step, prediction.decode_step.floor_s),
         streams: stream_checks(prediction, stats, layers),
         weight_wait_s: stats.weight_wait_seconds,
+        miss: None,
     }
+    .with_miss(stats.decode_steps as f64)
+}
+
+/// What to look at when a decode step is more than 20% off its prediction (`ratio` is measured
+/// over predicted; `job_excess_s`, the job's measured seconds (prefill and decode) less its
+/// predicted ones): the timed stream whose measured seconds are furthest past its prediction in
+/// the same direction, when that accounts for at least a quarter of the job's miss; otherwise,
+/// that no timed stream does, so the time went where no timer looks (GPU kernels, and host and
+/// GPU work that ran in turn rather than overlapped).
+pub fn prediction_miss(ratio: f64, job_excess_s: f64, streams: &[StreamCheck]) -> Option<String> {
+    if (0.8..=1.2).contains(&ratio) || ratio.is_nan() {
+        return None;
+    }
+    // Positive: off in the direction of the step (over when slow, under when fast).
+    let sign = if ratio > 1.0 { 1.0 } else { -1.0 };
+    let (word, mark) = if sign > 0.0 {
+        ("over", "+")
+    } else {
+        ("under", "-")
+    };
+    let furthest = streams
+        .iter()
+        .filter_map(|s| s.measured_s.map(|m| (s, m, sign * (m - s.predicted_s))))
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+        .filter(|(_, _, off)| *off > 0.0);
+    let job = (sign * job_excess_s).max(0.0);
+    Some(match furthest {
+        Some((s, m, off)) if off >= 0.25 * job => format!(
+            "the step ran {ratio:.2}x its prediction; the timed stream furthest {word} its \
+             prediction is {} ({m:.3} s measured against {:.3} s, {mark}{off:.3} s of the job's \
+             {mark}{job:.3} s)",
+            s.stream, s.predicted_s
+        ),
+        _ if sign > 0.0 => format!(
+            "the step ran {ratio:.2}x its prediction, and no timed stream accounts for most of the \
+             job's {mark}{job:.3} s: the difference is in the compute device's kernels, or in \
+             host and device work that ran in turn rather than overlapped"
+        ),
+        _ => format!(
+            "the step ran {ratio:.2}x its prediction, and no timed stream accounts for most of the \
+             job's {mark}{job:.3} s: the compute device's kernels ran faster than predicted, or \
+             streams the prediction adds up overlapped"
+        ),
+    })
 }
 
 /// Predicted seconds per stream over the prefill and the decode steps the run made, beside the
@@ -352,6 +400,13 @@ fn stream_checks(prediction: &Prediction, stats: &JobStats, layers: u64) -> Vec<
 }
 
 impl PolicyCheck {
+    fn with_miss(mut self, decode_steps: f64) -> Self {
+        let job_excess = self.measured_prefill_s - self.predicted_prefill_s
+            + decode_steps * (self.measured_decode_step_s - self.predicted_decode_step_s);
+        self.miss = prediction_miss(self.decode_step_ratio, job_excess, &self.streams);
+        self
+    }
+
     /// Lines for the end of a run.
     pub fn report(&self) -> String {
         format!(
@@ -390,6 +445,9 @@ impl PolicyCheck {
                 "\n    {:<16} {:>10.3} s / {measured}",
                 s.stream, s.predicted_s
             ));
+        }
+        if let Some(m) = &self.miss {
+            out.push_str(&format!("\n  where it missed: {m}"));
         }
         if self.weight_wait_s > 0.0 {
             out.push_str(&format!(
@@ -562,6 +620,50 @@ mod tests {
         // No KV on disk: the whole budget (nothing would spill).
         p.kv.cold = TierSplit::all_on(Tier::Host);
         assert_eq!(host_kv_tier_bytes(&p, &wl, 32, slot, budget), budget);
+    }
+
+    /// A step more than 20% off names the timed stream furthest off its prediction, or says
+    /// that none is and where the time went.
+    #[test]
+    fn a_missed_prediction_names_the_stream_furthest_off() {
+        let row = |stream, predicted_s, measured_s| StreamCheck {
+            stream,
+            predicted_s,
+            measured_s,
+            measured_as: "",
+        };
+        let streams = [
+            row("gpu compute", 1.0, None),
+            row("host→device", 1.0, Some(1.1)),
+            row("host compute", 0.7, Some(1.5)),
+            row("disk read", 2.0, Some(1.0)),
+        ];
+        assert_eq!(prediction_miss(1.1, 0.1, &streams), None);
+        assert_eq!(prediction_miss(0.85, -0.2, &streams), None);
+        let slow = prediction_miss(2.0, 2.0, &streams).unwrap();
+        assert!(
+            slow.contains("host compute") && slow.contains("+0.800 s of the job's +2.000 s"),
+            "{slow}"
+        );
+        let fast = prediction_miss(0.6, -1.5, &streams).unwrap();
+        assert!(
+            fast.contains("disk read") && fast.contains("-1.000"),
+            "{fast}"
+        );
+        // A stream over its prediction by less than a quarter of the job's miss explains little.
+        let small = prediction_miss(2.0, 4.0, &streams).unwrap();
+        assert!(small.contains("no timed stream accounts"), "{small}");
+        let on_time = [
+            row("gpu compute", 1.0, None),
+            row("host→device", 1.0, Some(0.9)),
+        ];
+        let hidden = prediction_miss(1.6, 0.5, &on_time).unwrap();
+        assert!(
+            hidden.contains("no timed stream accounts") && hidden.contains("in turn"),
+            "{hidden}"
+        );
+        let overlapped = prediction_miss(0.5, -3.0, &on_time).unwrap();
+        assert!(overlapped.contains("overlapped"), "{overlapped}");
     }
 
     #[test]

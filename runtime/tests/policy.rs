@@ -151,6 +151,12 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
         assert!(streams[0]["measured_s"].is_null());
         assert!(streams[1]["measured_s"].is_null(), "no GPU: {}", streams[1]);
         assert!(streams[3]["measured_s"].as_f64().is_some());
+        // A step more than 20% off its prediction says where it missed (in the stats and on
+        // stderr); one within 20% says nothing.
+        let ratio = check["decode_step_ratio"].as_f64().unwrap();
+        let missed = !(0.8..=1.2).contains(&ratio);
+        assert_eq!(check["miss"].is_string(), missed, "{check}");
+        assert_eq!(stderr(&run).contains("where it missed:"), missed);
         assert!(
             stderr(&run).contains("per stream over the job, predicted / measured"),
             "{}",
