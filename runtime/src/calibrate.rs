@@ -840,6 +840,9 @@ impl HostAttentionScan {
     fn decode_layer_gbps(&self) -> f64 {
         const SEQS: usize = 8;
         let (g, blocks) = (&self.g, self.kv.len());
+        if blocks < SEQS {
+            return self.gbps(1);
+        }
         let views = testing::full_block_views(&self.kv, g);
         let per_seq = (DECODE_LAYER_KV / self.block_bytes / SEQS).clamp(1, blocks / SEQS);
         let window = per_seq * SEQS;

@@ -445,14 +445,18 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--temperature must be >= 0, got {}", a.temperature);
     }
     let gpu = open_gpu(a.device)?;
-    // Before anything uses the pool (loading a model does).
-    rayon::ThreadPoolBuilder::new()
+    // Before anything uses the pool (loading a model does). The default is a preference: if
+    // something already started the pool, it keeps its size; `--threads` must take effect.
+    let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(
             a.threads
                 .unwrap_or_else(|| strata_runtime::host_threads(gpu.is_some()))
                 .max(1),
         )
-        .build_global()?;
+        .build_global();
+    if let (Err(e), Some(t)) = (pool, a.threads) {
+        anyhow::bail!("--threads {t}: {e}");
+    }
     let model = model::open(&a.model)?;
     let mut a = a;
     let planned = match &a.policy {
