@@ -233,12 +233,7 @@ pub fn run<B: RuntimeBackend>(
     tf.set_gpu_batches(opts.exec.gpu_batches);
     tf.set_batch_rows(opts.prefill_batch_rows);
     let cfg = &model.config;
-    let geometry = KvGeometry {
-        layers: cfg.layers,
-        kv_heads: cfg.kv_heads,
-        head_dim: cfg.head_dim,
-        block_tokens: opts.block_tokens,
-    };
+    let geometry = KvGeometry::of_model(cfg, opts.block_tokens);
     let progress = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(lines.len() as u64);
         bar.set_style(

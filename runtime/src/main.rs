@@ -730,17 +730,12 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let host_budget = a.host_mem.unwrap_or_else(default_host_kv_bytes);
     let host_kv_bytes = match &planned {
         Some((policy, _, _, workload)) if a.disk_dir.is_some() => {
-            let cfg = &model.config;
-            let geometry = strata_runtime::kv::KvGeometry {
-                layers: cfg.layers,
-                kv_heads: cfg.kv_heads,
-                head_dim: cfg.head_dim,
-                block_tokens: a.kv_block_tokens,
-            };
+            let geometry =
+                strata_runtime::kv::KvGeometry::of_model(&model.config, a.kv_block_tokens);
             policy_exec::host_kv_tier_bytes(
                 policy,
                 workload,
-                cfg.layers as u64,
+                geometry.layers as u64,
                 geometry.host_slot_bytes(host_kv_dtype),
                 host_budget,
             )

@@ -518,16 +518,21 @@ mod tests {
         assert!(runnable(&hot_gpu, &spec("opt-6.7b", 2)));
     }
 
+    /// The workload of the tier-size tests: 4 prompts of 4000 tokens, 16 generated.
+    fn four_prompts_of_4000() -> Workload {
+        Workload {
+            batch: 4,
+            prompt_len: 4000,
+            gen_len: 16,
+        }
+    }
+
     /// The GPU KV tier holds what the policy keeps on the GPU: nothing for a policy without GPU
     /// KV, its hot window and GPU share in whole blocks otherwise, and no more than the budget
     /// leaves (saying so).
     #[test]
     fn the_gpu_kv_tier_holds_the_policys_gpu_kv() {
-        let wl = Workload {
-            batch: 4,
-            prompt_len: 4000,
-            gen_len: 16,
-        };
+        let wl = four_prompts_of_4000();
         let block_bytes = 1 << 16;
         let mut p = gpu_only();
         p.kv.cold = TierSplit::all_on(Tier::Host);
@@ -576,11 +581,7 @@ mod tests {
     /// which also holds host weights), so the disk holds what the prediction reads from it.
     #[test]
     fn the_host_kv_tier_holds_the_policys_host_kv_when_kv_goes_to_disk() {
-        let wl = Workload {
-            batch: 4,
-            prompt_len: 4000,
-            gen_len: 16,
-        };
+        let wl = four_prompts_of_4000();
         let slot = 1 << 16;
         let budget = 1 << 40;
         let mut p = gpu_only();

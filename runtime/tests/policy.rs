@@ -87,6 +87,12 @@ fn plan_json(d: &Dir) -> Output {
     plan
 }
 
+/// The policy of [`plan_json`], to edit into the policy a test runs.
+fn planned_policy(d: &Dir) -> Value {
+    let mut plan: Value = serde_json::from_slice(&plan_json(d).stdout).unwrap();
+    plan["policy"].take()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -174,15 +180,14 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
 #[test]
 fn a_policy_with_several_gpu_batches_runs() {
     let d = new_dir("gpu-batches");
-    let plan = plan_json(&d);
-    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let p = &mut v["policy"];
+    let mut policy = planned_policy(&d);
+    let p = &mut policy;
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
     p["num_gpu_batches"] = serde_json::json!(3);
     p["gpu_batch_size"] = serde_json::json!(1);
     std::fs::write(
         d.path("blocks.json"),
-        serde_json::to_string(&v["policy"]).unwrap(),
+        serde_json::to_string(&policy).unwrap(),
     )
     .unwrap();
     let run = generate(&d, &d.path("blocks.json"), "g.jsonl");
@@ -194,9 +199,8 @@ fn a_policy_with_several_gpu_batches_runs() {
 #[test]
 fn a_policy_that_fetches_and_recomputes_runs_and_reports_the_bytes() {
     let d = new_dir("fetch-recompute");
-    let plan = plan_json(&d);
-    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let p = &mut v["policy"];
+    let mut policy = planned_policy(&d);
+    let p = &mut policy;
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
     p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 1.0, "disk": 0.0});
     p["attention_host"] = serde_json::json!({"kind": "fetch_to_gpu"});
@@ -232,17 +236,12 @@ fn a_policy_that_fetches_and_recomputes_runs_and_reports_the_bytes() {
 #[test]
 fn a_policy_the_executor_cannot_run_is_refused_naming_the_field() {
     let d = new_dir("refuse");
-    let plan = plan_json(&d);
-    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let p = &mut v["policy"];
+    let mut policy = planned_policy(&d);
+    let p = &mut policy;
     // Each block decides at fill time whether it keeps hidden states, before it knows its tier.
     p["kv"]["cold"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.5});
     p["recompute"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.0});
-    std::fs::write(
-        d.path("bad.json"),
-        serde_json::to_string(&v["policy"]).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(d.path("bad.json"), serde_json::to_string(&policy).unwrap()).unwrap();
     let run = generate(&d, &d.path("bad.json"), "c.jsonl");
     assert!(!run.status.success());
     assert!(
@@ -272,9 +271,8 @@ fn output_ids(path: &Path) -> Vec<Value> {
 #[test]
 fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
     let d = new_dir("disk-weights");
-    let plan = plan_json(&d);
-    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let p = &mut v["policy"];
+    let mut policy = planned_policy(&d);
+    let p = &mut policy;
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
     std::fs::write(d.path("mem.json"), serde_json::to_string(p).unwrap()).unwrap();
     p["weights"] = serde_json::json!({"gpu": 0.0, "host": 0.5, "disk": 0.5});
@@ -348,9 +346,8 @@ fn a_policy_with_weights_on_disk_gives_the_in_memory_tokens() {
 #[test]
 fn a_policy_with_kv_on_disk_puts_it_there_whatever_host_memory_is_left() {
     let d = new_dir("disk-kv");
-    let plan = plan_json(&d);
-    let mut v: Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let p = &mut v["policy"];
+    let mut policy = planned_policy(&d);
+    let p = &mut policy;
     p["weights"] = serde_json::json!({"gpu": 1.0, "host": 0.0, "disk": 0.0});
     p["kv"]["hot_window_tokens"] = serde_json::json!(0);
     p["kv"]["hot_tier"] = serde_json::json!("host");

@@ -52,6 +52,16 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
+    /// The KV cache of a model of config `cfg` in blocks of `block_tokens` tokens.
+    pub fn of_model(cfg: &crate::model::ModelConfig, block_tokens: usize) -> Self {
+        Self {
+            layers: cfg.layers,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            block_tokens,
+        }
+    }
+
     /// Values in one block's K (and again in its V).
     pub fn block_elems(&self) -> usize {
         self.kv_heads * self.block_tokens * self.head_dim
