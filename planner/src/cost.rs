@@ -20,11 +20,12 @@
 //! - GPU attention: `4·q_width` FLOPs and `kvb` HBM bytes per (query, key) pair on the GPU.
 //! - host MLP share `μ` (`host_mlp_share`) with `Wm` MLP bytes per layer: `μ·w_host·Wm` of the
 //!   weights stay in host memory (off `h2d` and the GPU's HBM and FLOPs) and are read by host
-//!   threads once per GPU batch (`k·μ·w_host·Wm` bytes at host attention's calibrated rate: the
-//!   same dot products), or computed at the host's calibrated matrix-vector FLOP rate
-//!   (`2·N·μ·w_host·Wm / dtype` FLOPs), whichever takes longer: a few rows are bound by memory,
-//!   a GPU batch of 20–30 by the cores. Each GPU batch's MLP input goes down and the host's
-//!   partial output comes up (`N·hidden·4` each way).
+//!   threads once per GPU batch: `k·μ·w_host·Wm` bytes at the rate the profile measured for a
+//!   layer's share at a GPU batch's rows (`host_mlp_layer_gbps`, decode-sized calls after the
+//!   threads idle). Profiles without that table: those bytes at host attention's calibrated rate
+//!   or `2·N·μ·w_host·Wm / dtype` FLOPs at the matrix-vector FLOP rate, whichever takes longer.
+//!   Each GPU batch's MLP input goes down and the host's partial output comes up
+//!   (`N·hidden·4` each way).
 //! - new tokens: `N` tokens' KV land on the hot tier and `N` age into the cold split (KV from the
 //!   hot tier, hidden states from the GPU): `d2h` when leaving the GPU, `disk_write` into disk.
 //!
@@ -176,6 +177,10 @@ pub struct StreamTimes {
     pub disk_write_s: f64,
     /// All host-memory bytes of the other streams over the host memory's bandwidth.
     pub host_memory_s: f64,
+    /// The host MLP share's part of `host_attention_s` (not a stream of its own: the same
+    /// threads run it), so a run's two host timers can each be set beside their prediction.
+    #[serde(default)]
+    pub host_mlp_s: f64,
 }
 
 impl StreamTimes {
@@ -524,20 +529,25 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let disk_read = t.disk_read_weights + t.disk_read_kv + t.disk_read_hidden;
     let host_memory = t.host_attention + t.host_mlp + t.h2d + t.d2h + disk_read + t.disk_write;
     let elementwise = t.elementwise / (hw.hbm_gbps * 1e9);
+    // The share runs on one GPU batch's rows at a time, reading its weights once per batch.
+    let host_mlp_s = match hw.host_mlp_weight_bps(p.gpu_batch_size as f64) {
+        Some(bps) => t.host_mlp / bps,
+        None => (t.host_mlp / (hw.host_attention_gbps * 1e9))
+            .max(t.host_mlp_flops / hw.host_mlp_flops()),
+    };
     StreamTimes {
         gpu_compute_s: compute.max(memory)
             + elementwise
             + t.launches * hw.gpu_layer_overhead_us * 1e-6,
         h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
-        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9)
-            + (t.host_mlp / (hw.host_attention_gbps * 1e9))
-                .max(t.host_mlp_flops / hw.host_mlp_flops()),
+        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9) + host_mlp_s,
         disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),
         disk_write_s: t.disk_write / hw.disk_write_bps(kv_request.min(hidden_request)),
         host_memory_s: host_memory / hw.host_memory_bps(),
+        host_mlp_s,
     }
 }
 

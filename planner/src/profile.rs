@@ -86,6 +86,14 @@ pub struct HardwareProfile {
     /// [`HOST_MLP_MAX_ROWS`]: crate::HOST_MLP_MAX_ROWS
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mlp_gflops: Option<f64>,
+    /// The host MLP share as a decode step runs it: `[rows, GB/s]` pairs, rows ascending, each
+    /// the weight bytes per second that one layer's share (gate, up and down over bf16 weights)
+    /// streamed at that many rows, timed call by call after the threads went idle. Where
+    /// present the planner charges the share at the rate of its GPU batch's rows
+    /// ([`HardwareProfile::host_mlp_weight_bps`]) rather than the attention scan's bandwidth
+    /// and `host_mlp_gflops`. Absent (older files): that estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mlp_layer_gbps: Option<Vec<[f64; 2]>>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -136,6 +144,7 @@ impl HardwareProfile {
             prefill_attention_tflops: Some(285.0),
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
+            host_mlp_layer_gbps: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -171,6 +180,7 @@ impl HardwareProfile {
             prefill_attention_tflops: None,
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
+            host_mlp_layer_gbps: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -204,6 +214,29 @@ impl HardwareProfile {
     pub fn host_memory_bps(&self) -> f64 {
         let estimate = (2.0 * self.host_mem_gbps).max(self.host_attention_gbps);
         self.host_memory_shared_gbps.unwrap_or(estimate) * 1e9
+    }
+
+    /// Weight bytes per second the host MLP share streams at `rows` rows, from the measured
+    /// `host_mlp_layer_gbps` (seconds per byte interpolated linearly in rows between the
+    /// measured row counts, the nearest measurement's outside them); `None` without one.
+    pub fn host_mlp_weight_bps(&self, rows: f64) -> Option<f64> {
+        let pts = self
+            .host_mlp_layer_gbps
+            .as_ref()
+            .filter(|p| !p.is_empty())?;
+        let spb = |i: usize| 1.0 / (pts[i][1] * 1e9);
+        let last = pts.len() - 1;
+        if rows <= pts[0][0] {
+            return Some(1.0 / spb(0));
+        }
+        for i in 0..last {
+            let (r0, r1) = (pts[i][0], pts[i + 1][0]);
+            if rows <= r1 {
+                let f = (rows - r0) / (r1 - r0);
+                return Some(1.0 / (spb(i) + f * (spb(i + 1) - spb(i))));
+            }
+        }
+        Some(1.0 / spb(last))
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -293,6 +326,19 @@ impl HardwareProfile {
                     path: path.to_path_buf(),
                     field,
                     reason: "a finite number > 0",
+                });
+            }
+        }
+        if let Some(pts) = &self.host_mlp_layer_gbps {
+            let ok = pts
+                .iter()
+                .all(|[r, g]| r.is_finite() && *r >= 1.0 && g.is_finite() && *g > 0.0)
+                && pts.windows(2).all(|w| w[0][0] < w[1][0]);
+            if !ok {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "host_mlp_layer_gbps",
+                    reason: "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
                 });
             }
         }

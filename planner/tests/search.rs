@@ -416,6 +416,65 @@ fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
     );
 }
 
+/// A profile that measured the host MLP share layer by layer (`host_mlp_layer_gbps`) charges
+/// the share's weight bytes at the rate measured for its GPU batch's rows, interpolated between
+/// the measured row counts, and reports that part of host compute on its own.
+#[test]
+fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
+    let m = opt_30b();
+    let w = wl(44, 256, 32);
+    let p = Policy {
+        weights: strata_planner::TierSplit {
+            gpu: 0.125,
+            host: 0.875,
+            disk: 0.0,
+        },
+        gpu_batch_size: 22,
+        num_gpu_batches: 2,
+        host_mlp_share: 0.75,
+        ..plan(&m, &w, &budgets(16 * GIB, 100 * GIB, 0), &h100())
+            .unwrap()
+            .policy
+    };
+    let measured = HardwareProfile {
+        host_mlp_layer_gbps: Some(vec![[1.0, 40.0], [16.0, 30.0], [32.0, 10.0]]),
+        ..h100()
+    };
+    // 22 rows: 6/16 of the way from 30 to 10 GB/s in seconds per byte.
+    let spb = 1.0 / 30e9 + 6.0 / 16.0 * (1.0 / 10e9 - 1.0 / 30e9);
+    let bps = measured.host_mlp_weight_bps(22.0).unwrap();
+    assert!((bps * spb - 1.0).abs() < 1e-12, "{bps}");
+    assert_eq!(measured.host_mlp_weight_bps(0.5), Some(40e9));
+    assert_eq!(measured.host_mlp_weight_bps(64.0), Some(10e9));
+    assert_eq!(h100().host_mlp_weight_bps(8.0), None);
+    let kept = 2.0 * 0.75 * 0.875 * m.mlp_bytes_per_layer() as f64;
+    let st = strata_planner::predict(&m, &w, &p, &measured)
+        .decode_step
+        .per_layer;
+    assert!(
+        (st.host_mlp_s - kept * spb).abs() < 1e-9 * st.host_mlp_s,
+        "{st:?}"
+    );
+    assert!(st.host_attention_s >= st.host_mlp_s);
+    // Without the table the old estimate applies, reported the same way.
+    let est = strata_planner::predict(&m, &w, &p, &h100())
+        .decode_step
+        .per_layer;
+    assert!(est.host_mlp_s > 0.0 && (est.host_mlp_s - st.host_mlp_s).abs() > 1e-6);
+    // A table out of order, or with a rate of zero, is refused with the field named.
+    let path = std::env::temp_dir().join(format!("strata-mlp-table-{}.json", std::process::id()));
+    for bad in [vec![[8.0, 30.0], [4.0, 40.0]], vec![[1.0, 0.0]]] {
+        let hw = HardwareProfile {
+            host_mlp_layer_gbps: Some(bad),
+            ..h100()
+        };
+        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
+        let e = HardwareProfile::load(&path).unwrap_err().to_string();
+        assert!(e.contains("host_mlp_layer_gbps"), "{e}");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// The executor's whole-layer split: GPU and disk shares rounded to the nearest layer (the disk's
 /// out of what the GPU leaves), host memory the rest; never more than every layer.
 #[test]

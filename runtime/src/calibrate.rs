@@ -12,7 +12,9 @@
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
 //!   the sum of both rates is the profile's `host_memory_shared_gbps`. And the CPU backend's
 //!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
-//!   share's rate where its rows make it compute-bound).
+//!   share's rate where its rows make it compute-bound), and one layer's host MLP share timed
+//!   as a decode step calls it at 1 to 32 rows (`host_mlp_layer_gbps`, which the planner
+//!   charges the share at).
 //!   Capacity: `MemAvailable`.
 //! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
 //!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit
@@ -384,9 +386,15 @@ fn measure(
             format_size(sz.host_kv as u64)
         ),
     );
-    steps.step("host MLP matrix-vector");
+    steps.step("host MLP");
     let (host_mlp_gflops, how) = host_mlp_gflops(sz.trials)?;
     row("host MLP", format!("{host_mlp_gflops:.0} GFLOP/s"), how);
+    let (host_mlp_layer, how) = host_mlp_layer_gbps(opts.quick)?;
+    let at_8 = host_mlp_layer
+        .iter()
+        .find(|[r, _]| *r == 8.0)
+        .map_or(0.0, |p| p[1]);
+    row("host MLP layer", format!("{at_8:.1} GB/s at 8 rows"), how);
     let host_avail = crate::mem_available_bytes().unwrap_or(0);
 
     let mut p = HardwareProfile {
@@ -414,6 +422,7 @@ fn measure(
         prefill_attention_tflops: None,
         host_memory_shared_gbps: None,
         host_mlp_gflops: Some(host_mlp_gflops),
+        host_mlp_layer_gbps: Some(host_mlp_layer),
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -755,6 +764,70 @@ fn host_mlp_gflops(trials: usize) -> Result<(f64, String), CalibrateError> {
         rayon::current_num_threads()
     );
     Ok((2.0 * (m * n * k) as f64 / secs / 1e9, how))
+}
+
+/// Rows the host MLP share is timed at, as a decode step's GPU batches give it.
+const HOST_MLP_ROWS: [usize; 5] = [1, 4, 8, 16, 32];
+
+/// The host MLP share as a decode step runs it: one layer's share of Llama-3-8B's MLP (half its
+/// neurons: gate and up `[7168, 4096]`, down `[4096, 7168]`, bf16; a quarter of them when
+/// `quick`) through the CPU backend's `linear` and `swiglu`, as the run calls them, at each of
+/// [`HOST_MLP_ROWS`] rows. Each call comes after a pause that lets the threads go idle (as they
+/// do while the GPU computes between layers) and reads a different copy of the weights than the
+/// one before, so none finds them in cache. Returns `[rows, weight GB/s]` pairs and how.
+fn host_mlp_layer_gbps(quick: bool) -> Result<(Vec<[f64; 2]>, String), CalibrateError> {
+    const COPIES: usize = 2;
+    const CALLS: usize = 6;
+    let (hidden, neurons) = (4096, if quick { 1792 } else { 7168 });
+    let be = CpuBackend::new();
+    let weight = |rows: usize, cols: usize| {
+        HostWeight::new(
+            rows,
+            cols,
+            WeightData::F32(pseudo_random(rows * cols)).cast(DType::BF16),
+        )
+    };
+    let mut copies = Vec::with_capacity(COPIES);
+    for _ in 0..COPIES {
+        let gate = weight(neurons, hidden).map_err(CalibrateError::Cpu)?;
+        let up = weight(neurons, hidden).map_err(CalibrateError::Cpu)?;
+        let down = weight(hidden, neurons).map_err(CalibrateError::Cpu)?;
+        copies.push((gate, up, down));
+    }
+    let bytes = (3 * neurons * hidden * DType::BF16.size_bytes()) as f64;
+    let mut out = Vec::with_capacity(HOST_MLP_ROWS.len());
+    for rows in HOST_MLP_ROWS {
+        let x = be
+            .tensor(rows, hidden, pseudo_random(rows * hidden))
+            .map_err(CalibrateError::Cpu)?;
+        let mut secs = 0.0;
+        for call in 0..=CALLS {
+            let (gate, up, down) = &copies[call % COPIES];
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let t = Instant::now();
+            let act = (|| {
+                let a = be.swiglu(&be.linear(&x, gate, None)?, &be.linear(&x, up, None)?)?;
+                be.linear(&a, down, None)
+            })()
+            .map_err(CalibrateError::Cpu)?;
+            std::hint::black_box(act);
+            if call > 0 {
+                secs += t.elapsed().as_secs_f64();
+            }
+        }
+        out.push([rows as f64, bytes * CALLS as f64 / secs.max(1e-9) / 1e9]);
+    }
+    let how = format!(
+        "one layer's share (gate, up, down: {} of bf16), decode-sized calls after idle, {} \
+         threads: {}",
+        format_size(bytes as u64),
+        rayon::current_num_threads(),
+        out.iter()
+            .map(|[r, g]| format!("{r:.0} rows {g:.1} GB/s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((out, how))
 }
 
 /// The shortest of `trials` runs of `f`, in seconds (at least 1 ns).

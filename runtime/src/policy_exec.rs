@@ -385,7 +385,8 @@ fn stream_checks(prediction: &Prediction, stats: &JobStats, layers: u64) -> Vec<
             "KV written to disk",
         ),
     ];
-    rows.into_iter()
+    let mut checks: Vec<StreamCheck> = rows
+        .into_iter()
         .map(|(s, measured_s, measured_as)| StreamCheck {
             stream: s.name(),
             predicted_s: predicted(s),
@@ -396,7 +397,34 @@ fn stream_checks(prediction: &Prediction, stats: &JobStats, layers: u64) -> Vec<
                 measured_as
             },
         })
-        .collect()
+        .collect();
+    // Host compute's two parts, each beside its own timer: which of them misses is what to
+    // calibrate next.
+    let mlp = layers as f64
+        * (prediction.prefill.per_layer.host_mlp_s
+            + steps * prediction.decode_step.per_layer.host_mlp_s);
+    let at = checks
+        .iter()
+        .position(|c| c.stream == Stream::HostAttention.name())
+        .map_or(checks.len(), |i| i + 1);
+    checks.splice(
+        at..at,
+        [
+            StreamCheck {
+                stream: "host attention",
+                predicted_s: predicted(Stream::HostAttention) - mlp,
+                measured_s: Some(kv.host_attention_seconds),
+                measured_as: "host-tier attention, wall time",
+            },
+            StreamCheck {
+                stream: "host MLP share",
+                predicted_s: mlp,
+                measured_s: Some(stats.host_mlp_seconds),
+                measured_as: "host MLP share, wall time",
+            },
+        ],
+    );
+    checks
 }
 
 impl PolicyCheck {

@@ -72,6 +72,12 @@ fn quick_calibration_writes_a_profile_that_plan_accepts() {
         p.host_mem_gbps > 0.0 && p.host_attention_gbps > 0.0,
         "{p:?}"
     );
+    // The host MLP share at 1 to 32 rows, as a decode step calls it (the planner's rate for it).
+    let mlp = p.host_mlp_layer_gbps.as_deref().unwrap_or_default();
+    let rows: Vec<f64> = mlp.iter().map(|[r, _]| *r).collect();
+    assert_eq!(rows, [1.0, 4.0, 8.0, 16.0, 32.0], "{p:?}");
+    assert!(mlp.iter().all(|[_, g]| *g > 0.0), "{p:?}");
+    assert!(stdout.contains("host MLP layer"), "{stdout}");
     assert!(p.disk_measured, "{p:?}");
     assert!(p.disk_read_gbps > 0.0 && p.disk_write_gbps > 0.0, "{p:?}");
     assert!(p.disk_bytes > 0 && p.host_bytes > 0, "{p:?}");

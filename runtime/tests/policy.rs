@@ -148,6 +148,8 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
                 "host→device",
                 "device→host",
                 "host compute",
+                "host attention",
+                "host MLP share",
                 "disk read",
                 "disk write"
             ],
@@ -157,6 +159,12 @@ fn a_planned_policy_runs_and_reports_prediction_beside_measurement() {
         assert!(streams[0]["measured_s"].is_null());
         assert!(streams[1]["measured_s"].is_null(), "no GPU: {}", streams[1]);
         assert!(streams[3]["measured_s"].as_f64().is_some());
+        // Host compute's parts add up to it, predicted and measured.
+        for key in ["predicted_s", "measured_s"] {
+            let whole = streams[3][key].as_f64().unwrap();
+            let parts = streams[4][key].as_f64().unwrap() + streams[5][key].as_f64().unwrap();
+            assert!((whole - parts).abs() <= 1e-9 * whole.max(1e-9), "{check}");
+        }
         // A step more than 20% off its prediction says where it missed (in the stats and on
         // stderr); one within 20% says nothing.
         let ratio = check["decode_step_ratio"].as_f64().unwrap();
