@@ -17,6 +17,7 @@
 #   W1  1 × 2048                       GPU only
 #   W2  16 × 2048                      GPU only
 #   W3  64 × 2048                      GPU only
+#   W4  16 × 2048, GPU 12 GiB, host 64 GiB      half the weights and most KV in host memory
 #   W5  8 × 4096,  GPU 20 GiB, host 64 GiB      weights and KV partly in host memory
 #   W6  16 × 4096, GPU 24 GiB, host 64 GiB      weights and KV partly in host memory
 #   W7  4 × 4096,  GPU 18 GiB, host 2 GiB, disk KV spilled to disk
@@ -42,6 +43,7 @@ workloads=(
     "W1|1|2048|"
     "W2|16|2048|"
     "W3|64|2048|"
+    "W4|16|2048|--gpu-mem 12GiB --host-mem 64GiB"
     "W5|8|4096|--gpu-mem 20GiB --host-mem 64GiB"
     "W6|16|4096|--gpu-mem 24GiB --host-mem 64GiB"
     "W7|4|4096|--gpu-mem 18GiB --host-mem 2GiB --disk-dir $disk --disk-mem 40GiB"
@@ -57,7 +59,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --f
 
 # Defaults, each left out when the extra flags give it.
 base=()
-for d in "--model synthetic:llama-3-8b" "--device cuda" "--gpu-gemm rounded"; do
+for d in "--model synthetic:llama-3-8b" "--device cuda" "--gpu-gemm rounded" "--policy auto"; do
     [[ " ${extra[*]} " == *" ${d%% *} "* ]] || base+=($d)
 done
 ran=()
@@ -80,7 +82,7 @@ PY
     rm -f "$out/$name.jsonl"
     echo "== $name: batch $batch, prompt $prompt ${flags}"
     # shellcheck disable=SC2086 # flags is a list of words
-    if "$strata" generate "${base[@]}" --policy auto --profile "$profile" --ignore-eos \
+    if "$strata" generate "${base[@]}" --profile "$profile" --ignore-eos \
         --max-new-tokens 16 --batch-size "$batch" --input "$out/$name.prompts.jsonl" \
         --output "$out/$name.jsonl" --stats-json "$out/$name.stats.json" $flags "${extra[@]}" \
         > "$out/$name.log" 2>&1; then

@@ -638,6 +638,22 @@ pub struct AttentionQuery<'a> {
     pub blocks: &'a [KvBlockView<'a>],
 }
 
+/// Tasks per host thread [`split_chunk_blocks`] aims for. Equal tasks on `t` threads run in
+/// `⌈tasks / t⌉` rounds, so the last round can leave most threads idle: at two tasks per thread,
+/// 32 tasks on 15 threads take three rounds where 2.1 would do. More, smaller tasks bound that
+/// loss (each costs one partial and its merge, a few microseconds).
+pub const HOST_TASKS_PER_THREAD: usize = 4;
+
+/// Blocks per chunk for [`attend_batch`] over `queries` queries of at most `max_blocks` blocks
+/// each on `threads` threads: every query split evenly so that there are about
+/// [`HOST_TASKS_PER_THREAD`] tasks per thread.
+pub fn split_chunk_blocks(max_blocks: usize, queries: usize, threads: usize) -> usize {
+    let splits = (HOST_TASKS_PER_THREAD * threads.max(1))
+        .div_ceil(queries.max(1))
+        .max(1);
+    max_blocks.max(1).div_ceil(splits)
+}
+
 /// Attends every query, in parallel over queries and over chunks of `chunk_blocks` blocks each
 /// (flash-decoding on the CPU: batch 1 at long context still keeps every core busy), then merges
 /// each query's chunk partials. Returns one merged partial per query, in order.
@@ -689,6 +705,23 @@ fn visible_blocks<'a>(blocks: &'a [KvBlockView<'a>], pos: usize) -> &'a [KvBlock
 #[cfg(test)]
 mod tests {
     use super::fast_exp;
+
+    /// Equal tasks run in whole rounds over the threads: the split keeps at least four tasks
+    /// per thread, so the last round's idle threads cost at most a fifth of the time.
+    #[test]
+    fn host_splits_keep_the_threads_busy_to_the_last_round() {
+        use super::split_chunk_blocks;
+        for (blocks, queries, threads) in [(69, 8, 15), (69, 8, 16), (4096, 1, 15), (130, 3, 7)] {
+            let chunk = split_chunk_blocks(blocks, queries, threads);
+            let tasks = queries * blocks.div_ceil(chunk);
+            let rounds = tasks.div_ceil(threads);
+            assert!(tasks >= 4 * threads, "{blocks} {queries} {threads}: {tasks} tasks");
+            assert!(tasks as f64 / (rounds * threads) as f64 >= 0.8, "{tasks} in {rounds}");
+        }
+        // Fewer blocks than tasks wanted: one block per task, never zero.
+        assert_eq!(split_chunk_blocks(3, 8, 16), 1);
+        assert_eq!(split_chunk_blocks(0, 0, 0), 1);
+    }
 
     #[test]
     fn fast_exp_is_accurate_where_softmax_uses_it() {

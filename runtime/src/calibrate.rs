@@ -40,7 +40,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use strata_kernels::attention::{AttentionQuery, attend_batch};
+use strata_kernels::attention::{AttentionQuery, attend_batch, split_chunk_blocks};
 use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
     AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, WeightData, testing,
@@ -895,7 +895,7 @@ impl HostAttentionScan {
             pos: blocks * g.block_tokens,
             blocks: &views,
         }];
-        let chunk_blocks = blocks.div_ceil(2 * rayon::current_num_threads().max(1));
+        let chunk_blocks = split_chunk_blocks(blocks, 1, rayon::current_num_threads());
         let attend = || {
             std::hint::black_box(attend_batch(&query, g, chunk_blocks));
             Ok::<(), ()>(())
@@ -921,7 +921,7 @@ impl HostAttentionScan {
         let window = per_seq * SEQS;
         let windows = blocks / window;
         let threads = rayon::current_num_threads().max(1);
-        let chunk = per_seq.div_ceil((2 * threads).div_ceil(SEQS)).max(1);
+        let chunk = split_chunk_blocks(per_seq, SEQS, threads);
         let (mut secs, mut bytes) = (0.0, 0);
         for call in 0..(2 * windows).max(4) {
             let first = (call % windows.max(1)) * window;

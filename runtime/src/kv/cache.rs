@@ -8,7 +8,7 @@ use std::time::Instant;
 use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 use serde::Serialize;
-use strata_kernels::attention::{AttentionQuery, attend_batch};
+use strata_kernels::attention::{AttentionQuery, attend_batch, split_chunk_blocks};
 use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, KvSliceMut, Partial};
 use strata_storage::{ArenaSlots, SlotId};
 
@@ -864,10 +864,9 @@ impl KvCache {
                 }
             })
             .collect();
-        let threads = rayon::current_num_threads().max(1);
-        let max_blocks = views.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let splits = (2 * threads).div_ceil(queries.len().max(1)).max(1);
-        let partials = attend_batch(&host_queries, ag, max_blocks.div_ceil(splits));
+        let max_blocks = views.iter().map(Vec::len).max().unwrap_or(1);
+        let chunk = split_chunk_blocks(max_blocks, queries.len(), rayon::current_num_threads());
+        let partials = attend_batch(&host_queries, ag, chunk);
         self.metrics.host_attention_seconds += t0.elapsed().as_secs_f64();
 
         Ok(TierAttention {
