@@ -715,8 +715,14 @@ mod tests {
             let chunk = split_chunk_blocks(blocks, queries, threads);
             let tasks = queries * blocks.div_ceil(chunk);
             let rounds = tasks.div_ceil(threads);
-            assert!(tasks >= 4 * threads, "{blocks} {queries} {threads}: {tasks} tasks");
-            assert!(tasks as f64 / (rounds * threads) as f64 >= 0.8, "{tasks} in {rounds}");
+            assert!(
+                tasks >= 4 * threads,
+                "{blocks} {queries} {threads}: {tasks} tasks"
+            );
+            assert!(
+                tasks as f64 / (rounds * threads) as f64 >= 0.8,
+                "{tasks} in {rounds}"
+            );
         }
         // Fewer blocks than tasks wanted: one block per task, never zero.
         assert_eq!(split_chunk_blocks(3, 8, 16), 1);

@@ -43,7 +43,12 @@
 //!
 //! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
 //! bandwidth) + activation bytes / HBM bandwidth + k · layer overhead` (the kernels between the
-//! GEMMs run in turn with them). Disk bandwidth depends on request size (weights: 4 MiB
+//! GEMMs run in turn with them). Host attention = its KV bytes at the profile's rate for the
+//! policy's block size ([`HardwareProfile::host_attention_bps`]) plus one call's fixed cost per
+//! GPU batch; host compute (that and the host MLP share) runs at the profile's
+//! `host_attention_beside_copies` fraction of its rate for as long as the layer's host→device
+//! copies run beside it (`alone + min(alone, h2d)·(1/f − 1)`). Disk bandwidth depends on request
+//! size (weights: 4 MiB
 //! chunks; KV: one block of one sequence in one layer), see [`HardwareProfile::disk_read_bps`].
 //! **Host memory** is shared: host attention reads it, every host→device copy reads it, and
 //! device→host copies and disk reads write into it (disk writes read it). Each stream's own
@@ -535,13 +540,25 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
         None => (t.host_mlp / (hw.host_attention_gbps * 1e9))
             .max(t.host_mlp_flops / hw.host_mlp_flops()),
     };
+    // Host compute alone, then slowed where the layer's copies run beside it: the copy engines
+    // read the same memory, so for as long as both run the threads keep only the calibrated
+    // fraction of their rate.
+    let h2d_s = t.h2d / (hw.h2d_gbps * 1e9);
+    let alone = host_attention_s(t, p, hw) + host_mlp_s;
+    let kept = hw
+        .host_attention_beside_copies
+        .unwrap_or(1.0)
+        .clamp(1e-3, 1.0);
+    let slowed = alone + alone.min(h2d_s) * (1.0 / kept - 1.0);
+    let scale = if alone > 0.0 { slowed / alone } else { 1.0 };
+    let (host_attention, host_mlp_s) = (scale * (alone - host_mlp_s), scale * host_mlp_s);
     StreamTimes {
         gpu_compute_s: compute.max(memory)
             + elementwise
             + t.launches * hw.gpu_layer_overhead_us * 1e-6,
-        h2d_s: t.h2d / (hw.h2d_gbps * 1e9),
+        h2d_s,
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
-        host_attention_s: t.host_attention / (hw.host_attention_gbps * 1e9) + host_mlp_s,
+        host_attention_s: host_attention + host_mlp_s,
         disk_read_s: t.disk_read_weights / hw.disk_read_bps(WEIGHT_REQUEST_BYTES)
             + t.disk_read_kv / hw.disk_read_bps(kv_request)
             + t.disk_read_hidden / hw.disk_read_bps(hidden_request),
@@ -549,6 +566,17 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
         host_memory_s: host_memory / hw.host_memory_bps(),
         host_mlp_s,
     }
+}
+
+/// Host attention of one layer: its KV bytes at the rate measured for the policy's block size,
+/// and one call's fixed cost per GPU batch (each GPU batch attends its host KV in one call).
+fn host_attention_s(t: &Traffic, p: &Policy, hw: &HardwareProfile) -> f64 {
+    if t.host_attention <= 0.0 {
+        return 0.0;
+    }
+    let calls = p.num_gpu_batches.max(1) as f64;
+    t.host_attention / hw.host_attention_bps(p.kv_block_tokens as f64)
+        + calls * hw.host_attention_call_us.unwrap_or(0.0) * 1e-6
 }
 
 fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {

@@ -94,6 +94,26 @@ pub struct HardwareProfile {
     /// and `host_mlp_gflops`. Absent (older files): that estimate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mlp_layer_gbps: Option<Vec<[f64; 2]>>,
+    /// Host attention as a decode step calls it, per KV block size: `[block tokens, GB/s]`
+    /// pairs, block tokens ascending, each the KV bytes per second attended in decode-sized
+    /// calls over blocks of that many tokens, with the fixed cost of a call
+    /// (`host_attention_call_us`) taken out. Small blocks cost more per byte (per-block
+    /// setup and online-softmax rescaling over fewer tokens). Where present the planner
+    /// charges a policy's host KV at the rate of its block size
+    /// ([`HardwareProfile::host_attention_bps`]); absent (older files): `host_attention_gbps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_attention_layer_gbps: Option<Vec<[f64; 2]>>,
+    /// Fixed cost of one host attention call (waking the threads, splitting, merging, joining),
+    /// microseconds: a decode step makes one per GPU batch per layer. Absent (older files): 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_attention_call_us: Option<f64>,
+    /// The fraction of its own rate host attention keeps while host→device copies run (the
+    /// scan beside copies over the same scan alone, both measured by `strata calibrate`): the
+    /// copy engines' reads of host memory slow the threads' reads. Host compute that runs
+    /// while a layer's copies do is charged at this fraction of its rate. Absent (older files,
+    /// no GPU): 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_attention_beside_copies: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -145,6 +165,9 @@ impl HardwareProfile {
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
             host_mlp_layer_gbps: None,
+            host_attention_layer_gbps: None,
+            host_attention_call_us: None,
+            host_attention_beside_copies: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -181,6 +204,9 @@ impl HardwareProfile {
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
             host_mlp_layer_gbps: None,
+            host_attention_layer_gbps: None,
+            host_attention_call_us: None,
+            host_attention_beside_copies: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -220,23 +246,17 @@ impl HardwareProfile {
     /// `host_mlp_layer_gbps` (seconds per byte interpolated linearly in rows between the
     /// measured row counts, the nearest measurement's outside them); `None` without one.
     pub fn host_mlp_weight_bps(&self, rows: f64) -> Option<f64> {
-        let pts = self
-            .host_mlp_layer_gbps
-            .as_ref()
-            .filter(|p| !p.is_empty())?;
-        let spb = |i: usize| 1.0 / (pts[i][1] * 1e9);
-        let last = pts.len() - 1;
-        if rows <= pts[0][0] {
-            return Some(1.0 / spb(0));
-        }
-        for i in 0..last {
-            let (r0, r1) = (pts[i][0], pts[i + 1][0]);
-            if rows <= r1 {
-                let f = (rows - r0) / (r1 - r0);
-                return Some(1.0 / (spb(i) + f * (spb(i + 1) - spb(i))));
-            }
-        }
-        Some(1.0 / spb(last))
+        interpolated_bps(self.host_mlp_layer_gbps.as_deref()?, rows)
+    }
+
+    /// KV bytes per second host attention reads over blocks of `block_tokens` tokens: from the
+    /// measured `host_attention_layer_gbps` where there is one (interpolated as
+    /// [`HardwareProfile::host_mlp_weight_bps`] is), else `host_attention_gbps`.
+    pub fn host_attention_bps(&self, block_tokens: f64) -> f64 {
+        self.host_attention_layer_gbps
+            .as_deref()
+            .and_then(|pts| interpolated_bps(pts, block_tokens))
+            .unwrap_or(self.host_attention_gbps * 1e9)
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -329,18 +349,49 @@ impl HardwareProfile {
                 });
             }
         }
-        if let Some(pts) = &self.host_mlp_layer_gbps {
+        let tables = [
+            (
+                "host_mlp_layer_gbps",
+                &self.host_mlp_layer_gbps,
+                "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
+            ),
+            (
+                "host_attention_layer_gbps",
+                &self.host_attention_layer_gbps,
+                "[block tokens, GB/s] pairs with block tokens ≥ 1 ascending and GB/s > 0",
+            ),
+        ];
+        for (field, table, reason) in tables {
+            let Some(pts) = table else { continue };
             let ok = pts
                 .iter()
-                .all(|[r, g]| r.is_finite() && *r >= 1.0 && g.is_finite() && *g > 0.0)
+                .all(|[x, g]| x.is_finite() && *x >= 1.0 && g.is_finite() && *g > 0.0)
                 && pts.windows(2).all(|w| w[0][0] < w[1][0]);
             if !ok {
                 return Err(ProfileError::Invalid {
                     path: path.to_path_buf(),
-                    field: "host_mlp_layer_gbps",
-                    reason: "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
+                    field,
+                    reason,
                 });
             }
+        }
+        if let Some(f) = self.host_attention_beside_copies
+            && !(f.is_finite() && f > 0.0 && f <= 1.0)
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                field: "host_attention_beside_copies",
+                reason: "a fraction in (0, 1]",
+            });
+        }
+        if let Some(us) = self.host_attention_call_us
+            && !(us.is_finite() && us >= 0.0)
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                field: "host_attention_call_us",
+                reason: "a finite number ≥ 0",
+            });
         }
         if !(self.gpu_layer_overhead_us.is_finite() && self.gpu_layer_overhead_us >= 0.0) {
             return Err(ProfileError::Invalid {
@@ -351,6 +402,25 @@ impl HardwareProfile {
         }
         Ok(())
     }
+}
+
+/// Bytes per second at `x` from `[x, GB/s]` points (x ascending): seconds per byte interpolated
+/// linearly in `x` between the points, the nearest point's rate outside them; `None` without
+/// points.
+fn interpolated_bps(pts: &[[f64; 2]], x: f64) -> Option<f64> {
+    let spb = |i: usize| 1.0 / (pts[i][1] * 1e9);
+    let last = pts.len().checked_sub(1)?;
+    if x <= pts[0][0] {
+        return Some(1.0 / spb(0));
+    }
+    for i in 0..last {
+        let (x0, x1) = (pts[i][0], pts[i + 1][0]);
+        if x <= x1 {
+            let f = (x - x0) / (x1 - x0);
+            return Some(1.0 / (spb(i) + f * (spb(i + 1) - spb(i))));
+        }
+    }
+    Some(1.0 / spb(last))
 }
 
 fn disk_efficiency(request_bytes: u64, p: &HardwareProfile) -> f64 {

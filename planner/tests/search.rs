@@ -472,7 +472,128 @@ fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
         let e = HardwareProfile::load(&path).unwrap_err().to_string();
         assert!(e.contains("host_mlp_layer_gbps"), "{e}");
     }
+    for (hw, field) in [
+        (
+            HardwareProfile {
+                host_attention_layer_gbps: Some(vec![[32.0, 20.0], [16.0, 10.0]]),
+                ..h100()
+            },
+            "host_attention_layer_gbps",
+        ),
+        (
+            HardwareProfile {
+                host_attention_call_us: Some(-1.0),
+                ..h100()
+            },
+            "host_attention_call_us",
+        ),
+    ] {
+        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
+        let e = HardwareProfile::load(&path).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// A profile that measured host attention per block size charges a policy's host KV at its
+/// block size's rate, plus one call's fixed cost per GPU batch; and the planner, told that small
+/// blocks attend slowly on this host, does not pick them for KV it attends there.
+#[test]
+fn host_attention_costs_its_block_sizes_rate_and_a_call_per_gpu_batch() {
+    let m = llama_3_8b();
+    let w = wl(16, 4096, 16);
+    let b = budgets(24 * GIB, 64 * GIB, 0);
+    let measured = HardwareProfile {
+        host_attention_layer_gbps: Some(vec![[16.0, 10.0], [32.0, 20.0], [128.0, 40.0]]),
+        host_attention_call_us: Some(100.0),
+        ..h100()
+    };
+    assert_eq!(measured.host_attention_bps(16.0), 10e9);
+    assert_eq!(measured.host_attention_bps(8.0), 10e9);
+    assert_eq!(measured.host_attention_bps(256.0), 40e9);
+    let spb = 1.0 / 20e9 + 32.0 / 96.0 * (1.0 / 40e9 - 1.0 / 20e9);
+    assert!((measured.host_attention_bps(64.0) * spb - 1.0).abs() < 1e-12);
+    assert_eq!(
+        h100().host_attention_bps(16.0),
+        h100().host_attention_gbps * 1e9
+    );
+
+    let near = Policy {
+        attention_host: strata_planner::Attention::AttendNear,
+        num_gpu_batches: 2,
+        gpu_batch_size: 8,
+        host_mlp_share: 0.0,
+        ..plan(&m, &w, &b, &h100()).unwrap().policy
+    };
+    let host_kv = |p: &Policy, hw: &HardwareProfile| {
+        strata_planner::predict(&m, &w, p, hw)
+            .decode_step
+            .per_layer
+            .host_attention_s
+    };
+    let reference = host_kv(&near, &h100());
+    assert!(reference > 0.0, "{near:?}");
+    let bytes = reference * h100().host_attention_gbps * 1e9;
+    for block in [16, 32, 64, 128] {
+        let p = Policy {
+            kv_block_tokens: block,
+            ..near
+        };
+        let want = bytes / measured.host_attention_bps(block as f64) + 2.0 * 100e-6;
+        // Whole blocks per tier: the bytes move a little with the block size.
+        let got = host_kv(&p, &measured);
+        assert!((got / want - 1.0).abs() < 0.05, "{block}: {got} vs {want}");
+    }
+    let chosen = plan(&m, &w, &b, &measured).unwrap().policy;
+    let attends_host_kv =
+        chosen.kv.cold.host > 0.0 && chosen.attention_host != strata_planner::Attention::FetchToGpu;
+    assert!(
+        !attends_host_kv || chosen.kv_block_tokens > 16,
+        "{chosen:?}"
+    );
+}
+
+/// Host compute that runs while a layer's copies do keeps only the profile's
+/// `host_attention_beside_copies` fraction of its rate, for as long as the copies last: with no
+/// copies nothing changes; with copies longer than the host's work all of it slows.
+#[test]
+fn host_compute_slows_while_the_layers_copies_run_beside_it() {
+    let m = llama_3_8b();
+    let w = wl(8, 4096, 16);
+    let base = Policy {
+        attention_host: strata_planner::Attention::AttendNear,
+        host_mlp_share: 0.0,
+        ..plan(&m, &w, &budgets(20 * GIB, 64 * GIB, 0), &h100())
+            .unwrap()
+            .policy
+    };
+    let host = |p: &Policy, hw: &HardwareProfile| {
+        strata_planner::predict(&m, &w, p, hw).decode_step.per_layer
+    };
+    let half = HardwareProfile {
+        host_attention_beside_copies: Some(0.5),
+        ..h100()
+    };
+    for weights_on_gpu in [1.0, 0.5, 0.0] {
+        let p = Policy {
+            weights: strata_planner::TierSplit {
+                gpu: weights_on_gpu,
+                host: 1.0 - weights_on_gpu,
+                disk: 0.0,
+            },
+            ..base
+        };
+        let (alone, slowed) = (host(&p, &h100()), host(&p, &half));
+        let a = alone.host_attention_s;
+        assert!(a > 0.0, "{p:?}");
+        let want = a + a.min(alone.h2d_s);
+        assert!(
+            (slowed.host_attention_s - want).abs() < 1e-9 * want,
+            "{weights_on_gpu}: {} vs {want}",
+            slowed.host_attention_s
+        );
+        assert_eq!(slowed.h2d_s, alone.h2d_s);
+    }
 }
 
 /// The executor's whole-layer split: GPU and disk shares rounded to the nearest layer (the disk's

@@ -40,10 +40,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use strata_kernels::attention::{AttentionQuery, attend_batch, split_chunk_blocks};
+use strata_kernels::attention::{
+    AttentionQuery, HOST_TASKS_PER_THREAD, attend_batch, split_chunk_blocks,
+};
 use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
-    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, WeightData, testing,
+    AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView,
+    WeightData, testing,
 };
 use strata_planner::HOST_MLP_MAX_ROWS;
 use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
@@ -355,7 +358,7 @@ fn measure(
     mut notes: Vec<String>,
     t0: Instant,
 ) -> Result<Calibration, CalibrateError> {
-    let steps = Steps::new(if gpu.is_some() { 11 } else { 6 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 12 } else { 7 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -372,10 +375,10 @@ fn measure(
     );
     steps.step("host attention");
     // Kept for the GPU's shared-memory measurement, which times the same scan beside copies.
-    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16);
+    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16, 32);
     let one_call = scan.gbps(sz.trials);
     // A run attends layer by layer in calls of tens of MiB; the planner gets what those reach.
-    let host_attention = scan.decode_layer_gbps().min(one_call);
+    let host_attention = scan.decode_layer_gbps(0.0).min(one_call);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
@@ -384,6 +387,30 @@ fn measure(
              {threads} threads; one call over {} of bf16 blocks: {one_call:.1} GB/s",
             format_size(DECODE_LAYER_KV.min(sz.host_kv) as u64),
             format_size(sz.host_kv as u64)
+        ),
+    );
+    steps.step("host attention per block size");
+    let call_us = scan.call_us();
+    let mut by_block = Vec::with_capacity(HOST_ATTENTION_BLOCKS.len());
+    for bt in HOST_ATTENTION_BLOCKS {
+        let gbps = if bt == 32 {
+            scan.decode_layer_gbps(call_us)
+        } else {
+            HostAttentionScan::new(sz.host_kv, DType::BF16, bt).decode_layer_gbps(call_us)
+        };
+        by_block.push([bt as f64, gbps]);
+    }
+    row(
+        "host attention call",
+        format!("{call_us:.0} µs"),
+        format!(
+            "fixed cost of one call (split over every thread, one token per block, after \
+             idle); decode-layer calls without it, by block size: {}",
+            by_block
+                .iter()
+                .map(|[b, g]| format!("{b:.0} tokens {g:.1} GB/s"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     steps.step("host MLP");
@@ -423,6 +450,9 @@ fn measure(
         host_memory_shared_gbps: None,
         host_mlp_gflops: Some(host_mlp_gflops),
         host_mlp_layer_gbps: Some(host_mlp_layer),
+        host_attention_layer_gbps: Some(by_block),
+        host_attention_call_us: Some(call_us),
+        host_attention_beside_copies: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -430,7 +460,7 @@ fn measure(
     };
     let gpu_name = match &gpu {
         Some(cal) => {
-            measure_gpu(cal, sz, &scan, &steps, &mut p, &mut row)?;
+            measure_gpu(cal, sz, &scan, one_call, &steps, &mut p, &mut row)?;
             let device = cal.device_info().ordinal;
             measure_prefill_attention(device, sz, &steps, &mut p, &mut row)?;
             cal.device_info().name.clone()
@@ -572,6 +602,7 @@ fn measure_gpu(
     cal: &DeviceCalibrator,
     sz: &Sizes,
     scan: &HostAttentionScan,
+    scan_alone_gbps: f64,
     steps: &Steps,
     p: &mut HardwareProfile,
     row: &mut Row<'_>,
@@ -640,11 +671,15 @@ fn measure_gpu(
         .h2d_beside(pinned, || scan.gbps(sz.trials))
         .map_err(err("host memory shared with copies"))?;
     p.host_memory_shared_gbps = Some(scanned + copied);
+    let kept = (scanned / scan_alone_gbps).clamp(1e-3, 1.0);
+    p.host_attention_beside_copies = Some(kept);
     row(
         "host memory, shared",
         format!("{:.1} GB/s", scanned + copied),
         format!(
-            "host attention {scanned:.1} GB/s while host -> device copies ran at {copied:.1} GB/s"
+            "host attention {scanned:.1} GB/s ({:.0}% of its {scan_alone_gbps:.1} GB/s alone) \
+             while host -> device copies ran at {copied:.1} GB/s",
+            100.0 * kept
         ),
     );
 
@@ -870,8 +905,8 @@ struct HostAttentionScan {
 }
 
 impl HostAttentionScan {
-    fn new(bytes: usize, dtype: DType) -> Self {
-        let g = AttentionGeometry::new(32, 8, 128, 32);
+    fn new(bytes: usize, dtype: DType, block_tokens: usize) -> Self {
+        let g = AttentionGeometry::new(32, 8, 128, block_tokens);
         let e = g.block_elems();
         let block_bytes = 2 * e * dtype.size_bytes();
         let blocks = (bytes / block_bytes).max(1);
@@ -910,7 +945,7 @@ impl HostAttentionScan {
     /// them, each call after a pause that lets the threads go idle (as they do while the GPU
     /// computes between layers), moving through the whole buffer so no call finds its blocks
     /// in cache. Thread wake-up and the ends of the split count here, as they do in a run.
-    fn decode_layer_gbps(&self) -> f64 {
+    fn decode_layer_gbps(&self, call_us: f64) -> f64 {
         const SEQS: usize = 8;
         let (g, blocks) = (&self.g, self.kv.len());
         if blocks < SEQS {
@@ -939,13 +974,47 @@ impl HostAttentionScan {
             let t = Instant::now();
             std::hint::black_box(attend_batch(&queries, g, chunk));
             if call > 0 {
-                secs += t.elapsed().as_secs_f64();
+                let t = t.elapsed().as_secs_f64();
+                // The call's fixed cost is charged per call, not per byte.
+                secs += (t - call_us * 1e-6).max(0.5 * t);
                 bytes += window * self.block_bytes;
             }
         }
         bytes as f64 / secs.max(1e-9) / 1e9
     }
+
+    /// Microseconds of one host attention call that attends next to nothing after the threads
+    /// went idle: split over every thread as a run's calls are, but one token per block, so
+    /// what is timed is waking the threads, splitting, merging and joining, which every call
+    /// pays whatever its size. The median of a few calls.
+    fn call_us(&self) -> f64 {
+        let threads = rayon::current_num_threads();
+        let n = (HOST_TASKS_PER_THREAD * threads).min(self.kv.len());
+        let views: Vec<KvBlockView<'_>> = testing::full_block_views(&self.kv[..n], &self.g)
+            .into_iter()
+            .map(|v| KvBlockView { len: 1, ..v })
+            .collect();
+        let one = [AttentionQuery {
+            q: &self.q,
+            pos: views[n - 1].start_pos + 1,
+            blocks: &views,
+        }];
+        let chunk = split_chunk_blocks(n, 1, threads);
+        let mut us: Vec<f64> = (0..15)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let t = Instant::now();
+                std::hint::black_box(attend_batch(&one, &self.g, chunk));
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        us.sort_by(f64::total_cmp);
+        us[us.len() / 2]
+    }
 }
+
+/// Block sizes host attention is timed at: the planner's search space (`SearchSpace`).
+const HOST_ATTENTION_BLOCKS: [usize; 4] = [16, 32, 64, 128];
 
 /// KV bytes one layer of a decode step attends on the host in the calibration's decode-sized
 /// calls (8 sequences of 4K tokens of Llama-3-8B's bf16 KV: 64 MiB).

@@ -203,6 +203,11 @@ struct PlanArgs {
     /// Print JSON (profile, workload, budgets, policy, prediction, alternatives) instead.
     #[arg(long)]
     json: bool,
+    /// Predict this policy (a JSON file: a policy, or `plan --json` output, or a run's
+    /// `--stats-json` `policy_check`) instead of searching: what the cost model says a policy
+    /// of your own, or one a run used, costs on this profile.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<String>,
 }
 
 #[derive(Args)]
@@ -993,13 +998,35 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
         disk_bytes: a.disk_mem.unwrap_or(profile.disk_bytes),
     };
-    let plan = strata_planner::plan_with(
-        &spec,
-        &workload,
-        &budgets,
-        &profile,
-        &policy_exec::search_space(),
-    )?;
+    let plan = match &a.policy {
+        Some(file) => {
+            let policy = read_policy_file(file, &workload)?;
+            let mem = strata_planner::memory(&spec, &workload, &policy);
+            let fits = mem.gpu <= budgets.gpu_bytes
+                && mem.host <= budgets.host_bytes
+                && mem.disk <= budgets.disk_bytes;
+            if !fits {
+                eprintln!(
+                    "note: --policy {file} needs more memory than the budgets give (see \
+                     memory: below); predicted as if it fit"
+                );
+            }
+            strata_planner::Plan {
+                prediction: strata_planner::predict(&spec, &workload, &policy, &profile),
+                policy,
+                alternatives: Vec::new(),
+                considered: 1,
+                feasible: fits as u64,
+            }
+        }
+        None => strata_planner::plan_with(
+            &spec,
+            &workload,
+            &budgets,
+            &profile,
+            &policy_exec::search_space(),
+        )?,
+    };
     if a.json {
         let out = serde_json::json!({
             "model": spec,
@@ -1154,11 +1181,14 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         a.gen_len,
         d.total_s * 1e3
     );
-    println!(
-        "searched:   {} policies, {} within the budgets",
-        plan.considered, plan.feasible
-    );
-    if a.explain {
+    match &a.policy {
+        Some(file) => println!("searched:   none (the policy in {file})"),
+        None => println!(
+            "searched:   {} policies, {} within the budgets",
+            plan.considered, plan.feasible
+        ),
+    }
+    if a.explain && a.policy.is_none() {
         println!("alternatives (best of each kind that lost):");
         for alt in &plan.alternatives {
             println!("  - {}", alt.label);
@@ -1231,17 +1261,30 @@ fn policy_for_job(
         .map_err(|e| anyhow::anyhow!("--policy auto: {e}"))?
         .policy
     } else {
-        let text = std::fs::read_to_string(arg)
-            .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot read: {e}"))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("--policy {arg}: not JSON: {e}"))?;
-        let v = v.get("policy").cloned().unwrap_or(v);
-        let p: strata_planner::Policy = serde_json::from_value(v)
-            .map_err(|e| anyhow::anyhow!("--policy {arg}: not a policy: {e}"))?;
-        p.validate(&workload)
-            .map_err(|e| anyhow::anyhow!("--policy {arg}: {e}"))?;
-        p
+        read_policy_file(arg, &workload)?
     };
     let prediction = strata_planner::predict(&spec, &workload, &policy, &profile);
     Ok((policy, prediction, workload))
+}
+
+/// A policy file (a policy, or any JSON with a `policy` field: `strata plan --json`'s output, a
+/// run's `--stats-json`'s `policy_check`), valid for `workload`.
+fn read_policy_file(
+    arg: &str,
+    workload: &strata_planner::Workload,
+) -> anyhow::Result<strata_planner::Policy> {
+    let text = std::fs::read_to_string(arg)
+        .map_err(|e| anyhow::anyhow!("--policy {arg}: cannot read: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--policy {arg}: not JSON: {e}"))?;
+    let v = v
+        .pointer("/policy_check/policy")
+        .or_else(|| v.get("policy"))
+        .cloned()
+        .unwrap_or(v);
+    let p: strata_planner::Policy = serde_json::from_value(v)
+        .map_err(|e| anyhow::anyhow!("--policy {arg}: not a policy: {e}"))?;
+    p.validate(workload)
+        .map_err(|e| anyhow::anyhow!("--policy {arg}: {e}"))?;
+    Ok(p)
 }

@@ -140,3 +140,70 @@ fn lengths_beyond_the_model_context_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context"), "{err}");
 }
+
+/// `--policy FILE` predicts that policy instead of searching: `plan --json`'s own output read back
+/// gives the same prediction, a changed policy a different one, and a file that is not a policy
+/// is refused naming the flag and the file.
+#[test]
+fn a_given_policy_is_predicted_instead_of_searched() {
+    let args = [
+        "--model",
+        "synthetic:llama-3-8b",
+        "--batch",
+        "8",
+        "--prompt-len",
+        "4096",
+        "--gen-len",
+        "16",
+        "--gpu-mem",
+        "20GiB",
+        "--host-mem",
+        "64GiB",
+    ];
+    let json = |extra: &[&str]| -> Value {
+        let out = plan(&[&args[..], &["--json"], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let searched = json(&[]);
+    let dir = std::env::temp_dir().join(format!("strata-plan-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plan.json");
+    std::fs::write(&file, searched.to_string()).unwrap();
+    let given = json(&["--policy", file.to_str().unwrap()]);
+    assert_eq!(given["policy"], searched["policy"]);
+    assert_eq!(given["prediction"], searched["prediction"]);
+    assert_eq!(given["considered"], 1);
+    assert_eq!(given["alternatives"].as_array().unwrap().len(), 0);
+
+    let mut other = searched["policy"].clone();
+    let block = other["kv_block_tokens"].as_u64().unwrap();
+    other["kv_block_tokens"] = (if block == 16 { 128 } else { 16 }).into();
+    let file2 = dir.join("policy.json");
+    std::fs::write(&file2, other.to_string()).unwrap();
+    let changed = json(&["--policy", file2.to_str().unwrap()]);
+    assert_eq!(changed["policy"], other);
+    assert_ne!(changed["prediction"], searched["prediction"]);
+
+    let text = plan(&[&args[..], &["--policy", file2.to_str().unwrap()]].concat());
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains("searched:   none (the policy in"),
+        "{stdout}"
+    );
+
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{\"weights\": 1}").unwrap();
+    let out = plan(&[&args[..], &["--policy", bad.to_str().unwrap()]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--policy") && err.contains("bad.json") && err.contains("not a policy"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
