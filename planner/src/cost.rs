@@ -62,7 +62,9 @@
 //! floors — except that near-data attention of a GPU batch must finish before that
 //! batch's output projection (and the host's MLP share before its next layer), so host compute
 //! overlaps GPU compute only across GPU batches:
-//! that pair costs `max(g, a) + min(g, a)/k`. The layer's copies run while the host attends (the
+//! that pair costs `max(g, a) + min(g, a)/k`, and with `k > 1` the host side of that max also
+//! carries the cost of issuing the layer's GPU work (`launches ·` layer overhead), because the
+//! thread that attends is the one that issues it: `max(g, a + issue) + min(g, a)/k`. The layer's copies run while the host attends (the
 //! next layer's weights are prefetched as a layer starts), so they share the memory with it:
 //! `a = max(host_attention, host_memory)`. A phase costs `L · layer + fill`, where the pipeline
 //! fill/drain `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
@@ -186,6 +188,11 @@ pub struct StreamTimes {
     /// threads run it), so a run's two host timers can each be set beside their prediction.
     #[serde(default)]
     pub host_mlp_s: f64,
+    /// The host-side cost of issuing the layer's GPU work (`launches ×` the profile's layer
+    /// overhead), part of `gpu_compute_s`: the thread that issues it also runs host attention,
+    /// so the two take turns.
+    #[serde(default)]
+    pub gpu_issue_s: f64,
 }
 
 impl StreamTimes {
@@ -552,10 +559,9 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let slowed = alone + alone.min(h2d_s) * (1.0 / kept - 1.0);
     let scale = if alone > 0.0 { slowed / alone } else { 1.0 };
     let (host_attention, host_mlp_s) = (scale * (alone - host_mlp_s), scale * host_mlp_s);
+    let gpu_issue_s = t.launches * hw.gpu_layer_overhead_us * 1e-6;
     StreamTimes {
-        gpu_compute_s: compute.max(memory)
-            + elementwise
-            + t.launches * hw.gpu_layer_overhead_us * 1e-6,
+        gpu_compute_s: compute.max(memory) + elementwise + gpu_issue_s,
         h2d_s,
         d2h_s: t.d2h / (hw.d2h_gbps * 1e9),
         host_attention_s: host_attention + host_mlp_s,
@@ -565,6 +571,7 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
         disk_write_s: t.disk_write / hw.disk_write_bps(kv_request.min(hidden_request)),
         host_memory_s: host_memory / hw.host_memory_bps(),
         host_mlp_s,
+        gpu_issue_s,
     }
 }
 
@@ -593,9 +600,16 @@ fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
             Stream::DiskWrite
         };
     }
-    // Host attention of GPU batch b overlaps GPU work only on other GPU batches.
+    // Host attention of GPU batch b overlaps GPU work only on other GPU batches, and the
+    // thread that attends is the one that issues the GPU work: while it attends, no GPU work
+    // is issued, so the issue cost adds to the host's side.
     let (g, a) = (st.gpu_compute_s, st.host_attention_shared_s());
-    let coupled = g.max(a) + g.min(a) / p.num_gpu_batches as f64;
+    let k = p.num_gpu_batches.max(1) as f64;
+    let coupled = if a > 0.0 && k > 1.0 {
+        g.max(a + st.gpu_issue_s) + g.min(a) / k
+    } else {
+        g.max(a) + g.min(a) / k
+    };
     if coupled > layer_s {
         layer_s = coupled;
         bound_by = if g >= a {

@@ -10,8 +10,9 @@
 //! only when its room holds the runtime's smallest GPU KV tier ([`crate::gpu_kv_min_blocks`]);
 //! no tier receives tokens whose storage it would change (a target tier with a recompute share
 //! is left as it is, since moved tokens would turn into hidden states there); host memory is
-//! filled only where it already holds KV (its attention route was chosen for it). The caller
-//! checks the result against the budgets.
+//! filled only where it already holds KV (its attention route was chosen for it); a tier left
+//! with no cold tokens keeps no recompute share. The caller checks the result against the
+//! budgets.
 
 use crate::cost::TierBytes;
 use crate::model::{Budgets, ModelSpec, Workload};
@@ -66,6 +67,13 @@ pub fn fill_faster_tiers(
                 room -= take;
                 moved = true;
             }
+        }
+    }
+    // A tier emptied of cold tokens stores none: no recompute share is left behind there.
+    for tier in [Tier::Host, Tier::Disk] {
+        if moved && filled.kv.cold.get(tier) <= 1e-12 {
+            *filled.kv.cold.get_mut(tier) = 0.0;
+            *filled.recompute.get_mut(tier) = 0.0;
         }
     }
     moved.then_some(filled)

@@ -83,7 +83,10 @@ fn quick_calibration_writes_a_profile_that_plan_accepts() {
     let blocks: Vec<f64> = attn.iter().map(|[b, _]| *b).collect();
     assert_eq!(blocks, [16.0, 32.0, 64.0, 128.0], "{p:?}");
     assert!(attn.iter().all(|[_, g]| *g > 0.0), "{p:?}");
-    assert!(p.host_attention_call_us.is_some_and(|us| us >= 0.0), "{p:?}");
+    assert!(
+        p.host_attention_call_us.is_some_and(|us| us >= 0.0),
+        "{p:?}"
+    );
     assert_eq!(p.host_attention_beside_copies.is_some(), p.has_gpu, "{p:?}");
     assert!(p.disk_measured, "{p:?}");
     assert!(p.disk_read_gbps > 0.0 && p.disk_write_gbps > 0.0, "{p:?}");
