@@ -64,10 +64,11 @@
 //! overlaps GPU compute only across GPU batches:
 //! that pair costs `max(g, a) + min(g, a)/k`, and with `k > 1` the host side of that max also
 //! carries the cost of issuing the layer's GPU work (`launches ·` layer overhead), because the
-//! thread that attends is the one that issues it: `max(g, a + issue) + min(g, a)/k`. The layer's copies run while the host attends (the
-//! next layer's weights are prefetched as a layer starts), so they share the memory with it:
-//! `a = max(host_attention, host_memory)`. A phase costs `L · layer + fill`, where the pipeline
-//! fill/drain `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
+//! thread that attends is the one that issues it: `max(g, a + issue) + min(g, a)/k`. The layer's
+//! copies run while the host attends (the next layer's weights are prefetched as a layer starts),
+//! so they share the memory with it: `a = max(host_attention, host_memory)`. A phase costs
+//! `L · layer + fill`, where the pipeline fill/drain
+//! `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
 //!
 //! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
 //! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers

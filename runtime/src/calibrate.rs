@@ -8,9 +8,12 @@
 //!   first use), one 8192-token prompt on Llama-3-8B's heads over bf16 KV.
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
-//!   Llama-3-8B's geometry, one decode query. With a GPU, that scan again while another thread
+//!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
+//!   tokens) less a fixed cost per call timed on its own (`host_attention_layer_gbps`,
+//!   `host_attention_call_us`). With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
-//!   the sum of both rates is the profile's `host_memory_shared_gbps`. And the CPU backend's
+//!   the sum of both rates is the profile's `host_memory_shared_gbps`, and the scan's rate
+//!   there over its rate alone is `host_attention_beside_copies`. And the CPU backend's
 //!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
 //!   share's rate where its rows make it compute-bound), and one layer's host MLP share timed
 //!   as a decode step calls it at 1 to 32 rows (`host_mlp_layer_gbps`, which the planner
@@ -944,7 +947,9 @@ impl HostAttentionScan {
     /// over [`DECODE_LAYER_KV`] of blocks in all, split over the threads as the host tier splits
     /// them, each call after a pause that lets the threads go idle (as they do while the GPU
     /// computes between layers), moving through the whole buffer so no call finds its blocks
-    /// in cache. Thread wake-up and the ends of the split count here, as they do in a run.
+    /// in cache. Thread wake-up and the ends of the split count here, as they do in a run,
+    /// except `call_us` per call (the fixed cost [`HostAttentionScan::call_us`] measured, which
+    /// the planner charges per call), taken out of each call's time.
     fn decode_layer_gbps(&self, call_us: f64) -> f64 {
         const SEQS: usize = 8;
         let (g, blocks) = (&self.g, self.kv.len());

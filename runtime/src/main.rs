@@ -205,7 +205,8 @@ struct PlanArgs {
     json: bool,
     /// Predict this policy (a JSON file: a policy, or `plan --json` output, or a run's
     /// `--stats-json` `policy_check`) instead of searching: what the cost model says a policy
-    /// of your own, or one a run used, costs on this profile.
+    /// of your own, or one a run used, costs on this profile. There are no alternatives to
+    /// explain then.
     #[arg(long, value_name = "FILE")]
     policy: Option<String>,
 }
