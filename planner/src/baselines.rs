@@ -62,10 +62,7 @@ pub fn layerwise(
             considered += 1;
             let p = base(wl, split(w), split(k), block);
             let mem = memory(m, wl, &p);
-            if mem.gpu <= budgets.gpu_bytes
-                && mem.host <= budgets.host_bytes
-                && mem.disk <= budgets.disk_bytes
-            {
+            if budgets.hold(&mem) {
                 return Ok(p);
             }
             closest.get_or_insert(mem);

@@ -397,7 +397,7 @@ impl FlexGenPolicy {
                     ..p
                 };
                 let mem = q.memory(m, prompt_len, gen_len, block);
-                if fits(&mem, budgets) {
+                if budgets.hold(&mem) {
                     return Ok(q);
                 }
                 closest = mem;
@@ -416,10 +416,6 @@ impl FlexGenPolicy {
         }
         Err(nothing_fits(&closest, budgets, considered))
     }
-}
-
-fn fits(mem: &TierBytes, b: &Budgets) -> bool {
-    mem.gpu <= b.gpu_bytes && mem.host <= b.host_bytes && mem.disk <= b.disk_bytes
 }
 
 pub(crate) fn nothing_fits(mem: &TierBytes, b: &Budgets, considered: u64) -> PlanError {
@@ -528,7 +524,7 @@ pub fn search(
                     considered += 1;
                     let p = fp.to_strata(space.kv_block_tokens);
                     let mem = memory(m, wl, &p);
-                    if !fits(&mem, budgets) {
+                    if !budgets.hold(&mem) {
                         let over = mem.gpu.saturating_sub(budgets.gpu_bytes)
                             + mem.host.saturating_sub(budgets.host_bytes)
                             + mem.disk.saturating_sub(budgets.disk_bytes);

@@ -218,3 +218,10 @@ pub struct Budgets {
     pub host_bytes: u64,
     pub disk_bytes: u64,
 }
+
+impl Budgets {
+    /// Whether memory of `mem` bytes per tier ([`crate::memory`]) fits in every tier.
+    pub fn hold(&self, mem: &crate::cost::TierBytes) -> bool {
+        mem.gpu <= self.gpu_bytes && mem.host <= self.host_bytes && mem.disk <= self.disk_bytes
+    }
+}

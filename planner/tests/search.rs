@@ -44,8 +44,7 @@ fn h100() -> HardwareProfile {
 }
 
 fn fits(m: &ModelSpec, w: &Workload, p: &Policy, b: &Budgets) -> bool {
-    let mem = memory(m, w, p);
-    mem.gpu <= b.gpu_bytes && mem.host <= b.host_bytes && mem.disk <= b.disk_bytes
+    b.hold(&memory(m, w, p))
 }
 
 fn uses_recompute(p: &Policy) -> bool {
@@ -370,14 +369,10 @@ fn a_host_mlp_share_needs_small_gpu_batches_and_old_policy_files_read_as_none() 
     assert_eq!(old.host_mlp_share, 0.0);
 }
 
-/// FlexGen's OPT-30B setting at prompt 256 (batch 44): GPU batches of 22 rows make the host's
-/// matrix-vector products compute-bound, so the host MLP share costs its FLOPs at the host's
-/// measured rate, and with a slow host the planner leaves the MLP on the GPU.
-#[test]
-fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
-    let m = opt_30b();
-    let w = wl(44, 256, 32);
-    let p = Policy {
+/// OPT-30B at FlexGen's prompt-256 setting with 7/8 of the weights in host memory, two GPU
+/// batches of 22 rows and the host computing 3/4 of each host-resident layer's MLP.
+fn opt_30b_host_mlp_policy(m: &ModelSpec, w: &Workload) -> Policy {
+    Policy {
         weights: strata_planner::TierSplit {
             gpu: 0.125,
             host: 0.875,
@@ -386,10 +381,20 @@ fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
         gpu_batch_size: 22,
         num_gpu_batches: 2,
         host_mlp_share: 0.75,
-        ..plan(&m, &w, &budgets(16 * GIB, 100 * GIB, 0), &h100())
+        ..plan(m, w, &budgets(16 * GIB, 100 * GIB, 0), &h100())
             .unwrap()
             .policy
-    };
+    }
+}
+
+/// FlexGen's OPT-30B setting at prompt 256 (batch 44): GPU batches of 22 rows make the host's
+/// matrix-vector products compute-bound, so the host MLP share costs its FLOPs at the host's
+/// measured rate, and with a slow host the planner leaves the MLP on the GPU.
+#[test]
+fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
+    let m = opt_30b();
+    let w = wl(44, 256, 32);
+    let p = opt_30b_host_mlp_policy(&m, &w);
     let slow = HardwareProfile {
         host_mlp_gflops: Some(100.0),
         ..h100()
@@ -423,19 +428,7 @@ fn the_host_mlp_share_costs_its_flops_when_rows_make_it_compute_bound() {
 fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
     let m = opt_30b();
     let w = wl(44, 256, 32);
-    let p = Policy {
-        weights: strata_planner::TierSplit {
-            gpu: 0.125,
-            host: 0.875,
-            disk: 0.0,
-        },
-        gpu_batch_size: 22,
-        num_gpu_batches: 2,
-        host_mlp_share: 0.75,
-        ..plan(&m, &w, &budgets(16 * GIB, 100 * GIB, 0), &h100())
-            .unwrap()
-            .policy
-    };
+    let p = opt_30b_host_mlp_policy(&m, &w);
     let measured = HardwareProfile {
         host_mlp_layer_gbps: Some(vec![[1.0, 40.0], [16.0, 30.0], [32.0, 10.0]]),
         ..h100()

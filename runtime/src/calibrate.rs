@@ -381,7 +381,8 @@ fn measure(
     let scan = HostAttentionScan::new(sz.host_kv, DType::BF16, 32);
     let one_call = scan.gbps(sz.trials);
     // A run attends layer by layer in calls of tens of MiB; the planner gets what those reach.
-    let host_attention = scan.decode_layer_gbps(0.0).min(one_call);
+    let calls_32 = scan.decode_layer_calls();
+    let host_attention = calls_32.gbps(0.0).min(one_call);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
@@ -397,9 +398,11 @@ fn measure(
     let mut by_block = Vec::with_capacity(HOST_ATTENTION_BLOCKS.len());
     for bt in HOST_ATTENTION_BLOCKS {
         let gbps = if bt == 32 {
-            scan.decode_layer_gbps(call_us)
+            calls_32.gbps(call_us)
         } else {
-            HostAttentionScan::new(sz.host_kv, DType::BF16, bt).decode_layer_gbps(call_us)
+            HostAttentionScan::new(sz.host_kv, DType::BF16, bt)
+                .decode_layer_calls()
+                .gbps(call_us)
         };
         by_block.push([bt as f64, gbps]);
     }
@@ -947,14 +950,16 @@ impl HostAttentionScan {
     /// over [`DECODE_LAYER_KV`] of blocks in all, split over the threads as the host tier splits
     /// them, each call after a pause that lets the threads go idle (as they do while the GPU
     /// computes between layers), moving through the whole buffer so no call finds its blocks
-    /// in cache. Thread wake-up and the ends of the split count here, as they do in a run,
-    /// except `call_us` per call (the fixed cost [`HostAttentionScan::call_us`] measured, which
-    /// the planner charges per call), taken out of each call's time.
-    fn decode_layer_gbps(&self, call_us: f64) -> f64 {
+    /// in cache. Thread wake-up and the ends of the split count here, as they do in a run.
+    /// Each call's time is kept, so the fixed cost per call can be taken out afterwards
+    /// ([`LayerCalls::gbps`]).
+    fn decode_layer_calls(&self) -> LayerCalls {
         const SEQS: usize = 8;
         let (g, blocks) = (&self.g, self.kv.len());
         if blocks < SEQS {
-            return self.gbps(1);
+            let bytes = blocks * self.block_bytes;
+            let secs = vec![bytes as f64 / (self.gbps(1) * 1e9)];
+            return LayerCalls { bytes, secs };
         }
         let views = testing::full_block_views(&self.kv, g);
         let per_seq = (DECODE_LAYER_KV / self.block_bytes / SEQS).clamp(1, blocks / SEQS);
@@ -962,7 +967,7 @@ impl HostAttentionScan {
         let windows = blocks / window;
         let threads = rayon::current_num_threads().max(1);
         let chunk = split_chunk_blocks(per_seq, SEQS, threads);
-        let (mut secs, mut bytes) = (0.0, 0);
+        let mut secs = Vec::new();
         for call in 0..(2 * windows).max(4) {
             let first = (call % windows.max(1)) * window;
             let queries: Vec<AttentionQuery<'_>> = (0..SEQS)
@@ -979,13 +984,13 @@ impl HostAttentionScan {
             let t = Instant::now();
             std::hint::black_box(attend_batch(&queries, g, chunk));
             if call > 0 {
-                let t = t.elapsed().as_secs_f64();
-                // The call's fixed cost is charged per call, not per byte.
-                secs += (t - call_us * 1e-6).max(0.5 * t);
-                bytes += window * self.block_bytes;
+                secs.push(t.elapsed().as_secs_f64());
             }
         }
-        bytes as f64 / secs.max(1e-9) / 1e9
+        LayerCalls {
+            bytes: window * self.block_bytes,
+            secs,
+        }
     }
 
     /// Microseconds of one host attention call that attends next to nothing after the threads
@@ -1015,6 +1020,25 @@ impl HostAttentionScan {
             .collect();
         us.sort_by(f64::total_cmp);
         us[us.len() / 2]
+    }
+}
+
+/// Timed host attention calls of `bytes` of KV each ([`HostAttentionScan::decode_layer_calls`]).
+struct LayerCalls {
+    bytes: usize,
+    secs: Vec<f64>,
+}
+
+impl LayerCalls {
+    /// KV bytes per second over the calls, with `call_us` (the fixed cost per call, which the
+    /// planner charges per call, not per byte) taken out of each call's time.
+    fn gbps(&self, call_us: f64) -> f64 {
+        let secs: f64 = self
+            .secs
+            .iter()
+            .map(|&t| (t - call_us * 1e-6).max(0.5 * t))
+            .sum();
+        (self.bytes * self.secs.len()) as f64 / secs.max(1e-9) / 1e9
     }
 }
 

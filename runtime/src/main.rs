@@ -1002,10 +1002,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     let plan = match &a.policy {
         Some(file) => {
             let policy = read_policy_file(file, &workload)?;
-            let mem = strata_planner::memory(&spec, &workload, &policy);
-            let fits = mem.gpu <= budgets.gpu_bytes
-                && mem.host <= budgets.host_bytes
-                && mem.disk <= budgets.disk_bytes;
+            let fits = budgets.hold(&strata_planner::memory(&spec, &workload, &policy));
             if !fits {
                 eprintln!(
                     "note: --policy {file} needs more memory than the budgets give (see \
