@@ -102,7 +102,8 @@ pub fn serial(pred: &Prediction, m: &ModelSpec, wl: &Workload) -> Prediction {
             bound_by: p.per_layer.max().0,
             layer_s,
             pipeline_fill_s: 0.0,
-            total_s: m.layers as f64 * layer_s,
+            head_s: p.head_s,
+            total_s: m.layers as f64 * layer_s + p.head_s,
             floor_s: p.floor_s,
         }
     };

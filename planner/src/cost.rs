@@ -41,9 +41,14 @@
 //! ([`ModelSpec::activation_bytes_per_token_per_layer`]), `N·a` in a decode step and `N·s·a` in
 //! a prefill.
 //!
-//! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM bytes / HBM
-//! bandwidth) + activation bytes / HBM bandwidth + k · layer overhead` (the kernels between the
-//! GEMMs run in turn with them). Host attention = its KV bytes at the profile's rate for the
+//! **Stream times** = bytes / bandwidth; `gpu_compute = max(FLOPs / GEMM rate, HBM time) +
+//! activation bytes / HBM bandwidth + k · layer overhead` (the kernels between the GEMMs run in
+//! turn with them). HBM time charges a decode step's weights at the rate the GPU's projections
+//! stream them at a GPU batch's rows ([`HardwareProfile::gpu_weight_bps`]) and its GPU-attended
+//! KV at the decode kernel's rate plus its fixed cost per launch, one per GPU batch
+//! ([`HardwareProfile::gpu_decode_attention_s`]), both calibrated; every other byte at the
+//! device copy's rate. A decode step adds the LM head once per GPU batch at the projections'
+//! rate ([`PhaseTime::head_s`]). Host attention = its KV bytes at the profile's rate for the
 //! policy's block size ([`HardwareProfile::host_attention_bps`]) plus one call's fixed cost per
 //! GPU batch; host compute (that and the host MLP share) runs at the profile's
 //! `host_attention_beside_copies` fraction of its rate for as long as the layer's host→device
@@ -246,7 +251,12 @@ pub struct PhaseTime {
     pub layer_s: f64,
     /// Pipeline fill and drain, paid once per phase.
     pub pipeline_fill_s: f64,
-    /// `layers · layer_s + pipeline_fill_s`.
+    /// The LM head, once per GPU batch (decode: every row's logits; prefill: only the last
+    /// rows', left out): its weights read at the rate the GPU's projections reach at the GPU
+    /// batch's rows ([`HardwareProfile::gpu_weight_bps`]).
+    #[serde(default)]
+    pub head_s: f64,
+    /// `layers · layer_s + pipeline_fill_s + head_s`.
     pub total_s: f64,
     /// The calibrated lower bound: `layers ·` the slowest stream's time per layer (host memory
     /// included), as if every stream overlapped every other perfectly with nothing to fill. No
@@ -280,6 +290,11 @@ struct Traffic {
     /// Causal prefill attention, charged at its own rate.
     attention_flops: f64,
     hbm: f64,
+    /// Of `hbm`, a decode step's weights read by its projections and its KV read by the GPU's
+    /// decode attention: each charged at its kernel's calibrated rate instead of the copy's
+    /// ([`HardwareProfile::gpu_weight_bps`], [`HardwareProfile::gpu_decode_attention_bps`]).
+    decode_weights: f64,
+    decode_kv: f64,
     /// Bytes the kernels between the GEMMs move through HBM (see
     /// [`ModelSpec::activation_bytes_per_token_per_layer`]): they run in turn with the GEMMs,
     /// so their time adds to the GEMMs' instead of hiding under it.
@@ -373,6 +388,7 @@ fn weight_traffic(t: &mut Traffic, p: &Policy, z: &Sizes) {
     t.h2d += (p.weights.host + p.weights.disk) * z.w;
     t.disk_read_weights += p.weights.disk * z.w;
     t.hbm += z.k * z.w;
+    t.decode_weights += z.k * z.w;
     t.launches += z.k;
 }
 
@@ -409,6 +425,7 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
         t.flops += attn_flops_per_key * (on_gpu + hid);
         t.flops += m.recompute_flops_per_token_per_layer() * hid;
         t.hbm += on_gpu * z.kvb + hid * (z.hb + 2.0 * z.kvb);
+        t.decode_kv += (on_gpu + hid) * z.kvb;
         if tier == Tier::Gpu {
             continue;
         }
@@ -440,6 +457,7 @@ fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
     let flops = 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
     t.h2d -= kept;
     t.hbm -= z.k * kept;
+    t.decode_weights -= z.k * kept;
     t.flops -= flops;
     t.host_mlp += z.k * kept;
     t.host_mlp_flops += flops;
@@ -536,7 +554,18 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let hidden_request = m.hidden_bytes_per_token() * block;
     let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes)
         + t.attention_flops / hw.prefill_attention_flops(m.weight_dtype_bytes);
-    let memory = t.hbm / (hw.hbm_gbps * 1e9);
+    // A decode step's weights at the rate the projections reach at a GPU batch's rows, its KV
+    // at the decode kernel's (one launch per GPU batch); the rest of HBM's traffic at the
+    // copy's.
+    let rows = p.gpu_batch_size.max(1) as f64;
+    let attention_launches = if t.decode_kv > 0.0 {
+        p.num_gpu_batches.max(1) as f64
+    } else {
+        0.0
+    };
+    let memory = (t.hbm - t.decode_weights - t.decode_kv) / (hw.hbm_gbps * 1e9)
+        + t.decode_weights / hw.gpu_weight_bps(rows)
+        + hw.gpu_decode_attention_s(t.decode_kv, attention_launches);
     // Every upload leaves from host memory (weights and KV live there; disk bytes are staged
     // there), downloads and disk reads land in it, disk writes leave from it.
     let disk_read = t.disk_read_weights + t.disk_read_kv + t.disk_read_hidden;
@@ -627,14 +656,30 @@ fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
         bound_by,
         layer_s,
         pipeline_fill_s,
+        head_s: 0.0,
         total_s: m.layers as f64 * layer_s + pipeline_fill_s,
         floor_s: m.layers as f64 * st.max().1.max(st.host_memory_s),
     }
 }
 
+/// `phase` with the LM head of a decode step added (see [`PhaseTime::head_s`]).
+fn with_head(mut t: PhaseTime, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) -> PhaseTime {
+    let head_bytes = (m.vocab * m.hidden * m.weight_dtype_bytes) as f64;
+    let rows = p.gpu_batch_size.max(1) as f64;
+    t.head_s = p.num_gpu_batches.max(1) as f64 * head_bytes / hw.gpu_weight_bps(rows);
+    t.total_s += t.head_s;
+    t.floor_s += t.head_s;
+    t
+}
+
 /// Predicted times of `p` on `hw` (the policy is assumed valid for `wl`; see [`Policy::validate`]).
 pub fn predict(m: &ModelSpec, wl: &Workload, p: &Policy, hw: &HardwareProfile) -> Prediction {
-    let decode = phase(stream_times(&decode_traffic(m, wl, p), m, p, hw), m, p);
+    let decode = with_head(
+        phase(stream_times(&decode_traffic(m, wl, p), m, p, hw), m, p),
+        m,
+        p,
+        hw,
+    );
     let prefill = if wl.prompt_len == 0 {
         phase(StreamTimes::default(), m, p)
     } else {

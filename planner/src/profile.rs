@@ -114,6 +114,24 @@ pub struct HardwareProfile {
     /// no GPU): 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_attention_beside_copies: Option<f64>,
+    /// Weights as the GPU's `linear` streams them in a decode step: `[rows, GB/s]` pairs, rows
+    /// ascending, each the weight bytes per second of bf16 projections at that many rows (the
+    /// GEMV kernel up to 8 rows, cuBLAS above, `--gpu-gemm rounded`), launches included. Where
+    /// present the planner charges a decode step's GPU weights at its GPU batch's rows
+    /// ([`HardwareProfile::gpu_weight_bps`]); absent (older files, no GPU): `hbm_gbps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_weight_gbps: Option<Vec<[f64; 2]>>,
+    /// GPU decode attention as a line through its launches: the KV bytes per second the
+    /// split-KV decode kernel reads once its fixed cost per launch
+    /// (`gpu_decode_attention_call_us`) is paid, both fitted to launches over 1 to 64
+    /// sequences of 4,096 tokens (bf16, 16-token blocks, Llama-3-8B heads). Where present the
+    /// planner charges a decode step's GPU-attended KV at this rate plus one launch per GPU
+    /// batch ([`HardwareProfile::gpu_decode_attention_s`]); absent (older files, no GPU):
+    /// `hbm_gbps`, no fixed cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_decode_attention_gbps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_decode_attention_call_us: Option<f64>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -168,6 +186,9 @@ impl HardwareProfile {
             host_attention_layer_gbps: None,
             host_attention_call_us: None,
             host_attention_beside_copies: None,
+            gpu_weight_gbps: None,
+            gpu_decode_attention_gbps: None,
+            gpu_decode_attention_call_us: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -207,6 +228,9 @@ impl HardwareProfile {
             host_attention_layer_gbps: None,
             host_attention_call_us: None,
             host_attention_beside_copies: None,
+            gpu_weight_gbps: None,
+            gpu_decode_attention_gbps: None,
+            gpu_decode_attention_call_us: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -257,6 +281,29 @@ impl HardwareProfile {
             .as_deref()
             .and_then(|pts| interpolated_bps(pts, block_tokens))
             .unwrap_or(self.host_attention_gbps * 1e9)
+    }
+
+    /// Weight bytes per second a decode step's GPU projections stream at `rows` rows: the
+    /// measured `gpu_weight_gbps` (interpolated as [`HardwareProfile::host_mlp_weight_bps`]
+    /// is), else `hbm_gbps`.
+    pub fn gpu_weight_bps(&self, rows: f64) -> f64 {
+        self.gpu_weight_gbps
+            .as_deref()
+            .and_then(|pts| interpolated_bps(pts, rows))
+            .unwrap_or(self.hbm_gbps * 1e9)
+    }
+
+    /// Seconds the GPU's decode attention takes over `bytes` of KV in `launches` launches:
+    /// the fitted `gpu_decode_attention_gbps` and `gpu_decode_attention_call_us`, else the
+    /// bytes at `hbm_gbps`.
+    pub fn gpu_decode_attention_s(&self, bytes: f64, launches: f64) -> f64 {
+        match self.gpu_decode_attention_gbps {
+            Some(gbps) => {
+                bytes / (gbps * 1e9)
+                    + launches * self.gpu_decode_attention_call_us.unwrap_or(0.0) * 1e-6
+            }
+            None => bytes / (self.hbm_gbps * 1e9),
+        }
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -339,6 +386,10 @@ impl HardwareProfile {
                 self.host_memory_shared_gbps.unwrap_or(1.0),
             ),
             ("host_mlp_gflops", self.host_mlp_gflops.unwrap_or(1.0)),
+            (
+                "gpu_decode_attention_gbps",
+                self.gpu_decode_attention_gbps.unwrap_or(1.0),
+            ),
         ];
         for (field, v) in rates {
             if !(v.is_finite() && v > 0.0) {
@@ -359,6 +410,11 @@ impl HardwareProfile {
                 "host_attention_layer_gbps",
                 &self.host_attention_layer_gbps,
                 "[block tokens, GB/s] pairs with block tokens ≥ 1 ascending and GB/s > 0",
+            ),
+            (
+                "gpu_weight_gbps",
+                &self.gpu_weight_gbps,
+                "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
             ),
         ];
         for (field, table, reason) in tables {
@@ -384,14 +440,22 @@ impl HardwareProfile {
                 reason: "a fraction in (0, 1]",
             });
         }
-        if let Some(us) = self.host_attention_call_us
-            && !(us.is_finite() && us >= 0.0)
-        {
-            return Err(ProfileError::Invalid {
-                path: path.to_path_buf(),
-                field: "host_attention_call_us",
-                reason: "a finite number ≥ 0",
-            });
+        for (field, us) in [
+            ("host_attention_call_us", self.host_attention_call_us),
+            (
+                "gpu_decode_attention_call_us",
+                self.gpu_decode_attention_call_us,
+            ),
+        ] {
+            if let Some(us) = us
+                && !(us.is_finite() && us >= 0.0)
+            {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    reason: "a finite number ≥ 0",
+                });
+            }
         }
         if !(self.gpu_layer_overhead_us.is_finite() && self.gpu_layer_overhead_us >= 0.0) {
             return Err(ProfileError::Invalid {

@@ -488,6 +488,75 @@ fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A profile that measured the GPU's decode kernels charges a GPU-only decode step's weights
+/// at the projections' rate for its GPU batch's rows, its KV at the decode attention's fitted
+/// rate plus one launch's fixed cost per GPU batch, and reads the LM head once per GPU batch
+/// at the projections' rate; a profile without them charges all of it at the copy's rate; bad
+/// figures are refused with the field named.
+#[test]
+fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
+    let m = llama_3_8b();
+    let w = wl(16, 2048, 16);
+    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
+        .unwrap()
+        .policy;
+    assert_eq!((p.weights.gpu, p.kv.cold.gpu), (1.0, 1.0), "{p:?}");
+    assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (16, 1), "{p:?}");
+    let copy = h100();
+    let measured = HardwareProfile {
+        gpu_weight_gbps: Some(vec![[1.0, 2000.0], [16.0, 1500.0], [64.0, 1000.0]]),
+        gpu_decode_attention_gbps: Some(1200.0),
+        gpu_decode_attention_call_us: Some(14.0),
+        ..h100()
+    };
+    let hbm = copy.hbm_gbps * 1e9;
+    assert_eq!(copy.gpu_weight_bps(16.0), hbm);
+    assert_eq!(copy.gpu_decode_attention_s(hbm, 3.0), 1.0);
+    let spb = 1.0 / 1500e9 + 16.0 / 48.0 * (1.0 / 1000e9 - 1.0 / 1500e9);
+    assert!((measured.gpu_weight_bps(32.0) * spb - 1.0).abs() < 1e-12);
+    let (a, b) = (
+        strata_planner::predict(&m, &w, &p, &copy).decode_step,
+        strata_planner::predict(&m, &w, &p, &measured).decode_step,
+    );
+    let weights = m.weight_bytes_per_layer() as f64;
+    let kv = 16.0 * w.mean_decode_context() * m.kv_bytes_per_token_per_layer() as f64;
+    let slower = weights * (1.0 / 1500e9 - 1.0 / hbm) + kv * (1.0 / 1200e9 - 1.0 / hbm) + 14e-6;
+    let grew = b.per_layer.gpu_compute_s - a.per_layer.gpu_compute_s;
+    assert!((grew - slower).abs() < 1e-6 * slower, "{grew} vs {slower}");
+    let head = (m.vocab * m.hidden * m.weight_dtype_bytes) as f64;
+    assert!((a.head_s - head / hbm).abs() < 1e-15 && (b.head_s - head / 1500e9).abs() < 1e-15);
+    assert!(b.total_s > a.total_s);
+    let path = std::env::temp_dir().join(format!("strata-gpu-table-{}.json", std::process::id()));
+    for (hw, field) in [
+        (
+            HardwareProfile {
+                gpu_weight_gbps: Some(vec![[16.0, 1500.0], [1.0, 2000.0]]),
+                ..h100()
+            },
+            "gpu_weight_gbps",
+        ),
+        (
+            HardwareProfile {
+                gpu_decode_attention_gbps: Some(0.0),
+                ..h100()
+            },
+            "gpu_decode_attention_gbps",
+        ),
+        (
+            HardwareProfile {
+                gpu_decode_attention_call_us: Some(-1.0),
+                ..h100()
+            },
+            "gpu_decode_attention_call_us",
+        ),
+    ] {
+        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
+        let e = HardwareProfile::load(&path).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A profile that measured host attention per block size charges a policy's host KV at its
 /// block size's rate, plus one call's fixed cost per GPU batch; and the planner, told that small
 /// blocks attend slowly on this host, does not pick them for KV it attends there.

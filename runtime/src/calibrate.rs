@@ -4,8 +4,12 @@
 //! - **GPU** (when one is usable; [`DeviceCalibrator`], CUDA events): cuBLAS GEMM of `[n, n]`
 //!   matrices per dtype, a device-to-device copy (HBM), and copies between page-locked host
 //!   memory and the device (H2D, D2H). Capacity: the GPU's total memory.
-//!   Causal prefill attention through the runtime's own kernel (`CudaBackend`, NVRTC-compiled on
-//!   first use), one 8192-token prompt on Llama-3-8B's heads over bf16 KV.
+//!   Through the runtime's own kernels (`CudaBackend`, NVRTC-compiled on first use): causal
+//!   prefill attention, one 8192-token prompt on Llama-3-8B's heads over bf16 KV; and a decode
+//!   step's two big readers, the weights `linear` streams at 1 to 256 rows (a Llama-3-8B-sized
+//!   MLP's bf16 projections, `--gpu-gemm rounded`: `gpu_weight_gbps`) and the KV the split-KV
+//!   decode kernel reads for 1 to 64 sequences of 4,096 tokens, fitted as a fixed cost per
+//!   launch plus a rate (`gpu_decode_attention_call_us`, `gpu_decode_attention_gbps`).
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
@@ -252,15 +256,18 @@ impl Calibration {
     }
 }
 
-/// Sizes of each measurement (bytes unless named otherwise).
-/// A decode layer's fixed cost in units of the probe op (allocate, one cuBLAS launch, free). A
+/// A decode layer's fixed cost in units of the probe op (allocate, one cuBLAS launch, free):
+/// what a layer costs beyond its weights and KV read at their kernels' calibrated rates. A
 /// layer issues about 17 device ops (RMSNorm, q/k/v, RoPE ×2, KV append, attention, output
-/// projection, add, RMSNorm, gate, up, SwiGLU, down, add) plus block-table uploads, most of them
-/// lighter than the probe: fitted on an H100 (2026-11-22), the runtime's measured decode steps at
-/// batch 1, 16 and 64 exceeded bytes-and-FLOPs time by 100–190 µs per layer against a 14.9 µs
-/// probe, about 10 probe ops.
-pub const DECODE_OPS_PER_LAYER: usize = 10;
+/// projection, add, RMSNorm, gate, up, SwiGLU, down, add) plus the block-table and slot
+/// uploads; the small ones take 2–5 µs of GPU time each, and the GPU waits between some of
+/// them for the host to issue the next. Fitted on an H100 (2026-11-23, Llama-3-8B, 2K-token
+/// prompts): kernel by kernel (Nsight Compute) the small kernels took 37 and 44 µs per layer at
+/// batch 1 and 16, and the measured steps exceeded all kernel time by another 63 and 75 µs per
+/// layer; 101–120 µs against a 12.7 µs probe, about 9 probe ops.
+pub const DECODE_OPS_PER_LAYER: usize = 9;
 
+/// Sizes of each measurement (bytes unless named otherwise).
 struct Sizes {
     gpu_gemm_n: usize,
     prefill_tokens: usize,
@@ -274,6 +281,8 @@ struct Sizes {
     disk_file: u64,
     disk_small_read: u64,
     op_reps: usize,
+    /// Rounds per timing of the decode projections and launches of the decode attention.
+    decode_reps: usize,
     trials: usize,
 }
 
@@ -288,6 +297,7 @@ impl Sizes {
             prefill_tokens: 8192 / s,
             gpu_gemm_reps: 20 / s,
             op_reps: 2000 / s,
+            decode_reps: 20 / s,
             hbm: (1 << 30) / s,
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
@@ -361,7 +371,7 @@ fn measure(
     mut notes: Vec<String>,
     t0: Instant,
 ) -> Result<Calibration, CalibrateError> {
-    let steps = Steps::new(if gpu.is_some() { 12 } else { 7 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 14 } else { 7 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -459,6 +469,9 @@ fn measure(
         host_attention_layer_gbps: Some(by_block),
         host_attention_call_us: Some(call_us),
         host_attention_beside_copies: None,
+        gpu_weight_gbps: None,
+        gpu_decode_attention_gbps: None,
+        gpu_decode_attention_call_us: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -468,7 +481,7 @@ fn measure(
         Some(cal) => {
             measure_gpu(cal, sz, &scan, one_call, &steps, &mut p, &mut row)?;
             let device = cal.device_info().ordinal;
-            measure_prefill_attention(device, sz, &steps, &mut p, &mut row)?;
+            measure_gpu_kernels(device, sz, &steps, &mut p, &mut row)?;
             cal.device_info().name.clone()
         }
         None => {
@@ -705,15 +718,25 @@ fn measure_gpu(
     Ok(())
 }
 
-/// The GPU's causal prefill attention rate (the runtime's own kernel, compiled through NVRTC
-/// first if not cached), which the planner charges a prefill's attention FLOPs at.
-fn measure_prefill_attention(
+/// Rows at which `calibrate` times the GPU's decode projections (`gpu_weight_gbps`).
+pub const GPU_WEIGHT_ROWS: [usize; 8] = [1, 4, 8, 16, 32, 64, 128, 256];
+/// Sequences at which it times the GPU's decode attention (`gpu_decode_attention_gbps`,
+/// `gpu_decode_attention_call_us`).
+pub const GPU_DECODE_SEQUENCES: [usize; 4] = [1, 4, 16, 64];
+/// Tokens per sequence of that measurement (16-token blocks).
+const GPU_DECODE_CONTEXT: usize = 4096;
+
+/// The rates of the runtime's own GPU kernels the planner charges (compiled through NVRTC
+/// first if not cached): causal prefill attention, and a decode step's two big readers, the
+/// projections' weights at decode rows and the decode attention's KV.
+fn measure_gpu_kernels(
     device: usize,
     sz: &Sizes,
     steps: &Steps,
     p: &mut HardwareProfile,
     row: &mut Row<'_>,
 ) -> Result<(), CalibrateError> {
+    let err = |what| move |source| CalibrateError::Gpu { what, source };
     steps.step("GPU prefill attention");
     let gpu = strata_kernels::CudaBackend::new(device).map_err(|e| CalibrateError::NoGpu {
         device,
@@ -721,10 +744,7 @@ fn measure_prefill_attention(
     })?;
     let tflops = gpu
         .prefill_attention_tflops(DType::BF16, sz.prefill_tokens, sz.trials)
-        .map_err(|source| CalibrateError::Gpu {
-            what: "prefill attention",
-            source,
-        })?;
+        .map_err(err("prefill attention"))?;
     p.prefill_attention_tflops = Some(tflops);
     row(
         "prefill attention",
@@ -734,7 +754,101 @@ fn measure_prefill_attention(
             sz.prefill_tokens, sz.trials
         ),
     );
+
+    steps.step("GPU decode projections");
+    // What the planner's decode predictions assume a run uses (`--gpu-gemm rounded`; split
+    // runs GEMMs of more than 8 rows twice).
+    gpu.set_gemm_precision(strata_kernels::GemmPrecision::Rounded);
+    let reps = sz.decode_reps;
+    let rates = gpu
+        .decode_linear_gbps(&GPU_WEIGHT_ROWS, reps, sz.trials)
+        .map_err(err("decode projections"))?;
+    let table: Vec<[f64; 2]> = GPU_WEIGHT_ROWS
+        .iter()
+        .zip(&rates)
+        .map(|(&r, &g)| [r as f64, g])
+        .collect();
+    row(
+        "decode projections",
+        format!("{:.0} GB/s at 1 row", rates[0]),
+        format!(
+            "bf16 weights streamed by linear, one Llama-3-8B layer's seven projections (436 MB a \
+             round, {reps} rounds, best of {}): {}",
+            sz.trials,
+            rate_list(&table, "rows")
+        ),
+    );
+    p.gpu_weight_gbps = Some(table);
+
+    steps.step("GPU decode attention");
+    let times = gpu
+        .decode_attention_times(
+            &GPU_DECODE_SEQUENCES,
+            GPU_DECODE_CONTEXT,
+            16,
+            reps,
+            sz.trials,
+        )
+        .map_err(err("decode attention"))?;
+    let (gbps, call_us) = fit_launch_line(&times);
+    row(
+        "decode attention",
+        format!("{gbps:.0} GB/s + {call_us:.1} µs"),
+        format!(
+            "bf16 KV read by the split-KV decode kernel, a line through its launches over \
+             {GPU_DECODE_CONTEXT}-token sequences in 16-token blocks ({reps} launches, best of \
+             {}): {}",
+            sz.trials,
+            GPU_DECODE_SEQUENCES
+                .iter()
+                .zip(&times)
+                .map(|(b, (bytes, s))| format!(
+                    "{b} sequences {:.1} µs ({:.0} GB/s)",
+                    s * 1e6,
+                    bytes / s / 1e9
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    p.gpu_decode_attention_gbps = Some(gbps);
+    p.gpu_decode_attention_call_us = Some(call_us);
     Ok(())
+}
+
+/// The line `seconds = call + bytes / rate` through `(bytes, seconds)` launches, least squares:
+/// (rate in GB/s, call in µs). A fit that would make either negative (noise on a flat
+/// measurement) keeps the rate of the largest launch and no fixed cost.
+pub fn fit_launch_line(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (mut sxx, mut sxy) = (0.0, 0.0);
+    for &(x, y) in points {
+        sxx += (x - mx) * (x - mx);
+        sxy += (x - mx) * (y - my);
+    }
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    let call = my - slope * mx;
+    if slope > 0.0 && call >= 0.0 {
+        return (1.0 / slope / 1e9, call * 1e6);
+    }
+    let &(x, y) = points
+        .iter()
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or(&(1.0, 1.0));
+    (x / y / 1e9, 0.0)
+}
+
+/// `1 rows 2650 GB/s, 4 rows …` for a calibration row.
+fn rate_list(table: &[[f64; 2]], unit: &str) -> String {
+    table
+        .iter()
+        .map(|[x, g]| format!("{x:.0} {unit} {g:.0} GB/s"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// No GPU: the compute device is the CPU, so its GEMM rates are the CPU backend's `linear`.
@@ -1270,6 +1384,24 @@ mod tests {
         assert!((fit - h).abs() < 1.0, "{fit}");
         // A disk already saturated at small requests: the smallest h.
         assert_eq!(fit_half_bandwidth(r1, 2.0, r2, 1.9), 4096.0);
+    }
+
+    #[test]
+    fn launch_line_fit_recovers_the_rate_and_the_fixed_cost() {
+        // 14 µs per launch plus 3,100 GB/s, at the four calibrated batch sizes.
+        let line = |bytes: f64| 14e-6 + bytes / 3100e9;
+        let pts: Vec<(f64, f64)> = [1.0, 4.0, 16.0, 64.0]
+            .iter()
+            .map(|b| (b * 4096.0 * 4096.0, line(b * 4096.0 * 4096.0)))
+            .collect();
+        let (gbps, us) = fit_launch_line(&pts);
+        assert!(
+            (gbps - 3100.0).abs() < 1e-6 && (us - 14.0).abs() < 1e-9,
+            "{gbps} {us}"
+        );
+        // Time falling with bytes (noise on a flat measurement): the largest launch's rate.
+        let (gbps, us) = fit_launch_line(&[(1e6, 2e-5), (4e6, 1e-5)]);
+        assert!((gbps - 400.0).abs() < 1e-9 && us == 0.0, "{gbps} {us}");
     }
 
     #[test]

@@ -49,6 +49,7 @@ mod kvtier;
 mod linear;
 mod lt;
 mod prefill;
+mod rates;
 mod staging;
 mod transfer;
 
