@@ -31,9 +31,9 @@ pub mod search;
 
 pub use baselines::{gpu_only, layerwise, serial};
 pub use cost::{
-    PREFILL_ROWS, PhaseTime, Prediction, Stream, StreamTimes, TierBytes, gpu_kv_min_blocks,
-    gpu_scratch_blocks, gpu_workspace_bytes, kv_slots_on, kv_tokens_on, memory, predict,
-    prefill_batch_rows, prefill_workspace_bytes,
+    DECODE_SMALL_KERNELS_S, PREFILL_ROWS, PhaseTime, Prediction, Stream, StreamTimes, TierBytes,
+    gpu_kv_min_blocks, gpu_scratch_blocks, gpu_workspace_bytes, kv_slots_on, kv_tokens_on, memory,
+    predict, prefill_batch_rows, prefill_workspace_bytes,
 };
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};

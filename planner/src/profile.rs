@@ -132,6 +132,15 @@ pub struct HardwareProfile {
     pub gpu_decode_attention_gbps: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_decode_attention_call_us: Option<f64>,
+    /// Host time a decode step spends per layer issuing the GPU's work: `[sequences, µs]`
+    /// pairs, sequences ascending, measured by running a decode whose GPU work is small (the
+    /// launches, uploads and per-sequence KV bookkeeping of one GPU batch's layer). Where
+    /// present the planner takes a decode layer's GPU time as the longer of its kernels'
+    /// time and this ([`HardwareProfile::decode_issue_s`]): the GPU cannot run ahead of the
+    /// host that issues its work. Absent (older files, no GPU): `gpu_layer_overhead_us` added
+    /// to the kernels' time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_issue_us: Option<Vec<[f64; 2]>>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -189,6 +198,7 @@ impl HardwareProfile {
             gpu_weight_gbps: None,
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
+            decode_issue_us: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -231,6 +241,7 @@ impl HardwareProfile {
             gpu_weight_gbps: None,
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
+            decode_issue_us: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -304,6 +315,26 @@ impl HardwareProfile {
             }
             None => bytes / (self.hbm_gbps * 1e9),
         }
+    }
+
+    /// Seconds the host takes to issue one decode layer of a GPU batch of `sequences`, from the
+    /// measured `decode_issue_us`: linear in the sequences between the measured counts, and
+    /// along the last two measurements' line past the largest (the per-sequence work goes on
+    /// growing), the smallest's below it; `None` without one.
+    pub fn decode_issue_s(&self, sequences: f64) -> Option<f64> {
+        let pts = self.decode_issue_us.as_deref()?;
+        let last = pts.len().checked_sub(1)?;
+        let at = |i: usize, j: usize| {
+            let ([x0, y0], [x1, y1]) = (pts[i], pts[j]);
+            y0 + (sequences - x0) * (y1 - y0) / (x1 - x0)
+        };
+        let us = if last == 0 || sequences <= pts[0][0] {
+            pts[0][1]
+        } else {
+            let i = (1..=last).find(|&i| sequences <= pts[i][0]).unwrap_or(last);
+            at(i - 1, i)
+        };
+        Some(us.max(pts[0][1]) * 1e-6)
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -415,6 +446,11 @@ impl HardwareProfile {
                 "gpu_weight_gbps",
                 &self.gpu_weight_gbps,
                 "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
+            ),
+            (
+                "decode_issue_us",
+                &self.decode_issue_us,
+                "[sequences, µs] pairs with sequences ≥ 1 ascending and µs > 0",
             ),
         ];
         for (field, table, reason) in tables {

@@ -557,6 +557,45 @@ fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// With the host's time to issue a decode layer measured, a GPU-only decode layer costs the
+/// longer of its kernels' time (with the small kernels' GPU time in place of the fixed
+/// overhead) and that issue time at its GPU batch's sequences; without it, the fixed overhead
+/// is added to the kernels' time as before.
+#[test]
+fn a_measured_issue_time_is_the_floor_of_a_decode_layer() {
+    let m = llama_3_8b();
+    let w = wl(16, 2048, 16);
+    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
+        .unwrap()
+        .policy;
+    assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (16, 1), "{p:?}");
+    let layer = |hw: &HardwareProfile| {
+        strata_planner::predict(&m, &w, &p, hw)
+            .decode_step
+            .per_layer
+    };
+    let old = layer(&h100());
+    let kernels = old.gpu_compute_s - h100().gpu_layer_overhead_us * 1e-6;
+    let issue = |pts: Vec<[f64; 2]>| HardwareProfile {
+        decode_issue_us: Some(pts),
+        ..h100()
+    };
+    let fast_host = issue(vec![[1.0, 10.0], [16.0, 20.0], [64.0, 40.0]]);
+    let st = layer(&fast_host);
+    let want = kernels + strata_planner::DECODE_SMALL_KERNELS_S;
+    assert!((st.gpu_compute_s - want).abs() < 1e-12, "{st:?}");
+    assert!((st.gpu_issue_s - 20e-6).abs() < 1e-15, "{st:?}");
+    let slow_host = issue(vec![[1.0, 100.0], [16.0, 2000.0], [64.0, 3000.0]]);
+    let st = layer(&slow_host);
+    assert!((st.gpu_compute_s - 2000e-6).abs() < 1e-12, "{st:?}");
+    // Linear between the measured counts, along the last two past them, the first below.
+    let at = |b: f64| slow_host.decode_issue_s(b).unwrap();
+    assert!((at(40.0) - 2500e-6).abs() < 1e-12);
+    assert!((at(112.0) - 4000e-6).abs() < 1e-12);
+    assert!((at(0.5) - 100e-6).abs() < 1e-15);
+    assert_eq!(h100().decode_issue_s(16.0), None);
+}
+
 /// A profile that measured host attention per block size charges a policy's host KV at its
 /// block size's rate, plus one call's fixed cost per GPU batch; and the planner, told that small
 /// blocks attend slowly on this host, does not pick them for KV it attends there.

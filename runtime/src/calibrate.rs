@@ -297,7 +297,7 @@ impl Sizes {
             prefill_tokens: 8192 / s,
             gpu_gemm_reps: 20 / s,
             op_reps: 2000 / s,
-            decode_reps: 20 / s,
+            decode_reps: 10 / s.min(2),
             hbm: (1 << 30) / s,
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
@@ -371,7 +371,7 @@ fn measure(
     mut notes: Vec<String>,
     t0: Instant,
 ) -> Result<Calibration, CalibrateError> {
-    let steps = Steps::new(if gpu.is_some() { 14 } else { 7 } + opts.disk_dir.is_some() as u64);
+    let steps = Steps::new(if gpu.is_some() { 15 } else { 7 } + opts.disk_dir.is_some() as u64);
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String, how: String| rows.push((what.into(), value, how));
     let threads = rayon::current_num_threads();
@@ -472,6 +472,7 @@ fn measure(
         gpu_weight_gbps: None,
         gpu_decode_attention_gbps: None,
         gpu_decode_attention_call_us: None,
+        decode_issue_us: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -481,7 +482,7 @@ fn measure(
         Some(cal) => {
             measure_gpu(cal, sz, &scan, one_call, &steps, &mut p, &mut row)?;
             let device = cal.device_info().ordinal;
-            measure_gpu_kernels(device, sz, &steps, &mut p, &mut row)?;
+            measure_gpu_kernels(device, sz, &steps, &mut p, &mut row, &mut notes)?;
             cal.device_info().name.clone()
         }
         None => {
@@ -735,6 +736,7 @@ fn measure_gpu_kernels(
     steps: &Steps,
     p: &mut HardwareProfile,
     row: &mut Row<'_>,
+    notes: &mut Vec<String>,
 ) -> Result<(), CalibrateError> {
     let err = |what| move |source| CalibrateError::Gpu { what, source };
     steps.step("GPU prefill attention");
@@ -813,6 +815,37 @@ fn measure_gpu_kernels(
     );
     p.gpu_decode_attention_gbps = Some(gbps);
     p.gpu_decode_attention_call_us = Some(call_us);
+    drop(gpu);
+
+    steps.step("host issue per decode layer");
+    match measure_decode_issue(device, p.gpu_bytes) {
+        Ok(table) => {
+            row(
+                "decode issue",
+                format!("{:.0} µs a layer", table[0][1]),
+                format!(
+                    "host time per decode layer issuing the GPU's work ({DECODE_ISSUE_MODEL}, \
+                     {}-token prompts, {} new tokens, a process of its own): {}",
+                    if p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
+                        DECODE_ISSUE_PROMPT
+                    } else {
+                        DECODE_ISSUE_SHORT_PROMPT
+                    },
+                    DECODE_ISSUE_TOKENS,
+                    table
+                        .iter()
+                        .map(|[b, us]| format!("{b:.0} sequences {us:.0} µs"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            p.decode_issue_us = Some(table);
+        }
+        Err(why) => notes.push(format!(
+            "host issue per decode layer not measured ({why}): the planner charges \
+             `gpu_layer_overhead_us` per layer instead"
+        )),
+    }
     Ok(())
 }
 
@@ -840,6 +873,109 @@ pub fn fit_launch_line(points: &[(f64, f64)]) -> (f64, f64) {
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .unwrap_or(&(1.0, 1.0));
     (x / y / 1e9, 0.0)
+}
+
+/// Sequences at which `calibrate` times the host's issue of a decode layer (`decode_issue_us`).
+pub const DECODE_ISSUE_ROWS: [usize; 3] = [1, 16, 64];
+/// The model it runs: Llama-3-8B's 32 layers and attention (so the same kernels, launches and
+/// per-sequence bookkeeping), with an MLP and a vocabulary small enough that the GPU's work per
+/// layer stays well under the host's.
+const DECODE_ISSUE_MODEL: &str = "synthetic:llama-3-8b:intermediate=256:vocab=256";
+/// Prompt tokens per sequence: the per-sequence work grows with a sequence's blocks, so a
+/// context of the size the runs have (2K: 64 sequences hold 16 GiB of KV), or 512 tokens on a
+/// GPU of less than [`DECODE_ISSUE_LONG_GPU_BYTES`].
+const DECODE_ISSUE_PROMPT: usize = 2048;
+const DECODE_ISSUE_SHORT_PROMPT: usize = 512;
+const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
+/// New tokens: enough decode steps that the first one's one-time costs weigh little.
+const DECODE_ISSUE_TOKENS: usize = 16;
+
+/// The host time a decode step spends per layer issuing the GPU's work, at each of
+/// [`DECODE_ISSUE_ROWS`] sequences: `strata generate` runs [`DECODE_ISSUE_MODEL`] on the GPU
+/// (in a process of its own, as a user's run is) and its decode step time over its layers is
+/// taken, the GPU's share of it being small. Returns the `[sequences, µs]` table, or why it
+/// could not be measured.
+fn measure_decode_issue(device: usize, gpu_bytes: u64) -> Result<Vec<[f64; 2]>, String> {
+    let prompt = if gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
+        DECODE_ISSUE_PROMPT
+    } else {
+        DECODE_ISSUE_SHORT_PROMPT
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("locating strata: {e}"))?;
+    if exe.file_stem().and_then(|s| s.to_str()) != Some("strata") {
+        return Err(format!("{} is not the strata binary", exe.display()));
+    }
+    let dir = std::env::temp_dir().join(format!("strata-calibrate-issue-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _cleanup = TempDir(dir.clone());
+    let layers = crate::model::synthetic::config(
+        DECODE_ISSUE_MODEL
+            .strip_prefix("synthetic:")
+            .unwrap_or(DECODE_ISSUE_MODEL),
+    )
+    .map_err(|e| e.to_string())?
+    .layers;
+    let mut table = Vec::with_capacity(DECODE_ISSUE_ROWS.len());
+    for b in DECODE_ISSUE_ROWS {
+        let (input, output, stats) = (
+            dir.join(format!("p{b}.jsonl")),
+            dir.join(format!("o{b}.jsonl")),
+            dir.join(format!("s{b}.json")),
+        );
+        let prompts: String = (0..b)
+            .map(|i| {
+                let ids: Vec<String> = (0..prompt)
+                    .map(|j| ((i * 31 + j * 7) % 240 + 8).to_string())
+                    .collect();
+                format!("{{\"id\":{i},\"input_ids\":[{}]}}\n", ids.join(","))
+            })
+            .collect();
+        std::fs::write(&input, prompts).map_err(|e| format!("{}: {e}", input.display()))?;
+        let path = |p: &Path| p.display().to_string();
+        let out = std::process::Command::new(&exe)
+            .args(["generate", "--model", DECODE_ISSUE_MODEL])
+            .args([
+                "--device",
+                &format!("cuda:{device}"),
+                "--gpu-gemm",
+                "rounded",
+            ])
+            .args(["--batch-size", &b.to_string(), "--ignore-eos"])
+            .args(["--max-new-tokens", &DECODE_ISSUE_TOKENS.to_string()])
+            .args(["--input", &path(&input), "--output", &path(&output)])
+            .args(["--stats-json", &path(&stats)])
+            .output()
+            .map_err(|e| format!("running {}: {e}", exe.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "`strata generate --model {DECODE_ISSUE_MODEL}` at {b} sequences failed: {}",
+                err.lines().last().unwrap_or("no message")
+            ));
+        }
+        let s: serde_json::Value = std::fs::read_to_string(&stats)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or_else(|| format!("{}: no run statistics", stats.display()))?;
+        let (secs, steps) = (
+            s["decode_seconds"].as_f64().unwrap_or(0.0),
+            s["decode_steps"].as_f64().unwrap_or(0.0),
+        );
+        if secs <= 0.0 || steps < 1.0 {
+            return Err(format!("{}: no decode steps timed", stats.display()));
+        }
+        table.push([b as f64, secs / steps / layers as f64 * 1e6]);
+    }
+    Ok(table)
+}
+
+/// Removes a directory and what it holds when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `1 rows 2650 GB/s, 4 rows …` for a calibration row.

@@ -2,8 +2,9 @@
 //! weights made on demand, one tensor at a time (FlexGen calls these dummy weights). Nothing is
 //! read from disk and nothing is kept: a model larger than memory is regenerated layer by layer.
 //!
-//! Spec syntax: `synthetic:<preset>[:layers=N]`; `layers=N` keeps the first N layers, for quick
-//! measurements of a big model's per-layer cost.
+//! Spec syntax: `synthetic:<preset>[:layers=N][:intermediate=N][:vocab=N]`; `layers=N` keeps the
+//! first N layers, for quick measurements of a big model's per-layer cost; `intermediate` and
+//! `vocab` (multiples of 8) change the MLP's width and the vocabulary.
 
 use rayon::prelude::*;
 use strata_kernels::{DType, HostWeight, RopeScaling, WeightData};
@@ -130,7 +131,10 @@ pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|p| p.name).collect()
 }
 
-/// Parses `<preset>[:layers=N]` (the part after `synthetic:`) into a config.
+/// Parses `<preset>[:layers=N][:intermediate=N][:vocab=N]` (the part after `synthetic:`) into a
+/// config: the preset with fewer layers, or another MLP width or vocabulary (`strata calibrate`
+/// times the host's work per decode layer on Llama-3-8B's attention with a small MLP and
+/// vocabulary, so the GPU's share stays small).
 pub fn config(spec: &str) -> ModelResult<ModelConfig> {
     let full = format!("synthetic:{spec}");
     let mut parts = spec.split(':');
@@ -145,8 +149,22 @@ pub fn config(spec: &str) -> ModelResult<ModelConfig> {
         )
     })?;
     let mut layers = p.layers;
+    let (mut intermediate, mut vocab) = (p.intermediate, p.vocab);
+    let positive = |key: &str, n: &str| {
+        n.parse::<usize>()
+            .ok()
+            .filter(|&n| n >= 8 && n.is_multiple_of(8))
+            .ok_or_else(|| {
+                ModelError::spec(
+                    &full,
+                    format!("`{key}={n}` must be a multiple of 8, at least 8"),
+                )
+            })
+    };
     for opt in parts {
         match opt.split_once('=') {
+            Some(("intermediate", n)) => intermediate = positive("intermediate", n)?,
+            Some(("vocab", n)) => vocab = positive("vocab", n)?,
             Some(("layers", n)) => {
                 layers = n
                     .parse()
@@ -162,7 +180,7 @@ pub fn config(spec: &str) -> ModelResult<ModelConfig> {
             _ => {
                 return Err(ModelError::spec(
                     &full,
-                    format!("unknown option `{opt}` (known: layers=N)"),
+                    format!("unknown option `{opt}` (known: layers=N, intermediate=N, vocab=N)"),
                 ));
             }
         }
@@ -196,8 +214,8 @@ pub fn config(spec: &str) -> ModelResult<ModelConfig> {
         heads: p.heads,
         kv_heads: p.kv_heads,
         head_dim: p.hidden / p.heads,
-        intermediate: p.intermediate,
-        vocab: p.vocab,
+        intermediate,
+        vocab,
         max_context: p.max_context,
         max_context_source: format!("{full}: preset context"),
         norm_eps: eps,
@@ -331,5 +349,29 @@ impl WeightSource for SyntheticSource {
             "synthetic weights ({}), generated on demand",
             self.cfg.dtype.name()
         )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::config;
+
+    #[test]
+    fn options_change_layers_mlp_width_and_vocabulary() {
+        let c = config("llama-3-8b:layers=4:intermediate=256:vocab=512").unwrap();
+        assert_eq!((c.layers, c.intermediate, c.vocab), (4, 256, 512));
+        assert_eq!(
+            (c.hidden, c.heads, c.kv_heads, c.head_dim),
+            (4096, 32, 8, 128)
+        );
+        for bad in [
+            "llama-3-8b:vocab=7",
+            "llama-3-8b:intermediate=0",
+            "llama-3-8b:depth=2",
+        ] {
+            let e = config(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("synthetic:{bad}")), "{e}");
+        }
     }
 }
