@@ -52,13 +52,13 @@
 //! layer at a GPU batch's sequences ([`HardwareProfile::decode_issue_s`]), a decode layer's
 //! GPU time is the longer of that and its kernels' (the bytes and FLOPs above plus
 //! [`DECODE_SMALL_KERNELS_S`]) per GPU batch: the GPU cannot run ahead of the host issuing its
-//! work, and on the machines measured either can be the longer. Host attention = its KV bytes at the profile's rate for the
-//! policy's block size ([`HardwareProfile::host_attention_bps`]) plus one call's fixed cost per
-//! GPU batch; host compute (that and the host MLP share) runs at the profile's
-//! `host_attention_beside_copies` fraction of its rate for as long as the layer's host→device
-//! copies run beside it (`alone + min(alone, h2d)·(1/f − 1)`). Disk bandwidth depends on request
-//! size (weights: 4 MiB
-//! chunks; KV: one block of one sequence in one layer), see [`HardwareProfile::disk_read_bps`].
+//! work, and on the machines measured either can be the longer. Host attention = its KV bytes
+//! at the profile's rate for the policy's block size ([`HardwareProfile::host_attention_bps`])
+//! plus one call's fixed cost per GPU batch; host compute (that and the host MLP share) runs at
+//! the profile's `host_attention_beside_copies` fraction of its rate for as long as the layer's
+//! host→device copies run beside it (`alone + min(alone, h2d)·(1/f − 1)`). Disk bandwidth
+//! depends on request size (weights: 4 MiB chunks; KV: one block of one sequence in one layer),
+//! see [`HardwareProfile::disk_read_bps`].
 //! **Host memory** is shared: host attention reads it, every host→device copy reads it, and
 //! device→host copies and disk reads write into it (disk writes read it). Each stream's own
 //! rate was calibrated alone, so `host_memory = (host_attention + h2d + d2h + disk_read +
@@ -303,7 +303,7 @@ struct Traffic {
     hbm: f64,
     /// Of `hbm`, a decode step's weights read by its projections and its KV read by the GPU's
     /// decode attention: each charged at its kernel's calibrated rate instead of the copy's
-    /// ([`HardwareProfile::gpu_weight_bps`], [`HardwareProfile::gpu_decode_attention_bps`]).
+    /// ([`HardwareProfile::gpu_weight_bps`], [`HardwareProfile::gpu_decode_attention_s`]).
     decode_weights: f64,
     decode_kv: f64,
     /// Rows of one GPU batch of a decode step (0 for a prefill): what the host's issue of a

@@ -6,10 +6,13 @@
 //!   memory and the device (H2D, D2H). Capacity: the GPU's total memory.
 //!   Through the runtime's own kernels (`CudaBackend`, NVRTC-compiled on first use): causal
 //!   prefill attention, one 8192-token prompt on Llama-3-8B's heads over bf16 KV; and a decode
-//!   step's two big readers, the weights `linear` streams at 1 to 256 rows (a Llama-3-8B-sized
-//!   MLP's bf16 projections, `--gpu-gemm rounded`: `gpu_weight_gbps`) and the KV the split-KV
-//!   decode kernel reads for 1 to 64 sequences of 4,096 tokens, fitted as a fixed cost per
-//!   launch plus a rate (`gpu_decode_attention_call_us`, `gpu_decode_attention_gbps`).
+//!   step's two big readers, the weights `linear` streams at 1 to 256 rows (one Llama-3-8B
+//!   layer's seven bf16 projections, `--gpu-gemm rounded`: `gpu_weight_gbps`) and the KV the
+//!   split-KV decode kernel reads for 1 to 64 sequences of 4,096 tokens, fitted as a fixed cost
+//!   per launch plus a rate (`gpu_decode_attention_call_us`, `gpu_decode_attention_gbps`).
+//!   And the host's time to issue a decode layer at 1, 16 and 64 sequences
+//!   (`decode_issue_us`): `strata generate` in a process of its own on a model whose GPU work
+//!   is small (Llama-3-8B's attention, a small MLP and vocabulary).
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
@@ -264,7 +267,9 @@ impl Calibration {
 /// them for the host to issue the next. Fitted on an H100 (2026-11-23, Llama-3-8B, 2K-token
 /// prompts): kernel by kernel (Nsight Compute) the small kernels took 37 and 44 µs per layer at
 /// batch 1 and 16, and the measured steps exceeded all kernel time by another 63 and 75 µs per
-/// layer; 101–120 µs against a 12.7 µs probe, about 9 probe ops.
+/// layer; 101–120 µs against a 12.7 µs probe, about 9 probe ops. The planner adds it to a
+/// decode layer only where the profile has no measured issue time (`decode_issue_us`), and to
+/// every prefill layer.
 pub const DECODE_OPS_PER_LAYER: usize = 9;
 
 /// Sizes of each measurement (bytes unless named otherwise).

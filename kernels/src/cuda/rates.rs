@@ -17,9 +17,11 @@ impl CudaBackend {
     /// GB/s of weights `linear` streams at each of `rows` rows: one Llama-3-8B layer's seven
     /// bf16 projections (q, k, v and o on a `[rows, 4096]` input, gate and up on another, down
     /// on a `[rows, 14336]` one; 436 MB, far past L2) applied `reps` times in a row, timed
-    /// together, best of `trials`. The rate includes each call's own launches and operand
-    /// conversions (q, k, v sharing one, as in a decode layer), as a decode step pays them; it
-    /// is the backend's current [`super::GemmPrecision`].
+    /// together, best of `trials`. The rate includes each call's own launches, as a decode
+    /// step pays them; the activation's conversion for the GEMMs of more than 8 rows is made
+    /// once per input tensor and kept (the operand cache), so fewer of them are timed than the
+    /// four a decode layer makes. The GEMMs run in the backend's current
+    /// [`super::GemmPrecision`].
     pub fn decode_linear_gbps(
         &self,
         rows: &[usize],
