@@ -1145,6 +1145,16 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             d.per_layer.get(s) * 1e3,
             f.per_layer.get(s) * 1e3
         );
+        if s == strata_planner::Stream::GpuCompute {
+            // The host's time issuing that work: a decode layer takes the longer of it and its
+            // kernels where `calibrate` measured it, else it is added to them.
+            println!(
+                "  {:<26} {:>11.3}  {:>8.3}",
+                "  host issuing it",
+                d.per_layer.gpu_issue_s * 1e3,
+                f.per_layer.gpu_issue_s * 1e3
+            );
+        }
     }
     println!(
         "  {:<26} {:>11.3}  {:>8.3}",
@@ -1154,7 +1164,13 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     );
     println!(
         "  {:<26} {:>11.3}  {:>8.3}",
-        "whole model (+ pipeline fill)",
+        "LM head (per step)",
+        d.head_s * 1e3,
+        f.head_s * 1e3
+    );
+    println!(
+        "  {:<26} {:>11.3}  {:>8.3}",
+        "whole model (+ fill, head)",
         d.total_s * 1e3,
         f.total_s * 1e3
     );

@@ -97,6 +97,9 @@ fn text_output_says_the_profile_is_a_reference() {
     assert!(text.contains("NOT a measurement of this machine"), "{text}");
     assert!(text.contains("bound by"), "{text}");
     assert!(text.contains("lower bound (all overlap)"), "{text}");
+    // The host's issue of the GPU's work, and the LM head, shown as parts of the prediction.
+    assert!(text.contains("host issuing it"), "{text}");
+    assert!(text.contains("LM head (per step)"), "{text}");
     assert!(text.contains("alternatives"), "{text}");
 }
 
