@@ -288,6 +288,9 @@ struct Sizes {
     op_reps: usize,
     /// Rounds per timing of the decode projections and launches of the decode attention.
     decode_reps: usize,
+    /// Whether to time the host's issue of a decode layer (three `generate` runs, ~10 s):
+    /// not in `--quick`.
+    decode_issue: bool,
     trials: usize,
 }
 
@@ -303,6 +306,7 @@ impl Sizes {
             gpu_gemm_reps: 20 / s,
             op_reps: 2000 / s,
             decode_reps: 10 / s.min(2),
+            decode_issue: !quick,
             hbm: (1 << 30) / s,
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
@@ -823,6 +827,14 @@ fn measure_gpu_kernels(
     drop(gpu);
 
     steps.step("host issue per decode layer");
+    if !sz.decode_issue {
+        notes.push(
+            "--quick: host issue per decode layer not measured; the planner charges \
+             `gpu_layer_overhead_us` per layer instead (run `strata calibrate` for it)"
+                .into(),
+        );
+        return Ok(());
+    }
     match measure_decode_issue(device, p.gpu_bytes) {
         Ok(table) => {
             row(
