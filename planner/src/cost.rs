@@ -306,9 +306,9 @@ struct Traffic {
     /// ([`HardwareProfile::gpu_weight_bps`], [`HardwareProfile::gpu_decode_attention_s`]).
     decode_weights: f64,
     decode_kv: f64,
-    /// Rows of one GPU batch of a decode step (0 for a prefill): what the host's issue of a
-    /// layer is charged at ([`HardwareProfile::decode_issue_s`]).
-    decode_rows: f64,
+    /// A decode step's traffic: its layers are charged the host's measured issue time
+    /// ([`HardwareProfile::decode_issue_s`]) where the profile has it.
+    decode: bool,
     /// Bytes the kernels between the GEMMs move through HBM (see
     /// [`ModelSpec::activation_bytes_per_token_per_layer`]): they run in turn with the GEMMs,
     /// so their time adds to the GEMMs' instead of hiding under it.
@@ -426,7 +426,7 @@ fn write_traffic(t: &mut Traffic, p: &Policy, z: &Sizes, tokens: f64) {
 fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     let z = sizes(m, wl, p);
     let mut t = Traffic {
-        decode_rows: p.gpu_batch_size.max(1) as f64,
+        decode: true,
         ..Traffic::default()
     };
     weight_traffic(&mut t, p, &z);
@@ -609,8 +609,9 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     // A decode layer's GPU time is the longer of its kernels' time and the host's time to
     // issue them, where that was measured; else a fixed overhead added to the kernels'.
     let kernels = compute.max(memory) + elementwise;
-    let (gpu_compute_s, gpu_issue_s) = match hw.decode_issue_s(t.decode_rows) {
-        Some(issue) if t.decode_rows > 0.0 => {
+    let issue = t.decode.then(|| hw.decode_issue_s(rows)).flatten();
+    let (gpu_compute_s, gpu_issue_s) = match issue {
+        Some(issue) => {
             let issue_s = t.launches * issue;
             let small = t.launches * DECODE_SMALL_KERNELS_S;
             ((kernels + small).max(issue_s), issue_s)

@@ -47,6 +47,28 @@ fn fits(m: &ModelSpec, w: &Workload, p: &Policy, b: &Budgets) -> bool {
     b.hold(&memory(m, w, p))
 }
 
+/// Writes `hw` to a file and checks that loading it is refused with `field` named.
+fn assert_refused_naming(hw: &HardwareProfile, field: &str) {
+    let path = std::env::temp_dir().join(format!("strata-bad-{field}-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(hw).unwrap()).unwrap();
+    let e = HardwareProfile::load(&path).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&path);
+    assert!(e.contains(field), "{e}");
+}
+
+/// Llama-3-8B, 16 × 2048, with room for everything on the GPU: the planner's GPU-only policy
+/// (one GPU batch of 16).
+fn gpu_only_llama_16x2048() -> (ModelSpec, Workload, Policy) {
+    let m = llama_3_8b();
+    let w = wl(16, 2048, 16);
+    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
+        .unwrap()
+        .policy;
+    assert_eq!((p.weights.gpu, p.kv.cold.gpu), (1.0, 1.0), "{p:?}");
+    assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (16, 1), "{p:?}");
+    (m, w, p)
+}
+
 fn uses_recompute(p: &Policy) -> bool {
     Tier::ALL.iter().any(|&t| p.recompute.get(t) > 0.0)
 }
@@ -455,15 +477,12 @@ fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
         .per_layer;
     assert!(est.host_mlp_s > 0.0 && (est.host_mlp_s - st.host_mlp_s).abs() > 1e-6);
     // A table out of order, or with a rate of zero, is refused with the field named.
-    let path = std::env::temp_dir().join(format!("strata-mlp-table-{}.json", std::process::id()));
     for bad in [vec![[8.0, 30.0], [4.0, 40.0]], vec![[1.0, 0.0]]] {
         let hw = HardwareProfile {
             host_mlp_layer_gbps: Some(bad),
             ..h100()
         };
-        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
-        let e = HardwareProfile::load(&path).unwrap_err().to_string();
-        assert!(e.contains("host_mlp_layer_gbps"), "{e}");
+        assert_refused_naming(&hw, "host_mlp_layer_gbps");
     }
     for (hw, field) in [
         (
@@ -481,11 +500,8 @@ fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
             "host_attention_call_us",
         ),
     ] {
-        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
-        let e = HardwareProfile::load(&path).unwrap_err().to_string();
-        assert!(e.contains(field), "{e}");
+        assert_refused_naming(&hw, field);
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// A profile that measured the GPU's decode kernels charges a GPU-only decode step's weights
@@ -495,13 +511,7 @@ fn the_host_mlp_share_costs_its_bytes_at_the_rate_measured_for_its_rows() {
 /// figures are refused with the field named.
 #[test]
 fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
-    let m = llama_3_8b();
-    let w = wl(16, 2048, 16);
-    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
-        .unwrap()
-        .policy;
-    assert_eq!((p.weights.gpu, p.kv.cold.gpu), (1.0, 1.0), "{p:?}");
-    assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (16, 1), "{p:?}");
+    let (m, w, p) = gpu_only_llama_16x2048();
     let copy = h100();
     let measured = HardwareProfile {
         gpu_weight_gbps: Some(vec![[1.0, 2000.0], [16.0, 1500.0], [64.0, 1000.0]]),
@@ -526,7 +536,6 @@ fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
     let head = (m.vocab * m.hidden * m.weight_dtype_bytes) as f64;
     assert!((a.head_s - head / hbm).abs() < 1e-15 && (b.head_s - head / 1500e9).abs() < 1e-15);
     assert!(b.total_s > a.total_s);
-    let path = std::env::temp_dir().join(format!("strata-gpu-table-{}.json", std::process::id()));
     for (hw, field) in [
         (
             HardwareProfile {
@@ -550,11 +559,8 @@ fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
             "gpu_decode_attention_call_us",
         ),
     ] {
-        std::fs::write(&path, serde_json::to_string(&hw).unwrap()).unwrap();
-        let e = HardwareProfile::load(&path).unwrap_err().to_string();
-        assert!(e.contains(field), "{e}");
+        assert_refused_naming(&hw, field);
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// With the host's time to issue a decode layer measured, a GPU-only decode layer costs the
@@ -563,12 +569,7 @@ fn decode_weights_and_kv_cost_their_kernels_measured_rates() {
 /// is added to the kernels' time as before.
 #[test]
 fn a_measured_issue_time_is_the_floor_of_a_decode_layer() {
-    let m = llama_3_8b();
-    let w = wl(16, 2048, 16);
-    let p = plan(&m, &w, &budgets(80 * GIB, 64 * GIB, 0), &h100())
-        .unwrap()
-        .policy;
-    assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (16, 1), "{p:?}");
+    let (m, w, p) = gpu_only_llama_16x2048();
     let layer = |hw: &HardwareProfile| {
         strata_planner::predict(&m, &w, &p, hw)
             .decode_step

@@ -835,19 +835,19 @@ fn measure_gpu_kernels(
         );
         return Ok(());
     }
-    match measure_decode_issue(device, p.gpu_bytes) {
+    let prompt = if p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
+        DECODE_ISSUE_PROMPT
+    } else {
+        DECODE_ISSUE_SHORT_PROMPT
+    };
+    match measure_decode_issue(device, prompt) {
         Ok(table) => {
             row(
                 "decode issue",
                 format!("{:.0} µs a layer", table[0][1]),
                 format!(
                     "host time per decode layer issuing the GPU's work ({DECODE_ISSUE_MODEL}, \
-                     {}-token prompts, {} new tokens, a process of its own): {}",
-                    if p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
-                        DECODE_ISSUE_PROMPT
-                    } else {
-                        DECODE_ISSUE_SHORT_PROMPT
-                    },
+                     {prompt}-token prompts, {} new tokens, a process of its own): {}",
                     DECODE_ISSUE_TOKENS,
                     table
                         .iter()
@@ -908,16 +908,11 @@ const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
 const DECODE_ISSUE_TOKENS: usize = 16;
 
 /// The host time a decode step spends per layer issuing the GPU's work, at each of
-/// [`DECODE_ISSUE_ROWS`] sequences: `strata generate` runs [`DECODE_ISSUE_MODEL`] on the GPU
-/// (in a process of its own, as a user's run is) and its decode step time over its layers is
-/// taken, the GPU's share of it being small. Returns the `[sequences, µs]` table, or why it
+/// [`DECODE_ISSUE_ROWS`] sequences of `prompt` tokens: `strata generate` runs
+/// [`DECODE_ISSUE_MODEL`] on the GPU (in a process of its own, as a user's run is) and its
+/// decode step time over its layers is taken, the GPU's share of it being small. Returns the `[sequences, µs]` table, or why it
 /// could not be measured.
-fn measure_decode_issue(device: usize, gpu_bytes: u64) -> Result<Vec<[f64; 2]>, String> {
-    let prompt = if gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
-        DECODE_ISSUE_PROMPT
-    } else {
-        DECODE_ISSUE_SHORT_PROMPT
-    };
+fn measure_decode_issue(device: usize, prompt: usize) -> Result<Vec<[f64; 2]>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating strata: {e}"))?;
     if exe.file_stem().and_then(|s| s.to_str()) != Some("strata") {
         return Err(format!("{} is not the strata binary", exe.display()));

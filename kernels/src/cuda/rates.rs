@@ -67,11 +67,7 @@ impl CudaBackend {
                 }
                 Ok(())
             };
-            round()?; // first calls: heuristics and descriptors made
-            let mut best = f64::INFINITY;
-            for _ in 0..trials.max(1) {
-                best = best.min(self.time_ms(round)?.0);
-            }
+            let best = self.best_ms(trials, round)?;
             out.push((bytes * reps.max(1)) as f64 / (best * 1e-3) / 1e9);
         }
         Ok(out)
@@ -119,17 +115,24 @@ impl CudaBackend {
                 }
                 Ok(())
             };
-            round()?;
-            let mut best = f64::INFINITY;
-            for _ in 0..trials.max(1) {
-                best = best.min(self.time_ms(round)?.0);
-            }
+            let best = self.best_ms(trials, round)?;
             out.push((
                 (b * context * token_bytes) as f64,
                 best * 1e-3 / reps as f64,
             ));
         }
         Ok(out)
+    }
+
+    /// Milliseconds of `round` on the device, the best of `trials` timings after one untimed
+    /// call (first calls make heuristics, descriptors and scratch).
+    fn best_ms(&self, trials: usize, round: impl Fn() -> Result<()>) -> Result<f64> {
+        round()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..trials.max(1) {
+            best = best.min(self.time_ms(&round)?.0);
+        }
+        Ok(best)
     }
 }
 
