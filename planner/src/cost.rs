@@ -50,9 +50,10 @@
 //! device copy's rate. A decode step adds the LM head once per GPU batch at the projections'
 //! rate ([`PhaseTime::head_s`]). Where the profile measured the host's time to issue a decode
 //! layer at a GPU batch's sequences ([`HardwareProfile::decode_issue_s`]), a decode layer's
-//! GPU time is the longer of that and its kernels' (the bytes and FLOPs above plus
-//! [`DECODE_SMALL_KERNELS_S`]) per GPU batch: the GPU cannot run ahead of the host issuing its
-//! work, and on the machines measured either can be the longer. Host attention = its KV bytes
+//! GPU time is the longer of that and its kernels' (the bytes and FLOPs above plus the
+//! calibrated extra of a decode layer in a stream, [`HardwareProfile::decode_layer_extra_s`],
+//! or [`DECODE_SMALL_KERNELS_S`] without it) per GPU batch: the GPU cannot run ahead of the
+//! host issuing its work, and on the machines measured either can be the longer. Host attention = its KV bytes
 //! at the profile's rate for the policy's block size ([`HardwareProfile::host_attention_bps`])
 //! plus one call's fixed cost per GPU batch; host compute (that and the host MLP share) runs at
 //! the profile's `host_attention_beside_copies` fraction of its rate for as long as the layer's
@@ -105,7 +106,9 @@ pub type TierBytes = PerTier<u64>;
 /// MLP's activation, small uploads and operand conversions), per GPU batch: 37 µs at 1
 /// sequence and 44 µs at 16 on an H100 (Llama-3-8B, Nsight Compute, 2026-11-23). Charged with
 /// a measured host issue time ([`HardwareProfile::decode_issue_s`]), which replaces the fixed
-/// overhead that stood for both.
+/// overhead that stood for both, where the profile has no measured extra per decode layer
+/// ([`HardwareProfile::decode_layer_extra_s`]): in a stream, between cuBLASLt's kernels at 16
+/// and 64 rows, a layer took 60 to 90 µs more than its kernels timed alone (H100, 2026-11-23).
 pub const DECODE_SMALL_KERNELS_S: f64 = 40e-6;
 
 /// Rows (prompt tokens over the whole batch) of one prefill forward pass: the runtime's default
@@ -613,7 +616,10 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let (gpu_compute_s, gpu_issue_s) = match issue {
         Some(issue) => {
             let issue_s = t.launches * issue;
-            let small = t.launches * DECODE_SMALL_KERNELS_S;
+            let extra = hw
+                .decode_layer_extra_s(rows)
+                .unwrap_or(DECODE_SMALL_KERNELS_S);
+            let small = t.launches * extra;
             ((kernels + small).max(issue_s), issue_s)
         }
         _ => {

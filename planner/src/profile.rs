@@ -141,6 +141,14 @@ pub struct HardwareProfile {
     /// to the kernels' time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_issue_us: Option<Vec<[f64; 2]>>,
+    /// GPU time per decode layer beyond its weights and KV at the calibrated rates (the small
+    /// kernels and the gaps a stream leaves between kernels): `[sequences, µs]` pairs,
+    /// sequences ascending, each a Llama-3-8B-shaped decode layer's measured time less what
+    /// the model charges its weights and KV. Where present the planner adds it to a decode
+    /// layer's kernels in place of [`crate::DECODE_SMALL_KERNELS_S`]
+    /// ([`HardwareProfile::decode_layer_extra_s`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_layer_extra_us: Option<Vec<[f64; 2]>>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -199,6 +207,7 @@ impl HardwareProfile {
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
             decode_issue_us: None,
+            decode_layer_extra_us: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
             host_bytes: (125.0 * GIB) as u64,
@@ -242,6 +251,7 @@ impl HardwareProfile {
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
             decode_issue_us: None,
+            decode_layer_extra_us: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
             disk_bytes: (64.0 * GIB) as u64,
@@ -318,23 +328,19 @@ impl HardwareProfile {
     }
 
     /// Seconds the host takes to issue one decode layer of a GPU batch of `sequences`, from the
-    /// measured `decode_issue_us`: linear in the sequences between the measured counts, and
-    /// along the last two measurements' line past the largest (the per-sequence work goes on
-    /// growing), the smallest's below it; `None` without one.
+    /// measured `decode_issue_us` ([`along_sequences`]), never less than at the fewest
+    /// sequences measured; `None` without one.
     pub fn decode_issue_s(&self, sequences: f64) -> Option<f64> {
         let pts = self.decode_issue_us.as_deref()?;
-        let last = pts.len().checked_sub(1)?;
-        let at = |i: usize, j: usize| {
-            let ([x0, y0], [x1, y1]) = (pts[i], pts[j]);
-            y0 + (sequences - x0) * (y1 - y0) / (x1 - x0)
-        };
-        let us = if last == 0 || sequences <= pts[0][0] {
-            pts[0][1]
-        } else {
-            let i = (1..=last).find(|&i| sequences <= pts[i][0]).unwrap_or(last);
-            at(i - 1, i)
-        };
-        Some(us.max(pts[0][1]) * 1e-6)
+        let least = pts.first()?[1] * 1e-6;
+        Some(along_sequences(pts, sequences)?.max(least))
+    }
+
+    /// GPU seconds a decode layer of a GPU batch of `sequences` takes beyond its weights and KV,
+    /// from the measured `decode_layer_extra_us` ([`along_sequences`], never negative); `None`
+    /// without one.
+    pub fn decode_layer_extra_s(&self, sequences: f64) -> Option<f64> {
+        Some(along_sequences(self.decode_layer_extra_us.as_deref()?, sequences)?.max(0.0))
     }
 
     /// FLOP/s of the host MLP share's matrix-vector products (see `host_mlp_gflops`).
@@ -453,6 +459,20 @@ impl HardwareProfile {
                 "[sequences, µs] pairs with sequences ≥ 1 ascending and µs > 0",
             ),
         ];
+        // Measured less modelled: it may be 0, never negative.
+        if let Some(pts) = &self.decode_layer_extra_us {
+            let ok = pts
+                .iter()
+                .all(|[x, us]| x.is_finite() && *x >= 1.0 && us.is_finite() && *us >= 0.0)
+                && pts.windows(2).all(|w| w[0][0] < w[1][0]);
+            if !ok {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "decode_layer_extra_us",
+                    reason: "[sequences, µs] pairs with sequences ≥ 1 ascending and µs ≥ 0",
+                });
+            }
+        }
         for (field, table, reason) in tables {
             let Some(pts) = table else { continue };
             let ok = pts
@@ -507,6 +527,25 @@ impl HardwareProfile {
 /// Bytes per second at `x` from `[x, GB/s]` points (x ascending): seconds per byte interpolated
 /// linearly in `x` between the points, the nearest point's rate outside them; `None` without
 /// points.
+/// A per-layer time measured at a few sequence counts (`[sequences, µs]`, ascending), in seconds
+/// at `sequences`: linear between the measured counts, along the last two measurements' line
+/// past the largest (the per-sequence work goes on growing), the smallest's below it. `None`
+/// for an empty table.
+fn along_sequences(pts: &[[f64; 2]], sequences: f64) -> Option<f64> {
+    let last = pts.len().checked_sub(1)?;
+    let at = |i: usize, j: usize| {
+        let ([x0, y0], [x1, y1]) = (pts[i], pts[j]);
+        y0 + (sequences - x0) * (y1 - y0) / (x1 - x0)
+    };
+    let us = if last == 0 || sequences <= pts[0][0] {
+        pts[0][1]
+    } else {
+        let i = (1..=last).find(|&i| sequences <= pts[i][0]).unwrap_or(last);
+        at(i - 1, i)
+    };
+    Some(us * 1e-6)
+}
+
 fn interpolated_bps(pts: &[[f64; 2]], x: f64) -> Option<f64> {
     let spb = |i: usize| 1.0 / (pts[i][1] * 1e9);
     let last = pts.len().checked_sub(1)?;

@@ -597,6 +597,62 @@ fn a_measured_issue_time_is_the_floor_of_a_decode_layer() {
     assert_eq!(h100().decode_issue_s(16.0), None);
 }
 
+/// A measured GPU extra per decode layer (the small kernels and a stream's gaps between
+/// kernels) takes the place of the fixed small-kernel time beside the issue time: added to the
+/// kernels at the GPU batch's sequences, linear between the measured counts, never negative;
+/// a profile whose table is not ascending or holds a negative time is refused by name.
+#[test]
+fn a_measured_decode_layer_extra_replaces_the_small_kernels() {
+    let (m, w, p) = gpu_only_llama_16x2048();
+    let layer = |hw: &HardwareProfile| {
+        strata_planner::predict(&m, &w, &p, hw)
+            .decode_step
+            .per_layer
+    };
+    let kernels = layer(&h100()).gpu_compute_s - h100().gpu_layer_overhead_us * 1e-6;
+    let fast_host = vec![[1.0, 10.0], [16.0, 20.0], [64.0, 40.0]];
+    let extra = HardwareProfile {
+        decode_issue_us: Some(fast_host.clone()),
+        decode_layer_extra_us: Some(vec![[1.0, 20.0], [16.0, 80.0], [64.0, 50.0]]),
+        ..h100()
+    };
+    let st = layer(&extra);
+    assert!(
+        (st.gpu_compute_s - (kernels + 80e-6)).abs() < 1e-12,
+        "{st:?}"
+    );
+    let at = |b: f64| extra.decode_layer_extra_s(b).unwrap();
+    assert!((at(40.0) - 65e-6).abs() < 1e-12);
+    // Past the last count the line goes on down, to 0 and no further.
+    assert!((at(96.0) - 30e-6).abs() < 1e-12);
+    assert_eq!(at(1000.0), 0.0);
+    assert_eq!(h100().decode_layer_extra_s(16.0), None);
+    // Without an issue time the fixed overhead stands for both, as before.
+    let no_issue = HardwareProfile {
+        decode_issue_us: None,
+        ..extra.clone()
+    };
+    assert_eq!(layer(&no_issue), layer(&h100()));
+    for bad in [
+        vec![[16.0, 10.0], [1.0, 20.0]],
+        vec![[1.0, -1.0]],
+        vec![[0.0, 10.0]],
+    ] {
+        let hw = HardwareProfile {
+            decode_layer_extra_us: Some(bad),
+            ..h100()
+        };
+        assert_refused_naming(&hw, "decode_layer_extra_us");
+    }
+    // 0 is a measurement (the kernels took what the model charges), not an error.
+    let zero = HardwareProfile {
+        decode_issue_us: Some(fast_host),
+        decode_layer_extra_us: Some(vec![[1.0, 0.0]]),
+        ..h100()
+    };
+    assert!((layer(&zero).gpu_compute_s - kernels).abs() < 1e-12);
+}
+
 /// A profile that measured host attention per block size charges a policy's host KV at its
 /// block size's rate, plus one call's fixed cost per GPU batch; and the planner, told that small
 /// blocks attend slowly on this host, does not pick them for KV it attends there.

@@ -12,7 +12,10 @@
 //!   per launch plus a rate (`gpu_decode_attention_call_us`, `gpu_decode_attention_gbps`).
 //!   And the host's time to issue a decode layer at 1, 16 and 64 sequences
 //!   (`decode_issue_us`): `strata generate` in a process of its own on a model whose GPU work
-//!   is small (Llama-3-8B's attention, a small MLP and vocabulary).
+//!   is small (Llama-3-8B's attention, a small MLP and vocabulary); and, the same way on
+//!   Llama-3-8B's real layers, what a decode layer takes on the GPU beyond what the planner
+//!   charges its weights and KV at the rates above (`decode_layer_extra_us`: the small kernels
+//!   and the stream's gaps between kernels).
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
@@ -288,7 +291,7 @@ struct Sizes {
     op_reps: usize,
     /// Rounds per timing of the decode projections and launches of the decode attention.
     decode_reps: usize,
-    /// Whether to time the host's issue of a decode layer (three `generate` runs, ~10 s):
+    /// Whether to time decode layers (six `generate` runs, about 25 s on an H100):
     /// not in `--quick`.
     decode_issue: bool,
     trials: usize,
@@ -482,6 +485,7 @@ fn measure(
         gpu_decode_attention_gbps: None,
         gpu_decode_attention_call_us: None,
         decode_issue_us: None,
+        decode_layer_extra_us: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -826,34 +830,38 @@ fn measure_gpu_kernels(
     p.gpu_decode_attention_call_us = Some(call_us);
     drop(gpu);
 
-    steps.step("host issue per decode layer");
+    steps.step("decode layers: host issue, GPU extra");
     if !sz.decode_issue {
         notes.push(
-            "--quick: host issue per decode layer not measured; the planner charges \
-             `gpu_layer_overhead_us` per layer instead (run `strata calibrate` for it)"
+            "--quick: a decode layer's host issue and GPU extra not measured; the planner charges \
+             `gpu_layer_overhead_us` per layer instead (run `strata calibrate` for them)"
                 .into(),
         );
         return Ok(());
     }
-    let prompt = if p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
+    let long = p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES;
+    let prompt = if long {
         DECODE_ISSUE_PROMPT
     } else {
         DECODE_ISSUE_SHORT_PROMPT
     };
-    match measure_decode_issue(device, prompt) {
+    let issue = time_decode_steps(device, DECODE_ISSUE_MODEL, prompt).and_then(|runs| {
+        let layers = synthetic_layers(DECODE_ISSUE_MODEL)?;
+        Ok(runs
+            .iter()
+            .map(|r| [r.sequences as f64, r.step_s / layers as f64 * 1e6])
+            .collect::<Vec<_>>())
+    });
+    match issue {
         Ok(table) => {
             row(
                 "decode issue",
                 format!("{:.0} µs a layer", table[0][1]),
                 format!(
                     "host time per decode layer issuing the GPU's work ({DECODE_ISSUE_MODEL}, \
-                     {prompt}-token prompts, {} new tokens, a process of its own): {}",
-                    DECODE_ISSUE_TOKENS,
-                    table
-                        .iter()
-                        .map(|[b, us]| format!("{b:.0} sequences {us:.0} µs"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                     {prompt}-token prompts, {DECODE_ISSUE_TOKENS} new tokens, a process of its \
+                     own): {}",
+                    per_sequences(&table)
                 ),
             );
             p.decode_issue_us = Some(table);
@@ -863,7 +871,52 @@ fn measure_gpu_kernels(
              `gpu_layer_overhead_us` per layer instead"
         )),
     }
+    // Real layer shapes: the GPU's time in a stream, less what the model charges the kernels.
+    let model = DECODE_EXTRA_MODEL;
+    let extra = time_decode_steps(device, model, prompt).and_then(|runs| {
+        let spec = crate::policy_exec::model_spec(
+            model,
+            &crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap_or(model))
+                .map_err(|e| e.to_string())?,
+        );
+        runs.iter()
+            .map(|r| {
+                Ok([
+                    r.sequences as f64,
+                    decode_layer_extra_us(p, &spec, prompt, r)?,
+                ])
+            })
+            .collect::<Result<Vec<_>, String>>()
+    });
+    match extra {
+        Ok(table) => {
+            row(
+                "decode extra",
+                format!("{:.0} µs a layer", table[0][1]),
+                format!(
+                    "GPU time per decode layer beyond its weights and KV at the rates above \
+                     ({model}, {prompt}-token prompts, {DECODE_ISSUE_TOKENS} new tokens): {}",
+                    per_sequences(&table)
+                ),
+            );
+            p.decode_layer_extra_us = Some(table);
+        }
+        Err(why) => notes.push(format!(
+            "GPU extra per decode layer not measured ({why}): the planner charges {:.0} µs \
+             of small kernels per layer instead",
+            strata_planner::DECODE_SMALL_KERNELS_S * 1e6
+        )),
+    }
     Ok(())
+}
+
+/// `1 sequences 120 µs, 16 sequences 275 µs, …` for a `[sequences, µs]` table.
+fn per_sequences(table: &[[f64; 2]]) -> String {
+    table
+        .iter()
+        .map(|[b, us]| format!("{b:.0} sequences {us:.0} µs"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The line `seconds = call + bytes / rate` through `(bytes, seconds)` launches, least squares:
@@ -892,12 +945,19 @@ pub fn fit_launch_line(points: &[(f64, f64)]) -> (f64, f64) {
     (x / y / 1e9, 0.0)
 }
 
-/// Sequences at which `calibrate` times the host's issue of a decode layer (`decode_issue_us`).
+/// Sequences at which `calibrate` times decode layers (`decode_issue_us`,
+/// `decode_layer_extra_us`).
 pub const DECODE_ISSUE_ROWS: [usize; 3] = [1, 16, 64];
-/// The model it runs: Llama-3-8B's 32 layers and attention (so the same kernels, launches and
-/// per-sequence bookkeeping), with an MLP and a vocabulary small enough that the GPU's work per
-/// layer stays well under the host's.
+/// The model whose decode step times the host's issue: Llama-3-8B's 32 layers and attention
+/// (so the same kernels, launches and per-sequence bookkeeping), with an MLP and a vocabulary
+/// small enough that the GPU's work per layer stays well under the host's.
 const DECODE_ISSUE_MODEL: &str = "synthetic:llama-3-8b:intermediate=256:vocab=256";
+/// The model whose decode step times a layer's GPU extra: Llama-3-8B's layers as they are (the
+/// cuBLASLt kernels a decode picks depend on the shapes), 16 of them (7 GB of weights, so the
+/// three runs load in about 15 s and fit a 24 GB GPU), and a small vocabulary. What a step
+/// costs once (sampling, its setup) is spread over 16 layers here rather than a real run's
+/// 32, so the extra carries a little more of it than a 32-layer model's layers do.
+const DECODE_EXTRA_MODEL: &str = "synthetic:llama-3-8b:layers=16:vocab=256";
 /// Prompt tokens per sequence: the per-sequence work grows with a sequence's blocks, so a
 /// context of the size the runs have (2K: 64 sequences hold 16 GiB of KV), or 512 tokens on a
 /// GPU of less than [`DECODE_ISSUE_LONG_GPU_BYTES`].
@@ -907,27 +967,33 @@ const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
 /// New tokens: enough decode steps that the first one's one-time costs weigh little.
 const DECODE_ISSUE_TOKENS: usize = 16;
 
-/// The host time a decode step spends per layer issuing the GPU's work, at each of
-/// [`DECODE_ISSUE_ROWS`] sequences of `prompt` tokens: `strata generate` runs
-/// [`DECODE_ISSUE_MODEL`] on the GPU (in a process of its own, as a user's run is) and its
-/// decode step time over its layers is taken, the GPU's share of it being small. Returns the `[sequences, µs]` table, or why it
-/// could not be measured.
-fn measure_decode_issue(device: usize, prompt: usize) -> Result<Vec<[f64; 2]>, String> {
+/// One timed decode: `sequences` prompts, the mean decode step, the KV block size it ran.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeRun {
+    pub sequences: usize,
+    pub step_s: f64,
+    pub block_tokens: usize,
+}
+
+fn synthetic_layers(model: &str) -> Result<usize, String> {
+    crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap_or(model))
+        .map(|c| c.layers)
+        .map_err(|e| e.to_string())
+}
+
+/// A decode at each of [`DECODE_ISSUE_ROWS`] sequences of `prompt` tokens, [`DECODE_ISSUE_TOKENS`]
+/// new tokens: `strata generate` runs the synthetic `model` on the GPU in a process of its own,
+/// as a user's run is, with everything on the GPU. Returns each run's mean decode step, or why
+/// it could not be timed.
+fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<DecodeRun>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating strata: {e}"))?;
     if exe.file_stem().and_then(|s| s.to_str()) != Some("strata") {
         return Err(format!("{} is not the strata binary", exe.display()));
     }
-    let dir = std::env::temp_dir().join(format!("strata-calibrate-issue-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("strata-calibrate-decode-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let _cleanup = TempDir(dir.clone());
-    let layers = crate::model::synthetic::config(
-        DECODE_ISSUE_MODEL
-            .strip_prefix("synthetic:")
-            .unwrap_or(DECODE_ISSUE_MODEL),
-    )
-    .map_err(|e| e.to_string())?
-    .layers;
-    let mut table = Vec::with_capacity(DECODE_ISSUE_ROWS.len());
+    let mut runs = Vec::with_capacity(DECODE_ISSUE_ROWS.len());
     for b in DECODE_ISSUE_ROWS {
         let (input, output, stats) = (
             dir.join(format!("p{b}.jsonl")),
@@ -945,7 +1011,7 @@ fn measure_decode_issue(device: usize, prompt: usize) -> Result<Vec<[f64; 2]>, S
         std::fs::write(&input, prompts).map_err(|e| format!("{}: {e}", input.display()))?;
         let path = |p: &Path| p.display().to_string();
         let out = std::process::Command::new(&exe)
-            .args(["generate", "--model", DECODE_ISSUE_MODEL])
+            .args(["generate", "--model", model])
             .args([
                 "--device",
                 &format!("cuda:{device}"),
@@ -961,7 +1027,7 @@ fn measure_decode_issue(device: usize, prompt: usize) -> Result<Vec<[f64; 2]>, S
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             return Err(format!(
-                "`strata generate --model {DECODE_ISSUE_MODEL}` at {b} sequences failed: {}",
+                "`strata generate --model {model}` at {b} sequences failed: {}",
                 err.lines().last().unwrap_or("no message")
             ));
         }
@@ -976,9 +1042,45 @@ fn measure_decode_issue(device: usize, prompt: usize) -> Result<Vec<[f64; 2]>, S
         if secs <= 0.0 || steps < 1.0 {
             return Err(format!("{}: no decode steps timed", stats.display()));
         }
-        table.push([b as f64, secs / steps / layers as f64 * 1e6]);
+        runs.push(DecodeRun {
+            sequences: b,
+            step_s: secs / steps,
+            block_tokens: s["kv_block_tokens"].as_u64().unwrap_or(0) as usize,
+        });
     }
-    Ok(table)
+    Ok(runs)
+}
+
+/// What a decode layer of `run` took on the GPU beyond what the planner charges its weights and
+/// KV, in µs per layer (never negative): the measured step, less the LM head, over the layers,
+/// less the layer's GPU compute predicted for the same workload on everything-on-the-GPU with
+/// `profile`'s rates and no per-layer overhead, issue time or extra.
+pub fn decode_layer_extra_us(
+    profile: &HardwareProfile,
+    spec: &strata_planner::ModelSpec,
+    prompt: usize,
+    run: &DecodeRun,
+) -> Result<f64, String> {
+    let wl = strata_planner::Workload {
+        batch: run.sequences as u64,
+        prompt_len: prompt as u64,
+        gen_len: DECODE_ISSUE_TOKENS as u64,
+    };
+    let unbounded = strata_planner::Budgets {
+        gpu_bytes: u64::MAX,
+        host_bytes: u64::MAX,
+        disk_bytes: u64::MAX,
+    };
+    let policy = strata_planner::gpu_only(spec, &wl, &unbounded, run.block_tokens.max(1) as u64)
+        .map_err(|e| e.to_string())?;
+    let mut kernels_only = profile.clone();
+    kernels_only.gpu_layer_overhead_us = 0.0;
+    kernels_only.decode_issue_us = None;
+    kernels_only.decode_layer_extra_us = None;
+    let step = strata_planner::predict(spec, &wl, &policy, &kernels_only).decode_step;
+    let layers = spec.layers.max(1) as f64;
+    let measured = (run.step_s - step.head_s - step.pipeline_fill_s) / layers;
+    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
 }
 
 /// Removes a directory and what it holds when dropped.
@@ -1532,6 +1634,53 @@ mod tests {
         assert!((fit - h).abs() < 1.0, "{fit}");
         // A disk already saturated at small requests: the smallest h.
         assert_eq!(fit_half_bandwidth(r1, 2.0, r2, 1.9), 4096.0);
+    }
+
+    /// The extra is what a measured step spends per layer beyond the model's kernels: a step
+    /// made of the kernel-only prediction plus 50 µs a layer gives back 50 µs, at each count of
+    /// sequences; a step faster than the model gives 0, not a negative time.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn decode_layer_extra_is_the_step_beyond_the_modelled_kernels() {
+        let model = DECODE_EXTRA_MODEL;
+        let cfg =
+            crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap()).unwrap();
+        let spec = crate::policy_exec::model_spec(model, &cfg);
+        let mut hw = HardwareProfile::h100_reference();
+        // What a calibration has measured by then: the per-layer overhead and issue time must
+        // not count in the model's kernels.
+        hw.decode_issue_us = Some(vec![[1.0, 5000.0]]);
+        hw.decode_layer_extra_us = Some(vec![[1.0, 7000.0]]);
+        let unbounded = strata_planner::Budgets {
+            gpu_bytes: u64::MAX,
+            host_bytes: u64::MAX,
+            disk_bytes: u64::MAX,
+        };
+        let mut bare = hw.clone();
+        bare.gpu_layer_overhead_us = 0.0;
+        bare.decode_issue_us = None;
+        bare.decode_layer_extra_us = None;
+        for sequences in DECODE_ISSUE_ROWS {
+            let wl = strata_planner::Workload {
+                batch: sequences as u64,
+                prompt_len: DECODE_ISSUE_PROMPT as u64,
+                gen_len: DECODE_ISSUE_TOKENS as u64,
+            };
+            let p = strata_planner::gpu_only(&spec, &wl, &unbounded, 16).unwrap();
+            let modelled = strata_planner::predict(&spec, &wl, &p, &bare).decode_step;
+            assert!(modelled.per_layer.gpu_compute_s > 0.0);
+            let run = |step_s| DecodeRun {
+                sequences,
+                step_s,
+                block_tokens: 16,
+            };
+            let slower = run(modelled.total_s + spec.layers as f64 * 50e-6);
+            let extra = decode_layer_extra_us(&hw, &spec, DECODE_ISSUE_PROMPT, &slower).unwrap();
+            assert!((extra - 50.0).abs() < 1e-6, "{sequences}: {extra}");
+            let faster = run(modelled.total_s * 0.9);
+            let extra = decode_layer_extra_us(&hw, &spec, DECODE_ISSUE_PROMPT, &faster).unwrap();
+            assert_eq!(extra, 0.0, "{sequences}");
+        }
     }
 
     #[test]

@@ -299,29 +299,31 @@ fn name_seed(name: WeightName) -> u64 {
 const CHUNK: usize = 1 << 16;
 
 /// `n` values of `fill`, deterministic in `seed`, each chunk from its own stream (so the result
-/// does not depend on how rayon splits the work), converted by `conv`.
-fn fill_values<T: Send + Copy + Default>(
+/// does not depend on how rayon splits the work), converted by `conv`. SplitMix64 is a counter
+/// hashed, so each value is computed on its own and rayon writes them straight into the vector
+/// from every thread: the pages of a multi-GiB tensor are first touched in parallel too.
+fn fill_values<T: Send + Copy>(
     n: usize,
     seed: u64,
     fill: Fill,
-    conv: impl Fn(f32) -> T + Sync,
+    conv: impl Fn(f32) -> T + Sync + Send,
 ) -> Vec<T> {
-    let mut values = vec![T::default(); n];
-    values
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut s = seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-            for v in chunk.iter_mut() {
-                *v = conv(match fill {
-                    Fill::One => 1.0,
-                    Fill::Uniform(a) => {
-                        ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-                    }
-                });
-            }
-        });
-    values
+    (0..n)
+        .into_par_iter()
+        .with_min_len(CHUNK)
+        .map(|j| {
+            conv(match fill {
+                Fill::One => 1.0,
+                Fill::Uniform(a) => {
+                    let chunk = (j / CHUNK) as u64;
+                    // The state after the value's place in its chunk's stream.
+                    let mut s = (seed ^ chunk.wrapping_mul(0xA24B_AED4_963E_E407))
+                        .wrapping_add(((j % CHUNK) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+                }
+            })
+        })
+        .collect()
 }
 
 impl WeightSource for SyntheticSource {
