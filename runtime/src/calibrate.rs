@@ -118,6 +118,9 @@ pub struct CalibrateOptions {
     pub io_engine: IoEngine,
     pub queue_depth: usize,
     pub device: DeviceChoice,
+    /// Host threads to measure the host's figures with (`generate --threads`); `None`: the
+    /// default a run on this device uses ([`crate::host_threads`]).
+    pub threads: Option<usize>,
 }
 
 impl Default for CalibrateOptions {
@@ -128,6 +131,7 @@ impl Default for CalibrateOptions {
             io_engine: IoEngine::Auto,
             queue_depth: 32,
             device: DeviceChoice::Auto,
+            threads: None,
         }
     }
 }
@@ -368,7 +372,10 @@ pub fn calibrate(opts: &CalibrateOptions) -> Result<Calibration, CalibrateError>
     let mut notes = Vec::new();
     let gpu = open_gpu(opts.device, &mut notes)?;
     // Host figures are measured with the threads a run on this device uses.
-    let threads = crate::host_threads(gpu.is_some());
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| crate::host_threads(gpu.is_some()))
+        .max(1);
     match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
         Ok(pool) => pool.install(|| measure(opts, &sz, gpu, notes, t0)),
         Err(_) => measure(opts, &sz, gpu, notes, t0),

@@ -168,6 +168,11 @@ struct CalibrateArgs {
     /// The GPU to measure: auto (GPU 0 when usable), cuda:N, or cpu (no GPU).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
+    /// Host threads to measure host attention, host memory and the host MLP share with: give
+    /// the `--threads` your runs use (default: what `generate` uses by default, all cores, or
+    /// all but one with a GPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
 }
 
 #[derive(Args)]
@@ -952,6 +957,7 @@ fn calibrate_options(a: &CalibrateArgs) -> anyhow::Result<CalibrateOptions> {
         disk_dir: a.disk_dir.clone(),
         io_engine: a.io_engine.parse()?,
         queue_depth: a.io_queue_depth.max(1),
+        threads: a.threads.map(|t| t as usize),
         device: match a.device {
             Device::Auto => DeviceChoice::Auto,
             Device::Cpu => DeviceChoice::Cpu,

@@ -116,6 +116,39 @@ fn quick_calibration_writes_a_profile_that_plan_accepts() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// `--threads N` measures the host's figures with N threads, as `generate --threads N` runs.
+#[test]
+fn threads_set_the_host_threads_measured() {
+    let d = tmpdir("threads");
+    let profile = d.join("profile.json");
+    let out = strata()
+        .args(["calibrate", "--quick", "--threads", "1", "--profile"])
+        .arg(&profile)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let host_rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("host memory ") || l.contains("host MLP layer"))
+        .collect();
+    assert!(!host_rows.is_empty(), "{stdout}");
+    assert!(
+        host_rows.iter().all(|l| l.contains(" 1 threads")),
+        "{stdout}"
+    );
+    let out = strata()
+        .args(["calibrate", "--quick", "--threads", "0"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("--threads"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn a_disk_dir_that_is_a_file_is_refused_by_name() {
     let d = tmpdir("baddir");
