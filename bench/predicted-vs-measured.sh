@@ -106,18 +106,19 @@ def tiers(p):
             f"cold KV {pct(c['gpu'])}/{pct(c['host'])}/{pct(c['disk'])}")
 
 print("| workload | batch × prompt | weights and cold KV, % GPU/host/disk | predicted ms | "
-      "measured ms | measured / predicted | bound by (predicted) | measured / lower bound | "
-      "prefill measured / predicted s |")
-print("|---|---|---|---:|---:|---:|---|---:|---:|")
+      "measured ms | measured / predicted | median step / predicted | bound by (predicted) | "
+      "measured / lower bound | prefill measured / predicted s |")
+print("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
 for n in names:
     s = json.load(open(f"{out}/{n}.stats.json"))
     c = s.get("policy_check")
     if not c:
-        print(f"| {n} | – | no policy check in the stats | | | | | | |")
+        print(f"| {n} | – | no policy check in the stats | | | | | | | |")
         continue
     shape = f"{s['batch_size']} × {s['prompt_tokens'] // max(1, s['items_ok'])}"
     print(f"| {n} | {shape} | {tiers(c['policy'])} | {1e3 * c['predicted_decode_step_s']:.2f} | "
           f"{1e3 * c['measured_decode_step_s']:.2f} | {c['decode_step_ratio']:.2f} | "
+          f"{c.get('decode_step_median_ratio', float('nan')):.2f} | "
           f"{c['predicted_bound_by']} | {c['decode_step_over_lower_bound']:.2f} | "
           f"{c['measured_prefill_s']:.3f} / {c['predicted_prefill_s']:.3f} "
           f"({c['prefill_ratio']:.2f}) |")

@@ -90,6 +90,10 @@ pub struct JobStats {
     /// Prefill and decode time, without `gemm_tuning_seconds`.
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Each decode step's seconds, in order (their sum is `decode_seconds`): where a slow
+    /// stretch of a run went.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decode_step_seconds: Vec<f64>,
     /// One-time GEMM tuning (a shape's first call on a machine without it in its tuning
     /// record), taken out of the prefill and decode time it fell in: what those would cost on
     /// a tuned machine, which is what every later run there sees.
@@ -575,7 +579,9 @@ impl<'a, 'm, B: RuntimeBackend> Job<'a, 'm, B> {
         }
         self.stats.decode_tokens += rows.len();
         self.stats.decode_steps += 1;
-        self.stats.decode_seconds += self.untuned_seconds(t0, tuned0);
+        let step = self.untuned_seconds(t0, tuned0);
+        self.stats.decode_seconds += step;
+        self.stats.decode_step_seconds.push(step);
         Ok(())
     }
 
