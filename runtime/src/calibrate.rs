@@ -974,7 +974,7 @@ const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
 /// New tokens: enough decode steps that the first one's one-time costs weigh little.
 const DECODE_ISSUE_TOKENS: usize = 16;
 
-/// One timed decode: `sequences` prompts, the mean decode step, the KV block size it ran.
+/// One timed decode: `sequences` prompts, the median decode step, the KV block size it ran.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeRun {
     pub sequences: usize,
@@ -990,8 +990,8 @@ fn synthetic_layers(model: &str) -> Result<usize, String> {
 
 /// A decode at each of [`DECODE_ISSUE_ROWS`] sequences of `prompt` tokens, [`DECODE_ISSUE_TOKENS`]
 /// new tokens: `strata generate` runs the synthetic `model` on the GPU in a process of its own,
-/// as a user's run is, with everything on the GPU. Returns each run's mean decode step, or why
-/// it could not be timed.
+/// as a user's run is, with everything on the GPU. Returns each run's median decode step, or
+/// why it could not be timed.
 fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<DecodeRun>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating strata: {e}"))?;
     if exe.file_stem().and_then(|s| s.to_str()) != Some("strata") {
@@ -1042,16 +1042,19 @@ fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<De
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .ok_or_else(|| format!("{}: no run statistics", stats.display()))?;
-        let (secs, steps) = (
-            s["decode_seconds"].as_f64().unwrap_or(0.0),
-            s["decode_steps"].as_f64().unwrap_or(0.0),
-        );
-        if secs <= 0.0 || steps < 1.0 {
+        // The median step: the first carries one-time costs (a new GEMM shape's setup, first
+        // allocations) that on an H100 made it two to three times the steps after it.
+        let steps: Vec<f64> = s["decode_step_seconds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+            .unwrap_or_default();
+        let step_s = crate::policy_exec::median(&steps).unwrap_or(0.0);
+        if step_s <= 0.0 {
             return Err(format!("{}: no decode steps timed", stats.display()));
         }
         runs.push(DecodeRun {
             sequences: b,
-            step_s: secs / steps,
+            step_s,
             block_tokens: s["kv_block_tokens"].as_u64().unwrap_or(0) as usize,
         });
     }

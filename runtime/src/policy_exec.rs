@@ -273,7 +273,7 @@ pub struct StreamCheck {
 }
 
 /// The median of `xs` (the mean of the middle two for an even count); `None` when empty.
-fn median(xs: &[f64]) -> Option<f64> {
+pub(crate) fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
