@@ -107,8 +107,8 @@ pub type TierBytes = PerTier<u64>;
 /// sequence and 44 µs at 16 on an H100 (Llama-3-8B, Nsight Compute, 2026-11-23). Charged with
 /// a measured host issue time ([`HardwareProfile::decode_issue_s`]), which replaces the fixed
 /// overhead that stood for both, where the profile has no measured extra per decode layer
-/// ([`HardwareProfile::decode_layer_extra_s`]): in a stream, between cuBLASLt's kernels at 16
-/// and 64 rows, a layer took 60 to 90 µs more than its kernels timed alone (H100, 2026-11-23).
+/// ([`HardwareProfile::decode_layer_extra_s`]): in a stream a layer takes more than its kernels
+/// timed alone (at 16 rows on an H100, 359 µs against 296; 2026-11-23).
 pub const DECODE_SMALL_KERNELS_S: f64 = 40e-6;
 
 /// Rows (prompt tokens over the whole batch) of one prefill forward pass: the runtime's default
