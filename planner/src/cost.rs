@@ -53,8 +53,9 @@
 //! GPU time is the longer of that and its kernels' (the bytes and FLOPs above plus the
 //! calibrated extra of a decode layer in a stream, [`HardwareProfile::decode_layer_extra_s`],
 //! or [`DECODE_SMALL_KERNELS_S`] without it) per GPU batch: the GPU cannot run ahead of the
-//! host issuing its work, and on the machines measured either can be the longer. Host attention = its KV bytes
-//! at the profile's rate for the policy's block size ([`HardwareProfile::host_attention_bps`])
+//! host issuing its work, and on the machines measured either can be the longer. Host
+//! attention = its KV bytes at the profile's rate for the policy's block size
+//! ([`HardwareProfile::host_attention_bps`])
 //! plus one call's fixed cost per GPU batch; host compute (that and the host MLP share) runs at
 //! the profile's `host_attention_beside_copies` fraction of its rate for as long as the layer's
 //! host→device copies run beside it (`alone + min(alone, h2d)·(1/f − 1)`). Disk bandwidth

@@ -295,7 +295,7 @@ struct Sizes {
     op_reps: usize,
     /// Rounds per timing of the decode projections and launches of the decode attention.
     decode_reps: usize,
-    /// Whether to time decode layers (six `generate` runs, about 25 s on an H100):
+    /// Whether to time decode layers (six `generate` runs):
     /// not in `--quick`.
     decode_issue: bool,
     trials: usize,
@@ -846,14 +846,13 @@ fn measure_gpu_kernels(
         );
         return Ok(());
     }
-    let long = p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES;
-    let prompt = if long {
+    let prompt = if p.gpu_bytes >= DECODE_ISSUE_LONG_GPU_BYTES {
         DECODE_ISSUE_PROMPT
     } else {
         DECODE_ISSUE_SHORT_PROMPT
     };
     let issue = time_decode_steps(device, DECODE_ISSUE_MODEL, prompt).and_then(|runs| {
-        let layers = synthetic_layers(DECODE_ISSUE_MODEL)?;
+        let layers = synthetic_config(DECODE_ISSUE_MODEL)?.layers;
         Ok(runs
             .iter()
             .map(|r| [r.sequences as f64, r.step_s / layers as f64 * 1e6])
@@ -881,11 +880,7 @@ fn measure_gpu_kernels(
     // Real layer shapes: the GPU's time in a stream, less what the model charges the kernels.
     let model = DECODE_EXTRA_MODEL;
     let extra = time_decode_steps(device, model, prompt).and_then(|runs| {
-        let spec = crate::policy_exec::model_spec(
-            model,
-            &crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap_or(model))
-                .map_err(|e| e.to_string())?,
-        );
+        let spec = crate::policy_exec::model_spec(model, &synthetic_config(model)?);
         runs.iter()
             .map(|r| {
                 Ok([
@@ -960,8 +955,8 @@ pub const DECODE_ISSUE_ROWS: [usize; 3] = [1, 16, 64];
 /// small enough that the GPU's work per layer stays well under the host's.
 const DECODE_ISSUE_MODEL: &str = "synthetic:llama-3-8b:intermediate=256:vocab=256";
 /// The model whose decode step times a layer's GPU extra: Llama-3-8B's layers as they are (the
-/// cuBLASLt kernels a decode picks depend on the shapes), 16 of them (7 GB of weights, so the
-/// three runs load in about 15 s and fit a 24 GB GPU), and a small vocabulary. What a step
+/// cuBLASLt kernels a decode picks depend on the shapes), 16 of them (7 GB of weights: quicker to
+/// make than 32, and they fit a 24 GB GPU), and a small vocabulary. What a step
 /// costs once (sampling, its setup) is spread over 16 layers here rather than a real run's
 /// 32, so the extra carries a little more of it than a 32-layer model's layers do.
 const DECODE_EXTRA_MODEL: &str = "synthetic:llama-3-8b:layers=16:vocab=256";
@@ -971,7 +966,7 @@ const DECODE_EXTRA_MODEL: &str = "synthetic:llama-3-8b:layers=16:vocab=256";
 const DECODE_ISSUE_PROMPT: usize = 2048;
 const DECODE_ISSUE_SHORT_PROMPT: usize = 512;
 const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
-/// New tokens: enough decode steps that the first one's one-time costs weigh little.
+/// New tokens: enough decode steps for a median (the first step carries one-time costs).
 const DECODE_ISSUE_TOKENS: usize = 16;
 
 /// One timed decode: `sequences` prompts, the median decode step, the KV block size it ran.
@@ -982,9 +977,8 @@ pub struct DecodeRun {
     pub block_tokens: usize,
 }
 
-fn synthetic_layers(model: &str) -> Result<usize, String> {
+fn synthetic_config(model: &str) -> Result<crate::model::ModelConfig, String> {
     crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap_or(model))
-        .map(|c| c.layers)
         .map_err(|e| e.to_string())
 }
 
@@ -1043,7 +1037,7 @@ fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<De
             .and_then(|t| serde_json::from_str(&t).ok())
             .ok_or_else(|| format!("{}: no run statistics", stats.display()))?;
         // The median step: the first carries one-time costs (a new GEMM shape's setup, first
-        // allocations) that on an H100 made it two to three times the steps after it.
+        // allocations) that on an H100 made it two to four times the steps after it.
         let steps: Vec<f64> = s["decode_step_seconds"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())

@@ -359,6 +359,32 @@ impl WeightSource for SyntheticSource {
 mod tests {
     use super::config;
 
+    /// Every value is the one its chunk's sequential SplitMix64 stream gives at its place, so
+    /// the weights do not depend on how the work is split (nor changed when the fill went
+    /// parallel); chunks start fresh streams.
+    #[test]
+    fn filled_values_follow_each_chunks_sequential_stream() {
+        use super::{CHUNK, Fill, fill_values, splitmix64};
+        let (n, seed, a) = (CHUNK + CHUNK / 2 + 3, 0x5eed_u64, 0.25f32);
+        let got = fill_values(n, seed, Fill::Uniform(a), |x| x);
+        let mut want = Vec::with_capacity(n);
+        for (i, len) in [(0u64, CHUNK), (1, n - CHUNK)] {
+            let mut s = seed ^ i.wrapping_mul(0xA24B_AED4_963E_E407);
+            for _ in 0..len {
+                want.push(
+                    ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a,
+                );
+            }
+        }
+        assert_eq!(got, want);
+        assert!(got.iter().all(|v| v.abs() <= a));
+        assert!(
+            fill_values(5, seed, Fill::One, |x| x)
+                .iter()
+                .all(|&v| v == 1.0)
+        );
+    }
+
     #[test]
     fn options_change_layers_mlp_width_and_vocabulary() {
         let c = config("llama-3-8b:layers=4:intermediate=256:vocab=512").unwrap();
