@@ -74,9 +74,6 @@ pub struct KvMetrics {
     /// Disk blocks a fetch found already read, queued one fetch ahead
     /// ([`KvCache::prefetch_far`]) while the device computed.
     pub disk_blocks_read_ahead: u64,
-    /// Disk blocks storage attention found already read, named one attention ahead
-    /// ([`super::disk::DiskTier::attend_ahead`]: the same sequences' next layer).
-    pub disk_blocks_attended_ahead: u64,
     /// Host and disk KV blocks fetched to the compute device (policy `FetchToGpu`/`Split`), and
     /// their bytes.
     pub fetched_blocks: u64,
@@ -337,7 +334,6 @@ impl KvCache {
             m.storage_attention_seconds = s.attend_seconds;
             m.disk_write_seconds = s.write_seconds;
             m.disk_blocks_read_ahead = s.blocks_read_ahead;
-            m.disk_blocks_attended_ahead = s.blocks_attended_ahead;
         }
         m
     }
@@ -849,29 +845,6 @@ impl KvCache {
             (Some(d), false) => Some(d.attend(groups, *ag)?),
             _ => None,
         };
-        if pending.is_some() {
-            // What these sequences' next layer (the next step's first, after the last) will
-            // attend on disk, read while this layer and that one's queries are computed.
-            let next = (layer + 1) % self.g.layers;
-            let mut ahead = Vec::new();
-            for &seq in &seqs {
-                let blocks = self.layer_blocks(seq, next)?;
-                let far = self.far_mask(blocks, rows_of(seq));
-                ahead.extend(
-                    blocks
-                        .iter()
-                        .zip(far)
-                        .filter(|(_, f)| !f)
-                        .filter_map(|(b, _)| match b.loc {
-                            Loc::Disk(slot) => Some(slot),
-                            Loc::Host(_) | Loc::Gpu(_) => None,
-                        }),
-                );
-            }
-            if let Some(d) = &mut self.disk {
-                d.attend_ahead(ahead)?;
-            }
-        }
 
         // Host attention over host-resident blocks.
         self.settle_gpu()?;

@@ -8,11 +8,7 @@
 //!   (blocks are in the cache's KV dtype, widened to f32 as they are attended). Only
 //!   the queries go in and `(o, lse)` partials come back: InstInfer's in-storage attention,
 //!   emulated on the host. The worker counts the KV bytes a computational storage drive would
-//!   have kept off the host link. The caller names the blocks its next attention will want
-//!   ([`DiskTier::attend_ahead`]); the worker reads them as soon as it is free, so the disk
-//!   works while the queries they wait for are computed, and the attention takes them from
-//!   memory. A write to a slot drops what was read ahead from it (commands run in order, so a
-//!   read ahead never serves bytes older than the slot's last write).
+//!   have kept off the host link.
 //!
 //! - **Reads** ([`DiskTier::read`]): whole blocks back to the host, typed on the worker (K and
 //!   V in the tier's dtype, hidden states in f32), for blocks the policy fetches to the compute
@@ -98,12 +94,7 @@ enum Command {
         blocks: Vec<WholeBlock>,
         reply: Sender<AheadReply>,
     },
-    /// Slots a coming storage attention will read: read now, kept for it.
-    AttendAhead(Vec<u32>),
 }
-
-/// What storage attention may hold read ahead at once; the oldest goes first past it.
-const ATTEND_AHEAD_BYTES: usize = 256 << 20;
 
 /// Blocks read ahead of the [`DiskTier::read`] that will want them. `blocks[i]` is the block of
 /// reply entry `i`, or `None` once its slot was freed (its bytes may belong to another block by
@@ -121,8 +112,6 @@ pub(crate) struct DiskStats {
     pub write_seconds: f64,
     /// Blocks a read found already read ahead.
     pub blocks_read_ahead: u64,
-    /// Blocks storage attention found already read ahead.
-    pub blocks_attended_ahead: u64,
 }
 
 pub(crate) struct DiskTier {
@@ -299,16 +288,6 @@ impl DiskTier {
         })
     }
 
-    /// Names the slots a coming [`DiskTier::attend`] will read, for the worker to read once it
-    /// is free; returns at once. Slots not attended stay until the read-ahead budget pushes
-    /// them out; a write to a slot drops them.
-    pub fn attend_ahead(&mut self, slots: Vec<u32>) -> Result<(), KvError> {
-        if slots.is_empty() {
-            return Ok(());
-        }
-        self.send(Command::AttendAhead(slots))
-    }
-
     /// Queues storage attention for `groups`; the partials arrive on the returned channel.
     pub fn attend(
         &mut self,
@@ -346,9 +325,6 @@ struct Worker {
     stats: Arc<Mutex<DiskStats>>,
     /// The first failed write, reported with the next attention reply.
     failed: Option<StorageError>,
-    /// Blocks read for a coming storage attention, by slot, and their order of arrival.
-    ahead: HashMap<u32, Vec<u8>>,
-    ahead_order: std::collections::VecDeque<u32>,
 }
 
 impl Worker {
@@ -368,8 +344,6 @@ impl Worker {
             dtype,
             stats,
             failed: None,
-            ahead: HashMap::new(),
-            ahead_order: std::collections::VecDeque::new(),
         }
     }
 
@@ -392,7 +366,6 @@ impl Worker {
                     };
                     let _ = reply.send(result);
                 }
-                Command::AttendAhead(slots) => self.read_for_attention(slots),
                 Command::Attend {
                     groups,
                     geometry,
@@ -413,9 +386,6 @@ impl Worker {
             return;
         }
         let t0 = Instant::now();
-        for (i, _) in &blocks {
-            self.ahead.remove(i);
-        }
         let items: Vec<(DiskSlot, &[u8])> = blocks
             .iter()
             .map(|(i, data)| (self.slots[*i as usize], data.as_slice()))
@@ -446,53 +416,6 @@ impl Worker {
         Ok(out)
     }
 
-    /// Reads `slots` (those not held already) and keeps their bytes for the storage attention
-    /// that will want them, the oldest dropped past [`ATTEND_AHEAD_BYTES`]. Nothing is kept
-    /// after a failed write or a failed read: the attention then reads (and reports) itself.
-    fn read_for_attention(&mut self, slots: Vec<u32>) {
-        if self.failed.is_some() {
-            return;
-        }
-        let _span = tracing::debug_span!("attend_ahead", blocks = slots.len()).entered();
-        let t0 = Instant::now();
-        let wanted: Vec<u32> = slots
-            .into_iter()
-            .filter(|s| !self.ahead.contains_key(s))
-            .collect();
-        let disk: Vec<DiskSlot> = wanted.iter().map(|&s| self.slots[s as usize]).collect();
-        let bpb = self.bytes_per_block;
-        let mut read = Vec::with_capacity(wanted.len());
-        let ok = self
-            .store
-            .read_blocks(&disk, |i, bytes| {
-                read.push((wanted[i], bytes[..bpb].to_vec()));
-                Ok::<(), StorageError>(())
-            })
-            .is_ok();
-        let n_read = if ok { read.len() } else { 0 };
-        if ok {
-            for (slot, bytes) in read {
-                self.ahead.insert(slot, bytes);
-                self.ahead_order.push_back(slot);
-            }
-        }
-        // Past the budget, the oldest go: entries already used or overwritten are gone from the
-        // map, so the count is of what is held.
-        while self.ahead.len() * bpb > ATTEND_AHEAD_BYTES {
-            let Some(old) = self.ahead_order.pop_front() else {
-                break;
-            };
-            self.ahead.remove(&old);
-        }
-        if self.ahead.is_empty() {
-            self.ahead_order.clear();
-        }
-        if let Ok(mut s) = self.stats.lock() {
-            s.bytes_read += (n_read * bpb) as u64;
-            s.attend_seconds += t0.elapsed().as_secs_f64();
-        }
-    }
-
     fn attend(
         &mut self,
         groups: Vec<DiskGroup>,
@@ -501,6 +424,17 @@ impl Worker {
         let t0 = Instant::now();
         let e = g.block_elems();
         let mut bytes_read = 0u64;
+        // Every group's blocks go into one streaming read, so the queue stays full across
+        // sequences instead of draining at the end of each one.
+        let order: Vec<(usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, gr)| (0..gr.blocks.len()).map(move |bi| (gi, bi)))
+            .collect();
+        let slots: Vec<DiskSlot> = order
+            .iter()
+            .map(|&(gi, bi)| self.slots[groups[gi].blocks[bi].slot as usize])
+            .collect();
         let mut acc: Vec<Vec<Partial>> = groups
             .iter()
             .map(|gr| {
@@ -511,7 +445,8 @@ impl Worker {
             })
             .collect();
         let (bpb, dtype) = (self.bytes_per_block, self.dtype);
-        let mut attend_block = |gi: usize, bi: usize, bytes: &[u8]| {
+        self.store.read_blocks(&slots, |i, bytes| {
+            let (gi, bi) = order[i];
             let group = &groups[gi];
             let b = group.blocks[bi];
             with_stored_kv(&bytes[..bpb], dtype, |data| {
@@ -523,36 +458,9 @@ impl Worker {
                 };
                 attend_rows(&mut acc[gi], &group.rows, &view, g);
             });
-        };
-        // Blocks read ahead first, from memory; every other group's block goes into one
-        // streaming read, so the queue stays full across sequences instead of draining at the
-        // end of each one.
-        let mut order: Vec<(usize, usize)> = Vec::new();
-        let mut hits = 0u64;
-        for (gi, gr) in groups.iter().enumerate() {
-            for (bi, b) in gr.blocks.iter().enumerate() {
-                match self.ahead.remove(&b.slot) {
-                    Some(bytes) => {
-                        attend_block(gi, bi, &bytes);
-                        hits += 1;
-                    }
-                    None => order.push((gi, bi)),
-                }
-            }
-        }
-        let slots: Vec<DiskSlot> = order
-            .iter()
-            .map(|&(gi, bi)| self.slots[groups[gi].blocks[bi].slot as usize])
-            .collect();
-        self.store.read_blocks(&slots, |i, bytes| {
-            let (gi, bi) = order[i];
-            attend_block(gi, bi, bytes);
             bytes_read += bpb as u64;
             Ok::<(), StorageError>(())
         })?;
-        if let Ok(mut s) = self.stats.lock() {
-            s.blocks_attended_ahead += hits;
-        }
         let out: Vec<(usize, Partial)> = groups
             .iter()
             .zip(acc)
@@ -590,105 +498,5 @@ fn attend_rows(
         acc.par_iter_mut().zip(rows.par_iter()).for_each(step);
     } else {
         acc.iter_mut().zip(rows.iter()).for_each(step);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    const G: AttentionGeometry = AttentionGeometry {
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 8,
-        block_tokens: 16,
-        scale: 0.35,
-    };
-
-    fn block_bytes(seed: u32) -> Vec<u8> {
-        (0..2 * G.block_elems())
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
-            .map(|x| x as f32 / 500.0 - 1.0)
-            .flat_map(f32::to_le_bytes)
-            .collect()
-    }
-
-    /// Storage attention over three blocks, as `attend` returns it (one query at the last
-    /// position of the third).
-    fn attend(tier: &mut DiskTier, slots: &[u32]) -> Partial {
-        let blocks = slots
-            .iter()
-            .enumerate()
-            .map(|(j, &slot)| DiskBlock {
-                slot,
-                start_pos: j * G.block_tokens,
-                len: G.block_tokens,
-            })
-            .collect();
-        let q = (0..G.n_heads * G.head_dim)
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
-        let groups = vec![DiskGroup {
-            rows: vec![(0, q, slots.len() * G.block_tokens - 1)],
-            blocks,
-        }];
-        let mut out = tier.attend(groups, G).unwrap().recv().unwrap().unwrap();
-        out.remove(0).1
-    }
-
-    fn close(a: &Partial, b: &Partial) -> bool {
-        a.o.iter()
-            .chain(&a.lse)
-            .zip(b.o.iter().chain(&b.lse))
-            .all(|(x, y)| (x - y).abs() < 1e-5)
-    }
-
-    /// Blocks named ahead are read before the attention asks and taken from memory then, with
-    /// the same result; a write to a slot after it was read ahead drops what was read, so the
-    /// attention sees the new bytes, never the old.
-    #[test]
-    fn blocks_read_ahead_for_attention_give_the_same_result_and_never_stale_bytes() {
-        let dir = std::env::temp_dir().join(format!("strata-attend-ahead-{}", std::process::id()));
-        let bpb = 2 * G.block_elems() * 4;
-        let mut tier = DiskTier::open(
-            DiskTierConfig {
-                dir: dir.clone(),
-                bytes: 16 * 4096,
-                engine: IoEngine::Auto,
-                queue_depth: 4,
-                faults: None,
-            },
-            bpb,
-            DType::F32,
-        )
-        .unwrap();
-        let slots: Vec<u32> = (0..3).map(|_| tier.reserve().unwrap()).collect();
-        tier.write(slots.iter().map(|&s| (s, block_bytes(s))).collect())
-            .unwrap();
-        let streamed = attend(&mut tier, &slots);
-        assert_eq!(tier.stats().blocks_attended_ahead, 0);
-
-        tier.attend_ahead(slots.clone()).unwrap();
-        let from_memory = attend(&mut tier, &slots);
-        assert_eq!(tier.stats().blocks_attended_ahead, 3);
-        assert!(
-            close(&streamed, &from_memory),
-            "{streamed:?} {from_memory:?}"
-        );
-
-        // Read ahead, then overwritten: the attention reads the new block.
-        tier.attend_ahead(slots.clone()).unwrap();
-        tier.write(vec![(slots[1], block_bytes(99))]).unwrap();
-        let after_write = attend(&mut tier, &slots);
-        assert_eq!(tier.stats().blocks_attended_ahead, 5);
-        let reference = attend(&mut tier, &slots);
-        assert!(
-            close(&after_write, &reference),
-            "{after_write:?} {reference:?}"
-        );
-        assert!(!close(&after_write, &streamed));
-        drop(tier);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
