@@ -437,48 +437,45 @@ impl HardwareProfile {
                 });
             }
         }
+        // `[x, value]` tables: x ≥ 1 ascending, values > 0 (≥ 0 where 0 is a measurement: the
+        // decode layer's extra is measured less modelled, so it may be 0, never negative).
         let tables = [
             (
                 "host_mlp_layer_gbps",
                 &self.host_mlp_layer_gbps,
                 "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
+                false,
             ),
             (
                 "host_attention_layer_gbps",
                 &self.host_attention_layer_gbps,
                 "[block tokens, GB/s] pairs with block tokens ≥ 1 ascending and GB/s > 0",
+                false,
             ),
             (
                 "gpu_weight_gbps",
                 &self.gpu_weight_gbps,
                 "[rows, GB/s] pairs with rows ≥ 1 ascending and GB/s > 0",
+                false,
             ),
             (
                 "decode_issue_us",
                 &self.decode_issue_us,
                 "[sequences, µs] pairs with sequences ≥ 1 ascending and µs > 0",
+                false,
+            ),
+            (
+                "decode_layer_extra_us",
+                &self.decode_layer_extra_us,
+                "[sequences, µs] pairs with sequences ≥ 1 ascending and µs ≥ 0",
+                true,
             ),
         ];
-        // Measured less modelled: it may be 0, never negative.
-        if let Some(pts) = &self.decode_layer_extra_us {
-            let ok = pts
-                .iter()
-                .all(|[x, us]| x.is_finite() && *x >= 1.0 && us.is_finite() && *us >= 0.0)
-                && pts.windows(2).all(|w| w[0][0] < w[1][0]);
-            if !ok {
-                return Err(ProfileError::Invalid {
-                    path: path.to_path_buf(),
-                    field: "decode_layer_extra_us",
-                    reason: "[sequences, µs] pairs with sequences ≥ 1 ascending and µs ≥ 0",
-                });
-            }
-        }
-        for (field, table, reason) in tables {
+        for (field, table, reason, zero_ok) in tables {
             let Some(pts) = table else { continue };
-            let ok = pts
-                .iter()
-                .all(|[x, g]| x.is_finite() && *x >= 1.0 && g.is_finite() && *g > 0.0)
-                && pts.windows(2).all(|w| w[0][0] < w[1][0]);
+            let ok = pts.iter().all(|[x, v]| {
+                x.is_finite() && *x >= 1.0 && v.is_finite() && (*v > 0.0 || zero_ok && *v == 0.0)
+            }) && pts.windows(2).all(|w| w[0][0] < w[1][0]);
             if !ok {
                 return Err(ProfileError::Invalid {
                     path: path.to_path_buf(),
@@ -524,9 +521,6 @@ impl HardwareProfile {
     }
 }
 
-/// Bytes per second at `x` from `[x, GB/s]` points (x ascending): seconds per byte interpolated
-/// linearly in `x` between the points, the nearest point's rate outside them; `None` without
-/// points.
 /// A per-layer time measured at a few sequence counts (`[sequences, µs]`, ascending), in seconds
 /// at `sequences`: linear between the measured counts, along the last two measurements' line
 /// past the largest (the per-sequence work goes on growing), the smallest's below it. `None`
@@ -546,6 +540,9 @@ fn along_sequences(pts: &[[f64; 2]], sequences: f64) -> Option<f64> {
     Some(us * 1e-6)
 }
 
+/// Bytes per second at `x` from `[x, GB/s]` points (x ascending): seconds per byte interpolated
+/// linearly in `x` between the points, the nearest point's rate outside them; `None` without
+/// points.
 fn interpolated_bps(pts: &[[f64; 2]], x: f64) -> Option<f64> {
     let spb = |i: usize| 1.0 / (pts[i][1] * 1e9);
     let last = pts.len().checked_sub(1)?;

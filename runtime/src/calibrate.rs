@@ -797,7 +797,7 @@ fn measure_gpu_kernels(
             "bf16 weights streamed by linear, one Llama-3-8B layer's seven projections (436 MB a \
              round, {reps} rounds, best of {}): {}",
             sz.trials,
-            rate_list(&table, "rows")
+            table_list(&table, "rows", "GB/s")
         ),
     );
     p.gpu_weight_gbps = Some(table);
@@ -852,7 +852,7 @@ fn measure_gpu_kernels(
         DECODE_ISSUE_SHORT_PROMPT
     };
     let issue = time_decode_steps(device, DECODE_ISSUE_MODEL, prompt).and_then(|runs| {
-        let layers = synthetic_config(DECODE_ISSUE_MODEL)?.layers;
+        let layers = model_config(DECODE_ISSUE_MODEL)?.layers;
         Ok(runs
             .iter()
             .map(|r| [r.sequences as f64, r.step_s / layers as f64 * 1e6])
@@ -867,7 +867,7 @@ fn measure_gpu_kernels(
                     "host time per decode layer issuing the GPU's work ({DECODE_ISSUE_MODEL}, \
                      {prompt}-token prompts, {DECODE_ISSUE_TOKENS} new tokens, a process of its \
                      own): {}",
-                    per_sequences(&table)
+                    table_list(&table, "sequences", "µs")
                 ),
             );
             p.decode_issue_us = Some(table);
@@ -880,7 +880,7 @@ fn measure_gpu_kernels(
     // Real layer shapes: the GPU's time in a stream, less what the model charges the kernels.
     let model = DECODE_EXTRA_MODEL;
     let extra = time_decode_steps(device, model, prompt).and_then(|runs| {
-        let spec = crate::policy_exec::model_spec(model, &synthetic_config(model)?);
+        let spec = crate::policy_exec::model_spec(model, &model_config(model)?);
         runs.iter()
             .map(|r| {
                 Ok([
@@ -898,7 +898,7 @@ fn measure_gpu_kernels(
                 format!(
                     "GPU time per decode layer beyond its weights and KV at the rates above \
                      ({model}, {prompt}-token prompts, {DECODE_ISSUE_TOKENS} new tokens): {}",
-                    per_sequences(&table)
+                    table_list(&table, "sequences", "µs")
                 ),
             );
             p.decode_layer_extra_us = Some(table);
@@ -910,15 +910,6 @@ fn measure_gpu_kernels(
         )),
     }
     Ok(())
-}
-
-/// `1 sequences 120 µs, 16 sequences 275 µs, …` for a `[sequences, µs]` table.
-fn per_sequences(table: &[[f64; 2]]) -> String {
-    table
-        .iter()
-        .map(|[b, us]| format!("{b:.0} sequences {us:.0} µs"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The line `seconds = call + bytes / rate` through `(bytes, seconds)` launches, least squares:
@@ -977,8 +968,10 @@ pub struct DecodeRun {
     pub block_tokens: usize,
 }
 
-fn synthetic_config(model: &str) -> Result<crate::model::ModelConfig, String> {
-    crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap_or(model))
+/// The config of `model` (a synthetic spec: nothing is loaded).
+fn model_config(model: &str) -> Result<crate::model::ModelConfig, String> {
+    crate::model::open(model)
+        .map(|m| m.config)
         .map_err(|e| e.to_string())
 }
 
@@ -1057,16 +1050,32 @@ fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<De
 
 /// What a decode layer of `run` took on the GPU beyond what the planner charges its weights and
 /// KV, in µs per layer (never negative): the measured step, less the LM head, over the layers,
-/// less the layer's GPU compute predicted for the same workload on everything-on-the-GPU with
-/// `profile`'s rates and no per-layer overhead, issue time or extra.
+/// less the layer's GPU compute in [`modelled_decode_step`].
 pub fn decode_layer_extra_us(
     profile: &HardwareProfile,
     spec: &strata_planner::ModelSpec,
     prompt: usize,
     run: &DecodeRun,
 ) -> Result<f64, String> {
+    let step = modelled_decode_step(profile, spec, prompt, run.sequences, run.block_tokens)?;
+    let layers = spec.layers.max(1) as f64;
+    let measured = (run.step_s - step.head_s - step.pipeline_fill_s) / layers;
+    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
+}
+
+/// The decode step the planner predicts for `sequences` prompts of `prompt` tokens (and
+/// [`DECODE_ISSUE_TOKENS`] new ones) with everything on the GPU, in `block_tokens`-token
+/// blocks, at `profile`'s rates with no per-layer overhead, issue time or extra: the weights
+/// and KV alone.
+fn modelled_decode_step(
+    profile: &HardwareProfile,
+    spec: &strata_planner::ModelSpec,
+    prompt: usize,
+    sequences: usize,
+    block_tokens: usize,
+) -> Result<strata_planner::PhaseTime, String> {
     let wl = strata_planner::Workload {
-        batch: run.sequences as u64,
+        batch: sequences as u64,
         prompt_len: prompt as u64,
         gen_len: DECODE_ISSUE_TOKENS as u64,
     };
@@ -1075,16 +1084,13 @@ pub fn decode_layer_extra_us(
         host_bytes: u64::MAX,
         disk_bytes: u64::MAX,
     };
-    let policy = strata_planner::gpu_only(spec, &wl, &unbounded, run.block_tokens.max(1) as u64)
+    let policy = strata_planner::gpu_only(spec, &wl, &unbounded, block_tokens.max(1) as u64)
         .map_err(|e| e.to_string())?;
     let mut kernels_only = profile.clone();
     kernels_only.gpu_layer_overhead_us = 0.0;
     kernels_only.decode_issue_us = None;
     kernels_only.decode_layer_extra_us = None;
-    let step = strata_planner::predict(spec, &wl, &policy, &kernels_only).decode_step;
-    let layers = spec.layers.max(1) as f64;
-    let measured = (run.step_s - step.head_s - step.pipeline_fill_s) / layers;
-    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
+    Ok(strata_planner::predict(spec, &wl, &policy, &kernels_only).decode_step)
 }
 
 /// Removes a directory and what it holds when dropped.
@@ -1096,11 +1102,11 @@ impl Drop for TempDir {
     }
 }
 
-/// `1 rows 2650 GB/s, 4 rows …` for a calibration row.
-fn rate_list(table: &[[f64; 2]], unit: &str) -> String {
+/// `1 rows 2650 GB/s, 4 rows …` for a calibration row's `[x, value]` table.
+fn table_list(table: &[[f64; 2]], x_unit: &str, unit: &str) -> String {
     table
         .iter()
-        .map(|[x, g]| format!("{x:.0} {unit} {g:.0} GB/s"))
+        .map(|[x, v]| format!("{x:.0} {x_unit} {v:.0} {unit}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -1647,32 +1653,18 @@ mod tests {
     #[allow(clippy::unwrap_used)]
     fn decode_layer_extra_is_the_step_beyond_the_modelled_kernels() {
         let model = DECODE_EXTRA_MODEL;
-        let cfg =
-            crate::model::synthetic::config(model.strip_prefix("synthetic:").unwrap()).unwrap();
-        let spec = crate::policy_exec::model_spec(model, &cfg);
+        let spec = crate::policy_exec::model_spec(model, &model_config(model).unwrap());
         let mut hw = HardwareProfile::h100_reference();
         // What a calibration has measured by then: the per-layer overhead and issue time must
         // not count in the model's kernels.
         hw.decode_issue_us = Some(vec![[1.0, 5000.0]]);
         hw.decode_layer_extra_us = Some(vec![[1.0, 7000.0]]);
-        let unbounded = strata_planner::Budgets {
-            gpu_bytes: u64::MAX,
-            host_bytes: u64::MAX,
-            disk_bytes: u64::MAX,
-        };
-        let mut bare = hw.clone();
-        bare.gpu_layer_overhead_us = 0.0;
-        bare.decode_issue_us = None;
-        bare.decode_layer_extra_us = None;
         for sequences in DECODE_ISSUE_ROWS {
-            let wl = strata_planner::Workload {
-                batch: sequences as u64,
-                prompt_len: DECODE_ISSUE_PROMPT as u64,
-                gen_len: DECODE_ISSUE_TOKENS as u64,
-            };
-            let p = strata_planner::gpu_only(&spec, &wl, &unbounded, 16).unwrap();
-            let modelled = strata_planner::predict(&spec, &wl, &p, &bare).decode_step;
+            let modelled =
+                modelled_decode_step(&hw, &spec, DECODE_ISSUE_PROMPT, sequences, 16).unwrap();
             assert!(modelled.per_layer.gpu_compute_s > 0.0);
+            // The issue time and the extra above (5 and 7 ms a layer) are left out of it.
+            assert!(modelled.per_layer.gpu_compute_s < 5000e-6);
             let run = |step_s| DecodeRun {
                 sequences,
                 step_s,

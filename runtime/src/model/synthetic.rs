@@ -278,9 +278,12 @@ impl Fill {
     }
 }
 
+/// SplitMix64's step between states: the state after `k` values is the seed plus `k` of them.
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: tiny, fast, and good enough for dummy weights and sampling.
 pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    *state = state.wrapping_add(SPLITMIX_GAMMA);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -318,7 +321,7 @@ fn fill_values<T: Send + Copy>(
                     let chunk = (j / CHUNK) as u64;
                     // The state after the value's place in its chunk's stream.
                     let mut s = (seed ^ chunk.wrapping_mul(0xA24B_AED4_963E_E407))
-                        .wrapping_add(((j % CHUNK) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                        .wrapping_add(((j % CHUNK) as u64).wrapping_mul(SPLITMIX_GAMMA));
                     ((splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
                 }
             })
