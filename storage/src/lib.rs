@@ -28,4 +28,7 @@ pub use io::{
     IoEngine, SyncBackend, UringBackend, open_backend, open_direct, probe_io_uring,
 };
 pub use pool::{IoBuf, IoBufPool};
-pub use store::{BlockStore, BlockStoreConfig, DiskSlot, IoStats, MAX_FILE_BYTES, free_bytes};
+pub use store::{
+    BUFFER_WAIT, BlockStore, BlockStoreConfig, DiskSlot, IoStats, MAX_FILE_BYTES, ReadBlock,
+    free_bytes,
+};

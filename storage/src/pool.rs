@@ -11,7 +11,8 @@
 //! - the buffer index doubles as the io_uring fixed-buffer index of the pool's registration.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::arena::HostArena;
 use crate::error::StorageError;
@@ -22,6 +23,8 @@ struct PoolShared {
     stride: usize,
     count: usize,
     free: Mutex<Vec<u32>>, // stack of free buffer indices
+    /// Signalled when a buffer returns, for [`IoBufPool::take_wait`].
+    returned: Condvar,
 }
 
 impl PoolShared {
@@ -84,6 +87,7 @@ impl IoBufPool {
             stride,
             count,
             free: Mutex::new(free),
+            returned: Condvar::new(),
         };
         Ok(IoBufPool {
             shared: Arc::new(shared),
@@ -111,6 +115,23 @@ impl IoBufPool {
     /// Takes a free buffer, or `None` while all of them are held or in flight.
     pub fn take(&self) -> Option<IoBuf> {
         let index = self.shared.free_list().pop()?;
+        Some(IoBuf {
+            shared: Arc::clone(&self.shared),
+            index,
+        })
+    }
+
+    /// Takes a free buffer, waiting up to `timeout` for one to return when all are held; `None`
+    /// if none came back in time. For readers whose caller keeps read buffers for a while (to
+    /// compute on them elsewhere) and drops them when done.
+    pub fn take_wait(&self, timeout: Duration) -> Option<IoBuf> {
+        let free = self.shared.free_list();
+        let (mut free, _) = self
+            .shared
+            .returned
+            .wait_timeout_while(free, timeout, |f| f.is_empty())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let index = free.pop()?;
         Some(IoBuf {
             shared: Arc::clone(&self.shared),
             index,
@@ -201,6 +222,7 @@ impl IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         self.shared.free_list().push(self.index);
+        self.shared.returned.notify_one();
     }
 }
 
@@ -248,6 +270,24 @@ mod tests {
     fn too_small_arena_is_refused() -> Result<(), StorageError> {
         let arena = HostArena::new(8192, 4096)?;
         assert!(IoBufPool::new(arena, 4097, 2).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn take_wait_gets_a_buffer_another_thread_returns() -> Result<(), StorageError> {
+        let pool = IoBufPool::with_buffers(4096, 1, 4096)?;
+        let held = pool
+            .take()
+            .ok_or(StorageError::InvalidConfig("empty".into()))?;
+        // Nothing returns: the wait times out.
+        assert!(pool.take_wait(Duration::from_millis(20)).is_none());
+        let returner = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(held);
+        });
+        let got = pool.take_wait(Duration::from_secs(10));
+        assert_eq!(got.map(|b| b.index()), Some(0));
+        assert!(returner.join().is_ok());
         Ok(())
     }
 }

@@ -165,6 +165,80 @@ fn host_and_storage_engines_attend_half_precision_blocks() {
     }
 }
 
+/// Storage attention over many more disk blocks than the storage engine has staging buffers
+/// (8): a decode step's rows (attended on the thread pool as reads complete, buffers held until
+/// their math is done) and a prompt chunk's 9 rows of one sequence (attended where each read
+/// completes, rows in parallel) match the reference; and the decode rows' partials, merged in
+/// block order, repeat bit for bit whatever order the reads complete in.
+#[test]
+fn storage_attention_over_more_blocks_than_buffers_matches_and_repeats() {
+    let seed = test_seed();
+    let ag = geometry();
+    for engine in io_engines() {
+        let what = format!("seed {seed}: {engine:?}");
+        let mut rng = Rng(seed ^ 0xb10c);
+        let mut kv = cache(DType::BF16, 6, engine, "many-blocks");
+        let tokens = [300, 250];
+        let want: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| fill(&mut kv, &mut rng, SeqId(i as u64), n))
+            .collect();
+        let decode = vec![(0usize, 299usize), (1, 249)];
+        let chunk: Vec<(usize, usize)> = (0..9).map(|i| (1, 240 + i)).collect();
+        for layer in 0..G.layers {
+            for rows in [&decode, &chunk] {
+                let qs: Vec<Vec<f32>> =
+                    rows.iter().map(|_| rng.vec(N_HEADS * G.head_dim)).collect();
+                let queries: Vec<TierQuery<'_>> = rows
+                    .iter()
+                    .zip(&qs)
+                    .map(|(&(s, pos), q)| TierQuery {
+                        seq: SeqId(s as u64),
+                        pos,
+                        q,
+                    })
+                    .collect();
+                let got = kv.attend(layer, &queries, &ag).unwrap();
+                for ((&(s, pos), q), p) in rows.iter().zip(&qs).zip(&got) {
+                    let blocks: Vec<Vec<f32>> = want[s][layer]
+                        .iter()
+                        .map(|b| rounded(DType::BF16, b))
+                        .collect();
+                    let r = reference_partial(q, pos, &blocks, tokens[s]);
+                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
+                        assert!(
+                            (a - b).abs() < 2e-5,
+                            "{what}: layer {layer}, seq {s} at {pos}: {a} vs {b}"
+                        );
+                    }
+                }
+                if rows.len() == decode.len() {
+                    for _ in 0..3 {
+                        let again = kv.attend(layer, &queries, &ag).unwrap();
+                        for (a, b) in got.iter().zip(&again) {
+                            let bits = |p: &Partial| -> Vec<u32> {
+                                p.o.iter().chain(&p.lse).map(|v| v.to_bits()).collect()
+                            };
+                            assert_eq!(bits(a), bits(b), "{what}: layer {layer}: not repeated");
+                        }
+                    }
+                }
+            }
+        }
+        let m = kv.metrics();
+        let blocks_on_disk = kv.disk_blocks_in_use();
+        assert!(
+            blocks_on_disk > 8 * 4,
+            "{what}: {blocks_on_disk} disk blocks, want many more than the 8 buffers"
+        );
+        assert!(
+            m.storage_attention_math_seconds > 0.0 && m.storage_attention_math_seconds.is_finite(),
+            "{what}: {m:?}"
+        );
+    }
+}
+
 /// `append_rows` (blocks taken first, values written by several threads) stores exactly what
 /// row-by-row appends store, for rows of several sequences in any order (a prefill chunk, decode
 /// rows interleaved, one sequence's rows split by another's), also when the host tier is too

@@ -70,6 +70,9 @@ pub struct KvMetrics {
     pub bytes_kept_off_host_link: u64,
     pub host_attention_seconds: f64,
     pub storage_attention_seconds: f64,
+    /// Storage attention math: a decode step's summed over the threads that did it beside the
+    /// reads, a prompt chunk's the disk worker's time in it.
+    pub storage_attention_math_seconds: f64,
     pub disk_write_seconds: f64,
     /// Disk blocks a fetch found already read, queued one fetch ahead
     /// ([`KvCache::prefetch_far`]) while the device computed.
@@ -332,6 +335,7 @@ impl KvCache {
             m.storage_attention_result_bytes = s.result_bytes;
             m.bytes_kept_off_host_link = s.bytes_read.saturating_sub(s.result_bytes);
             m.storage_attention_seconds = s.attend_seconds;
+            m.storage_attention_math_seconds = s.attend_math_seconds;
             m.disk_write_seconds = s.write_seconds;
             m.disk_blocks_read_ahead = s.blocks_read_ahead;
         }

@@ -15,6 +15,7 @@
 
 mod files;
 mod stream;
+pub use stream::{BUFFER_WAIT, ReadBlock};
 
 use std::path::PathBuf;
 

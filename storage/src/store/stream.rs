@@ -23,6 +23,22 @@ use crate::io::{Completion, FileIdx, IoBackend};
 pub const MAX_EIO_RETRIES: u32 = 3;
 pub const MAX_SHORT_RETRIES: u32 = 3;
 pub const MAX_CORRUPT_RETRIES: u32 = 3;
+/// How long a read waits for its caller to return a staging buffer when it holds them all.
+pub const BUFFER_WAIT: Duration = Duration::from_secs(10);
+
+/// A block read back, checksum verified, still in its staging buffer; the buffer returns to the
+/// store's pool when this is dropped.
+pub struct ReadBlock {
+    buf: crate::pool::IoBuf,
+    len: usize,
+}
+
+impl ReadBlock {
+    /// The block's bytes, as written.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[..self.len]
+    }
+}
 
 #[derive(Clone, Copy, Default)]
 struct Attempts {
@@ -130,9 +146,26 @@ impl BlockStore {
         slots: &[DiskSlot],
         mut on_block: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.read_blocks_owned(slots, |i, block| on_block(i, block.bytes()))
+    }
+
+    /// [`BlockStore::read_blocks`] handing each block over in its staging buffer, so the caller
+    /// can work on it elsewhere (other threads) while this loop goes on reading: the buffer
+    /// returns to the pool, for the next read, when the caller drops the [`ReadBlock`]. With
+    /// every buffer held and nothing in flight, the loop waits up to [`BUFFER_WAIT`] for one.
+    pub fn read_blocks_owned<E: From<StorageError>>(
+        &mut self,
+        slots: &[DiskSlot],
+        mut on_block: impl FnMut(usize, ReadBlock) -> Result<(), E>,
+    ) -> Result<(), E> {
         let start = Instant::now();
         let mut in_callback = Duration::ZERO;
-        let result = self.read_all(slots, &mut on_block, &mut in_callback);
+        let result = self.read_all(slots, &mut |i, block| {
+            let t = Instant::now();
+            let outcome = on_block(i, block);
+            in_callback += t.elapsed();
+            outcome
+        });
         if result.is_err() {
             self.drain();
         }
@@ -223,8 +256,7 @@ impl BlockStore {
     fn read_all<E: From<StorageError>>(
         &mut self,
         slots: &[DiskSlot],
-        on_block: &mut impl FnMut(usize, &[u8]) -> Result<(), E>,
-        in_callback: &mut Duration,
+        on_block: &mut impl FnMut(usize, ReadBlock) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut expect = Vec::with_capacity(slots.len());
         for &slot in slots {
@@ -261,10 +293,7 @@ impl BlockStore {
                 Verdict::Done => {
                     self.stats.bytes_read += c.result.as_ref().map_or(0, |n| *n) as u64;
                     self.stats.reads += 1;
-                    let t = Instant::now();
-                    let outcome = on_block(i, &c.buf.as_slice()[..len]);
-                    *in_callback += t.elapsed();
-                    outcome?;
+                    on_block(i, ReadBlock { buf: c.buf, len })?;
                 }
                 Verdict::Retry => {
                     self.stats.retries += 1;
@@ -321,8 +350,22 @@ impl BlockStore {
         let mut submitted = false;
         while self.in_flight() < self.queue_depth {
             let Some(&i) = queue.front() else { break };
-            let Some(mut buf) = self.pool.take() else {
-                break;
+            let mut buf = match self.pool.take() {
+                Some(buf) => buf,
+                // Nothing in flight or waiting, so nothing completes until the caller drops a
+                // block it holds (owned reads).
+                None if self.in_flight() == 0 && arrived.is_empty() => {
+                    match self.pool.take_wait(BUFFER_WAIT) {
+                        Some(buf) => buf,
+                        None => {
+                            return Err(StorageError::InvalidConfig(format!(
+                                "no staging buffer came back within {} s",
+                                BUFFER_WAIT.as_secs()
+                            )));
+                        }
+                    }
+                }
+                None => break,
             };
             queue.pop_front();
             let (file, offset, write_len) = prepare(self, i, &mut buf);
@@ -336,11 +379,6 @@ impl BlockStore {
         }
         if submitted {
             arrived.extend(self.backend_mut()?.wait(0)?);
-        }
-        if !queue.is_empty() && self.in_flight() == 0 && arrived.is_empty() {
-            return Err(StorageError::InvalidConfig(
-                "no staging buffer is free".into(),
-            ));
         }
         Ok(())
     }
