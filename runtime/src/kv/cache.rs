@@ -141,6 +141,24 @@ pub struct TierQuery<'a> {
     pub q: &'a [f32],
 }
 
+/// The distinct sequences of `queries`, sorted, and each one's number of queries in the pass (a
+/// prompt chunk has several).
+fn seqs_and_rows(queries: &[TierQuery<'_>]) -> (Vec<SeqId>, Vec<usize>) {
+    let mut sorted: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
+    sorted.sort_unstable();
+    let mut seqs = sorted.clone();
+    seqs.dedup();
+    let rows = seqs
+        .iter()
+        .map(|&seq| sorted.partition_point(|&s| s <= seq) - sorted.partition_point(|&s| s < seq))
+        .collect();
+    (seqs, rows)
+}
+
+/// The storage engine's attention of one batch of queries, shipped by
+/// [`KvCache::ship_to_storage`]; its partials come with the host tier's ([`TierAttention`]).
+pub struct StorageAttending(Receiver<AttendReply>);
+
 /// Host and disk attention for one batch of queries, launched by [`KvCache::attend_begin`]: the
 /// host tier's partials are done, the storage engine's may still be streaming.
 pub struct TierAttention {
@@ -149,6 +167,11 @@ pub struct TierAttention {
 }
 
 impl TierAttention {
+    /// Whether the storage engine has a part in this attention (its partials may still come).
+    pub fn storage_in_flight(&self) -> bool {
+        self.disk.is_some()
+    }
+
     /// Waits for the storage engine and merges its partials: one partial per query, in order.
     pub fn join(self) -> Result<Vec<Partial>, KvError> {
         let mut partials = self.partials;
@@ -804,21 +827,26 @@ impl KvCache {
         queries: &[TierQuery<'_>],
         ag: &AttentionGeometry,
     ) -> Result<TierAttention, KvError> {
-        let mut sorted: Vec<SeqId> = queries.iter().map(|q| q.seq).collect();
-        sorted.sort_unstable();
-        let mut seqs = sorted.clone();
-        seqs.dedup();
-        // Queries per sequence in this pass (a prompt chunk has several).
-        let rows_of = |seq: SeqId| {
-            sorted.partition_point(|&s| s <= seq) - sorted.partition_point(|&s| s < seq)
-        };
+        let disk = self.ship_to_storage(layer, queries, ag)?;
+        self.attend_host_tier(layer, queries, ag, disk)
+    }
 
+    /// The first half of [`KvCache::attend_begin`]: ships the queries of the sequences with disk
+    /// blocks in `layer` to the storage engine, which attends them after the work queued before
+    /// (commands run in order). `None` when no query has a disk block to attend there.
+    pub fn ship_to_storage(
+        &mut self,
+        layer: usize,
+        queries: &[TierQuery<'_>],
+        ag: &AttentionGeometry,
+    ) -> Result<Option<StorageAttending>, KvError> {
+        let (seqs, rows) = seqs_and_rows(queries);
         // Storage attention: ship the queries to the disk worker first, so it streams and
         // attends while the host engine works below.
         let mut groups = Vec::new();
-        for &seq in &seqs {
+        for (&seq, &n_rows) in seqs.iter().zip(&rows) {
             let blocks = self.layer_blocks(seq, layer)?;
-            let far = self.far_mask(blocks, rows_of(seq));
+            let far = self.far_mask(blocks, n_rows);
             let disk_blocks: Vec<DiskBlock> = blocks
                 .iter()
                 .enumerate()
@@ -845,17 +873,30 @@ impl KvCache {
                 });
             }
         }
-        let pending = match (&mut self.disk, groups.is_empty()) {
-            (Some(d), false) => Some(d.attend(groups, *ag)?),
+        Ok(match (&mut self.disk, groups.is_empty()) {
+            (Some(d), false) => Some(StorageAttending(d.attend(groups, *ag)?)),
             _ => None,
-        };
+        })
+    }
 
+    /// The second half of [`KvCache::attend_begin`]: attends the host tier for `queries` now and
+    /// pairs the partials with the storage engine's attention `disk` shipped for the same queries
+    /// ([`KvCache::ship_to_storage`]).
+    pub fn attend_host_tier(
+        &mut self,
+        layer: usize,
+        queries: &[TierQuery<'_>],
+        ag: &AttentionGeometry,
+        disk: Option<StorageAttending>,
+    ) -> Result<TierAttention, KvError> {
+        let (seqs, rows) = seqs_and_rows(queries);
         // Host attention over host-resident blocks.
         self.settle_gpu()?;
         let t0 = Instant::now();
         let views: Vec<Vec<KvBlockView<'_>>> = seqs
             .iter()
-            .map(|&s| self.host_views(s, layer, rows_of(s)))
+            .zip(&rows)
+            .map(|(&s, &rows)| self.host_views(s, layer, rows))
             .collect();
         let host_queries: Vec<AttentionQuery<'_>> = queries
             .iter()
@@ -875,7 +916,7 @@ impl KvCache {
 
         Ok(TierAttention {
             partials,
-            disk: pending,
+            disk: disk.map(|d| d.0),
         })
     }
 

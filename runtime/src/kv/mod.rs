@@ -33,7 +33,7 @@ mod gpu;
 pub mod policy;
 mod stored;
 
-pub use cache::{KvCache, KvCacheConfig, KvMetrics, TierAttention, TierQuery};
+pub use cache::{KvCache, KvCacheConfig, KvMetrics, StorageAttending, TierAttention, TierQuery};
 pub use disk::DiskTierConfig;
 pub use far::{AttentionRoutes, FarBlock};
 pub use gpu::GpuTierConfig;
