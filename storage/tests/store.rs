@@ -153,6 +153,65 @@ fn owned_reads_wait_for_buffers_the_caller_holds() -> TestResult {
     Ok(())
 }
 
+/// A read stream extended while it runs: `more()` hands out two further batches (one of them
+/// repeating a slot) once everything before is submitted; every block of the three batches
+/// arrives once under its stream index, and an unwritten slot offered later fails the stream.
+#[test]
+fn a_read_stream_takes_more_slots_while_it_runs() -> TestResult {
+    for engine in engines() {
+        let dir = ScratchDir::new(&format!("stream-{engine:?}"));
+        let mut store = BlockStore::open(config(&dir, 16, 4096, engine, 3))?;
+        let mut rng = Rng::new(11);
+        let slots: Vec<DiskSlot> = (0..10)
+            .map(|_| store.alloc_slot())
+            .collect::<Result<_, _>>()?;
+        let data: HashMap<DiskSlot, Vec<u8>> =
+            slots.iter().map(|&s| (s, rng.bytes(4096))).collect();
+        let items: Vec<(DiskSlot, &[u8])> =
+            slots.iter().map(|s| (*s, data[s].as_slice())).collect();
+        store.write_blocks(&items)?;
+        let mut batches = vec![slots[7..].to_vec(), vec![slots[4], slots[0]]];
+        let mut stream: Vec<DiskSlot> = slots[..4].to_vec();
+        let mut seen: Vec<usize> = Vec::new();
+        let mut offered = Vec::new();
+        store.read_stream(
+            &slots[..4],
+            || {
+                let b = batches.pop().unwrap_or_default();
+                offered.extend(b.iter().copied());
+                b
+            },
+            |i, block| {
+                seen.push(i);
+                let _ = block;
+                Ok::<(), StorageError>(())
+            },
+        )?;
+        stream.extend(offered);
+        seen.sort_unstable();
+        assert_eq!(seen, (0..stream.len()).collect::<Vec<_>>(), "{engine:?}");
+        assert_eq!(stream.len(), 4 + 2 + 3);
+        // An unwritten slot offered mid-stream is an error naming it.
+        let fresh = store.alloc_slot()?;
+        let mut once = Some(vec![fresh]);
+        let r = store.read_stream(
+            &slots[..2],
+            || once.take().unwrap_or_default(),
+            |_, _| Ok::<(), StorageError>(()),
+        );
+        assert!(
+            matches!(r, Err(StorageError::InvalidSlot { .. })),
+            "{engine:?}: {r:?}"
+        );
+        // The store still reads after the failed stream.
+        store.read_blocks(&slots[..3], |i, bytes| {
+            assert_eq!(bytes, data[&slots[i]].as_slice());
+            Ok::<(), StorageError>(())
+        })?;
+    }
+    Ok(())
+}
+
 #[test]
 fn capacity_is_split_over_files_and_slots_never_exceed_it() -> TestResult {
     let dir = ScratchDir::new("split");

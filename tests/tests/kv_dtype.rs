@@ -239,6 +239,83 @@ fn storage_attention_over_more_blocks_than_buffers_matches_and_repeats() {
     }
 }
 
+/// Decode commands queued back to back (the executor ships a GPU batch's queries while the one
+/// before still streams) share one read stream of the storage engine: each gets its own
+/// partials, as the reference gives them. When that stream fails (every read corrupt), every
+/// command queued on it is answered with an error rather than left waiting.
+#[test]
+fn queued_decode_commands_share_a_stream_and_a_failure_answers_all() {
+    let seed = test_seed();
+    let ag = geometry();
+    for engine in io_engines() {
+        for corrupt in [false, true] {
+            let what = format!("seed {seed}: {engine:?}, corrupt reads {corrupt}");
+            let mut disk = scratch_disk("kv-dtype", &format!("stream-{corrupt}"), engine);
+            if corrupt {
+                disk.faults = Some("seed=3,corrupt=1.0".into());
+            }
+            let mut kv = kv_tiers::host_and_disk(G, DType::BF16, 24, disk);
+            let mut rng = Rng(seed ^ 0x57ea);
+            let tokens = [200, 180, 150, 220];
+            let want: Vec<_> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| fill(&mut kv, &mut rng, SeqId(i as u64), n))
+                .collect();
+            for layer in 0..G.layers {
+                let qs: Vec<Vec<f32>> = tokens
+                    .iter()
+                    .map(|_| rng.vec(N_HEADS * G.head_dim))
+                    .collect();
+                let queries: Vec<TierQuery<'_>> = tokens
+                    .iter()
+                    .zip(&qs)
+                    .enumerate()
+                    .map(|(s, (&n, q))| TierQuery {
+                        seq: SeqId(s as u64),
+                        pos: n - 1,
+                        q,
+                    })
+                    .collect();
+                // One command per sequence, all shipped before any is joined.
+                let shipped: Vec<_> = queries
+                    .iter()
+                    .map(|q| {
+                        kv.ship_to_storage(layer, std::slice::from_ref(q), &ag)
+                            .unwrap()
+                    })
+                    .collect();
+                assert!(
+                    shipped.iter().all(Option::is_some),
+                    "{what}: nothing shipped"
+                );
+                for (s, (q, storage)) in queries.iter().zip(shipped).enumerate() {
+                    let got = kv
+                        .attend_host_tier(layer, std::slice::from_ref(q), &ag, storage)
+                        .unwrap()
+                        .join();
+                    if corrupt {
+                        assert!(got.is_err(), "{what}: layer {layer}, seq {s}: {got:?}");
+                        continue;
+                    }
+                    let p = &got.unwrap()[0];
+                    let blocks: Vec<Vec<f32>> = want[s][layer]
+                        .iter()
+                        .map(|b| rounded(DType::BF16, b))
+                        .collect();
+                    let r = reference_partial(q.q, q.pos, &blocks, tokens[s]);
+                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
+                        assert!(
+                            (a - b).abs() < 2e-5,
+                            "{what}: layer {layer}, seq {s}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `append_rows` (blocks taken first, values written by several threads) stores exactly what
 /// row-by-row appends store, for rows of several sequences in any order (a prefill chunk, decode
 /// rows interleaved, one sequence's rows split by another's), also when the host tier is too

@@ -21,9 +21,10 @@
 //! on the caller's side. The worker only moves bytes and does math. A failed write is sticky: it
 //! is reported with the next attention reply, never silently dropped.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -31,10 +32,10 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use strata_kernels::attention::attend_partial;
-use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, Partial};
+use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, Partial};
 use strata_storage::{
-    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, StorageError, f32_view,
-    free_bytes,
+    BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, ReadBlock, StorageError,
+    f32_view, free_bytes,
 };
 
 use super::stored::with_stored_kv;
@@ -356,7 +357,16 @@ impl Worker {
     }
 
     fn run(mut self, rx: Receiver<Command>) {
-        for cmd in rx {
+        // A command that arrived during a decode stream and waits for it to end (FIFO).
+        let mut next: Option<Command> = None;
+        loop {
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => return,
+                },
+            };
             match cmd {
                 Command::Write(blocks) => self.write(blocks),
                 Command::Read { blocks, reply } => {
@@ -379,11 +389,14 @@ impl Worker {
                     geometry,
                     reply,
                 } => {
-                    let result = match self.failed.take() {
-                        Some(e) => Err(KvError::Storage(e)),
-                        None => self.attend(groups, &geometry),
-                    };
-                    let _ = reply.send(result);
+                    if let Some(e) = self.failed.take() {
+                        let _ = reply.send(Err(KvError::Storage(e)));
+                    } else if groups.iter().any(|gr| gr.rows.len() >= PARALLEL_ROWS) {
+                        let _ = reply.send(self.attend_chunk(groups, &geometry));
+                    } else {
+                        let job = StreamJob::new(groups, geometry, reply);
+                        next = self.attend_stream(job, &rx);
+                    }
                 }
             }
         }
@@ -424,7 +437,10 @@ impl Worker {
         Ok(out)
     }
 
-    fn attend(
+    /// A prompt chunk's storage attention: its many rows per sequence, attended where each
+    /// block's read completes, rows in parallel (holding every block's partials for every row
+    /// until the end, as a decode stream does, would cost rows × blocks partials).
+    fn attend_chunk(
         &mut self,
         groups: Vec<DiskGroup>,
         g: &AttentionGeometry,
@@ -432,52 +448,38 @@ impl Worker {
         let t0 = Instant::now();
         // Every group's blocks go into one streaming read, so the queue stays full across
         // sequences instead of draining at the end of each one.
-        let order: Vec<(usize, usize)> = groups
-            .iter()
-            .enumerate()
-            .flat_map(|(gi, gr)| (0..gr.blocks.len()).map(move |bi| (gi, bi)))
-            .collect();
+        let order = block_order(&groups);
         let slots: Vec<DiskSlot> = order
             .iter()
             .map(|&(gi, bi)| self.slots[groups[gi].blocks[bi].slot as usize])
             .collect();
-        let mut acc: Vec<Vec<Partial>> = groups
-            .iter()
-            .map(|gr| {
-                gr.rows
-                    .iter()
-                    .map(|_| Partial::empty(g.n_heads, g.head_dim))
-                    .collect()
-            })
-            .collect();
-        let math = if groups.iter().any(|gr| gr.rows.len() >= PARALLEL_ROWS) {
-            self.attend_inline(&groups, &order, &slots, &mut acc, g)?
-        } else {
-            self.attend_pooled(&groups, &order, &slots, &mut acc, g)?
-        };
-        let bytes_read = (slots.len() * self.bytes_per_block) as u64;
-        let out: Vec<(usize, Partial)> = groups
-            .iter()
-            .zip(acc)
-            .flat_map(|(gr, a)| {
-                gr.rows
-                    .iter()
-                    .map(|(row, _, _)| *row)
-                    .zip(a)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut acc = empty_partials(&groups, g);
+        let (bpb, dtype, e) = (self.bytes_per_block, self.dtype, g.block_elems());
+        let mut math = Duration::ZERO;
+        self.store.read_blocks(&slots, |i, bytes| {
+            let t = Instant::now();
+            let (gi, bi) = order[i];
+            let group = &groups[gi];
+            with_stored_kv(&bytes[..bpb], dtype, |data| {
+                let view = block_view(data, e, group.blocks[bi]);
+                attend_rows(&mut acc[gi], &group.rows, &view, g);
+            });
+            math += t.elapsed();
+            Ok::<(), StorageError>(())
+        })?;
+        let out = rows_with_partials(&groups, acc);
         let (seconds, math_s) = (t0.elapsed().as_secs_f64(), math.as_secs_f64());
+        let bytes = (slots.len() * bpb) as u64;
         tracing::debug!(
             blocks = slots.len(),
             rows = out.len(),
-            bytes = bytes_read,
+            bytes,
             seconds,
             math_s,
             "storage attention"
         );
         if let Ok(mut s) = self.stats.lock() {
-            s.bytes_read += bytes_read;
+            s.bytes_read += bytes;
             s.result_bytes += (out.len() * g.n_heads * (g.head_dim + 1) * 4) as u64;
             s.attend_seconds += seconds;
             s.attend_math_seconds += math_s;
@@ -485,94 +487,261 @@ impl Worker {
         Ok(out)
     }
 
-    /// A decode step's few rows per sequence: each block, as its read completes, is attended on
-    /// the thread pool while this thread (the ring's owner) goes on reading; its buffer returns
-    /// for the next read when its math is done. Done inline, the math of a call followed its
-    /// reads: a virtual disk completes a queue of reads together, and the worker then attended
-    /// them one by one (W7 on an H100 host: 2.1 of 8.4 ms a call). The blocks' partials are
-    /// merged in block order, so the result does not depend on the order reads complete in.
-    /// Returns the math's time summed over the threads that did it.
-    fn attend_pooled(
-        &mut self,
-        groups: &[DiskGroup],
-        order: &[(usize, usize)],
-        slots: &[DiskSlot],
-        acc: &mut [Vec<Partial>],
-        g: &AttentionGeometry,
-    ) -> Result<Duration, KvError> {
-        let (bpb, dtype, e) = (self.bytes_per_block, self.dtype, g.block_elems());
-        let parts: Vec<Mutex<Vec<Partial>>> = slots.iter().map(|_| Mutex::default()).collect();
-        let math_ns = AtomicU64::new(0);
-        let store = &mut self.store;
-        rayon::in_place_scope(|scope| {
-            store.read_blocks_owned(slots, |i, block| {
-                let (gi, bi) = order[i];
-                let (group, b) = (&groups[gi], groups[gi].blocks[bi]);
-                let (part, math_ns) = (&parts[i], &math_ns);
-                scope.spawn(move |_| {
-                    let t = Instant::now();
-                    let p: Vec<Partial> = with_stored_kv(&block.bytes()[..bpb], dtype, |data| {
-                        let view = KvBlockView {
-                            k: data.slice(0..e),
-                            v: data.slice(e..2 * e),
-                            start_pos: b.start_pos,
-                            len: b.len,
-                        };
-                        group
-                            .rows
-                            .iter()
-                            .map(|(_, q, pos)| {
-                                attend_partial(q, *pos, std::slice::from_ref(&view), g)
-                            })
-                            .collect()
-                    });
-                    drop(block);
-                    math_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    *part.lock().unwrap_or_else(PoisonError::into_inner) = p;
-                });
-                Ok::<(), StorageError>(())
-            })
-        })?;
-        for (&(gi, _), part) in order.iter().zip(parts) {
-            let p = part.into_inner().unwrap_or_else(PoisonError::into_inner);
+    /// Decode steps' storage attention as one stream of reads: `first`'s blocks, then those of
+    /// every decode command that arrives while the stream runs (the executor ships a GPU
+    /// batch's queries while the one before still streams), so the IO queue never drains
+    /// between commands. Each block is attended on the thread pool as its read completes while
+    /// this thread (the ring's owner) goes on reading; its buffer returns for the next read
+    /// when its math is done, and the task that finishes a command's last block merges that
+    /// command's partials, in block order, and replies, while the stream goes on. (Attended
+    /// inline, a command's math followed its reads: a virtual disk completes a queue of reads
+    /// together, and the worker then attended them one by one; on an H100 host, W7 spent 2.1 of
+    /// 8.4 ms a call so, and the disk idled 0.7 ms between calls.) Returns a command of another
+    /// kind that arrived meanwhile, which ends the stream and runs next.
+    fn attend_stream(&mut self, first: StreamJob, rx: &Receiver<Command>) -> Option<Command> {
+        let t0 = Instant::now();
+        if first.order.is_empty() {
+            first.finish(self.bytes_per_block, &self.stats);
+            return None;
+        }
+        let first_slots = first.slots(&self.slots);
+        let jobs = RefCell::new(vec![Arc::new(first)]);
+        // Stream index -> (job, block of the job).
+        let index = RefCell::new((0..first_slots.len()).map(|k| (0, k)).collect::<Vec<_>>());
+        let deferred = RefCell::new(None);
+        let (dtype, bpb, stats) = (self.dtype, self.bytes_per_block, &self.stats);
+        let (store, worker_slots) = (&mut self.store, &self.slots);
+        let result = rayon::in_place_scope(|scope| {
+            store.read_stream(
+                &first_slots,
+                || {
+                    if deferred.borrow().is_some() {
+                        return Vec::new();
+                    }
+                    match rx.try_recv() {
+                        Ok(Command::Attend {
+                            groups,
+                            geometry,
+                            reply,
+                        }) if groups.iter().all(|gr| gr.rows.len() < PARALLEL_ROWS) => {
+                            let job = StreamJob::new(groups, geometry, reply);
+                            if job.order.is_empty() {
+                                job.finish(bpb, stats);
+                                return Vec::new();
+                            }
+                            let slots = job.slots(worker_slots);
+                            let mut jobs = jobs.borrow_mut();
+                            let j = jobs.len();
+                            index.borrow_mut().extend((0..slots.len()).map(|k| (j, k)));
+                            jobs.push(Arc::new(job));
+                            slots
+                        }
+                        Ok(other) => {
+                            *deferred.borrow_mut() = Some(other);
+                            Vec::new()
+                        }
+                        Err(_) => Vec::new(),
+                    }
+                },
+                |i, block| {
+                    let (j, k) = index.borrow()[i];
+                    let job = Arc::clone(&jobs.borrow()[j]);
+                    scope.spawn(move |_| job.attend_block(k, block, dtype, bpb, stats));
+                    Ok::<(), StorageError>(())
+                },
+            )
+        });
+        let jobs = jobs.into_inner();
+        if let Err(e) = result {
+            // Every command of the stream not yet answered gets the error (the first the
+            // storage error itself).
+            let mut e = Some(KvError::Storage(e));
+            for job in &jobs {
+                let err = e
+                    .take()
+                    .unwrap_or_else(|| KvError::StorageStream(job.stream_error()));
+                job.fail(err);
+            }
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.attend_seconds += t0.elapsed().as_secs_f64();
+            s.attend_math_seconds += jobs.iter().map(|j| j.math_seconds()).sum::<f64>();
+        }
+        deferred.into_inner()
+    }
+}
+
+/// One decode command of a storage attention stream: its queries and blocks, and each block's
+/// partials (one per row) as the pool tasks attend them.
+struct StreamJob {
+    groups: Vec<DiskGroup>,
+    g: AttentionGeometry,
+    /// `(group, block)` of each block of the job, in block order.
+    order: Vec<(usize, usize)>,
+    parts: Vec<Mutex<Vec<Partial>>>,
+    /// Blocks still to attend; the task that takes it to zero replies.
+    remaining: AtomicUsize,
+    /// Taken by whoever replies (the last block's task, or the stream on an error).
+    reply: Mutex<Option<Sender<AttendReply>>>,
+    t0: Instant,
+    math_ns: AtomicU64,
+}
+
+impl StreamJob {
+    fn new(groups: Vec<DiskGroup>, g: AttentionGeometry, reply: Sender<AttendReply>) -> Self {
+        let order = block_order(&groups);
+        Self {
+            parts: order.iter().map(|_| Mutex::default()).collect(),
+            remaining: AtomicUsize::new(order.len()),
+            order,
+            groups,
+            g,
+            reply: Mutex::new(Some(reply)),
+            t0: Instant::now(),
+            math_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn slots(&self, worker_slots: &[DiskSlot]) -> Vec<DiskSlot> {
+        self.order
+            .iter()
+            .map(|&(gi, bi)| worker_slots[self.groups[gi].blocks[bi].slot as usize])
+            .collect()
+    }
+
+    /// Attends block `k` of the job for every row of its sequence, then gives its buffer back;
+    /// the last block's task merges and replies.
+    fn attend_block(
+        &self,
+        k: usize,
+        block: ReadBlock,
+        dtype: DType,
+        bpb: usize,
+        stats: &Mutex<DiskStats>,
+    ) {
+        let t = Instant::now();
+        let (gi, bi) = self.order[k];
+        let group = &self.groups[gi];
+        let e = self.g.block_elems();
+        let p: Vec<Partial> = with_stored_kv(&block.bytes()[..bpb], dtype, |data| {
+            let view = block_view(data, e, group.blocks[bi]);
+            group
+                .rows
+                .iter()
+                .map(|(_, q, pos)| attend_partial(q, *pos, std::slice::from_ref(&view), &self.g))
+                .collect()
+        });
+        drop(block);
+        self.math_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        *self.parts[k].lock().unwrap_or_else(PoisonError::into_inner) = p;
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish(bpb, stats);
+        }
+    }
+
+    /// Merges the blocks' partials in block order (the result does not depend on the order
+    /// the reads completed in) and replies.
+    fn finish(&self, bpb: usize, stats: &Mutex<DiskStats>) {
+        let mut acc = empty_partials(&self.groups, &self.g);
+        for (&(gi, _), part) in self.order.iter().zip(&self.parts) {
+            let p = std::mem::take(&mut *part.lock().unwrap_or_else(PoisonError::into_inner));
             for (a, p) in acc[gi].iter_mut().zip(p) {
                 a.merge_in(p);
             }
         }
-        Ok(Duration::from_nanos(math_ns.into_inner()))
+        let out = rows_with_partials(&self.groups, acc);
+        let bytes = (self.order.len() * bpb) as u64;
+        tracing::debug!(
+            blocks = self.order.len(),
+            rows = out.len(),
+            bytes,
+            seconds = self.t0.elapsed().as_secs_f64(),
+            math_s = self.math_seconds(),
+            "storage attention"
+        );
+        if let Ok(mut s) = stats.lock() {
+            s.bytes_read += bytes;
+            s.result_bytes += (out.len() * self.g.n_heads * (self.g.head_dim + 1) * 4) as u64;
+        }
+        if let Some(reply) = self
+            .reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = reply.send(Ok(out));
+        }
     }
 
-    /// A prompt chunk's many rows: each block is attended where its read completes, its rows in
-    /// parallel (holding every block's partials for every row until the end would cost rows ×
-    /// blocks partials). Returns the math's wall time.
-    fn attend_inline(
-        &mut self,
-        groups: &[DiskGroup],
-        order: &[(usize, usize)],
-        slots: &[DiskSlot],
-        acc: &mut [Vec<Partial>],
-        g: &AttentionGeometry,
-    ) -> Result<Duration, KvError> {
-        let (bpb, dtype, e) = (self.bytes_per_block, self.dtype, g.block_elems());
-        let mut math = Duration::ZERO;
-        self.store.read_blocks(slots, |i, bytes| {
-            let t = Instant::now();
-            let (gi, bi) = order[i];
-            let group = &groups[gi];
-            let b = group.blocks[bi];
-            with_stored_kv(&bytes[..bpb], dtype, |data| {
-                let view = KvBlockView {
-                    k: data.slice(0..e),
-                    v: data.slice(e..2 * e),
-                    start_pos: b.start_pos,
-                    len: b.len,
-                };
-                attend_rows(&mut acc[gi], &group.rows, &view, g);
-            });
-            math += t.elapsed();
-            Ok::<(), StorageError>(())
-        })?;
-        Ok(math)
+    /// Replies `err` unless the job has replied already.
+    fn fail(&self, err: KvError) {
+        if let Some(reply) = self
+            .reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = reply.send(Err(err));
+        }
+    }
+
+    fn stream_error(&self) -> String {
+        format!(
+            "the read stream this storage attention ({} blocks) was part of failed",
+            self.order.len()
+        )
+    }
+
+    fn math_seconds(&self) -> f64 {
+        self.math_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+}
+
+/// `(group, block)` of every block of `groups`, group by group, each in block order.
+fn block_order(groups: &[DiskGroup]) -> Vec<(usize, usize)> {
+    groups
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, gr)| (0..gr.blocks.len()).map(move |bi| (gi, bi)))
+        .collect()
+}
+
+/// One empty partial per row of every group.
+fn empty_partials(groups: &[DiskGroup], g: &AttentionGeometry) -> Vec<Vec<Partial>> {
+    groups
+        .iter()
+        .map(|gr| {
+            gr.rows
+                .iter()
+                .map(|_| Partial::empty(g.n_heads, g.head_dim))
+                .collect()
+        })
+        .collect()
+}
+
+/// Each row's index with its partial.
+fn rows_with_partials(groups: &[DiskGroup], acc: Vec<Vec<Partial>>) -> Vec<(usize, Partial)> {
+    groups
+        .iter()
+        .zip(acc)
+        .flat_map(|(gr, a)| {
+            gr.rows
+                .iter()
+                .map(|(row, _, _)| *row)
+                .zip(a)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// K and V of a stored block (`data`: K then V, `e` values each) at its positions.
+fn block_view<'a>(data: KvSlice<'a>, e: usize, b: DiskBlock) -> KvBlockView<'a> {
+    KvBlockView {
+        k: data.slice(0..e),
+        v: data.slice(e..2 * e),
+        start_pos: b.start_pos,
+        len: b.len,
     }
 }
 

@@ -113,6 +113,10 @@ pub enum KvError {
     Gpu(String),
     #[error("disk tier: {0}")]
     Storage(#[from] strata_storage::StorageError),
+    /// A storage attention that shared a failed read stream with another (which got the
+    /// storage error itself).
+    #[error("disk tier: {0}")]
+    StorageStream(String),
     #[error("the disk worker stopped unexpectedly")]
     WorkerGone,
     #[error("sequence {0:?} is not in the block table")]

@@ -156,11 +156,25 @@ impl BlockStore {
     pub fn read_blocks_owned<E: From<StorageError>>(
         &mut self,
         slots: &[DiskSlot],
+        on_block: impl FnMut(usize, ReadBlock) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.read_stream(slots, Vec::new, on_block)
+    }
+
+    /// [`BlockStore::read_blocks_owned`] over a stream the caller can extend while it runs:
+    /// whenever every slot so far has been submitted, `more()` may return further slots, which
+    /// are read after them (their indices continue `slots`'). The queue then never drains
+    /// between one batch of reads and the next, as it does between two calls. `more` must not
+    /// block; an empty answer ends the stream once the reads in flight complete.
+    pub fn read_stream<E: From<StorageError>>(
+        &mut self,
+        slots: &[DiskSlot],
+        mut more: impl FnMut() -> Vec<DiskSlot>,
         mut on_block: impl FnMut(usize, ReadBlock) -> Result<(), E>,
     ) -> Result<(), E> {
         let start = Instant::now();
         let mut in_callback = Duration::ZERO;
-        let result = self.read_all(slots, &mut |i, block| {
+        let result = self.read_all(slots.to_vec(), &mut more, &mut |i, block| {
             let t = Instant::now();
             let outcome = on_block(i, block);
             in_callback += t.elapsed();
@@ -171,6 +185,20 @@ impl BlockStore {
         }
         self.stats.read_seconds += start.elapsed().saturating_sub(in_callback).as_secs_f64();
         result
+    }
+
+    /// Each slot's written length and checksum, or `InvalidSlot` for one never written.
+    fn expected(&self, slots: &[DiskSlot]) -> Result<Vec<(usize, u64)>, StorageError> {
+        slots
+            .iter()
+            .map(|&slot| match self.check_slot(slot)? {
+                SlotState::Written { len, sum } => Ok((len, sum)),
+                _ => Err(StorageError::InvalidSlot {
+                    slot: slot.0,
+                    reason: "never written",
+                }),
+            })
+            .collect()
     }
 
     fn check_slot(&self, slot: DiskSlot) -> Result<SlotState, StorageError> {
@@ -255,25 +283,22 @@ impl BlockStore {
 
     fn read_all<E: From<StorageError>>(
         &mut self,
-        slots: &[DiskSlot],
+        mut slots: Vec<DiskSlot>,
+        more: &mut impl FnMut() -> Vec<DiskSlot>,
         on_block: &mut impl FnMut(usize, ReadBlock) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut expect = Vec::with_capacity(slots.len());
-        for &slot in slots {
-            match self.check_slot(slot)? {
-                SlotState::Written { len, sum } => expect.push((len, sum)),
-                _ => {
-                    return Err(StorageError::InvalidSlot {
-                        slot: slot.0,
-                        reason: "never written",
-                    })?;
-                }
-            }
-        }
+        let mut expect = self.expected(&slots)?;
         let mut queue: VecDeque<usize> = (0..slots.len()).collect();
         let mut attempts = vec![Attempts::default(); slots.len()];
         let mut arrived = VecDeque::new();
         loop {
+            if queue.is_empty() {
+                let extra = more();
+                expect.extend(self.expected(&extra)?);
+                queue.extend(slots.len()..slots.len() + extra.len());
+                attempts.resize(slots.len() + extra.len(), Attempts::default());
+                slots.extend(extra);
+            }
             self.top_up(&mut queue, &mut arrived, |store, i, _| {
                 let (file, offset) = store.locate(slots[i]);
                 (file, offset, None)
