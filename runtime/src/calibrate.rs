@@ -279,6 +279,53 @@ impl Calibration {
 /// every prefill layer.
 pub const DECODE_OPS_PER_LAYER: usize = 9;
 
+/// The size of the CPU's last-level cache (Linux sysfs: the highest cache level of CPU 0), or
+/// `None` where it cannot be read.
+fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let mut best: Option<(u32, usize)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).ok();
+        let (Some(level), Some(size)) = (read("level"), read("size")) else {
+            continue;
+        };
+        let (Ok(level), Some(bytes)) = (level.trim().parse::<u32>(), parse_cache_size(&size))
+        else {
+            continue;
+        };
+        if best.is_none_or(|(l, _)| level > l) {
+            best = Some((level, bytes));
+        }
+    }
+    best.map(|(_, bytes)| bytes)
+}
+
+/// A sysfs cache size: `32768K`, `300M`, or bytes.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: usize = digits.parse().ok()?;
+    match unit.trim() {
+        "" => Some(n),
+        "K" | "KB" | "KiB" => Some(n << 10),
+        "M" | "MB" | "MiB" => Some(n << 20),
+        "G" | "GB" | "GiB" => Some(n << 30),
+        _ => None,
+    }
+}
+
+/// Bytes a host measurement rotates through so that cache hits cannot lift it: 16 times the
+/// last-level cache (at most 1/16 of its reads can hit), within 1 to 8 GiB; 1 GiB when the cache
+/// size is unknown. A run's host KV and weights are tens of GiB read once per step, so a
+/// calibration over a buffer the cache can partly hold (1 GiB beside a 300 MiB L3, as on some
+/// H100 hosts) overstates the rate the run gets.
+fn past_the_cache_bytes(llc: Option<usize>) -> usize {
+    llc.map_or(1 << 30, |b| (16 * b).clamp(1 << 30, 8 << 30))
+}
+
 /// Sizes of each measurement (bytes unless named otherwise).
 struct Sizes {
     gpu_gemm_n: usize,
@@ -287,7 +334,10 @@ struct Sizes {
     hbm: usize,
     pinned: usize,
     host_copy: usize,
+    /// Host KV the host attention measurements rotate through, and host MLP weights those
+    /// measurements rotate through: many times the last-level cache, as a run's are.
     host_kv: usize,
+    host_mlp_set: usize,
     cpu_gemm_rows: usize,
     cpu_gemm_dim: usize,
     disk_file: u64,
@@ -306,6 +356,13 @@ impl Sizes {
         // Two host buffers of each kind at most: keep them within a quarter of what is free.
         let avail = crate::mem_available_bytes().unwrap_or(8 << 30) as usize;
         let host = |b: usize| b.min(avail / 8).max(16 * MIB);
+        // `--quick` keeps to 1 GiB (a quarter of it), which a large last-level cache can
+        // partly hold: quicker, and rougher on such machines.
+        let past_cache = if quick {
+            1 << 30
+        } else {
+            past_the_cache_bytes(last_level_cache_bytes())
+        };
         let s = if quick { 4 } else { 1 };
         Sizes {
             gpu_gemm_n: 4096,
@@ -317,7 +374,8 @@ impl Sizes {
             hbm: (1 << 30) / s,
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
-            host_kv: host((1 << 30) / s),
+            host_kv: host(past_cache / s),
+            host_mlp_set: host(past_cache / s),
             cpu_gemm_rows: 512 / s,
             cpu_gemm_dim: 4096 / s.min(2),
             disk_file: (1 << 30) / s as u64,
@@ -416,10 +474,12 @@ fn measure(
         "host attention",
         format!("{host_attention:.1} GB/s"),
         format!(
-            "KV bytes attended in decode-layer calls (8 sequences, {} per call, after idle), \
-             {threads} threads; one call over {} of bf16 blocks: {one_call:.1} GB/s",
+            "KV bytes attended in decode-layer calls (8 sequences, {} per call, after idle, \
+             rotating through {}; last-level cache {}), {threads} threads; one call over all of \
+             it: {one_call:.1} GB/s",
             format_size(DECODE_LAYER_KV.min(sz.host_kv) as u64),
-            format_size(sz.host_kv as u64)
+            format_size(sz.host_kv as u64),
+            last_level_cache_bytes().map_or("unknown".into(), |b| format_size(b as u64)),
         ),
     );
     steps.step("host attention per block size");
@@ -451,7 +511,7 @@ fn measure(
     steps.step("host MLP");
     let (host_mlp_gflops, how) = host_mlp_gflops(sz.trials)?;
     row("host MLP", format!("{host_mlp_gflops:.0} GFLOP/s"), how);
-    let (host_mlp_layer, how) = host_mlp_layer_gbps(opts.quick)?;
+    let (host_mlp_layer, how) = host_mlp_layer_gbps(opts.quick, sz.host_mlp_set)?;
     let at_8 = host_mlp_layer
         .iter()
         .find(|[r, _]| *r == 8.0)
@@ -1190,8 +1250,10 @@ const HOST_MLP_ROWS: [usize; 5] = [1, 4, 8, 16, 32];
 /// [`HOST_MLP_ROWS`] rows. Each call comes after a pause that lets the threads go idle (as they
 /// do while the GPU computes between layers) and reads a different copy of the weights than the
 /// one before, so none finds them in cache. Returns `[rows, weight GB/s]` pairs and how.
-fn host_mlp_layer_gbps(quick: bool) -> Result<(Vec<[f64; 2]>, String), CalibrateError> {
-    const COPIES: usize = 2;
+fn host_mlp_layer_gbps(
+    quick: bool,
+    working_set: usize,
+) -> Result<(Vec<[f64; 2]>, String), CalibrateError> {
     const CALLS: usize = 6;
     let (hidden, neurons) = (4096, if quick { 1792 } else { 7168 });
     let be = CpuBackend::new();
@@ -1202,22 +1264,30 @@ fn host_mlp_layer_gbps(quick: bool) -> Result<(Vec<[f64; 2]>, String), Calibrate
             WeightData::F32(pseudo_random(rows * cols)).cast(DType::BF16),
         )
     };
-    let mut copies = Vec::with_capacity(COPIES);
-    for _ in 0..COPIES {
-        let gate = weight(neurons, hidden).map_err(CalibrateError::Cpu)?;
-        let up = weight(neurons, hidden).map_err(CalibrateError::Cpu)?;
-        let down = weight(hidden, neurons).map_err(CalibrateError::Cpu)?;
-        copies.push((gate, up, down));
-    }
     let bytes = (3 * neurons * hidden * DType::BF16.size_bytes()) as f64;
+    // Each call reads another copy, through a set many times the cache (copies of the first:
+    // the values do not matter, only that no call finds its weights cached).
+    let n_copies = (working_set as f64 / bytes).ceil().max(2.0) as usize;
+    let first = (
+        weight(neurons, hidden).map_err(CalibrateError::Cpu)?,
+        weight(neurons, hidden).map_err(CalibrateError::Cpu)?,
+        weight(hidden, neurons).map_err(CalibrateError::Cpu)?,
+    );
+    let mut copies = vec![first];
+    while copies.len() < n_copies {
+        let c = copies[0].clone();
+        copies.push(c);
+    }
     let mut out = Vec::with_capacity(HOST_MLP_ROWS.len());
+    let mut next = 0;
     for rows in HOST_MLP_ROWS {
         let x = be
             .tensor(rows, hidden, pseudo_random(rows * hidden))
             .map_err(CalibrateError::Cpu)?;
         let mut secs = 0.0;
         for call in 0..=CALLS {
-            let (gate, up, down) = &copies[call % COPIES];
+            let (gate, up, down) = &copies[next % copies.len()];
+            next += 1;
             std::thread::sleep(std::time::Duration::from_millis(2));
             let t = Instant::now();
             let act = (|| {
@@ -1233,9 +1303,11 @@ fn host_mlp_layer_gbps(quick: bool) -> Result<(Vec<[f64; 2]>, String), Calibrate
         out.push([rows as f64, bytes * CALLS as f64 / secs.max(1e-9) / 1e9]);
     }
     let how = format!(
-        "one layer's share (gate, up, down: {} of bf16), decode-sized calls after idle, {} \
-         threads: {}",
+        "one layer's share (gate, up, down: {} of bf16), decode-sized calls after idle, each \
+         over another of {} copies ({}), {} threads: {}",
         format_size(bytes as u64),
+        copies.len(),
+        format_size((bytes as usize * copies.len()) as u64),
         rayon::current_num_threads(),
         out.iter()
             .map(|[r, g]| format!("{r:.0} rows {g:.1} GB/s"))
@@ -1634,6 +1706,23 @@ fn utc_now_iso8601() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_measurements_rotate_through_many_times_the_cache() {
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("300M"), Some(300 << 20));
+        assert_eq!(parse_cache_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_cache_size("12 parsecs"), None);
+        // 16 times the cache, within 1 to 8 GiB; 1 GiB when unknown.
+        assert_eq!(past_the_cache_bytes(Some(300 << 20)), 4800 << 20);
+        assert_eq!(past_the_cache_bytes(Some(8 << 20)), 1 << 30);
+        assert_eq!(past_the_cache_bytes(Some(1 << 30)), 8 << 30);
+        assert_eq!(past_the_cache_bytes(None), 1 << 30);
+        // This machine's, where sysfs has it: the largest level found is a real size.
+        if let Some(b) = last_level_cache_bytes() {
+            assert!(b >= 64 << 10, "{b}");
+        }
+    }
 
     #[test]
     fn half_bandwidth_fit_recovers_the_model() {
