@@ -27,7 +27,9 @@
 //!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
 //!   share's rate where its rows make it compute-bound), and one layer's host MLP share timed
 //!   as a decode step calls it at 1 to 32 rows (`host_mlp_layer_gbps`, which the planner
-//!   charges the share at).
+//!   charges the share at). The host attention calls and the host MLP calls each read other
+//!   data, rotating through 16 times the last-level cache (`past_the_cache_bytes`), as a
+//!   run's do: it finds none of its KV or weights cached.
 //!   Capacity: `MemAvailable`.
 //! - **Disk** (only with a directory): a temporary file written then read with O_DIRECT through
 //!   the chosen IO engine, at 1 MiB requests, and read again at 64 KiB requests; the two reads fit

@@ -1280,8 +1280,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// the device runs all that. The storage engine streams batch `g`'s disk blocks from then
     /// until `g` is finished, after `g + 1` is launched. While `g - 1`'s storage attention is
     /// still streaming, batch `g`'s disk queries are shipped before waiting for it, so the
-    /// storage engine goes from one batch to the next without idling. `next_pass`: the first GPU batch of the
-    /// pass after this one, whose first gather the last layer's last batch reads ahead.
+    /// storage engine goes from one batch to the next without idling. `next_pass`: the first
+    /// GPU batch of the pass after this one, whose first gather the last layer's last batch
+    /// reads ahead.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -1394,7 +1395,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// calls it before it waits for the previous GPU batch's storage attention, so the engine's
     /// next command is queued while it works on this one and the disk never idles between
     /// them. (Done in `attend_host` after that wait, it left the disk idle for a query download
-    /// and a batch's issue at every call: about 0.7 ms, 8% of W7's calls on an H100 host.)
+    /// and a batch's issue at every call: 0.5 ms a call at the median, 8% of W7's storage
+    /// attention time on an H100 host.)
     fn ship_to_storage(&self, a: &mut Attending<B>, kv: &mut KvCache) -> Result<(), ForwardError> {
         let (q, at, far) = match std::mem::replace(&mut a.host, HostHalf::Idle) {
             HostHalf::Queued { q, at, far } => (q, at, far),
@@ -1538,7 +1540,6 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 }
 
-/// Each sequence of `rows` (a sequence's rows are consecutive) with its number of rows.
 /// Each row's query (`[n_heads * head_dim]` of `q`, rows in order) with its sequence and
 /// position, for the KV cache's tiers.
 fn tier_queries<'a>(
@@ -1557,6 +1558,7 @@ fn tier_queries<'a>(
         .collect()
 }
 
+/// Each sequence of `rows` (a sequence's rows are consecutive) with its number of rows.
 fn rows_per_seq(rows: &[Row]) -> Vec<(SeqId, usize)> {
     let mut out: Vec<(SeqId, usize)> = Vec::new();
     for r in rows {

@@ -553,10 +553,10 @@ impl Worker {
         });
         let jobs = jobs.into_inner();
         if let Err(e) = result {
-            // Every command of the stream not yet answered gets the error (the first the
-            // storage error itself).
+            // Every command of the stream not yet answered gets the error (the first of them the
+            // storage error itself). The scope has waited for every task, so none still runs.
             let mut e = Some(KvError::Storage(e));
-            for job in &jobs {
+            for job in jobs.iter().filter(|j| !j.has_replied()) {
                 let err = e
                     .take()
                     .unwrap_or_else(|| KvError::StorageStream(job.stream_error()));
@@ -684,6 +684,13 @@ impl StreamJob {
         {
             let _ = reply.send(Err(err));
         }
+    }
+
+    fn has_replied(&self) -> bool {
+        self.reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
     }
 
     fn stream_error(&self) -> String {
