@@ -33,6 +33,25 @@
 #define ATTN_LOG2E 1.4426950408889634f
 #define ATTN_LN2 0.6931471805599453f
 
+// Programmatic dependent launch (sm_90 and later; no-ops before, and when the launch did not
+// allow it). launch_dependents lets the next kernel of the stream start its CTAs as this one's
+// finish; wait blocks until every kernel before this one has completed and its writes are
+// visible. Nothing a kernel before may have written is read before the wait.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lines of K and V each thread asks L2 to fetch before the wait: the start of the CTA's split.
+#define ATTN_PREFETCH_LINES 4
+
 // Eight f16 / bf16 or four f32 values of one 16-byte load, widened to f32.
 __device__ __forceinline__ void widen(const uint4& r, float* out, const f16*) {
     const u32 w[4] = {r.x, r.y, r.z, r.w};
@@ -252,6 +271,34 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
     u32 t0, t1;
     split_range(seq_lens[b], splits, split, bt, &t0, &t1);
 
+    const u64 half_block = (u64)kv_heads * bt * D;  // elements of K (or V) in one block
+    const u64 head_off = (u64)kvh * bt * D + c * VEC;
+    const u32* table = block_tables + (u64)b * max_blocks;
+    const bool pow2 = (bt & (bt - 1)) == 0;
+    const u32 shift = __popc(bt - 1);
+
+    // While the kernel before may still run: ask L2 for the first lines of this split's K and V
+    // (block tables and lengths are uploaded by copies, which completed before it started; L2
+    // is where every write lands, so a line fetched early is never stale), so the split's first
+    // loads after the wait hit L2 and the DRAM works through the previous kernel's tail.
+    pdl_launch_dependents();
+    {
+        constexpr u32 LINE_ELEMS = 128 / sizeof(T);
+        const u32 head_lines = bt * D / LINE_ELEMS;  // lines of one head's K in one block
+        const u32 blocks = (t1 > t0 ? (t1 - t0 + bt - 1) / bt : 0);
+        const u32 lines = 2 * head_lines * blocks;   // K and V
+        for (u32 i = 0; i < ATTN_PREFETCH_LINES; i++) {
+            const u32 l = threadIdx.x + i * blockDim.x;
+            if (l >= lines) break;
+            const u32 blk_in = l / (2 * head_lines), r = l % (2 * head_lines);
+            const u32 blk = (pow2 ? (t0 >> shift) : (t0 / bt)) + blk_in;
+            const u64 off = (u64)table[blk] * 2 * half_block + (r >= head_lines ? half_block : 0) +
+                            (u64)kvh * bt * D + (u64)(r % head_lines) * LINE_ELEMS;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(pool + off));
+        }
+    }
+    pdl_wait();
+
     float qv[GP][VEC];
 #pragma unroll
     for (int g = 0; g < GP; g++) {
@@ -267,12 +314,6 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
 #pragma unroll
         for (int i = 0; i < VEC; i++) acc[g][i] = 0.0f;
     }
-
-    const u64 half_block = (u64)kv_heads * bt * D;  // elements of K (or V) in one block
-    const u64 head_off = (u64)kvh * bt * D + c * VEC;
-    const u32* table = block_tables + (u64)b * max_blocks;
-    const bool pow2 = (bt & (bt - 1)) == 0;
-    const u32 shift = __popc(bt - 1);
 
     for (u32 base = t0 + warp * STEP; base < t1; base += WARPS * STEP) {
         uint4 kr[ATTN_UNROLL], vr[ATTN_UNROLL];
@@ -380,6 +421,9 @@ __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict
     constexpr int DPL = ATTN_GENERIC_MAX_DIM / 32;
     __shared__ float s_m[ATTN_WARPS * GP], s_l[ATTN_WARPS * GP];
     __shared__ float s_acc[ATTN_WARPS * GP * ATTN_GENERIC_MAX_DIM];
+    // Launched like the specialised kernels (they may overlap the kernel before): wait first.
+    pdl_launch_dependents();
+    pdl_wait();
 
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 split = blockIdx.x, b = blockIdx.z;

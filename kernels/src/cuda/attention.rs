@@ -30,7 +30,7 @@
 //!   partial, a host partial uploaded with [`CudaBackend::tensor`], ...) with the formula of
 //!   `Partial::merge`.
 
-use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::sys::{self, CUevent_flags};
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
     PushKernelArg,
@@ -58,6 +58,51 @@ const MAX_SPLITS: usize = 256;
 const READ_THREADS: u32 = 256;
 /// Rows (sequence × head) per block of the merge kernels: one warp each.
 const MERGE_THREADS: u32 = 256;
+
+/// Launches `f` like `LaunchArgs::launch`, and with `overlap` allows programmatic dependent
+/// launch (sm_90+): its CTAs may start while the kernel before it on `stream` finishes, and
+/// must `griddepcontrol.wait` before reading what that kernel writes.
+///
+/// # Safety
+/// `args` point at `f`'s parameters, in order and of their types, valid until this returns;
+/// with `overlap`, `f` waits (`griddepcontrol.wait`) before it reads anything a kernel before
+/// it may write.
+unsafe fn launch_overlapping(
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    stream: sys::CUstream,
+    args: &mut [*mut std::ffi::c_void],
+    overlap: bool,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    // SAFETY: a zeroed attribute is a valid C struct (id 0, value zeroed); both fields are set
+    // below before the driver reads it.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: u32::from(overlap),
+    };
+    // SAFETY: `config` and `attr` live across the call; `f` is a loaded function of this
+    // context; the caller vouches for `args`.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
 
 /// The shape of one KV block: `[2 (K, V), kv_heads, block_tokens, head_dim]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +233,9 @@ pub(crate) struct AttentionKernels {
     read_floor: CudaFunction,
     /// The split partials and arrival counters of `decode_attention`, reused by every call.
     scratch: Mutex<SplitScratch>,
+    /// Whether decode attention launches may overlap the kernel before them (programmatic
+    /// dependent launch: sm_90 and later, unless `STRATA_PDL=0`).
+    pub(crate) overlap: bool,
 }
 
 /// One decode kernel, its threads per CTA, and how many of its CTAs an SM holds (queried on
@@ -323,7 +371,15 @@ impl AttentionKernels {
             merge_parts: load("attn_merge_parts".into())?,
             read_floor: load("hbm_read_floor".into())?,
             scratch: Mutex::new(SplitScratch::default()),
+            overlap: false,
         })
+    }
+
+    /// Lets decode attention overlap the kernel before it on devices of compute capability `cc`
+    /// that support it (9.0 and later), unless the environment sets `STRATA_PDL=0`.
+    pub(crate) fn with_overlap(mut self, cc: (i32, i32)) -> Self {
+        self.overlap = cc.0 >= 9 && std::env::var_os("STRATA_PDL").is_none_or(|v| v != "0");
+        self
     }
 
     /// The kernel for `dtype`, `head_dim` and a GQA group of `group` heads, and the query heads
@@ -692,39 +748,54 @@ impl CudaBackend {
         } else {
             None
         };
-        let null = 0u64;
-        let mut b = be.stream.launch_builder(&k.f);
-        b.arg(&mut o).arg(&mut lse);
-        match &mut split_bufs {
-            Some((po, pl, arrivals)) => b.arg(po).arg(pl).arg(&mut **arrivals),
-            None => b.arg(&null).arg(&null).arg(&null),
-        };
-        b.arg(qb);
-        match &pool.data {
-            PoolBuf::F32(p) => b.arg(p),
-            PoolBuf::F16(p) => b.arg(p),
-            PoolBuf::BF16(p) => b.arg(p),
-        };
-        b.arg(&tables.tables)
-            .arg(&tables.lens)
-            .arg(&max_blocks)
-            .arg(&nh)
-            .arg(&kvh)
-            .arg(&d)
-            .arg(&bt)
-            .arg(&s)
-            .arg(&scale_log2);
-        // SAFETY: attn_decode_*(float* out_o, float* out_lse, float* part_o, float* part_lse,
-        // u32* arrivals, const float* q, const T* pool, const u32* tables, const u32* lens,
-        // u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits,
-        // float scale_log2), T the pool's dtype. `check_decode` verified the shapes: q holds
-        // batch * n_heads * head_dim values, o rows * head_dim and lse rows, every block id a
-        // sequence reads is below the pool's n_blocks, and tables is [batch, max_blocks] with
-        // lens [batch]. With several splits, part_o holds rows * splits * head_dim values,
-        // part_lse at least rows * splits and arrivals at least batch * columns counters, all
-        // zero (the previous launch on this stream left them so); with one split the three are
-        // null and never read.
-        unsafe { b.launch(cfg) }.map_err(|e| device_err(op, e))?;
+        {
+            // The pointers' guards end with this block, before `o` and `lse` move out.
+            let st = &be.stream;
+            let (o_ptr, _o) = o.device_ptr_mut(st);
+            let (lse_ptr, _lse) = lse.device_ptr_mut(st);
+            let (part_o, part_lse, arrivals) = match &mut split_bufs {
+                Some((po, pl, ar)) => (
+                    po.device_ptr_mut(st).0,
+                    pl.device_ptr_mut(st).0,
+                    ar.device_ptr_mut(st).0,
+                ),
+                None => (0, 0, 0),
+            };
+            let (q_ptr, _q) = qb.device_ptr(st);
+            let (pool_ptr, _p) = match &pool.data {
+                PoolBuf::F32(p) => p.device_ptr(st),
+                PoolBuf::F16(p) => p.device_ptr(st),
+                PoolBuf::BF16(p) => p.device_ptr(st),
+            };
+            let (tables_ptr, _t) = tables.tables.device_ptr(st);
+            let (lens_ptr, _l) = tables.lens.device_ptr(st);
+            let mut ptrs = [
+                o_ptr, lse_ptr, part_o, part_lse, arrivals, q_ptr, pool_ptr, tables_ptr, lens_ptr,
+            ];
+            let mut ints = [max_blocks, nh, kvh, d, bt, s];
+            let mut scale = scale_log2;
+            let mut args: Vec<*mut std::ffi::c_void> = ptrs
+                .iter_mut()
+                .map(|p| (p as *mut u64).cast())
+                .chain(ints.iter_mut().map(|v| (v as *mut u32).cast()))
+                .chain([(&mut scale as *mut f32).cast()])
+                .collect();
+            // SAFETY: attn_decode_*(float* out_o, float* out_lse, float* part_o, float* part_lse,
+            // u32* arrivals, const float* q, const T* pool, const u32* tables, const u32* lens,
+            // u32 max_blocks, u32 n_heads, u32 kv_heads, u32 head_dim, u32 bt, u32 splits,
+            // float scale_log2), T the pool's dtype: `args` points at those 16 values, in order,
+            // each alive until the call returns (the driver copies them at launch). `check_decode`
+            // verified the shapes: q holds batch * n_heads * head_dim values, o rows * head_dim and
+            // lse rows, every block id a sequence reads is below the pool's n_blocks, and tables is
+            // [batch, max_blocks] with lens [batch]. With several splits, part_o holds rows * splits
+            // * head_dim values, part_lse at least rows * splits and arrivals at least batch *
+            // columns counters, all zero (the previous launch on this stream left them so); with one
+            // split the three are null and never read. The kernel reads nothing an earlier kernel
+            // may write before its `griddepcontrol.wait` (see attention.cu), so overlapping the
+            // kernel before (`be.attn.overlap`) is safe.
+            unsafe { launch_overlapping(&k.f, cfg, st.cu_stream(), &mut args, be.attn.overlap) }
+                .map_err(|e| device_err(op, e))?;
+        }
         // The scratch views' borrows end here; the lock is held until the launch is enqueued.
         drop(scratch);
         Ok(partial(batch, n_heads, hd, o, lse))

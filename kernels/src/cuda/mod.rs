@@ -288,7 +288,7 @@ impl CudaBackend {
                         gemm_record_dir: gemm_record.clone(),
                         gemm_backend: AtomicU8::new(GemmBackend::from_env().to_u8()),
                         k,
-                        attn,
+                        attn: attn.with_overlap(info.compute_capability),
                         kvt,
                         prefill,
                         stream,
