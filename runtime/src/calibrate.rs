@@ -336,10 +336,11 @@ struct Sizes {
     hbm: usize,
     pinned: usize,
     host_copy: usize,
-    /// Host KV the host attention measurements rotate through, and host MLP weights those
-    /// measurements rotate through: many times the last-level cache, as a run's are.
+    /// Bytes the host measurements rotate through: the host attention's KV, and the copies of
+    /// the host MLP weights; many times the last-level cache, as a run's are.
     host_kv: usize,
-    host_mlp_set: usize,
+    /// The CPU's last-level cache, where sysfs gives it.
+    llc: Option<usize>,
     cpu_gemm_rows: usize,
     cpu_gemm_dim: usize,
     disk_file: u64,
@@ -360,10 +361,11 @@ impl Sizes {
         let host = |b: usize| b.min(avail / 8).max(16 * MIB);
         // `--quick` keeps to 1 GiB (a quarter of it), which a large last-level cache can
         // partly hold: quicker, and rougher on such machines.
+        let llc = last_level_cache_bytes();
         let past_cache = if quick {
             1 << 30
         } else {
-            past_the_cache_bytes(last_level_cache_bytes())
+            past_the_cache_bytes(llc)
         };
         let s = if quick { 4 } else { 1 };
         Sizes {
@@ -377,7 +379,7 @@ impl Sizes {
             pinned: (1 << 30) / s,
             host_copy: host((1 << 30) / s),
             host_kv: host(past_cache / s),
-            host_mlp_set: host(past_cache / s),
+            llc,
             cpu_gemm_rows: 512 / s,
             cpu_gemm_dim: 4096 / s.min(2),
             disk_file: (1 << 30) / s as u64,
@@ -481,7 +483,7 @@ fn measure(
              it: {one_call:.1} GB/s",
             format_size(DECODE_LAYER_KV.min(sz.host_kv) as u64),
             format_size(sz.host_kv as u64),
-            last_level_cache_bytes().map_or("unknown".into(), |b| format_size(b as u64)),
+            sz.llc.map_or("unknown".into(), |b| format_size(b as u64)),
         ),
     );
     steps.step("host attention per block size");
@@ -513,7 +515,7 @@ fn measure(
     steps.step("host MLP");
     let (host_mlp_gflops, how) = host_mlp_gflops(sz.trials)?;
     row("host MLP", format!("{host_mlp_gflops:.0} GFLOP/s"), how);
-    let (host_mlp_layer, how) = host_mlp_layer_gbps(opts.quick, sz.host_mlp_set)?;
+    let (host_mlp_layer, how) = host_mlp_layer_gbps(opts.quick, sz.host_kv)?;
     let at_8 = host_mlp_layer
         .iter()
         .find(|[r, _]| *r == 8.0)

@@ -1391,7 +1391,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     }
 
     /// Ships a launched attention's disk-tier queries to the storage engine now, waiting for the
-    /// queries to come down; [`Transformer::attend_host`] does the rest. [`Transformer::layer`]
+    /// queries to come down (a no-op unless they are still on their way);
+    /// [`Transformer::attend_host`] does the rest. [`Transformer::layer`]
     /// calls it before it waits for the previous GPU batch's storage attention, so the engine's
     /// next command is queued while it works on this one and the disk never idles between
     /// them. (Done in `attend_host` after that wait, it left the disk idle for a query download
@@ -1426,15 +1427,10 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     fn attend_host(&self, a: &mut Attending<B>, kv: &mut KvCache) -> Result<(), ForwardError> {
         let ag = &self.attention;
         let _span = debug_span!("host_attention", rows = a.rows).entered();
+        // Time waiting for the queries here is the device still computing them (or the copy
+        // stream still landing this layer's weights before them).
+        self.ship_to_storage(a, kv)?;
         let (qh, at, far, storage) = match std::mem::replace(&mut a.host, HostHalf::Idle) {
-            HostHalf::Queued { q, at, far } => {
-                // Time waiting here is the device still computing the queries (or the copy
-                // stream still landing this layer's weights before them).
-                let qh =
-                    debug_span!("wait_queries").in_scope(|| self.backend.finish_download(q))?;
-                let storage = kv.ship_to_storage(a.layer, &tier_queries(&at, &qh, ag), ag)?;
-                (qh, at, far, storage)
-            }
             HostHalf::Shipped {
                 q,
                 at,

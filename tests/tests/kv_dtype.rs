@@ -109,6 +109,36 @@ fn reference_partial(q: &[f32], pos: usize, blocks: &[Vec<f32>], tokens: usize) 
     reference::attention(q, pos, &views, &geometry())
 }
 
+/// Each row `(sequence, position)` with its query.
+fn tier_queries<'a>(rows: &[(usize, usize)], qs: &'a [Vec<f32>]) -> Vec<TierQuery<'a>> {
+    rows.iter()
+        .zip(qs)
+        .map(|(&(s, pos), q)| TierQuery {
+            seq: SeqId(s as u64),
+            pos,
+            q,
+        })
+        .collect()
+}
+
+/// Asserts `p` is the scalar reference for `q` at `pos` over `blocks` (f32, as filled) rounded
+/// to `dtype`, within 2e-5 on `o` and `lse`.
+fn assert_reference(
+    p: &Partial,
+    q: &[f32],
+    pos: usize,
+    blocks: &[Vec<f32>],
+    tokens: usize,
+    dtype: DType,
+    what: &str,
+) {
+    let rounded_blocks: Vec<Vec<f32>> = blocks.iter().map(|b| rounded(dtype, b)).collect();
+    let r = reference_partial(q, pos, &rounded_blocks, tokens);
+    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
+        assert!((a - b).abs() < 2e-5, "{what} at {pos}: {a} vs {b}");
+    }
+}
+
 #[test]
 fn host_and_storage_engines_attend_half_precision_blocks() {
     let seed = test_seed();
@@ -129,26 +159,11 @@ fn host_and_storage_engines_attend_half_precision_blocks() {
                 let rows = [(0usize, 36usize), (1, 49), (1, 20)];
                 let qs: Vec<Vec<f32>> =
                     rows.iter().map(|_| rng.vec(N_HEADS * G.head_dim)).collect();
-                let queries: Vec<TierQuery<'_>> = rows
-                    .iter()
-                    .zip(&qs)
-                    .map(|(&(s, pos), q)| TierQuery {
-                        seq: SeqId(s as u64),
-                        pos,
-                        q,
-                    })
-                    .collect();
+                let queries = tier_queries(&rows, &qs);
                 let got = kv.attend(layer, &queries, &ag).unwrap();
                 for ((&(s, pos), q), p) in rows.iter().zip(&qs).zip(&got) {
-                    let blocks: Vec<Vec<f32>> =
-                        want[s][layer].iter().map(|b| rounded(dtype, b)).collect();
-                    let r = reference_partial(q, pos, &blocks, tokens[s]);
-                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
-                        assert!(
-                            (a - b).abs() < 2e-5,
-                            "{what}: layer {layer}, seq {s} at {pos}: {a} vs {b}"
-                        );
-                    }
+                    let at = format!("{what}: layer {layer}, seq {s}");
+                    assert_reference(p, q, pos, &want[s][layer], tokens[s], dtype, &at);
                 }
             }
             let m = kv.metrics();
@@ -190,28 +205,11 @@ fn storage_attention_over_more_blocks_than_buffers_matches_and_repeats() {
             for rows in [&decode, &chunk] {
                 let qs: Vec<Vec<f32>> =
                     rows.iter().map(|_| rng.vec(N_HEADS * G.head_dim)).collect();
-                let queries: Vec<TierQuery<'_>> = rows
-                    .iter()
-                    .zip(&qs)
-                    .map(|(&(s, pos), q)| TierQuery {
-                        seq: SeqId(s as u64),
-                        pos,
-                        q,
-                    })
-                    .collect();
+                let queries = tier_queries(rows, &qs);
                 let got = kv.attend(layer, &queries, &ag).unwrap();
                 for ((&(s, pos), q), p) in rows.iter().zip(&qs).zip(&got) {
-                    let blocks: Vec<Vec<f32>> = want[s][layer]
-                        .iter()
-                        .map(|b| rounded(DType::BF16, b))
-                        .collect();
-                    let r = reference_partial(q, pos, &blocks, tokens[s]);
-                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
-                        assert!(
-                            (a - b).abs() < 2e-5,
-                            "{what}: layer {layer}, seq {s} at {pos}: {a} vs {b}"
-                        );
-                    }
+                    let at = format!("{what}: layer {layer}, seq {s}");
+                    assert_reference(p, q, pos, &want[s][layer], tokens[s], DType::BF16, &at);
                 }
                 if rows.len() == decode.len() {
                     for _ in 0..3 {
@@ -267,16 +265,12 @@ fn queued_decode_commands_share_a_stream_and_a_failure_answers_all() {
                     .iter()
                     .map(|_| rng.vec(N_HEADS * G.head_dim))
                     .collect();
-                let queries: Vec<TierQuery<'_>> = tokens
+                let rows: Vec<(usize, usize)> = tokens
                     .iter()
-                    .zip(&qs)
                     .enumerate()
-                    .map(|(s, (&n, q))| TierQuery {
-                        seq: SeqId(s as u64),
-                        pos: n - 1,
-                        q,
-                    })
+                    .map(|(s, &n)| (s, n - 1))
                     .collect();
+                let queries = tier_queries(&rows, &qs);
                 // One command per sequence, all shipped before any is joined.
                 let shipped: Vec<_> = queries
                     .iter()
@@ -299,17 +293,8 @@ fn queued_decode_commands_share_a_stream_and_a_failure_answers_all() {
                         continue;
                     }
                     let p = &got.unwrap()[0];
-                    let blocks: Vec<Vec<f32>> = want[s][layer]
-                        .iter()
-                        .map(|b| rounded(DType::BF16, b))
-                        .collect();
-                    let r = reference_partial(q.q, q.pos, &blocks, tokens[s]);
-                    for (a, b) in p.o.iter().chain(&p.lse).zip(r.o.iter().chain(&r.lse)) {
-                        assert!(
-                            (a - b).abs() < 2e-5,
-                            "{what}: layer {layer}, seq {s}: {a} vs {b}"
-                        );
-                    }
+                    let at = format!("{what}: layer {layer}, seq {s}");
+                    assert_reference(p, q.q, q.pos, &want[s][layer], tokens[s], DType::BF16, &at);
                 }
             }
         }

@@ -664,33 +664,29 @@ impl StreamJob {
             s.bytes_read += bytes;
             s.result_bytes += (out.len() * self.g.n_heads * (self.g.head_dim + 1) * 4) as u64;
         }
-        if let Some(reply) = self
-            .reply
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(reply) = self.take_reply() {
             let _ = reply.send(Ok(out));
         }
     }
 
     /// Replies `err` unless the job has replied already.
     fn fail(&self, err: KvError) {
-        if let Some(reply) = self
-            .reply
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(reply) = self.take_reply() {
             let _ = reply.send(Err(err));
         }
     }
 
+    /// The reply channel, for whoever answers first (at most once).
+    fn take_reply(&self) -> Option<Sender<AttendReply>> {
+        self.reply_slot().take()
+    }
+
     fn has_replied(&self) -> bool {
-        self.reply
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
+        self.reply_slot().is_none()
+    }
+
+    fn reply_slot(&self) -> std::sync::MutexGuard<'_, Option<Sender<AttendReply>>> {
+        self.reply.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn stream_error(&self) -> String {
