@@ -149,6 +149,50 @@ fn imports_in_the_pool_dtype_land_as_they_are() {
     }
 }
 
+/// Rows read by the SMs straight from page-locked host memory mapped for the device (hidden
+/// states in host slots), bit for bit and in the order asked, at any row offset; memory that is
+/// not mapped has no device address, and an address that is not an f32's is refused.
+#[test]
+fn rows_gathered_from_mapped_host_memory_are_exact() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    let (width, rows) = (96, 40);
+    let mut host = rng.vec_scaled(width * rows + 7, 4.0);
+    let base = host.as_mut_ptr().cast::<u8>();
+    assert_eq!(gpu.mapped_device_ptr(base), None, "not registered yet");
+    // SAFETY: `host` is owned here, outlives the registration, and is not written while
+    // registered.
+    let reg = unsafe { gpu.register_host(base, std::mem::size_of_val(host.as_slice())) }.unwrap();
+    let dev = gpu.mapped_device_ptr(base).unwrap();
+    // Rows 16-byte aligned (read 16 bytes a load): every other row, last first. Then the same
+    // with one row 7 values in (read a value a load).
+    let skip = (0..4).find(|s| (dev + 4 * s) % 16 == 0).unwrap() as usize;
+    let mut at: Vec<usize> = (0..rows - 1)
+        .rev()
+        .step_by(2)
+        .map(|r| skip + r * width)
+        .collect();
+    for odd in [false, true] {
+        if odd {
+            at.push(7);
+        }
+        let addrs: Vec<u64> = at.iter().map(|&i| dev + 4 * i as u64).collect();
+        // SAFETY: each row lies inside the registered, mapped `host`, read before it is dropped.
+        let got = unsafe { gpu.gather_rows_f32(&addrs, width) }.unwrap();
+        let got = gpu.to_host(&got).unwrap();
+        for (r, &i) in at.iter().enumerate() {
+            assert!(
+                same_bits(&got[r * width..(r + 1) * width], &host[i..i + width]),
+                "seed {seed}: row {r} (value {i}, odd {odd}) differs"
+            );
+        }
+    }
+    // SAFETY: refused before anything is read.
+    assert!(unsafe { gpu.gather_rows_f32(&[dev + 2], width) }.is_err());
+    drop(reg);
+}
+
 #[test]
 fn bad_slots_and_shapes_are_errors() {
     let Some(gpu) = test_gpu() else { return };
@@ -234,10 +278,10 @@ fn copies_on_the_copy_stream_round_trip_and_are_counted() {
         assert_eq!(back, want);
         let after = gpu.copy_stats().unwrap();
         let bytes = 40 * 12 * cols as u64;
+        // At least: the tests of this binary share one backend, and others upload meanwhile.
         if 12 * cols < strata_kernels::cuda::TIMED_UPLOAD_MIN {
-            assert_eq!(
-                after.h2d_small_bytes,
-                before.h2d_small_bytes + bytes,
+            assert!(
+                after.h2d_small_bytes >= before.h2d_small_bytes + bytes,
                 "{after:?}"
             );
         } else {

@@ -82,7 +82,10 @@
 //! `fill = (Σ streams − max stream) / prefetch_depth` is paid once per step.
 //!
 //! **Memory** (at the final length `s + n`, tokens rounded up to whole blocks per tier): weights
-//! per tier + embeddings and LM head on the GPU; KV / hidden states per tier; GPU working buffers
+//! per tier + embeddings and LM head on the GPU; KV / hidden states per tier (the runtime's
+//! tiers have one slot size, a KV block's, and a block of hidden states takes a whole slot, so
+//! it counts `max(kvb, hb)` a token: recompute saves bytes moved, never capacity); GPU working
+//! buffers
 //! `(depth+1)·(streamed weights of a layer + fetched/regenerated KV of one GPU batch in one layer)`,
 //! the workspace of a prefill GPU batch of `r = min(g·s, PREFILL_ROWS)` rows (one GPU batch's
 //! prompts) and the logits, plus the residual stream of the pass's other `k − 1` GPU batches
@@ -754,7 +757,7 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
     let mut disk_per_batch = 0.0; // one layer, one GPU batch: bytes read from disk
     for (i, tier) in Tier::ALL.into_iter().enumerate() {
         let (kv, hid) = split.get(tier);
-        bytes[i] += z.n * layers * (blocks(kv) * z.kvb + blocks(hid) * z.hb);
+        bytes[i] += z.n * layers * (blocks(kv) * z.kvb + blocks(hid) * z.kvb.max(z.hb));
         bytes[i] += p.weights.get(tier) * z.w * layers;
         let fetched_kv = if tier == Tier::Gpu {
             0.0

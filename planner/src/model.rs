@@ -48,6 +48,12 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The same model with its KV cache stored in another dtype (`--kv-dtype`).
+    pub fn with_kv_dtype_bytes(mut self, bytes: u64) -> Self {
+        self.kv_dtype_bytes = bytes;
+        self
+    }
+
     pub fn validate(&self) -> Result<(), PlanError> {
         let dims = [
             ("model layers", self.layers),

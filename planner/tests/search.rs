@@ -216,6 +216,34 @@ fn mha_model_recomputes_off_gpu_kv_when_io_bound() {
     assert!(p.recompute.disk > 0.0, "expected recompute on disk: {p:?}");
 }
 
+/// The runtime's host and disk tiers have one slot size, a KV block's, and a block of hidden
+/// states takes a whole slot: storing an MHA model's f32-KV host tokens as hidden states halves
+/// the bytes they move but not the memory they hold, so the planner counts the same host bytes.
+#[test]
+fn hidden_states_take_whole_kv_slots_in_memory() {
+    let m = ModelSpec {
+        kv_dtype_bytes: 4,
+        ..opt("opt-6.7b", 4096, 32, 32)
+    };
+    let w = wl(4, 1920, 8);
+    let hw = h100();
+    let p = plan(&m, &w, &budgets(16 * GIB, 64 * GIB, 0), &hw)
+        .unwrap()
+        .policy;
+    assert!(p.kv.cold.host > 0.0, "expected host KV: {p:?}");
+    let mut kept = p;
+    kept.recompute.host = 0.0;
+    let mut hidden = p;
+    hidden.recompute.host = 1.0;
+    assert_eq!(memory(&m, &w, &hidden).host, memory(&m, &w, &kept).host);
+    // 7.5 GiB of KV and no disk: 4 GiB of host memory would hold the hidden states at half a
+    // slot each (3.9 GiB), but not in whole slots.
+    match plan(&m, &w, &budgets(16 * GIB, 4 * GIB, 0), &hw) {
+        Err(PlanError::NothingFits { .. }) => {}
+        other => panic!("expected no fit, got {other:?}"),
+    }
+}
+
 #[test]
 fn nothing_fits_names_the_short_tier() {
     let m = opt_30b();

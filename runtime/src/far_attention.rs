@@ -1,5 +1,7 @@
 //! The compute device's side of far blocks ([`crate::kv::far`]): K and V regenerated from stored
 //! hidden states, and attention over fetched blocks on a backend that attends on the host.
+//! On a GPU with scratch blocks, hidden states in host memory are copied straight into scratch
+//! and regenerated there ([`crate::kv::KvCache::attend_device`]); the rest come here.
 //!
 //! Recompute repeats exactly what the layer did when the token first went through: the layer's
 //! input norm, the K and V projections (with their biases), and RoPE at the token's original
@@ -14,7 +16,7 @@ use crate::kv::{FarBlock, TierQuery};
 use crate::model::{Family, ModelConfig};
 
 /// The weights recompute needs from one layer.
-pub(crate) struct KvProjection<'a, W> {
+pub struct KvProjection<'a, W> {
     pub norm: &'a W,
     pub norm_b: Option<&'a W>,
     pub k: &'a W,
@@ -23,18 +25,54 @@ pub(crate) struct KvProjection<'a, W> {
     pub v_b: Option<&'a W>,
 }
 
-/// Turns every hidden block of `far` into a KV block (`[2, kv_heads, block_tokens, head_dim]`
-/// in the block's `kv_dtype`, rounded as an append would have stored it) in place, in one batch
-/// of projections. Returns the tokens recomputed.
+/// The layer's projection of hidden states back to K and V: what recompute needs to repeat the
+/// token's first pass through the layer.
+pub struct Regenerate<'a, W> {
+    pub w: KvProjection<'a, W>,
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable,
+}
+
+impl<W> Regenerate<'_, W> {
+    /// K and V `[tokens, kv_heads * head_dim]` of hidden states `x: [tokens, d_model]` at
+    /// `positions`: the layer's input norm, its K and V projections (with their biases) and RoPE
+    /// at each token's original position, on the backend that computes.
+    pub fn kv<B: Backend<Weight = W>>(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        positions: &[usize],
+    ) -> strata_kernels::Result<(B::Tensor, B::Tensor)> {
+        let (w, cfg) = (&self.w, self.cfg);
+        let h = match w.norm_b {
+            Some(bias) => b.layer_norm(x, w.norm, bias, cfg.norm_eps)?,
+            None => b.rms_norm(x, w.norm, cfg.norm_eps)?,
+        };
+        let mut k = b.linear(&h, w.k, w.k_b)?;
+        let v = b.linear(&h, w.v, w.v_b)?;
+        if cfg.family != Family::Opt {
+            b.rope(&mut k, cfg.kv_heads, positions, self.rope)?;
+        }
+        Ok((k, v))
+    }
+}
+
+/// Turns every hidden block of `far` that came in hand (`data`) into a KV block
+/// (`[2, kv_heads, block_tokens, head_dim]` in the block's `kv_dtype`, rounded as an append would
+/// have stored it) in place, in one batch of projections, and returns the tokens recomputed.
+/// Hidden blocks still in their host slots (`in_host`) are left for the device, which copies
+/// them into its scratch blocks and regenerates them there
+/// ([`crate::kv::KvCache::attend_device`]).
 pub(crate) fn recompute<B: Backend>(
     b: &B,
-    w: &KvProjection<'_, B::Weight>,
-    cfg: &ModelConfig,
-    rope: &RopeTable,
+    regen: &Regenerate<'_, B::Weight>,
     block_tokens: usize,
     far: &mut [FarBlock],
 ) -> Result<usize, ForwardError> {
-    let hidden: Vec<usize> = (0..far.len()).filter(|&i| far[i].hidden).collect();
+    let cfg = regen.cfg;
+    let hidden: Vec<usize> = (0..far.len())
+        .filter(|&i| far[i].hidden && far[i].in_host.is_none())
+        .collect();
     let tokens: usize = hidden.iter().map(|&i| far[i].len).sum();
     if tokens == 0 {
         return Ok(0);
@@ -49,15 +87,7 @@ pub(crate) fn recompute<B: Backend>(
         positions.extend(far[i].start_pos..far[i].start_pos + far[i].len);
     }
     let x = b.tensor(tokens, cfg.hidden, x)?;
-    let h = match w.norm_b {
-        Some(bias) => b.layer_norm(&x, w.norm, bias, cfg.norm_eps)?,
-        None => b.rms_norm(&x, w.norm, cfg.norm_eps)?,
-    };
-    let mut k = b.linear(&h, w.k, w.k_b)?; // [tokens, kv_heads * head_dim]
-    let v = b.linear(&h, w.v, w.v_b)?;
-    if cfg.family != Family::Opt {
-        b.rope(&mut k, cfg.kv_heads, &positions, rope)?;
-    }
+    let (k, v) = regen.kv(b, &x, &positions)?;
     let (kh, vh) = (b.to_host(&k)?, b.to_host(&v)?);
     let (hd, kvd) = (cfg.head_dim, cfg.kv_heads * cfg.head_dim);
     let e = cfg.kv_heads * block_tokens * hd;

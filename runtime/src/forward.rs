@@ -35,7 +35,7 @@ use tracing::debug_span;
 
 use crate::disk_weights::{DiskWeightStats, DiskWeights};
 use crate::error::{ModelError, ModelResult};
-use crate::far_attention::{KvProjection, attend_far, recompute};
+use crate::far_attention::{KvProjection, Regenerate, attend_far, recompute};
 use crate::kv::{
     DiskTierConfig, FarBlock, KvCache, KvError, SeqId, StorageAttending, TierAttention, TierQuery,
 };
@@ -351,8 +351,10 @@ pub trait RuntimeBackend: Backend {
     /// Launches the attention of each row (`q: [rows, n_heads * head_dim]`) over the blocks of
     /// its sequence in `layer` that the device holds, and over the far blocks it can take (see
     /// [`KvCache::gather_far`]: K and V fetched from the host and disk tiers, recomputed already
-    /// where they were hidden states). Returns the device's partials, still being computed, and
+    /// where they were hidden states in hand; hidden states still in host slots are copied up
+    /// and regenerated with `regen`). Returns the device's partials, still being computed, and
     /// the far blocks left to the host. Without a device tier (the default) it launches nothing.
+    #[allow(clippy::too_many_arguments)]
     fn launch_device_attention(
         &self,
         _kv: &mut KvCache,
@@ -361,6 +363,7 @@ pub trait RuntimeBackend: Backend {
         _q: &Self::Tensor,
         _ag: &AttentionGeometry,
         far: Vec<FarBlock>,
+        _regen: &Regenerate<'_, Self::Weight>,
     ) -> Result<(Option<Self::DevicePart>, Vec<FarBlock>), ForwardError> {
         Ok((None, far))
     }
@@ -546,6 +549,7 @@ impl RuntimeBackend for CudaBackend {
         self.wait_download(d)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch_device_attention(
         &self,
         kv: &mut KvCache,
@@ -554,12 +558,14 @@ impl RuntimeBackend for CudaBackend {
         q: &CudaTensor,
         ag: &AttentionGeometry,
         far: Vec<FarBlock>,
+        regen: &Regenerate<'_, CudaWeight>,
     ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), ForwardError> {
         if !kv.has_gpu_pool() {
             return Ok((None, far));
         }
         let at: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, r.pos)).collect();
-        Ok(kv.attend_device(layer, &at, q, ag, far)?)
+        let regen_kv = |x: &CudaTensor, positions: &[usize]| regen.kv(self, x, positions);
+        Ok(kv.attend_device(layer, &at, q, ag, far, &regen_kv)?)
     }
 
     fn merge_attention(
@@ -1355,16 +1361,20 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         if let Some((layer, seqs)) = next {
             kv.prefetch_far(layer, &seqs)?;
         }
-        let proj = KvProjection {
-            norm: &w.attn_norm,
-            norm_b: w.attn_norm_b.as_ref(),
-            k: &w.k,
-            k_b: w.k_b.as_ref(),
-            v: &w.v,
-            v_b: w.v_b.as_ref(),
+        let regen = Regenerate {
+            w: KvProjection {
+                norm: &w.attn_norm,
+                norm_b: w.attn_norm_b.as_ref(),
+                k: &w.k,
+                k_b: w.k_b.as_ref(),
+                v: &w.v,
+                v_b: w.v_b.as_ref(),
+            },
+            cfg,
+            rope: &self.rope,
         };
         let bt = self.attention.block_tokens;
-        let tokens = recompute(b, &proj, cfg, &self.rope, bt, &mut far)?;
+        let tokens = recompute(b, &regen, bt, &mut far)?;
         kv.note_recomputed(tokens);
         // The copy down is enqueued before the device's attention, so it waits only for q.
         let queries = if kv.fetch_overflows(far.len()) || kv.host_attends(layer, &seqs)? {
@@ -1372,8 +1382,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         } else {
             None
         };
-        let (device, far) = debug_span!("device_attention")
-            .in_scope(|| b.launch_device_attention(kv, layer, rows, &q, &self.attention, far))?;
+        let (device, far) = debug_span!("device_attention").in_scope(|| {
+            b.launch_device_attention(kv, layer, rows, &q, &self.attention, far, &regen)
+        })?;
         let host = match queries {
             Some(q) => HostHalf::Queued {
                 q,

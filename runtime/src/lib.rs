@@ -17,6 +17,8 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod units;
 
+pub use far_attention::{KvProjection, Regenerate};
+
 /// Memory the OS says is available now (`MemAvailable`), in bytes; `None` off Linux.
 pub fn mem_available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -198,6 +198,12 @@ struct PlanArgs {
     /// Disk space strata may use (default: the profile's disk capacity).
     #[arg(long, value_parser = parse_size_arg)]
     disk_mem: Option<u64>,
+    /// The KV cache's storage type, as `generate --kv-dtype` takes it: auto (the model's dtype
+    /// when it is f16 or bf16, else f32), f32, f16 or bf16. It sets the KV bytes per token the
+    /// plan moves and stores, and so whether recomputing K and V from stored (f32) hidden
+    /// states reads fewer bytes than fetching them.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
+    kv_dtype: String,
     /// Hardware profile (JSON). Default: this machine's, as `strata calibrate` wrote it in
     /// the cache directory; when there is none, a quick calibration runs first and writes it.
     #[arg(long)]
@@ -580,12 +586,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(Residency::Split { disk_layers, .. }) => disk_layers,
                 _ => 0,
             };
-            let kv_dtype = match a.kv_dtype.as_str() {
-                "f32" => DType::F32,
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                _ => gpu_budget::auto_kv_dtype(&model.config),
-            };
+            let kv_dtype = kv_dtype_arg(&a.kv_dtype, &model.config);
             let cfg = &model.config;
             let block_bytes = (2 * cfg.kv_dim() * a.kv_block_tokens * kv_dtype.size_bytes()) as u64;
             // A policy that keeps KV off the GPU attends prompts over it in GPU scratch blocks:
@@ -993,7 +994,8 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             c.max_context_source
         );
     }
-    let spec = policy_exec::model_spec(&a.model, c);
+    let spec = policy_exec::model_spec(&a.model, c)
+        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, c).size_bytes() as u64);
     let source = ProfileOptions {
         profile: a.profile.clone(),
         calibrate: CalibrateOptions::default(),
@@ -1220,6 +1222,16 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
 
 /// The policy `--policy ARG` names (planned for this job when ARG is `auto`, else read from the
 /// file) and its prediction for this job on the calibrated profile.
+/// The KV dtype `--kv-dtype` names (`auto`: the model's when it is f16 or bf16, else f32).
+fn kv_dtype_arg(arg: &str, cfg: &model::ModelConfig) -> DType {
+    match arg {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => gpu_budget::auto_kv_dtype(cfg),
+    }
+}
+
 fn policy_for_job(
     arg: &str,
     a: &GenerateArgs,
@@ -1255,7 +1267,8 @@ fn policy_for_job(
         prompt_len: (tokens / items.len()).max(1) as u64,
         gen_len: a.max_new_tokens.max(1) as u64,
     };
-    let spec = policy_exec::model_spec(&a.model, &model.config);
+    let spec = policy_exec::model_spec(&a.model, &model.config)
+        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, &model.config).size_bytes() as u64);
     let source = ProfileOptions {
         profile: a.profile.clone(),
         calibrate: CalibrateOptions::default(),

@@ -356,6 +356,17 @@ fn half_precision_kv_is_the_same_in_every_tier() {
         ];
         if mha {
             runs.push(("host, recomputed", None, None, None, bf16, 1.0, 0.5));
+            // Hidden states copied into bf16 scratch blocks as the slots' f32 bytes and
+            // regenerated there.
+            runs.push((
+                "host, recomputed in GPU scratch",
+                Some(0),
+                None,
+                None,
+                bf16,
+                1.0,
+                0.5,
+            ));
         }
         let mut reference = None;
         for (what, gpu_blocks, host_blocks, disk, kv_dtype, near, recompute) in runs {
@@ -363,12 +374,19 @@ fn half_precision_kv_is_the_same_in_every_tier() {
                 host_blocks,
                 disk,
                 kv_dtype,
-                gpu: gpu_blocks.map(|b| gpu_tier(gpu, &m, b, DType::BF16)),
+                // 0: no GPU KV tier, scratch blocks only.
+                gpu: gpu_blocks.map(|b| match b {
+                    0 => with_scratch(gpu, &m, 0, 4, DType::BF16),
+                    b => gpu_tier(gpu, &m, b, DType::BF16),
+                }),
                 policy: SinkAndRecent::default(),
             };
             let mut engine = routed_engine(gpu, &m, placement, near, recompute);
             let got = run(&mut engine, &e);
             let k = engine.kv.metrics();
+            if recompute > 0.0 {
+                assert!(k.recomputed_tokens > 0, "{name} {what}: nothing recomputed");
+            }
             within_budgets(name, what, &k);
             let host_dtype = kv_dtype.unwrap_or(DType::BF16);
             assert_eq!(k.kv_dtype, host_dtype.name(), "{name} {what}");

@@ -1,6 +1,6 @@
 // The GPU KV tier's data movement: appending rows' K and V into pool blocks, exporting blocks
-// for a spill to host memory (gathered as stored, or widened to f32), and the argmax of logits
-// rows.
+// for a spill to host memory (gathered as stored, or widened to f32), reading hidden states
+// straight from mapped host memory, and the argmax of logits rows.
 
 __device__ __forceinline__ void store_rn(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_rn(f16* p, float x) { *p = from_f32<f16>(x); }
@@ -33,6 +33,27 @@ extern "C" __global__ void kv_append_f16(f16* pool, const float* k, const float*
 }
 extern "C" __global__ void kv_append_bf16(bf16* pool, const float* k, const float* v, const u32* slots, u64 rows, u32 kv_heads, u32 head_dim, u32 bt) {
     kv_append(pool, k, v, slots, rows, kv_heads, head_dim, bt);
+}
+
+// out: [rows, width] f32, row r read from device address rows[r]: hidden states in page-locked
+// host slots mapped for the device, read by the SMs over PCIe (no copy engine, no staging), so
+// a recompute reads exactly its rows' bytes. vec4: every row 16-byte aligned and width a
+// multiple of 4, read 16 bytes a load (four times the reads in flight over PCIe).
+extern "C" __global__ void gather_rows_f32(float* out, const u64* rows_at, u64 rows, u64 width, u32 vec4) {
+    if (vec4) {
+        const u64 w4 = width / 4, n = rows * w4;
+        float4* o = reinterpret_cast<float4*>(out);
+        for (u64 i = global_thread(); i < n; i += grid_threads()) {
+            const u64 r = i / w4, c = i - r * w4;
+            o[i] = reinterpret_cast<const float4*>(rows_at[r])[c];
+        }
+        return;
+    }
+    const u64 n = rows * width;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const u64 r = i / width, c = i - r * width;
+        out[i] = reinterpret_cast<const float*>(rows_at[r])[c];
+    }
 }
 
 // out: [n_ids, block_elems] f32 = widen(pool[ids[i]]).

@@ -8,6 +8,9 @@
 //!   [`CopyTicket`] is the only way to know the bytes have landed.
 //! - [`CudaBackend::register_host`]: page-locks memory Rust already owns (the host KV arena), so
 //!   the copies above run at PCIe speed and straight into the arena slots (no staging copy).
+//! - [`CudaBackend::gather_rows_f32`]: f32 rows read by the SMs straight from page-locked host
+//!   memory mapped for the device ([`CudaBackend::mapped_device_ptr`]): the hidden states a
+//!   recompute needs, and nothing else of their slots.
 //! - [`CudaBackend::argmax_device`]: greedy picks on the device, so a decode step moves
 //!   `rows × 4` bytes to the host instead of `rows × vocab × 4`.
 
@@ -35,6 +38,8 @@ pub(crate) struct KvTierKernels {
     export: Vec<CudaFunction>,
     /// 16-bit pool values gathered as they are (f16 and bf16 pools exported in their dtype).
     gather_u16: CudaFunction,
+    /// f32 rows read from device-visible addresses (hidden states in mapped host slots).
+    rows_f32: CudaFunction,
     argmax: CudaFunction,
 }
 
@@ -55,6 +60,7 @@ impl KvTierKernels {
             append,
             export,
             gather_u16: load("kv_gather_u16".into())?,
+            rows_f32: load("gather_rows_f32".into())?,
             argmax: load("argmax_rows".into())?,
         })
     }
@@ -288,6 +294,58 @@ impl CudaBackend {
         unsafe { l.launch(kernels::elementwise(slots.len() * width)) }
             .map_err(|e| device_err(op, e))?;
         Ok(())
+    }
+
+    /// A `[rows.len(), width]` tensor whose row `r` is the `width` f32 values at device address
+    /// `rows[r]`, read on the compute stream (after the work enqueued before it).
+    ///
+    /// # Safety
+    /// Each `rows[r] .. rows[r] + 4 × width` must be readable by the device (device memory, or
+    /// page-locked host memory mapped for it: [`CudaBackend::mapped_device_ptr`]), 4-byte
+    /// aligned, and stay alive and unwritten until the compute stream has run the gather.
+    pub unsafe fn gather_rows_f32(&self, rows: &[u64], width: usize) -> Result<CudaTensor> {
+        let be = &self.inner;
+        let op = "gather_rows_f32";
+        be.check(op)?;
+        if let Some(&bad) = rows.iter().find(|&&a| a == 0 || a % 4 != 0) {
+            return Err(shape_err(
+                op,
+                format!("row address {bad:#x} is not an f32 address"),
+            ));
+        }
+        let n = rows.len() * width;
+        let mut out = be.output(op, n)?;
+        if n > 0 {
+            let rows_d = be.upload(op, rows)?;
+            let (count, width64) = (rows.len() as u64, width as u64);
+            let vec4 = u32::from(width.is_multiple_of(4) && rows.iter().all(|a| a % 16 == 0));
+            let mut l = be.stream.launch_builder(&be.kvt.rows_f32);
+            l.arg(&mut out)
+                .arg(&rows_d)
+                .arg(&count)
+                .arg(&width64)
+                .arg(&vec4);
+            // SAFETY: gather_rows_f32(float* out, const u64* rows_at, u64 rows, u64 width,
+            // u32 vec4): `out` holds rows × width values (16-byte aligned, as every allocation);
+            // each row address is readable for width values (the caller's contract), and 16-byte
+            // aligned with width a multiple of 4 when vec4 is set.
+            let threads = if vec4 == 1 { n / 4 } else { n };
+            unsafe { l.launch(kernels::elementwise(threads)) }.map_err(|e| device_err(op, e))?;
+        }
+        Ok(super::Inner::tensor(rows.len(), width, out))
+    }
+
+    /// The device's address of `host`, a byte of page-locked host memory mapped for this
+    /// context's device ([`CudaBackend::register_host`] maps it), or `None` where it is not.
+    pub fn mapped_device_ptr(&self, host: *const u8) -> Option<u64> {
+        let mut dev: cudarc::driver::sys::CUdeviceptr = 0;
+        self.inner.ctx.bind_to_thread().ok()?;
+        // SAFETY: a query on a host address; it fails unless the address lies in page-locked
+        // memory mapped for this context's device.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut dev, host.cast_mut().cast(), 0)
+        };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(dev)
     }
 
     /// Page-locks `len` bytes at `ptr` for fast, asynchronous copies.

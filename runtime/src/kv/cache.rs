@@ -22,6 +22,12 @@ use super::policy::PlacementPolicy;
 use super::stored::{slot_kv, slot_kv_mut};
 use super::{KvError, KvGeometry, SeqId};
 
+/// Projects hidden states `x: [tokens, d_model]` at their positions back to K and V
+/// (`[tokens, kv_heads * head_dim]` each): the layer's own recompute, which the cache calls for
+/// hidden states it copied into GPU scratch blocks ([`KvCache::attend_device`]).
+pub type RegenKv<'a> =
+    &'a dyn Fn(&CudaTensor, &[usize]) -> strata_kernels::Result<(CudaTensor, CudaTensor)>;
+
 pub struct KvCacheConfig {
     pub geometry: KvGeometry,
     /// The dtype the host and disk tiers store K and V in: f32, or the GPU tier's dtype (whose
@@ -1053,12 +1059,14 @@ impl KvCache {
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
                 let mut in_host = None;
                 let data = match b.loc {
-                    Loc::Host(slot) if b.hidden => {
-                        KvBuf::F32(self.host.slot_f32(slot)[..b.filled * d].to_vec())
-                    }
+                    // Hidden states too: copied into scratch as the slot's bytes, and
+                    // regenerated into K and V there (`attend_device`).
                     Loc::Host(slot) if in_place => {
                         in_host = Some(slot);
                         KvBuf::with_capacity(dtype, 0)
+                    }
+                    Loc::Host(slot) if b.hidden => {
+                        KvBuf::F32(self.host.slot_f32(slot)[..b.filled * d].to_vec())
                     }
                     Loc::Host(slot) => KvBuf::copy_of(self.host_kv(slot)),
                     Loc::Disk(slot) => {
@@ -1101,7 +1109,7 @@ impl KvCache {
         }
         for f in &out {
             if f.hidden {
-                self.metrics.bytes_hidden_read += f.data.size_bytes() as u64;
+                self.metrics.bytes_hidden_read += (f.len * d * 4) as u64;
             } else {
                 self.metrics.fetched_blocks += 1;
                 self.metrics.bytes_fetched += match f.in_host {
@@ -1301,7 +1309,7 @@ impl KvCache {
         let mut blocks = if far.is_empty() {
             Vec::new()
         } else {
-            self.import_scratch(&far)?
+            self.import_scratch(&far, None)?
         };
         // The new blocks' host slots, all free (so no spill moves a block not yet written).
         let mut slots = Vec::with_capacity(new_blocks);
@@ -1526,6 +1534,7 @@ impl KvCache {
         q: &CudaTensor,
         ag: &AttentionGeometry,
         mut far: Vec<FarBlock>,
+        regen: RegenKv<'_>,
     ) -> Result<(Option<DevicePartial>, Vec<FarBlock>), KvError> {
         if let Some(pass) = self.scratch_pass.take() {
             if pass.layer != layer
@@ -1560,12 +1569,12 @@ impl KvCache {
         // Through scratch: one copy per group (host blocks straight from the arena).
         let mut groups = far.chunks(group);
         let first = match groups.next() {
-            Some(g) => self.import_scratch(g)?,
+            Some(g) => self.import_scratch(g, Some(regen))?,
             None => Vec::new(),
         };
         let mut parts = vec![self.attend_gpu_blocks(layer, rows, q, ag, &first, true)?];
         for g in groups {
-            let ids = self.import_scratch(g)?;
+            let ids = self.import_scratch(g, Some(regen))?;
             parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false)?);
         }
         self.metrics.scratch_groups += parts.len() as u64 - 1;
@@ -1651,6 +1660,7 @@ impl KvCache {
     fn import_scratch(
         &mut self,
         far: &[FarBlock],
+        regen: Option<RegenKv<'_>>,
     ) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
         let _span = tracing::debug_span!("import_scratch", blocks = far.len()).entered();
         let gpu = self
@@ -1665,9 +1675,12 @@ impl KvCache {
                 ids.len()
             )));
         }
-        // Blocks in hand first, then the ones still in host slots.
+        // Blocks in hand first, then K and V still in host slots, then hidden states still in
+        // host slots (read in place and regenerated into their scratch blocks).
         let (in_host, in_hand): (Vec<&FarBlock>, Vec<&FarBlock>) =
             far.iter().partition(|f| f.in_host.is_some());
+        let (hidden, in_host): (Vec<&FarBlock>, Vec<&FarBlock>) =
+            in_host.into_iter().partition(|f| f.hidden);
         let e = 2 * self.g.block_elems();
         let data: Vec<_> = in_hand
             .iter()
@@ -1679,12 +1692,75 @@ impl KvCache {
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         let slots: Vec<SlotId> = in_host.iter().filter_map(|f| f.in_host).collect();
         gpu.fetch_slots(&mut self.host, ids.start + in_hand.len() as u32, &slots)?;
-        Ok(in_hand
+        let placed: Vec<(&FarBlock, u32)> = in_hand
             .into_iter()
             .chain(in_host)
+            .chain(hidden)
             .zip(ids)
+            .collect();
+        let hidden: Vec<(&FarBlock, u32)> =
+            placed.iter().copied().filter(|(f, _)| f.hidden).collect();
+        if !hidden.is_empty() {
+            let regen = regen.ok_or_else(|| {
+                KvError::Gpu(
+                    "hidden states bound for scratch with no layer to regenerate them".into(),
+                )
+            })?;
+            self.regenerate_in_scratch(&hidden, regen)?;
+        }
+        Ok(placed
+            .into_iter()
             .map(|(f, id)| (f.seq, id, f.start_pos, f.len))
             .collect())
+    }
+
+    /// Turns hidden states still in host slots into K and V in the scratch blocks given them,
+    /// `(block, scratch id)`, in one batch on the compute stream: a kernel reads each token's
+    /// row of `d_model` f32 values straight from the page-locked slot over PCIe (those bytes
+    /// only, not the rest of the slot), `regen` projects the rows, and the K and V rows are
+    /// appended into the scratch blocks (rounded to the pool's dtype, as the first append was).
+    /// Nothing comes back to the host.
+    fn regenerate_in_scratch(
+        &mut self,
+        hidden: &[(&FarBlock, u32)],
+        regen: RegenKv<'_>,
+    ) -> Result<(), KvError> {
+        let _span = tracing::debug_span!("regenerate_in_scratch", blocks = hidden.len()).entered();
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
+        let (bt, d) = (self.g.block_tokens, self.d_model);
+        let gpu = self
+            .gpu
+            .as_mut()
+            .ok_or_else(|| KvError::Gpu("scratch without a GPU pool".into()))?;
+        let slots: Vec<(SlotId, usize)> = hidden
+            .iter()
+            .map(|(f, _)| {
+                (
+                    f.in_host
+                        .expect("hidden blocks bound for scratch are in host slots"),
+                    f.len,
+                )
+            })
+            .collect();
+        let rows = gpu.mapped_rows(&mut self.host, &slots, d * 4)?;
+        let (mut positions, mut at) = (
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+        );
+        for &(f, id) in hidden {
+            positions.extend(f.start_pos..f.start_pos + f.len);
+            at.extend((0..f.len as u32).map(|t| id * bt as u32 + t));
+        }
+        let be = gpu.backend.clone();
+        // SAFETY: every row address lies in a host slot of the arena, page-locked and mapped by
+        // `mapped_rows`; the arena outlives the tier, and `mark_reads` below makes the cache wait
+        // for this read before it writes, reuses or frees any of these slots.
+        let x = unsafe { be.gather_rows_f32(&rows, d) }.map_err(err)?;
+        gpu.mark_reads()?;
+        let (k, v) = regen(&x, &positions).map_err(err)?;
+        be.kv_append(&mut gpu.pool, &k, &v, &at).map_err(err)?;
+        self.note_recomputed(positions.len());
+        Ok(())
     }
 
     /// The device partials of `rows` over `fetched` blocks (copied into the pool), with their

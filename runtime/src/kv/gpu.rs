@@ -10,6 +10,8 @@
 //! waited before anything reads the host tier (host attention, a host → disk spill) or the next
 //! spill.
 
+use std::collections::HashMap;
+
 use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool, StreamMark};
 use strata_kernels::{CudaBackend, DType};
 use strata_storage::{ArenaSlots, SlotId};
@@ -225,6 +227,58 @@ impl GpuTier {
             .map_err(|e| KvError::Gpu(e.to_string()))?;
             i = j;
         }
+        let mark = self
+            .backend
+            .compute_mark()
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        self.reads = Some(mark);
+        Ok(())
+    }
+
+    /// The device addresses of hidden-state rows in host slots, `rows` rows of `row_bytes` at
+    /// the start of each `(slot, rows)`, for a kernel that reads them in place over PCIe
+    /// ([`CudaBackend::gather_rows_f32`]); the arena chunks holding them are page-locked and
+    /// mapped first. After enqueueing that read, the caller calls [`GpuTier::mark_reads`].
+    pub fn mapped_rows(
+        &mut self,
+        host: &mut ArenaSlots,
+        slots: &[(SlotId, usize)],
+        row_bytes: usize,
+    ) -> Result<Vec<u64>, KvError> {
+        let (base, len) = host.raw_region();
+        let chunk = register_chunk(host.slot_stride());
+        // The device's address of each chunk's first byte, asked once per chunk.
+        let mut chunk_dev: HashMap<usize, u64> = HashMap::new();
+        let mut out = Vec::with_capacity(slots.iter().map(|s| s.1).sum());
+        for &(slot, rows) in slots {
+            if rows == 0 {
+                continue;
+            }
+            let offset = host.slot_ptr(slot) as usize - base as usize;
+            self.register(base, len, chunk, offset, rows * row_bytes)?;
+            let c = offset / chunk;
+            let dev = match chunk_dev.get(&c) {
+                Some(&d) => d,
+                None => {
+                    let d = self
+                        .backend
+                        .mapped_device_ptr(base.wrapping_add(c * chunk))
+                        .ok_or_else(|| {
+                            KvError::Gpu(format!("host slot {slot:?} is not mapped for the GPU"))
+                        })?;
+                    chunk_dev.insert(c, d);
+                    d
+                }
+            };
+            let at = dev + (offset - c * chunk) as u64;
+            out.extend((0..rows).map(|t| at + (t * row_bytes) as u64));
+        }
+        Ok(out)
+    }
+
+    /// Records that the kernels enqueued so far read host slots in place: nothing writes,
+    /// reuses or frees a host slot before they have run ([`GpuTier::settle_reads`]).
+    pub fn mark_reads(&mut self) -> Result<(), KvError> {
         let mark = self
             .backend
             .compute_mark()
