@@ -2,7 +2,8 @@
 //! (`STRATA_TEST_SEED` replays one): appends land in the right slot of the right block, rounded
 //! to nearest even for f16 / bf16 and bit-exact for f32; exports copy every block out in the
 //! pool's dtype bit for bit (the host tier's bytes are the GPU tier's), or widened to f32
-//! exactly, and refuse to narrow; argmax picks the first maximum of each row.
+//! exactly, and refuse to narrow; argmax picks the first maximum of each row; host memory read in
+//! place by a kernel, or copied beside the compute stream, arrives bit for bit.
 //! Without a GPU every test prints `skipped: <reason>` and passes.
 
 #![allow(clippy::unwrap_used)]
@@ -190,6 +191,47 @@ fn rows_gathered_from_mapped_host_memory_are_exact() {
     }
     // SAFETY: refused before anything is read.
     assert!(unsafe { gpu.gather_rows_f32(&[dev + 2], width) }.is_err());
+    drop(reg);
+}
+
+/// Pieces of page-locked host memory a pitch apart (hidden states of full blocks, a slot apart)
+/// copied beside the compute stream land one after another, bit for bit, for the compute stream
+/// once it is ordered after the copy; pieces that would overlap are refused.
+#[test]
+fn host_pieces_copied_beside_the_compute_stream_are_exact() {
+    let Some(gpu) = test_gpu() else { return };
+    let seed = test_seed();
+    let mut rng = Rng(seed);
+    let (width, piece_rows) = (64, 4);
+    let piece = width * piece_rows;
+    let mut host = rng.vec_scaled(piece * 20, 4.0);
+    let base = host.as_mut_ptr().cast::<u8>();
+    // SAFETY: `host` is owned here, outlives the registration, and is not written while
+    // registered.
+    let reg = unsafe { gpu.register_host(base, std::mem::size_of_val(host.as_slice())) }.unwrap();
+    // Pieces 2, 5, 8 (3 pieces apart), then 19 alone, then 10 and 11 (adjacent).
+    let at = |p: usize| base.wrapping_add(4 * p * piece).cast_const();
+    let runs = [
+        (at(2), 3 * 4 * piece, 3),
+        (at(19), 4 * piece, 1),
+        (at(10), 4 * piece, 2),
+    ];
+    // SAFETY: every piece lies in the registered `host`, which is read before it is dropped.
+    let got = unsafe { gpu.copy_host_pieces_beside(&runs, piece_rows, width) }.unwrap();
+    let x = gpu.to_host(got.ready().unwrap()).unwrap();
+    for (i, p) in [2, 5, 8, 19, 10, 11].into_iter().enumerate() {
+        assert!(
+            same_bits(
+                &x[i * piece..(i + 1) * piece],
+                &host[p * piece..(p + 1) * piece]
+            ),
+            "seed {seed}: piece {i} (host piece {p}) differs"
+        );
+    }
+    drop(got);
+    let overlapping = [(at(0), 4 * piece - 4, 2)];
+    // SAFETY: refused before anything is read.
+    assert!(unsafe { gpu.copy_host_pieces_beside(&overlapping, piece_rows, width) }.is_err());
     drop(reg);
 }
 

@@ -356,8 +356,8 @@ fn half_precision_kv_is_the_same_in_every_tier() {
         ];
         if mha {
             runs.push(("host, recomputed", None, None, None, bf16, 1.0, 0.5));
-            // Hidden states copied into bf16 scratch blocks as the slots' f32 bytes and
-            // regenerated there.
+            // Hidden states read straight from their host slots and regenerated in bf16 scratch
+            // blocks, read one gather ahead where the scratch holds a whole gather.
             runs.push((
                 "host, recomputed in GPU scratch",
                 Some(0),
@@ -376,7 +376,7 @@ fn half_precision_kv_is_the_same_in_every_tier() {
                 kv_dtype,
                 // 0: no GPU KV tier, scratch blocks only.
                 gpu: gpu_blocks.map(|b| match b {
-                    0 => with_scratch(gpu, &m, 0, 4, DType::BF16),
+                    0 => with_scratch(gpu, &m, 0, 64, DType::BF16),
                     b => gpu_tier(gpu, &m, b, DType::BF16),
                 }),
                 policy: SinkAndRecent::default(),
@@ -386,6 +386,12 @@ fn half_precision_kv_is_the_same_in_every_tier() {
             let k = engine.kv.metrics();
             if recompute > 0.0 {
                 assert!(k.recomputed_tokens > 0, "{name} {what}: nothing recomputed");
+            }
+            if gpu_blocks == Some(0) {
+                assert!(
+                    k.recomputed_tokens_read_ahead > 0,
+                    "{name} {what}: no hidden states were read ahead"
+                );
             }
             within_budgets(name, what, &k);
             let host_dtype = kv_dtype.unwrap_or(DType::BF16);

@@ -74,6 +74,56 @@ fn dtype_index(d: DType) -> usize {
     }
 }
 
+/// Rows read on the side stream ([`CudaBackend::copy_host_pieces_beside`]). The compute stream
+/// sees them through [`GatheredRows::ready`]; when dropped, the side stream frees them after the
+/// compute stream has passed every use enqueued until then.
+pub struct GatheredRows {
+    x: Option<CudaTensor>,
+    done: CudaEvent,
+    be: CudaBackend,
+}
+
+impl std::fmt::Debug for GatheredRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatheredRows")
+    }
+}
+
+impl GatheredRows {
+    /// Blocks until the rows have been read (their source may change after this).
+    pub fn wait_read(&self) -> Result<()> {
+        self.done
+            .synchronize()
+            .map_err(|e| device_err("gathered rows", e))
+    }
+
+    /// Orders the compute stream after the read and lends it the rows.
+    pub fn ready(&self) -> Result<&CudaTensor> {
+        let be = &self.be.inner;
+        be.stream
+            .wait(&self.done)
+            .map_err(|e| device_err("gathered rows", e))?;
+        self.x
+            .as_ref()
+            .ok_or_else(|| device_err("gathered rows", "no rows"))
+    }
+}
+
+impl Drop for GatheredRows {
+    fn drop(&mut self) {
+        let be = &self.be.inner;
+        // The side stream frees the rows: not before the compute stream's uses so far. If the
+        // event cannot be made, wait here instead.
+        match be.stream.record_event(None) {
+            Ok(used) if be.side.wait(&used).is_ok() => {}
+            _ => {
+                let _ = be.stream.synchronize();
+            }
+        }
+        drop(self.x.take());
+    }
+}
+
 /// A copy in flight on the spill stream. Its destination must not be read (or freed) before
 /// [`CopyTicket::wait`] returns; dropping the ticket waits too.
 pub struct CopyTicket {
@@ -333,6 +383,77 @@ impl CudaBackend {
             unsafe { l.launch(kernels::elementwise(threads)) }.map_err(|e| device_err(op, e))?;
         }
         Ok(super::Inner::tensor(rows.len(), width, out))
+    }
+
+    /// Copies pieces of host memory into a new `[rows, width]` f32 tensor on the side stream,
+    /// with the copy engine (one 2D copy per run), so the read runs beside whatever the compute
+    /// stream is doing: `runs[i] = (address, pitch, pieces)` is `pieces` pieces of
+    /// `piece_rows × width` f32 values, each `pitch` bytes after the one before (hidden states
+    /// of full blocks in host slots, a slot apart), landing one after another. The rows reach
+    /// the compute stream only through [`GatheredRows::ready`].
+    ///
+    /// # Safety
+    /// Every piece must be readable host memory, page-locked within one registration (a copy
+    /// spanning two registrations fails), that stays alive and unwritten until
+    /// [`GatheredRows::wait_read`] returns (or the compute stream has passed a mark recorded
+    /// after [`GatheredRows::ready`]).
+    pub unsafe fn copy_host_pieces_beside(
+        &self,
+        runs: &[(*const u8, usize, usize)],
+        piece_rows: usize,
+        width: usize,
+    ) -> Result<GatheredRows> {
+        use cudarc::driver::sys;
+        let be = &self.inner;
+        let op = "copy_host_pieces_beside";
+        be.check(op)?;
+        let piece_bytes = piece_rows * width * 4;
+        if let Some(r) = runs.iter().find(|r| r.2 > 1 && r.1 < piece_bytes) {
+            return Err(shape_err(
+                op,
+                format!("pieces of {piece_bytes} bytes {} bytes apart overlap", r.1),
+            ));
+        }
+        let pieces: usize = runs.iter().map(|r| r.2).sum();
+        let n = pieces * piece_rows * width;
+        let mut out = be.output_on(&be.side, op, n)?;
+        {
+            let (base, _sync) = out.device_ptr_mut(&be.side);
+            let mut at = 0u64;
+            for &(src, pitch, count) in runs.iter().filter(|r| r.2 > 0) {
+                let copy = sys::CUDA_MEMCPY2D_st {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                    srcHost: src.cast(),
+                    srcDevice: 0,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: pitch.max(piece_bytes),
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: base + at,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: piece_bytes,
+                    WidthInBytes: piece_bytes,
+                    Height: count,
+                };
+                // SAFETY: the destination is `count` pieces inside `out` (n values, allocated on
+                // the side stream, where the copy runs); the source pieces are page-locked host
+                // memory that stays unwritten until the read is done (the caller's contract).
+                unsafe { sys::cuMemcpy2DAsync_v2(&copy, be.side.cu_stream()) }
+                    .result()
+                    .map_err(|e| device_err(op, e))?;
+                at += (count * piece_bytes) as u64;
+            }
+        }
+        let done = be.side.record_event(None).map_err(|e| device_err(op, e))?;
+        Ok(GatheredRows {
+            x: Some(super::Inner::tensor(pieces * piece_rows, width, out)),
+            done,
+            be: self.clone(),
+        })
     }
 
     /// The device's address of `host`, a byte of page-locked host memory mapped for this

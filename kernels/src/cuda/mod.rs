@@ -66,7 +66,7 @@ pub use attention::{
 pub use compile::{KernelOrigin, default_ptx_cache_dir};
 pub use device::{CudaUnavailable, DeviceInfo, probe};
 pub use gemm_record::default_gemm_record_dir;
-pub use kvtier::{CopyTicket, HostRegistration};
+pub use kvtier::{CopyTicket, GatheredRows, HostRegistration};
 pub use linear::GemmPrecision;
 pub use lt::{GemmBackend, GemmChoice, GemmRecordInfo, GemmTuning, LT_MIN_ROWS, LtFallback};
 pub use prefill::{DevicePagedTables, DeviceQueryRows, PrefillKernel, SeqBlocks};
@@ -166,6 +166,9 @@ struct Inner {
     /// The small, latency-bound copies of tiered attention (queries down, partials up), kept
     /// off `copy` so they never wait behind a weight prefetch or a spill (see `transfer`).
     xfer: Arc<CudaStream>,
+    /// Copies from host memory one gather ahead of the compute stream (hidden states for
+    /// recompute, [`CudaBackend::copy_host_pieces_beside`]); ordered by events.
+    side: Arc<CudaStream>,
     /// Timed copies on `copy`, `spill` and `xfer` (see `transfer`).
     copies: Mutex<transfer::CopyLog>,
     ctx: Arc<CudaContext>,
@@ -264,6 +267,7 @@ impl CudaBackend {
                 let copy = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let xfer = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let spill = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
+                let side = ctx.new_stream().map_err(|e| setup(e.to_string()))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| setup(e.to_string()))?;
                 let ((k, attn, kvt, prefill), origin) = compile::build_module(
                     &ctx,
@@ -295,6 +299,7 @@ impl CudaBackend {
                         copy,
                         spill,
                         xfer,
+                        side,
                         copies: Mutex::new(transfer::CopyLog::default()),
                         ctx,
                         deferred: Mutex::new(None),
@@ -460,17 +465,26 @@ impl Inner {
 
     /// An output buffer of `n` f32 (at least one), NaN-filled when poisoning.
     fn output(&self, op: &'static str, n: usize) -> Result<CudaSlice<f32>> {
+        self.output_on(&self.stream, op, n)
+    }
+
+    /// [`Inner::output`] allocated (and freed when dropped) in `stream`'s order.
+    fn output_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        op: &'static str,
+        n: usize,
+    ) -> Result<CudaSlice<f32>> {
         // SAFETY: the buffer is uninitialised; every caller launches a kernel that writes all
         // `n` values before anything reads them (or fills it first, below).
-        let mut buf =
-            unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| device_err(op, e))?;
+        let mut buf = unsafe { stream.alloc::<f32>(n.max(1)) }.map_err(|e| device_err(op, e))?;
         if self.poison.load(Ordering::Relaxed) {
             let bytes = buf.len() * std::mem::size_of::<f32>();
-            let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+            let (ptr, _sync) = buf.device_ptr_mut(stream);
             // SAFETY: `ptr` addresses `bytes` bytes of the live allocation `buf`, used on its own
             // stream; all-ones bytes make every f32 a NaN.
             unsafe {
-                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream())
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream())
             }
             .map_err(|e| device_err(op, e))?;
         }

@@ -17,7 +17,7 @@ use strata_kernels::cuda::{DevicePartial, PendingDownload, SeqBlocks as GpuSeqBl
 
 use super::disk::{AttendReply, DiskBlock, DiskGroup, DiskTier, DiskTierConfig, WholeBlock};
 use super::far::{self, AttentionRoutes, FarBlock};
-use super::gpu::{GpuTier, GpuTierConfig};
+use super::gpu::{GpuTier, GpuTierConfig, HiddenPrefetch};
 use super::policy::PlacementPolicy;
 use super::stored::{slot_kv, slot_kv_mut};
 use super::{KvError, KvGeometry, SeqId};
@@ -105,6 +105,9 @@ pub struct KvMetrics {
     pub bytes_hidden_read: u64,
     pub recomputed_tokens: u64,
     pub bytes_kv_recomputed: u64,
+    /// Of `recomputed_tokens`, those whose hidden states a GPU read from host memory one gather
+    /// ahead, beside the compute stream ([`KvCache::prefetch_far`]).
+    pub recomputed_tokens_read_ahead: u64,
 }
 
 enum Loc {
@@ -994,6 +997,7 @@ impl KvCache {
     /// ahead, those reads overlap compute instead of following it. Blocks that move to disk
     /// after this are read when gathered; a gather of something else reads as before.
     pub fn prefetch_far(&mut self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<(), KvError> {
+        self.prefetch_hidden(layer, seqs)?;
         if self.disk.is_none() {
             return Ok(());
         }
@@ -1015,6 +1019,61 @@ impl KvCache {
             (Some(disk), false) => disk.read_ahead(blocks),
             _ => Ok(()),
         }
+    }
+
+    /// Starts copying, on the GPU's side stream with the copy engine, the hidden states in host
+    /// slots that the next [`KvCache::gather_far`] of `seqs` in `layer` will regenerate in
+    /// scratch, so that copy over PCIe runs while the compute stream works through this
+    /// gather. The regeneration takes them when its blocks are exactly these (one scratch
+    /// group), and otherwise reads its rows itself. Only on a GPU that regenerates in scratch
+    /// (see `gather_far`).
+    fn prefetch_hidden(&mut self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<(), KvError> {
+        let dtype = self.dtype;
+        let in_place = self
+            .gpu
+            .as_ref()
+            .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == dtype);
+        if self.recompute == 0.0 || !in_place {
+            return Ok(());
+        }
+        let Some(masks) = self.far_masks(layer, seqs)? else {
+            return Ok(());
+        };
+        let (bt, d) = (self.g.block_tokens, self.d_model);
+        let mut blocks = Vec::new();
+        let mut slots = Vec::new();
+        for (&(seq, _), far) in seqs.iter().zip(&masks) {
+            for (j, (b, &far)) in self.seqs[&seq].layers[layer].iter().zip(far).enumerate() {
+                if let (true, true, &Loc::Host(slot)) = (far, b.hidden, &b.loc) {
+                    if b.filled != bt {
+                        return Ok(());
+                    }
+                    blocks.push((seq, j * bt, slot));
+                    slots.push(slot);
+                }
+            }
+        }
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
+        if blocks.is_empty() || blocks.len() > gpu.scratch().len() {
+            return Ok(());
+        }
+        let _span = tracing::debug_span!("prefetch_hidden", blocks = blocks.len()).entered();
+        let runs = gpu.slot_runs(&mut self.host, &slots, bt * d * 4)?;
+        // SAFETY: every run lies in host slots of the arena, page-locked within one chunk by
+        // `slot_runs`, which outlives the tier; `settle_reads` waits for this read (it is in
+        // `prefetched` until taken, and a compute mark after its use covers it then) before the
+        // cache writes, reuses or frees a host slot.
+        let read = unsafe { gpu.backend.copy_host_pieces_beside(&runs, bt, d) }
+            .map_err(|e| KvError::Gpu(e.to_string()))?;
+        gpu.prefetched.push_back(HiddenPrefetch {
+            layer,
+            blocks,
+            rows: read,
+        });
+        while gpu.prefetched.len() > 2 {
+            gpu.prefetched.pop_front();
+        }
+        Ok(())
     }
 
     /// The far blocks of `seqs` in `layer` (see [`KvCache::far_mask`]; each sequence with the
@@ -1309,7 +1368,7 @@ impl KvCache {
         let mut blocks = if far.is_empty() {
             Vec::new()
         } else {
-            self.import_scratch(&far, None)?
+            self.import_scratch(layer, &far, None)?
         };
         // The new blocks' host slots, all free (so no spill moves a block not yet written).
         let mut slots = Vec::with_capacity(new_blocks);
@@ -1569,12 +1628,12 @@ impl KvCache {
         // Through scratch: one copy per group (host blocks straight from the arena).
         let mut groups = far.chunks(group);
         let first = match groups.next() {
-            Some(g) => self.import_scratch(g, Some(regen))?,
+            Some(g) => self.import_scratch(layer, g, Some(regen))?,
             None => Vec::new(),
         };
         let mut parts = vec![self.attend_gpu_blocks(layer, rows, q, ag, &first, true)?];
         for g in groups {
-            let ids = self.import_scratch(g, Some(regen))?;
+            let ids = self.import_scratch(layer, g, Some(regen))?;
             parts.push(self.attend_gpu_blocks(layer, rows, q, ag, &ids, false)?);
         }
         self.metrics.scratch_groups += parts.len() as u64 - 1;
@@ -1659,6 +1718,7 @@ impl KvCache {
     /// start, len)` for each.
     fn import_scratch(
         &mut self,
+        layer: usize,
         far: &[FarBlock],
         regen: Option<RegenKv<'_>>,
     ) -> Result<Vec<(SeqId, u32, usize, usize)>, KvError> {
@@ -1706,7 +1766,7 @@ impl KvCache {
                     "hidden states bound for scratch with no layer to regenerate them".into(),
                 )
             })?;
-            self.regenerate_in_scratch(&hidden, regen)?;
+            self.regenerate_in_scratch(layer, &hidden, regen)?;
         }
         Ok(placed
             .into_iter()
@@ -1722,6 +1782,7 @@ impl KvCache {
     /// Nothing comes back to the host.
     fn regenerate_in_scratch(
         &mut self,
+        layer: usize,
         hidden: &[(&FarBlock, u32)],
         regen: RegenKv<'_>,
     ) -> Result<(), KvError> {
@@ -1732,34 +1793,56 @@ impl KvCache {
             .gpu
             .as_mut()
             .ok_or_else(|| KvError::Gpu("scratch without a GPU pool".into()))?;
-        let slots: Vec<(SlotId, usize)> = hidden
-            .iter()
-            .map(|(f, _)| {
-                (
-                    f.in_host
-                        .expect("hidden blocks bound for scratch are in host slots"),
-                    f.len,
-                )
-            })
-            .collect();
-        let rows = gpu.mapped_rows(&mut self.host, &slots, d * 4)?;
-        let (mut positions, mut at) = (
-            Vec::with_capacity(rows.len()),
-            Vec::with_capacity(rows.len()),
-        );
+        let mut slots: Vec<(SlotId, usize)> = Vec::with_capacity(hidden.len());
+        let mut key = Vec::with_capacity(hidden.len());
+        for (f, _) in hidden {
+            let slot = f.in_host.ok_or_else(|| {
+                KvError::Gpu("a hidden block bound for scratch is not in a host slot".into())
+            })?;
+            slots.push((slot, f.len));
+            key.push((f.seq, f.start_pos, slot));
+        }
+        let tokens: usize = hidden.iter().map(|(f, _)| f.len).sum();
+        let (mut positions, mut at) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
         for &(f, id) in hidden {
             positions.extend(f.start_pos..f.start_pos + f.len);
             at.extend((0..f.len as u32).map(|t| id * bt as u32 + t));
         }
         let be = gpu.backend.clone();
-        // SAFETY: every row address lies in a host slot of the arena, page-locked and mapped by
-        // `mapped_rows`; the arena outlives the tier, and `mark_reads` below makes the cache wait
-        // for this read before it writes, reuses or frees any of these slots.
-        let x = unsafe { be.gather_rows_f32(&rows, d) }.map_err(err)?;
+        // Read ahead for exactly these blocks? Reads before it are stale; one after it is the
+        // next gather's.
+        let ahead = match gpu
+            .prefetched
+            .iter()
+            .position(|p| p.layer == layer && p.blocks == key)
+        {
+            Some(i) => {
+                gpu.prefetched.drain(..i);
+                gpu.prefetched.pop_front()
+            }
+            None => None,
+        };
+        let (k, v) = match &ahead {
+            Some(p) => {
+                let x = p.rows.ready().map_err(err)?;
+                self.metrics.recomputed_tokens_read_ahead += tokens as u64;
+                regen(x, &positions).map_err(err)?
+            }
+            None => {
+                let rows = gpu.mapped_rows(&mut self.host, &slots, d * 4)?;
+                // SAFETY: every row address lies in a host slot of the arena, page-locked and
+                // mapped by `mapped_rows`; the arena outlives the tier, and `mark_reads` below
+                // makes the cache wait for this read before it writes, reuses or frees any of
+                // these slots.
+                let x = unsafe { be.gather_rows_f32(&rows, d) }.map_err(err)?;
+                regen(&x, &positions).map_err(err)?
+            }
+        };
+        // After the read (on the compute stream, or waited for by it): covers either.
         gpu.mark_reads()?;
-        let (k, v) = regen(&x, &positions).map_err(err)?;
+        drop(ahead);
         be.kv_append(&mut gpu.pool, &k, &v, &at).map_err(err)?;
-        self.note_recomputed(positions.len());
+        self.note_recomputed(tokens);
         Ok(())
     }
 

@@ -10,13 +10,15 @@
 //! waited before anything reads the host tier (host attention, a host → disk spill) or the next
 //! spill.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
-use strata_kernels::cuda::{CopyTicket, HostRegistration, KvBlockShape, KvPool, StreamMark};
+use strata_kernels::cuda::{
+    CopyTicket, GatheredRows, HostRegistration, KvBlockShape, KvPool, StreamMark,
+};
 use strata_kernels::{CudaBackend, DType};
 use strata_storage::{ArenaSlots, SlotId};
 
-use super::{KvError, KvGeometry};
+use super::{KvError, KvGeometry, SeqId};
 
 /// The GPU tier's budget and dtype.
 #[derive(Clone, Debug)]
@@ -58,6 +60,17 @@ pub(super) struct GpuTier {
     reads: Option<StreamMark>,
     /// Per 64 MiB chunk of the host arena: registered yet?
     registered: Vec<Option<HostRegistration>>,
+    /// Hidden states read one gather ahead on the side stream, oldest first (at most two: the
+    /// gather in hand and the next one).
+    pub prefetched: VecDeque<HiddenPrefetch>,
+}
+
+/// Hidden-state rows read ahead for a gather of `layer`: the blocks `(sequence, first position,
+/// host slot)` in the order the gather takes them, their rows in that order.
+pub(super) struct HiddenPrefetch {
+    pub layer: usize,
+    pub blocks: Vec<(SeqId, usize, SlotId)>,
+    pub rows: GatheredRows,
 }
 
 impl GpuTier {
@@ -90,6 +103,7 @@ impl GpuTier {
             pending: None,
             reads: None,
             registered: Vec::new(),
+            prefetched: VecDeque::new(),
         })
     }
 
@@ -162,6 +176,11 @@ impl GpuTier {
     /// Waits until no copy into scratch still reads a host slot (before one is written, reused
     /// or freed).
     pub fn settle_reads(&mut self) -> Result<(), KvError> {
+        for p in &self.prefetched {
+            p.rows
+                .wait_read()
+                .map_err(|e| KvError::Gpu(e.to_string()))?;
+        }
         match self.reads.take() {
             Some(m) => m.wait().map_err(|e| KvError::Gpu(e.to_string())),
             None => Ok(()),
@@ -274,6 +293,43 @@ impl GpuTier {
             out.extend((0..rows).map(|t| at + (t * row_bytes) as u64));
         }
         Ok(out)
+    }
+
+    /// The first `bytes` of each host slot in `slots`, as runs for
+    /// [`CudaBackend::copy_host_pieces_beside`]: `(address, pitch, pieces)`, slots in order,
+    /// a run of slots equally far apart within one page-locked chunk (registered here) per run.
+    pub fn slot_runs(
+        &mut self,
+        host: &mut ArenaSlots,
+        slots: &[SlotId],
+        bytes: usize,
+    ) -> Result<Vec<(*const u8, usize, usize)>, KvError> {
+        let (base, len) = host.raw_region();
+        let chunk = register_chunk(host.slot_stride());
+        // (first offset, pitch, slots): a run grows while the next slot lies the same distance
+        // further on in the same chunk (a chunk is whole slots, so a slot never straddles two).
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for &slot in slots {
+            let offset = host.slot_ptr(slot) as usize - base as usize;
+            self.register(base, len, chunk, offset, bytes)?;
+            if let Some((first, pitch, n)) = runs.last_mut() {
+                let prev = *first + (*n - 1) * *pitch;
+                let step = offset.wrapping_sub(prev);
+                let grows = offset > prev
+                    && offset / chunk == *first / chunk
+                    && (*n == 1 || step == *pitch);
+                if grows {
+                    *pitch = step;
+                    *n += 1;
+                    continue;
+                }
+            }
+            runs.push((offset, bytes, 1));
+        }
+        Ok(runs
+            .into_iter()
+            .map(|(first, pitch, n)| (base.wrapping_add(first).cast_const(), pitch, n))
+            .collect())
     }
 
     /// Records that the kernels enqueued so far read host slots in place: nothing writes,
