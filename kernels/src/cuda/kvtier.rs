@@ -10,7 +10,9 @@
 //!   the copies above run at PCIe speed and straight into the arena slots (no staging copy).
 //! - [`CudaBackend::gather_rows_f32`]: f32 rows read by the SMs straight from page-locked host
 //!   memory mapped for the device ([`CudaBackend::mapped_device_ptr`]): the hidden states a
-//!   recompute needs, and nothing else of their slots.
+//!   recompute needs, and nothing else of their slots. [`CudaBackend::copy_host_pieces_beside`]
+//!   copies them with the copy engine instead, on a stream beside the compute stream, one
+//!   gather ahead ([`GatheredRows`]).
 //! - [`CudaBackend::argmax_device`]: greedy picks on the device, so a decode step moves
 //!   `rows × 4` bytes to the host instead of `rows × vocab × 4`.
 
@@ -375,11 +377,11 @@ impl CudaBackend {
                 .arg(&count)
                 .arg(&width64)
                 .arg(&vec4);
+            let threads = if vec4 == 1 { n / 4 } else { n };
             // SAFETY: gather_rows_f32(float* out, const u64* rows_at, u64 rows, u64 width,
             // u32 vec4): `out` holds rows × width values (16-byte aligned, as every allocation);
             // each row address is readable for width values (the caller's contract), and 16-byte
             // aligned with width a multiple of 4 when vec4 is set.
-            let threads = if vec4 == 1 { n / 4 } else { n };
             unsafe { l.launch(kernels::elementwise(threads)) }.map_err(|e| device_err(op, e))?;
         }
         Ok(super::Inner::tensor(rows.len(), width, out))

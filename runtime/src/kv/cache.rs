@@ -1118,8 +1118,8 @@ impl KvCache {
             for (j, b) in blocks.iter().enumerate().filter(|(j, _)| far[*j]) {
                 let mut in_host = None;
                 let data = match b.loc {
-                    // Hidden states too: copied into scratch as the slot's bytes, and
-                    // regenerated into K and V there (`attend_device`).
+                    // Hidden states too: they stay in their slot until the GPU reads their
+                    // rows and regenerates K and V in scratch (`attend_device`).
                     Loc::Host(slot) if in_place => {
                         in_host = Some(slot);
                         KvBuf::with_capacity(dtype, 0)
@@ -1775,11 +1775,12 @@ impl KvCache {
     }
 
     /// Turns hidden states still in host slots into K and V in the scratch blocks given them,
-    /// `(block, scratch id)`, in one batch on the compute stream: a kernel reads each token's
-    /// row of `d_model` f32 values straight from the page-locked slot over PCIe (those bytes
-    /// only, not the rest of the slot), `regen` projects the rows, and the K and V rows are
-    /// appended into the scratch blocks (rounded to the pool's dtype, as the first append was).
-    /// Nothing comes back to the host.
+    /// `(block, scratch id)`, in one batch on the compute stream. Each token's row of `d_model`
+    /// f32 values (those bytes only, not the rest of the slot) was copied ahead by the copy
+    /// engine ([`KvCache::prefetch_far`]) when these are the blocks it copied; otherwise a
+    /// kernel reads the rows straight from the page-locked slots over PCIe. `regen` projects
+    /// the rows, and the K and V rows are appended into the scratch blocks (rounded to the
+    /// pool's dtype, as the first append was). Nothing comes back to the host.
     fn regenerate_in_scratch(
         &mut self,
         layer: usize,
