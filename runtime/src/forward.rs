@@ -539,6 +539,10 @@ impl RuntimeBackend for CudaBackend {
         if x.is_none() && kv.append_through_scratch(layer, &at, k, v)? {
             return Ok(());
         }
+        // Decode rows land in host memory in the background, before anything reads them.
+        if kv.append_deferred(layer, &at, k, v, x)? {
+            return Ok(());
+        }
         host_append(self, kv, layer, rows, k, v, x)
     }
 

@@ -392,6 +392,10 @@ fn half_precision_kv_is_the_same_in_every_tier() {
                     k.recomputed_tokens_read_ahead > 0,
                     "{name} {what}: no hidden states were read ahead"
                 );
+                assert!(
+                    k.rows_appended_in_background > 0,
+                    "{name} {what}: no decode row came down in the background"
+                );
             }
             within_budgets(name, what, &k);
             let host_dtype = kv_dtype.unwrap_or(DType::BF16);

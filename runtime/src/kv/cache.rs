@@ -108,6 +108,9 @@ pub struct KvMetrics {
     /// Of `recomputed_tokens`, those whose hidden states a GPU read from host memory one gather
     /// ahead, beside the compute stream ([`KvCache::prefetch_far`]).
     pub recomputed_tokens_read_ahead: u64,
+    /// Decode rows whose K and V (and hidden states) came down to their host blocks in the
+    /// background ([`KvCache::append_deferred`]).
+    pub rows_appended_in_background: u64,
 }
 
 enum Loc {
@@ -221,6 +224,27 @@ pub struct KvCache {
     /// pass's new and tail blocks, or blocks spilled from the GPU tier, oldest first; at most
     /// [`LANDINGS_IN_FLIGHT`].
     landing: VecDeque<Landing>,
+    /// Decode rows appended to host blocks whose values are still coming down from the GPU
+    /// ([`KvCache::append_deferred`]).
+    appending: Option<PendingAppend>,
+}
+
+/// Decode rows taken in their host blocks ([`KvCache::append_deferred`]) whose K, V (and hidden
+/// states) are still on their way down: row `r` of the downloads goes to `rows[r]`.
+struct PendingAppend {
+    rows: Vec<DeferredRow>,
+    k: PendingDownload,
+    v: PendingDownload,
+    x: Option<PendingDownload>,
+}
+
+/// Where a deferred row lands: token `t` of block `j` (host slot `slot`) of `seq` in `layer`.
+struct DeferredRow {
+    seq: SeqId,
+    layer: usize,
+    j: usize,
+    slot: SlotId,
+    t: usize,
 }
 
 /// Downloads of blocks in flight at once. With one, each pass waited for the previous pass's
@@ -299,6 +323,7 @@ impl KvCache {
             writable_hidden: HashMap::new(),
             scratch_pass: None,
             landing: VecDeque::new(),
+            appending: None,
         })
     }
 
@@ -469,6 +494,102 @@ impl KvCache {
         );
         if self.recompute > 0.0 {
             self.keep_hidden(seq, layer, j, t, slot, h)?;
+        }
+        Ok(())
+    }
+
+    /// [`KvCache::append_with_hidden`] for a decode pass's rows (one per sequence) whose K, V and
+    /// hidden states `x` are still being computed on the GPU, when there is no GPU KV tier:
+    /// the rows' blocks are taken now (so the tables, lengths and which blocks are far are as
+    /// after the append), and the values come down in the background and land in their slots
+    /// before anything reads those slots (host attention, a gather that fetches them, a spill,
+    /// the next append). The thread that issues the GPU's work goes on meanwhile instead of
+    /// waiting for the GPU to reach this layer. Returns `false`, having done nothing, where it
+    /// does not apply: a GPU KV tier (appends go there), no GPU, a prompt pass, or a row that
+    /// fills a block chosen to keep hidden states (that block switches now, and its hidden
+    /// states must be in its slot before this layer's gather reads them).
+    pub fn append_deferred(
+        &mut self,
+        layer: usize,
+        at: &[(SeqId, usize)],
+        k: &CudaTensor,
+        v: &CudaTensor,
+        x: Option<&CudaTensor>,
+    ) -> Result<bool, KvError> {
+        let bt = self.g.block_tokens;
+        if self.gpu.is_none() || self.has_gpu_tier() || x.is_some() != (self.recompute > 0.0) {
+            return Ok(false);
+        }
+        let mut seen = std::collections::HashSet::new();
+        if !at.iter().all(|&(seq, _)| seen.insert(seq)) {
+            return Ok(false);
+        }
+        for &(seq, pos) in at {
+            let blocks = self.layer_blocks(seq, layer)?;
+            let t = pos % bt;
+            let j = if t == 0 {
+                blocks.len()
+            } else {
+                blocks.len().saturating_sub(1)
+            };
+            if self.recompute > 0.0 && t + 1 == bt && far::stores_hidden(j, self.recompute) {
+                return Ok(false);
+            }
+        }
+        self.land_appends()?;
+        let _span = tracing::debug_span!("append_deferred", rows = at.len()).entered();
+        let mut rows = Vec::with_capacity(at.len());
+        for &(seq, pos) in at {
+            let (slot, t) = self.take_row(seq, layer, pos)?;
+            let j = self.layer_blocks(seq, layer)?.len() - 1;
+            rows.push(DeferredRow {
+                seq,
+                layer,
+                j,
+                slot,
+                t,
+            });
+        }
+        let gpu = self.gpu.as_ref().ok_or(KvError::WorkerGone)?;
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
+        let be = &gpu.backend;
+        let k = be.download_async(k).map_err(err)?;
+        let v = be.download_async(v).map_err(err)?;
+        let x = x.map(|x| be.download_async(x)).transpose().map_err(err)?;
+        self.metrics.rows_appended_in_background += rows.len() as u64;
+        self.appending = Some(PendingAppend { rows, k, v, x });
+        Ok(true)
+    }
+
+    /// Lands the deferred append ([`KvCache::append_deferred`]): waits for its rows' values and
+    /// writes them into their slots (and keeps their hidden states for their blocks), after the
+    /// whole blocks still coming down ([`KvCache::land`]: a prompt pass's tail block, whose
+    /// download would otherwise overwrite the rows appended to it since).
+    fn land_appends(&mut self) -> Result<(), KvError> {
+        self.land()?;
+        let Some(p) = self.appending.take() else {
+            return Ok(());
+        };
+        let _span = tracing::debug_span!("land_appends", rows = p.rows.len()).entered();
+        let gpu = self.gpu.as_ref().ok_or(KvError::WorkerGone)?;
+        let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
+        let be = gpu.backend.clone();
+        let k = be.wait_download(p.k).map_err(err)?;
+        let v = be.wait_download(p.v).map_err(err)?;
+        let x = p.x.map(|x| be.wait_download(x)).transpose().map_err(err)?;
+        let (g, kvd, d) = (self.g, self.g.kv_heads * self.g.head_dim, self.d_model);
+        for (r, row) in p.rows.iter().enumerate() {
+            store_token(
+                &mut slot_kv_mut(&mut self.host, row.slot, self.dtype),
+                &g,
+                row.t,
+                &k[r * kvd..(r + 1) * kvd],
+                &v[r * kvd..(r + 1) * kvd],
+            );
+            if self.recompute > 0.0 {
+                let h = x.as_ref().map(|x| &x[r * d..(r + 1) * d]);
+                self.keep_hidden(row.seq, row.layer, row.j, row.t, row.slot, h)?;
+            }
         }
         Ok(())
     }
@@ -651,9 +772,10 @@ impl KvCache {
 
     /// Waits for copies that read host slots straight into GPU scratch
     /// ([`KvCache::attend_device`]), before a host slot is written or freed; and lands the
-    /// blocks of a prompt pass still coming down, which would overwrite it.
+    /// blocks of a prompt pass still coming down, which would overwrite it, and then the rows
+    /// of a deferred append.
     fn settle_host_reads(&mut self) -> Result<(), KvError> {
-        self.land()?;
+        self.land_appends()?;
         match &mut self.gpu {
             Some(t) => t.settle_reads(),
             None => Ok(()),
@@ -899,8 +1021,9 @@ impl KvCache {
         disk: Option<StorageAttending>,
     ) -> Result<TierAttention, KvError> {
         let (seqs, rows) = seqs_and_rows(queries);
-        // Host attention over host-resident blocks.
+        // Host attention over host-resident blocks, the rows of a deferred append among them.
         self.settle_gpu()?;
+        self.land_appends()?;
         let t0 = Instant::now();
         let views: Vec<Vec<KvBlockView<'_>>> = seqs
             .iter()
@@ -1088,6 +1211,20 @@ impl KvCache {
         let Some(masks) = self.far_masks(layer, seqs)? else {
             return Ok(Vec::new());
         };
+        // A block taken by a deferred append holds its new row only once that lands.
+        if let Some(p) = &self.appending {
+            let pending = seqs.iter().zip(&masks).any(|(&(seq, _), far)| {
+                self.seqs[&seq].layers[layer]
+                    .iter()
+                    .zip(far)
+                    .any(|(b, &far)| {
+                        far && matches!(b.loc, Loc::Host(s) if p.rows.iter().any(|r| r.slot == s))
+                    })
+            });
+            if pending {
+                self.land_appends()?;
+            }
+        }
         // Host blocks read below may still be landing from the GPU. Passes that read none leave
         // the downloads in flight (the next pass's attention must not wait for them).
         // (Landing moves no block, so the far masks hold across it.)
