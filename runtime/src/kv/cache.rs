@@ -1,7 +1,7 @@
 //! [`KvCache`]: the block table and tier manager (bookkeeping), and the fan-out of attention to
 //! the engine of each tier with the exact LSE merge of their partials.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
@@ -520,7 +520,7 @@ impl KvCache {
         if self.gpu.is_none() || self.has_gpu_tier() || x.is_some() != (self.recompute > 0.0) {
             return Ok(false);
         }
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         if !at.iter().all(|&(seq, _)| seen.insert(seq)) {
             return Ok(false);
         }
@@ -538,27 +538,39 @@ impl KvCache {
         }
         self.land_appends()?;
         let _span = tracing::debug_span!("append_deferred", rows = at.len()).entered();
-        let mut rows = Vec::with_capacity(at.len());
-        for &(seq, pos) in at {
-            let (slot, t) = self.take_row(seq, layer, pos)?;
-            let j = self.layer_blocks(seq, layer)?.len() - 1;
-            rows.push(DeferredRow {
-                seq,
-                layer,
-                j,
-                slot,
-                t,
-            });
-        }
         let gpu = self.gpu.as_ref().ok_or(KvError::WorkerGone)?;
         let err = |e: strata_kernels::KernelError| KvError::Gpu(e.to_string());
         let be = &gpu.backend;
         let k = be.download_async(k).map_err(err)?;
         let v = be.download_async(v).map_err(err)?;
         let x = x.map(|x| be.download_async(x)).transpose().map_err(err)?;
+        // Rows in order; when one fails, the rows before it are appended, as row by row.
+        let mut rows = Vec::with_capacity(at.len());
+        let mut failed = None;
+        for &(seq, pos) in at {
+            match self.take_row(seq, layer, pos) {
+                Ok((slot, t)) => {
+                    let j = self.layer_blocks(seq, layer)?.len() - 1;
+                    rows.push(DeferredRow {
+                        seq,
+                        layer,
+                        j,
+                        slot,
+                        t,
+                    });
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
         self.metrics.rows_appended_in_background += rows.len() as u64;
         self.appending = Some(PendingAppend { rows, k, v, x });
-        Ok(true)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(true),
+        }
     }
 
     /// Lands the deferred append ([`KvCache::append_deferred`]): waits for its rows' values and
