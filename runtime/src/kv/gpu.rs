@@ -306,27 +306,13 @@ impl GpuTier {
     ) -> Result<Vec<(*const u8, usize, usize)>, KvError> {
         let (base, len) = host.raw_region();
         let chunk = register_chunk(host.slot_stride());
-        // (first offset, pitch, slots): a run grows while the next slot lies the same distance
-        // further on in the same chunk (a chunk is whole slots, so a slot never straddles two).
-        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        let mut offsets = Vec::with_capacity(slots.len());
         for &slot in slots {
             let offset = host.slot_ptr(slot) as usize - base as usize;
             self.register(base, len, chunk, offset, bytes)?;
-            if let Some((first, pitch, n)) = runs.last_mut() {
-                let prev = *first + (*n - 1) * *pitch;
-                let step = offset.wrapping_sub(prev);
-                let grows = offset > prev
-                    && offset / chunk == *first / chunk
-                    && (*n == 1 || step == *pitch);
-                if grows {
-                    *pitch = step;
-                    *n += 1;
-                    continue;
-                }
-            }
-            runs.push((offset, bytes, 1));
+            offsets.push(offset);
         }
-        Ok(runs
+        Ok(runs_of(&offsets, bytes, chunk)
             .into_iter()
             .map(|(first, pitch, n)| (base.wrapping_add(first).cast_const(), pitch, n))
             .collect())
@@ -383,9 +369,55 @@ impl Drop for GpuTier {
     }
 }
 
+/// Pieces of `bytes` at `offsets` (in order) as runs `(first offset, pitch, pieces)`: a run
+/// grows while the next piece lies the same distance further on and in the same `chunk`-byte
+/// registration as its first (a chunk is whole slots, so a slot never straddles two). A run of
+/// one has pitch `bytes`.
+fn runs_of(offsets: &[usize], bytes: usize, chunk: usize) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for &offset in offsets {
+        if let Some((first, pitch, n)) = runs.last_mut() {
+            let prev = *first + (*n - 1) * *pitch;
+            let grows = offset > prev
+                && offset / chunk == *first / chunk
+                && (*n == 1 || offset - prev == *pitch);
+            if grows {
+                *pitch = offset - prev;
+                *n += 1;
+                continue;
+            }
+        }
+        runs.push((offset, bytes, 1));
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
-    use super::register_chunk;
+    use super::{register_chunk, runs_of};
+
+    /// Slots equally far apart make one run (one 2D copy); a change of distance, a step back or
+    /// a new registration chunk starts another, and every piece is in exactly one run, in order.
+    #[test]
+    fn hidden_rows_group_into_runs_of_equal_pitch_within_a_chunk() {
+        let (slot, bytes, chunk) = (1000, 400, 10_000);
+        let at = |s: &[usize]| s.iter().map(|&i| i * slot).collect::<Vec<_>>();
+        // Adjacent, then 3 apart, then back to the start, then across the chunk at 10.
+        let offsets = at(&[0, 1, 2, 5, 8, 11, 1, 7, 8, 9, 10, 11]);
+        assert_eq!(
+            runs_of(&offsets, bytes, chunk),
+            vec![
+                (0, slot, 3),
+                (5 * slot, 3 * slot, 2),
+                (11 * slot, bytes, 1),
+                (slot, 6 * slot, 2),
+                (8 * slot, slot, 2),
+                (10 * slot, slot, 2),
+            ]
+        );
+        assert_eq!(runs_of(&[], bytes, chunk), vec![]);
+        assert_eq!(runs_of(&at(&[4]), bytes, chunk), vec![(4 * slot, bytes, 1)]);
+    }
 
     /// Every slot lies inside one registration, whatever the block size: Llama-3-8B's 128 KiB
     /// bf16 (256 KiB f32) blocks of 32 tokens, OPT-30B's 896 KiB blocks of 16, and a slot larger than a chunk.
