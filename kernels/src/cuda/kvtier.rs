@@ -461,14 +461,8 @@ impl CudaBackend {
     /// The device's address of `host`, a byte of page-locked host memory mapped for this
     /// context's device ([`CudaBackend::register_host`] maps it), or `None` where it is not.
     pub fn mapped_device_ptr(&self, host: *const u8) -> Option<u64> {
-        let mut dev: cudarc::driver::sys::CUdeviceptr = 0;
         self.inner.ctx.bind_to_thread().ok()?;
-        // SAFETY: a query on a host address; it fails unless the address lies in page-locked
-        // memory mapped for this context's device.
-        let r = unsafe {
-            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut dev, host.cast_mut().cast(), 0)
-        };
-        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(dev)
+        self.inner.mapped_device_ptr(host)
     }
 
     /// Page-locks `len` bytes at `ptr` for fast, asynchronous copies.

@@ -376,21 +376,23 @@ impl Inner {
         if src.is_empty() {
             return Ok(true);
         }
-        let mut from: CUdeviceptr = 0;
-        // SAFETY: a query on a host address; it fails (and we fall back) unless the address lies
-        // in page-locked memory mapped for this context's device.
-        let mapped = unsafe {
-            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(
-                &mut from,
-                src.as_ptr().cast_mut().cast(),
-                0,
-            )
-        };
-        if mapped != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        let Some(from) = self.mapped_device_ptr(src.as_ptr()) else {
             return Ok(false);
-        }
+        };
         // SAFETY: `from` is the device's address of `src` (the caller's contract for `src`).
         unsafe { self.copy_from_device_view(op, dst, from, src.len()) }
+    }
+
+    /// The device's address of `host`, a byte of page-locked host memory mapped for this
+    /// context's device, or `None` where it is not.
+    pub(crate) fn mapped_device_ptr(&self, host: *const u8) -> Option<CUdeviceptr> {
+        let mut dev: CUdeviceptr = 0;
+        // SAFETY: a query on a host address; it fails unless the address lies in page-locked
+        // memory mapped for this context's device.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut dev, host.cast_mut().cast(), 0)
+        };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(dev)
     }
 
     /// Enqueues the `copy_from_host` kernel copying `n` bytes from `from`, the device's address of

@@ -1156,6 +1156,14 @@ impl KvCache {
         }
     }
 
+    /// Whether far host blocks go to the GPU's scratch straight from their slots (a scratch,
+    /// and a pool in the host tier's dtype), instead of copied out of the arena first.
+    fn scratch_reads_host_slots(&self) -> bool {
+        self.gpu
+            .as_ref()
+            .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == self.dtype)
+    }
+
     /// Starts copying, on the GPU's side stream with the copy engine, the hidden states in host
     /// slots that the next [`KvCache::gather_far`] of `seqs` in `layer` will regenerate in
     /// scratch, so that copy over PCIe runs while the compute stream works through this
@@ -1163,12 +1171,7 @@ impl KvCache {
     /// group), and otherwise reads its rows itself. Only on a GPU that regenerates in scratch
     /// (see `gather_far`).
     fn prefetch_hidden(&mut self, layer: usize, seqs: &[(SeqId, usize)]) -> Result<(), KvError> {
-        let dtype = self.dtype;
-        let in_place = self
-            .gpu
-            .as_ref()
-            .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == dtype);
-        if self.recompute == 0.0 || !in_place {
+        if self.recompute == 0.0 || !self.scratch_reads_host_slots() {
             return Ok(());
         }
         let Some(masks) = self.far_masks(layer, seqs)? else {
@@ -1256,10 +1259,7 @@ impl KvCache {
             self.dtype,
         );
         // Host blocks bound for the GPU's scratch are copied from where they are.
-        let in_place = self
-            .gpu
-            .as_ref()
-            .is_some_and(|t| !t.scratch().is_empty() && t.pool.dtype() == dtype);
+        let in_place = self.scratch_reads_host_slots();
         let mut out = Vec::new();
         let mut disk_reads: Vec<(usize, u32)> = Vec::new();
         for (&(seq, _), far) in seqs.iter().zip(&masks) {

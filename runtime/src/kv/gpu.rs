@@ -246,12 +246,7 @@ impl GpuTier {
             .map_err(|e| KvError::Gpu(e.to_string()))?;
             i = j;
         }
-        let mark = self
-            .backend
-            .compute_mark()
-            .map_err(|e| KvError::Gpu(e.to_string()))?;
-        self.reads = Some(mark);
-        Ok(())
+        self.mark_reads()
     }
 
     /// The device addresses of hidden-state rows in host slots, `rows` rows of `row_bytes` at
