@@ -427,6 +427,28 @@ fn merge_of_parts_equals_the_whole() {
     );
     assert!(e_ref < 1e-4 && e_cpu < CPU_TOL && e_whole < 1e-5 && e_cpu_merge < 1e-6);
 
+    // Two parts take the launch without pointer arrays: the same formula.
+    let two = download(gpu, &gpu.merge_partials(&[refs[0], &host_dev]).unwrap());
+    let (d0, d1) = (download(gpu, refs[0]), download(gpu, &host_dev));
+    let mut cpu_two = Partial {
+        o: Vec::new(),
+        lse: Vec::new(),
+    };
+    for i in 0..lens.len() {
+        let part = |d: &Partial| Partial {
+            o: d.o[i * nh * hd..(i + 1) * nh * hd].to_vec(),
+            lse: d.lse[i * nh..(i + 1) * nh].to_vec(),
+        };
+        let m = Partial::merge(&[part(&d0), part(&d1)], nh, hd);
+        cpu_two.o.extend(m.o);
+        cpu_two.lse.extend(m.lse);
+    }
+    let e_two = o_err(&two.o, &cpu_two.o).max(lse_err(&two.lse, &cpu_two.lse));
+    assert!(
+        e_two < 1e-6,
+        "merge of 2 parts: {e_two:.2e} vs Partial::merge"
+    );
+
     // Merging only empty parts gives an empty partial.
     let empty = download(
         gpu,

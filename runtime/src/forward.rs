@@ -1348,6 +1348,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     ) -> Result<Attending<B>, ForwardError> {
         let b = &self.backend;
         let cfg = &self.cfg;
+        let project = debug_span!("project").entered();
         let h = self.norm(x, &w.attn_norm, w.attn_norm_b.as_ref())?;
         let mut q = b.linear(&h, &w.q, w.q_b.as_ref())?; // [rows, heads * head_dim]
         let mut k = b.linear(&h, &w.k, w.k_b.as_ref())?; // [rows, kv_heads * head_dim]
@@ -1357,8 +1358,9 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             b.rope(&mut q, cfg.heads, &positions, &self.rope)?;
             b.rope(&mut k, cfg.kv_heads, &positions, &self.rope)?;
         }
+        drop(project);
         let hidden = kv.wants_hidden().then_some(x);
-        b.append_kv(kv, layer, rows, &k, &v, hidden)?;
+        debug_span!("append_kv").in_scope(|| b.append_kv(kv, layer, rows, &k, &v, hidden))?;
         // Far blocks: fetched KV, and hidden states turned back into K and V here.
         let seqs = rows_per_seq(rows);
         let mut far = debug_span!("gather_far").in_scope(|| kv.gather_far(layer, &seqs))?;
@@ -1505,6 +1507,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     ) -> Result<B::Tensor, ForwardError> {
         let b = &self.backend;
         let attn = self.merge_attention(attending, kv)?;
+        let _span = debug_span!("out_mlp").entered();
         let o = b.linear(&attn, &w.o, w.o_b.as_ref())?;
         b.add_inplace(&mut x, &o)?;
         // MLP block.

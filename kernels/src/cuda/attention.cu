@@ -569,6 +569,18 @@ extern "C" __global__ void attn_merge_parts(float* o, float* lse, const u64* o_p
         lse + row);
 }
 
+// Two partials passed by address (the device's and the host tiers', a decode layer's merge):
+// attn_merge_parts without its pointer arrays, so the host uploads nothing to launch it.
+extern "C" __global__ void attn_merge_two(float* o, float* lse, const float* o0, const float* l0,
+                                          const float* o1, const float* l1, u32 rows, u32 dim) {
+    const u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    merge_row(
+        2u, dim, [&](u32 i) { return (i == 0 ? l0 : l1)[row]; },
+        [&](u32 i, u32 d) { return (i == 0 ? o0 : o1)[row * dim + d]; }, o + row * dim,
+        lse + row);
+}
+
 // The HBM read floor the decode bench compares with: a pure streaming read of `n_vec` 16-byte
 // vectors, grid-stride, READ_UNROLL loads in flight per thread, folded with XOR. The fold is
 // written only when it equals a constant (never, in practice), so the loads cannot be dropped and

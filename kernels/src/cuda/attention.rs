@@ -229,6 +229,7 @@ pub(crate) struct AttentionKernels {
     /// `[dtype]`.
     generic: Vec<DecodeKernel>,
     merge_parts: CudaFunction,
+    merge_two: CudaFunction,
     /// `hbm_read_floor`: the pure streaming read the decode bench compares with.
     read_floor: CudaFunction,
     /// The split partials and arrival counters of `decode_attention`, reused by every call.
@@ -369,6 +370,7 @@ impl AttentionKernels {
             fast,
             generic,
             merge_parts: load("attn_merge_parts".into())?,
+            merge_two: load("attn_merge_two".into())?,
             read_floor: load("hbm_read_floor".into())?,
             scratch: Mutex::new(SplitScratch::default()),
             overlap: false,
@@ -829,7 +831,30 @@ impl CudaBackend {
         }
         let mut o = be.output(op, rows * hd)?;
         let mut lse = be.output(op, rows)?;
-        if rows > 0 {
+        if rows > 0 && parts.len() == 2 {
+            // Two parts (a decode layer's device and host partials, on every layer with a host
+            // tier) go by address: no pointer arrays to upload, two staging copies fewer.
+            let (o0, g0) = be.buf(op, &parts[0].o)?.device_ptr(&be.stream);
+            let (l0, g1) = be.buf(op, &parts[0].lse)?.device_ptr(&be.stream);
+            let (o1, g2) = be.buf(op, &parts[1].o)?.device_ptr(&be.stream);
+            let (l1, g3) = be.buf(op, &parts[1].lse)?.device_ptr(&be.stream);
+            let (n_rows, d) = (rows as u32, hd as u32);
+            let mut m = be.stream.launch_builder(&be.attn.merge_two);
+            m.arg(&mut o)
+                .arg(&mut lse)
+                .arg(&o0)
+                .arg(&l0)
+                .arg(&o1)
+                .arg(&l1)
+                .arg(&n_rows)
+                .arg(&d);
+            // SAFETY: attn_merge_two(float* o, float* lse, const float* o0, const float* l0,
+            // const float* o1, const float* l1, u32 rows, u32 dim); each address is a live part
+            // of rows * dim (o) or rows (lse) values, checked above, kept alive by `parts` until
+            // the kernel has run (it is ordered before any later free on this stream).
+            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+            drop((g0, g1, g2, g3));
+        } else if rows > 0 {
             let mut o_ptrs = Vec::with_capacity(parts.len());
             let mut l_ptrs = Vec::with_capacity(parts.len());
             let mut guards = Vec::with_capacity(2 * parts.len());
