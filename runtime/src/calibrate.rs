@@ -19,7 +19,8 @@
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
 //!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
-//!   tokens) less a fixed cost per call timed on its own (`host_attention_layer_gbps`,
+//!   tokens, the sizes taking turns over the same blocks) less a fixed cost per call timed on
+//!   its own (`host_attention_layer_gbps`,
 //!   `host_attention_call_us`). With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
 //!   the sum of both rates is the profile's `host_memory_shared_gbps`, and the scan's rate
@@ -488,17 +489,11 @@ fn measure(
     );
     steps.step("host attention per block size");
     let call_us = scan.call_us();
-    let mut by_block = Vec::with_capacity(HOST_ATTENTION_BLOCKS.len());
-    for bt in HOST_ATTENTION_BLOCKS {
-        let gbps = if bt == 32 {
-            calls_32.gbps(call_us)
-        } else {
-            HostAttentionScan::new(sz.host_kv, DType::BF16, bt)
-                .decode_layer_calls()
-                .gbps(call_us)
-        };
-        by_block.push([bt as f64, gbps]);
-    }
+    let by_block: Vec<[f64; 2]> = HOST_ATTENTION_BLOCKS
+        .into_iter()
+        .zip(host_attention_by_block(sz.host_kv))
+        .map(|(bt, calls)| [bt as f64, calls.gbps(call_us)])
+        .collect();
     row(
         "host attention call",
         format!("{call_us:.0} µs"),
@@ -1404,43 +1399,19 @@ impl HostAttentionScan {
     /// Each call's time is kept, so the fixed cost per call can be taken out afterwards
     /// ([`LayerCalls::gbps`]).
     fn decode_layer_calls(&self) -> LayerCalls {
-        const SEQS: usize = 8;
-        let (g, blocks) = (&self.g, self.kv.len());
-        if blocks < SEQS {
-            let bytes = blocks * self.block_bytes;
-            let secs = vec![bytes as f64 / (self.gbps(1) * 1e9)];
-            return LayerCalls { bytes, secs };
-        }
-        let views = testing::full_block_views(&self.kv, g);
-        let per_seq = (DECODE_LAYER_KV / self.block_bytes / SEQS).clamp(1, blocks / SEQS);
-        let window = per_seq * SEQS;
-        let windows = blocks / window;
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = split_chunk_blocks(per_seq, SEQS, threads);
-        let mut secs = Vec::new();
-        for call in 0..(2 * windows).max(4) {
-            let first = (call % windows.max(1)) * window;
-            let queries: Vec<AttentionQuery<'_>> = (0..SEQS)
-                .map(|s| {
-                    let v = &views[first + s * per_seq..first + (s + 1) * per_seq];
-                    AttentionQuery {
-                        q: &self.q,
-                        pos: v[per_seq - 1].start_pos + g.block_tokens,
-                        blocks: v,
-                    }
-                })
-                .collect();
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            let t = Instant::now();
-            std::hint::black_box(attend_batch(&queries, g, chunk));
+        let views = testing::full_block_views(&self.kv, &self.g);
+        let calls = LayerCallPlan::new(views.len(), self.block_bytes);
+        let mut out = LayerCalls {
+            bytes: calls.bytes,
+            secs: Vec::new(),
+        };
+        for call in 0..calls.calls {
+            let secs = calls.time(call, &views, &self.g, &self.q, || self.gbps(1));
             if call > 0 {
-                secs.push(t.elapsed().as_secs_f64());
+                out.secs.push(secs);
             }
         }
-        LayerCalls {
-            bytes: window * self.block_bytes,
-            secs,
-        }
+        out
     }
 
     /// Microseconds of one host attention call that attends next to nothing after the threads
@@ -1494,6 +1465,134 @@ impl LayerCalls {
 
 /// Block sizes host attention is timed at: the planner's search space (`SearchSpace`).
 const HOST_ATTENTION_BLOCKS: [usize; 4] = [16, 32, 64, 128];
+
+/// The decode-layer calls of [`HostAttentionScan::decode_layer_calls`] over `blocks` blocks of
+/// `block_bytes`: 8 sequences of `per_seq` blocks each ([`DECODE_LAYER_KV`] in all at most),
+/// moving window by window through the blocks twice (at least 4 calls).
+struct LayerCallPlan {
+    per_seq: usize,
+    windows: usize,
+    calls: usize,
+    /// KV bytes one call attends.
+    bytes: usize,
+}
+
+impl LayerCallPlan {
+    const SEQS: usize = 8;
+
+    fn new(blocks: usize, block_bytes: usize) -> Self {
+        if blocks < Self::SEQS {
+            return Self {
+                per_seq: 0,
+                windows: 1,
+                calls: 4,
+                bytes: blocks * block_bytes,
+            };
+        }
+        let per_seq = (DECODE_LAYER_KV / block_bytes / Self::SEQS).clamp(1, blocks / Self::SEQS);
+        let windows = blocks / (per_seq * Self::SEQS);
+        Self {
+            per_seq,
+            windows,
+            calls: (2 * windows).max(4),
+            bytes: per_seq * Self::SEQS * block_bytes,
+        }
+    }
+
+    /// Seconds of call number `call` over `views`, after a 2 ms pause that lets the threads go
+    /// idle; `whole` gives the one-call rate where there are too few blocks for 8 sequences.
+    fn time(
+        &self,
+        call: usize,
+        views: &[KvBlockView<'_>],
+        g: &AttentionGeometry,
+        q: &[f32],
+        whole: impl FnOnce() -> f64,
+    ) -> f64 {
+        if self.per_seq == 0 {
+            return self.bytes as f64 / (whole() * 1e9);
+        }
+        let per_seq = self.per_seq;
+        let first = (call % self.windows) * per_seq * Self::SEQS;
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = split_chunk_blocks(per_seq, Self::SEQS, threads);
+        let queries: Vec<AttentionQuery<'_>> = (0..Self::SEQS)
+            .map(|s| {
+                let v = &views[first + s * per_seq..first + (s + 1) * per_seq];
+                AttentionQuery {
+                    q,
+                    pos: v[per_seq - 1].start_pos + g.block_tokens,
+                    blocks: v,
+                }
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let t = Instant::now();
+        std::hint::black_box(attend_batch(&queries, g, chunk));
+        t.elapsed().as_secs_f64()
+    }
+}
+
+/// Views of `kv`, blocks of `from.block_tokens` tokens, cut into blocks of `bt` tokens (`bt`
+/// divides it): each block's K and V halves are cut alike, so every view has a block's layout
+/// `[kv_heads, bt, head_dim]`, over synthetic values.
+fn carved_views<'a>(
+    kv: &'a [strata_kernels::KvBuf],
+    from: &AttentionGeometry,
+    bt: usize,
+) -> Vec<KvBlockView<'a>> {
+    let (e_from, per) = (from.block_elems(), from.block_tokens / bt);
+    let e = e_from / per;
+    kv.iter()
+        .flat_map(|d| (0..per).map(move |j| (d, j)))
+        .enumerate()
+        .map(|(i, (d, j))| KvBlockView {
+            k: d.as_slice().slice(j * e..(j + 1) * e),
+            v: d.as_slice().slice(e_from + j * e..e_from + (j + 1) * e),
+            start_pos: i * bt,
+            len: bt,
+        })
+        .collect()
+}
+
+/// Decode-layer calls ([`HostAttentionScan::decode_layer_calls`]) at each of
+/// [`HOST_ATTENTION_BLOCKS`] over the same `bytes` of KV (128-token blocks cut to each size),
+/// the sizes taking turns call by call. Timed one size after another, each over its own buffer,
+/// the sizes drew different moments of a noisy host: on three H100 hosts their order changed
+/// from host to host (64-token blocks 11% faster than 32 on one, 30% slower on another), and the
+/// planner chose its block size on that noise. Taking turns over the same memory, every size
+/// sees the same moments and the same pages.
+fn host_attention_by_block(bytes: usize) -> Vec<LayerCalls> {
+    let base = HostAttentionScan::new(bytes, DType::BF16, 128);
+    let sizes: Vec<(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)> =
+        HOST_ATTENTION_BLOCKS
+            .iter()
+            .map(|&bt| {
+                let g = AttentionGeometry::new(32, 8, 128, bt);
+                let views = carved_views(&base.kv, &base.g, bt);
+                let plan = LayerCallPlan::new(views.len(), base.block_bytes * bt / 128);
+                (g, views, plan)
+            })
+            .collect();
+    let mut calls: Vec<LayerCalls> = sizes
+        .iter()
+        .map(|(_, _, plan)| LayerCalls {
+            bytes: plan.bytes,
+            secs: Vec::new(),
+        })
+        .collect();
+    let rounds = sizes.iter().map(|s| s.2.calls).max().unwrap_or(4);
+    for call in 0..rounds {
+        for ((g, views, plan), c) in sizes.iter().zip(&mut calls) {
+            let secs = plan.time(call, views, g, &base.q, || base.gbps(1));
+            // Each size's first call warms it up, as in `decode_layer_calls`.
+            if call > 0 {
+                c.secs.push(secs);
+            }
+        }
+    }
+    calls
+}
 
 /// KV bytes one layer of a decode step attends on the host in the calibration's decode-sized
 /// calls (8 sequences of 4K tokens of Llama-3-8B's bf16 KV: 64 MiB).
@@ -1726,6 +1825,51 @@ mod tests {
         if let Some(b) = last_level_cache_bytes() {
             assert!(b >= 64 << 10, "{b}");
         }
+    }
+
+    #[test]
+    fn every_block_size_is_cut_from_the_same_blocks_and_attends_like_whole_ones() {
+        let from = AttentionGeometry::new(4, 2, 8, 16);
+        let kv = testing::synthetic_kv_blocks(DType::BF16, 3, from.block_elems());
+        for bt in [16, 8, 4] {
+            let views = carved_views(&kv, &from, bt);
+            let per = 16 / bt;
+            assert_eq!(views.len(), 3 * per);
+            // Each block's K half, then its V half, is cut in order, whole, into `per` pieces.
+            for (b, d) in kv.iter().enumerate() {
+                let whole: Vec<f32> = d.as_slice().to_f32_vec();
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for (j, w) in views[b * per..(b + 1) * per].iter().enumerate() {
+                    assert_eq!((w.start_pos, w.len), ((b * per + j) * bt, bt));
+                    k.extend(w.k.to_f32_vec());
+                    v.extend(w.v.to_f32_vec());
+                }
+                let e = from.block_elems();
+                assert_eq!(
+                    (&k[..], &v[..]),
+                    (&whole[..e], &whole[e..]),
+                    "block {b}, {bt} tokens"
+                );
+            }
+        }
+        // Cut to its own size, a block set attends exactly as its whole blocks do.
+        let g = from;
+        let q = testing::bench_query(&g);
+        let at = |views: &[KvBlockView<'_>]| {
+            attend_batch(
+                &[AttentionQuery {
+                    q: &q,
+                    pos: 47,
+                    blocks: views,
+                }],
+                &g,
+                1,
+            )
+        };
+        assert_eq!(
+            at(&carved_views(&kv, &from, 16)),
+            at(&testing::full_block_views(&kv, &g))
+        );
     }
 
     #[test]
