@@ -1559,9 +1559,9 @@ fn carved_views<'a>(
 /// [`HOST_ATTENTION_BLOCKS`] over the same `bytes` of KV (128-token blocks cut to each size),
 /// the sizes taking turns call by call. Timed one size after another, each over its own buffer,
 /// the sizes drew different moments of a noisy host: on three H100 hosts their order changed
-/// from host to host (64-token blocks 11% faster than 32 on one, 30% slower on another), and the
-/// planner chose its block size on that noise. Taking turns over the same memory, every size
-/// sees the same moments and the same pages.
+/// from host to host (64-token blocks at 0.89× the 32-token rate on one, 1.44× on another), and
+/// the planner chose its block size on that noise. Taking turns over the same memory, every
+/// size sees the same moments and the same pages.
 fn host_attention_by_block(bytes: usize) -> Vec<LayerCalls> {
     let base = HostAttentionScan::new(bytes, DType::BF16, 128);
     let sizes: Vec<(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)> =
