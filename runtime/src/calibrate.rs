@@ -1400,18 +1400,12 @@ impl HostAttentionScan {
     /// ([`LayerCalls::gbps`]).
     fn decode_layer_calls(&self) -> LayerCalls {
         let views = testing::full_block_views(&self.kv, &self.g);
-        let calls = LayerCallPlan::new(views.len(), self.block_bytes);
-        let mut out = LayerCalls {
-            bytes: calls.bytes,
+        let plan = LayerCallPlan::new(views.len(), self.block_bytes);
+        let mut calls = calls_taking_turns(&[(self.g, views, plan)], &self.q, || self.gbps(1));
+        calls.pop().unwrap_or(LayerCalls {
+            bytes: 0,
             secs: Vec::new(),
-        };
-        for call in 0..calls.calls {
-            let secs = calls.time(call, &views, &self.g, &self.q, || self.gbps(1));
-            if call > 0 {
-                out.secs.push(secs);
-            }
-        }
-        out
+        })
     }
 
     /// Microseconds of one host attention call that attends next to nothing after the threads
@@ -1507,7 +1501,7 @@ impl LayerCallPlan {
         views: &[KvBlockView<'_>],
         g: &AttentionGeometry,
         q: &[f32],
-        whole: impl FnOnce() -> f64,
+        whole: impl Fn() -> f64,
     ) -> f64 {
         if self.per_seq == 0 {
             return self.bytes as f64 / (whole() * 1e9);
@@ -1574,6 +1568,17 @@ fn host_attention_by_block(bytes: usize) -> Vec<LayerCalls> {
                 (g, views, plan)
             })
             .collect();
+    calls_taking_turns(&sizes, &base.q, || base.gbps(1))
+}
+
+/// The decode-layer calls of each `(geometry, views, plan)`, the sizes taking turns call by
+/// call; each size's first call warms it up and is left out. `whole` gives the one-call rate
+/// where a size has too few blocks for 8 sequences.
+fn calls_taking_turns(
+    sizes: &[(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)],
+    q: &[f32],
+    whole: impl Fn() -> f64,
+) -> Vec<LayerCalls> {
     let mut calls: Vec<LayerCalls> = sizes
         .iter()
         .map(|(_, _, plan)| LayerCalls {
@@ -1584,8 +1589,7 @@ fn host_attention_by_block(bytes: usize) -> Vec<LayerCalls> {
     let rounds = sizes.iter().map(|s| s.2.calls).max().unwrap_or(4);
     for call in 0..rounds {
         for ((g, views, plan), c) in sizes.iter().zip(&mut calls) {
-            let secs = plan.time(call, views, g, &base.q, || base.gbps(1));
-            // Each size's first call warms it up, as in `decode_layer_calls`.
+            let secs = plan.time(call, views, g, q, &whole);
             if call > 0 {
                 c.secs.push(secs);
             }

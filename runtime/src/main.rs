@@ -1220,8 +1220,6 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The policy `--policy ARG` names (planned for this job when ARG is `auto`, else read from the
-/// file) and its prediction for this job on the calibrated profile.
 /// The KV dtype `--kv-dtype` names (`auto`: the model's when it is f16 or bf16, else f32).
 fn kv_dtype_arg(arg: &str, cfg: &model::ModelConfig) -> DType {
     match arg {
@@ -1232,6 +1230,8 @@ fn kv_dtype_arg(arg: &str, cfg: &model::ModelConfig) -> DType {
     }
 }
 
+/// The policy `--policy ARG` names (planned for this job when ARG is `auto`, else read from the
+/// file) and its prediction for this job on the calibrated profile.
 fn policy_for_job(
     arg: &str,
     a: &GenerateArgs,

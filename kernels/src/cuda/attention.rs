@@ -831,30 +831,7 @@ impl CudaBackend {
         }
         let mut o = be.output(op, rows * hd)?;
         let mut lse = be.output(op, rows)?;
-        if rows > 0 && parts.len() == 2 {
-            // Two parts (a decode layer's device and host partials, on every layer with a host
-            // tier) go by address: no pointer arrays to upload, two staging copies fewer.
-            let (o0, g0) = be.buf(op, &parts[0].o)?.device_ptr(&be.stream);
-            let (l0, g1) = be.buf(op, &parts[0].lse)?.device_ptr(&be.stream);
-            let (o1, g2) = be.buf(op, &parts[1].o)?.device_ptr(&be.stream);
-            let (l1, g3) = be.buf(op, &parts[1].lse)?.device_ptr(&be.stream);
-            let (n_rows, d) = (rows as u32, hd as u32);
-            let mut m = be.stream.launch_builder(&be.attn.merge_two);
-            m.arg(&mut o)
-                .arg(&mut lse)
-                .arg(&o0)
-                .arg(&l0)
-                .arg(&o1)
-                .arg(&l1)
-                .arg(&n_rows)
-                .arg(&d);
-            // SAFETY: attn_merge_two(float* o, float* lse, const float* o0, const float* l0,
-            // const float* o1, const float* l1, u32 rows, u32 dim); each address is a live part
-            // of rows * dim (o) or rows (lse) values, checked above, kept alive by `parts` until
-            // the kernel has run (it is ordered before any later free on this stream).
-            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
-            drop((g0, g1, g2, g3));
-        } else if rows > 0 {
+        if rows > 0 {
             let mut o_ptrs = Vec::with_capacity(parts.len());
             let mut l_ptrs = Vec::with_capacity(parts.len());
             let mut guards = Vec::with_capacity(2 * parts.len());
@@ -866,21 +843,42 @@ impl CudaBackend {
                 guards.push(g1);
                 guards.push(g2);
             }
-            let (o_dev, l_dev) = (be.upload(op, &o_ptrs)?, be.upload(op, &l_ptrs)?);
             let (n, n_rows, d) = (parts.len() as u32, rows as u32, hd as u32);
-            let mut m = be.stream.launch_builder(&be.attn.merge_parts);
-            m.arg(&mut o)
-                .arg(&mut lse)
-                .arg(&o_dev)
-                .arg(&l_dev)
-                .arg(&n)
-                .arg(&n_rows)
-                .arg(&d);
-            // SAFETY: attn_merge_parts(float* o, float* lse, const u64* o_ptrs,
-            // const u64* lse_ptrs, u32 n, u32 rows, u32 dim); each pointer addresses a live part
-            // of rows * dim (o) or rows (lse) values, checked above, kept alive by `parts` until
-            // the kernel has run (it is ordered before any later free on this stream).
-            unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+            if let ([o0, o1], [l0, l1]) = (&o_ptrs[..], &l_ptrs[..]) {
+                // Two parts (a decode layer's device and host partials, on every layer with a
+                // host tier) go by address: no pointer arrays to upload, two staging copies fewer.
+                let mut m = be.stream.launch_builder(&be.attn.merge_two);
+                m.arg(&mut o)
+                    .arg(&mut lse)
+                    .arg(o0)
+                    .arg(l0)
+                    .arg(o1)
+                    .arg(l1)
+                    .arg(&n_rows)
+                    .arg(&d);
+                // SAFETY: attn_merge_two(float* o, float* lse, const float* o0, const float* l0,
+                // const float* o1, const float* l1, u32 rows, u32 dim); each address is a live
+                // part of rows * dim (o) or rows (lse) values, checked above, kept alive by
+                // `parts` until the kernel has run (it is ordered before any later free on this
+                // stream).
+                unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+            } else {
+                let (o_dev, l_dev) = (be.upload(op, &o_ptrs)?, be.upload(op, &l_ptrs)?);
+                let mut m = be.stream.launch_builder(&be.attn.merge_parts);
+                m.arg(&mut o)
+                    .arg(&mut lse)
+                    .arg(&o_dev)
+                    .arg(&l_dev)
+                    .arg(&n)
+                    .arg(&n_rows)
+                    .arg(&d);
+                // SAFETY: attn_merge_parts(float* o, float* lse, const u64* o_ptrs,
+                // const u64* lse_ptrs, u32 n, u32 rows, u32 dim); each pointer addresses a live
+                // part of rows * dim (o) or rows (lse) values, checked above, kept alive by
+                // `parts` until the kernel has run (it is ordered before any later free on this
+                // stream).
+                unsafe { m.launch(merge_cfg(rows)) }.map_err(|e| device_err(op, e))?;
+            }
             drop(guards);
         }
         Ok(partial(batch, n_heads, hd, o, lse))

@@ -232,14 +232,14 @@ pub struct KvCache {
 /// Decode rows taken in their host blocks ([`KvCache::append_deferred`]) whose K, V (and hidden
 /// states) are still on their way down: row `r` of the downloads goes to `rows[r]`.
 struct PendingAppend {
-    rows: Vec<DeferredRow>,
+    rows: Vec<TakenRow>,
     k: PendingDownload,
     v: PendingDownload,
     x: Option<PendingDownload>,
 }
 
-/// Where a deferred row lands: token `t` of block `j` (host slot `slot`) of `seq` in `layer`.
-struct DeferredRow {
+/// Where a row lands: token `t` of block `j` (host slot `slot`) of `seq` in `layer`.
+struct TakenRow {
     seq: SeqId,
     layer: usize,
     j: usize,
@@ -482,18 +482,37 @@ impl KvCache {
         h: Option<&[f32]>,
     ) -> Result<(), KvError> {
         self.settle_host_reads()?;
-        let g = self.g;
         let (slot, t) = self.take_row(seq, layer, pos)?;
         let j = self.seqs.get(&seq).map_or(0, |s| s.layers[layer].len() - 1);
-        store_token(
-            &mut slot_kv_mut(&mut self.host, slot, self.dtype),
-            &g,
+        let row = TakenRow {
+            seq,
+            layer,
+            j,
+            slot,
             t,
+        };
+        self.store_row(&row, k, v, h)
+    }
+
+    /// Writes a taken row's K and V into its slot, and keeps its hidden state `h` where the
+    /// cache stores hidden states.
+    fn store_row(
+        &mut self,
+        row: &TakenRow,
+        k: &[f32],
+        v: &[f32],
+        h: Option<&[f32]>,
+    ) -> Result<(), KvError> {
+        let g = self.g;
+        store_token(
+            &mut slot_kv_mut(&mut self.host, row.slot, self.dtype),
+            &g,
+            row.t,
             k,
             v,
         );
         if self.recompute > 0.0 {
-            self.keep_hidden(seq, layer, j, t, slot, h)?;
+            self.keep_hidden(row.seq, row.layer, row.j, row.t, row.slot, h)?;
         }
         Ok(())
     }
@@ -551,7 +570,7 @@ impl KvCache {
             match self.take_row(seq, layer, pos) {
                 Ok((slot, t)) => {
                     let j = self.layer_blocks(seq, layer)?.len() - 1;
-                    rows.push(DeferredRow {
+                    rows.push(TakenRow {
                         seq,
                         layer,
                         j,
@@ -589,19 +608,11 @@ impl KvCache {
         let k = be.wait_download(p.k).map_err(err)?;
         let v = be.wait_download(p.v).map_err(err)?;
         let x = p.x.map(|x| be.wait_download(x)).transpose().map_err(err)?;
-        let (g, kvd, d) = (self.g, self.g.kv_heads * self.g.head_dim, self.d_model);
+        let (kvd, d) = (self.g.kv_heads * self.g.head_dim, self.d_model);
         for (r, row) in p.rows.iter().enumerate() {
-            store_token(
-                &mut slot_kv_mut(&mut self.host, row.slot, self.dtype),
-                &g,
-                row.t,
-                &k[r * kvd..(r + 1) * kvd],
-                &v[r * kvd..(r + 1) * kvd],
-            );
-            if self.recompute > 0.0 {
-                let h = x.as_ref().map(|x| &x[r * d..(r + 1) * d]);
-                self.keep_hidden(row.seq, row.layer, row.j, row.t, row.slot, h)?;
-            }
+            let h = x.as_ref().map(|x| &x[r * d..(r + 1) * d]);
+            let (k, v) = (&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
+            self.store_row(row, k, v, h)?;
         }
         Ok(())
     }

@@ -153,14 +153,11 @@ impl GpuTier {
         dtype: DType,
     ) -> Result<(), KvError> {
         self.settle()?;
-        let (base, len) = host.raw_region();
         let slot_bytes = host.slot_bytes();
-        let chunk = register_chunk(host.slot_stride());
         let mut dst = Vec::with_capacity(moves.len());
         for &(_, slot) in moves {
-            let p = host.slot_ptr(slot);
-            self.register(base, len, chunk, p as usize - base as usize, slot_bytes)?;
-            dst.push(p);
+            self.register_slot(host, slot, slot_bytes)?;
+            dst.push(host.slot_ptr(slot));
         }
         let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
         // SAFETY: each destination is a distinct allocated host slot of `slot_bytes` bytes (one
@@ -259,7 +256,7 @@ impl GpuTier {
         slots: &[(SlotId, usize)],
         row_bytes: usize,
     ) -> Result<Vec<u64>, KvError> {
-        let (base, len) = host.raw_region();
+        let base = host.raw_region().0;
         let chunk = register_chunk(host.slot_stride());
         // The device's address of each chunk's first byte, asked once per chunk.
         let mut chunk_dev: HashMap<usize, u64> = HashMap::new();
@@ -268,8 +265,7 @@ impl GpuTier {
             if rows == 0 {
                 continue;
             }
-            let offset = host.slot_ptr(slot) as usize - base as usize;
-            self.register(base, len, chunk, offset, rows * row_bytes)?;
+            let offset = self.register_slot(host, slot, rows * row_bytes)?;
             let c = offset / chunk;
             let dev = match chunk_dev.get(&c) {
                 Some(&d) => d,
@@ -299,14 +295,11 @@ impl GpuTier {
         slots: &[SlotId],
         bytes: usize,
     ) -> Result<Vec<(*const u8, usize, usize)>, KvError> {
-        let (base, len) = host.raw_region();
-        let chunk = register_chunk(host.slot_stride());
         let mut offsets = Vec::with_capacity(slots.len());
         for &slot in slots {
-            let offset = host.slot_ptr(slot) as usize - base as usize;
-            self.register(base, len, chunk, offset, bytes)?;
-            offsets.push(offset);
+            offsets.push(self.register_slot(host, slot, bytes)?);
         }
+        let (base, chunk) = (host.raw_region().0, register_chunk(host.slot_stride()));
         Ok(runs_of(&offsets, bytes, chunk)
             .into_iter()
             .map(|(first, pitch, n)| (base.wrapping_add(first).cast_const(), pitch, n))
@@ -322,6 +315,20 @@ impl GpuTier {
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         self.reads = Some(mark);
         Ok(())
+    }
+
+    /// Page-locks the arena chunk holding the first `bytes` of `slot` (if not yet); returns the
+    /// slot's offset in the arena.
+    fn register_slot(
+        &mut self,
+        host: &mut ArenaSlots,
+        slot: SlotId,
+        bytes: usize,
+    ) -> Result<usize, KvError> {
+        let (base, len) = host.raw_region();
+        let offset = host.slot_ptr(slot) as usize - base as usize;
+        self.register(base, len, register_chunk(host.slot_stride()), offset, bytes)?;
+        Ok(offset)
     }
 
     /// Page-locks the arena chunks (of `chunk` bytes, whole slots) covering
