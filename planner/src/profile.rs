@@ -95,16 +95,17 @@ pub struct HardwareProfile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mlp_layer_gbps: Option<Vec<[f64; 2]>>,
     /// Host attention as a decode step calls it, per KV block size: `[block tokens, GB/s]`
-    /// pairs, block tokens ascending, each the KV bytes per second attended in decode-sized
-    /// calls over blocks of that many tokens, with the fixed cost of a call
-    /// (`host_attention_call_us`) taken out. Small blocks cost more per byte (per-block
+    /// pairs, block tokens ascending, each the KV bytes per second beyond a fixed cost per call
+    /// (`host_attention_call_us`), fitted over decode-sized calls (32 to 256 MiB) over blocks
+    /// of that many tokens. Small blocks cost more per byte (per-block
     /// setup and online-softmax rescaling over fewer tokens). Where present the planner
     /// charges a policy's host KV at the rate of its block size
     /// ([`HardwareProfile::host_attention_bps`]); absent (older files): `host_attention_gbps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_attention_layer_gbps: Option<Vec<[f64; 2]>>,
     /// Fixed cost of one host attention call (waking the threads, splitting, merging, joining),
-    /// microseconds: a decode step makes one per GPU batch per layer. Absent (older files): 0.
+    /// microseconds: the intercept of the fit above (the median over the block sizes). A decode
+    /// step makes one call per GPU batch per layer. Absent (older files): 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_attention_call_us: Option<f64>,
     /// The fraction of its own rate host attention keeps while host→device copies run (the

@@ -18,9 +18,9 @@
 //!   and the stream's gaps between kernels).
 //! - **Host**: a multi-threaded memcpy (rayon), and the host attention engine
 //!   ([`attend_batch`]) over bf16 KV blocks (what the host tier stores on a GPU run) of
-//!   Llama-3-8B's geometry, one decode query, and in decode-sized calls per block size (16 to 128
-//!   tokens, the sizes taking turns over the same blocks) less a fixed cost per call timed on
-//!   its own (`host_attention_layer_gbps`,
+//!   Llama-3-8B's geometry, one decode query, and per block size (16 to 128 tokens) in calls
+//!   of 32 to 256 MiB, 8 and 16 sequences, every (size, call) taking turns over the same blocks,
+//!   fitted as a fixed cost per call plus a rate (`host_attention_layer_gbps`,
 //!   `host_attention_call_us`). With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
 //!   the sum of both rates is the profile's `host_memory_shared_gbps`, and the scan's rate
@@ -56,9 +56,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use strata_kernels::attention::{
-    AttentionQuery, HOST_TASKS_PER_THREAD, attend_batch, split_chunk_blocks,
-};
+use strata_kernels::attention::{AttentionQuery, attend_batch, split_chunk_blocks};
 use strata_kernels::cuda::calibrate::DeviceCalibrator;
 use strata_kernels::{
     AttentionGeometry, Backend, CpuBackend, DType, HostWeight, KernelError, KvBlockView,
@@ -66,8 +64,11 @@ use strata_kernels::{
 };
 use strata_planner::HOST_MLP_MAX_ROWS;
 use strata_planner::{GemmTflops, HardwareProfile, PROFILE_VERSION, ProfileError};
-use strata_storage::{FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, open_backend, open_direct};
+use strata_storage::{
+    ArenaSlots, FileIdx, IoBackend, IoBufPool, IoDir, IoEngine, SlotId, open_backend, open_direct,
+};
 
+use crate::kv::slot_kv;
 use crate::units::format_size;
 
 const MIB: usize = 1 << 20;
@@ -101,6 +102,8 @@ pub enum CalibrateError {
         "no cache directory for the hardware profile (neither XDG_CACHE_HOME nor HOME is set); pass --profile FILE"
     )]
     NoCacheDir,
+    #[error("host memory for the host attention measurement ({bytes} bytes): {reason}")]
+    HostMemory { bytes: usize, reason: String },
 }
 
 /// Which device to measure: `Auto` uses GPU 0 when it is usable, else the CPU (saying why).
@@ -470,11 +473,11 @@ fn measure(
     );
     steps.step("host attention");
     // Kept for the GPU's shared-memory measurement, which times the same scan beside copies.
-    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16, 32);
+    let scan = HostAttentionScan::new(sz.host_kv, DType::BF16, 32)?;
     let one_call = scan.gbps(sz.trials);
     // A run attends layer by layer in calls of tens of MiB; the planner gets what those reach.
     let calls_32 = scan.decode_layer_calls();
-    let host_attention = calls_32.gbps(0.0).min(one_call);
+    let host_attention = calls_32.gbps().min(one_call);
     row(
         "host attention",
         format!("{host_attention:.1} GB/s"),
@@ -488,23 +491,44 @@ fn measure(
         ),
     );
     steps.step("host attention per block size");
-    let call_us = scan.call_us();
+    let shapes = host_attention_call_shapes(sz.host_kv);
+    let fits = host_attention_by_block(sz.host_kv)?;
     let by_block: Vec<[f64; 2]> = HOST_ATTENTION_BLOCKS
         .into_iter()
-        .zip(host_attention_by_block(sz.host_kv))
-        .map(|(bt, calls)| [bt as f64, calls.gbps(call_us)])
+        .zip(&fits)
+        .map(|(bt, f)| [bt as f64, f.gbps])
         .collect();
+    // One fixed cost per call in the profile: the median of the sizes' fitted ones.
+    let mut fixed: Vec<f64> = fits.iter().map(|f| f.call_us).collect();
+    fixed.sort_by(f64::total_cmp);
+    let call_us = fixed.get(fixed.len() / 2).copied().unwrap_or(0.0);
     row(
         "host attention call",
         format!("{call_us:.0} µs"),
         format!(
-            "fixed cost of one call (split over every thread, one token per block, after \
-             idle); decode-layer calls without it, by block size: {}",
-            by_block
+            "fixed cost of one call (median over the block sizes) and KV GB/s beyond it, \
+             fitted per block size over calls of {} (after idle, each call reading the \
+             next bytes of the buffer): {}",
+            shapes
                 .iter()
-                .map(|[b, g]| format!("{b:.0} tokens {g:.1} GB/s"))
+                .map(|(seqs, b)| format!("{seqs} sequences × {}", format_size((b / seqs) as u64)))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            HOST_ATTENTION_BLOCKS
+                .iter()
+                .zip(&fits)
+                .map(|(bt, f)| format!(
+                    "{bt} tokens {:.1} GB/s + {:.0} µs (calls alone: {})",
+                    f.gbps,
+                    f.call_us,
+                    f.by_shape
+                        .iter()
+                        .map(|g| format!("{g:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
     );
     steps.step("host MLP");
@@ -1350,32 +1374,31 @@ fn host_copy_gbps(bytes: usize, trials: usize) -> f64 {
 /// again beside host→device copies.
 struct HostAttentionScan {
     g: AttentionGeometry,
-    kv: Vec<strata_kernels::KvBuf>,
+    kv: ArenaKv,
     q: Vec<f32>,
     block_bytes: usize,
 }
 
 impl HostAttentionScan {
-    fn new(bytes: usize, dtype: DType, block_tokens: usize) -> Self {
+    fn new(bytes: usize, dtype: DType, block_tokens: usize) -> Result<Self, CalibrateError> {
         let g = AttentionGeometry::new(32, 8, 128, block_tokens);
         let e = g.block_elems();
         let block_bytes = 2 * e * dtype.size_bytes();
         let blocks = (bytes / block_bytes).max(1);
-        // [blocks][K, V][kv_heads, block_tokens, head_dim] in `dtype`
-        let kv = testing::synthetic_kv_blocks(dtype, blocks, e);
+        let kv = ArenaKv::new(dtype, blocks, e)?;
         let q = testing::bench_query(&g);
-        Self {
+        Ok(Self {
             g,
             kv,
             q,
             block_bytes,
-        }
+        })
     }
 
     /// KV bytes attended per second, the best of `trials` after one warm-up.
     fn gbps(&self, trials: usize) -> f64 {
-        let (g, blocks) = (&self.g, self.kv.len());
-        let views = testing::full_block_views(&self.kv, g);
+        let (g, blocks) = (&self.g, self.kv.slots.len());
+        let views = self.kv.views(g);
         let query = [AttentionQuery {
             q: &self.q,
             pos: blocks * g.block_tokens,
@@ -1396,45 +1419,14 @@ impl HostAttentionScan {
     /// them, each call after a pause that lets the threads go idle (as they do while the GPU
     /// computes between layers), moving through the whole buffer so no call finds its blocks
     /// in cache. Thread wake-up and the ends of the split count here, as they do in a run.
-    /// Each call's time is kept, so the fixed cost per call can be taken out afterwards
-    /// ([`LayerCalls::gbps`]).
     fn decode_layer_calls(&self) -> LayerCalls {
-        let views = testing::full_block_views(&self.kv, &self.g);
-        let plan = LayerCallPlan::new(views.len(), self.block_bytes);
+        let views = self.kv.views(&self.g);
+        let plan = LayerCallPlan::new(views.len(), self.block_bytes, 8, DECODE_LAYER_KV);
         let mut calls = calls_taking_turns(&[(self.g, views, plan)], &self.q, || self.gbps(1));
         calls.pop().unwrap_or(LayerCalls {
             bytes: 0,
             secs: Vec::new(),
         })
-    }
-
-    /// Microseconds of one host attention call that attends next to nothing after the threads
-    /// went idle: split over every thread as a run's calls are, but one token per block, so
-    /// what is timed is waking the threads, splitting, merging and joining, which every call
-    /// pays whatever its size. The median of a few calls.
-    fn call_us(&self) -> f64 {
-        let threads = rayon::current_num_threads();
-        let n = (HOST_TASKS_PER_THREAD * threads).min(self.kv.len());
-        let views: Vec<KvBlockView<'_>> = testing::full_block_views(&self.kv[..n], &self.g)
-            .into_iter()
-            .map(|v| KvBlockView { len: 1, ..v })
-            .collect();
-        let one = [AttentionQuery {
-            q: &self.q,
-            pos: views[n - 1].start_pos + 1,
-            blocks: &views,
-        }];
-        let chunk = split_chunk_blocks(n, 1, threads);
-        let mut us: Vec<f64> = (0..15)
-            .map(|_| {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                let t = Instant::now();
-                std::hint::black_box(attend_batch(&one, &self.g, chunk));
-                t.elapsed().as_secs_f64() * 1e6
-            })
-            .collect();
-        us.sort_by(f64::total_cmp);
-        us[us.len() / 2]
     }
 }
 
@@ -1445,14 +1437,9 @@ struct LayerCalls {
 }
 
 impl LayerCalls {
-    /// KV bytes per second over the calls, with `call_us` (the fixed cost per call, which the
-    /// planner charges per call, not per byte) taken out of each call's time.
-    fn gbps(&self, call_us: f64) -> f64 {
-        let secs: f64 = self
-            .secs
-            .iter()
-            .map(|&t| (t - call_us * 1e-6).max(0.5 * t))
-            .sum();
+    /// KV bytes per second over the calls, each call's whole time.
+    fn gbps(&self) -> f64 {
+        let secs: f64 = self.secs.iter().sum();
         (self.bytes * self.secs.len()) as f64 / secs.max(1e-9) / 1e9
     }
 }
@@ -1461,43 +1448,50 @@ impl LayerCalls {
 const HOST_ATTENTION_BLOCKS: [usize; 4] = [16, 32, 64, 128];
 
 /// The decode-layer calls of [`HostAttentionScan::decode_layer_calls`] over `blocks` blocks of
-/// `block_bytes`: 8 sequences of `per_seq` blocks each ([`DECODE_LAYER_KV`] in all at most),
+/// `block_bytes`: `seqs` sequences of `per_seq` blocks each (`call_bytes` in all at most),
 /// moving window by window through the blocks twice (at least 4 calls).
 struct LayerCallPlan {
+    seqs: usize,
     per_seq: usize,
-    windows: usize,
     calls: usize,
+    block_bytes: usize,
     /// KV bytes one call attends.
     bytes: usize,
 }
 
 impl LayerCallPlan {
-    const SEQS: usize = 8;
+    /// Calls timed at most: enough for a stable sum, few enough that a dozen plans taking
+    /// turns stay within a second or two.
+    const MAX_CALLS: usize = 24;
 
-    fn new(blocks: usize, block_bytes: usize) -> Self {
-        if blocks < Self::SEQS {
+    fn new(blocks: usize, block_bytes: usize, seqs: usize, call_bytes: usize) -> Self {
+        let seqs = seqs.max(1);
+        if blocks < seqs {
             return Self {
+                seqs,
                 per_seq: 0,
-                windows: 1,
                 calls: 4,
+                block_bytes,
                 bytes: blocks * block_bytes,
             };
         }
-        let per_seq = (DECODE_LAYER_KV / block_bytes / Self::SEQS).clamp(1, blocks / Self::SEQS);
-        let windows = blocks / (per_seq * Self::SEQS);
+        let per_seq = (call_bytes / block_bytes / seqs).clamp(1, blocks / seqs);
+        let windows = blocks / (per_seq * seqs);
         Self {
+            seqs,
             per_seq,
-            windows,
-            calls: (2 * windows).max(4),
-            bytes: per_seq * Self::SEQS * block_bytes,
+            calls: (2 * windows).clamp(4, Self::MAX_CALLS),
+            block_bytes,
+            bytes: per_seq * seqs * block_bytes,
         }
     }
 
-    /// Seconds of call number `call` over `views`, after a 2 ms pause that lets the threads go
-    /// idle; `whole` gives the one-call rate where there are too few blocks for 8 sequences.
+    /// Seconds of one call over `views` from view `first` on, after a 2 ms pause that lets
+    /// the threads go idle; `whole` gives the one-call rate where there are too few blocks for
+    /// the sequences.
     fn time(
         &self,
-        call: usize,
+        first: usize,
         views: &[KvBlockView<'_>],
         g: &AttentionGeometry,
         q: &[f32],
@@ -1506,18 +1500,27 @@ impl LayerCallPlan {
         if self.per_seq == 0 {
             return self.bytes as f64 / (whole() * 1e9);
         }
-        let per_seq = self.per_seq;
-        let first = (call % self.windows) * per_seq * Self::SEQS;
+        let (per_seq, seqs) = (self.per_seq, self.seqs);
+        // The call's blocks in shuffled order, each sequence's numbered from position 0: a run
+        // takes host slots as blocks are written, layer after layer and sequence after
+        // sequence, so a sequence's next block is seldom in the next slot. In slot order, small
+        // blocks read like large ones, and the calibration ranked 32-token blocks with 128-token
+        // ones where a run attended them 1.5× slower.
+        let mut window = views[first..first + per_seq * seqs].to_vec();
+        shuffle(&mut window, first as u64);
+        for seq in window.chunks_mut(per_seq) {
+            for (j, v) in seq.iter_mut().enumerate() {
+                v.start_pos = j * g.block_tokens;
+            }
+        }
         let threads = rayon::current_num_threads().max(1);
-        let chunk = split_chunk_blocks(per_seq, Self::SEQS, threads);
-        let queries: Vec<AttentionQuery<'_>> = (0..Self::SEQS)
-            .map(|s| {
-                let v = &views[first + s * per_seq..first + (s + 1) * per_seq];
-                AttentionQuery {
-                    q,
-                    pos: v[per_seq - 1].start_pos + g.block_tokens,
-                    blocks: v,
-                }
+        let chunk = split_chunk_blocks(per_seq, seqs, threads);
+        let queries: Vec<AttentionQuery<'_>> = window
+            .chunks(per_seq)
+            .map(|blocks| AttentionQuery {
+                q,
+                pos: per_seq * g.block_tokens,
+                blocks,
             })
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -1527,75 +1530,199 @@ impl LayerCallPlan {
     }
 }
 
-/// Views of `kv`, blocks of `from.block_tokens` tokens, cut into blocks of `bt` tokens (`bt`
-/// divides it): each block's K and V halves are cut alike, so every view has a block's layout
+/// Whole blocks of `from_bt` tokens, each cut into blocks of `bt` tokens (`bt` divides it): each
+/// block's K and V halves are cut alike, so every view has a block's layout
 /// `[kv_heads, bt, head_dim]`, over synthetic values.
-fn carved_views<'a>(
-    kv: &'a [strata_kernels::KvBuf],
-    from: &AttentionGeometry,
-    bt: usize,
-) -> Vec<KvBlockView<'a>> {
-    let (e_from, per) = (from.block_elems(), from.block_tokens / bt);
-    let e = e_from / per;
-    kv.iter()
-        .flat_map(|d| (0..per).map(move |j| (d, j)))
+fn carved_views<'a>(whole: &[KvBlockView<'a>], from_bt: usize, bt: usize) -> Vec<KvBlockView<'a>> {
+    let per = from_bt / bt;
+    whole
+        .iter()
+        .flat_map(|w| (0..per).map(move |j| (w, j)))
         .enumerate()
-        .map(|(i, (d, j))| KvBlockView {
-            k: d.as_slice().slice(j * e..(j + 1) * e),
-            v: d.as_slice().slice(e_from + j * e..e_from + (j + 1) * e),
-            start_pos: i * bt,
-            len: bt,
+        .map(|(i, (w, j))| {
+            let e = w.k.len() / per;
+            KvBlockView {
+                k: w.k.slice(j * e..(j + 1) * e),
+                v: w.v.slice(j * e..(j + 1) * e),
+                start_pos: i * bt,
+                len: bt,
+            }
         })
         .collect()
 }
 
-/// Decode-layer calls ([`HostAttentionScan::decode_layer_calls`]) at each of
-/// [`HOST_ATTENTION_BLOCKS`] over the same `bytes` of KV (128-token blocks cut to each size),
-/// the sizes taking turns call by call. Timed one size after another, each over its own buffer,
-/// the sizes drew different moments of a noisy host: on three H100 hosts their order changed
-/// from host to host (64-token blocks at 0.89× the 32-token rate on one, 1.44× on another), and
-/// the planner chose its block size on that noise. Taking turns over the same memory, every
-/// size sees the same moments and the same pages.
-fn host_attention_by_block(bytes: usize) -> Vec<LayerCalls> {
-    let base = HostAttentionScan::new(bytes, DType::BF16, 128);
-    let sizes: Vec<(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)> =
-        HOST_ATTENTION_BLOCKS
-            .iter()
-            .map(|&bt| {
-                let g = AttentionGeometry::new(32, 8, 128, bt);
-                let views = carved_views(&base.kv, &base.g, bt);
-                let plan = LayerCallPlan::new(views.len(), base.block_bytes * bt / 128);
-                (g, views, plan)
-            })
-            .collect();
-    calls_taking_turns(&sizes, &base.q, || base.gbps(1))
+/// KV blocks in one host arena, as the host tier keeps them (huge pages where the kernel grants
+/// them: [`HostArena`](strata_storage::HostArena)), over synthetic values. Per-block heap
+/// buffers, on 4 KiB pages, attended slower than a run's arena did.
+struct ArenaKv {
+    arena: ArenaSlots,
+    slots: Vec<SlotId>,
+    dtype: DType,
+    /// K (and V) values of one block.
+    elems: usize,
 }
 
-/// The decode-layer calls of each `(geometry, views, plan)`, the sizes taking turns call by
-/// call; each size's first call warms it up and is left out. `whole` gives the one-call rate
-/// where a size has too few blocks for 8 sequences.
+impl ArenaKv {
+    fn new(dtype: DType, blocks: usize, elems: usize) -> Result<Self, CalibrateError> {
+        let bytes = 2 * elems * dtype.size_bytes();
+        let short = |e: strata_storage::StorageError| CalibrateError::HostMemory {
+            bytes: blocks * bytes,
+            reason: e.to_string(),
+        };
+        let mut arena = ArenaSlots::with_slots(blocks, bytes).map_err(short)?;
+        let slots: Vec<SlotId> = (0..blocks).filter_map(|_| arena.alloc()).collect();
+        let value = |b: usize, i: usize| (((b * 31 + i * 7) % 1000) as f32 / 500.0) - 1.0;
+        let filled = match dtype {
+            DType::F32 => arena.slots_f32_mut(&slots).map(|mut all| {
+                all.par_iter_mut()
+                    .enumerate()
+                    .for_each(|(b, d)| d.iter_mut().enumerate().for_each(|(i, x)| *x = value(b, i)))
+            }),
+            DType::F16 | DType::BF16 => arena.slots_u16_mut(&slots).map(|mut all| {
+                all.par_iter_mut().enumerate().for_each(|(b, d)| {
+                    d.iter_mut().enumerate().for_each(|(i, x)| {
+                        *x = match dtype {
+                            DType::F16 => half::f16::from_f32(value(b, i)).to_bits(),
+                            _ => half::bf16::from_f32(value(b, i)).to_bits(),
+                        }
+                    })
+                })
+            }),
+        };
+        filled.map_err(short)?;
+        Ok(Self {
+            arena,
+            slots,
+            dtype,
+            elems,
+        })
+    }
+
+    /// Every block whole, laid end to end from position 0.
+    fn views(&self, g: &AttentionGeometry) -> Vec<KvBlockView<'_>> {
+        let e = self.elems;
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(b, &slot)| {
+                let s = slot_kv(&self.arena, slot, self.dtype);
+                KvBlockView {
+                    k: s.slice(0..e),
+                    v: s.slice(e..2 * e),
+                    start_pos: b * g.block_tokens,
+                    len: g.block_tokens,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Host attention at one block size, fitted over calls of every shape in
+/// [`host_attention_call_shapes`]: `seconds = call + bytes / rate`.
+struct BlockSizeRate {
+    gbps: f64,
+    call_us: f64,
+    /// Each shape's own rate, its calls' bytes over their time (fixed cost included).
+    by_shape: Vec<f64>,
+}
+
+/// Calls (sequences, KV bytes) the per-block-size rates are fitted over, each at most a
+/// quarter of the `bytes` rotated through. A long-context decode layer attends every sequence's
+/// older blocks in one call: 16 sequences of 3,400 host tokens of Llama-3-8B's bf16 KV are
+/// 223 MB. Timed only at 64 MiB, with a fixed cost from near-empty calls taken out, the rates
+/// came out 20–40% above what such calls got in runs, and ranked the block sizes differently.
+fn host_attention_call_shapes(bytes: usize) -> Vec<(usize, usize)> {
+    let mut shapes: Vec<(usize, usize)> = [(8, 32 * MIB), (16, 128 * MIB), (16, 256 * MIB)]
+        .into_iter()
+        .map(|(seqs, call)| (seqs, call.min(bytes / 4)))
+        .collect();
+    shapes.dedup_by_key(|s| s.1);
+    shapes
+}
+
+/// Host attention at each of [`HOST_ATTENTION_BLOCKS`] over the same `bytes` of KV
+/// (128-token blocks cut to each size), in calls of each of [`host_attention_call_shapes`],
+/// every (size, shape) taking turns call by call and each call reading the next bytes of the
+/// buffer ([`calls_taking_turns`]). Timed one size after another, each over its own buffer,
+/// the sizes drew different moments of a noisy host: on three H100 hosts their order changed
+/// from host to host (64-token blocks at 0.89× the 32-token rate on one, 1.44× on another).
+/// Taking turns, every size sees the same moments and the same pages.
+fn host_attention_by_block(bytes: usize) -> Result<Vec<BlockSizeRate>, CalibrateError> {
+    let base = HostAttentionScan::new(bytes, DType::BF16, 128)?;
+    let shapes = host_attention_call_shapes(bytes);
+    let mut plans: Vec<(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)> = Vec::new();
+    for bt in HOST_ATTENTION_BLOCKS {
+        let g = AttentionGeometry::new(32, 8, 128, bt);
+        for &(seqs, call) in &shapes {
+            let views = carved_views(&base.kv.views(&base.g), base.g.block_tokens, bt);
+            let plan = LayerCallPlan::new(views.len(), base.block_bytes * bt / 128, seqs, call);
+            plans.push((g, views, plan));
+        }
+    }
+    let calls = calls_taking_turns(&plans, &base.q, || base.gbps(1));
+    Ok(calls
+        .chunks(shapes.len())
+        .map(|per_shape| {
+            let points: Vec<(f64, f64)> = per_shape
+                .iter()
+                .flat_map(|c| c.secs.iter().map(|&t| (c.bytes as f64, t)))
+                .collect();
+            let (gbps, call_us) = fit_launch_line(&points);
+            BlockSizeRate {
+                gbps,
+                call_us,
+                by_shape: per_shape.iter().map(LayerCalls::gbps).collect(),
+            }
+        })
+        .collect())
+}
+
+/// The decode-layer calls of each `(geometry, views, plan)`, taking turns call by call; each
+/// plan's first call warms it up and is left out. Every plan views the same buffer, and each
+/// call reads the bytes after the last call's, wrapping at the end: a call never finds in cache
+/// what another plan just read (sizes that read the same window one after another did: the
+/// ones after the first got part of it from a 300 MiB last-level cache). `whole` gives the
+/// one-call rate where a plan has too few blocks for its sequences.
 fn calls_taking_turns(
-    sizes: &[(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)],
+    plans: &[(AttentionGeometry, Vec<KvBlockView<'_>>, LayerCallPlan)],
     q: &[f32],
     whole: impl Fn() -> f64,
 ) -> Vec<LayerCalls> {
-    let mut calls: Vec<LayerCalls> = sizes
+    let mut calls: Vec<LayerCalls> = plans
         .iter()
         .map(|(_, _, plan)| LayerCalls {
             bytes: plan.bytes,
             secs: Vec::new(),
         })
         .collect();
-    let rounds = sizes.iter().map(|s| s.2.calls).max().unwrap_or(4);
-    for call in 0..rounds {
-        for ((g, views, plan), c) in sizes.iter().zip(&mut calls) {
-            let secs = plan.time(call, views, g, q, &whole);
-            if call > 0 {
+    let rounds = plans.iter().map(|s| s.2.calls).max().unwrap_or(4);
+    let mut cursor = CallCursor(0);
+    for round in 0..rounds {
+        for ((g, views, plan), c) in plans.iter().zip(&mut calls) {
+            let at = cursor.take(plan.bytes, views.len() * plan.block_bytes);
+            let secs = plan.time(at / plan.block_bytes.max(1), views, g, q, &whole);
+            if round > 0 {
                 c.secs.push(secs);
             }
         }
     }
     calls
+}
+
+/// Where the next call starts in a buffer the calls move through in turn: right after the last
+/// call's bytes, or back at the start when the call would run past the end.
+struct CallCursor(usize);
+
+impl CallCursor {
+    /// The byte offset of a call of `bytes` in a buffer of `total` bytes.
+    fn take(&mut self, bytes: usize, total: usize) -> usize {
+        if self.0 + bytes > total {
+            self.0 = 0;
+        }
+        let at = self.0;
+        self.0 += bytes;
+        at
+    }
 }
 
 /// KV bytes one layer of a decode step attends on the host in the calibration's decode-sized
@@ -1685,7 +1812,7 @@ fn measure_disk(
     let (mut be, _) =
         open_backend(opts.io_engine, vec![file], qd, &pool).map_err(|e| fail(e.to_string()))?;
     let mut offsets: Vec<u64> = (0..file_bytes / small).map(|i| i * small).collect();
-    shuffle(&mut offsets);
+    shuffle(&mut offsets, 0);
     offsets.truncate((sz.disk_small_read / small).max(1) as usize);
     drop_cache();
     let small_s =
@@ -1757,9 +1884,12 @@ fn fit_half_bandwidth(r1: f64, b1: f64, r2: f64, b2: f64) -> f64 {
     h.clamp(4096.0, r2)
 }
 
-/// A deterministic Fisher–Yates shuffle (xorshift).
-fn shuffle(v: &mut [u64]) {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
+/// A deterministic Fisher–Yates shuffle (xorshift), one order per `seed`.
+fn shuffle<T>(v: &mut [T], seed: u64) {
+    let mut state = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    if state == 0 {
+        state = 1;
+    }
     for i in (1..v.len()).rev() {
         state ^= state << 13;
         state ^= state >> 7;
@@ -1835,8 +1965,9 @@ mod tests {
     fn every_block_size_is_cut_from_the_same_blocks_and_attends_like_whole_ones() {
         let from = AttentionGeometry::new(4, 2, 8, 16);
         let kv = testing::synthetic_kv_blocks(DType::BF16, 3, from.block_elems());
+        let whole = testing::full_block_views(&kv, &from);
         for bt in [16, 8, 4] {
-            let views = carved_views(&kv, &from, bt);
+            let views = carved_views(&whole, 16, bt);
             let per = 16 / bt;
             assert_eq!(views.len(), 3 * per);
             // Each block's K half, then its V half, is cut in order, whole, into `per` pieces.
@@ -1870,9 +2001,38 @@ mod tests {
                 1,
             )
         };
+        assert_eq!(at(&carved_views(&whole, 16, 16)), at(&whole));
+    }
+
+    #[test]
+    fn calls_in_turn_read_fresh_bytes_and_shapes_fit_the_buffer() {
+        // Calls of three sizes taking turns: each starts where the last ended, so no call reads
+        // what the one before it read, and none runs past the buffer.
+        let total = 1000;
+        let mut cursor = CallCursor(0);
+        let mut last: Option<(usize, usize)> = None;
+        for round in 0..20 {
+            for bytes in [50, 200, 400] {
+                let at = cursor.take(bytes, total);
+                assert!(at + bytes <= total, "round {round}: {at} + {bytes}");
+                if let Some((a, b)) = last {
+                    assert!(
+                        at >= a + b || at + bytes <= a,
+                        "{at}+{bytes} overlaps {a}+{b}"
+                    );
+                }
+                last = Some((at, bytes));
+            }
+        }
+        // Call shapes: at most a quarter of the buffer each, no two of one size.
+        let gib = 1 << 30;
         assert_eq!(
-            at(&carved_views(&kv, &from, 16)),
-            at(&testing::full_block_views(&kv, &g))
+            host_attention_call_shapes(4 * gib),
+            vec![(8, 32 * MIB), (16, 128 * MIB), (16, 256 * MIB)]
+        );
+        assert_eq!(
+            host_attention_call_shapes(256 * MIB),
+            vec![(8, 32 * MIB), (16, 64 * MIB)]
         );
     }
 

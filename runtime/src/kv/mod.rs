@@ -37,6 +37,7 @@ pub use cache::{KvCache, KvCacheConfig, KvMetrics, StorageAttending, TierAttenti
 pub use disk::DiskTierConfig;
 pub use far::{AttentionRoutes, FarBlock};
 pub use gpu::GpuTierConfig;
+pub(crate) use stored::slot_kv;
 pub use strata_kernels::DType;
 pub use strata_storage::IoEngine;
 
