@@ -213,8 +213,10 @@ pub struct StreamTimes {
     #[serde(default)]
     pub host_mlp_s: f64,
     /// The host-side cost of issuing the layer's GPU work (`launches ×` the profile's layer
-    /// overhead), part of `gpu_compute_s`: the thread that issues it also runs host attention,
-    /// so the two take turns.
+    /// overhead or measured issue time; in a decode layer that attends on the host, plus the
+    /// turns around that attention once per GPU batch, `host_tier_issue_us`), part of
+    /// `gpu_compute_s`: the thread that issues it also runs host attention, so the two take
+    /// turns.
     #[serde(default)]
     pub gpu_issue_s: f64,
 }
@@ -631,6 +633,15 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
             (kernels + issue_s, issue_s)
         }
     };
+    // A decode layer that attends on the host waits, once per GPU batch, for its queries to
+    // come down and for its partials to go up and merge: the GPU and the issuing thread take
+    // turns there, so it adds to both rather than hiding under either.
+    let tier_s = if t.decode && t.host_attention > 0.0 {
+        p.num_gpu_batches.max(1) as f64 * hw.host_tier_issue_s(rows)
+    } else {
+        0.0
+    };
+    let (gpu_compute_s, gpu_issue_s) = (gpu_compute_s + tier_s, gpu_issue_s + tier_s);
     StreamTimes {
         gpu_compute_s,
         h2d_s,

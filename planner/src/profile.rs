@@ -150,6 +150,16 @@ pub struct HardwareProfile {
     /// ([`HardwareProfile::decode_layer_extra_s`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_layer_extra_us: Option<Vec<[f64; 2]>>,
+    /// Time a decode layer spends per GPU batch, beyond its kernels, issue and host attention as
+    /// modelled, when it attends KV in host memory: the turns the GPU and the issuing thread
+    /// take there (the queries come down, the host attends, its partials go up and merge), in
+    /// which neither hides the other's work. `[sequences, µs]` pairs, sequences ascending,
+    /// measured by running a decode of Llama-3-8B's layers whose older KV is in host memory and
+    /// attended there, less its measured host attention and the model's prediction of the rest.
+    /// Where present the planner adds it to every decode layer that attends on the host
+    /// ([`HardwareProfile::host_tier_issue_s`]). Absent (older files, no GPU): 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_tier_issue_us: Option<Vec<[f64; 2]>>,
     pub gpu_bytes: u64,
     pub host_bytes: u64,
     pub disk_bytes: u64,
@@ -208,6 +218,7 @@ impl HardwareProfile {
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
             decode_issue_us: None,
+            host_tier_issue_us: None,
             decode_layer_extra_us: None,
             // 79.18 GiB HBM; 125 GiB RAM; 64 GiB free disk.
             gpu_bytes: (79.18 * GIB) as u64,
@@ -252,6 +263,7 @@ impl HardwareProfile {
             gpu_decode_attention_gbps: None,
             gpu_decode_attention_call_us: None,
             decode_issue_us: None,
+            host_tier_issue_us: None,
             decode_layer_extra_us: None,
             gpu_bytes: (8.0 * GIB) as u64,
             host_bytes: (16.0 * GIB) as u64,
@@ -335,6 +347,16 @@ impl HardwareProfile {
         let pts = self.decode_issue_us.as_deref()?;
         let least = pts.first()?[1] * 1e-6;
         Some(along_sequences(pts, sequences)?.max(least))
+    }
+
+    /// Seconds a decode layer of a GPU batch of `sequences` spends on the turns around its host
+    /// attention (queries down, partials up, the merge), from the measured
+    /// `host_tier_issue_us` ([`along_sequences`], never negative); 0 without one.
+    pub fn host_tier_issue_s(&self, sequences: f64) -> f64 {
+        self.host_tier_issue_us
+            .as_deref()
+            .and_then(|pts| along_sequences(pts, sequences))
+            .map_or(0.0, |s| s.max(0.0))
     }
 
     /// GPU seconds a decode layer of a GPU batch of `sequences` takes beyond its weights and KV,
@@ -468,6 +490,12 @@ impl HardwareProfile {
             (
                 "decode_layer_extra_us",
                 &self.decode_layer_extra_us,
+                "[sequences, µs] pairs with sequences ≥ 1 ascending and µs ≥ 0",
+                true,
+            ),
+            (
+                "host_tier_issue_us",
+                &self.host_tier_issue_us,
                 "[sequences, µs] pairs with sequences ≥ 1 ascending and µs ≥ 0",
                 true,
             ),

@@ -739,6 +739,57 @@ fn host_attention_costs_its_block_sizes_rate_and_a_call_per_gpu_batch() {
     );
 }
 
+/// A measured host-tier time (the turns around host attention) is charged to every decode layer
+/// that attends on the host, once per GPU batch, at the GPU batch's sequences, on both the GPU's
+/// side and the issuing thread's; a layer that attends only on the GPU pays none, and a bad
+/// table is refused by name.
+#[test]
+fn host_tier_issue_is_charged_per_gpu_batch_to_layers_that_attend_on_the_host() {
+    let m = llama_3_8b();
+    let w = wl(16, 4096, 16);
+    let b = budgets(24 * GIB, 64 * GIB, 0);
+    let issue = vec![[1.0, 10.0], [16.0, 20.0], [64.0, 40.0]];
+    let without = HardwareProfile {
+        decode_issue_us: Some(issue.clone()),
+        ..h100()
+    };
+    let with = HardwareProfile {
+        host_tier_issue_us: Some(vec![[1.0, 300.0], [8.0, 500.0], [16.0, 900.0]]),
+        ..without.clone()
+    };
+    assert!((with.host_tier_issue_s(8.0) - 500e-6).abs() < 1e-15);
+    assert_eq!(without.host_tier_issue_s(8.0), 0.0);
+    let near = Policy {
+        attention_host: strata_planner::Attention::AttendNear,
+        num_gpu_batches: 2,
+        gpu_batch_size: 8,
+        host_mlp_share: 0.0,
+        ..plan(&m, &w, &b, &h100()).unwrap().policy
+    };
+    assert!(near.kv.cold.host > 0.0, "{near:?}");
+    let layer =
+        |p: &Policy, hw: &HardwareProfile| strata_planner::predict(&m, &w, p, hw).decode_step;
+    let (a, b2) = (layer(&near, &without), layer(&near, &with));
+    // Two GPU batches of 8: 2 × 500 µs more for the issuing thread and for the GPU's side (the
+    // two take turns there), and a slower step.
+    let more = b2.per_layer.gpu_issue_s - a.per_layer.gpu_issue_s;
+    assert!((more - 1000e-6).abs() < 1e-12, "{more}");
+    let more = b2.per_layer.gpu_compute_s - a.per_layer.gpu_compute_s;
+    assert!((more - 1000e-6).abs() < 1e-12, "{more}");
+    assert!(b2.total_s > a.total_s, "{} vs {}", b2.total_s, a.total_s);
+    // With every token on the GPU nothing is attended on the host: nothing is charged.
+    let (mg, wg, pg) = gpu_only_llama_16x2048();
+    let gpu = |hw: &HardwareProfile| strata_planner::predict(&mg, &wg, &pg, hw).decode_step;
+    assert_eq!(gpu(&with), gpu(&without));
+    for bad in [vec![[16.0, 10.0], [1.0, 20.0]], vec![[1.0, -1.0]]] {
+        let hw = HardwareProfile {
+            host_tier_issue_us: Some(bad),
+            ..h100()
+        };
+        assert_refused_naming(&hw, "host_tier_issue_us");
+    }
+}
+
 /// Host compute that runs while a layer's copies do keeps only the profile's
 /// `host_attention_beside_copies` fraction of its rate, for as long as the copies last: with no
 /// copies nothing changes; with copies longer than the host's work all of it slows.

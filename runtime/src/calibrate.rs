@@ -507,7 +507,7 @@ fn measure(
         format!("{call_us:.0} µs"),
         format!(
             "fixed cost of one call (median over the block sizes) and KV GB/s beyond it, \
-             fitted per block size over calls of {} (after idle, each call reading the \
+             fitted per block size over the median calls of {} (after idle, each call reading the \
              next bytes of the buffer): {}",
             shapes
                 .iter()
@@ -576,6 +576,7 @@ fn measure(
         gpu_decode_attention_call_us: None,
         decode_issue_us: None,
         decode_layer_extra_us: None,
+        host_tier_issue_us: None,
         gpu_bytes: host_avail / 2,
         host_bytes: host_avail - host_avail / 2,
         disk_bytes: 0,
@@ -934,13 +935,14 @@ fn measure_gpu_kernels(
     } else {
         DECODE_ISSUE_SHORT_PROMPT
     };
-    let issue = time_decode_steps(device, DECODE_ISSUE_MODEL, prompt).and_then(|runs| {
-        let layers = model_config(DECODE_ISSUE_MODEL)?.layers;
-        Ok(runs
-            .iter()
-            .map(|r| [r.sequences as f64, r.step_s / layers as f64 * 1e6])
-            .collect::<Vec<_>>())
-    });
+    let issue =
+        time_decode_steps(device, DECODE_ISSUE_MODEL, prompt, DecodeKv::Gpu).and_then(|runs| {
+            let layers = model_config(DECODE_ISSUE_MODEL)?.layers;
+            Ok(runs
+                .iter()
+                .map(|r| [r.sequences as f64, r.step_s / layers as f64 * 1e6])
+                .collect::<Vec<_>>())
+        });
     match issue {
         Ok(table) => {
             row(
@@ -962,7 +964,7 @@ fn measure_gpu_kernels(
     }
     // Real layer shapes: the GPU's time in a stream, less what the model charges the kernels.
     let model = DECODE_EXTRA_MODEL;
-    let extra = time_decode_steps(device, model, prompt).and_then(|runs| {
+    let extra = time_decode_steps(device, model, prompt, DecodeKv::Gpu).and_then(|runs| {
         let spec = crate::policy_exec::model_spec(model, &model_config(model)?);
         runs.iter()
             .map(|r| {
@@ -991,6 +993,47 @@ fn measure_gpu_kernels(
              of small kernels per layer instead",
             strata_planner::DECODE_SMALL_KERNELS_S * 1e6
         )),
+    }
+    if p.decode_issue_us.is_some() {
+        // Llama-3-8B's layers with every token but the newest in host memory, attended there.
+        // Short prompts: the host tier holds every sequence's older KV, and what is measured is
+        // the time beside its attention, not the attention.
+        let (model, prompt) = (DECODE_EXTRA_MODEL, DECODE_ISSUE_SHORT_PROMPT);
+        let tier = time_decode_steps(device, model, prompt, DecodeKv::HostTier).and_then(|runs| {
+            let spec = crate::policy_exec::model_spec(model, &model_config(model)?);
+            runs.iter()
+                .map(|r| {
+                    let us = host_tier_issue_us(p, &spec, prompt, r)?;
+                    Ok(([r.sequences as f64, us], r.host_attention_s))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        });
+        match tier {
+            Ok(runs) => {
+                let table: Vec<[f64; 2]> = runs.iter().map(|r| r.0).collect();
+                row(
+                    "host-tier turns",
+                    format!("{:.0} µs a layer", table[table.len() / 2][1]),
+                    format!(
+                        "time per decode layer around its host attention (queries down, \
+                         partials up, merge) beyond what the model charges its kernels, issue \
+                         and measured host attention ({model}, {prompt}-token prompts, all but \
+                         the newest {HOST_TIER_HOT_TOKENS} tokens in host memory, attended \
+                         there; host attention {} a step): {}",
+                        runs.iter()
+                            .map(|(_, h)| format!("{:.1} ms", h * 1e3))
+                            .collect::<Vec<_>>()
+                            .join(" / "),
+                        table_list(&table, "sequences", "µs")
+                    ),
+                );
+                p.host_tier_issue_us = Some(table);
+            }
+            Err(why) => notes.push(format!(
+                "time around a decode layer's host attention not measured ({why}): the planner \
+                 charges none"
+            )),
+        }
     }
     Ok(())
 }
@@ -1043,12 +1086,81 @@ const DECODE_ISSUE_LONG_GPU_BYTES: u64 = 48 << 30;
 /// New tokens: enough decode steps for a median (the first step carries one-time costs).
 const DECODE_ISSUE_TOKENS: usize = 16;
 
-/// One timed decode: `sequences` prompts, the median decode step, the KV block size it ran.
+/// One timed decode: `sequences` prompts, the median decode step, the KV block size it ran, and
+/// its host attention per step (0 when its KV was all on the GPU).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeRun {
     pub sequences: usize,
     pub step_s: f64,
     pub block_tokens: usize,
+    pub host_attention_s: f64,
+}
+
+/// Where a timed decode keeps its KV: all on the GPU, or ([`HostTier`]) the newest
+/// [`HOST_TIER_HOT_TOKENS`] tokens on the GPU and the older ones in host memory, attended there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DecodeKv {
+    Gpu,
+    HostTier,
+}
+
+/// Tokens of each sequence the host-tier decode keeps on the GPU (the newest): its layers
+/// attend on both sides and merge, as a run's that splits its KV do.
+const HOST_TIER_HOT_TOKENS: u64 = 128;
+
+/// The policy of a [`DecodeKv::HostTier`] decode of `sequences` sequences: weights on the GPU,
+/// one GPU batch, 32-token blocks, the newest [`HOST_TIER_HOT_TOKENS`] tokens on the GPU and
+/// the rest in host memory, attended there.
+fn host_tier_policy(sequences: usize) -> strata_planner::Policy {
+    use strata_planner::{Attention, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier};
+    let only = |gpu: f64, host: f64| PerTier {
+        gpu,
+        host,
+        disk: 0.0,
+    };
+    Policy {
+        version: POLICY_VERSION,
+        weights: only(1.0, 0.0),
+        kv: KvPlacement {
+            hot_window_tokens: HOST_TIER_HOT_TOKENS,
+            hot_tier: Tier::Gpu,
+            cold: only(0.0, 1.0),
+        },
+        recompute: only(0.0, 0.0),
+        attention_host: Attention::AttendNear,
+        attention_disk: Attention::FetchToGpu,
+        gpu_batch_size: sequences as u64,
+        num_gpu_batches: 1,
+        kv_block_tokens: 32,
+        prefetch_depth: 1,
+        host_mlp_share: 0.0,
+    }
+}
+
+/// What a host-tier decode layer took beyond the model ([`DecodeKv::HostTier`] `run` of `spec`'s
+/// layers at `prompt`-token prompts): the measured step less its measured host attention, the
+/// head and the pipeline's fill, over the layers, less the GPU side the planner charges such a
+/// layer without this term (`profile` as calibrated so far), in µs, never negative.
+pub fn host_tier_issue_us(
+    profile: &HardwareProfile,
+    spec: &strata_planner::ModelSpec,
+    prompt: usize,
+    run: &DecodeRun,
+) -> Result<f64, String> {
+    let wl = strata_planner::Workload {
+        batch: run.sequences as u64,
+        prompt_len: prompt as u64,
+        gen_len: DECODE_ISSUE_TOKENS as u64,
+    };
+    let policy = host_tier_policy(run.sequences);
+    policy.validate(&wl).map_err(|e| e.to_string())?;
+    let mut without = profile.clone();
+    without.host_tier_issue_us = None;
+    let step = strata_planner::predict(spec, &wl, &policy, &without).decode_step;
+    let layers = spec.layers.max(1) as f64;
+    let measured =
+        (run.step_s - run.host_attention_s - step.head_s - step.pipeline_fill_s) / layers;
+    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
 }
 
 /// The config of `model` (a synthetic spec: nothing is loaded).
@@ -1062,7 +1174,12 @@ fn model_config(model: &str) -> Result<crate::model::ModelConfig, String> {
 /// new tokens: `strata generate` runs the synthetic `model` on the GPU in a process of its own,
 /// as a user's run is, with everything on the GPU. Returns each run's median decode step, or
 /// why it could not be timed.
-fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<DecodeRun>, String> {
+fn time_decode_steps(
+    device: usize,
+    model: &str,
+    prompt: usize,
+    kv: DecodeKv,
+) -> Result<Vec<DecodeRun>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating strata: {e}"))?;
     if exe.file_stem().and_then(|s| s.to_str()) != Some("strata") {
         return Err(format!("{} is not the strata binary", exe.display()));
@@ -1087,8 +1204,23 @@ fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<De
             .collect();
         std::fs::write(&input, prompts).map_err(|e| format!("{}: {e}", input.display()))?;
         let path = |p: &Path| p.display().to_string();
+        let mut placement: Vec<String> = Vec::new();
+        if kv == DecodeKv::HostTier {
+            let policy = dir.join(format!("policy{b}.json"));
+            let json = serde_json::to_string(&host_tier_policy(b)).map_err(|e| e.to_string())?;
+            std::fs::write(&policy, json).map_err(|e| format!("{}: {e}", policy.display()))?;
+            // Room for every token's KV twice over, and a block per sequence and layer.
+            let cfg = model_config(model)?;
+            let spec = crate::policy_exec::model_spec(model, &cfg);
+            let tokens = (prompt + DECODE_ISSUE_TOKENS + 32) as u64;
+            let host = 2 * b as u64 * tokens * spec.kv_bytes_per_token_per_layer() * spec.layers
+                + (256 << 20);
+            placement.extend(["--policy".into(), path(&policy)]);
+            placement.extend(["--host-mem".into(), host.to_string()]);
+        }
         let out = std::process::Command::new(&exe)
             .args(["generate", "--model", model])
+            .args(&placement)
             .args([
                 "--device",
                 &format!("cuda:{device}"),
@@ -1122,10 +1254,12 @@ fn time_decode_steps(device: usize, model: &str, prompt: usize) -> Result<Vec<De
         if step_s <= 0.0 {
             return Err(format!("{}: no decode steps timed", stats.display()));
         }
+        let host_attention = s["kv"]["host_attention_seconds"].as_f64().unwrap_or(0.0);
         runs.push(DecodeRun {
             sequences: b,
             step_s,
             block_tokens: s["kv_block_tokens"].as_u64().unwrap_or(0) as usize,
+            host_attention_s: host_attention / steps.len().max(1) as f64,
         });
     }
     Ok(runs)
@@ -1437,6 +1571,11 @@ struct LayerCalls {
 }
 
 impl LayerCalls {
+    /// The median call's seconds (0 without calls).
+    fn median_secs(&self) -> f64 {
+        crate::policy_exec::median(&self.secs).unwrap_or(0.0)
+    }
+
     /// KV bytes per second over the calls, each call's whole time.
     fn gbps(&self) -> f64 {
         let secs: f64 = self.secs.iter().sum();
@@ -1617,12 +1756,12 @@ impl ArenaKv {
     }
 }
 
-/// Host attention at one block size, fitted over calls of every shape in
+/// Host attention at one block size, fitted over the median call of every shape in
 /// [`host_attention_call_shapes`]: `seconds = call + bytes / rate`.
 struct BlockSizeRate {
     gbps: f64,
     call_us: f64,
-    /// Each shape's own rate, its calls' bytes over their time (fixed cost included).
+    /// Each shape's own rate, its bytes over its median call's time (fixed cost included).
     by_shape: Vec<f64>,
 }
 
@@ -1663,15 +1802,21 @@ fn host_attention_by_block(bytes: usize) -> Result<Vec<BlockSizeRate>, Calibrate
     Ok(calls
         .chunks(shapes.len())
         .map(|per_shape| {
+            // One point per call size, its median call: a few calls slowed by something else
+            // on the host (one 256 MiB call took 2.6× the others on an H100 host) would tilt a
+            // fit through every call, or flip its slope.
             let points: Vec<(f64, f64)> = per_shape
                 .iter()
-                .flat_map(|c| c.secs.iter().map(|&t| (c.bytes as f64, t)))
+                .map(|c| (c.bytes as f64, c.median_secs()))
                 .collect();
             let (gbps, call_us) = fit_launch_line(&points);
             BlockSizeRate {
                 gbps,
                 call_us,
-                by_shape: per_shape.iter().map(LayerCalls::gbps).collect(),
+                by_shape: points
+                    .iter()
+                    .map(|&(b, t)| b / t.max(1e-12) / 1e9)
+                    .collect(),
             }
         })
         .collect())
@@ -2070,6 +2215,7 @@ mod tests {
                 sequences,
                 step_s,
                 block_tokens: 16,
+                host_attention_s: 0.0,
             };
             let slower = run(modelled.total_s + spec.layers as f64 * 50e-6);
             let extra = decode_layer_extra_us(&hw, &spec, DECODE_ISSUE_PROMPT, &slower).unwrap();
@@ -2077,6 +2223,52 @@ mod tests {
             let faster = run(modelled.total_s * 0.9);
             let extra = decode_layer_extra_us(&hw, &spec, DECODE_ISSUE_PROMPT, &faster).unwrap();
             assert_eq!(extra, 0.0, "{sequences}");
+        }
+    }
+
+    /// A host-tier decode's time per layer beyond the model (its GPU side as the planner charges
+    /// it, its measured host attention, the head and the fill) at each calibrated sequence
+    /// count; a step faster than the model gives 0. The policy it runs is a valid one: weights
+    /// on the GPU, the newest tokens there, the rest on the host attended there, one GPU batch.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn host_tier_turns_are_the_step_beyond_its_host_attention_and_the_model() {
+        let model = DECODE_EXTRA_MODEL;
+        let spec = crate::policy_exec::model_spec(model, &model_config(model).unwrap());
+        let mut hw = HardwareProfile::h100_reference();
+        hw.decode_issue_us = Some(vec![[1.0, 150.0], [16.0, 250.0], [64.0, 450.0]]);
+        hw.decode_layer_extra_us = Some(vec![[1.0, 40.0], [64.0, 60.0]]);
+        // An earlier measurement of the term itself must not count in the model it is taken from.
+        hw.host_tier_issue_us = Some(vec![[1.0, 9000.0]]);
+        let prompt = DECODE_ISSUE_SHORT_PROMPT;
+        for sequences in DECODE_ISSUE_ROWS {
+            let wl = strata_planner::Workload {
+                batch: sequences as u64,
+                prompt_len: prompt as u64,
+                gen_len: DECODE_ISSUE_TOKENS as u64,
+            };
+            let p = host_tier_policy(sequences);
+            assert_eq!((p.gpu_batch_size, p.num_gpu_batches), (sequences as u64, 1));
+            assert_eq!((p.kv.cold.host, p.weights.gpu), (1.0, 1.0));
+            assert_eq!(p.attention_host, strata_planner::Attention::AttendNear);
+            let mut without = hw.clone();
+            without.host_tier_issue_us = None;
+            let step = strata_planner::predict(&spec, &wl, &p, &without).decode_step;
+            // The modelled step with 300 µs a layer more, and 20 ms of measured host attention.
+            let run = |layer_us: f64| DecodeRun {
+                sequences,
+                step_s: step.head_s
+                    + step.pipeline_fill_s
+                    + spec.layers as f64 * (step.per_layer.gpu_compute_s + layer_us * 1e-6)
+                    + 20e-3,
+                block_tokens: 32,
+                host_attention_s: 20e-3,
+            };
+            let us = host_tier_issue_us(&hw, &spec, prompt, &run(300.0)).unwrap();
+            assert!((us - 300.0).abs() < 1e-6, "{sequences}: {us}");
+            // Faster than modelled (noise): none, never negative.
+            let us = host_tier_issue_us(&hw, &spec, prompt, &run(-50.0)).unwrap();
+            assert_eq!(us, 0.0, "{sequences}");
         }
     }
 
