@@ -796,12 +796,13 @@ pub fn memory(m: &ModelSpec, wl: &Workload, p: &Policy) -> TierBytes {
         bytes[0] += gpu_scratch_blocks(rows, p.kv_block_tokens) as f64 * block;
     }
     // The executor keeps whole layers resident (the GPU share rounded to the nearest layer) and
-    // stages every other layer through two layer-sized buffers, whatever the prefetch depth
-    // (`runtime/src/gpu_budget.rs`, `policy_exec::executable`): count what it allocates, or
-    // the GPU KV tier the plan counts on would not fit beside them.
+    // stages every other layer through `prefetch_depth + 1` layer-sized buffers, the one
+    // computing and the copies ahead of it (`runtime/src/gpu_budget.rs`,
+    // `policy_exec::executable`): count what it allocates, or the GPU KV tier the plan counts
+    // on would not fit beside them.
     if p.weights.gpu < 1.0 {
         let resident = weight_layers(&p.weights, m.layers).gpu as f64;
-        bytes[0] += (resident - p.weights.gpu * layers) * z.w + 2.0 * z.w;
+        bytes[0] += (resident - p.weights.gpu * layers) * z.w + slots * z.w;
     }
     // A prefill pass: one GPU batch's working set, the other batches' residual stream.
     let activations = prefill_workspace_bytes(m, rows, p.num_gpu_batches, wl.batch) as f64;

@@ -18,6 +18,7 @@
 //! attention and the next layer's weight copy.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::ops::Range;
@@ -651,6 +652,9 @@ pub struct Transformer<'m, B: RuntimeBackend> {
     attention: AttentionGeometry,
     /// GPU batches per step (FlexGen's `num_gpu_batches`); 1 runs the whole batch as one.
     gpu_batches: usize,
+    /// Staged layers whose copies are under way ahead of the one computing (a policy's
+    /// `prefetch_depth`; [`Transformer::set_weight_lookahead`]).
+    lookahead: usize,
     /// Rows of one GPU batch at most.
     batch_rows: usize,
     /// The sequences (with their rows) of the first GPU batch of the pass after the next one
@@ -934,6 +938,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             lm_head,
             attention,
             gpu_batches: 1,
+            lookahead: 1,
             batch_rows: usize::MAX,
             next_pass: None,
             disk,
@@ -957,6 +962,15 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
     /// Runs each forward pass as `n` GPU batches of whole sequences (at least 1).
     pub fn set_gpu_batches(&mut self, n: usize) {
         self.gpu_batches = n.max(1);
+    }
+
+    /// Keeps the copies of the next `n` staged layers under way (at least 1) while a layer
+    /// computes: with 1, a staged layer's copy is enqueued when the staged layer before it
+    /// starts, so it has that layer and the resident ones between to land in; with more, it
+    /// starts further ahead, at the cost of `n + 1` layers' weights on the GPU instead of 2.
+    /// Layers read from disk stay one ahead (their staging buffers are few).
+    pub fn set_weight_lookahead(&mut self, n: usize) {
+        self.lookahead = n.max(1);
     }
 
     /// Caps a GPU batch at `rows` rows (at least 1): a prefill pass larger than `n` such batches
@@ -1082,13 +1096,14 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
             }
             xs.push(x);
         }
-        // Staged layers: the next staged layer's copy is enqueued as soon as the one before it
-        // is in use, so it overlaps every layer in between (double buffering: at most two
-        // staged layers on the device at a time), once per step whatever the number of GPU
-        // batches.
+        // Staged layers: the copies of the next `lookahead` staged layers are enqueued as soon
+        // as the one before them is in use, so each overlaps every layer in between (with 1,
+        // double buffering: at most two staged layers on the device at a time), once per step
+        // whatever the number of GPU batches.
         // Layers on disk join the same chain: the next one is taken from its staging buffers
         // (waiting for its read) and its copy enqueued like a staged layer's.
-        let mut next = self.fetch_staged_after(None, host_mlp)?;
+        let mut ahead = VecDeque::new();
+        self.fetch_ahead(&mut ahead, None, host_mlp)?;
         let (mut fetched_bytes, mut loads, mut host_mlp_bytes) = (0, 0, 0);
         let mut weight_wait_s = 0.0;
         for i in 0..self.cfg.layers {
@@ -1098,10 +1113,11 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                     self.layer(lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
                 }
                 LayerSlot::OnDisk => {
-                    let ((lw, mark, bytes), from_disk) = match next.take() {
+                    let ((lw, mark, bytes), from_disk) = match ahead.pop_front() {
                         Some(n) if n.layer == i => (n.fetched, n.from_disk),
                         other => {
                             self.give_back(other)?;
+                            self.give_back_all(&mut ahead)?;
                             let n = self.fetch_from_disk(i)?;
                             (n.fetched, n.from_disk)
                         }
@@ -1116,14 +1132,15 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                     }
                     fetched_bytes += bytes;
                     loads += 1;
-                    next = self.fetch_staged_after(Some(i), host_mlp)?;
+                    self.fetch_ahead(&mut ahead, Some(i), host_mlp)?;
                     self.layer(&lw, None, i, xs, &batches, rows, next_pass.as_deref(), kv)?
                 }
                 LayerSlot::Staged(ls) => {
-                    let (lw, mark, bytes) = match next.take() {
+                    let (lw, mark, bytes) = match ahead.pop_front() {
                         Some(n) if n.layer == i => n.fetched,
                         other => {
                             self.give_back(other)?;
+                            self.give_back_all(&mut ahead)?;
                             self.fetch(ls, host_mlp)?
                         }
                     };
@@ -1132,7 +1149,7 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                     weight_wait_s += t0.elapsed().as_secs_f64();
                     fetched_bytes += bytes;
                     loads += 1;
-                    next = self.fetch_staged_after(Some(i), host_mlp)?;
+                    self.fetch_ahead(&mut ahead, Some(i), host_mlp)?;
                     let on_host = match &ls.host_mlp {
                         Some(m) if host_mlp => Some(m.as_ref().map(|w| B::staged_host(w))),
                         _ => None,
@@ -1191,13 +1208,35 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         Ok((parts, order))
     }
 
+    /// Tops `ahead` up to `lookahead` fetches under way: the staged or on-disk layers after
+    /// the last one queued (after `after` when none is; from the first layer when that is
+    /// `None`). A layer on disk is fetched only while no other is queued (its staging buffers
+    /// are few): the chain waits there until the one queued is used.
+    fn fetch_ahead(
+        &self,
+        ahead: &mut VecDeque<NextLayer<B>>,
+        after: Option<usize>,
+        host_mlp: bool,
+    ) -> Result<(), ForwardError> {
+        while ahead.len() < self.lookahead {
+            let from = ahead.back().map_or(after, |n| Some(n.layer));
+            let disk_ok = ahead.iter().all(|n| n.from_disk.is_none());
+            match self.fetch_staged_after(from, host_mlp, disk_ok)? {
+                Some(n) => ahead.push_back(n),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Starts fetching the first staged or on-disk layer after `after` (from the first layer
-    /// when `None`), if there is one. `host_mlp`: the host computes a staged layer's host MLP
-    /// share (it stays in host memory).
+    /// when `None`), if there is one, and when it is on disk only if `disk_ok`. `host_mlp`:
+    /// the host computes a staged layer's host MLP share (it stays in host memory).
     fn fetch_staged_after(
         &self,
         after: Option<usize>,
         host_mlp: bool,
+        disk_ok: bool,
     ) -> Result<Option<NextLayer<B>>, ForwardError> {
         let from = after.map_or(0, |i| i + 1);
         for (j, slot) in self.layers.iter().enumerate().skip(from) {
@@ -1209,7 +1248,8 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
                         from_disk: None,
                     }));
                 }
-                LayerSlot::OnDisk => return Ok(Some(self.fetch_from_disk(j)?)),
+                LayerSlot::OnDisk if disk_ok => return Ok(Some(self.fetch_from_disk(j)?)),
+                LayerSlot::OnDisk => return Ok(None),
                 LayerSlot::Resident(_) | LayerSlot::Streamed => {}
             }
         }
@@ -1245,6 +1285,14 @@ impl<'m, B: RuntimeBackend> Transformer<'m, B> {
         {
             self.backend.wait_fetched_host(&mark)?;
             self.give_back_buffers(bufs)?;
+        }
+        Ok(())
+    }
+
+    /// [`Transformer::give_back`] for every fetch still queued (a chain out of step).
+    fn give_back_all(&self, ahead: &mut VecDeque<NextLayer<B>>) -> Result<(), ForwardError> {
+        while let Some(n) = ahead.pop_front() {
+            self.give_back(Some(n))?;
         }
         Ok(())
     }

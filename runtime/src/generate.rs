@@ -235,6 +235,7 @@ pub fn run<B: RuntimeBackend>(
         other => other,
     };
     tf.set_gpu_batches(opts.exec.gpu_batches);
+    tf.set_weight_lookahead(opts.exec.weight_lookahead);
     tf.set_batch_rows(opts.prefill_batch_rows);
     let cfg = &model.config;
     let geometry = KvGeometry::of_model(cfg, opts.block_tokens);

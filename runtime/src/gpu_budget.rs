@@ -41,18 +41,20 @@ pub fn workspace_bytes(
 /// `logit_rows` sequences in flight: all layers resident when they fit with a tenth of the
 /// budget left for KV, else all staged.
 pub fn split(cfg: &ModelConfig, budget: u64, rows: usize, logit_rows: usize) -> GpuBudget {
-    split_with(cfg, budget, (rows, 1), logit_rows, None)
+    split_with(cfg, budget, (rows, 1), logit_rows, None, 1)
 }
 
 /// [`split`] with prefill passes of several GPU batches (`prefill`: rows of one GPU batch, GPU
 /// batches per pass) and the number of resident layers given (a policy's weight split): those
-/// layers stay on the GPU, the others are staged through two layer-sized buffers.
+/// layers stay on the GPU, the others are staged through `lookahead + 1` layer-sized buffers
+/// (the one computing and the copies ahead of it, a policy's `prefetch_depth`).
 pub fn split_with(
     cfg: &ModelConfig,
     budget: u64,
     prefill: (usize, usize),
     logit_rows: usize,
     resident_layers: Option<usize>,
+    lookahead: usize,
 ) -> GpuBudget {
     let all = weight_bytes(cfg);
     let layer = all.saturating_sub(global_weight_bytes(cfg)) / cfg.layers.max(1) as u64;
@@ -66,7 +68,11 @@ pub fn split_with(
         },
     );
     let resident = resident.min(cfg.layers);
-    let staging = if resident < cfg.layers { 2 * layer } else { 0 };
+    let staging = if resident < cfg.layers {
+        (lookahead.max(1) as u64 + 1) * layer
+    } else {
+        0
+    };
     let weights = global_weight_bytes(cfg) + resident as u64 * layer + staging;
     GpuBudget {
         resident_weights: resident == cfg.layers,
@@ -134,6 +140,7 @@ pub(crate) mod tests {
             (rows as usize, p.num_gpu_batches as usize),
             wl.batch as usize,
             Some(resident),
+            p.prefetch_depth.max(1) as usize,
         );
         (resident, rows, split)
     }
@@ -147,7 +154,7 @@ pub(crate) mod tests {
         let small = split(&cfg, 16 << 30, 8192, 8);
         assert!(!small.resident_weights, "{small:?}");
         assert!(small.weight_bytes < 4 << 30, "{small:?}");
-        let half = split_with(&cfg, 16 << 30, (8192, 1), 8, Some(16));
+        let half = split_with(&cfg, 16 << 30, (8192, 1), 8, Some(16), 1);
         assert!(!half.resident_weights);
         assert!(
             half.weight_bytes > small.weight_bytes + (6 << 30),
@@ -158,6 +165,13 @@ pub(crate) mod tests {
             small.weight_bytes + small.workspace_bytes + small.kv_bytes,
             16 << 30
         );
+        // Copies two staged layers ahead hold one more layer's weights than double buffering.
+        let layer = (weight_bytes(&cfg) - global_weight_bytes(&cfg)) / cfg.layers as u64;
+        let deeper = split_with(&cfg, 16 << 30, (8192, 1), 8, Some(16), 2);
+        assert_eq!(deeper.weight_bytes, half.weight_bytes + layer);
+        assert_eq!(deeper.kv_bytes, half.kv_bytes - layer);
+        // All resident: nothing is staged, whatever the look-ahead.
+        assert_eq!(split_with(&cfg, 80 << 30, (8192, 1), 64, None, 2), big);
     }
 
     /// The planner and the runtime count GPU memory alike: for policies the planner says fit a

@@ -582,6 +582,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                 Some(Residency::Staged) => Some(0),
                 _ => None,
             };
+            let weight_lookahead = planned
+                .as_ref()
+                .map_or(1, |p| p.2.exec.weight_lookahead.max(1));
             let disk_layers = match planned.as_ref().map(|p| p.2.residency) {
                 Some(Residency::Split { disk_layers, .. }) => disk_layers,
                 _ => 0,
@@ -606,6 +609,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
                     (rows, pass_rows.div_ceil(rows)),
                     a.batch_size,
                     resident_layers,
+                    weight_lookahead,
                 );
                 let scratch =
                     strata_planner::gpu_scratch_blocks(rows as u64, a.kv_block_tokens as u64)

@@ -45,6 +45,8 @@ pub struct ExecSettings {
     pub routes: AttentionRoutes,
     /// Share of full KV blocks stored as the layer's input hidden states.
     pub recompute: f64,
+    /// Staged layers copied ahead of the one computing (the policy's `prefetch_depth`).
+    pub weight_lookahead: usize,
 }
 
 impl Default for ExecSettings {
@@ -53,6 +55,7 @@ impl Default for ExecSettings {
             gpu_batches: 1,
             routes: AttentionRoutes::default(),
             recompute: 0.0,
+            weight_lookahead: 1,
         }
     }
 }
@@ -112,6 +115,7 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
                 disk_near: p.attention_disk.near_fraction(),
             },
             recompute,
+            weight_lookahead: p.prefetch_depth.max(1) as usize,
         },
     })
 }

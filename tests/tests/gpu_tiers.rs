@@ -223,7 +223,23 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 Residency::Staged,
             ),
         ];
-        for (what, gpu_blocks, host_blocks, disk, residency) in placements {
+        let runs = placements.into_iter().flat_map(|p| {
+            // Staged layers also with their copies two layers ahead (a policy's prefetch depth
+            // of 2): the same tokens.
+            let aheads: &[usize] = if p.4 == Residency::Resident {
+                &[1]
+            } else {
+                &[1, 2]
+            };
+            aheads.iter().map(move |&ahead| (p.clone(), ahead))
+        });
+        for ((what, gpu_blocks, host_blocks, disk, residency), ahead) in runs {
+            let what = if ahead > 1 {
+                format!("{what}, copies {ahead} layers ahead")
+            } else {
+                what.to_string()
+            };
+            let what = what.as_str();
             let placement = Placement {
                 host_blocks,
                 disk,
@@ -250,6 +266,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
                 placement,
                 weights_disk.as_ref(),
             );
+            engine.tf.set_weight_lookahead(ahead);
             let got = run(&mut engine, &e);
             if weights_disk.is_some() {
                 let w = engine.tf.disk_weight_stats().unwrap();
@@ -281,7 +298,7 @@ fn golden_fixtures_give_the_same_tokens_in_every_placement_with_a_gpu_tier() {
             if !what.starts_with("GPU only") {
                 assert!(k.gpu_spilled_blocks > 0, "{name} {what}: nothing spilled");
             }
-            if what.ends_with("disk") {
+            if what.starts_with("GPU + host + disk") {
                 assert!(
                     k.spilled_blocks > 0,
                     "{name} {what}: nothing reached the disk"
