@@ -1096,7 +1096,7 @@ pub struct DecodeRun {
     pub host_attention_s: f64,
 }
 
-/// Where a timed decode keeps its KV: all on the GPU, or ([`HostTier`]) the newest
+/// Where a timed decode keeps its KV: all on the GPU, or ([`DecodeKv::HostTier`]) the newest
 /// [`HOST_TIER_HOT_TOKENS`] tokens on the GPU and the older ones in host memory, attended there.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum DecodeKv {
