@@ -287,7 +287,7 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
     let Some(gpu) = test_gpu() else { return };
     let mut rng = Rng(test_seed());
     let mut worst = (0.0f32, 0.0f32);
-    let cases: [(DType, Dims, &[usize]); 8] = [
+    let cases: [(DType, Dims, &[usize]); 10] = [
         (DType::F32, (8, 2, 96, 16), &[1000, 3, 16]), // generic head_dim
         (DType::F16, (8, 2, 96, 32), &[4096, 1, 33]), // generic head_dim
         (DType::F16, (32, 2, 128, 32), &[1000, 17]),  // group of 16: two CTAs
@@ -296,6 +296,8 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
         (DType::F16, (32, 8, 128, 24), &[1000, 24, 47]), // block of 24 (not a power of 2)
         (DType::F16, (32, 8, 128, 32), &[0, 33, 5]),  // an empty sequence
         (DType::F32, (4, 4, 64, 16), &[0]),           // only empty
+        (DType::F16, (32, 8, 128, 64), &[1000, 64, 65]), // blocks of 64 tokens
+        (DType::BF16, (32, 8, 64, 48), &[700, 5]),    // bf16, head_dim 64, block of 48
     ];
     for (dtype, dims, lens) in cases {
         let (a, b) = check(gpu, &mut rng, dtype, dims, lens);

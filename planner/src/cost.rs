@@ -407,11 +407,12 @@ fn sizes(m: &ModelSpec, wl: &Workload, p: &Policy) -> Sizes {
     }
 }
 
-fn weight_traffic(t: &mut Traffic, p: &Policy, z: &Sizes) {
+/// A decode step's weights: each GPU batch's projections read them `gemm_passes` times.
+fn weight_traffic(t: &mut Traffic, p: &Policy, z: &Sizes, gemm_passes: f64) {
     t.h2d += (p.weights.host + p.weights.disk) * z.w;
     t.disk_read_weights += p.weights.disk * z.w;
-    t.hbm += z.k * z.w;
-    t.decode_weights += z.k * z.w;
+    t.hbm += z.k * z.w * gemm_passes;
+    t.decode_weights += z.k * z.w * gemm_passes;
     t.launches += z.k;
 }
 
@@ -438,8 +439,11 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
         decode: true,
         ..Traffic::default()
     };
-    weight_traffic(&mut t, p, &z);
-    t.flops += m.gemm_flops_per_token_per_layer() * z.n;
+    // Under `--gpu-gemm split`, GPU batches of more than GEMV_MAX_ROWS rows run every
+    // projection twice (see ModelSpec::gemm_passes).
+    let gp = m.gemm_passes_at(p.gpu_batch_size);
+    weight_traffic(&mut t, p, &z, gp);
+    t.flops += m.gemm_flops_per_token_per_layer() * z.n * gp;
     t.elementwise += m.activation_bytes_per_token_per_layer() as f64 * z.n;
     let split = split_tokens(p, wl.mean_decode_context());
     let attn_flops_per_key = m.attention_flops_per_token_per_layer(1.0);
@@ -449,7 +453,8 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
         let near = kv * p.attention(tier).near_fraction();
         let on_gpu = kv - near;
         t.flops += attn_flops_per_key * (on_gpu + hid);
-        t.flops += m.recompute_flops_per_token_per_layer() * hid;
+        let recompute_rows = (hid_seq * p.gpu_batch_size as f64) as u64;
+        t.flops += m.recompute_flops_per_token_per_layer() * hid * m.gemm_passes_at(recompute_rows);
         t.hbm += on_gpu * z.kvb + hid * (z.hb + 2.0 * z.kvb);
         t.decode_kv += (on_gpu + hid) * z.kvb;
         if tier == Tier::Gpu {
@@ -467,14 +472,15 @@ fn decode_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
             t.d2h += z.n * (m.heads * (m.head_dim + 1) * 4) as f64;
         }
     }
-    host_mlp_traffic(&mut t, m, p, &z);
+    host_mlp_traffic(&mut t, m, p, &z, gp);
     write_traffic(&mut t, p, &z, z.n);
     t
 }
 
 /// The host's MLP share of a decode step: its weights stay in host memory and are read there
-/// once per GPU batch; the MLP input goes down and the partial output comes back.
-fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
+/// once per GPU batch; the MLP input goes down and the partial output comes back. What it
+/// takes off the GPU is what the GPU's `gemm_passes` would have read and computed.
+fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes, gemm_passes: f64) {
     let kept = p.host_mlp_share * p.weights.host * m.mlp_bytes_per_layer() as f64;
     if kept <= 0.0 {
         return;
@@ -482,9 +488,9 @@ fn host_mlp_traffic(t: &mut Traffic, m: &ModelSpec, p: &Policy, z: &Sizes) {
     // Every row of the batch multiplies every kept weight once.
     let flops = 2.0 * z.n * kept / m.weight_dtype_bytes as f64;
     t.h2d -= kept;
-    t.hbm -= z.k * kept;
-    t.decode_weights -= z.k * kept;
-    t.flops -= flops;
+    t.hbm -= z.k * kept * gemm_passes;
+    t.decode_weights -= z.k * kept * gemm_passes;
+    t.flops -= flops * gemm_passes;
     t.host_mlp += z.k * kept;
     t.host_mlp_flops += flops;
     let act = z.n * (m.hidden * 4) as f64;
@@ -535,11 +541,13 @@ fn prefill_traffic(m: &ModelSpec, wl: &Workload, p: &Policy) -> Traffic {
     let passes = (wl.batch * wl.prompt_len)
         .div_ceil(prefill_pass_rows(p, wl))
         .max(1) as f64;
+    // Under `--gpu-gemm split` every GEMM of a chunk runs twice (see ModelSpec::gemm_passes).
+    let gp = m.gemm_passes_at(prefill_batch_rows(p, wl));
     t.h2d += passes * (p.weights.host + p.weights.disk) * z.w;
     t.disk_read_weights += passes * p.weights.disk * z.w;
-    t.hbm += passes.max(z.k) * z.w;
+    t.hbm += passes.max(z.k) * z.w * gp;
     t.launches += passes.max(z.k);
-    t.flops += m.gemm_flops_per_token_per_layer() * z.n * s;
+    t.flops += m.gemm_flops_per_token_per_layer() * z.n * s * gp;
     t.attention_flops += 2.0 * s * (s + 1.0) * m.q_width() as f64 * z.n;
     t.elementwise += m.activation_bytes_per_token_per_layer() as f64 * z.n * s;
     let split = split_tokens(p, s);
@@ -565,7 +573,7 @@ fn chunk_reread_traffic(t: &mut Traffic, m: &ModelSpec, wl: &Workload, p: &Polic
         let (kv, hid) = split.get(tier);
         let (kv, hid) = (reread * kv / s, reread * hid / s);
         t.h2d += kv * z.kvb + hid * z.hb;
-        t.flops += m.recompute_flops_per_token_per_layer() * hid;
+        t.flops += m.recompute_flops_per_token_per_layer() * hid * m.gemm_passes_at(r as u64);
         t.hbm += hid * 2.0 * z.kvb;
         if tier == Tier::Disk {
             t.disk_read_kv += kv * z.kvb;
@@ -718,7 +726,8 @@ fn phase(st: StreamTimes, m: &ModelSpec, p: &Policy) -> PhaseTime {
 fn with_head(mut t: PhaseTime, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) -> PhaseTime {
     let head_bytes = (m.vocab * m.hidden * m.weight_dtype_bytes) as f64;
     let rows = p.gpu_batch_size.max(1) as f64;
-    t.head_s = p.num_gpu_batches.max(1) as f64 * head_bytes / hw.gpu_weight_bps(rows);
+    let gp = m.gemm_passes_at(p.gpu_batch_size);
+    t.head_s = p.num_gpu_batches.max(1) as f64 * gp * head_bytes / hw.gpu_weight_bps(rows);
     t.total_s += t.head_s;
     t.floor_s += t.head_s;
     t

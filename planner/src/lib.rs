@@ -37,7 +37,7 @@ pub use cost::{
 };
 pub use error::{PlanError, ProfileError, Shortfall, human_bytes};
 pub use flexgen::{FlexGenPlan, FlexGenPolicy, FlexGenSpace, PUBLISHED, PublishedPolicy};
-pub use model::{Budgets, MlpKind, ModelSpec, Workload};
+pub use model::{Budgets, GEMV_MAX_ROWS, MlpKind, ModelSpec, Workload};
 pub use policy::{
     Attention, HOST_MLP_MAX_ROWS, KvPlacement, POLICY_VERSION, PerTier, Policy, Tier, TierSplit,
     weight_layers,

@@ -45,6 +45,20 @@ pub struct ModelSpec {
     /// Bytes per K or V element in the cache.
     pub kv_dtype_bytes: u64,
     pub mlp: MlpKind,
+    /// Times the GPU runs each GEMM of more than [`GEMV_MAX_ROWS`] rows over half-precision
+    /// weights: 2 under `--gpu-gemm split` (the f32 activation as two half-precision terms, each
+    /// multiplied by the whole weight), 1 under `rounded`. The profile's GEMM and projection
+    /// rates are one pass's. Absent in older files: 1.
+    #[serde(default = "one_pass")]
+    pub gemm_passes: u64,
+}
+
+/// Rows up to which the GPU multiplies by a GEMV kernel with f32 activations, once, whatever
+/// `--gpu-gemm` says (the runtime's decode path).
+pub const GEMV_MAX_ROWS: u64 = 8;
+
+fn one_pass() -> u64 {
+    1
 }
 
 impl ModelSpec {
@@ -52,6 +66,22 @@ impl ModelSpec {
     pub fn with_kv_dtype_bytes(mut self, bytes: u64) -> Self {
         self.kv_dtype_bytes = bytes;
         self
+    }
+
+    /// The same model run with `passes` GEMM passes (see [`ModelSpec::gemm_passes`]).
+    pub fn with_gemm_passes(mut self, passes: u64) -> Self {
+        self.gemm_passes = passes;
+        self
+    }
+
+    /// Passes of one GEMM of `rows` rows over this model's weights: 1 for the GEMV kernel's rows
+    /// and for f32 weights, else [`ModelSpec::gemm_passes`].
+    pub fn gemm_passes_at(&self, rows: u64) -> f64 {
+        if rows <= GEMV_MAX_ROWS || self.weight_dtype_bytes != 2 {
+            1.0
+        } else {
+            self.gemm_passes as f64
+        }
     }
 
     pub fn validate(&self) -> Result<(), PlanError> {
@@ -65,6 +95,7 @@ impl ModelSpec {
             ("model vocabulary", self.vocab),
             ("model weight dtype bytes", self.weight_dtype_bytes),
             ("model kv dtype bytes", self.kv_dtype_bytes),
+            ("model GEMM passes", self.gemm_passes),
         ];
         for (field, v) in dims {
             if v == 0 {

@@ -140,6 +140,10 @@ struct BenchArgs {
     /// Where to compute: auto, cpu, cuda or cuda:N (as for generate).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
+    /// GPU GEMMs with half-precision weights, for every policy, as `generate --gpu-gemm` takes
+    /// it: split or rounded. The planner predicts the one given.
+    #[arg(long, default_value = "split", value_parser = ["split", "rounded"])]
+    gpu_gemm: String,
     /// Hardware profile (default: the calibrated one; calibrates first if none).
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -204,6 +208,11 @@ struct PlanArgs {
     /// states reads fewer bytes than fetching them.
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     kv_dtype: String,
+    /// How the run would multiply half-precision weights, as `generate --gpu-gemm` takes it:
+    /// split (the default there too) runs every GEMM of more than 8 rows twice, rounded once.
+    /// It sets the GEMM time the plan charges; `strata calibrate` measures one pass.
+    #[arg(long, default_value = "split", value_parser = ["split", "rounded"])]
+    gpu_gemm: String,
     /// Hardware profile (JSON). Default: this machine's, as `strata calibrate` wrote it in
     /// the cache directory; when there is none, a quick calibration runs first and writes it.
     #[arg(long)]
@@ -999,7 +1008,8 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         );
     }
     let spec = policy_exec::model_spec(&a.model, c)
-        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, c).size_bytes() as u64);
+        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, c).size_bytes() as u64)
+        .with_gemm_passes(gemm_passes(&a.gpu_gemm));
     let source = ProfileOptions {
         profile: a.profile.clone(),
         calibrate: CalibrateOptions::default(),
@@ -1225,6 +1235,11 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
 }
 
 /// The KV dtype `--kv-dtype` names (`auto`: the model's when it is f16 or bf16, else f32).
+/// The planner's GEMM passes for a `--gpu-gemm` value (see `ModelSpec::gemm_passes`).
+pub(crate) fn gemm_passes(gpu_gemm: &str) -> u64 {
+    if gpu_gemm == "rounded" { 1 } else { 2 }
+}
+
 fn kv_dtype_arg(arg: &str, cfg: &model::ModelConfig) -> DType {
     match arg {
         "f32" => DType::F32,
@@ -1272,7 +1287,8 @@ fn policy_for_job(
         gen_len: a.max_new_tokens.max(1) as u64,
     };
     let spec = policy_exec::model_spec(&a.model, &model.config)
-        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, &model.config).size_bytes() as u64);
+        .with_kv_dtype_bytes(kv_dtype_arg(&a.kv_dtype, &model.config).size_bytes() as u64)
+        .with_gemm_passes(gemm_passes(&a.gpu_gemm));
     let source = ProfileOptions {
         profile: a.profile.clone(),
         calibrate: CalibrateOptions::default(),

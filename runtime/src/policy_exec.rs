@@ -79,6 +79,7 @@ pub fn model_spec(name: &str, c: &ModelConfig) -> ModelSpec {
             Family::Opt => MlpKind::Plain,
             Family::Llama | Family::Qwen2 => MlpKind::Gated,
         },
+        gemm_passes: 1,
     }
 }
 

@@ -24,6 +24,7 @@ pub fn opt(name: &str, hidden: u64, layers: u64, heads: u64) -> ModelSpec {
         weight_dtype_bytes: 2,
         kv_dtype_bytes: 2,
         mlp: MlpKind::Plain,
+        gemm_passes: 1,
     }
 }
 
@@ -41,6 +42,7 @@ pub fn llama_3_8b() -> ModelSpec {
         weight_dtype_bytes: 2,
         kv_dtype_bytes: 2,
         mlp: MlpKind::Gated,
+        gemm_passes: 1,
     }
 }
 

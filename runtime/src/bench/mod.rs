@@ -500,7 +500,8 @@ fn plan_config(
 ) -> anyhow::Result<PlannedConfig> {
     let m = model::open(&w.model)?;
     let c = &m.config;
-    let spec = policy_exec::model_spec(&w.model, c);
+    let spec =
+        policy_exec::model_spec(&w.model, c).with_gemm_passes(crate::gemm_passes(&ctx.a.gpu_gemm));
     let len = w.prompt_len + w.gen_len;
     if len > c.max_context as u64 {
         bail!(
@@ -808,6 +809,8 @@ fn execute(
         &path(&stats_file),
         "--device",
         ctx.device,
+        "--gpu-gemm",
+        &ctx.a.gpu_gemm,
     ]
     .iter()
     .map(|s| s.to_string())
