@@ -44,7 +44,7 @@ const ROTATE_BYTES: usize = 512 << 20;
 const SINGLE_CALLS: usize = 25;
 /// (batch, context) cells of the splits sweep, and the split counts it tries.
 const SWEEP_CELLS: [(usize, usize); 4] = [(1, 4096), (8, 4096), (1, 32 * 1024), (1, 128 * 1024)];
-const SWEEP_SPLITS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+const SWEEP_SPLITS: [usize; 10] = [1, 2, 4, 8, 16, 32, 33, 64, 128, 256];
 /// Cells up to this size get the same-size read and copy floors.
 const FLOOR_MAX_BYTES: usize = GIB;
 

@@ -7,7 +7,7 @@
 // attn_decode_*: grid (splits, kv_heads * head_chunks, batch), WARPS warps: 8 for the
 // specialised kernels of 2 to 8 query heads per CTA, 4 for a group of 1 (its 64 registers hold
 // no more) and for the generic kernel (its shared memory). A CTA attends
-// one split (a run of whole blocks) of one sequence for ALL the query heads of one GQA group (at
+// one split (a run of tokens, see split_range) of one sequence for ALL the query heads of one GQA group (at
 // most GP of them; larger groups take several head chunks), so each K and V row is read once per
 // group. Each lane owns VEC = 16 / sizeof(T) consecutive dims of one token (one 16-byte load of K
 // and one of V); LPT lanes cover a token, TPW tokens share a warp step; scores are reduced over
@@ -81,10 +81,16 @@ __device__ __forceinline__ void widen(const uint4& r, float* out, const float*) 
     out[3] = __uint_as_float(r.w);
 }
 
-// Which tokens a CTA covers: split `s` of `splits` over `len` tokens, in whole blocks.
-__device__ __forceinline__ void split_range(u32 len, u32 splits, u32 s, u32 bt, u32* t0, u32* t1) {
+// Splits are whole runs of ATTN_SPLIT_TOKENS tokens, not whole blocks: every kernel finds each
+// token's block itself, so a split may start mid-block, and a split count need not divide the
+// blocks (33 splits of a 32K context fill 264 CTA slots, where whole 32-token blocks leave 33
+// splits of 32 blocks, one empty). SPLIT_TOKENS in attention.rs.
+#define ATTN_SPLIT_TOKENS 16
+
+// Which tokens a CTA covers: split `s` of `splits` over `len` tokens.
+__device__ __forceinline__ void split_range(u32 len, u32 splits, u32 s, u32* t0, u32* t1) {
     u64 per = ((u64)len + splits - 1) / splits;
-    per = (per + bt - 1) / bt * bt;
+    per = (per + ATTN_SPLIT_TOKENS - 1) / ATTN_SPLIT_TOKENS * ATTN_SPLIT_TOKENS;
     const u64 a = (u64)s * per;
     const u64 b = a + per;
     *t0 = (u32)(a < len ? a : len);
@@ -269,7 +275,7 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
     const u32 g_count = min((u32)GP, group - hc * GP);
     const u64 row0 = (u64)b * n_heads + kvh * group + hc * GP;
     u32 t0, t1;
-    split_range(seq_lens[b], splits, split, bt, &t0, &t1);
+    split_range(seq_lens[b], splits, split, &t0, &t1);
 
     const u64 half_block = (u64)kv_heads * bt * D;  // elements of K (or V) in one block
     const u64 head_off = (u64)kvh * bt * D + c * VEC;
@@ -285,7 +291,8 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
     {
         constexpr u32 LINE_ELEMS = 128 / sizeof(T);
         const u32 head_lines = bt * D / LINE_ELEMS;  // lines of one head's K in one block
-        const u32 blocks = (t1 > t0 ? (t1 - t0 + bt - 1) / bt : 0);
+        // Blocks the split touches (it may start and end mid-block).
+        const u32 blocks = t1 > t0 ? (t1 - 1) / bt - t0 / bt + 1 : 0;
         const u32 lines = 2 * head_lines * blocks;   // K and V
         for (u32 i = 0; i < ATTN_PREFETCH_LINES; i++) {
             const u32 l = threadIdx.x + i * blockDim.x;
@@ -433,7 +440,7 @@ __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict
     const u32 g_count = min((u32)GP, group - hc * GP);
     const u64 row0 = (u64)b * n_heads + kvh * group + hc * GP;
     u32 t0, t1;
-    split_range(seq_lens[b], splits, split, bt, &t0, &t1);
+    split_range(seq_lens[b], splits, split, &t0, &t1);
 
     float qv[GP][DPL], m[GP], l[GP], acc[GP][DPL];
 #pragma unroll

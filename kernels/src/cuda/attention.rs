@@ -51,8 +51,15 @@ const GENERIC_MAX_DIM: usize = 256;
 /// Query heads per CTA of each specialised kernel; the generic kernel takes 8.
 const GROUP_SIZES: [usize; 4] = [1, 2, 4, 8];
 const FAST_DIMS: [usize; 2] = [64, 128];
-/// A split covers at least this many tokens (rounded up to whole blocks).
+/// A split covers at least this many tokens.
 const MIN_SPLIT_TOKENS: usize = 64;
+/// Splits are whole runs of this many tokens (`ATTN_SPLIT_TOKENS` in attention.cu).
+const SPLIT_TOKENS: usize = 16;
+/// A wave of CTAs' fixed cost (start, the last CTA's merge) in runs of `SPLIT_TOKENS`. On an
+/// H100, 8 × 4K took 56.6 µs in one wave of 4 splits and 60.5 µs in two waves of 8: about
+/// 3.9 µs a wave beside 0.82 µs a run, so 5 runs (bench/RESULTS.md, twenty-first session's
+/// sweep). 8 leans towards fewer waves, whose partials also take longer to merge.
+const WAVE_UNITS: usize = 8;
 const MAX_SPLITS: usize = 256;
 /// Threads per CTA of `hbm_read_floor`.
 const READ_THREADS: u32 = 256;
@@ -404,23 +411,21 @@ impl AttentionKernels {
     }
 }
 
-/// The number of splits: minimises (waves of CTAs) × (blocks per split), the smallest count
-/// within 3% of the best. `resident` is how many CTAs the GPU runs at once.
-pub fn choose_splits(
-    ctas_per_split: usize,
-    max_len: usize,
-    block_tokens: usize,
-    resident: usize,
-) -> usize {
-    let blocks = max_len.div_ceil(block_tokens.max(1)).max(1);
-    let min_blocks = MIN_SPLIT_TOKENS.div_ceil(block_tokens.max(1)).max(1);
-    let cap = (blocks / min_blocks).clamp(1, MAX_SPLITS);
+/// The number of splits: minimises (waves of CTAs) × (token runs of `SPLIT_TOKENS` per split +
+/// `WAVE_UNITS`), the smallest count within 1% of the best. `resident` is how many CTAs the GPU
+/// runs at once. Splits need not divide the blocks, so the count can fill every resident slot:
+/// 1 × 32K on an H100 (8 head groups, 264 slots) takes 33 splits of 993 tokens, not 32 of
+/// 1,024.
+pub fn choose_splits(ctas_per_split: usize, max_len: usize, resident: usize) -> usize {
+    let units = max_len.div_ceil(SPLIT_TOKENS).max(1);
+    let min_units = (MIN_SPLIT_TOKENS / SPLIT_TOKENS).max(1);
+    let cap = (units / min_units).clamp(1, MAX_SPLITS);
     let base = ctas_per_split.max(1);
     let resident = resident.max(1);
-    let cost = |s: usize| (base * s).div_ceil(resident) * blocks.div_ceil(s);
+    let cost = |s: usize| (base * s).div_ceil(resident) * (units.div_ceil(s) + WAVE_UNITS);
     let best = (1..=cap).map(cost).min().unwrap_or(1);
     (1..=cap)
-        .find(|&s| cost(s) * 100 <= best * 103)
+        .find(|&s| cost(s) * 100 <= best * 101)
         .unwrap_or(1)
 }
 
@@ -680,7 +685,6 @@ impl CudaBackend {
         choose_splits(
             tables.batch * g.n_kv_heads * chunks,
             tables.max_len,
-            g.block_tokens,
             resident,
         )
     }
@@ -1096,4 +1100,37 @@ fn check_decode(
         return err(format!("{rows} rows x {splits} splits too large"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_SPLITS, MIN_SPLIT_TOKENS, choose_splits};
+
+    /// An H100's 132 SMs with two CTAs each, Llama-3-8B's 8 head groups per sequence.
+    const SLOTS: usize = 264;
+
+    #[test]
+    fn splits_fill_the_resident_slots_without_dividing_blocks() {
+        // 1 × 32K and 1 × 128K: 33 splits fill all 264 slots (32 leave 8 empty).
+        assert_eq!(choose_splits(8, 32 * 1024, SLOTS), 33);
+        assert_eq!(choose_splits(8, 128 * 1024, SLOTS), 33);
+        // 1 × 4K: 33 splits would be no shorter in whole 16-token runs; the fewer wins.
+        assert_eq!(choose_splits(8, 4096, SLOTS), 32);
+        // 8 × 4K and 8 × 128K: 4 splits are one wave of 256 CTAs; 32 × 4K needs no split,
+        // nor does 64 × 32K (two waves of 256, where 17 splits took 33 waves).
+        assert_eq!(choose_splits(64, 4096, SLOTS), 4);
+        assert_eq!(choose_splits(64, 128 * 1024, SLOTS), 4);
+        assert_eq!(choose_splits(256, 4096, SLOTS), 1);
+        assert_eq!(choose_splits(512, 32 * 1024, SLOTS), 1);
+        // Never a split shorter than MIN_SPLIT_TOKENS, never more than MAX_SPLITS.
+        assert_eq!(choose_splits(1, MIN_SPLIT_TOKENS - 1, SLOTS), 1);
+        assert_eq!(choose_splits(1, 1, SLOTS), 1);
+        for len in [1, 17, 100, 1000, 4096, 32 * 1024, 1 << 20] {
+            for base in [1, 8, 64, 512] {
+                let s = choose_splits(base, len, SLOTS);
+                assert!((1..=MAX_SPLITS).contains(&s), "{base} × {len}: {s}");
+                assert!(s == 1 || len / s >= MIN_SPLIT_TOKENS, "{base} × {len}: {s}");
+            }
+        }
+    }
 }
