@@ -1,6 +1,7 @@
 //! The search: enumerate a discretised policy space, drop what does not fit, keep the fastest.
 //!
-//! Space ([`SearchSpace::default`]): weight splits in eighths (45) and cold-KV splits in quarters
+//! Space ([`SearchSpace::default`]): weight splits in eighths (45), plus GPU/host splits in whole
+//! layers (at most 32 steps; 24 more for a 32-layer model), and cold-KV splits in quarters
 //! (15) over the three tiers; hot window (4 blocks) on the GPU or the host; per off-GPU tier holding KV, attention
 //! near-fraction {0, ½, 1} × recompute share {0, ½, 1} (full recompute leaves nothing to attend
 //! near); GPU recompute {0, 1}; GPU batch sizes dividing the batch (the largest 8); block sizes
@@ -39,6 +40,10 @@ use crate::profile::HardwareProfile;
 pub struct SearchSpace {
     /// Weight splits are multiples of `1 / weight_steps`.
     pub weight_steps: u32,
+    /// And, between GPU and host memory (none on disk), multiples of `1 / n` for `n` the
+    /// model's layers or this many, the fewer: the runtime keeps whole layers resident, and an
+    /// eighth of a 32-layer model is 4 layers.
+    pub weight_layer_steps: u32,
     /// KV splits are multiples of `1 / kv_steps`.
     pub kv_steps: u32,
     pub near_fractions: Vec<f64>,
@@ -62,6 +67,7 @@ impl Default for SearchSpace {
     fn default() -> Self {
         SearchSpace {
             weight_steps: 8,
+            weight_layer_steps: 32,
             kv_steps: 4,
             near_fractions: vec![0.0, 0.5, 1.0],
             recompute_shares: vec![0.0, 0.5, 1.0],
@@ -223,6 +229,39 @@ impl Search<'_> {
     }
 }
 
+/// The weight splits of `space` for a model of `layers` layers, GPU-heaviest first: the grid of
+/// `weight_steps` over the three tiers, and GPU/host splits in `min(layers,
+/// weight_layer_steps)` steps that the grid lacks. Keys count in units of `1 / (weight_steps ×
+/// layer steps)`, the same for both.
+fn weight_splits(space: &SearchSpace, layers: u64) -> Vec<([u32; 3], TierSplit)> {
+    let steps = space.weight_steps.max(1);
+    let fine = (layers.min(u64::from(space.weight_layer_steps)) as u32).max(1);
+    let mut out: Vec<([u32; 3], TierSplit)> = splits(steps)
+        .into_iter()
+        .map(|(q, w)| (q.map(|x| x * fine), w))
+        .collect();
+    for g in (1..fine).rev() {
+        if (g * steps).is_multiple_of(fine) {
+            continue; // on the grid already
+        }
+        let gpu = g as f64 / fine as f64;
+        out.push((
+            [g * steps, (fine - g) * steps, 0],
+            PerTier {
+                gpu,
+                host: 1.0 - gpu,
+                disk: 0.0,
+            },
+        ));
+    }
+    out.sort_by(|a, b| {
+        (b.1.gpu, b.1.host)
+            .partial_cmp(&(a.1.gpu, a.1.host))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    out
+}
+
 /// All splits of 1 over the three tiers in steps of `1/steps`, GPU-heaviest first.
 fn splits(steps: u32) -> Vec<([u32; 3], TierSplit)> {
     let mut out = Vec::new();
@@ -314,7 +353,7 @@ pub fn plan_with(
         placements: HashMap::new(),
         closest: None,
     };
-    let weight_splits = splits(space.weight_steps.max(1));
+    let weight_splits = weight_splits(space, m.layers);
     let kv_splits = splits(space.kv_steps.max(1));
     let gbs = gpu_batch_sizes(wl.batch, space.max_gpu_batch_sizes);
     for (wq, weights) in &weight_splits {

@@ -124,6 +124,7 @@ fn more_memory_in_any_tier_never_predicts_slower() {
     // A coarser space keeps the 72 searches quick; the property holds for any fixed space.
     let space = SearchSpace {
         weight_steps: 4,
+        weight_layer_steps: 4,
         block_tokens: vec![32, 128],
         ..SearchSpace::default()
     };
@@ -919,4 +920,38 @@ fn activation_bytes_are_counted_kernel_by_kernel() {
     let (h, f) = (7168u64, 4 * 7168u64);
     let opt_total = 2 * 10 * h + 2 * h * 6 + 6 * h + 24 * h + 8 * f + 6 * f;
     assert_eq!(o.activation_bytes_per_token_per_layer(), opt_total);
+}
+
+/// GPU/host weight splits in whole layers: a superset of the eighths, so never slower, and on
+/// a streamed long-context workload it keeps a layer count the eighths cannot (14 of 32 where
+/// they offer 12 or 16).
+#[test]
+fn weights_split_in_whole_layers_between_gpu_and_host() {
+    let m = llama_3_8b();
+    let eighths = SearchSpace {
+        weight_layer_steps: 8,
+        ..SearchSpace::default()
+    };
+    let layers = SearchSpace::default();
+    let mut finer_somewhere = false;
+    for (w, b) in [
+        (wl(16, 8160, 32), budgets(24 * GIB, 14 * GIB, 40 * GIB)),
+        (wl(8, 32704, 16), budgets(24 * GIB, 32 * GIB, 40 * GIB)),
+        (wl(32, 2048, 32), budgets(12 * GIB, 64 * GIB, 0)),
+    ] {
+        let coarse = plan_with(&m, &w, &b, &h100(), &eighths).unwrap();
+        let fine = plan_with(&m, &w, &b, &h100(), &layers).unwrap();
+        assert!(fine.prediction.total_s <= coarse.prediction.total_s);
+        let resident = fine.policy.weights.gpu * m.layers as f64;
+        assert!(
+            (resident - resident.round()).abs() < 1e-9,
+            "{resident} layers"
+        );
+        if fine.prediction.total_s < coarse.prediction.total_s {
+            // Only a share off the eighths can have beaten them.
+            assert!((fine.policy.weights.gpu * 8.0).fract() > 1e-9);
+            finer_somewhere = true;
+        }
+    }
+    assert!(finer_somewhere);
 }
