@@ -67,6 +67,8 @@ fn check_schema(r: &Value) {
     for k in ["date", "command"] {
         assert!(r[k].is_string(), "{k}");
     }
+    // The GEMM mode every run used and the planner predicted (the default: generate's).
+    assert!(["split", "rounded"].contains(&r["gpu_gemm"].as_str().unwrap_or("")));
     for k in ["cpu", "device"] {
         assert!(r["machine"][k].is_string(), "machine.{k}");
     }
@@ -406,6 +408,10 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
     let results = std::fs::read_to_string(d.path("bench/RESULTS.md")).unwrap();
     assert!(results.contains(": strata bench"), "{results}");
     assert!(results.contains("- **Machine**:"));
+    assert!(
+        results.contains("- **GEMMs**: `--gpu-gemm split`"),
+        "{results}"
+    );
     assert!(
         results.contains("--append-results"),
         "the command is recorded"

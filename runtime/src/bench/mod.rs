@@ -156,6 +156,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                     .map_or(0, |d| d.as_secs()),
             ),
             command: command_line(),
+            gpu_gemm: a.gpu_gemm.clone(),
             machine: machine(gpu_name.clone(), &device),
             profile: ProfileInfo {
                 file: Some(profile_file.display().to_string()),

@@ -19,7 +19,7 @@ use strata_runtime::units::format_size as human_bytes;
 use super::targets::{self, Target};
 
 /// `/2`: each configuration has `kv_bytes`, `weight_bytes` and `targets` (and, added since
-/// without a bump, each measured run `gemm_tuning_s`).
+/// without a bump, each measured run `gemm_tuning_s`, and the report `gpu_gemm`).
 pub const SCHEMA: &str = "strata-bench/2";
 
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +29,9 @@ pub struct Report {
     pub date: String,
     /// The command line, as run.
     pub command: String,
+    /// `--gpu-gemm` of every policy's run (and of the planner's predictions): `split` or
+    /// `rounded`.
+    pub gpu_gemm: String,
     pub machine: Machine,
     pub profile: ProfileInfo,
     pub preset: Option<String>,
@@ -581,6 +584,11 @@ pub fn results_entry(r: &Report) -> String {
         bytes(r.machine.memory_bytes),
         r.machine.gpu.as_deref().unwrap_or("none"),
         r.machine.device
+    );
+    let _ = writeln!(
+        s,
+        "- **GEMMs**: `--gpu-gemm {}` for every policy, and predicted so.",
+        r.gpu_gemm
     );
     let _ = writeln!(
         s,
