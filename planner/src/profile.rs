@@ -108,9 +108,8 @@ pub struct HardwareProfile {
     /// step makes one call per GPU batch per layer. Absent (older files): 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_attention_call_us: Option<f64>,
-    /// The fraction of its own rate host attention keeps while host→device copies run (its
-    /// decode-layer calls beside copies over the same calls alone, both measured by `strata
-    /// calibrate`; the one-call scan's fraction before the twenty-second session): the
+    /// The fraction of its own rate host attention keeps while host→device copies run (the
+    /// scan beside copies over the same scan alone, both measured by `strata calibrate`): the
     /// copy engines' reads of host memory slow the threads' reads. Host compute that runs
     /// while a layer's copies do is charged at this fraction of its rate. Absent (older files,
     /// no GPU): 1.

@@ -23,9 +23,8 @@
 //!   fitted as a fixed cost per call plus a rate (`host_attention_layer_gbps`,
 //!   `host_attention_call_us`). With a GPU, that scan again while another thread
 //!   keeps copying page-locked memory to the device: the two contend for the host's memory, and
-//!   the sum of both rates is the profile's `host_memory_shared_gbps`; and the decode-layer
-//!   calls again beside the copies, their rate there over their rate alone being
-//!   `host_attention_beside_copies`. And the CPU backend's
+//!   the sum of both rates is the profile's `host_memory_shared_gbps`, and the scan's rate
+//!   there over its rate alone is `host_attention_beside_copies`. And the CPU backend's
 //!   matrix-vector products at 32 rows over bf16 weights (`host_mlp_gflops`: the host MLP
 //!   share's rate where its rows make it compute-bound), and one layer's host MLP share timed
 //!   as a decode step calls it at 1 to 32 rows (`host_mlp_layer_gbps`, which the planner
@@ -585,11 +584,7 @@ fn measure(
     };
     let gpu_name = match &gpu {
         Some(cal) => {
-            let alone = HostAlone {
-                scan_gbps: one_call,
-                calls_gbps: calls_32.gbps(),
-            };
-            measure_gpu(cal, sz, &scan, alone, &steps, &mut p, &mut row)?;
+            measure_gpu(cal, sz, &scan, one_call, &steps, &mut p, &mut row)?;
             let device = cal.device_info().ordinal;
             measure_gpu_kernels(device, sz, &steps, &mut p, &mut row, &mut notes)?;
             cal.device_info().name.clone()
@@ -727,19 +722,11 @@ fn open_gpu(
 
 type Row<'a> = dyn FnMut(&str, String, String) + 'a;
 
-/// Host attention's rates alone, to set beside the same measurements with copies running: one
-/// call over the whole buffer, and the decode-layer calls.
-#[derive(Clone, Copy)]
-struct HostAlone {
-    scan_gbps: f64,
-    calls_gbps: f64,
-}
-
 fn measure_gpu(
     cal: &DeviceCalibrator,
     sz: &Sizes,
     scan: &HostAttentionScan,
-    alone: HostAlone,
+    scan_alone_gbps: f64,
     steps: &Steps,
     p: &mut HardwareProfile,
     row: &mut Row<'_>,
@@ -804,38 +791,19 @@ fn measure_gpu(
     p.host_bytes = crate::mem_available_bytes().unwrap_or(0);
 
     steps.step("host memory shared with copies");
-    // The scan keeps the threads reading throughout, so beside the copies the two rates add up
-    // to what the memory serves both.
     let (scanned, copied) = cal
         .h2d_beside(pinned, || scan.gbps(sz.trials))
         .map_err(err("host memory shared with copies"))?;
     p.host_memory_shared_gbps = Some(scanned + copied);
+    let kept = (scanned / scan_alone_gbps).clamp(1e-3, 1.0);
+    p.host_attention_beside_copies = Some(kept);
     row(
         "host memory, shared",
         format!("{:.1} GB/s", scanned + copied),
         format!(
-            "host attention {scanned:.1} GB/s ({:.0}% of its {:.1} GB/s alone, one call over \
-             all of it) while host -> device copies ran at {copied:.1} GB/s",
-            100.0 * scanned / alone.scan_gbps.max(1e-9),
-            alone.scan_gbps
-        ),
-    );
-    // What a run's host attention keeps beside its layers' weight copies: the decode-layer
-    // calls, whose rate the planner charges, timed again while the copies run. Their share of
-    // their rate alone can differ from the scan's (smaller calls, threads woken per call).
-    let (calls, _) = cal
-        .h2d_beside(pinned, || scan.decode_layer_calls())
-        .map_err(err("host attention beside copies"))?;
-    let kept = (calls.gbps() / alone.calls_gbps.max(1e-9)).clamp(1e-3, 1.0);
-    p.host_attention_beside_copies = Some(kept);
-    row(
-        "host attention, copies",
-        format!("{:.0}% kept", 100.0 * kept),
-        format!(
-            "decode-layer calls beside host -> device copies: {:.1} GB/s against {:.1} GB/s \
-             alone",
-            calls.gbps(),
-            alone.calls_gbps
+            "host attention {scanned:.1} GB/s ({:.0}% of its {scan_alone_gbps:.1} GB/s alone) \
+             while host -> device copies ran at {copied:.1} GB/s",
+            100.0 * kept
         ),
     );
 
