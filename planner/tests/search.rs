@@ -705,13 +705,7 @@ fn host_attention_costs_its_block_sizes_rate_and_a_call_per_gpu_batch() {
         h100().host_attention_gbps * 1e9
     );
 
-    let near = Policy {
-        attention_host: strata_planner::Attention::AttendNear,
-        num_gpu_batches: 2,
-        gpu_batch_size: 8,
-        host_mlp_share: 0.0,
-        ..plan(&m, &w, &b, &h100()).unwrap().policy
-    };
+    let near = attending_near_in_two_batches(&m, &w, &b);
     let host_kv = |p: &Policy, hw: &HardwareProfile| {
         strata_planner::predict(&m, &w, p, hw)
             .decode_step
@@ -740,6 +734,18 @@ fn host_attention_costs_its_block_sizes_rate_and_a_call_per_gpu_batch() {
     );
 }
 
+/// The reference plan for `w` with its host KV attended near the data, in two GPU batches of 8,
+/// no host MLP share.
+fn attending_near_in_two_batches(m: &ModelSpec, w: &Workload, b: &Budgets) -> Policy {
+    Policy {
+        attention_host: strata_planner::Attention::AttendNear,
+        num_gpu_batches: 2,
+        gpu_batch_size: 8,
+        host_mlp_share: 0.0,
+        ..plan(m, w, b, &h100()).unwrap().policy
+    }
+}
+
 /// A measured host-tier time (the turns around host attention) is charged to every decode layer
 /// that attends on the host, once per GPU batch, at the GPU batch's sequences, on both the GPU's
 /// side and the issuing thread's; a layer that attends only on the GPU pays none, and a bad
@@ -760,13 +766,7 @@ fn host_tier_issue_is_charged_per_gpu_batch_to_layers_that_attend_on_the_host() 
     };
     assert!((with.host_tier_issue_s(8.0) - 500e-6).abs() < 1e-15);
     assert_eq!(without.host_tier_issue_s(8.0), 0.0);
-    let near = Policy {
-        attention_host: strata_planner::Attention::AttendNear,
-        num_gpu_batches: 2,
-        gpu_batch_size: 8,
-        host_mlp_share: 0.0,
-        ..plan(&m, &w, &b, &h100()).unwrap().policy
-    };
+    let near = attending_near_in_two_batches(&m, &w, &b);
     assert!(near.kv.cold.host > 0.0, "{near:?}");
     let layer =
         |p: &Policy, hw: &HardwareProfile| strata_planner::predict(&m, &w, p, hw).decode_step;

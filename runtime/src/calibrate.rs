@@ -1147,20 +1147,34 @@ pub fn host_tier_issue_us(
     prompt: usize,
     run: &DecodeRun,
 ) -> Result<f64, String> {
-    let wl = strata_planner::Workload {
-        batch: run.sequences as u64,
-        prompt_len: prompt as u64,
-        gen_len: DECODE_ISSUE_TOKENS as u64,
-    };
+    let wl = decode_workload(run.sequences, prompt);
     let policy = host_tier_policy(run.sequences);
     policy.validate(&wl).map_err(|e| e.to_string())?;
     let mut without = profile.clone();
     without.host_tier_issue_us = None;
     let step = strata_planner::predict(spec, &wl, &policy, &without).decode_step;
-    let layers = spec.layers.max(1) as f64;
-    let measured =
-        (run.step_s - run.host_attention_s - step.head_s - step.pipeline_fill_s) / layers;
-    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
+    Ok(beyond_model_us(
+        run.step_s - run.host_attention_s,
+        &step,
+        spec.layers,
+    ))
+}
+
+/// The workload of the calibration's timed decodes: `sequences` prompts of `prompt` tokens,
+/// [`DECODE_ISSUE_TOKENS`] new ones.
+fn decode_workload(sequences: usize, prompt: usize) -> strata_planner::Workload {
+    strata_planner::Workload {
+        batch: sequences as u64,
+        prompt_len: prompt as u64,
+        gen_len: DECODE_ISSUE_TOKENS as u64,
+    }
+}
+
+/// What a measured decode step of `step_s` took per layer beyond the modelled `step`'s GPU
+/// compute, once the LM head and the pipeline's fill are taken out, in µs, never negative.
+fn beyond_model_us(step_s: f64, step: &strata_planner::PhaseTime, layers: u64) -> f64 {
+    let measured = (step_s - step.head_s - step.pipeline_fill_s) / layers.max(1) as f64;
+    ((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0)
 }
 
 /// The config of `model` (a synthetic spec: nothing is loaded).
@@ -1275,9 +1289,7 @@ pub fn decode_layer_extra_us(
     run: &DecodeRun,
 ) -> Result<f64, String> {
     let step = modelled_decode_step(profile, spec, prompt, run.sequences, run.block_tokens)?;
-    let layers = spec.layers.max(1) as f64;
-    let measured = (run.step_s - step.head_s - step.pipeline_fill_s) / layers;
-    Ok(((measured - step.per_layer.gpu_compute_s) * 1e6).max(0.0))
+    Ok(beyond_model_us(run.step_s, &step, spec.layers))
 }
 
 /// The decode step the planner predicts for `sequences` prompts of `prompt` tokens (and
@@ -1291,11 +1303,7 @@ fn modelled_decode_step(
     sequences: usize,
     block_tokens: usize,
 ) -> Result<strata_planner::PhaseTime, String> {
-    let wl = strata_planner::Workload {
-        batch: sequences as u64,
-        prompt_len: prompt as u64,
-        gen_len: DECODE_ISSUE_TOKENS as u64,
-    };
+    let wl = decode_workload(sequences, prompt);
     let unbounded = strata_planner::Budgets {
         gpu_bytes: u64::MAX,
         host_bytes: u64::MAX,
