@@ -298,6 +298,9 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
         (DType::F32, (4, 4, 64, 16), &[0]),           // only empty
         (DType::F16, (32, 8, 128, 64), &[1000, 64, 65]), // blocks of 64 tokens
         (DType::BF16, (32, 8, 64, 48), &[700, 5]),    // bf16, head_dim 64, block of 48
+        (DType::F16, (32, 8, 64, 24), &[700, 23]),    // a warp step of 16 tokens spans blocks of 24
+        (DType::BF16, (16, 8, 64, 32), &[900, 31]),   // group of 2, head_dim 64: transposed sums
+        (DType::F16, (12, 4, 128, 32), &[500, 9]),    // group of 3 on the transposed path
     ];
     for (dtype, dims, lens) in cases {
         let (a, b) = check(gpu, &mut rng, dtype, dims, lens);

@@ -27,9 +27,11 @@
 //! Geometry: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128), f16 KV, blocks of 32 tokens,
 //! block ids shuffled (paged). Combinations that do not fit in device memory are skipped.
 //!
-//! `cargo run --release -p strata-bench --bin gpu-attention` (needs an NVIDIA GPU; without one it
-//! says why and exits with status 2).
+//! `cargo run --release -p strata-bench --bin gpu-attention [-- --cells 8x4096,1x32768]` (needs an
+//! NVIDIA GPU; without one it says why and exits with status 2). `--cells` keeps only the named
+//! batch × context cells (and skips the per-call floor), for quick comparisons of two builds.
 
+use clap::Parser;
 use std::time::Instant;
 use strata_kernels::cuda::{DeviceBlockTables, KvBlockShape, KvPool};
 use strata_kernels::testing::SplitMix;
@@ -48,14 +50,36 @@ const SWEEP_SPLITS: [usize; 10] = [1, 2, 4, 8, 16, 32, 33, 64, 128, 256];
 /// Cells up to this size get the same-size read and copy floors.
 const FLOOR_MAX_BYTES: usize = GIB;
 
+#[derive(Parser)]
+#[command(about = "Paged decode attention's HBM bandwidth against a device copy in the same run")]
+struct Args {
+    /// Only these cells, as BATCHxCONTEXT (e.g. `8x4096,1x32768`); by default every batch of
+    /// 1, 8, 32, 64 at every context of 4K, 32K, 128K, and the per-call floor.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cell)]
+    cells: Vec<(usize, usize)>,
+}
+
+fn parse_cell(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{s}`: expected BATCHxCONTEXT, e.g. 8x4096");
+    let (b, c) = s.split_once('x').ok_or_else(bad)?;
+    let (b, c): (usize, usize) = (b.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?);
+    if b == 0 || c == 0 || c % 32 != 0 {
+        return Err(format!(
+            "`{s}`: batch and context must be positive, context a multiple of 32"
+        ));
+    }
+    Ok((b, c))
+}
+
 fn main() {
-    if let Err(e) = run() {
+    let args = Args::parse();
+    if let Err(e) = run(&args.cells) {
         eprintln!("gpu-attention: {e}");
         std::process::exit(2);
     }
 }
 
-fn run() -> Result<(), String> {
+fn run(only: &[(usize, usize)]) -> Result<(), String> {
     let gpu = CudaBackend::new(0).map_err(|e| format!("no GPU: {e}"))?;
     let info = gpu.device_info().clone();
     println!("GPU: {info}; kernels {}", gpu.kernel_origin());
@@ -83,7 +107,19 @@ fn run() -> Result<(), String> {
 
     // One pool for every combination: the largest step, or what fits next to 2 GiB of headroom.
     let (free, _) = gpu.memory_info().map_err(ke)?;
-    let largest = BATCHES[3] * CONTEXTS[2] / g.block_tokens * block_bytes;
+    let cells: Vec<(usize, usize)> = if only.is_empty() {
+        CONTEXTS
+            .iter()
+            .flat_map(|&ctx| BATCHES.iter().map(move |&batch| (batch, ctx)))
+            .collect()
+    } else {
+        only.to_vec()
+    };
+    let largest = cells
+        .iter()
+        .map(|&(batch, ctx)| batch * ctx.div_ceil(g.block_tokens) * block_bytes)
+        .max()
+        .unwrap_or(0);
     let want = largest.max(ROTATE_BYTES * 2);
     let pool_bytes = want.min(free.saturating_sub(2 * GIB));
     let n_blocks = pool_bytes / block_bytes;
@@ -105,31 +141,33 @@ fn run() -> Result<(), String> {
     let rw = 2.0 * copied;
     let pct = |bytes: usize, ms: f64| 100.0 * bytes as f64 / (ms * 1e-3) / 1e9 / rw;
 
-    // The per-call floor: a call that reads almost nothing (one sequence of one block).
-    let tiny = [gpu
-        .upload_block_tables(&[[0u32]], &[g.block_tokens], g.block_tokens)
-        .map_err(ke)?];
-    let q1 = gpu
-        .tensor(1, g.n_heads * g.head_dim, vec![0.5; g.n_heads * g.head_dim])
-        .map_err(ke)?;
-    let floor = Step {
-        gpu: &gpu,
-        q: &q1,
-        pool: &pool,
-        tables: &tiny,
-        g: &g,
-    };
-    floor.run_loop(10, None).map_err(ke)?;
-    let (floor_ms, floor_host_ms) = floor.time_loop(1000, None, 3).map_err(ke)?;
-    let floor_single_ms = floor.time_single(SINGLE_CALLS).map_err(ke)?;
-    println!(
-        "per-call floor (batch 1, {} tokens, 1 split): loop {:.1} µs / call (host enqueue {:.1} \
-         µs), single call {:.1} µs",
-        g.block_tokens,
-        floor_ms * 1e3,
-        floor_host_ms * 1e3,
-        floor_single_ms * 1e3
-    );
+    if only.is_empty() {
+        // The per-call floor: a call that reads almost nothing (one sequence of one block).
+        let tiny = [gpu
+            .upload_block_tables(&[[0u32]], &[g.block_tokens], g.block_tokens)
+            .map_err(ke)?];
+        let q1 = gpu
+            .tensor(1, g.n_heads * g.head_dim, vec![0.5; g.n_heads * g.head_dim])
+            .map_err(ke)?;
+        let floor = Step {
+            gpu: &gpu,
+            q: &q1,
+            pool: &pool,
+            tables: &tiny,
+            g: &g,
+        };
+        floor.run_loop(10, None).map_err(ke)?;
+        let (floor_ms, floor_host_ms) = floor.time_loop(1000, None, 3).map_err(ke)?;
+        let floor_single_ms = floor.time_single(SINGLE_CALLS).map_err(ke)?;
+        println!(
+            "per-call floor (batch 1, {} tokens, 1 split): loop {:.1} µs / call (host enqueue {:.1} \
+             µs), single call {:.1} µs",
+            g.block_tokens,
+            floor_ms * 1e3,
+            floor_host_ms * 1e3,
+            floor_single_ms * 1e3
+        );
+    }
     println!();
     println!(
         "| batch | context | KV read / step | splits | loop: time / step | loop GB/s | loop vs copy \
@@ -139,89 +177,87 @@ fn run() -> Result<(), String> {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut sweeps = Vec::new();
     let mut floors = std::collections::BTreeMap::new();
-    for ctx in CONTEXTS {
-        for batch in BATCHES {
-            let blocks_per_seq = ctx / g.block_tokens;
-            let step_blocks = batch * blocks_per_seq;
-            let step_bytes = step_blocks * block_bytes;
-            if step_blocks > n_blocks {
-                println!(
-                    "| {batch} | {}K | {:.2} GiB | | skipped: does not fit | | | | | | | |",
-                    ctx / 1024,
-                    step_bytes as f64 / GIB as f64
-                );
-                continue;
-            }
-            let rotations = ROTATE_BYTES
-                .div_ceil(step_bytes)
-                .clamp(1, n_blocks / step_blocks);
-            let tables = rotated_tables(
-                &gpu,
-                &mut rng,
-                batch,
-                blocks_per_seq,
-                rotations,
-                ctx,
-                g.block_tokens,
-            )
-            .map_err(ke)?;
-            let q: Vec<f32> = (0..batch * g.n_heads * g.head_dim)
-                .map(|_| rng.next_f32())
-                .collect();
-            let q = gpu.tensor(batch, g.n_heads * g.head_dim, q).map_err(ke)?;
-            let splits = gpu.decode_splits(&tables[0], &pool, &g);
-            let steps = (4 * GIB).div_ceil(step_bytes).clamp(3 * rotations, 2000);
-            let step = Step {
-                gpu: &gpu,
-                q: &q,
-                pool: &pool,
-                tables: &tables,
-                g: &g,
-            };
-            // Warm-up: every table once.
-            step.run_loop(tables.len(), None).map_err(ke)?;
-            let (loop_ms, host_ms) = step.time_loop(steps, None, 3).map_err(ke)?;
-            let single_ms = step.time_single(SINGLE_CALLS).map_err(ke)?;
-            let gbps = step_bytes as f64 / (loop_ms * 1e-3) / 1e9;
-            let floor_cols = if step_bytes <= FLOOR_MAX_BYTES {
-                let (read, copy) = match floors.get(&step_bytes) {
-                    Some(&f) => f,
-                    None => {
-                        let f = same_size_floors(&gpu, step_bytes, steps).map_err(ke)?;
-                        floors.insert(step_bytes, f);
-                        f
-                    }
-                };
-                format!(
-                    "{:.1} µs ({:.0}%) | {:.1} µs ({:.0}%)",
-                    read * 1e3,
-                    pct(step_bytes, read),
-                    copy * 1e3,
-                    pct(2 * step_bytes, copy)
-                )
-            } else {
-                "– | –".to_string()
-            };
+    for &(batch, ctx) in &cells {
+        let blocks_per_seq = ctx / g.block_tokens;
+        let step_blocks = batch * blocks_per_seq;
+        let step_bytes = step_blocks * block_bytes;
+        if step_blocks > n_blocks {
             println!(
-                "| {batch} | {}K | {:.1} MiB | {splits} | {:.1} µs | {gbps:.0} | {:.0}% | {:.1} µs \
-                 | {:.1} µs | {:.0}% | {floor_cols} |",
+                "| {batch} | {}K | {:.2} GiB | | skipped: does not fit | | | | | | | |",
                 ctx / 1024,
-                step_bytes as f64 / (1 << 20) as f64,
-                loop_ms * 1e3,
-                pct(step_bytes, loop_ms),
-                host_ms * 1e3,
-                single_ms * 1e3,
-                pct(step_bytes, single_ms),
+                step_bytes as f64 / GIB as f64
             );
-            if SWEEP_CELLS.contains(&(batch, ctx)) {
-                let mut row = format!("| {batch} × {}K |", ctx / 1024);
-                for s in SWEEP_SPLITS {
-                    let (ms, _) = step.time_loop(steps, Some(s), 2).map_err(ke)?;
-                    let mark = if s == splits { "*" } else { "" };
-                    row += &format!(" {:.1}{mark} ({:.0}%) |", ms * 1e3, pct(step_bytes, ms));
+            continue;
+        }
+        let rotations = ROTATE_BYTES
+            .div_ceil(step_bytes)
+            .clamp(1, n_blocks / step_blocks);
+        let tables = rotated_tables(
+            &gpu,
+            &mut rng,
+            batch,
+            blocks_per_seq,
+            rotations,
+            ctx,
+            g.block_tokens,
+        )
+        .map_err(ke)?;
+        let q: Vec<f32> = (0..batch * g.n_heads * g.head_dim)
+            .map(|_| rng.next_f32())
+            .collect();
+        let q = gpu.tensor(batch, g.n_heads * g.head_dim, q).map_err(ke)?;
+        let splits = gpu.decode_splits(&tables[0], &pool, &g);
+        let steps = (4 * GIB).div_ceil(step_bytes).clamp(3 * rotations, 2000);
+        let step = Step {
+            gpu: &gpu,
+            q: &q,
+            pool: &pool,
+            tables: &tables,
+            g: &g,
+        };
+        // Warm-up: every table once.
+        step.run_loop(tables.len(), None).map_err(ke)?;
+        let (loop_ms, host_ms) = step.time_loop(steps, None, 3).map_err(ke)?;
+        let single_ms = step.time_single(SINGLE_CALLS).map_err(ke)?;
+        let gbps = step_bytes as f64 / (loop_ms * 1e-3) / 1e9;
+        let floor_cols = if step_bytes <= FLOOR_MAX_BYTES {
+            let (read, copy) = match floors.get(&step_bytes) {
+                Some(&f) => f,
+                None => {
+                    let f = same_size_floors(&gpu, step_bytes, steps).map_err(ke)?;
+                    floors.insert(step_bytes, f);
+                    f
                 }
-                sweeps.push(row);
+            };
+            format!(
+                "{:.1} µs ({:.0}%) | {:.1} µs ({:.0}%)",
+                read * 1e3,
+                pct(step_bytes, read),
+                copy * 1e3,
+                pct(2 * step_bytes, copy)
+            )
+        } else {
+            "– | –".to_string()
+        };
+        println!(
+            "| {batch} | {}K | {:.1} MiB | {splits} | {:.1} µs | {gbps:.0} | {:.0}% | {:.1} µs \
+             | {:.1} µs | {:.0}% | {floor_cols} |",
+            ctx / 1024,
+            step_bytes as f64 / (1 << 20) as f64,
+            loop_ms * 1e3,
+            pct(step_bytes, loop_ms),
+            host_ms * 1e3,
+            single_ms * 1e3,
+            pct(step_bytes, single_ms),
+        );
+        if SWEEP_CELLS.contains(&(batch, ctx)) {
+            let mut row = format!("| {batch} × {}K |", ctx / 1024);
+            for s in SWEEP_SPLITS {
+                let (ms, _) = step.time_loop(steps, Some(s), 2).map_err(ke)?;
+                let mark = if s == splits { "*" } else { "" };
+                row += &format!(" {:.1}{mark} ({:.0}%) |", ms * 1e3, pct(step_bytes, ms));
             }
+            sweeps.push(row);
         }
     }
     println!();

@@ -11,8 +11,9 @@
 // most GP of them; larger groups take several head chunks), so each K and V row is read once per
 // group. Each lane owns VEC = 16 / sizeof(T) consecutive dims of one token (one 16-byte load of K
 // and one of V); LPT lanes cover a token, TPW tokens share a warp step; scores are reduced over
-// the LPT lanes with shuffles. Softmax is online in f32, in base 2 (q is pre-scaled by
-// scale * log2 e). The warps of a CTA are merged through shared memory into a partial `(o, lse)`
+// the LPT lanes with shuffles, transposed where the step's GP * ATTN_UNROLL scores per token
+// sub-group equal LPT (each lane ends with one whole score; see transposed_sum). Softmax is
+// online in f32, in base 2 (q is pre-scaled by scale * log2 e). The warps of a CTA are merged through shared memory into a partial `(o, lse)`
 // per (sequence, head, split), lse in natural log, -inf (and o = 0) when empty.
 // - One split: the partial is the result, written to (out_o, out_lse).
 // - Several: partials go to part_o [rows, splits, dim] / part_lse [rows, splits]; the CTAs of one
@@ -79,6 +80,31 @@ __device__ __forceinline__ void widen(const uint4& r, float* out, const float*) 
     out[1] = __uint_as_float(r.y);
     out[2] = __uint_as_float(r.z);
     out[3] = __uint_as_float(r.w);
+}
+
+// 2^x without exp2f's rescaling for results below 2^-126: such a weight, beside the running
+// max's weight of 1, adds nothing to any f32 sum. -inf gives 0, as exp2f does.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// One level of a transposed warp sum over lanes that differ in bits O, O/2, ..., 1: of the 2 * O
+// values v[0 .. 2O) a lane holds, the lane with bit O set keeps the upper half and the other the
+// lower, each adding its partner's copy of the half it keeps; after the last level v[0] is the
+// sum over those lanes of value number (lane's bits O .. 1), where a butterfly would leave every
+// sum in every lane at O times the shuffles.
+template <int O>
+__device__ __forceinline__ void transposed_sum(float* v, u32 lane) {
+    const bool upper = (lane & O) != 0;
+#pragma unroll
+    for (int i = 0; i < O; i++) {
+        const float send = upper ? v[i] : v[i + O];
+        const float keep = upper ? v[i + O] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    if constexpr (O > 1) transposed_sum<O / 2>(v, lane);
 }
 
 // Splits are whole runs of ATTN_SPLIT_TOKENS tokens, not whole blocks: every kernel finds each
@@ -322,9 +348,28 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
         for (int i = 0; i < VEC; i++) acc[g][i] = 0.0f;
     }
 
-    for (u32 base = t0 + warp * STEP; base < t1; base += WARPS * STEP) {
+    // A warp step's STEP tokens start at a multiple of STEP (splits start at multiples of
+    // ATTN_SPLIT_TOKENS, which STEP divides), so when STEP divides the block size they share one
+    // block: one table entry per step, loaded a step ahead so that the KV loads never wait on it.
+    const bool one_block = bt % STEP == 0;
+    const u32 first = t0 + warp * STEP;
+    u32 entry = one_block && first < t1 ? table[pow2 ? (first >> shift) : (first / bt)] : 0u;
+    // With GP * ATTN_UNROLL == LPT, the scores are reduced transposed (see below): lane c of a
+    // token's LPT lanes ends with pair c = (u, g) = (c / GP, c % GP), and keeps the running max
+    // (m_own, shared by every lane of head g) and its own share of the sum (l_own).
+    constexpr bool TRANSPOSED = GP * ATTN_UNROLL == LPT;
+    const u32 own_u = c / GP;
+    float m_own = NEG_INF, l_own = 0.0f;
+
+    for (u32 base = first; base < t1; base += WARPS * STEP) {
+        const u32 next = base + WARPS * STEP;
+        u32 next_entry = 0u;
+        if (one_block && next < t1) next_entry = table[pow2 ? (next >> shift) : (next / bt)];
         uint4 kr[ATTN_UNROLL], vr[ATTN_UNROLL];
         bool ok[ATTN_UNROLL];
+        // The lane's first token's K row; in one block, the others follow at fixed strides.
+        const T* row0_k = pool + (u64)entry * 2 * half_block + head_off +
+                          (u64)((pow2 ? (base & (bt - 1)) : (base % bt)) + ts) * D;
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
             const u32 t = base + u * TPW + ts;
@@ -332,56 +377,122 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
             kr[u] = make_uint4(0, 0, 0, 0);
             vr[u] = make_uint4(0, 0, 0, 0);
             if (ok[u]) {
-                const u32 blk = pow2 ? (t >> shift) : (t / bt);
-                const u32 slot = pow2 ? (t & (bt - 1)) : (t % bt);
-                const u64 off = (u64)table[blk] * 2 * half_block + head_off + (u64)slot * D;
-                kr[u] = *reinterpret_cast<const uint4*>(pool + off);
-                vr[u] = *reinterpret_cast<const uint4*>(pool + off + half_block);
+                const T* k_row = row0_k + u * TPW * D;
+                if (!one_block) {
+                    const u32 slot = pow2 ? (t & (bt - 1)) : (t % bt);
+                    const u32 id = table[pow2 ? (t >> shift) : (t / bt)];
+                    k_row = pool + (u64)id * 2 * half_block + head_off + (u64)slot * D;
+                }
+                kr[u] = *reinterpret_cast<const uint4*>(k_row);
+                vr[u] = *reinterpret_cast<const uint4*>(k_row + half_block);
             }
         }
-        float s[ATTN_UNROLL][GP];
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            float k[VEC];
-            widen(kr[u], k, pool);
-#pragma unroll
-            for (int g = 0; g < GP; g++) {
-                float p = 0.0f;
-#pragma unroll
-                for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
-#pragma unroll
-                for (int o = LPT / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-                s[u][g] = ok[u] ? p : NEG_INF;
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < GP; g++) {
-            float mx = s[0][g];
-#pragma unroll
-            for (int u = 1; u < ATTN_UNROLL; u++) mx = fmaxf(mx, s[u][g]);
-#pragma unroll
-            for (int o = LPT; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            const float m_new = fmaxf(m[g], mx);
-            const float corr = exp2f(m[g] - m_new);
-            m[g] = m_new;
-            l[g] *= corr;
-#pragma unroll
-            for (int i = 0; i < VEC; i++) acc[g][i] *= corr;
+        entry = next_entry;
+        if constexpr (TRANSPOSED) {
+            // Each level of the reduction halves the partial dot products a lane holds: the lane
+            // with bit o set keeps the upper half and adds its partner's, so after log2(LPT)
+            // levels lane c holds the whole score of pair c. One score per lane, not all of them
+            // in every lane: LPT - 1 shuffles where the butterfly takes GP * UNROLL * log2(LPT),
+            // and one exp2 per lane where every lane took them all.
+            float v[LPT];
 #pragma unroll
             for (int u = 0; u < ATTN_UNROLL; u++) {
-                s[u][g] = exp2f(s[u][g] - m_new);
-                l[g] += s[u][g];
-            }
-        }
+                float k[VEC];
+                widen(kr[u], k, pool);
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            float v[VEC];
-            widen(vr[u], v, pool);
+                for (int g = 0; g < GP; g++) {
+                    float p = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
+                    v[u * GP + g] = p;
+                }
+            }
+            transposed_sum<LPT / 2>(v, c);
+            const float s_own = base + own_u * TPW + ts < t1 ? v[0] : NEG_INF;
+            // The head's max over its lanes: the other tokens of this sub-group, then the
+            // other sub-groups. The warp step's first token is in range, so it is finite.
+            float mx = s_own;
+#pragma unroll
+            for (int o = GP; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_new = fmaxf(m_own, mx);
+            const float corr = exp2_ftz(m_own - m_new);
+            const float p_own = exp2_ftz(s_own - m_new);
+            m_own = m_new;
+            l_own = fmaf(l_own, corr, p_own);
+            const u32 lane0 = ts * LPT;  // this sub-group's first lane
 #pragma unroll
             for (int g = 0; g < GP; g++) {
+                const float cg = __shfl_sync(0xffffffffu, corr, lane0 + g);
 #pragma unroll
-                for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(s[u][g], v[i], acc[g][i]);
+                for (int i = 0; i < VEC; i++) acc[g][i] *= cg;
             }
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; u++) {
+                float vv[VEC];
+                widen(vr[u], vv, pool);
+#pragma unroll
+                for (int g = 0; g < GP; g++) {
+                    const float pg = __shfl_sync(0xffffffffu, p_own, lane0 + u * GP + g);
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(pg, vv[i], acc[g][i]);
+                }
+            }
+        } else {
+            float s[ATTN_UNROLL][GP];
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; u++) {
+                float k[VEC];
+                widen(kr[u], k, pool);
+#pragma unroll
+                for (int g = 0; g < GP; g++) {
+                    float p = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
+#pragma unroll
+                    for (int o = LPT / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+                    s[u][g] = ok[u] ? p : NEG_INF;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GP; g++) {
+                float mx = s[0][g];
+#pragma unroll
+                for (int u = 1; u < ATTN_UNROLL; u++) mx = fmaxf(mx, s[u][g]);
+#pragma unroll
+                for (int o = LPT; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                const float m_new = fmaxf(m[g], mx);
+                const float corr = exp2_ftz(m[g] - m_new);
+                m[g] = m_new;
+                l[g] *= corr;
+#pragma unroll
+                for (int i = 0; i < VEC; i++) acc[g][i] *= corr;
+#pragma unroll
+                for (int u = 0; u < ATTN_UNROLL; u++) {
+                    s[u][g] = exp2_ftz(s[u][g] - m_new);
+                    l[g] += s[u][g];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; u++) {
+                float v[VEC];
+                widen(vr[u], v, pool);
+#pragma unroll
+                for (int g = 0; g < GP; g++) {
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(s[u][g], v[i], acc[g][i]);
+                }
+            }
+        }
+    }
+    if constexpr (TRANSPOSED) {
+        // Back to the per-head layout the merge below expects: each sub-group's sum of head g
+        // (over its u lanes) and the head's max, in every lane.
+#pragma unroll
+        for (int o = GP; o < LPT; o <<= 1) l_own += __shfl_xor_sync(0xffffffffu, l_own, o);
+#pragma unroll
+        for (int g = 0; g < GP; g++) {
+            m[g] = __shfl_sync(0xffffffffu, m_own, g);
+            l[g] = __shfl_sync(0xffffffffu, l_own, ts * LPT + g);
         }
     }
 
