@@ -287,7 +287,7 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
     let Some(gpu) = test_gpu() else { return };
     let mut rng = Rng(test_seed());
     let mut worst = (0.0f32, 0.0f32);
-    let cases: [(DType, Dims, &[usize]); 10] = [
+    let cases: [(DType, Dims, &[usize]); 13] = [
         (DType::F32, (8, 2, 96, 16), &[1000, 3, 16]), // generic head_dim
         (DType::F16, (8, 2, 96, 32), &[4096, 1, 33]), // generic head_dim
         (DType::F16, (32, 2, 128, 32), &[1000, 17]),  // group of 16: two CTAs

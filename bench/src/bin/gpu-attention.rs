@@ -24,7 +24,7 @@
 //! - **Splits sweep**: loop time per call of the small cells at forced split counts
 //!   (`decode_attention_with_splits`), the one `decode_splits` picks marked `*`.
 //!
-//! Geometry: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128), f16 KV, blocks of 32 tokens,
+//! Geometry: Llama-3-8B (32 query heads, 8 KV heads (`--kv-heads`), head_dim 128), f16 KV, blocks of 32 tokens,
 //! block ids shuffled (paged). Combinations that do not fit in device memory are skipped.
 //!
 //! `cargo run --release -p strata-bench --bin gpu-attention [-- --cells 8x4096,1x32768]` (needs an
@@ -57,6 +57,19 @@ struct Args {
     /// 1, 8, 32, 64 at every context of 4K, 32K, 128K, and the per-call floor.
     #[arg(long, value_delimiter = ',', value_parser = parse_cell)]
     cells: Vec<(usize, usize)>,
+    /// KV heads beside the 32 query heads: 8 is Llama-3-8B (groups of 4), 32 multi-head
+    /// attention (OPT), 4 groups of 8.
+    #[arg(long, default_value_t = 8, value_parser = parse_kv_heads)]
+    kv_heads: usize,
+}
+
+fn parse_kv_heads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 && 32 % n == 0 => Ok(n),
+        _ => Err(format!(
+            "`{s}`: must divide the 32 query heads (1, 2, 4, 8, 16 or 32)"
+        )),
+    }
 }
 
 fn parse_cell(s: &str) -> Result<(usize, usize), String> {
@@ -73,19 +86,22 @@ fn parse_cell(s: &str) -> Result<(usize, usize), String> {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = run(&args.cells) {
+    if let Err(e) = run(&args.cells, args.kv_heads) {
         eprintln!("gpu-attention: {e}");
         std::process::exit(2);
     }
 }
 
-fn run(only: &[(usize, usize)]) -> Result<(), String> {
+fn run(only: &[(usize, usize)], kv_heads: usize) -> Result<(), String> {
     let gpu = CudaBackend::new(0).map_err(|e| format!("no GPU: {e}"))?;
     let info = gpu.device_info().clone();
     println!("GPU: {info}; kernels {}", gpu.kernel_origin());
+    println!(
+        "geometry: 32 query heads, {kv_heads} KV heads, head_dim 128, f16 KV, blocks of 32 tokens"
+    );
     let g = AttentionGeometry {
         n_heads: 32,
-        n_kv_heads: 8,
+        n_kv_heads: kv_heads,
         head_dim: 128,
         block_tokens: 32,
         scale: 1.0 / (128f32).sqrt(),

@@ -90,21 +90,36 @@ __device__ __forceinline__ float exp2_ftz(float x) {
     return y;
 }
 
-// One level of a transposed warp sum over lanes that differ in bits O, O/2, ..., 1: of the 2 * O
-// values v[0 .. 2O) a lane holds, the lane with bit O set keeps the upper half and the other the
-// lower, each adding its partner's copy of the half it keeps; after the last level v[0] is the
-// sum over those lanes of value number (lane's bits O .. 1), where a butterfly would leave every
-// sum in every lane at O times the shuffles.
-template <int O>
+// A transposed warp sum of N values per lane over the lanes that differ in bits O, O/2, ..., 1.
+// While a lane holds two or more values, each level halves them: the lane with bit O set keeps the
+// upper half, the other the lower, each adding its partner's copy of the half it keeps. Once one
+// is left, the remaining levels add it butterfly-wise. A butterfly over all N values would
+// leave every sum in every lane at N shuffles a level; this takes N - 1 in all while N lanes or
+// more take part. Afterwards, with L = 2 * O lanes: N >= L leaves each lane N / L sums, value j
+// of lane c being sum number j + (N / L) * c; N < L leaves one, sum number c / (L / N).
+template <int N, int O>
 __device__ __forceinline__ void transposed_sum(float* v, u32 lane) {
-    const bool upper = (lane & O) != 0;
+    if constexpr (O >= 1) {
+        if constexpr (N >= 2) {
+            const bool upper = (lane & O) != 0;
 #pragma unroll
-    for (int i = 0; i < O; i++) {
-        const float send = upper ? v[i] : v[i + O];
-        const float keep = upper ? v[i + O] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+            for (int i = 0; i < N / 2; i++) {
+                const float send = upper ? v[i] : v[i + N / 2];
+                const float keep = upper ? v[i + N / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+            }
+            transposed_sum<N / 2, O / 2>(v, lane);
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+            transposed_sum<1, O / 2>(v, lane);
+        }
     }
-    if constexpr (O > 1) transposed_sum<O / 2>(v, lane);
+}
+
+// The lane (of a token's L lanes) that ends transposed_sum<N, L / 2> with sum number `pair`.
+template <int N, int L>
+__device__ __forceinline__ u32 pair_lane(int pair) {
+    return N >= L ? pair / (N / L) : pair * (L / N);
 }
 
 // Splits are whole runs of ATTN_SPLIT_TOKENS tokens, not whole blocks: every kernel finds each
@@ -354,13 +369,23 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
     const bool one_block = bt % STEP == 0;
     const u32 first = t0 + warp * STEP;
     u32 entry = one_block && first < t1 ? table[pow2 ? (first >> shift) : (first / bt)] : 0u;
-    // With GP * ATTN_UNROLL == LPT, the scores are reduced transposed (see below): lane c of a
-    // token's LPT lanes ends with pair c = (u, g) = (c / GP, c % GP), and keeps the running max
-    // (m_own, shared by every lane of head g) and its own share of the sum (l_own).
-    constexpr bool TRANSPOSED = GP * ATTN_UNROLL == LPT;
-    const u32 own_u = c / GP;
-    float m_own = NEG_INF, l_own = 0.0f;
-
+    // The step's scores are summed transposed (transposed_sum): of the NP = GP * ATTN_UNROLL
+    // (token, head) pairs of a token sub-group, pair i = u * GP + g, lane c of the LPT lanes ends
+    // with PPL of them (pairs j + PPL * c), or with one that REP lanes share (pair c / REP). A
+    // lane keeps the running max (shared by every lane of the head) and its own share of the
+    // sum for each pair it ends with. The lanes of one head are those whose c agree below
+    // LPT / ATTN_UNROLL (the lanes of the other tokens u above it, and the other sub-groups).
+    constexpr int NP = GP * ATTN_UNROLL;
+    constexpr int PPL = NP >= LPT ? NP / LPT : 1;
+    constexpr int REP = NP >= LPT ? 1 : LPT / NP;
+    constexpr int HEAD_LANES = LPT / ATTN_UNROLL;  // first lane offset between a head's lanes
+    const u32 lane0 = ts * LPT;                     // this sub-group's first lane
+    float m_own[PPL], l_own[PPL];
+#pragma unroll
+    for (int j = 0; j < PPL; j++) {
+        m_own[j] = NEG_INF;
+        l_own[j] = 0.0f;
+    }
     for (u32 base = first; base < t1; base += WARPS * STEP) {
         const u32 next = base + WARPS * STEP;
         u32 next_entry = 0u;
@@ -388,112 +413,70 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
             }
         }
         entry = next_entry;
-        if constexpr (TRANSPOSED) {
-            // Each level of the reduction halves the partial dot products a lane holds: the lane
-            // with bit o set keeps the upper half and adds its partner's, so after log2(LPT)
-            // levels lane c holds the whole score of pair c. One score per lane, not all of them
-            // in every lane: LPT - 1 shuffles where the butterfly takes GP * UNROLL * log2(LPT),
-            // and one exp2 per lane where every lane took them all.
-            float v[LPT];
+        float v[NP];
 #pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; u++) {
-                float k[VEC];
-                widen(kr[u], k, pool);
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            float k[VEC];
+            widen(kr[u], k, pool);
 #pragma unroll
-                for (int g = 0; g < GP; g++) {
-                    float p = 0.0f;
+            for (int g = 0; g < GP; g++) {
+                float p = 0.0f;
 #pragma unroll
-                    for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
-                    v[u * GP + g] = p;
-                }
+                for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
+                v[u * GP + g] = p;
             }
-            transposed_sum<LPT / 2>(v, c);
-            const float s_own = base + own_u * TPW + ts < t1 ? v[0] : NEG_INF;
-            // The head's max over its lanes: the other tokens of this sub-group, then the
-            // other sub-groups. The warp step's first token is in range, so it is finite.
+        }
+        transposed_sum<NP, LPT / 2>(v, c);
+        float p_own[PPL], corr[PPL];
+#pragma unroll
+        for (int j = 0; j < PPL; j++) {
+            const u32 pair = NP >= LPT ? j + PPL * c : c / REP;
+            const float s_own = base + (pair / GP) * TPW + ts < t1 ? v[j] : NEG_INF;
+            // The head's max over its lanes. The step's first token is in range: it is finite.
             float mx = s_own;
 #pragma unroll
-            for (int o = GP; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            const float m_new = fmaxf(m_own, mx);
-            const float corr = exp2_ftz(m_own - m_new);
-            const float p_own = exp2_ftz(s_own - m_new);
-            m_own = m_new;
-            l_own = fmaf(l_own, corr, p_own);
-            const u32 lane0 = ts * LPT;  // this sub-group's first lane
+            for (int o = HEAD_LANES; o < 32; o <<= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_new = fmaxf(m_own[j], mx);
+            corr[j] = exp2_ftz(m_own[j] - m_new);
+            p_own[j] = exp2_ftz(s_own - m_new);
+            m_own[j] = m_new;
+            l_own[j] = fmaf(l_own[j], corr[j], p_own[j]);
+        }
+        // PV: each lane needs the weight of every pair of its sub-group, and each head's
+        // rescale, from the lanes that hold them (pair i: lane i / PPL, value i % PPL).
+#pragma unroll
+        for (int g = 0; g < GP; g++) {
+            const float cg = __shfl_sync(0xffffffffu, corr[g % PPL], lane0 + pair_lane<NP, LPT>(g));
+#pragma unroll
+            for (int i = 0; i < VEC; i++) acc[g][i] *= cg;
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            float vv[VEC];
+            widen(vr[u], vv, pool);
 #pragma unroll
             for (int g = 0; g < GP; g++) {
-                const float cg = __shfl_sync(0xffffffffu, corr, lane0 + g);
+                const int pair = u * GP + g;
+                const float pg = __shfl_sync(0xffffffffu, p_own[pair % PPL],
+                                             lane0 + pair_lane<NP, LPT>(pair));
 #pragma unroll
-                for (int i = 0; i < VEC; i++) acc[g][i] *= cg;
-            }
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; u++) {
-                float vv[VEC];
-                widen(vr[u], vv, pool);
-#pragma unroll
-                for (int g = 0; g < GP; g++) {
-                    const float pg = __shfl_sync(0xffffffffu, p_own, lane0 + u * GP + g);
-#pragma unroll
-                    for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(pg, vv[i], acc[g][i]);
-                }
-            }
-        } else {
-            float s[ATTN_UNROLL][GP];
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; u++) {
-                float k[VEC];
-                widen(kr[u], k, pool);
-#pragma unroll
-                for (int g = 0; g < GP; g++) {
-                    float p = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < VEC; i++) p = fmaf(qv[g][i], k[i], p);
-#pragma unroll
-                    for (int o = LPT / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-                    s[u][g] = ok[u] ? p : NEG_INF;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < GP; g++) {
-                float mx = s[0][g];
-#pragma unroll
-                for (int u = 1; u < ATTN_UNROLL; u++) mx = fmaxf(mx, s[u][g]);
-#pragma unroll
-                for (int o = LPT; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                const float m_new = fmaxf(m[g], mx);
-                const float corr = exp2_ftz(m[g] - m_new);
-                m[g] = m_new;
-                l[g] *= corr;
-#pragma unroll
-                for (int i = 0; i < VEC; i++) acc[g][i] *= corr;
-#pragma unroll
-                for (int u = 0; u < ATTN_UNROLL; u++) {
-                    s[u][g] = exp2_ftz(s[u][g] - m_new);
-                    l[g] += s[u][g];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; u++) {
-                float v[VEC];
-                widen(vr[u], v, pool);
-#pragma unroll
-                for (int g = 0; g < GP; g++) {
-#pragma unroll
-                    for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(s[u][g], v[i], acc[g][i]);
-                }
+                for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(pg, vv[i], acc[g][i]);
             }
         }
     }
-    if constexpr (TRANSPOSED) {
-        // Back to the per-head layout the merge below expects: each sub-group's sum of head g
-        // (over its u lanes) and the head's max, in every lane.
+    // Back to the per-head layout the merge below expects: each sub-group's sum of head g (over
+    // its tokens' lanes) and the head's max, in every lane.
 #pragma unroll
-        for (int o = GP; o < LPT; o <<= 1) l_own += __shfl_xor_sync(0xffffffffu, l_own, o);
+    for (int j = 0; j < PPL; j++) {
 #pragma unroll
-        for (int g = 0; g < GP; g++) {
-            m[g] = __shfl_sync(0xffffffffu, m_own, g);
-            l[g] = __shfl_sync(0xffffffffu, l_own, ts * LPT + g);
-        }
+        for (int o = HEAD_LANES; o < LPT; o <<= 1)
+            l_own[j] += __shfl_xor_sync(0xffffffffu, l_own[j], o);
+    }
+#pragma unroll
+    for (int g = 0; g < GP; g++) {
+        m[g] = __shfl_sync(0xffffffffu, m_own[g % PPL], pair_lane<NP, LPT>(g));
+        l[g] = __shfl_sync(0xffffffffu, l_own[g % PPL], lane0 + pair_lane<NP, LPT>(g));
     }
 
     // Sum the token sub-groups of the warp (same dims, same running max).
