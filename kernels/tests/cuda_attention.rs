@@ -290,7 +290,7 @@ fn decode_generic_kernel_wide_groups_bf16_and_empty_sequences() {
     let cases: [(DType, Dims, &[usize]); 13] = [
         (DType::F32, (8, 2, 96, 16), &[1000, 3, 16]), // generic head_dim
         (DType::F16, (8, 2, 96, 32), &[4096, 1, 33]), // generic head_dim
-        (DType::F16, (32, 2, 128, 32), &[1000, 17]),  // group of 16: two CTAs
+        (DType::F16, (32, 2, 128, 32), &[1000, 17]),  // group of 16: four CTAs of 4
         (DType::F16, (12, 4, 64, 16), &[700]),        // group of 3 (runs as 4)
         (DType::BF16, (32, 8, 128, 32), &[4096, 100, 1]), // bf16 pool
         (DType::F16, (32, 8, 128, 24), &[1000, 24, 47]), // block of 24 (not a power of 2)

@@ -5,7 +5,7 @@
 // One decode query per sequence sees every one of its `seq_len` tokens.
 //
 // attn_decode_*: grid (splits, kv_heads * head_chunks, batch), WARPS warps: 8 for the
-// specialised kernels of 2 to 8 query heads per CTA, 4 for a group of 1 (its 64 registers hold
+// specialised kernels of 2 to 4 query heads per CTA, 4 for a group of 1 (its 64 registers hold
 // no more) and for the generic kernel (its shared memory). A CTA attends
 // one split (a run of tokens, see split_range) of one sequence for ALL the query heads of one GQA group (at
 // most GP of them; larger groups take several head chunks), so each K and V row is read once per
@@ -593,9 +593,12 @@ __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict
 }
 
 // WARPS warps per CTA; MINB: CTAs per SM the kernel is held to (__launch_bounds__), the
-// occupancy its main loop reaches on its own (sm_90: 64, 96 (2 CTAs of 8 warps hold 85), 128 and
-// 255 registers for f16/bf16 groups of 1, 2, 4, 8), so the merge tail never costs a resident CTA.
-// The warps per group are FAST_WARPS in attention.rs.
+// occupancy its main loop reaches on its own (sm_90: 64, 96 (2 CTAs of 8 warps hold 85) and 128
+// registers for f16/bf16 groups of 1, 2, 4), so the merge tail never costs a resident CTA. The
+// warps per group are FAST_WARPS in attention.rs. Groups of 5 to 8 run as CTAs of 4 heads over
+// the same KV (its second read mostly from L2): on an H100 that ran groups of 8 up to 10% faster
+// (1 × 4K; 64 × 32K level) than CTAs of 8 heads, whose 252 registers held one CTA per SM
+// (bench/RESULTS.md, twenty-third session).
 #define ATTN_FAST(NAME, T, D, GP, WARPS, MINB)                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                              \
         NAME(float* out_o, float* out_lse, float* part_o, float* part_lse, u32* arrivals,      \
@@ -606,18 +609,17 @@ __device__ void attn_decode_generic(float* __restrict__ out_o, float* __restrict
                                           splits, scale_log2);                                   \
     }
 
-#define ATTN_FAST_ALL_GROUPS(TN, T, D, M1, M2, M4, M8)        \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g1, T, D, 1, 4, M1)   \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g2, T, D, 2, 8, M2)   \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g4, T, D, 4, 8, M4)   \
-    ATTN_FAST(attn_decode_##TN##_d##D##_g8, T, D, 8, 8, M8)
+#define ATTN_FAST_ALL_GROUPS(TN, T, D, M1, M2, M4)          \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g1, T, D, 1, 4, M1) \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g2, T, D, 2, 8, M2) \
+    ATTN_FAST(attn_decode_##TN##_d##D##_g4, T, D, 4, 8, M4)
 
-ATTN_FAST_ALL_GROUPS(f32, float, 64, 8, 3, 2, 1)
-ATTN_FAST_ALL_GROUPS(f32, float, 128, 8, 3, 2, 1)
-ATTN_FAST_ALL_GROUPS(f16, f16, 64, 8, 2, 2, 1)
-ATTN_FAST_ALL_GROUPS(f16, f16, 128, 8, 2, 2, 1)
-ATTN_FAST_ALL_GROUPS(bf16, bf16, 64, 8, 2, 2, 1)
-ATTN_FAST_ALL_GROUPS(bf16, bf16, 128, 8, 2, 2, 1)
+ATTN_FAST_ALL_GROUPS(f32, float, 64, 8, 3, 2)
+ATTN_FAST_ALL_GROUPS(f32, float, 128, 8, 3, 2)
+ATTN_FAST_ALL_GROUPS(f16, f16, 64, 8, 2, 2)
+ATTN_FAST_ALL_GROUPS(f16, f16, 128, 8, 2, 2)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 64, 8, 2, 2)
+ATTN_FAST_ALL_GROUPS(bf16, bf16, 128, 8, 2, 2)
 
 #define ATTN_GENERIC(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                               \
