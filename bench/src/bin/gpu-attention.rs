@@ -24,8 +24,8 @@
 //! - **Splits sweep**: loop time per call of the small cells at forced split counts
 //!   (`decode_attention_with_splits`), the one `decode_splits` picks marked `*`.
 //!
-//! Geometry: Llama-3-8B (32 query heads, 8 KV heads (`--kv-heads`), head_dim 128), f16 KV, blocks of 32 tokens,
-//! block ids shuffled (paged). Combinations that do not fit in device memory are skipped.
+//! Geometry: Llama-3-8B (32 query heads, 8 KV heads unless `--kv-heads` says otherwise, head_dim
+//! 128), f16 KV, blocks of 32 tokens, block ids shuffled (paged). Combinations that do not fit in device memory are skipped.
 //!
 //! `cargo run --release -p strata-bench --bin gpu-attention [-- --cells 8x4096,1x32768]` (needs an
 //! NVIDIA GPU; without one it says why and exits with status 2). `--cells` keeps only the named
