@@ -567,10 +567,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Some(gpu) => {
-            gpu.set_gemm_precision(match a.gpu_gemm.as_str() {
-                "rounded" => GemmPrecision::Rounded,
-                _ => GemmPrecision::Split,
-            });
+            gpu.set_gemm_precision(gemm_precision(&a.gpu_gemm));
             let (free, total) = gpu.memory_info()?;
             let budget = match a.gpu_mem {
                 Some(b) if b > total as u64 => anyhow::bail!(
@@ -1234,12 +1231,23 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The KV dtype `--kv-dtype` names (`auto`: the model's when it is f16 or bf16, else f32).
-/// The planner's GEMM passes for a `--gpu-gemm` value (see `ModelSpec::gemm_passes`).
-pub(crate) fn gemm_passes(gpu_gemm: &str) -> u64 {
-    if gpu_gemm == "rounded" { 1 } else { 2 }
+/// The GPU GEMM precision a `--gpu-gemm` value names (`split` or `rounded`, as clap checked).
+fn gemm_precision(gpu_gemm: &str) -> GemmPrecision {
+    match gpu_gemm {
+        "rounded" => GemmPrecision::Rounded,
+        _ => GemmPrecision::Split,
+    }
 }
 
+/// The planner's GEMM passes for a `--gpu-gemm` value (see `ModelSpec::gemm_passes`).
+pub(crate) fn gemm_passes(gpu_gemm: &str) -> u64 {
+    match gemm_precision(gpu_gemm) {
+        GemmPrecision::Split => 2,
+        GemmPrecision::Rounded => 1,
+    }
+}
+
+/// The KV dtype `--kv-dtype` names (`auto`: the model's when it is f16 or bf16, else f32).
 fn kv_dtype_arg(arg: &str, cfg: &model::ModelConfig) -> DType {
     match arg {
         "f32" => DType::F32,

@@ -354,11 +354,9 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
         for (int i = 0; i < VEC; i++)
             qv[g][i] = (u32)g < g_count ? q[(row0 + g) * D + c * VEC + i] * scale_log2 : 0.0f;
     }
-    float m[GP], l[GP], acc[GP][VEC];
+    float acc[GP][VEC];
 #pragma unroll
     for (int g = 0; g < GP; g++) {
-        m[g] = NEG_INF;
-        l[g] = 0.0f;
 #pragma unroll
         for (int i = 0; i < VEC; i++) acc[g][i] = 0.0f;
     }
@@ -473,6 +471,7 @@ __device__ void attn_decode_fast(float* __restrict__ out_o, float* __restrict__ 
         for (int o = HEAD_LANES; o < LPT; o <<= 1)
             l_own[j] += __shfl_xor_sync(0xffffffffu, l_own[j], o);
     }
+    float m[GP], l[GP];
 #pragma unroll
     for (int g = 0; g < GP; g++) {
         m[g] = __shfl_sync(0xffffffffu, m_own[g % PPL], pair_lane<NP, LPT>(g));

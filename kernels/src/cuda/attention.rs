@@ -20,9 +20,9 @@
 //!   kernel.
 //! - **Specialisation.** head_dim 64 and 128 with 16-byte loads and groups of 1, 2 or 4 query
 //!   heads per CTA (larger groups take several CTAs over the same KV); any other head_dim up to
-//!   256 runs a generic kernel. CTAs of 2 or 4 heads have 8 warps: half the splits of 4-warp CTAs for the same
-//!   occupancy, so half the partials for the last CTA of a column to merge (bench/RESULTS.md,
-//!   tenth session).
+//!   256 runs a generic kernel. CTAs of 2 or 4 heads have 8 warps: half the splits of 4-warp
+//!   CTAs for the same occupancy, so half the partials for the last CTA of a column to merge
+//!   (bench/RESULTS.md, tenth session).
 //! - **Bandwidth floors.** [`CudaBackend::copy_span_time_ms`] and [`CudaBackend::read_time_ms`]
 //!   time a device-to-device copy and a pure streaming read of a given size, for the bench to
 //!   compare the decode with.
@@ -50,6 +50,8 @@ const GENERIC_WARPS: u32 = 4;
 const GENERIC_MAX_DIM: usize = 256;
 /// Query heads per CTA of each specialised kernel; the generic kernel takes 8.
 const GROUP_SIZES: [usize; 3] = [1, 2, 4];
+/// The most query heads a specialised CTA takes; larger groups take several CTAs.
+const MAX_FAST_GROUP: usize = GROUP_SIZES[GROUP_SIZES.len() - 1];
 const FAST_DIMS: [usize; 2] = [64, 128];
 /// A split covers at least this many tokens.
 const MIN_SPLIT_TOKENS: usize = 64;
@@ -399,10 +401,13 @@ impl AttentionKernels {
             .iter()
             .copied()
             .find(|&g| g >= group)
-            .unwrap_or(4);
+            .unwrap_or(MAX_FAST_GROUP);
         match FAST_DIMS.iter().position(|&d| d == head_dim) {
             Some(di) => {
-                let gi = GROUP_SIZES.iter().position(|&g| g == per_cta).unwrap_or(2);
+                let gi = GROUP_SIZES
+                    .iter()
+                    .position(|&g| g == per_cta)
+                    .unwrap_or(GROUP_SIZES.len() - 1);
                 let idx = (t * FAST_DIMS.len() + di) * GROUP_SIZES.len() + gi;
                 (&self.fast[idx], per_cta)
             }
@@ -1085,7 +1090,7 @@ fn check_decode(
         ));
     }
     let group = g.n_heads / g.n_kv_heads;
-    let ctas_y = g.n_kv_heads * group.div_ceil(4).max(1);
+    let ctas_y = g.n_kv_heads * group.div_ceil(MAX_FAST_GROUP).max(1);
     if !(1..=1024).contains(&splits) || tables.batch > 65_535 || ctas_y > 65_535 {
         return err(format!(
             "{splits} splits, batch {}, {ctas_y} head groups exceed one launch",
