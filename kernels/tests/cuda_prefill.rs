@@ -8,8 +8,8 @@
 //! 8; blocks of 16 and 32 tokens; several sequences of different lengths (not multiples of the
 //! tile or the block) in one call, in shuffled order; chunks that start mid-sequence; tables
 //! that list a non-contiguous subset of a sequence's blocks, or none; f16, bf16 and f32 pools.
-//! Every kernel the pool allows runs (each tensor-core kernel shape, the generic kernel, the
-//! automatic choice).
+//! Every kernel the pool allows runs (each tensor-core kernel shape, the wgmma kernel on Hopper,
+//! the generic kernel, the automatic choice).
 //!
 //! Tolerances: `o` relative to the largest |value| of the row's expected output (all heads),
 //! `lse` relative to max(1, |lse|).
@@ -225,12 +225,15 @@ impl Case {
         download(gpu, &p)
     }
 
-    /// The kernels this pool can run: tensor-core tiles where allowed, the generic kernel,
-    /// and the automatic choice.
-    fn kernels(&self) -> Vec<PrefillKernel> {
+    /// The kernels this pool can run: tensor-core tiles where allowed (wgmma on Hopper), the
+    /// generic kernel, and the automatic choice.
+    fn kernels(&self, gpu: &CudaBackend) -> Vec<PrefillKernel> {
         let mut k = vec![PrefillKernel::Generic, PrefillKernel::Auto];
         if self.dtype != DType::F32 && [64, 128].contains(&self.g.head_dim) {
             k.extend([PrefillKernel::Mma64, PrefillKernel::Mma128]);
+            if gpu.device_info().compute_capability == (9, 0) {
+                k.push(PrefillKernel::Wgmma128);
+            }
         }
         k
     }
@@ -316,7 +319,7 @@ impl Worst {
 /// Runs every kernel the pool allows on `case` (with its own tables) and checks them.
 fn check_case(gpu: &CudaBackend, case: &Case, worst: &mut Worst) {
     let want = case.expected();
-    for kernel in case.kernels() {
+    for kernel in case.kernels(gpu) {
         let got = case.run(gpu, kernel, &case.tables);
         let e = errors(case, &got, &want);
         let tol = tolerance(kernel, case);
@@ -622,18 +625,19 @@ fn prefill_rejects_bad_inputs() {
         .kv_pool(DType::F32, pool.shape(), pool.n_blocks())
         .unwrap();
     let f32_tables = gpu.upload_paged_tables(&f32_pool, &case.tables).unwrap();
-    assert!(
-        gpu.prefill_attention_with(
-            &f32_pool,
-            &f32_tables,
-            &q,
-            &rows,
-            8,
-            0.1,
-            PrefillKernel::Mma64
-        )
-        .is_err()
-    );
+    for kernel in [PrefillKernel::Mma64, PrefillKernel::Wgmma128] {
+        assert!(
+            gpu.prefill_attention_with(&f32_pool, &f32_tables, &q, &rows, 8, 0.1, kernel)
+                .is_err()
+        );
+    }
+    // wgmma anywhere but Hopper.
+    if gpu.device_info().compute_capability != (9, 0) {
+        assert!(
+            gpu.prefill_attention_with(pool, &tables, &q, &rows, 8, 0.125, PrefillKernel::Wgmma128)
+                .is_err()
+        );
+    }
     // No rows: an empty partial.
     let none = gpu.upload_query_rows(&[]).unwrap();
     let q0 = gpu.tensor(0, w, Vec::new()).unwrap();

@@ -18,7 +18,7 @@
 //!
 //! `gpu-prefill [--reps 10] [--warmup 2] [--calls 3] [--shapes 64:512,16:2048,4:8192,1:16384]
 //! [--dtypes bf16,f16] [--kernels auto] [--block-tokens 32] [--json FILE]` (`--kernels` takes
-//! `auto`, `mma64`, `mma128`, `generic`; needs an NVIDIA GPU; without one it says
+//! `auto`, `mma64`, `mma128`, `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU; without one it says
 //! why and exits with status 2).
 
 use std::fmt::Write as _;
@@ -55,7 +55,7 @@ struct Args {
     /// Pool dtypes, comma-separated (bf16, f16).
     #[arg(long, default_value = "bf16,f16", value_delimiter = ',')]
     dtypes: Vec<String>,
-    /// Kernels, comma-separated: auto, mma64, mma128, generic.
+    /// Kernels, comma-separated: auto, mma64, mma128, wgmma128 (Hopper only), generic.
     #[arg(long, default_value = "auto", value_delimiter = ',')]
     kernels: Vec<String>,
     /// Tokens per KV block.
@@ -105,9 +105,10 @@ fn parse_kernel(s: &str) -> Result<PrefillKernel, String> {
         "auto" => Ok(PrefillKernel::Auto),
         "mma64" => Ok(PrefillKernel::Mma64),
         "mma128" => Ok(PrefillKernel::Mma128),
+        "wgmma128" => Ok(PrefillKernel::Wgmma128),
         "generic" => Ok(PrefillKernel::Generic),
         _ => Err(format!(
-            "kernel `{s}`: expected auto, mma64, mma128 or generic"
+            "kernel `{s}`: expected auto, mma64, mma128, wgmma128 or generic"
         )),
     }
 }
@@ -222,6 +223,7 @@ fn kernel_name(k: PrefillKernel) -> &'static str {
         PrefillKernel::Auto => "auto",
         PrefillKernel::Mma64 => "mma64",
         PrefillKernel::Mma128 => "mma128",
+        PrefillKernel::Wgmma128 => "wgmma128",
         PrefillKernel::Generic => "generic",
     }
 }

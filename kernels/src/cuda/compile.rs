@@ -3,7 +3,7 @@
 //!
 //! - One program: `common.cuh` followed by every `.cu` file, compiled once per process with
 //!   `--fmad=false` (no FMA contraction, so rounding follows the CPU backend's separate multiply
-//!   and add) for `compute_XY` of the device.
+//!   and add) for `compute_XY` of the device (`compute_90a` on Hopper, for wgmma).
 //! - Cache: `$XDG_CACHE_HOME/strata/ptx` or `~/.cache/strata/ptx`, one file per key, the key an
 //!   FNV-1a hash of the source, the options, the architecture and the NVRTC version. A file
 //!   starts with a header line carrying the hash of the PTX after it; an entry whose hash does
@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The program's source files, in the order they are concatenated.
-const SOURCES: [(&str, &str); 8] = [
+const SOURCES: [(&str, &str); 9] = [
     ("common.cuh", include_str!("common.cuh")),
     ("elementwise.cu", include_str!("elementwise.cu")),
     ("norm.cu", include_str!("norm.cu")),
@@ -29,6 +29,7 @@ const SOURCES: [(&str, &str); 8] = [
     ("attention.cu", include_str!("attention.cu")),
     ("kvtier.cu", include_str!("kvtier.cu")),
     ("prefill.cu", include_str!("prefill.cu")),
+    ("prefill_hopper.cu", include_str!("prefill_hopper.cu")),
 ];
 
 const CACHE_MAGIC: &str = "// strata-ptx v1 fnv1a64=";
@@ -122,9 +123,12 @@ pub(crate) fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The NVRTC options for compute capability `cc`, and the cache key's architecture name.
+/// The NVRTC options for compute capability `cc`, and the cache key's architecture name. Hopper
+/// (9.0) gets `compute_90a`, whose PTX runs on 9.0 devices only and may use wgmma (the prefill
+/// kernels of prefill_hopper.cu).
 fn options_for(cc: (i32, i32)) -> (String, Vec<String>) {
-    let arch = format!("compute_{}{}", cc.0, cc.1);
+    let suffix = if cc == (9, 0) { "a" } else { "" };
+    let arch = format!("compute_{}{}{suffix}", cc.0, cc.1);
     let mut options = vec![format!("--gpu-architecture={arch}")];
     if let Some(dir) = cuda_include_dir() {
         options.push(format!("--include-path={dir}"));
@@ -280,7 +284,11 @@ mod tests {
         }
         for cc in [(9, 0), (7, 5)] {
             match compile(cc) {
-                Ok(ptx) => assert!(ptx.contains(".visible .entry rope_inplace")),
+                Ok(ptx) => {
+                    assert!(ptx.contains(".visible .entry rope_inplace"));
+                    // Hopper's prefill kernels are compiled, not left as traps.
+                    assert_eq!(ptx.contains("wgmma.mma_async"), cc == (9, 0));
+                }
                 Err(e) => panic!("{e}"),
             }
         }

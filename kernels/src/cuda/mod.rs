@@ -278,7 +278,7 @@ impl CudaBackend {
                             Kernels::bind(m)?,
                             attention::AttentionKernels::bind(m)?,
                             kvtier::KvTierKernels::bind(m)?,
-                            prefill::PrefillKernels::bind(m)?,
+                            prefill::PrefillKernels::bind(m, info.compute_capability)?,
                         ))
                     },
                 )

@@ -20,8 +20,9 @@
 //!   n_heads]` (natural log; `-inf` and `o = 0` for a row that sees no key).
 //! - **Kernels.** f16/bf16 pools with head_dim 64 or 128 on sm_80 or newer: the tensor-core
 //!   kernel (q and P rounded to the pool's dtype for the mma, f32 accumulation and softmax), in
-//!   two shapes ([`PrefillKernel`]). Every other pool (f32, other head dims up to 256, older
-//!   GPUs): a generic kernel in f32 math.
+//!   two shapes ([`PrefillKernel`]); on Hopper (9.0), the same arithmetic on warpgroup tensor
+//!   cores (wgmma, `prefill_hopper.cu`). Every other pool (f32, other head dims up to 256,
+//!   older GPUs): a generic kernel in f32 math.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -56,6 +57,10 @@ pub enum PrefillKernel {
     /// read from shared memory feeds two mma; Q read from shared memory). On an H100: 7-10%
     /// faster than `Mma64` from 2K-token prompts up, even at 64 × 512 (`gpu-prefill`).
     Mma128,
+    /// Hopper's warpgroup tensor cores (wgmma, prefill_hopper.cu): 128 query rows per CTA (two
+    /// warpgroups of 64), key tiles of 128, the softmax of one key tile beside the tensor
+    /// cores' product of the previous one. Compute capability 9.0 only.
+    Wgmma128,
     /// The generic (f32 math, no tensor cores) kernel.
     Generic,
 }
@@ -167,6 +172,9 @@ pub(crate) struct PrefillKernels {
     /// `[dtype f16, bf16][dim as MMA_DIMS][shape as MMA_SHAPES]`, each with whether its shared
     /// memory limit could be raised to what it needs.
     mma: Vec<(CudaFunction, bool)>,
+    /// `[dtype f16, bf16][dim as MMA_DIMS]`, as `mma`; empty unless the GPU is Hopper (9.0),
+    /// the only architecture whose build holds them.
+    wgmma: Vec<(CudaFunction, bool)>,
     /// `[dtype f32, f16, bf16]`.
     generic: Vec<CudaFunction>,
 }
@@ -186,8 +194,23 @@ fn mma_smem_bytes(head_dim: usize, rows: usize, q_in_regs: bool) -> usize {
     4 * KEY_TILE * head_dim * 2 + 2 * KEY_TILE * 4 * 2 + q
 }
 
+/// Threads and query rows per CTA of the wgmma kernel; `PW_THREADS` and `PW_BM` in
+/// prefill_hopper.cu.
+const WGMMA_THREADS: u32 = 256;
+const WGMMA_ROWS: usize = 128;
+
+/// Dynamic shared memory of the wgmma kernel: Q, K twice, V three times (key tiles of 128),
+/// three slot tables of rows and positions, and 1 KiB to align the swizzle atoms.
+fn wgmma_smem_bytes(head_dim: usize) -> usize {
+    let tile = 128 * head_dim * 2;
+    WGMMA_ROWS * head_dim * 2 + 5 * tile + 3 * 2 * 128 * 4 + 1024
+}
+
 impl PrefillKernels {
-    pub(crate) fn bind(module: &Arc<CudaModule>) -> std::result::Result<Self, String> {
+    pub(crate) fn bind(
+        module: &Arc<CudaModule>,
+        cc: (i32, i32),
+    ) -> std::result::Result<Self, String> {
         let load = |name: String| {
             module
                 .load_function(&name)
@@ -210,31 +233,59 @@ impl PrefillKernels {
                 }
             }
         }
+        let mut wgmma = Vec::new();
+        if cc == (9, 0) {
+            for dt in [DType::F16, DType::BF16] {
+                for d in MMA_DIMS {
+                    let f = load(format!("prefill_wgmma_{}_d{d}", dt.name()))?;
+                    let ok = f
+                        .set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            wgmma_smem_bytes(d) as i32,
+                        )
+                        .is_ok();
+                    wgmma.push((f, ok));
+                }
+            }
+        }
         let generic = [DType::F32, DType::F16, DType::BF16]
             .into_iter()
             .map(|dt| load(format!("prefill_generic_{}", dt.name())))
             .collect::<std::result::Result<Vec<_>, String>>()?;
-        Ok(Self { mma, generic })
+        Ok(Self {
+            mma,
+            wgmma,
+            generic,
+        })
     }
 
     /// The tensor-core kernel `kernel` for `dtype` and `head_dim`, if there is one and it can
-    /// run, with its rows per CTA and shared memory bytes.
+    /// run, with its rows per CTA, shared memory bytes and threads per CTA.
     fn mma(
         &self,
         dtype: DType,
         head_dim: usize,
         kernel: PrefillKernel,
-    ) -> Option<(&CudaFunction, usize, usize)> {
+    ) -> Option<(&CudaFunction, usize, usize, u32)> {
         let t = match dtype {
             DType::F16 => 0,
             DType::BF16 => 1,
             DType::F32 => return None,
         };
         let d = MMA_DIMS.iter().position(|&x| x == head_dim)?;
+        if kernel == PrefillKernel::Wgmma128 {
+            let (f, ok) = self.wgmma.get(t * MMA_DIMS.len() + d)?;
+            return ok.then_some((f, WGMMA_ROWS, wgmma_smem_bytes(head_dim), WGMMA_THREADS));
+        }
         let k = MMA_SHAPES.iter().position(|s| s.0 == kernel)?;
         let (_, _, rows, q_in_regs) = MMA_SHAPES[k];
         let (f, ok) = &self.mma[(t * MMA_DIMS.len() + d) * MMA_SHAPES.len() + k];
-        ok.then_some((f, rows, mma_smem_bytes(head_dim, rows, q_in_regs)))
+        ok.then_some((
+            f,
+            rows,
+            mma_smem_bytes(head_dim, rows, q_in_regs),
+            MMA_THREADS,
+        ))
     }
 
     fn generic(&self, dtype: DType) -> &CudaFunction {
@@ -430,7 +481,8 @@ impl CudaBackend {
         let sms = be.info.multiprocessors.max(1) as usize;
         let few = rows.tiles128.n * n_heads < 2 * sms;
         match (has(PrefillKernel::Mma64), has(PrefillKernel::Mma128)) {
-            (true, true) if few => PrefillKernel::Mma64,
+            (true, _) if few => PrefillKernel::Mma64,
+            _ if has(PrefillKernel::Wgmma128) => PrefillKernel::Wgmma128,
             (_, true) => PrefillKernel::Mma128,
             (true, false) => PrefillKernel::Mma64,
             (false, false) => PrefillKernel::Generic,
@@ -492,7 +544,7 @@ impl CudaBackend {
             ),
         };
         let tiles = match mma {
-            Some((_, 128, _)) => &rows.tiles128,
+            Some((_, 128, _, _)) => &rows.tiles128,
             _ => &rows.tiles64,
         };
         let ctas = tiles.n * n_heads;
@@ -507,11 +559,11 @@ impl CudaBackend {
             let (nh, kvh, d, bt) = (u(n_heads), u(s.kv_heads), u(hd), u(s.block_tokens));
             let scale_log2 = scale * std::f32::consts::LOG2_E;
             let (f, cfg) = match mma {
-                Some((f, _, smem)) => (
+                Some((f, _, smem, threads)) => (
                     f,
                     LaunchConfig {
                         grid_dim: (u(ctas), 1, 1),
-                        block_dim: (MMA_THREADS, 1, 1),
+                        block_dim: (threads, 1, 1),
                         shared_mem_bytes: u(smem),
                     },
                 ),
@@ -543,15 +595,16 @@ impl CudaBackend {
                 b.arg(&d);
             }
             b.arg(&bt).arg(&scale_log2);
-            // SAFETY: prefill_mma_*(float* o, float* lse, const float* q, const T* pool,
-            // const u32* tiles, const u32* row_pos, const u32* blk_ids, const u32* blk_starts,
-            // const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,
-            // float scale_log2), and prefill_generic_* the same with u32 head_dim before bt; T
-            // is the pool's dtype. `check_prefill` verified the shapes: q and o hold rows *
+            // SAFETY: prefill_mma_* and prefill_wgmma_*(float* o, float* lse, const float* q,
+            // const T* pool, const u32* tiles, const u32* row_pos, const u32* blk_ids, const u32*
+            // blk_starts, const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads,
+            // u32 bt, float scale_log2), and prefill_generic_* the same with u32 head_dim before
+            // bt; T is the pool's dtype. `check_prefill` verified the shapes: q and o hold rows *
             // n_heads * head_dim values, lse rows * n_heads; every tile (built at upload) covers
             // rows of one sequence b < the tables' batch; every listed block id is inside the
             // pool, and for the tensor-core kernel every pool row index fits u32 below
-            // PF_NONE (`mma_allowed`) and its dynamic shared memory limit was raised at bind.
+            // PF_NONE (`mma_allowed`) and its dynamic shared memory limit was raised at bind;
+            // the wgmma kernels exist only where the program was built for compute_90a (9.0).
             unsafe { b.launch(cfg) }.map_err(|e| device_err(op, e))?;
         }
         Ok(DevicePartial {
