@@ -8,7 +8,7 @@
 //! 8; blocks of 16 and 32 tokens; several sequences of different lengths (not multiples of the
 //! tile or the block) in one call, in shuffled order; chunks that start mid-sequence; tables
 //! that list a non-contiguous subset of a sequence's blocks, or none; f16, bf16 and f32 pools.
-//! Every kernel the pool allows runs (each tensor-core kernel shape, the wgmma kernel on Hopper,
+//! Every kernel the pool allows runs (each tensor-core kernel shape, the wgmma kernels on Hopper,
 //! the generic kernel, the automatic choice).
 //!
 //! Tolerances: `o` relative to the largest |value| of the row's expected output (all heads),
@@ -232,7 +232,7 @@ impl Case {
         if self.dtype != DType::F32 && [64, 128].contains(&self.g.head_dim) {
             k.extend([PrefillKernel::Mma64, PrefillKernel::Mma128]);
             if gpu.device_info().compute_capability == (9, 0) {
-                k.push(PrefillKernel::Wgmma128);
+                k.extend([PrefillKernel::Wgmma64, PrefillKernel::Wgmma128]);
             }
         }
         k
@@ -625,7 +625,11 @@ fn prefill_rejects_bad_inputs() {
         .kv_pool(DType::F32, pool.shape(), pool.n_blocks())
         .unwrap();
     let f32_tables = gpu.upload_paged_tables(&f32_pool, &case.tables).unwrap();
-    for kernel in [PrefillKernel::Mma64, PrefillKernel::Wgmma128] {
+    for kernel in [
+        PrefillKernel::Mma64,
+        PrefillKernel::Wgmma64,
+        PrefillKernel::Wgmma128,
+    ] {
         assert!(
             gpu.prefill_attention_with(&f32_pool, &f32_tables, &q, &rows, 8, 0.1, kernel)
                 .is_err()
@@ -633,10 +637,12 @@ fn prefill_rejects_bad_inputs() {
     }
     // wgmma anywhere but Hopper.
     if gpu.device_info().compute_capability != (9, 0) {
-        assert!(
-            gpu.prefill_attention_with(pool, &tables, &q, &rows, 8, 0.125, PrefillKernel::Wgmma128)
-                .is_err()
-        );
+        for kernel in [PrefillKernel::Wgmma64, PrefillKernel::Wgmma128] {
+            assert!(
+                gpu.prefill_attention_with(pool, &tables, &q, &rows, 8, 0.125, kernel)
+                    .is_err()
+            );
+        }
     }
     // No rows: an empty partial.
     let none = gpu.upload_query_rows(&[]).unwrap();

@@ -18,8 +18,8 @@
 //!
 //! `gpu-prefill [--reps 10] [--warmup 2] [--calls 3] [--shapes 64:512,16:2048,4:8192,1:16384]
 //! [--dtypes bf16,f16] [--kernels auto] [--block-tokens 32] [--json FILE]` (`--kernels` takes
-//! `auto`, `mma64`, `mma128`, `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU; without one it says
-//! why and exits with status 2).
+//! `auto`, `mma64`, `mma128`, `wgmma64` and `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU;
+//! without one it says why and exits with status 2).
 
 use std::fmt::Write as _;
 
@@ -55,7 +55,8 @@ struct Args {
     /// Pool dtypes, comma-separated (bf16, f16).
     #[arg(long, default_value = "bf16,f16", value_delimiter = ',')]
     dtypes: Vec<String>,
-    /// Kernels, comma-separated: auto, mma64, mma128, wgmma128 (Hopper only), generic.
+    /// Kernels, comma-separated: auto, mma64, mma128, wgmma64, wgmma128 (the wgmma kernels on
+    /// Hopper only), generic.
     #[arg(long, default_value = "auto", value_delimiter = ',')]
     kernels: Vec<String>,
     /// Tokens per KV block.
@@ -105,10 +106,11 @@ fn parse_kernel(s: &str) -> Result<PrefillKernel, String> {
         "auto" => Ok(PrefillKernel::Auto),
         "mma64" => Ok(PrefillKernel::Mma64),
         "mma128" => Ok(PrefillKernel::Mma128),
+        "wgmma64" => Ok(PrefillKernel::Wgmma64),
         "wgmma128" => Ok(PrefillKernel::Wgmma128),
         "generic" => Ok(PrefillKernel::Generic),
         _ => Err(format!(
-            "kernel `{s}`: expected auto, mma64, mma128, wgmma128 or generic"
+            "kernel `{s}`: expected auto, mma64, mma128, wgmma64, wgmma128 or generic"
         )),
     }
 }
@@ -223,6 +225,7 @@ fn kernel_name(k: PrefillKernel) -> &'static str {
         PrefillKernel::Auto => "auto",
         PrefillKernel::Mma64 => "mma64",
         PrefillKernel::Mma128 => "mma128",
+        PrefillKernel::Wgmma64 => "wgmma64",
         PrefillKernel::Wgmma128 => "wgmma128",
         PrefillKernel::Generic => "generic",
     }

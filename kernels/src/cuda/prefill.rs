@@ -48,8 +48,9 @@ const TILE_WORDS: usize = 8;
 /// default, `Auto`, is what [`CudaBackend::prefill_attention`] does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// Where the pool allows the tensor-core kernel: `Mma128`, or `Mma64` when `Mma128` would
-    /// not give every SM two CTAs; else the generic kernel.
+    /// Where the pool allows the tensor-core kernel: on Hopper `Wgmma128`, or `Wgmma64` for
+    /// prompts of at most 512 tokens or when `Wgmma128` would not give every SM two CTAs;
+    /// elsewhere `Mma128`, or `Mma64` in the second case; else the generic kernel.
     Auto,
     /// The tensor-core kernel, 64 query rows per CTA (4 warps of 16 rows, Q in registers).
     Mma64,
@@ -57,9 +58,13 @@ pub enum PrefillKernel {
     /// read from shared memory feeds two mma; Q read from shared memory). On an H100: 7-10%
     /// faster than `Mma64` from 2K-token prompts up, even at 64 × 512 (`gpu-prefill`).
     Mma128,
-    /// Hopper's warpgroup tensor cores (wgmma, prefill_hopper.cu): 128 query rows per CTA (two
-    /// warpgroups of 64), key tiles of 128, the softmax of one key tile beside the tensor
-    /// cores' product of the previous one. Compute capability 9.0 only.
+    /// Hopper's warpgroup tensor cores (wgmma, prefill_hopper.cu): 64 query rows per CTA (one
+    /// warpgroup) and key tiles of 64, small enough for two CTAs per SM. Compute capability 9.0
+    /// only.
+    Wgmma64,
+    /// Hopper's warpgroup tensor cores: 128 query rows per CTA (two warpgroups of 64), key
+    /// tiles of 128, the softmax of one key tile beside the tensor cores' product of the
+    /// previous one; one CTA per SM. Compute capability 9.0 only.
     Wgmma128,
     /// The generic (f32 math, no tensor cores) kernel.
     Generic,
@@ -154,6 +159,8 @@ pub struct DeviceQueryRows {
     rows: usize,
     /// The largest sequence index of any row.
     max_b: Option<u32>,
+    /// The largest position of any row (a row sees at most this many keys plus one).
+    max_pos: Option<u32>,
     /// `[rows] u32`.
     row_pos: CudaSlice<u32>,
     /// Tiles of at most 64 rows, and of at most 128.
@@ -172,8 +179,8 @@ pub(crate) struct PrefillKernels {
     /// `[dtype f16, bf16][dim as MMA_DIMS][shape as MMA_SHAPES]`, each with whether its shared
     /// memory limit could be raised to what it needs.
     mma: Vec<(CudaFunction, bool)>,
-    /// `[dtype f16, bf16][dim as MMA_DIMS]`, as `mma`; empty unless the GPU is Hopper (9.0),
-    /// the only architecture whose build holds them.
+    /// `[dtype f16, bf16][dim as MMA_DIMS][shape as WGMMA_SHAPES]`, as `mma`; empty unless the
+    /// GPU is Hopper (9.0), the only architecture whose build holds them.
     wgmma: Vec<(CudaFunction, bool)>,
     /// `[dtype f32, f16, bf16]`.
     generic: Vec<CudaFunction>,
@@ -194,16 +201,20 @@ fn mma_smem_bytes(head_dim: usize, rows: usize, q_in_regs: bool) -> usize {
     4 * KEY_TILE * head_dim * 2 + 2 * KEY_TILE * 4 * 2 + q
 }
 
-/// Threads and query rows per CTA of the wgmma kernel; `PW_THREADS` and `PW_BM` in
-/// prefill_hopper.cu.
-const WGMMA_THREADS: u32 = 256;
-const WGMMA_ROWS: usize = 128;
+/// The wgmma kernel shapes (prefill_hopper.cu's `PW_KERNEL`s): (kernel, entry-point prefix,
+/// query rows per CTA, key slots per tile). A CTA runs a warpgroup (128 threads) per 64 rows.
+const WGMMA_SHAPES: [(PrefillKernel, &str, usize, usize); 2] = [
+    (PrefillKernel::Wgmma64, "wgmma64", 64, 64),
+    (PrefillKernel::Wgmma128, "wgmma128", 128, 128),
+];
 
-/// Dynamic shared memory of the wgmma kernel: Q, K twice, V three times (key tiles of 128),
-/// three slot tables of rows and positions, and 1 KiB to align the swizzle atoms.
-fn wgmma_smem_bytes(head_dim: usize) -> usize {
-    let tile = 128 * head_dim * 2;
-    WGMMA_ROWS * head_dim * 2 + 5 * tile + 3 * 2 * 128 * 4 + 1024
+/// `Auto` takes `Wgmma64` for calls whose rows all sit below this position.
+const WGMMA64_MAX_POS: u32 = 512;
+
+/// Dynamic shared memory of the wgmma kernel: Q, K twice, V three times, three slot tables of
+/// rows and positions, and 1 KiB to align the swizzle atoms.
+fn wgmma_smem_bytes(head_dim: usize, rows: usize, key_tile: usize) -> usize {
+    rows * head_dim * 2 + 5 * key_tile * head_dim * 2 + 3 * 2 * key_tile * 4 + 1024
 }
 
 impl PrefillKernels {
@@ -237,14 +248,16 @@ impl PrefillKernels {
         if cc == (9, 0) {
             for dt in [DType::F16, DType::BF16] {
                 for d in MMA_DIMS {
-                    let f = load(format!("prefill_wgmma_{}_d{d}", dt.name()))?;
-                    let ok = f
-                        .set_attribute(
-                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            wgmma_smem_bytes(d) as i32,
-                        )
-                        .is_ok();
-                    wgmma.push((f, ok));
+                    for (_, prefix, rows, key_tile) in WGMMA_SHAPES {
+                        let f = load(format!("prefill_{prefix}_{}_d{d}", dt.name()))?;
+                        let ok = f
+                            .set_attribute(
+                                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                wgmma_smem_bytes(d, rows, key_tile) as i32,
+                            )
+                            .is_ok();
+                        wgmma.push((f, ok));
+                    }
                 }
             }
         }
@@ -273,9 +286,13 @@ impl PrefillKernels {
             DType::F32 => return None,
         };
         let d = MMA_DIMS.iter().position(|&x| x == head_dim)?;
-        if kernel == PrefillKernel::Wgmma128 {
-            let (f, ok) = self.wgmma.get(t * MMA_DIMS.len() + d)?;
-            return ok.then_some((f, WGMMA_ROWS, wgmma_smem_bytes(head_dim), WGMMA_THREADS));
+        if let Some(k) = WGMMA_SHAPES.iter().position(|s| s.0 == kernel) {
+            let (_, _, rows, key_tile) = WGMMA_SHAPES[k];
+            let (f, ok) = self
+                .wgmma
+                .get((t * MMA_DIMS.len() + d) * WGMMA_SHAPES.len() + k)?;
+            let smem = wgmma_smem_bytes(head_dim, rows, key_tile);
+            return ok.then_some((f, rows, smem, 2 * rows as u32));
         }
         let k = MMA_SHAPES.iter().position(|s| s.0 == kernel)?;
         let (_, _, rows, q_in_regs) = MMA_SHAPES[k];
@@ -446,6 +463,7 @@ impl CudaBackend {
         Ok(DeviceQueryRows {
             rows: rows.len(),
             max_b: rows.iter().map(|r| r.0).max(),
+            max_pos: rows.iter().map(|r| r.1).max(),
             row_pos: be.upload(op, &pos)?,
             tiles64: tile_list(64)?,
             tiles128: tile_list(128)?,
@@ -480,9 +498,14 @@ impl CudaBackend {
         // feeds two mma); Mma64 makes twice the CTAs, for calls too small to fill the GPU.
         let sms = be.info.multiprocessors.max(1) as usize;
         let few = rows.tiles128.n * n_heads < 2 * sms;
+        // Wgmma64 (two CTAs per SM) wins where a CTA's few key tiles make its Q loads and O
+        // stores a large share of its time: on an H100, 2-17% faster up to 512-token prompts,
+        // about even at 1K, 9-19% slower from 2K (`gpu-prefill`, bench/RESULTS.md).
+        let short = rows.max_pos.is_some_and(|p| p < WGMMA64_MAX_POS);
         match (has(PrefillKernel::Mma64), has(PrefillKernel::Mma128)) {
-            (true, _) if few => PrefillKernel::Mma64,
+            _ if (few || short) && has(PrefillKernel::Wgmma64) => PrefillKernel::Wgmma64,
             _ if has(PrefillKernel::Wgmma128) => PrefillKernel::Wgmma128,
+            (true, _) if few => PrefillKernel::Mma64,
             (_, true) => PrefillKernel::Mma128,
             (true, false) => PrefillKernel::Mma64,
             (false, false) => PrefillKernel::Generic,

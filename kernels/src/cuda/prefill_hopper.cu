@@ -2,13 +2,16 @@
 // program is compiled for compute_90a there). Same inputs, outputs and tiles as prefill.cu's
 // kernels; this file only changes how a tile is computed.
 //
-// prefill_wgmma_{dtype}_d{64,128}: one CTA per (tile of at most 128 query rows, query head), two
-// warpgroups of 64 rows. Key tiles are PW_BN = 128 slots of the listed blocks, gathered with
-// cp.async (all 256 threads) into shared memory in the layout wgmma reads without a copy: each
+// prefill_wgmma{128,64}_{dtype}_d{64,128}: one CTA per (tile of query rows, query head). wgmma128:
+// tiles of 128 rows, two warpgroups of 64, key tiles of BN = 128 slots, one CTA per SM (its
+// registers); wgmma64: one warpgroup, 64 rows, key tiles of 64, half the shared memory, so that
+// two CTAs share an SM and one's loads and stores run beside the other's products (short prompts,
+// where a CTA's first loads and last stores are a large part of its time). Key tiles are gathered
+// from the listed blocks with cp.async (all threads) into shared memory in the layout wgmma reads without a copy: each
 // 64-element half of a row is a 128-byte line, lines XOR-swizzled in 1024-byte atoms (the
 // hardware's 128-byte swizzle), so Q and K are K-major operands and V an MN-major one
 // (transposed by the instruction). Per key tile j, a warpgroup:
-//   1. issues S = Q K_j^T (m64n128, both operands in shared memory) and, behind it,
+//   1. issues S = Q K_j^T (m64nBN, both operands in shared memory) and, behind it,
 //      O += P_{j-1} V_{j-1} (m64nD, P from registers) for the previous tile;
 //   2. waits for S only, and runs the masking and the online softmax of tile j on the CUDA cores
 //      while the tensor cores still work on P_{j-1} V_{j-1};
@@ -21,9 +24,6 @@
 // Writes by ordinary stores and cp.async reach wgmma (the async proxy) only after
 // `fence.proxy.async`; every thread fences its own writes before the barrier that publishes them.
 
-#define PW_BN 128
-#define PW_BM 128
-#define PW_THREADS 256
 #define PW_KSTAGES 2
 #define PW_VSTAGES 3
 #define PW_INFO 3  // slot tables in flight: the tile computed, the one gathered, the next
@@ -31,8 +31,9 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 // The wgmma shapes used, as macros over the operand type's PTX name: S = Q K^T with both operands
-// in shared memory (m64n128), and O += P V with P in registers (m64n128 for head_dim 128, m64n64
-// for 64). `acc` 0 overwrites d. V is MN-major: the last immediate transposes it.
+// in shared memory (m64n128 or m64n64 for key tiles of 128 or 64), and O += P V with P in
+// registers (m64n128 for head_dim 128, m64n64 for 64). `acc` 0 overwrites d. V is MN-major: the
+// last immediate transposes it.
 #define PW_SS_N128(TY)                                                                                             \
     asm volatile(                                                                                                  \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                               \
@@ -50,6 +51,19 @@
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+        : "l"(da), "l"(db), "r"(acc));
+
+#define PW_SS_N64(TY)                                                                                              \
+    asm volatile(                                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                                               \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                           \
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                         \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
         : "l"(da), "l"(db), "r"(acc));
 
 #define PW_RS_N128(TY)                                                                                             \
@@ -85,8 +99,13 @@
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 
 #define PW_SHAPES(T, TY)                                                                      \
-    __device__ __forceinline__ void pw_ss_n128(float* d, u64 da, u64 db, u32 acc, const T*) { \
+    __device__ __forceinline__ void pw_ss(float* d, u64 da, u64 db, u32 acc, const T*,        \
+                                          int (*)[128]) {                                     \
         PW_SS_N128(TY)                                                                        \
+    }                                                                                         \
+    __device__ __forceinline__ void pw_ss(float* d, u64 da, u64 db, u32 acc, const T*,        \
+                                          int (*)[64]) {                                      \
+        PW_SS_N64(TY)                                                                         \
     }                                                                                         \
     __device__ __forceinline__ void pw_rs(float* d, const u32* a, u64 db, u32 acc, const T*,  \
                                           int (*)[128]) {                                     \
@@ -127,46 +146,53 @@ __device__ __forceinline__ u32 pw_swz(u32 r, u32 ch) {
     return (ch >> 3) * (R * 128u) + r * 128u + (((ch & 7u) ^ (r & 7u)) << 4);
 }
 
-// The max (MAX) or the sum of t[0 .. PW_BN / 8), pairwise (short dependency chains); written out
-// level by level so that t stays in registers.
+// The max (MAX) or the sum of t[0 .. 2 W), pairwise (short dependency chains), one level per
+// instantiation so that every index is a constant and t stays in registers.
+template <bool MAX, int W>
+struct PwTree {
+    static __device__ __forceinline__ float run(float* t) {
+#pragma unroll
+        for (int n = 0; n < W; n++) t[n] = MAX ? fmaxf(t[n], t[n + W]) : t[n] + t[n + W];
+        return PwTree<MAX, W / 2>::run(t);
+    }
+};
 template <bool MAX>
+struct PwTree<MAX, 0> {
+    static __device__ __forceinline__ float run(float* t) { return t[0]; }
+};
+template <bool MAX, int N>
 __device__ __forceinline__ float pw_tree(float* t) {
-    static_assert(PW_BN == 128, "one level per halving of 16 values");
-#define PW_LEVEL(W)                                                                    \
-    _Pragma("unroll") for (int n = 0; n < W; n++) t[n] = MAX ? fmaxf(t[n], t[n + W]) \
-                                                             : t[n] + t[n + W];
-    PW_LEVEL(8)
-    PW_LEVEL(4)
-    PW_LEVEL(2)
-    PW_LEVEL(1)
-#undef PW_LEVEL
-    return t[0];
+    static_assert((N & (N - 1)) == 0, "a power of two");
+    return PwTree<MAX, N / 2>::run(t);
 }
 
-template <typename T, int D>
+// WGS warpgroups of 64 query rows; key tiles of BN slots.
+template <typename T, int D, int WGS, int BN>
 __device__ __forceinline__ void prefill_wgmma(
     float* __restrict__ out_o, float* __restrict__ out_lse, const float* __restrict__ q,
     const T* __restrict__ pool, const u32* __restrict__ tiles, const u32* __restrict__ row_pos,
     const u32* __restrict__ blk_ids, const u32* __restrict__ blk_starts,
     const u32* __restrict__ seq_first, const u32* __restrict__ seq_tokens, u32 n_heads,
     u32 kv_heads, u32 bt, float scale_log2) {
+    constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
+    static_assert(THREADS >= BN, "one thread per key slot for the slot tables");
     constexpr int CPR = D / 8;         // 16-byte chunks per row
     constexpr int KSTEPS = D / 16;     // k-steps of S = Q K^T
-    constexpr int PSTEPS = PW_BN / 16; // k-steps of O += P V
-    constexpr int SN = PW_BN / 2;      // S accumulators per thread
+    constexpr int PSTEPS = BN / 16; // k-steps of O += P V
+    constexpr int SN = BN / 2;      // S accumulators per thread
     constexpr int ON = D / 2;          // O accumulators per thread
-    constexpr u32 Q_BYTES = PW_BM * D * 2;
-    constexpr u32 KV_BYTES = PW_BN * D * 2;
+    constexpr u32 Q_BYTES = BM * D * 2;
+    constexpr u32 KV_BYTES = BN * D * 2;
     extern __shared__ __align__(128) unsigned char pw_smem[];
     // From the first 1024-byte boundary (swizzle atoms are aligned): Q | K x2 | V x3 | krow u32
-    // [PW_INFO][PW_BN] | kpos u32 [PW_INFO][PW_BN] (krow and kpos as in prefill.cu).
+    // [PW_INFO][BN] | kpos u32 [PW_INFO][BN] (krow and kpos as in prefill.cu).
     const u32 raw = pf_smem_addr(pw_smem);
     const u32 base = (raw + 1023u) & ~1023u;
     unsigned char* const smem = pw_smem + (base - raw);
     const u32 q_base = base, k_base = base + Q_BYTES;
     const u32 v_base = k_base + PW_KSTAGES * KV_BYTES;
     u32* s_krow = reinterpret_cast<u32*>(smem + Q_BYTES + (PW_KSTAGES + PW_VSTAGES) * KV_BYTES);
-    u32* s_kpos = s_krow + PW_INFO * PW_BN;
+    u32* s_kpos = s_krow + PW_INFO * BN;
 
     const u32 tid = threadIdx.x, lane = tid & 31u, wg = tid >> 7, wi = (tid >> 5) & 3u;
     const u32 g = lane >> 2, t4 = lane & 3u;
@@ -178,12 +204,12 @@ __device__ __forceinline__ void prefill_wgmma(
 
     // Q first (f32; rows past the tile are zero), so that it is in flight during the dependent
     // loads below.
-    constexpr int QCH = PW_BM * CPR / PW_THREADS;
+    constexpr int QCH = BM * CPR / THREADS;
     const u64 q_stride = (u64)n_heads * D;
     float4 qx[QCH][2];
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * PW_THREADS;
+        const u32 c = tid + i * THREADS;
         const u32 r = c / CPR, ch = c % CPR;
         qx[i][0] = qx[i][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (r < nrows) {
@@ -210,26 +236,26 @@ __device__ __forceinline__ void prefill_wgmma(
     const u32 n_slots = min(lo * bt, seq_tokens[b]);
     // Broadcast from lane 0: the compiler then knows that the loop's branches do not diverge
     // inside a warp, and keeps wgmma asynchronous across them.
-    const u32 n_ktiles = __shfl_sync(0xffffffffu, (n_slots + PW_BN - 1) / PW_BN, 0);
+    const u32 n_ktiles = __shfl_sync(0xffffffffu, (n_slots + BN - 1) / BN, 0);
     const u32 v_rows = kv_heads * bt;
 
     auto slot_info = [&](u32 kt) {
-        if (tid < PW_BN) {
-            const u32 s = kt * PW_BN + tid, buf = kt % PW_INFO;
+        if (tid < BN) {
+            const u32 s = kt * BN + tid, buf = kt % PW_INFO;
             u32 kpos = PF_NONE, krow = PF_NONE;
             if (s < n_slots) {
                 const u32 e = s / bt, o = s - e * bt;
                 kpos = blk_starts[first + e] + o;
                 krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
             }
-            s_kpos[buf * PW_BN + tid] = kpos;
-            s_krow[buf * PW_BN + tid] = krow;
+            s_kpos[buf * BN + tid] = kpos;
+            s_krow[buf * BN + tid] = krow;
         }
     };
     // K and V of key tile `kt` into their stages; each thread copies chunk `tid % CPR` of rows
-    // tid / CPR + i * PW_THREADS / CPR.
+    // tid / CPR + i * THREADS / CPR.
     const T* pool_ch = pool + (tid % CPR) * 8;
-    constexpr int LOADS = PW_BN * CPR / PW_THREADS;
+    constexpr int LOADS = BN * CPR / THREADS;
     auto load_kv = [&](u32 kt) {
         const u32 buf = kt % PW_INFO;
         const u32 kdst = k_base + (kt % PW_KSTAGES) * KV_BYTES;
@@ -237,11 +263,11 @@ __device__ __forceinline__ void prefill_wgmma(
         u32 krow[LOADS];
 #pragma unroll
         for (int i = 0; i < LOADS; i++)
-            krow[i] = s_krow[buf * PW_BN + (tid + i * PW_THREADS) / CPR];
+            krow[i] = s_krow[buf * BN + (tid + i * THREADS) / CPR];
 #pragma unroll
         for (int i = 0; i < LOADS; i++) {
-            const u32 c = tid + i * PW_THREADS;
-            const u32 off = pw_swz<PW_BN>(c / CPR, c % CPR);
+            const u32 c = tid + i * THREADS;
+            const u32 off = pw_swz<BN>(c / CPR, c % CPR);
             const bool valid = krow[i] != PF_NONE;
             const T* src = pool_ch + (u64)(valid ? krow[i] : 0u) * D;
             pf_cp_async16(kdst + off, src, valid ? 16u : 0u);
@@ -257,14 +283,14 @@ __device__ __forceinline__ void prefill_wgmma(
     // Q, scaled and rounded to T (zero rows stay zero).
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * PW_THREADS;
+        const u32 c = tid + i * THREADS;
         const float4 x = qx[i][0], y = qx[i][1];
         uint4 v;
         v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
         v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
         v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
         v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
-        *reinterpret_cast<uint4*>(smem + pw_swz<PW_BM>(c / CPR, c % CPR)) = v;
+        *reinterpret_cast<uint4*>(smem + pw_swz<BM>(c / CPR, c % CPR)) = v;
     }
 
     // Accumulator layout (per warp, as mma.sync's m16n8): element 4 n + e of S or O is row
@@ -281,7 +307,7 @@ __device__ __forceinline__ void prefill_wgmma(
         const u32 vb = v_base + ((j - 1) % PW_VSTAGES) * KV_BYTES;
 #pragma unroll
         for (int ks = 0; ks < PSTEPS; ks++)
-            pw_rs(o, p_prev[ks], pw_desc(vb + ks * 16 * 128u, PW_BN * 128u, 1024), 1, pool,
+            pw_rs(o, p_prev[ks], pw_desc(vb + ks * 16 * 128u, BN * 128u, 1024), 1, pool,
                   (int (*)[D])0);
     };
     // Key tile j; `pv`: whether a previous tile's product is due (false only for tile 0, a
@@ -293,7 +319,7 @@ __device__ __forceinline__ void prefill_wgmma(
         if (j + 1 < n_ktiles) load_kv(j + 1);
         if (j + 2 < n_ktiles) slot_info(j + 2);
 
-        // Both warpgroups compute every key tile: with prompts aligned to 128 tokens every key
+        // Every warpgroup computes every key tile: with prompts aligned to 128 tokens every key
         // tile of a query tile reaches both of its halves, and a skipped tile would put wgmma
         // under a branch. Keys after a row are masked.
         float s[SN];
@@ -302,9 +328,9 @@ __device__ __forceinline__ void prefill_wgmma(
         pw_fence();
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; kk++) {
-            const u32 off = (kk >> 2) * (PW_BN * 128u) + (kk & 3) * 32u;
-            const u64 da = pw_desc(q_wg + (kk >> 2) * (PW_BM * 128u) + (kk & 3) * 32u, 16, 1024);
-            pw_ss_n128(s, da, pw_desc(kb + off, 16, 1024), kk > 0, pool);
+            const u32 off = (kk >> 2) * (BN * 128u) + (kk & 3) * 32u;
+            const u64 da = pw_desc(q_wg + (kk >> 2) * (BM * 128u) + (kk & 3) * 32u, 16, 1024);
+            pw_ss(s, da, pw_desc(kb + off, 16, 1024), kk > 0, pool, (int (*)[BN])0);
         }
         pw_commit();
         if (pv) issue_pv(j);
@@ -313,10 +339,10 @@ __device__ __forceinline__ void prefill_wgmma(
 #pragma unroll
         for (int i = 0; i < SN; i++) pw_pin(s[i]);
 
-        const u32 info = (j % PW_INFO) * PW_BN;
-        if (s_kpos[info + PW_BN - 1] > warp_min) {  // some key of the tile is after some row
+        const u32 info = (j % PW_INFO) * BN;
+        if (s_kpos[info + BN - 1] > warp_min) {  // some key of the tile is after some row
 #pragma unroll
-            for (int n = 0; n < PW_BN / 8; n++) {
+            for (int n = 0; n < BN / 8; n++) {
                 const uint2 kp = *reinterpret_cast<const uint2*>(s_kpos + info + n * 8 + 2 * t4);
                 if (kp.x > pos0) s[4 * n] = NEG_INF;
                 if (kp.y > pos0) s[4 * n + 1] = NEG_INF;
@@ -329,10 +355,10 @@ __device__ __forceinline__ void prefill_wgmma(
         for (int hf = 0; hf < 2; hf++) {  // rows g (hf 0) and g + 8 (hf 1)
             float& m = hf ? m1 : m0;
             float& l = hf ? l1 : l0;
-            float t[PW_BN / 8];
+            float t[BN / 8];
 #pragma unroll
-            for (int n = 0; n < PW_BN / 8; n++) t[n] = fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]);
-            float mx = fmaxf(pw_tree<true>(t), m);
+            for (int n = 0; n < BN / 8; n++) t[n] = fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]);
+            float mx = fmaxf(pw_tree<true, BN / 8>(t), m);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // A row that has seen nothing yet keeps max -inf: subtract 0 so that exp2 gives 0,
@@ -341,12 +367,12 @@ __device__ __forceinline__ void prefill_wgmma(
             corr[hf] = pf_exp2(m - base_m);
             m = mx;
 #pragma unroll
-            for (int n = 0; n < PW_BN / 8; n++) {
+            for (int n = 0; n < BN / 8; n++) {
                 s[4 * n + 2 * hf] = pf_exp2(s[4 * n + 2 * hf] - base_m);
                 s[4 * n + 2 * hf + 1] = pf_exp2(s[4 * n + 2 * hf + 1] - base_m);
                 t[n] = s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
             }
-            l = l * corr[hf] + pw_tree<false>(t);
+            l = l * corr[hf] + pw_tree<false, BN / 8>(t);
         }
 #pragma unroll
         for (int ks = 0; ks < PSTEPS; ks++) {
@@ -408,24 +434,29 @@ __device__ __forceinline__ void prefill_wgmma(
     }
 }
 
-#define PW_BODY(T, D)                                                                           \
-    prefill_wgmma<T, D>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts, seq_first, \
-                        seq_tokens, n_heads, kv_heads, bt, scale_log2);
+#define PW_BODY(T, D, WGS, BN)                                                                 \
+    prefill_wgmma<T, D, WGS, BN>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,   \
+                                 seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
 #else
 // Not compiled for sm_90a: the host never launches these (see prefill.rs).
-#define PW_BODY(T, D) __trap();
+#define PW_BODY(T, D, WGS, BN) __trap();
 #endif
 
-#define PW_KERNEL(NAME, T, D)                                                                 \
-    extern "C" __global__ void __launch_bounds__(PW_THREADS, 1)                               \
+// MINB: CTAs per SM that the registers must allow (wgmma64 is meant to run two to an SM).
+#define PW_KERNEL(NAME, T, D, WGS, BN, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, MINB)                             \
         NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
              const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
              const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,  \
              float scale_log2) {                                                              \
-        PW_BODY(T, D)                                                                         \
+        PW_BODY(T, D, WGS, BN)                                                                \
     }
 
-PW_KERNEL(prefill_wgmma_f16_d64, f16, 64)
-PW_KERNEL(prefill_wgmma_f16_d128, f16, 128)
-PW_KERNEL(prefill_wgmma_bf16_d64, bf16, 64)
-PW_KERNEL(prefill_wgmma_bf16_d128, bf16, 128)
+PW_KERNEL(prefill_wgmma128_f16_d64, f16, 64, 2, 128, 1)
+PW_KERNEL(prefill_wgmma128_f16_d128, f16, 128, 2, 128, 1)
+PW_KERNEL(prefill_wgmma128_bf16_d64, bf16, 64, 2, 128, 1)
+PW_KERNEL(prefill_wgmma128_bf16_d128, bf16, 128, 2, 128, 1)
+PW_KERNEL(prefill_wgmma64_f16_d64, f16, 64, 1, 64, 2)
+PW_KERNEL(prefill_wgmma64_f16_d128, f16, 128, 1, 64, 2)
+PW_KERNEL(prefill_wgmma64_bf16_d64, bf16, 64, 1, 64, 2)
+PW_KERNEL(prefill_wgmma64_bf16_d128, bf16, 128, 1, 64, 2)
