@@ -7,10 +7,10 @@
 // registers); wgmma64: one warpgroup, 64 rows, key tiles of 64, half the shared memory, so that
 // two CTAs share an SM and one's loads and stores run beside the other's products (short prompts,
 // where a CTA's first loads and last stores are a large part of its time). Key tiles are gathered
-// from the listed blocks with cp.async (all threads) into shared memory in the layout wgmma reads without a copy: each
-// 64-element half of a row is a 128-byte line, lines XOR-swizzled in 1024-byte atoms (the
-// hardware's 128-byte swizzle), so Q and K are K-major operands and V an MN-major one
-// (transposed by the instruction). Per key tile j, a warpgroup:
+// from the listed blocks with cp.async (all threads) into shared memory in the layout wgmma
+// reads without a copy: each 64-element half of a row is a 128-byte line, lines XOR-swizzled in
+// 1024-byte atoms (the hardware's 128-byte swizzle), so Q and K are K-major operands and V an
+// MN-major one (transposed by the instruction). Per key tile j, a warpgroup:
 //   1. issues S = Q K_j^T (m64nBN, both operands in shared memory) and, behind it,
 //      O += P_{j-1} V_{j-1} (m64nD, P from registers) for the previous tile;
 //   2. waits for S only, and runs the masking and the online softmax of tile j on the CUDA cores
@@ -18,8 +18,8 @@
 //   3. waits for that product, then rescales O to tile j's running max.
 // The product of the last tile is issued after the loop. K tiles are double-buffered and V
 // tiles triple-buffered (V_j is read one tile later than K_j); the tile after the current one is
-// gathered while it runs, behind one barrier per tile. Both warpgroups compute every key tile
-// of their CTA (no wgmma is issued under a branch, which would serialize them).
+// gathered while it runs, behind one barrier per tile. Every warpgroup computes every key tile
+// of its CTA (no wgmma is issued under a branch, which would serialize them).
 //
 // Writes by ordinary stores and cp.async reach wgmma (the async proxy) only after
 // `fence.proxy.async`; every thread fences its own writes before the barrier that publishes them.
