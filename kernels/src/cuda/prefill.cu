@@ -99,6 +99,58 @@ __device__ __forceinline__ u32 pf_swz(u32 r, u32 ch) {
     return r * (D * 2) + ((ch ^ (r & 7u)) << 4);
 }
 
+// Q's f32 chunk `ch` (8 values) of the tile's row `r`, zero for a row past the tile (of
+// `nrows`); the tensor-core kernels here and in prefill_hopper.cu load Q so.
+template <int D>
+__device__ __forceinline__ void pf_load_q8(float4 (&x)[2], const float* q, u32 r, u32 ch,
+                                           u32 row0, u32 nrows, u64 q_stride, u32 h) {
+    x[0] = x[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < nrows) {
+        const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
+        x[0] = *reinterpret_cast<const float4*>(src);
+        x[1] = *reinterpret_cast<const float4*>(src + 4);
+    }
+}
+
+// Those 8 values scaled and rounded to T, as the 16 bytes Q's shared copy holds.
+template <typename T>
+__device__ __forceinline__ uint4 pf_pack_q8(const float4 (&x)[2], float scale, const T* t) {
+    uint4 v;
+    v.x = pf_pack(x[0].x * scale, x[0].y * scale, t);
+    v.y = pf_pack(x[0].z * scale, x[0].w * scale, t);
+    v.z = pf_pack(x[1].x * scale, x[1].y * scale, t);
+    v.w = pf_pack(x[1].z * scale, x[1].w * scale, t);
+    return v;
+}
+
+// Key slots of sequence b that a tile whose last row sits at `max_pos` reads: those of the
+// listed blocks (from `first`, `n_listed` of them) that start at or before max_pos (starts
+// increase), at most the sequence's `tokens`.
+__device__ __forceinline__ u32 pf_listed_slots(const u32* blk_starts, u32 first, u32 n_listed,
+                                               u32 max_pos, u32 bt, u32 tokens) {
+    u32 lo = 0, hi = n_listed;
+    while (lo < hi) {
+        const u32 mid = (lo + hi) >> 1;
+        if (blk_starts[first + mid] <= max_pos) lo = mid + 1;
+        else hi = mid;
+    }
+    return min(lo * bt, tokens);
+}
+
+// Key slot `s`'s position and K row in the pool (in rows of head_dim elements; its V row is
+// kv_heads * bt further), both PF_NONE for a slot past `n_slots`.
+__device__ __forceinline__ void pf_slot(u32 s, u32 n_slots, const u32* blk_starts,
+                                        const u32* blk_ids, u32 first, u32 bt, u32 kv_heads,
+                                        u32 kvh, u32& kpos, u32& krow) {
+    kpos = PF_NONE;
+    krow = PF_NONE;
+    if (s < n_slots) {
+        const u32 e = s / bt, o = s - e * bt;
+        kpos = blk_starts[first + e] + o;
+        krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
+    }
+}
+
 // W warps of MT m-tiles (16 rows each): a CTA takes BM = 16 W MT query rows. With MT = 1 the
 // warp keeps its Q fragments in registers (Q's shared copy then lives in stage 1 of the K/V
 // ring until the loop overwrites it); with MT = 2 each K/V fragment read from shared memory
@@ -151,13 +203,7 @@ __device__ __forceinline__ void prefill_mma(
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
         const u32 c = tid + i * THREADS;
-        const u32 r = c / CPR, ch = c % CPR;
-        qx[i][0] = qx[i][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r < nrows) {
-            const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
-            qx[i][0] = *reinterpret_cast<const float4*>(src);
-            qx[i][1] = *reinterpret_cast<const float4*>(src + 4);
-        }
+        pf_load_q8<D>(qx[i], q, c / CPR, c % CPR, row0, nrows, q_stride, h);
     }
     const u32 wr = warp * WR;
     const bool warp_rows = wr < nrows;
@@ -171,31 +217,17 @@ __device__ __forceinline__ void prefill_mma(
     const u32 warp_min = row_pos[row0 + min(wr, last_row)];
     const u32 warp_max = row_pos[row0 + min(wr + WR - 1, last_row)];
 
-    // Listed blocks that start at or before the tile's last position (starts increase).
-    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
-    u32 lo = 0, hi = n_listed;
-    while (lo < hi) {
-        const u32 mid = (lo + hi) >> 1;
-        if (blk_starts[first + mid] <= max_pos) lo = mid + 1;
-        else hi = mid;
-    }
-    const u32 n_slots = min(lo * bt, seq_tokens[b]);
+    const u32 first = seq_first[b];
+    const u32 n_slots =
+        pf_listed_slots(blk_starts, first, seq_first[b + 1] - first, max_pos, bt, seq_tokens[b]);
     const u32 n_ktiles = (n_slots + PF_BN - 1) / PF_BN;
     const u32 v_rows = kv_heads * bt;  // from a K row to its V row
 
     // Slot addresses and positions of key tile `kt` into buffer `buf` (threads 0 .. PF_BN-1).
     auto slot_info = [&](u32 kt, u32 buf) {
-        if (tid < PF_BN) {
-            const u32 s = kt * PF_BN + tid;
-            u32 kpos = PF_NONE, krow = PF_NONE;
-            if (s < n_slots) {
-                const u32 e = s / bt, o = s - e * bt;
-                kpos = blk_starts[first + e] + o;
-                krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
-            }
-            s_kpos[buf * PF_BN + tid] = kpos;
-            s_krow[buf * PF_BN + tid] = krow;
-        }
+        if (tid < PF_BN)
+            pf_slot(kt * PF_BN + tid, n_slots, blk_starts, blk_ids, first, bt, kv_heads, kvh,
+                    s_kpos[buf * PF_BN + tid], s_krow[buf * PF_BN + tid]);
     };
     // K (extra = 0) or V (extra = v_rows) of the tile described in `buf`, into `dst`. Every
     // chunk a thread copies is chunk `tid % CPR` of its row (THREADS is a multiple of CPR). The
@@ -228,14 +260,8 @@ __device__ __forceinline__ void prefill_mma(
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
         const u32 c = tid + i * THREADS;
-        const u32 r = c / CPR, ch = c % CPR;
-        const float4 x = qx[i][0], y = qx[i][1];
-        uint4 v;
-        v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
-        v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
-        v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
-        v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
-        *reinterpret_cast<uint4*>(s_q + pf_swz<D>(r, ch)) = v;
+        *reinterpret_cast<uint4*>(s_q + pf_swz<D>(c / CPR, c % CPR)) =
+            pf_pack_q8(qx[i], scale_log2, pool);
     }
     __syncthreads();
 

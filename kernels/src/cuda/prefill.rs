@@ -227,37 +227,33 @@ impl PrefillKernels {
                 .load_function(&name)
                 .map_err(|e| format!("kernel `{name}` missing: {e}"))
         };
+        // A tensor-core kernel with whether its dynamic shared memory limit could be raised to
+        // `smem`: a device with less per block refuses, and that kernel is then not used (the
+        // generic one runs).
+        let load_tc = |name: String, smem: usize| {
+            let f = load(name)?;
+            let ok = f
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .is_ok();
+            Ok::<_, String>((f, ok))
+        };
         let mut mma = Vec::new();
+        let mut wgmma = Vec::new();
         for dt in [DType::F16, DType::BF16] {
             for d in MMA_DIMS {
                 for (_, suffix, rows, q_in_regs) in MMA_SHAPES {
-                    let f = load(format!("prefill_mma_{}_d{d}_{suffix}", dt.name()))?;
-                    // A device with less shared memory per block refuses; that kernel is then
-                    // not used (the generic one runs).
-                    let ok = f
-                        .set_attribute(
-                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            mma_smem_bytes(d, rows, q_in_regs) as i32,
-                        )
-                        .is_ok();
-                    mma.push((f, ok));
+                    let name = format!("prefill_mma_{}_d{d}_{suffix}", dt.name());
+                    mma.push(load_tc(name, mma_smem_bytes(d, rows, q_in_regs))?);
                 }
-            }
-        }
-        let mut wgmma = Vec::new();
-        if cc == (9, 0) {
-            for dt in [DType::F16, DType::BF16] {
-                for d in MMA_DIMS {
-                    for (_, prefix, rows, key_tile) in WGMMA_SHAPES {
-                        let f = load(format!("prefill_{prefix}_{}_d{d}", dt.name()))?;
-                        let ok = f
-                            .set_attribute(
-                                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                wgmma_smem_bytes(d, rows, key_tile) as i32,
-                            )
-                            .is_ok();
-                        wgmma.push((f, ok));
-                    }
+                if cc != (9, 0) {
+                    continue;
+                }
+                for (_, prefix, rows, key_tile) in WGMMA_SHAPES {
+                    let name = format!("prefill_{prefix}_{}_d{d}", dt.name());
+                    wgmma.push(load_tc(name, wgmma_smem_bytes(d, rows, key_tile))?);
                 }
             }
         }

@@ -30,72 +30,52 @@
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// The accumulators' operands (32 at a time) and the register lists that name them.
+#define PW_D8(o)                                                                                   \
+    "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]),                                    \
+        "+f"(d[o + 4]), "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7])
+#define PW_D32(o) PW_D8(o), PW_D8(o + 8), PW_D8(o + 16), PW_D8(o + 24)
+#define PW_R32                                                                                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define PW_R64                                                                                     \
+    PW_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
 // The wgmma shapes used, as macros over the operand type's PTX name: S = Q K^T with both operands
 // in shared memory (m64n128 or m64n64 for key tiles of 128 or 64), and O += P V with P in
 // registers (m64n128 for head_dim 128, m64n64 for 64). `acc` 0 overwrites d. V is MN-major: the
 // last immediate transposes it.
-#define PW_SS_N128(TY)                                                                                             \
-    asm volatile(                                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                               \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                                              \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                          \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                          \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                           \
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                         \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+#define PW_SS_N128(TY)                                                                             \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" PW_R64                       \
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                         \
+        : PW_D32(0), PW_D32(32)                                                                    \
         : "l"(da), "l"(db), "r"(acc));
 
-#define PW_SS_N64(TY)                                                                                              \
-    asm volatile(                                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                               \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                                               \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                           \
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                         \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
+#define PW_SS_N64(TY)                                                                              \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" PW_R32                        \
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                         \
+        : PW_D32(0)                                                                                \
         : "l"(da), "l"(db), "r"(acc));
 
-#define PW_RS_N128(TY)                                                                                             \
-    asm volatile(                                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                               \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                                              \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                          \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                          \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                           \
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                           \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+#define PW_RS_N128(TY)                                                                             \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" PW_R64                       \
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                           \
+        : PW_D32(0), PW_D32(32)                                                                    \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 
-#define PW_RS_N64(TY)                                                                                              \
-    asm volatile(                                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                               \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                                               \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                    \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                           \
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                           \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),    \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
+#define PW_RS_N64(TY)                                                                              \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" PW_R32                        \
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                           \
+        : PW_D32(0)                                                                                \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 
 #define PW_SHAPES(T, TY)                                                                      \
@@ -210,13 +190,7 @@ __device__ __forceinline__ void prefill_wgmma(
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
         const u32 c = tid + i * THREADS;
-        const u32 r = c / CPR, ch = c % CPR;
-        qx[i][0] = qx[i][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r < nrows) {
-            const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
-            qx[i][0] = *reinterpret_cast<const float4*>(src);
-            qx[i][1] = *reinterpret_cast<const float4*>(src + 4);
-        }
+        pf_load_q8<D>(qx[i], q, c / CPR, c % CPR, row0, nrows, q_stride, h);
     }
     // This thread's rows: wr + 16 wi + g and + 8 (rows past the tile take its last position).
     const u32 wr = wg * 64;
@@ -225,32 +199,19 @@ __device__ __forceinline__ void prefill_wgmma(
     const u32 pos1 = row_pos[row0 + min(wr + 16 * wi + g + 8, last_row)];
     const u32 warp_min = row_pos[row0 + min(wr + 16 * wi, last_row)];
 
-    // Listed blocks that start at or before the tile's last position (starts increase).
-    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
-    u32 lo = 0, hi = n_listed;
-    while (lo < hi) {
-        const u32 mid = (lo + hi) >> 1;
-        if (blk_starts[first + mid] <= max_pos) lo = mid + 1;
-        else hi = mid;
-    }
-    const u32 n_slots = min(lo * bt, seq_tokens[b]);
+    const u32 first = seq_first[b];
+    const u32 n_slots =
+        pf_listed_slots(blk_starts, first, seq_first[b + 1] - first, max_pos, bt, seq_tokens[b]);
     // Broadcast from lane 0: the compiler then knows that the loop's branches do not diverge
     // inside a warp, and keeps wgmma asynchronous across them.
     const u32 n_ktiles = __shfl_sync(0xffffffffu, (n_slots + BN - 1) / BN, 0);
     const u32 v_rows = kv_heads * bt;
 
     auto slot_info = [&](u32 kt) {
-        if (tid < BN) {
-            const u32 s = kt * BN + tid, buf = kt % PW_INFO;
-            u32 kpos = PF_NONE, krow = PF_NONE;
-            if (s < n_slots) {
-                const u32 e = s / bt, o = s - e * bt;
-                kpos = blk_starts[first + e] + o;
-                krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
-            }
-            s_kpos[buf * BN + tid] = kpos;
-            s_krow[buf * BN + tid] = krow;
-        }
+        const u32 buf = kt % PW_INFO;
+        if (tid < BN)
+            pf_slot(kt * BN + tid, n_slots, blk_starts, blk_ids, first, bt, kv_heads, kvh,
+                    s_kpos[buf * BN + tid], s_krow[buf * BN + tid]);
     };
     // K and V of key tile `kt` into their stages; each thread copies chunk `tid % CPR` of rows
     // tid / CPR + i * THREADS / CPR.
@@ -284,13 +245,8 @@ __device__ __forceinline__ void prefill_wgmma(
 #pragma unroll
     for (int i = 0; i < QCH; i++) {
         const u32 c = tid + i * THREADS;
-        const float4 x = qx[i][0], y = qx[i][1];
-        uint4 v;
-        v.x = pf_pack(x.x * scale_log2, x.y * scale_log2, pool);
-        v.y = pf_pack(x.z * scale_log2, x.w * scale_log2, pool);
-        v.z = pf_pack(y.x * scale_log2, y.y * scale_log2, pool);
-        v.w = pf_pack(y.z * scale_log2, y.w * scale_log2, pool);
-        *reinterpret_cast<uint4*>(smem + pw_swz<BM>(c / CPR, c % CPR)) = v;
+        *reinterpret_cast<uint4*>(smem + pw_swz<BM>(c / CPR, c % CPR)) =
+            pf_pack_q8(qx[i], scale_log2, pool);
     }
 
     // Accumulator layout (per warp, as mma.sync's m16n8): element 4 n + e of S or O is row
