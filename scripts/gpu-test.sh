@@ -8,7 +8,7 @@
 # machine (no CUDA needed there; the binaries load CUDA at run time), then copy.
 #
 #   # on the build machine, in this repository:
-#   cargo test --release -p strata-kernels -p strata-tests --no-run   # the GPU test binaries
+#   cargo test --release -p strata-kernels -p strata-runtime -p strata-tests --no-run  # GPU tests
 #   cargo build --release                             # target/release/strata
 #   scripts/gpu-test.sh --collect gpu-bin             # copies them into gpu-bin/
 #   # copy gpu-bin/, scripts/gpu-test.sh and tests/fixtures/golden/ to the GPU machine, keeping
@@ -20,27 +20,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# GPU test binaries: kernel tests (strata-kernels) and tier placement tests (strata-tests).
-TEST_BINS=(cuda_vs_cpu cuda_attention cuda_kvtier cuda_prefill gpu_tiers)
+# GPU test binaries: kernel tests (strata-kernels), tier placement tests (strata-tests) and the
+# runtime's unit tests that need a GPU (`binary:filter` runs only the tests the filter names).
+TEST_BINS=(cuda_vs_cpu cuda_attention cuda_kvtier cuda_prefill gpu_tiers strata_runtime:kv::pin)
 
 if [[ "${1:-}" == "--collect" ]]; then
     dest="${2:?usage: scripts/gpu-test.sh --collect DIR}"
     mkdir -p "$dest"
     [[ -x target/release/strata ]] || { echo "no strata binary: run cargo build --release" >&2; exit 1; }
-    for t in "${TEST_BINS[@]}"; do
+    for t in "${TEST_BINS[@]%%:*}"; do
         # The newest build of each test (cargo keeps older hashes around).
         b=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-        [[ -n "$b" ]] || { echo "no $t test binary: run cargo test --release -p strata-kernels -p strata-tests --no-run" >&2; exit 1; }
+        [[ -n "$b" ]] || { echo "no $t test binary: run cargo test --release -p strata-kernels -p strata-runtime -p strata-tests --no-run" >&2; exit 1; }
         cp "$b" "$dest/$t"
     done
     cp target/release/strata "$dest/strata"
-    echo "copied ${TEST_BINS[*]} and strata to $dest/"
+    echo "copied ${TEST_BINS[*]%%:*} and strata to $dest/"
     exit 0
 fi
 
 bin="${1:-target/release}"
 strata="$bin/strata"
-for t in "${TEST_BINS[@]}"; do
+for t in "${TEST_BINS[@]%%:*}"; do
     [[ -x "$bin/$t" ]] || { echo "need $bin/$t (see the top of this script)" >&2; exit 1; }
 done
 [[ -x "$strata" ]] || { echo "need $bin/strata (see the top of this script)" >&2; exit 1; }
@@ -64,9 +65,12 @@ fi
 # Test binaries find the fixtures through STRATA_REPO (this repository, wherever it was copied).
 export STRATA_REPO="$PWD"
 log=$(mktemp)
-for t in "${TEST_BINS[@]}"; do
-    echo "== $t"
-    if "$bin/$t" --nocapture --test-threads 1 2>&1 | tee "$log"; then
+for entry in "${TEST_BINS[@]}"; do
+    t=${entry%%:*}
+    filter=()
+    [[ "$entry" == *:* ]] && filter=("${entry#*:}")
+    echo "== $entry"
+    if "$bin/$t" "${filter[@]}" --nocapture --test-threads 1 2>&1 | tee "$log"; then
         if grep -q '^skipped:' "$log"; then fail "$t skipped: $(grep -m1 '^skipped:' "$log")"; fi
     else
         fail "$t"

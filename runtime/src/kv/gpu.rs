@@ -5,19 +5,18 @@
 //! Spills: the export kernel gathers the chosen blocks on the compute stream (in the pool's dtype
 //! when the host tier holds it, the normal case: no widening, half the bytes of f32 across
 //! PCIe), then the spill stream (not the weight prefetch's: a spill must not wait for the next
-//! layer's weights) moves them straight into their host-arena slots (page-locked the first time
-//! a slot of each 64 MiB chunk is used). One spill is in flight at a time; its [`CopyTicket`] is
-//! waited before anything reads the host tier (host attention, a host → disk spill) or the next
-//! spill.
+//! layer's weights) moves them straight into their host-arena slots, page-locked on first use
+//! with their pages faulted in ahead by a thread of their own ([`super::pin`]). One spill is in flight at a time; its
+//! [`CopyTicket`] is waited before anything reads the slots it writes (attention over them, a
+//! host → disk spill) or the next spill.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use strata_kernels::cuda::{
-    CopyTicket, GatheredRows, HostRegistration, KvBlockShape, KvPool, StreamMark,
-};
+use strata_kernels::cuda::{CopyTicket, GatheredRows, KvBlockShape, KvPool, StreamMark};
 use strata_kernels::{CudaBackend, DType};
 use strata_storage::{ArenaSlots, SlotId};
 
+use super::pin::{ArenaPinner, PIN_AHEAD_BYTES};
 use super::{KvError, KvGeometry, SeqId};
 
 /// The GPU tier's budget and dtype.
@@ -56,10 +55,12 @@ pub(super) struct GpuTier {
     free: Vec<u32>,
     /// The spill whose copies may still be landing in host slots.
     pending: Option<CopyTicket>,
+    /// The host slots that spill writes into.
+    pending_slots: HashSet<SlotId>,
     /// Copies from host slots into scratch that may still be reading them.
     reads: Option<StreamMark>,
-    /// Per 64 MiB chunk of the host arena: registered yet?
-    registered: Vec<Option<HostRegistration>>,
+    /// The host arena's page-locking, its pages faulted in ahead of use; made on first use.
+    pinner: Option<ArenaPinner>,
     /// Hidden states read one gather ahead on the side stream, oldest first (at most two: the
     /// gather in hand and the next one).
     pub prefetched: VecDeque<HiddenPrefetch>,
@@ -101,8 +102,9 @@ impl GpuTier {
             kv_blocks,
             free: (0..kv_blocks as u32).rev().collect(),
             pending: None,
+            pending_slots: HashSet::new(),
             reads: None,
-            registered: Vec::new(),
+            pinner: None,
             prefetched: VecDeque::new(),
         })
     }
@@ -138,10 +140,16 @@ impl GpuTier {
 
     /// Waits for the spill in flight, if any.
     pub fn settle(&mut self) -> Result<(), KvError> {
+        self.pending_slots.clear();
         match self.pending.take() {
             Some(t) => t.wait().map_err(|e| KvError::Gpu(e.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// Whether the spill in flight (if any) writes host slot `slot`.
+    pub fn spill_writes(&self, slot: SlotId) -> bool {
+        self.pending_slots.contains(&slot)
     }
 
     /// Starts copying GPU blocks `moves[i].0` into host slots `moves[i].1` (already allocated),
@@ -152,13 +160,16 @@ impl GpuTier {
         moves: &[(u32, SlotId)],
         dtype: DType,
     ) -> Result<(), KvError> {
-        self.settle()?;
+        tracing::debug_span!("settle").in_scope(|| self.settle())?;
         let slot_bytes = host.slot_bytes();
         let mut dst = Vec::with_capacity(moves.len());
+        let register = tracing::debug_span!("register").entered();
         for &(_, slot) in moves {
             self.register_slot(host, slot, slot_bytes)?;
             dst.push(host.slot_ptr(slot));
         }
+        drop(register);
+        let _span = tracing::debug_span!("copy").entered();
         let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
         // SAFETY: each destination is a distinct allocated host slot of `slot_bytes` bytes (one
         // block in `dtype`), page-locked above. Nothing reads or frees host slots before
@@ -167,6 +178,7 @@ impl GpuTier {
         let t = unsafe { self.backend.kv_export_async(&self.pool, &ids, &dst, dtype) }
             .map_err(|e| KvError::Gpu(e.to_string()))?;
         self.pending = Some(t);
+        self.pending_slots = moves.iter().map(|m| m.1).collect();
         Ok(())
     }
 
@@ -332,7 +344,7 @@ impl GpuTier {
     }
 
     /// Page-locks the arena chunks (of `chunk` bytes, whole slots) covering
-    /// `[offset, offset + len)`.
+    /// `[offset, offset + len)`, and has the pre-faulting thread go on past them.
     fn register(
         &mut self,
         base: *mut u8,
@@ -341,25 +353,13 @@ impl GpuTier {
         offset: usize,
         len: usize,
     ) -> Result<(), KvError> {
-        let chunks = arena_len.div_ceil(chunk);
-        if self.registered.len() < chunks {
-            self.registered.resize_with(chunks, || None);
-        }
-        for c in offset / chunk..=(offset + len - 1) / chunk {
-            if self.registered[c].is_some() {
-                continue;
-            }
-            let start = c * chunk;
-            let n = chunk.min(arena_len - start);
-            let _span = tracing::debug_span!("register_host", bytes = n).entered();
-            // SAFETY: `[start, start + n)` lies inside the host arena, which the cache owns and
-            // drops after this tier (field order of `KvCache`), so it stays mapped while
-            // registered.
-            let r = unsafe { self.backend.register_host(base.wrapping_add(start), n) }
-                .map_err(|e| KvError::Gpu(e.to_string()))?;
-            self.registered[c] = Some(r);
-        }
-        Ok(())
+        let backend = &self.backend;
+        // SAFETY: the host arena `[base, base + arena_len)` is owned by the cache, which drops
+        // it after this tier (field order of `KvCache`), and so after the pinner.
+        let pinner = self.pinner.get_or_insert_with(|| unsafe {
+            ArenaPinner::new(backend.clone(), base, arena_len, chunk, PIN_AHEAD_BYTES)
+        });
+        pinner.ensure(offset, len)
     }
 }
 

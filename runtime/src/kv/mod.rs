@@ -30,6 +30,7 @@ mod cache;
 mod disk;
 pub mod far;
 mod gpu;
+mod pin;
 pub mod policy;
 mod stored;
 
