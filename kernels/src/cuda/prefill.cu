@@ -34,6 +34,16 @@
 #define PF_GENERIC_MAX_DIM 256
 #define PF_LN2 0.6931471805599453f
 
+// The tensor-core prefill kernels' parameters (mma.sync here, wgmma in prefill_hopper.cu), and
+// the same names passed on to the templates behind them.
+#define PF_TC_PARAMS(T)                                                                       \
+    float *out_o, float *out_lse, const float *q, const T *pool, const u32 *tiles,           \
+        const u32 *row_pos, const u32 *blk_ids, const u32 *blk_starts, const u32 *seq_first, \
+        const u32 *seq_tokens, u32 n_heads, u32 kv_heads, u32 bt, float scale_log2
+#define PF_TC_ARGS                                                                            \
+    out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts, seq_first, seq_tokens,      \
+        n_heads, kv_heads, bt, scale_log2
+
 __device__ __forceinline__ u32 pf_smem_addr(const void* p) {
     u32 r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -428,22 +438,16 @@ __device__ __forceinline__ void prefill_mma(
     }
 }
 
-#define PF_MMA_BODY(T, D, W, MT)                                                              \
-    prefill_mma<T, D, W, MT>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,    \
-                             seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
+#define PF_MMA_BODY(T, D, W, MT) prefill_mma<T, D, W, MT>(PF_TC_ARGS);
 #else
 // Before sm_80 (no cp.async, no bf16 mma): the host runs the generic kernel instead.
 #define PF_MMA_BODY(T, D, W, MT) __trap();
 #endif
 
 // NAME: prefill_mma_{dtype}_d{D}_r{rows per CTA}; MINB: CTAs per SM asked of the compiler.
-#define PF_MMA(NAME, T, D, W, MT, MINB)                                                       \
-    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                \
-        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
-             const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
-             const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,  \
-             float scale_log2) {                                                              \
-        PF_MMA_BODY(T, D, W, MT)                                                              \
+#define PF_MMA(NAME, T, D, W, MT, MINB)                                                 \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) NAME(PF_TC_PARAMS(T)) { \
+        PF_MMA_BODY(T, D, W, MT)                                                        \
     }
 
 #define PF_MMA_ALL(TN, T, D)                             \

@@ -390,22 +390,16 @@ __device__ __forceinline__ void prefill_wgmma(
     }
 }
 
-#define PW_BODY(T, D, WGS, BN)                                                                 \
-    prefill_wgmma<T, D, WGS, BN>(out_o, out_lse, q, pool, tiles, row_pos, blk_ids, blk_starts,   \
-                                 seq_first, seq_tokens, n_heads, kv_heads, bt, scale_log2);
+#define PW_BODY(T, D, WGS, BN) prefill_wgmma<T, D, WGS, BN>(PF_TC_ARGS);
 #else
 // Not compiled for sm_90a: the host never launches these (see prefill.rs).
 #define PW_BODY(T, D, WGS, BN) __trap();
 #endif
 
 // MINB: CTAs per SM that the registers must allow (wgmma64 is meant to run two to an SM).
-#define PW_KERNEL(NAME, T, D, WGS, BN, MINB)                                                  \
-    extern "C" __global__ void __launch_bounds__(128 * WGS, MINB)                             \
-        NAME(float* out_o, float* out_lse, const float* q, const T* pool, const u32* tiles,   \
-             const u32* row_pos, const u32* blk_ids, const u32* blk_starts,                   \
-             const u32* seq_first, const u32* seq_tokens, u32 n_heads, u32 kv_heads, u32 bt,  \
-             float scale_log2) {                                                              \
-        PW_BODY(T, D, WGS, BN)                                                                \
+#define PW_KERNEL(NAME, T, D, WGS, BN, MINB)                                                \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, MINB) NAME(PF_TC_PARAMS(T)) { \
+        PW_BODY(T, D, WGS, BN)                                                              \
     }
 
 PW_KERNEL(prefill_wgmma128_f16_d64, f16, 64, 2, 128, 1)

@@ -826,13 +826,17 @@ impl KvCache {
         if slots.is_empty() {
             return Ok(());
         }
-        let reads: HashSet<SlotId> = slots.iter().copied().collect();
-        if let Some(i) = self
-            .landing
-            .iter()
-            .rposition(|l| l.slots.iter().any(|s| reads.contains(s)))
-        {
-            self.land_older(self.landing.len() - i - 1)?;
+        // Every decode layer gathers: the set of its reads is built only when some download
+        // (a prompt pass's) is in flight.
+        if !self.landing.is_empty() {
+            let reads: HashSet<SlotId> = slots.iter().copied().collect();
+            if let Some(i) = self
+                .landing
+                .iter()
+                .rposition(|l| l.slots.iter().any(|s| reads.contains(s)))
+            {
+                self.land_older(self.landing.len() - i - 1)?;
+            }
         }
         match &mut self.gpu {
             Some(t) if slots.iter().any(|&s| t.spill_writes(s)) => {
