@@ -130,6 +130,15 @@ struct BenchArgs {
     /// Append a dated entry (machine, GPU, command, table) to bench/RESULTS.md.
     #[arg(long)]
     append_results: bool,
+    /// Carry over the configurations an earlier bench finished: FILE is its --json report.
+    /// A configuration (a workload with every policy) that report ran to an end under the same
+    /// budgets, --gpu-gemm and policies is taken from it, not run again; the rest run. A preset
+    /// too long for one sitting is finished by running the same command again with `--resume
+    /// FILE --json FILE` (no FILE yet: everything runs): the report, table and plot then cover
+    /// all of it. A configuration stopped part way runs again whole, so its ratios always come
+    /// from one machine.
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
     /// Plan and predict every policy, run none.
     #[arg(long)]
     dry_run: bool,

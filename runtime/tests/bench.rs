@@ -680,3 +680,129 @@ fn a_flexgen_policy_with_weights_on_disk_runs_with_the_same_tokens() {
     assert_eq!(r["configs"][0]["exact"], true, "{}", r["configs"][0]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("weights disk→host"));
 }
+
+/// `--resume FILE` carries over the configurations FILE finished (nothing runs again, the
+/// figures are FILE's and the report says where they came from), runs again a configuration
+/// FILE left part way, starts from nothing when FILE does not exist yet, and refuses a FILE
+/// written under other budgets, naming the flag.
+#[test]
+fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
+    let d = new_dir("resume");
+    let policies = ["--policies", "strata,layerwise"];
+    let first = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--json",
+            "a.json",
+            "--resume",
+            "a.json",
+        ],
+    );
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("no report there yet"),
+        "{}",
+        text(&first)
+    );
+    let a: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("a.json")).unwrap()).unwrap();
+    assert_eq!(ran_count(&a["configs"][0]), 2);
+
+    let again = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--json",
+            "b.json",
+            "--resume",
+            "a.json",
+        ],
+    );
+    let out = text(&again);
+    assert!(again.status.success(), "{out}");
+    assert!(
+        out.contains("1 of 1 configuration(s) carried over"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("done: prefill"),
+        "a carried configuration ran again: {out}"
+    );
+    assert!(out.contains("**Carried over** from a.json"), "{out}");
+    let b: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("b.json")).unwrap()).unwrap();
+    check_schema(&b);
+    let (ca, cb) = (&a["configs"][0], &b["configs"][0]);
+    assert!(
+        cb["carried_from"].as_str().unwrap().starts_with("a.json ("),
+        "{cb}"
+    );
+    assert_eq!(
+        ca["runs"], cb["runs"],
+        "the carried runs are the earlier report's"
+    );
+    assert_eq!(ca["exact"], cb["exact"]);
+    assert_eq!(ca["targets"], cb["targets"], "targets judged again alike");
+
+    // A configuration the earlier bench left part way runs again, whole.
+    let mut partial = a.clone();
+    partial["configs"][0]["runs"][1]["status"] = "not_run".into();
+    partial["configs"][0]["runs"][1]["measured"] = Value::Null;
+    std::fs::write(d.path("p.json"), partial.to_string()).unwrap();
+    let rerun = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--json",
+            "c.json",
+            "--resume",
+            "p.json",
+        ],
+    );
+    let out = text(&rerun);
+    assert!(rerun.status.success(), "{out}");
+    assert!(
+        out.contains("0 of 1 configuration(s) carried over"),
+        "{out}"
+    );
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("c.json")).unwrap()).unwrap();
+    assert_eq!(ran_count(&c["configs"][0]), 2, "both policies ran again");
+    assert!(c["configs"][0]["carried_from"].is_null());
+
+    // Other policies: not the same configuration, so it runs.
+    let other = bench(&d, &["--policies", "strata", "--resume", "a.json"]);
+    assert!(
+        text(&other).contains("0 of 1 configuration(s) carried over"),
+        "{}",
+        text(&other)
+    );
+
+    let budgets = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--host-mem",
+            "1GiB",
+            "--resume",
+            "a.json",
+        ],
+    );
+    let out = text(&budgets);
+    assert!(!budgets.status.success(), "{out}");
+    assert!(
+        out.contains("--resume a.json") && out.contains("--host-mem"),
+        "{out}"
+    );
+
+    std::fs::write(d.path("junk.json"), "{\"schema\": 3}").unwrap();
+    let junk = bench(&d, &[policies[0], policies[1], "--resume", "junk.json"]);
+    let out = text(&junk);
+    assert!(!junk.status.success(), "{out}");
+    assert!(out.contains("--resume junk.json: not a report"), "{out}");
+}

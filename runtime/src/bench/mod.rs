@@ -21,6 +21,7 @@
 
 mod presets;
 mod report;
+mod resume;
 mod targets;
 
 use std::collections::BTreeMap;
@@ -123,6 +124,34 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut configs = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
         configs.push(plan_config(&ctx, w, &policies, i)?);
+    }
+    if let Some(path) = a.resume.as_ref().filter(|p| !p.exists()) {
+        eprintln!(
+            "bench: --resume {}: no report there yet; every configuration runs",
+            path.display()
+        );
+    }
+    if let Some(path) = a.resume.as_ref().filter(|p| p.exists()) {
+        let carried = resume::load(path, &budgets, &a.gpu_gemm)?;
+        let mut n = 0;
+        for c in &mut configs {
+            let r = &c.report;
+            let Some(earlier) = carried.take(&r.model, r.batch, r.prompt_len, r.gen_len, &policies)
+            else {
+                continue;
+            };
+            c.report = earlier;
+            for run in &mut c.runs {
+                run.policy = None;
+            }
+            n += 1;
+        }
+        eprintln!(
+            "bench: {n} of {} configuration(s) carried over from {} (finished there); the \
+             rest run now",
+            configs.len(),
+            path.display()
+        );
     }
     let to_run: usize = configs
         .iter()
@@ -682,6 +711,7 @@ fn plan_config(
             mismatches: Vec::new(),
             runs: Vec::new(),
             targets: Vec::new(),
+            carried_from: None,
         },
         spec,
         vocab: c.vocab,
@@ -980,6 +1010,10 @@ fn measured(s: &Value) -> Measured {
 /// `budgets`.
 fn finish_config(c: PlannedConfig, budgets: &Budgets) -> ConfigReport {
     let mut report = c.report;
+    if report.carried_from.is_some() {
+        report.targets = targets::evaluate(&report, budgets);
+        return report;
+    }
     let ran: Vec<(&str, &Tokens)> = c
         .runs
         .iter()

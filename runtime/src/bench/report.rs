@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use strata_planner::{Budgets, FlexGenPolicy, Policy, TierBytes};
 
 use strata_runtime::units::format_size as human_bytes;
@@ -43,7 +43,7 @@ pub struct Report {
     pub configs: Vec<ConfigReport>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cpu_cores: usize,
@@ -62,7 +62,7 @@ pub struct ProfileInfo {
     pub reference: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConfigReport {
     pub model: String,
     pub prompt_len: u64,
@@ -82,11 +82,17 @@ pub struct ConfigReport {
     /// Policies whose tokens differ from the first policy that ran.
     pub mismatches: Vec<String>,
     pub runs: Vec<RunReport>,
-    /// The targets that apply here, each met, missed or not measured.
+    /// The targets that apply here, each met, missed or not measured (judged again when a
+    /// report is resumed).
+    #[serde(skip_deserializing)]
     pub targets: Vec<Target>,
+    /// Set when this configuration was not run by this bench but carried over from an earlier
+    /// report (`--resume`): that report's file, date and GPU.
+    #[serde(default)]
+    pub carried_from: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Ran to the end; `measured` is set.
@@ -116,7 +122,7 @@ impl Status {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
     pub policy: String,
     pub status: Status,
@@ -133,6 +139,7 @@ pub struct RunReport {
     /// Measured time over predicted time (prefill, decode step, whole job).
     pub measured_over_predicted: Option<TimeRatios>,
     /// This run's end-to-end throughput over each other policy's that ran here.
+    #[serde(deserialize_with = "ratios_nan_if_null")]
     pub ratios: BTreeMap<String, f64>,
     /// What the run does not reproduce exactly, and how the policy was adjusted.
     pub notes: Vec<String>,
@@ -141,7 +148,7 @@ pub struct RunReport {
 }
 
 /// Seconds per stream over the whole job (prefill plus every decode step).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct PredictedStreams {
     pub gpu_compute_s: f64,
     pub h2d_s: f64,
@@ -153,7 +160,7 @@ pub struct PredictedStreams {
     pub host_memory_s: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Predicted {
     pub prefill_s: f64,
     pub decode_step_s: f64,
@@ -167,7 +174,7 @@ pub struct Predicted {
     pub memory_bytes: TierBytes,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Links {
     /// Host → GPU on the copy stream (weights, fetched KV, queries); 0 on the CPU.
     pub h2d_bytes: u64,
@@ -185,7 +192,7 @@ pub struct Links {
     pub weights_disk_to_host_bytes: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct MeasuredStreams {
     pub h2d_s: f64,
     pub d2h_s: f64,
@@ -196,7 +203,7 @@ pub struct MeasuredStreams {
     pub weights_disk_wait_s: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct PeakBytes {
     pub gpu_kv: u64,
     pub host_kv: u64,
@@ -204,7 +211,7 @@ pub struct PeakBytes {
     pub host_rss: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Measured {
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
@@ -223,11 +230,27 @@ pub struct Measured {
     pub peak: PeakBytes,
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct TimeRatios {
+    #[serde(deserialize_with = "nan_if_null")]
     pub prefill: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub decode_step: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub total: f64,
+}
+
+/// serde_json writes a ratio that is not a number (a zero time below it) as `null`; a report
+/// read back by `--resume` gets NaN there again.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn ratios_nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let m = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(m.into_iter()
+        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+        .collect())
 }
 
 fn num(v: f64) -> String {
@@ -269,6 +292,9 @@ pub fn markdown(r: &Report) -> String {
         );
         if let Some(n) = &c.note {
             let _ = writeln!(s, "**Note:** {n}.\n");
+        }
+        if let Some(f) = &c.carried_from {
+            let _ = writeln!(s, "**Carried over** from {f}, not run again.\n");
         }
         let others: Vec<&str> = r.policies.iter().map(String::as_str).collect();
         let _ = write!(

@@ -568,6 +568,7 @@ mod tests {
             mismatches: Vec::new(),
             runs,
             targets: Vec::new(),
+            carried_from: None,
         }
     }
 
