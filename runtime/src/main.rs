@@ -137,8 +137,10 @@ struct BenchArgs {
     /// FILE --json FILE` (no FILE yet: everything runs): the report, table and plot then cover
     /// all of it. A configuration stopped part way runs again whole, so its ratios always come
     /// from one machine.
+    /// Give it more than once to carry from several reports (say, one per sitting that ran a
+    /// narrowed part of a preset); the first that finished a configuration is used.
     #[arg(long, value_name = "FILE")]
-    resume: Option<PathBuf>,
+    resume: Vec<PathBuf>,
     /// Plan and predict every policy, run none.
     #[arg(long)]
     dry_run: bool,

@@ -774,6 +774,41 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     assert_eq!(ran_count(&c["configs"][0]), 2, "both policies ran again");
     assert!(c["configs"][0]["carried_from"].is_null());
 
+    // Several files: the one that finished this workload is used.
+    let two = bench(
+        &d,
+        &[policies[0], policies[1], "--batch", "2", "--json", "x.json"],
+    );
+    assert!(two.status.success(), "{}", text(&two));
+    let both = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--batch",
+            "2",
+            "--json",
+            "y.json",
+            "--resume",
+            "a.json",
+            "--resume",
+            "x.json",
+        ],
+    );
+    let out = text(&both);
+    assert!(
+        out.contains("1 of 1 configuration(s) carried over"),
+        "{out}"
+    );
+    let y: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("y.json")).unwrap()).unwrap();
+    assert!(
+        y["configs"][0]["carried_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("x.json (")
+    );
+
     // Other policies: not the same configuration, so it runs.
     let other = bench(&d, &["--policies", "strata", "--resume", "a.json"]);
     assert!(

@@ -125,34 +125,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     for (i, w) in workloads.iter().enumerate() {
         configs.push(plan_config(&ctx, w, &policies, i)?);
     }
-    if let Some(path) = a.resume.as_ref().filter(|p| !p.exists()) {
-        eprintln!(
-            "bench: --resume {}: no report there yet; every configuration runs",
-            path.display()
-        );
-    }
-    if let Some(path) = a.resume.as_ref().filter(|p| p.exists()) {
-        let carried = resume::load(path, &budgets, &a.gpu_gemm)?;
-        let mut n = 0;
-        for c in &mut configs {
-            let r = &c.report;
-            let Some(earlier) = carried.take(&r.model, r.batch, r.prompt_len, r.gen_len, &policies)
-            else {
-                continue;
-            };
-            c.report = earlier;
-            for run in &mut c.runs {
-                run.policy = None;
-            }
-            n += 1;
-        }
-        eprintln!(
-            "bench: {n} of {} configuration(s) carried over from {} (finished there); the \
-             rest run now",
-            configs.len(),
-            path.display()
-        );
-    }
+    carry_over(a, &budgets, &policies, &mut configs)?;
     let to_run: usize = configs
         .iter()
         .flat_map(|c| &c.runs)
@@ -1004,6 +977,48 @@ fn measured(s: &Value) -> Measured {
             host_rss: u(&s["peak_rss_bytes"]),
         },
     }
+}
+
+/// `--resume`: each configuration an earlier report (the first of the files that has it)
+/// finished is taken from there and not run again.
+fn carry_over(
+    a: &BenchArgs,
+    budgets: &Budgets,
+    policies: &[&str],
+    configs: &mut [PlannedConfig],
+) -> anyhow::Result<()> {
+    let mut earlier = Vec::new();
+    for path in &a.resume {
+        if path.exists() {
+            earlier.push(resume::load(path, budgets, &a.gpu_gemm)?);
+        } else {
+            eprintln!("bench: --resume {}: no report there yet", path.display());
+        }
+    }
+    if a.resume.is_empty() {
+        return Ok(());
+    }
+    let mut n = 0;
+    for c in configs.iter_mut() {
+        let r = &c.report;
+        let Some(done) = earlier
+            .iter()
+            .find_map(|e| e.take(&r.model, r.batch, r.prompt_len, r.gen_len, policies))
+        else {
+            continue;
+        };
+        c.report = done;
+        for run in &mut c.runs {
+            run.policy = None;
+        }
+        n += 1;
+    }
+    eprintln!(
+        "bench: {n} of {} configuration(s) carried over (finished in an earlier report); the \
+         rest run now",
+        configs.len()
+    );
+    Ok(())
 }
 
 /// Exactness, ratios, measured-over-predicted and targets for one configuration run under
