@@ -307,7 +307,8 @@ pub struct Prediction {
 #[derive(Default)]
 struct Traffic {
     flops: f64,
-    /// Causal prefill attention, charged at its own rate.
+    /// Causal prefill attention, charged at its own rate: the tensor-core kernel's over
+    /// half-precision KV, the generic kernel's over f32 KV.
     attention_flops: f64,
     hbm: f64,
     /// Of `hbm`, a decode step's weights read by its projections and its KV read by the GPU's
@@ -587,7 +588,7 @@ fn stream_times(t: &Traffic, m: &ModelSpec, p: &Policy, hw: &HardwareProfile) ->
     let kv_request = m.kv_bytes_per_token_per_layer() * block;
     let hidden_request = m.hidden_bytes_per_token() * block;
     let compute = t.flops / hw.gemm_flops(m.weight_dtype_bytes)
-        + t.attention_flops / hw.prefill_attention_flops(m.weight_dtype_bytes);
+        + t.attention_flops / hw.prefill_attention_flops(m.kv_dtype_bytes);
     // A decode step's weights at the rate the projections reach at a GPU batch's rows, its KV
     // at the decode kernel's (one launch per GPU batch); the rest of HBM's traffic at the
     // copy's.

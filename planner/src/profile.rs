@@ -73,6 +73,11 @@ pub struct HardwareProfile {
     /// runs well below the GEMM peak. Absent (older files, no GPU): the GEMM rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_attention_tflops: Option<f64>,
+    /// Causal prefill attention over f32 KV (`--kv-dtype f32`), TFLOP/s: the GPU's generic
+    /// kernel, since the tensor-core ones take half-precision blocks only, and far slower.
+    /// Absent (older files, no GPU): the f32 GEMM rate, an optimistic stand-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_attention_f32_tflops: Option<f64>,
     /// Bytes per second the host's memory served to host threads scanning it (host attention)
     /// and to host→device copies at the same time, both counted. Measured because the two
     /// contend: the sum is well below what each gets alone. Absent (older files, no GPU):
@@ -208,6 +213,7 @@ impl HardwareProfile {
             gpu_layer_overhead_us: 40.0,
             // `gpu-prefill`, bf16, 4 × 8K tokens (bench/RESULTS.md).
             prefill_attention_tflops: Some(285.0),
+            prefill_attention_f32_tflops: None,
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
             host_mlp_layer_gbps: None,
@@ -253,6 +259,7 @@ impl HardwareProfile {
             disk_half_bandwidth_request_bytes: 128 * 1024,
             gpu_layer_overhead_us: 5.0,
             prefill_attention_tflops: None,
+            prefill_attention_f32_tflops: None,
             host_memory_shared_gbps: None,
             host_mlp_gflops: None,
             host_mlp_layer_gbps: None,
@@ -274,9 +281,13 @@ impl HardwareProfile {
 
     /// Prefill attention FLOP/s for a weight dtype of `bytes` bytes: the measured rate, else
     /// the GEMM rate.
-    pub fn prefill_attention_flops(&self, bytes: u64) -> f64 {
-        self.prefill_attention_tflops
-            .map_or_else(|| self.gemm_flops(bytes), |t| t * 1e12)
+    pub fn prefill_attention_flops(&self, kv_bytes: u64) -> f64 {
+        let measured = if kv_bytes >= 4 {
+            self.prefill_attention_f32_tflops
+        } else {
+            self.prefill_attention_tflops
+        };
+        measured.map_or_else(|| self.gemm_flops(kv_bytes), |t| t * 1e12)
     }
 
     /// GEMM FLOP/s for a weight dtype of `bytes` bytes (2 → the slower of f16 and bf16).
@@ -440,6 +451,10 @@ impl HardwareProfile {
             (
                 "prefill_attention_tflops",
                 self.prefill_attention_tflops.unwrap_or(1.0),
+            ),
+            (
+                "prefill_attention_f32_tflops",
+                self.prefill_attention_f32_tflops.unwrap_or(1.0),
             ),
             (
                 "host_memory_shared_gbps",

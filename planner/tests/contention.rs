@@ -308,3 +308,49 @@ fn the_lower_bound_is_the_slowest_stream_and_never_above_the_prediction() {
         }
     }
 }
+
+/// A prompt over f32 KV is attended by the GPU's generic kernel, so its attention FLOPs go at
+/// the calibrated f32 rate; over half-precision KV at the tensor-core kernel's. A profile
+/// without the f32 figure charges the f32 GEMM rate.
+#[test]
+fn f32_kv_prefill_attention_runs_at_the_generic_kernels_rate() {
+    let half = llama_3_8b();
+    let f32_kv = llama_3_8b().with_kv_dtype_bytes(4);
+    let p = streamed_policy(
+        1,
+        TierSplit {
+            gpu: 1.0,
+            host: 0.0,
+            disk: 0.0,
+        },
+    );
+    let w = wl(1, 8192);
+    // Causal attention FLOPs of one layer: 2·s(s+1)·q_width.
+    let flops = 2.0 * 8192.0 * 8193.0 * half.q_width() as f64;
+    let compute = |m: &strata_planner::ModelSpec, hw: &HardwareProfile| {
+        predict(m, &w, &p, hw).prefill.per_layer.gpu_compute_s
+    };
+    let measured = HardwareProfile {
+        prefill_attention_tflops: Some(400.0),
+        prefill_attention_f32_tflops: Some(1.0),
+        ..HardwareProfile::h100_reference()
+    };
+    let extra = compute(&f32_kv, &measured) - compute(&half, &measured);
+    // The f32 KV adds f32-KV bytes between the GEMMs too; the attention term dominates.
+    let want = flops / 1e12 - flops / 400e12;
+    assert!(
+        (extra - want).abs() <= 0.05 * want,
+        "f32 KV adds {extra} s a layer, want about {want} s"
+    );
+    let older = HardwareProfile {
+        prefill_attention_f32_tflops: None,
+        ..measured
+    };
+    let f32_gemm = older.gemm_flops(4);
+    let got = compute(&f32_kv, &older) - compute(&half, &older);
+    let want = flops / f32_gemm - flops / 400e12;
+    assert!(
+        (got - want).abs() <= 0.05 * want.abs() + 1e-4,
+        "without the f32 figure: {got} s, want about {want} s"
+    );
+}

@@ -565,6 +565,7 @@ fn measure(
             .disk_half_bandwidth_request_bytes,
         gpu_layer_overhead_us: HardwareProfile::cpu_only_reference().gpu_layer_overhead_us,
         prefill_attention_tflops: None,
+        prefill_attention_f32_tflops: None,
         host_memory_shared_gbps: None,
         host_mlp_gflops: Some(host_mlp_gflops),
         host_mlp_layer_gbps: Some(host_mlp_layer),
@@ -858,6 +859,20 @@ fn measure_gpu_kernels(
         format!(
             "causal, one {}-token prompt, Llama-3-8B heads, bf16 KV, best of {}",
             sz.prefill_tokens, sz.trials
+        ),
+    );
+    // f32 KV runs the generic kernel: a quarter of the prompt keeps the step short.
+    let tokens = (sz.prefill_tokens / 4).max(64);
+    let f32_tflops = gpu
+        .prefill_attention_tflops(DType::F32, tokens, sz.trials)
+        .map_err(err("prefill attention, f32 KV"))?;
+    p.prefill_attention_f32_tflops = Some(f32_tflops);
+    row(
+        "prefill attention f32",
+        format!("{f32_tflops:.2} TFLOP/s"),
+        format!(
+            "the same over f32 KV (the generic kernel), one {tokens}-token prompt, best of {}",
+            sz.trials
         ),
     );
 
