@@ -103,6 +103,7 @@ fn check_schema(r: &Value) {
         }
         assert!(c["model"].is_string());
         assert!(c["mismatches"].is_array());
+        assert!(c["divergences"].is_array());
         for t in c["targets"].as_array().unwrap() {
             check_target(t);
         }

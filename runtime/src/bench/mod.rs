@@ -682,6 +682,7 @@ fn plan_config(
             note: w.note.clone(),
             exact: None,
             mismatches: Vec::new(),
+            divergences: Vec::new(),
             runs: Vec::new(),
             targets: Vec::new(),
             carried_from: None,
@@ -766,6 +767,34 @@ fn host_arena_bytes(
 }
 
 type Tokens = BTreeMap<u64, Vec<u32>>;
+
+/// How `other`'s generated tokens part from `first`'s (sequences by item id; a sequence one
+/// of them lacks counts as differing from token 0).
+fn divergence(policy: &str, first: &Tokens, other: &Tokens) -> report::Divergence {
+    let mut d = report::Divergence {
+        policy: policy.to_string(),
+        sequences_differing: 0,
+        sequences: 0,
+        first_differing_token: u64::MAX,
+        tokens_equal: 0,
+        tokens: 0,
+    };
+    let empty = Vec::new();
+    let ids: std::collections::BTreeSet<&u64> = first.keys().chain(other.keys()).collect();
+    for id in ids {
+        let a = first.get(id).unwrap_or(&empty);
+        let b = other.get(id).unwrap_or(&empty);
+        d.sequences += 1;
+        d.tokens += a.len().max(b.len()) as u64;
+        d.tokens_equal += a.iter().zip(b).filter(|(x, y)| x == y).count() as u64;
+        if a != b {
+            d.sequences_differing += 1;
+            let at = a.iter().zip(b).take_while(|(x, y)| x == y).count() as u64;
+            d.first_differing_token = d.first_differing_token.min(at);
+        }
+    }
+    d
+}
 
 /// Runs one policy through `strata generate --policy FILE`, in a child process.
 fn execute(
@@ -1036,11 +1065,12 @@ fn finish_config(c: PlannedConfig, budgets: &Budgets) -> ConfigReport {
         .collect();
     if ran.len() >= 2 {
         let (_, first) = ran[0];
-        report.mismatches = ran
-            .iter()
-            .filter(|(_, t)| *t != first)
-            .map(|(n, _)| n.to_string())
-            .collect();
+        for (name, tokens) in &ran[1..] {
+            if *tokens != first {
+                report.mismatches.push(name.to_string());
+                report.divergences.push(divergence(name, first, tokens));
+            }
+        }
         report.exact = Some(report.mismatches.is_empty());
     }
     let e2e: BTreeMap<String, f64> = c
@@ -1181,5 +1211,35 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_divergence_counts_sequences_and_tokens_and_finds_the_earliest_difference() {
+        let first: Tokens = [
+            (0, vec![1, 2, 3, 4]),
+            (1, vec![5, 6, 7, 8]),
+            (2, vec![9, 9]),
+        ]
+        .into_iter()
+        .collect();
+        let mut other = first.clone();
+        other.insert(1, vec![5, 6, 0, 0]);
+        other.insert(2, vec![9, 9]);
+        let d = divergence("layerwise", &first, &other);
+        assert_eq!(
+            (d.sequences_differing, d.sequences, d.first_differing_token),
+            (1, 3, 2)
+        );
+        assert_eq!((d.tokens_equal, d.tokens), (8, 10));
+        // A sequence one side lacks differs from its first token.
+        other.remove(&0);
+        let d = divergence("layerwise", &first, &other);
+        assert_eq!((d.sequences_differing, d.first_differing_token), (2, 0));
+        assert_eq!((d.tokens_equal, d.tokens), (4, 10));
     }
 }

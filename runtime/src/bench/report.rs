@@ -81,6 +81,11 @@ pub struct ConfigReport {
     pub exact: Option<bool>,
     /// Policies whose tokens differ from the first policy that ran.
     pub mismatches: Vec<String>,
+    /// For each of `mismatches`, how far its tokens differ: rounding (host and GPU attention
+    /// sum in different orders) flips a near-tied greedy choice now and then, and from there
+    /// on that sequence goes its own way; a wrong result differs everywhere.
+    #[serde(default)]
+    pub divergences: Vec<Divergence>,
     pub runs: Vec<RunReport>,
     /// The targets that apply here, each met, missed or not measured (judged again when a
     /// report is resumed).
@@ -90,6 +95,20 @@ pub struct ConfigReport {
     /// report (`--resume`): that report's file, date and GPU.
     #[serde(default)]
     pub carried_from: Option<String>,
+}
+
+/// Where a policy's tokens part from the first policy's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    pub policy: String,
+    /// Sequences whose generated tokens differ, of `sequences`.
+    pub sequences_differing: u64,
+    pub sequences: u64,
+    /// The earliest generated token (0-based) at which any sequence differs.
+    pub first_differing_token: u64,
+    /// Generated tokens equal at the same position, of `tokens`.
+    pub tokens_equal: u64,
+    pub tokens: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,11 +420,34 @@ pub fn markdown(r: &Report) -> String {
                 s,
                 "- exactness: the same tokens under every policy that ran"
             ),
-            Some(false) => writeln!(
-                s,
-                "- exactness: **TOKENS DIFFER** under {}",
-                c.mismatches.join(", ")
-            ),
+            Some(false) => {
+                let how: Vec<String> = c
+                    .divergences
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{}: {} of {} sequences, from generated token {}; {} of {} tokens \
+                             equal",
+                            d.policy,
+                            d.sequences_differing,
+                            d.sequences,
+                            d.first_differing_token,
+                            d.tokens_equal,
+                            d.tokens
+                        )
+                    })
+                    .collect();
+                let how = if how.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", how.join("; "))
+                };
+                writeln!(
+                    s,
+                    "- exactness: **TOKENS DIFFER** under {}{how}",
+                    c.mismatches.join(", ")
+                )
+            }
             None => writeln!(s, "- exactness: fewer than two policies ran"),
         };
         for t in &c.targets {

@@ -566,6 +566,7 @@ mod tests {
             note: None,
             exact: None,
             mismatches: Vec::new(),
+            divergences: Vec::new(),
             runs,
             targets: Vec::new(),
             carried_from: None,
