@@ -83,7 +83,7 @@ pub struct ConfigReport {
     pub mismatches: Vec<String>,
     /// For each of `mismatches`, how far its tokens differ: rounding (host and GPU attention
     /// sum in different orders) flips a near-tied greedy choice now and then, and from there
-    /// on that sequence goes its own way; a wrong result differs everywhere.
+    /// on that sequence goes its own way; a wrong result tends to show in most sequences.
     #[serde(default)]
     pub divergences: Vec<Divergence>,
     pub runs: Vec<RunReport>,
