@@ -136,7 +136,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         .flat_map(|c| &c.runs)
         .filter(|r| r.policy.is_some())
         .filter_map(|r| r.report.predicted.as_ref().map(|p| p.total_s))
-        .sum();
+        .sum::<f64>()
+        .max(0.0);
     if !a.dry_run {
         eprintln!(
             "bench: {} configuration(s), {to_run} run(s); predicted generation time {:.0} s \
