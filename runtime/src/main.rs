@@ -885,6 +885,8 @@ fn default_host_kv_bytes() -> u64 {
 fn default_disk_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("--disk-dir {}: {e}", dir.display()))?;
+    // Files a killed run left count as free: the tier removes them when it opens.
+    strata_storage::remove_leftovers(dir)?;
     let free = strata_storage::free_bytes(dir)?;
     Ok((free / 2).min(64 << 30))
 }

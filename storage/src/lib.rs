@@ -30,5 +30,5 @@ pub use io::{
 pub use pool::{IoBuf, IoBufPool};
 pub use store::{
     BUFFER_WAIT, BlockStore, BlockStoreConfig, DiskSlot, IoStats, MAX_FILE_BYTES, ReadBlock,
-    free_bytes,
+    free_bytes, remove_leftovers,
 };

@@ -929,8 +929,8 @@ fn wait_at_most(
         }
         let now = Instant::now();
         if now >= deadline {
-            // Killed, then reaped: no zombie, and its disk files are left-overs the next run
-            // removes.
+            // Killed, then reaped: no zombie, and its disk files are left-overs the next run's
+            // disk tier removes before it checks the free space.
             let _ = child.kill();
             child.wait()?;
             return Err(RunTimedOut(limit).into());

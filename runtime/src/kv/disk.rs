@@ -142,11 +142,13 @@ impl DiskTier {
     ) -> Result<Self, KvError> {
         let faults = cfg.faults.as_deref().map(FaultConfig::parse).transpose()?;
         // The budget is checked against the free space before anything is allocated, so an
-        // impossible --disk-mem is reported as what it is (and by how much it is short).
+        // impossible --disk-mem is reported as what it is (and by how much it is short). A
+        // killed run's files (its process gone) are removed first: their space is free.
         std::fs::create_dir_all(&cfg.dir).map_err(|source| StorageError::Open {
             path: cfg.dir.clone(),
             source,
         })?;
+        strata_storage::remove_leftovers(&cfg.dir)?;
         let free = free_bytes(&cfg.dir)?;
         if cfg.bytes > free {
             return Err(StorageError::NotEnoughSpace {
@@ -765,5 +767,34 @@ fn attend_rows(
         acc.par_iter_mut().zip(rows.par_iter()).for_each(step);
     } else {
         acc.iter_mut().zip(rows.iter()).for_each(step);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A run killed from outside (a bench's `--run-timeout`) leaves its files; the next tier
+    /// opened in the directory removes them before it checks the free space, so their bytes
+    /// count as free (before, the check ran first and refused a budget the disk could hold).
+    #[test]
+    fn a_dead_runs_files_are_removed_when_a_tier_opens() {
+        let dir = std::env::temp_dir().join(format!("strata-leftover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // No process has this pid (above Linux's largest pid_max, 2^22).
+        let leftover = dir.join("strata-4194305-0.kv");
+        std::fs::write(&leftover, vec![0u8; 1 << 20]).unwrap();
+        let cfg = DiskTierConfig {
+            dir: dir.clone(),
+            bytes: 4 << 20,
+            engine: strata_storage::IoEngine::Sync,
+            queue_depth: 4,
+            faults: None,
+        };
+        let tier = DiskTier::open(cfg, 64 << 10, DType::BF16).unwrap();
+        assert!(!leftover.exists(), "the dead run's file is still there");
+        drop(tier);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -95,7 +95,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Removes left-overs of crashed runs from `dir`; returns how many were removed.
-pub(crate) fn remove_leftovers(dir: &Path) -> Result<usize, StorageError> {
+pub fn remove_leftovers(dir: &Path) -> Result<usize, StorageError> {
     let entries = std::fs::read_dir(dir).map_err(|source| StorageError::Open {
         path: dir.into(),
         source,

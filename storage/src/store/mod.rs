@@ -24,7 +24,7 @@ use crate::io::{FaultConfig, FaultyBackend, FileIdx, IoBackend, IoEngine, open_b
 use crate::pool::IoBufPool;
 use files::FileSet;
 
-pub use files::{DEFAULT_BLOCK_BYTES, free_bytes};
+pub use files::{DEFAULT_BLOCK_BYTES, free_bytes, remove_leftovers};
 
 /// Settings of a [`BlockStore`].
 #[derive(Clone, Debug)]
