@@ -104,7 +104,8 @@ impl Carried {
         let finished = c.runs.iter().all(|r| r.status != Status::NotRun);
         (ran == wanted && finished).then(|| {
             let mut c = c.clone();
-            c.carried_from = Some(self.origin.clone());
+            // Carried twice (a merged report resumed again): the run's own origin stays.
+            c.carried_from.get_or_insert_with(|| self.origin.clone());
             c
         })
     }
