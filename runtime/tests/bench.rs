@@ -809,6 +809,27 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
             .unwrap()
             .starts_with("x.json (")
     );
+    // Resumed again from the merged report: the configuration still names where it ran.
+    let z = bench(
+        &d,
+        &[
+            policies[0],
+            policies[1],
+            "--batch",
+            "2",
+            "--json",
+            "z.json",
+            "--resume",
+            "y.json",
+        ],
+    );
+    assert!(z.status.success(), "{}", text(&z));
+    let z: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("z.json")).unwrap()).unwrap();
+    assert_eq!(
+        z["configs"][0]["carried_from"],
+        y["configs"][0]["carried_from"]
+    );
 
     // Other policies: not the same configuration, so it runs.
     let other = bench(&d, &["--policies", "strata", "--resume", "a.json"]);
