@@ -849,32 +849,40 @@ fn measure_gpu_kernels(
         device,
         reason: e.to_string(),
     })?;
-    let tflops = gpu
-        .prefill_attention_tflops(DType::BF16, sz.prefill_tokens, sz.trials)
-        .map_err(err("prefill attention"))?;
-    p.prefill_attention_tflops = Some(tflops);
-    row(
-        "prefill attention",
-        format!("{tflops:.1} TFLOP/s"),
-        format!(
-            "causal, one {}-token prompt, Llama-3-8B heads, bf16 KV, best of {}",
-            sz.prefill_tokens, sz.trials
-        ),
-    );
     // f32 KV runs the generic kernel: a quarter of the prompt keeps the step short.
-    let tokens = (sz.prefill_tokens / 4).max(64);
-    let f32_tflops = gpu
-        .prefill_attention_tflops(DType::F32, tokens, sz.trials)
-        .map_err(err("prefill attention, f32 KV"))?;
-    p.prefill_attention_f32_tflops = Some(f32_tflops);
-    row(
-        "prefill attention f32",
-        format!("{f32_tflops:.2} TFLOP/s"),
-        format!(
-            "the same over f32 KV (the generic kernel), one {tokens}-token prompt, best of {}",
-            sz.trials
+    let kinds = [
+        (
+            DType::BF16,
+            sz.prefill_tokens,
+            "prefill attention",
+            "bf16 KV",
+            1,
         ),
-    );
+        (
+            DType::F32,
+            (sz.prefill_tokens / 4).max(64),
+            "prefill attention f32",
+            "f32 KV (the generic kernel)",
+            2,
+        ),
+    ];
+    for (dtype, tokens, name, kv, digits) in kinds {
+        let tflops = gpu
+            .prefill_attention_tflops(dtype, tokens, sz.trials)
+            .map_err(err(name))?;
+        match dtype {
+            DType::F32 => p.prefill_attention_f32_tflops = Some(tflops),
+            _ => p.prefill_attention_tflops = Some(tflops),
+        }
+        row(
+            name,
+            format!("{tflops:.digits$} TFLOP/s"),
+            format!(
+                "causal, one {tokens}-token prompt, Llama-3-8B heads, {kv}, best of {}",
+                sz.trials
+            ),
+        );
+    }
 
     steps.step("GPU decode projections");
     // What the planner's decode predictions assume a run uses (`--gpu-gemm rounded`; split

@@ -48,6 +48,11 @@ fn bench_command(d: &Dir, extra: &[&str]) -> Command {
     cmd
 }
 
+/// The JSON report `name` a bench wrote in `d`.
+fn report(d: &Dir, name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(d.path(name)).unwrap()).unwrap()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -317,8 +322,7 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
     );
     assert!(stdout.contains("exactness: the same tokens"), "{stdout}");
 
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    let r = report(&d, "report.json");
     check_schema(&r);
     let c = &r["configs"][0];
     assert_eq!(
@@ -459,8 +463,7 @@ fn flexgen_flags_place_what_they_say_and_unrunnable_policies_say_why() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    let r = report(&d, "report.json");
     check_schema(&r);
     let fg = run_of(&r, "flexgen");
     let p = &fg["plan"];
@@ -565,8 +568,7 @@ fn runs_past_the_run_timeout_are_stopped_and_reported() {
         "{}",
         text(&out)
     );
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    let r = report(&d, "report.json");
     check_schema(&r);
     for p in ["strata", "gpu-only"] {
         let run = run_of(&r, p);
@@ -666,8 +668,7 @@ fn a_flexgen_policy_with_weights_on_disk_runs_with_the_same_tokens() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("report.json")).unwrap()).unwrap();
+    let r = report(&d, "report.json");
     check_schema(&r);
     let fg = run_of(&r, "flexgen");
     assert_eq!(fg["status"], "ok", "{fg}");
@@ -689,39 +690,19 @@ fn a_flexgen_policy_with_weights_on_disk_runs_with_the_same_tokens() {
 #[test]
 fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     let d = new_dir("resume");
-    let policies = ["--policies", "strata,layerwise"];
-    let first = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--json",
-            "a.json",
-            "--resume",
-            "a.json",
-        ],
-    );
+    // The bench with both policies and `extra`.
+    let both = |extra: &[&str]| bench(&d, &[&["--policies", "strata,layerwise"], extra].concat());
+    let first = both(&["--json", "a.json", "--resume", "a.json"]);
     assert!(first.status.success(), "{}", text(&first));
     assert!(
         text(&first).contains("no report there yet"),
         "{}",
         text(&first)
     );
-    let a: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("a.json")).unwrap()).unwrap();
+    let a = report(&d, "a.json");
     assert_eq!(ran_count(&a["configs"][0]), 2);
 
-    let again = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--json",
-            "b.json",
-            "--resume",
-            "a.json",
-        ],
-    );
+    let again = both(&["--json", "b.json", "--resume", "a.json"]);
     let out = text(&again);
     assert!(again.status.success(), "{out}");
     assert!(
@@ -733,8 +714,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
         "a carried configuration ran again: {out}"
     );
     assert!(out.contains("**Carried over** from a.json"), "{out}");
-    let b: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("b.json")).unwrap()).unwrap();
+    let b = report(&d, "b.json");
     check_schema(&b);
     let (ca, cb) = (&a["configs"][0], &b["configs"][0]);
     assert!(
@@ -753,56 +733,29 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     partial["configs"][0]["runs"][1]["status"] = "not_run".into();
     partial["configs"][0]["runs"][1]["measured"] = Value::Null;
     std::fs::write(d.path("p.json"), partial.to_string()).unwrap();
-    let rerun = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--json",
-            "c.json",
-            "--resume",
-            "p.json",
-        ],
-    );
+    let rerun = both(&["--json", "c.json", "--resume", "p.json"]);
     let out = text(&rerun);
     assert!(rerun.status.success(), "{out}");
     assert!(
         out.contains("0 of 1 configuration(s) carried over"),
         "{out}"
     );
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("c.json")).unwrap()).unwrap();
+    let c = report(&d, "c.json");
     assert_eq!(ran_count(&c["configs"][0]), 2, "both policies ran again");
     assert!(c["configs"][0]["carried_from"].is_null());
 
     // Several files: the one that finished this workload is used.
-    let two = bench(
-        &d,
-        &[policies[0], policies[1], "--batch", "2", "--json", "x.json"],
-    );
+    let two = both(&["--batch", "2", "--json", "x.json"]);
     assert!(two.status.success(), "{}", text(&two));
-    let both = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--batch",
-            "2",
-            "--json",
-            "y.json",
-            "--resume",
-            "a.json",
-            "--resume",
-            "x.json",
-        ],
-    );
-    let out = text(&both);
+    let merged = both(&[
+        "--batch", "2", "--json", "y.json", "--resume", "a.json", "--resume", "x.json",
+    ]);
+    let out = text(&merged);
     assert!(
         out.contains("1 of 1 configuration(s) carried over"),
         "{out}"
     );
-    let y: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("y.json")).unwrap()).unwrap();
+    let y = report(&d, "y.json");
     assert!(
         y["configs"][0]["carried_from"]
             .as_str()
@@ -810,22 +763,9 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
             .starts_with("x.json (")
     );
     // Resumed again from the merged report: the configuration still names where it ran.
-    let z = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--batch",
-            "2",
-            "--json",
-            "z.json",
-            "--resume",
-            "y.json",
-        ],
-    );
+    let z = both(&["--batch", "2", "--json", "z.json", "--resume", "y.json"]);
     assert!(z.status.success(), "{}", text(&z));
-    let z: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("z.json")).unwrap()).unwrap();
+    let z = report(&d, "z.json");
     assert_eq!(
         z["configs"][0]["carried_from"],
         y["configs"][0]["carried_from"]
@@ -839,17 +779,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
         text(&other)
     );
 
-    let budgets = bench(
-        &d,
-        &[
-            policies[0],
-            policies[1],
-            "--host-mem",
-            "1GiB",
-            "--resume",
-            "a.json",
-        ],
-    );
+    let budgets = both(&["--host-mem", "1GiB", "--resume", "a.json"]);
     let out = text(&budgets);
     assert!(!budgets.status.success(), "{out}");
     assert!(
@@ -858,7 +788,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     );
 
     std::fs::write(d.path("junk.json"), "{\"schema\": 3}").unwrap();
-    let junk = bench(&d, &[policies[0], policies[1], "--resume", "junk.json"]);
+    let junk = both(&["--resume", "junk.json"]);
     let out = text(&junk);
     assert!(!junk.status.success(), "{out}");
     assert!(out.contains("--resume junk.json: not a report"), "{out}");

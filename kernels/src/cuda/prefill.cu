@@ -161,6 +161,28 @@ __device__ __forceinline__ void pf_slot(u32 s, u32 n_slots, const u32* blk_start
     }
 }
 
+// The end of a tensor-core prefill CTA, for one row a quad of lanes (t4 = 0..3) holds: sums
+// the row's softmax denominator over the quad (every lane takes part, row in range or not),
+// then, for a row in range, writes the lane's D/4 outputs normalised (`pair(n)` gives its two
+// values of columns 8n + 2 t4 and 8n + 2 t4 + 1) and, from lane t4 == 0, the row's LSE in
+// natural-log units (`m`, the running max, is in log2 units).
+template <int D, class Pair>
+__device__ __forceinline__ void pf_store_row(float* out_o, float* out_lse, u64 row, bool in_range,
+                                             u64 q_stride, u32 n_heads, u32 h, u32 t4, float l,
+                                             float m, Pair pair) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (!in_range) return;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* dst = out_o + row * q_stride + h * D + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        const float2 v = pair(n);
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(v.x * inv, v.y * inv);
+    }
+    if (t4 == 0) out_lse[row * n_heads + h] = l > 0.0f ? (m + log2f(l)) * PF_LN2 : NEG_INF;
+}
+
 // W warps of MT m-tiles (16 rows each): a CTA takes BM = 16 W MT query rows. With MT = 1 the
 // warp keeps its Q fragments in registers (Q's shared copy then lives in stage 1 of the K/V
 // ring until the loop overwrites it); with MT = 2 each K/V fragment read from shared memory
@@ -418,22 +440,12 @@ __device__ __forceinline__ void prefill_mma(
     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            float lt = l[mt][hf];
-            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-            const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
             const u32 r = wr + 16 * mt + 8 * hf + g;
-            if (r < nrows) {
-                const u64 row = row0 + r;
-                float* dst = out_o + row * q_stride + h * D + 2 * t4;
-#pragma unroll
-                for (int n = 0; n < ND; n++)
-                    *reinterpret_cast<float2*>(dst + n * 8) =
-                        make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
-                if (t4 == 0)
-                    out_lse[row * n_heads + h] =
-                        lt > 0.0f ? (m[mt][hf] + log2f(lt)) * PF_LN2 : NEG_INF;
-            }
+            const auto pair = [&](int n) {
+                return make_float2(o[mt][n][2 * hf], o[mt][n][2 * hf + 1]);
+            };
+            pf_store_row<D>(out_o, out_lse, (u64)row0 + r, r < nrows, q_stride, n_heads, h, t4,
+                            l[mt][hf], m[mt][hf], pair);
         }
     }
 }

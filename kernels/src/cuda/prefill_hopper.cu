@@ -372,21 +372,10 @@ __device__ __forceinline__ void prefill_wgmma(
 
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
-        float lt = hf ? l1 : l0;
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
         const u32 r = wr + 16 * wi + 8 * hf + g;
-        if (r < nrows) {
-            const u64 row = row0 + r;
-            float* dst = out_o + row * q_stride + h * D + 2 * t4;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++)
-                *reinterpret_cast<float2*>(dst + n * 8) =
-                    make_float2(o[4 * n + 2 * hf] * inv, o[4 * n + 2 * hf + 1] * inv);
-            if (t4 == 0)
-                out_lse[row * n_heads + h] = lt > 0.0f ? ((hf ? m1 : m0) + log2f(lt)) * PF_LN2 : NEG_INF;
-        }
+        const auto pair = [&](int n) { return make_float2(o[4 * n + 2 * hf], o[4 * n + 2 * hf + 1]); };
+        pf_store_row<D>(out_o, out_lse, (u64)row0 + r, r < nrows, q_stride, n_heads, h, t4,
+                        hf ? l1 : l0, hf ? m1 : m0, pair);
     }
 }
 

@@ -35,7 +35,7 @@ use strata_kernels::attention::attend_partial;
 use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, Partial};
 use strata_storage::{
     BlockStore, BlockStoreConfig, DiskSlot, FaultConfig, IoEngine, ReadBlock, StorageError,
-    f32_view, free_bytes,
+    f32_view,
 };
 
 use super::stored::with_stored_kv;
@@ -141,23 +141,6 @@ impl DiskTier {
         dtype: DType,
     ) -> Result<Self, KvError> {
         let faults = cfg.faults.as_deref().map(FaultConfig::parse).transpose()?;
-        // The budget is checked against the free space before anything is allocated, so an
-        // impossible --disk-mem is reported as what it is (and by how much it is short). A
-        // killed run's files (its process gone) are removed first: their space is free.
-        std::fs::create_dir_all(&cfg.dir).map_err(|source| StorageError::Open {
-            path: cfg.dir.clone(),
-            source,
-        })?;
-        strata_storage::remove_leftovers(&cfg.dir)?;
-        let free = free_bytes(&cfg.dir)?;
-        if cfg.bytes > free {
-            return Err(StorageError::NotEnoughSpace {
-                dir: cfg.dir,
-                need_bytes: cfg.bytes,
-                free_bytes: free,
-            }
-            .into());
-        }
         let store = BlockStore::open(BlockStoreConfig {
             dir: cfg.dir,
             capacity_bytes: cfg.bytes,

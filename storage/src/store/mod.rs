@@ -130,7 +130,18 @@ impl BlockStore {
             path: cfg.dir.clone(),
             source,
         })?;
+        // A crashed or killed run's files are removed first: their space is free. Then the budget
+        // is checked against the free space before any other check or allocation, so an
+        // impossible capacity is reported as what it is, and by how much it is short.
         files::remove_leftovers(&cfg.dir)?;
+        let free = files::free_bytes(&cfg.dir)?;
+        if cfg.capacity_bytes > free {
+            return Err(StorageError::NotEnoughSpace {
+                dir: cfg.dir.clone(),
+                need_bytes: cfg.capacity_bytes,
+                free_bytes: free,
+            });
+        }
         let mut set = FileSet { files: Vec::new() };
         let (block, mem_align) = match set.create_next(&cfg.dir)?.file.as_ref() {
             Some(file) => files::dio_alignment(file),
@@ -142,15 +153,6 @@ impl BlockStore {
             .ok()
             .filter(|&n| n > 0)
             .ok_or_else(|| too_small_or_large(&cfg, slot_bytes))?;
-        let need = u64::from(capacity_slots) * slot_bytes;
-        let free = files::free_bytes(&cfg.dir)?;
-        if need > free {
-            return Err(StorageError::NotEnoughSpace {
-                dir: cfg.dir.clone(),
-                need_bytes: need,
-                free_bytes: free,
-            });
-        }
         let slots_per_file = (max_file_bytes / slot_bytes).max(1);
         preallocate_all(
             &mut set,
