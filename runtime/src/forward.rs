@@ -537,7 +537,7 @@ impl RuntimeBackend for CudaBackend {
             return Ok(kv.append_device(layer, &at, k, v)?);
         }
         // A prompt pass over host KV stays on the GPU for its attention, and goes down whole.
-        if x.is_none() && kv.append_through_scratch(layer, &at, k, v)? {
+        if kv.append_through_scratch(layer, &at, k, v, x)? {
             return Ok(());
         }
         // Decode rows land in host memory in the background, before anything reads them.

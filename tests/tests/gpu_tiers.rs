@@ -417,9 +417,13 @@ fn half_precision_kv_is_the_same_in_every_tier() {
             within_budgets(name, what, &k);
             let host_dtype = kv_dtype.unwrap_or(DType::BF16);
             assert_eq!(k.kv_dtype, host_dtype.name(), "{name} {what}");
+            // Prompt passes over host KV come down through the scratch in whole blocks, and
+            // under recompute with their f32 hidden states.
+            let hidden_bytes = k.hidden_rows_through_scratch * (m.config.hidden * 4) as u64;
             assert_eq!(
                 k.bytes_gpu_to_host,
-                k.gpu_spilled_blocks * k.bytes_per_block as u64,
+                (k.gpu_spilled_blocks + k.blocks_through_scratch) * k.bytes_per_block as u64
+                    + hidden_bytes,
                 "{name} {what}: spilled bytes are not the host tier's blocks"
             );
             if gpu_blocks == Some(small) {
@@ -617,17 +621,33 @@ fn chunked_prefill_attends_spilled_chunks_on_the_gpu_through_scratch() {
 /// Whole prompts, and chunks of 5 rows (which end inside blocks, so a part-full tail goes up and
 /// back down with the rows added to it; a chunk that holds one row of a prompt takes the host
 /// path), over host memory alone and over a host tier small enough that earlier chunks reach the
-/// disk. Every case gives transformers' tokens and logits, and passes really went through the
-/// scratch.
+/// disk. On the MHA fixture also with hidden states kept for recompute (half the full blocks, or
+/// all): the pass's chosen blocks come down as hidden states, a part-full tail's earlier rows
+/// joining them when the pass fills it, and a chunk whose earlier blocks are already hidden
+/// states takes the host path. Every case gives transformers' tokens and logits, and passes
+/// really went through the scratch.
 #[test]
 fn prompt_passes_over_host_kv_stay_in_scratch_and_go_down_whole() {
     let Some(gpu) = test_gpu() else { return };
     for name in FIXTURES {
         let m = golden_model(name);
         let e = expected(name);
+        let mha = stores_hidden_states(&m);
         let (small, tails) = small_gpu_tier(&m, &e);
-        for (chunk, disk) in [(usize::MAX, false), (5, false), (5, true)] {
-            let what = format!("scratch only, prompt chunks of {chunk} rows, disk {disk}");
+        for (chunk, disk, recompute) in [
+            (usize::MAX, false, 0.0),
+            (5, false, 0.0),
+            (5, true, 0.0),
+            (usize::MAX, false, 1.0),
+            (5, false, 0.5),
+            (5, true, 0.5),
+        ] {
+            if recompute > 0.0 && !mha {
+                continue;
+            }
+            let what = format!(
+                "scratch only, prompt chunks of {chunk} rows, disk {disk}, recompute {recompute}"
+            );
             let tier = with_scratch(gpu, &m, 0, 64, DType::F32);
             let placement = if disk {
                 host_and_disk(
@@ -641,13 +661,21 @@ fn prompt_passes_over_host_kv_stay_in_scratch_and_go_down_whole() {
                     ..Placement::default()
                 }
             };
-            let mut engine = routed_engine(gpu, &m, placement, 1.0, 0.0);
+            let mut engine = routed_engine(gpu, &m, placement, 1.0, recompute);
             engine.prefill_chunk = chunk;
             let k = run_golden(&mut engine, name, &what, &e);
             assert!(
                 k.passes_through_scratch > 0 && k.blocks_through_scratch > 0,
                 "{name} {what}: no pass went through the scratch: {k:?}"
             );
+            if recompute > 0.0 {
+                assert!(
+                    k.hidden_blocks_stored > 0
+                        && k.hidden_rows_through_scratch > 0
+                        && k.recomputed_tokens > 0,
+                    "{name} {what}: no hidden states kept or used: {k:?}"
+                );
+            }
             if chunk < usize::MAX {
                 assert!(
                     k.fetched_blocks > 0,
@@ -661,8 +689,12 @@ fn prompt_passes_over_host_kv_stay_in_scratch_and_go_down_whole() {
                 );
             }
             eprintln!(
-                "{name} {what}: {} passes, {} blocks through the scratch, {} fetched",
-                k.passes_through_scratch, k.blocks_through_scratch, k.fetched_blocks
+                "{name} {what}: {} passes, {} blocks through the scratch, {} fetched, {} hidden \
+                 blocks stored",
+                k.passes_through_scratch,
+                k.blocks_through_scratch,
+                k.fetched_blocks,
+                k.hidden_blocks_stored
             );
         }
     }

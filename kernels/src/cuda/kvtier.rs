@@ -611,6 +611,26 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// Starts copying `t`, which the caller gives up, into a page-locked host buffer on the
+    /// spill stream, after the compute stream's work so far (the kernel that made it): for
+    /// bulk values bound for host slots beside [`CudaBackend::kv_blocks_download_async`]'s blocks
+    /// (a prompt pass's hidden states), without holding up the small-transfer stream. The
+    /// download owns `t` until the copy has landed.
+    pub fn download_tensor_async(&self, t: CudaTensor) -> Result<PendingDownload> {
+        let be = &self.inner;
+        let op = "download_tensor";
+        let words = t.rows * t.cols;
+        let src = be.buf(op, &t)?;
+        let ready = be
+            .stream
+            .record_event(None)
+            .map_err(|e| device_err(op, e))?;
+        be.spill.wait(&ready).map_err(|e| device_err(op, e))?;
+        let mut p = be.download_words_on(&be.spill, op, src, words)?;
+        p.device = t.data;
+        Ok(p)
+    }
+
     /// A new device buffer holding pool blocks `ids` (non-empty, checked to be inside the pool)
     /// end to end in dtype `to` (the pool's, copied as they are, or f32), gathered by a kernel
     /// on the compute stream; allocated as f32 words.

@@ -292,7 +292,7 @@ impl CudaBackend {
 
     /// Waits for a download, hands its values to `f` where they landed, then recycles the
     /// staging buffer (and frees the device buffer the copy read, if it owned one).
-    fn wait_download_with<R>(
+    pub fn wait_download_with<R>(
         &self,
         mut p: PendingDownload,
         f: impl FnOnce(&[f32]) -> R,

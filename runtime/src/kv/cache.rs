@@ -9,7 +9,9 @@ use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 use serde::Serialize;
 use strata_kernels::attention::{AttentionQuery, attend_batch, split_chunk_blocks};
-use strata_kernels::{AttentionGeometry, DType, KvBlockView, KvBuf, KvSlice, KvSliceMut, Partial};
+use strata_kernels::{
+    AttentionGeometry, Backend, DType, KvBlockView, KvBuf, KvSlice, KvSliceMut, Partial,
+};
 use strata_storage::{ArenaSlots, SlotId};
 
 use strata_kernels::CudaTensor;
@@ -96,6 +98,10 @@ pub struct KvMetrics {
     /// slots whole ([`KvCache::append_through_scratch`]), and prompt passes that went that way.
     pub blocks_through_scratch: u64,
     pub passes_through_scratch: u64,
+    /// With recompute, the rows of those passes whose hidden states came down too (f32, a
+    /// token's `d_model` values each): every row of a block that keeps hidden states instead of
+    /// K and V (not counted in `blocks_through_scratch`), and of each part-full last block.
+    pub hidden_rows_through_scratch: u64,
     /// Recompute: blocks stored as hidden states, their bytes, and the K+V bytes they replaced.
     pub hidden_blocks_stored: u64,
     pub bytes_hidden_stored: u64,
@@ -257,10 +263,44 @@ const LANDINGS_IN_FLIGHT: usize = 2;
 /// takes to come down (a 1 GB spill of an 8 × 32K prefill against about 11 ms a layer).
 const SPILL_SPARED_LAYERS: usize = 4;
 
-/// Blocks on their way down from the GPU: `slots[i]` gets block `i` of the download.
+/// Blocks on their way down from the GPU: `slots[i]` gets block `i` of the download, and
+/// with recompute, the hidden states of the pass's rows that the cache keeps.
 struct Landing {
     pending: PendingDownload,
     slots: Vec<SlotId>,
+    hidden: Option<HiddenLanding>,
+}
+
+impl Landing {
+    /// Whether landing this writes host slot `s`.
+    fn writes(&self, s: SlotId) -> bool {
+        self.slots.contains(&s)
+            || self
+                .hidden
+                .as_ref()
+                .is_some_and(|h| h.parts.iter().any(|p| p.slot == Some(s)))
+    }
+}
+
+/// A prompt pass's hidden states on their way down ([`KvCache::append_through_scratch`] with
+/// recompute): the rows of `layer`'s input that the cache keeps, `[rows, d_model]` f32, in the
+/// order of `parts`.
+struct HiddenLanding {
+    pending: PendingDownload,
+    layer: usize,
+    parts: Vec<HiddenPart>,
+}
+
+/// Rows `rows` of a [`HiddenLanding`], the pass's tokens of one block of `seq`, after the
+/// hidden states its writable block held before the pass when `after_tail`. With a `slot`, the
+/// block is full and chosen for recompute: the slot gets its hidden states instead of K and V.
+/// Without, it is the sequence's writable block, and they are kept until it fills (as
+/// [`KvCache::append_with_hidden`] keeps them).
+struct HiddenPart {
+    seq: SeqId,
+    rows: std::ops::Range<usize>,
+    after_tail: bool,
+    slot: Option<SlotId>,
 }
 
 /// The blocks of one prompt pass held in the GPU scratch: `(seq, pool id, first position,
@@ -774,6 +814,10 @@ impl KvCache {
                 "recompute: the append of layer {layer} carried no hidden states of {d} values"
             )));
         };
+        if self.landing.iter().any(|l| l.hidden.is_some()) {
+            // A prompt pass's hidden states still coming down may extend this buffer first.
+            self.land()?;
+        }
         let buf = self.writable_hidden.entry((seq, layer)).or_default();
         if t == 0 {
             buf.clear();
@@ -833,7 +877,7 @@ impl KvCache {
             if let Some(i) = self
                 .landing
                 .iter()
-                .rposition(|l| l.slots.iter().any(|s| reads.contains(s)))
+                .rposition(|l| reads.iter().any(|&s| l.writes(s)))
             {
                 self.land_older(self.landing.len() - i - 1)?;
             }
@@ -872,6 +916,72 @@ impl KvCache {
                 Ok::<(), KvError>(())
             })
             .map_err(|e| KvError::Gpu(e.to_string()))??;
+            if let Some(h) = l.hidden {
+                self.land_hidden(&be, h)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a prompt pass's hidden states where the cache keeps them: into the slots of its
+    /// blocks chosen for recompute (after the rows their writable block held before the pass),
+    /// a thread per block, and the rows of each sequence's part-full last block into its
+    /// writable hidden states.
+    fn land_hidden(
+        &mut self,
+        be: &strata_kernels::cuda::CudaBackend,
+        h: HiddenLanding,
+    ) -> Result<(), KvError> {
+        let _span = tracing::debug_span!("land_hidden", parts = h.parts.len()).entered();
+        let d = self.d_model;
+        let layer = h.layer;
+        // The rows writable blocks held before the pass, taken in order (no part reads one
+        // another's).
+        let mut before: Vec<Vec<f32>> = Vec::with_capacity(h.parts.len());
+        for p in &h.parts {
+            before.push(if p.after_tail {
+                self.writable_hidden
+                    .remove(&(p.seq, layer))
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            });
+        }
+        let to_slots: Vec<SlotId> = h.parts.iter().filter_map(|p| p.slot).collect();
+        let host = &mut self.host;
+        let writable = &mut self.writable_hidden;
+        be.wait_download_with(h.pending, |x| {
+            let views = host.slots_f32_mut(&to_slots)?;
+            let mut jobs = Vec::with_capacity(views.len());
+            let mut views = views.into_iter();
+            for (p, held) in h.parts.iter().zip(before) {
+                let rows = &x[p.rows.start * d..p.rows.end * d];
+                match p.slot {
+                    Some(_) => jobs.push((views.next(), held, rows)),
+                    None => {
+                        let mut buf = held;
+                        buf.extend_from_slice(rows);
+                        writable.insert((p.seq, layer), buf);
+                    }
+                }
+            }
+            jobs.into_par_iter().for_each(|(slot, held, rows)| {
+                if let Some(slot) = slot {
+                    slot[..held.len()].copy_from_slice(&held);
+                    slot[held.len()..held.len() + rows.len()].copy_from_slice(rows);
+                }
+            });
+            Ok::<(), KvError>(())
+        })
+        .map_err(|e| KvError::Gpu(e.to_string()))??;
+        // The GPU regenerates these blocks from their slots in place (prefetch_hidden, or a
+        // kernel over PCIe): page-locking them now, where they were written, keeps that
+        // one-time cost in the prefill instead of the first decode step.
+        if self.scratch_reads_host_slots()
+            && let Some(gpu) = self.gpu.as_mut()
+        {
+            let bytes = self.g.block_tokens * d * 4;
+            gpu.page_lock_slots(&mut self.host, &to_slots, bytes)?;
         }
         Ok(())
     }
@@ -1233,10 +1343,12 @@ impl KvCache {
                 }
             }
         }
-        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
-        if blocks.is_empty() || blocks.len() > gpu.scratch().len() {
+        if blocks.is_empty() || blocks.len() > self.gpu.as_ref().map_or(0, |t| t.scratch().len()) {
             return Ok(());
         }
+        // A prompt pass's hidden states may still be on their way into these slots.
+        self.settle_gpu_writes(&slots)?;
+        let gpu = self.gpu.as_mut().ok_or(KvError::WorkerGone)?;
         let _span = tracing::debug_span!("prefetch_hidden", blocks = blocks.len()).entered();
         let runs = gpu.slot_runs(&mut self.host, &slots, bt * d * 4)?;
         // SAFETY: every run lies in host slots of the arena, page-locked within one chunk by
@@ -1495,17 +1607,25 @@ impl KvCache {
     /// them all in scratch, so the prompt's K and V are not read back to the host as f32,
     /// appended there and fetched up again ([`KvCache::append_rows`] and a fetch).
     ///
+    /// With recompute, `x` is the layer's input `[rows, d_model]`: the pass's blocks chosen to
+    /// keep hidden states get them in their host slots instead of K and V (fewer bytes come
+    /// down), and each sequence's part-full last block keeps its rows' hidden states until it
+    /// fills, as [`KvCache::append_with_hidden`] does; the pass's own attention reads the K and
+    /// V it computed, in scratch.
+    ///
     /// Returns `false`, having changed nothing, when the pass does not go this way: a GPU tier
-    /// (appends go there), no scratch, a host tier in another dtype than the pool's, hidden
-    /// states kept for recompute, a sequence with one row in the pass (decode, whose blocks are
-    /// attended where the routes say), or more blocks than the scratch or the free host slots
-    /// hold.
+    /// (appends go there), no scratch, a host tier in another dtype than the pool's, recompute
+    /// without `x`, or with an earlier chunk's block already kept as hidden states (it would
+    /// have to be regenerated here), a sequence with one row in the pass (decode, whose blocks
+    /// are attended where the routes say), or more blocks than the scratch or the free host
+    /// slots hold.
     pub fn append_through_scratch(
         &mut self,
         layer: usize,
         at: &[(SeqId, usize)],
         k: &CudaTensor,
         v: &CudaTensor,
+        x: Option<&CudaTensor>,
     ) -> Result<bool, KvError> {
         let bt = self.g.block_tokens;
         let Some(gpu) = self.gpu.as_ref() else {
@@ -1517,10 +1637,11 @@ impl KvCache {
         let same_dtype = self.dtype == gpu.pool.dtype();
         // A decode step (no sequence with two rows in a row) leaves here, every layer.
         let prompt_pass = at.windows(2).any(|w| w[0].0 == w[1].0);
+        let recompute = self.recompute > 0.0;
         if !prompt_pass
             || gpu.capacity() > 0
             || scratch.is_empty()
-            || self.recompute > 0.0
+            || (recompute && x.is_none_or(|x| gpu.backend.shape(x) != (at.len(), self.d_model)))
             || !same_dtype
         {
             return Ok(false);
@@ -1553,7 +1674,11 @@ impl KvCache {
         let mut held = 0;
         for &(seq, rows) in &seqs {
             let blocks = self.layer_blocks(seq, layer)?;
-            if rows < 2 || blocks.iter().any(|b| matches!(b.loc, Loc::Gpu(_))) {
+            if rows < 2
+                || blocks
+                    .iter()
+                    .any(|b| matches!(b.loc, Loc::Gpu(_)) || b.hidden)
+            {
                 return Ok(false);
             }
             held += blocks.len();
@@ -1586,8 +1711,12 @@ impl KvCache {
             .collect();
         let mut next_id = scratch.start + blocks.len() as u32;
         let mut row_slots = Vec::with_capacity(at.len());
+        // Blocks going down: (scratch id, host slot), and for each its sequence, index in the
+        // layer, whether it was the writable block before the pass, and the pass's rows in it.
         let mut moves: Vec<(u32, SlotId)> = Vec::new();
-        for &(seq, pos) in at {
+        let mut moved: Vec<(SeqId, usize, bool, Vec<usize>)> = Vec::new();
+        let mut move_of: HashMap<(SeqId, usize), usize> = HashMap::new();
+        for (r, &(seq, pos)) in at.iter().enumerate() {
             let start = pos - pos % bt;
             let layer_blocks = &mut self
                 .seqs
@@ -1603,12 +1732,15 @@ impl KvCache {
                 });
                 index.insert((seq, start), blocks.len());
                 blocks.push((seq, next_id, start, 0));
+                move_of.insert((seq, start), moves.len());
                 moves.push((next_id, slot));
+                moved.push((seq, layer_blocks.len() - 1, false, Vec::new()));
                 next_id += 1;
             }
             let i = *index.get(&(seq, start)).ok_or_else(|| {
                 KvError::Gpu(format!("no scratch block for {seq:?} at position {start}"))
             })?;
+            let j = layer_blocks.len().saturating_sub(1);
             let Some(Block {
                 loc: Loc::Host(slot),
                 filled,
@@ -1621,11 +1753,53 @@ impl KvCache {
             };
             if pos == first[&seq] && pos != start {
                 // The part-full tail goes down whole with the rows added to it.
+                move_of.insert((seq, start), moves.len());
                 moves.push((blocks[i].1, *slot));
+                moved.push((seq, j, true, Vec::new()));
+            }
+            if let Some(&m) = move_of.get(&(seq, start)) {
+                moved[m].3.push(r);
             }
             *filled += 1;
             row_slots.push(blocks[i].1 * bt as u32 + (pos - start) as u32);
             blocks[i].3 += 1;
+        }
+        // With recompute: which blocks come down as hidden states instead of K and V, and the
+        // rows of x that go down (each block's in turn).
+        let mut parts = Vec::new();
+        let mut x_rows = Vec::new();
+        if recompute {
+            let mut kept = Vec::with_capacity(moves.len());
+            for (mv, (seq, j, after_tail, rows)) in moves.into_iter().zip(moved) {
+                let blocks = &mut self
+                    .seqs
+                    .get_mut(&seq)
+                    .ok_or(KvError::UnknownSequence(seq))?
+                    .layers[layer];
+                let last = j + 1 == blocks.len();
+                let b = &mut blocks[j];
+                let full = b.filled == bt;
+                let to_slot = full && far::stores_hidden(j, self.recompute);
+                if to_slot || (last && !full) {
+                    let range = x_rows.len()..x_rows.len() + rows.len();
+                    x_rows.extend_from_slice(&rows);
+                    parts.push(HiddenPart {
+                        seq,
+                        rows: range,
+                        after_tail,
+                        slot: to_slot.then_some(mv.1),
+                    });
+                }
+                if to_slot {
+                    b.hidden = true;
+                    self.metrics.hidden_blocks_stored += 1;
+                    self.metrics.bytes_hidden_stored += (bt * self.d_model * 4) as u64;
+                    self.metrics.bytes_kv_not_stored += self.bpb as u64;
+                } else {
+                    kept.push(mv);
+                }
+            }
+            moves = kept;
         }
         // The pass before last has landed; the last may still be coming down.
         self.land_older(LANDINGS_IN_FLIGHT - 1)?;
@@ -1634,6 +1808,17 @@ impl KvCache {
         gpu.backend
             .kv_append(&mut gpu.pool, k, v, &row_slots)
             .map_err(err)?;
+        let hidden = match x {
+            Some(x) if !parts.is_empty() => {
+                let rows = gpu.backend.gather_rows(x, &x_rows).map_err(err)?;
+                Some(HiddenLanding {
+                    pending: gpu.backend.download_tensor_async(rows).map_err(err)?,
+                    layer,
+                    parts,
+                })
+            }
+            _ => None,
+        };
         let ids: Vec<u32> = moves.iter().map(|m| m.0).collect();
         let pending = gpu
             .backend
@@ -1642,10 +1827,13 @@ impl KvCache {
         self.landing.push_back(Landing {
             pending,
             slots: moves.iter().map(|m| m.1).collect(),
+            hidden,
         });
         self.metrics.blocks_through_scratch += moves.len() as u64;
+        self.metrics.hidden_rows_through_scratch += x_rows.len() as u64;
         self.metrics.passes_through_scratch += 1;
-        self.metrics.bytes_gpu_to_host += (moves.len() * self.bpb) as u64;
+        self.metrics.bytes_gpu_to_host +=
+            (moves.len() * self.bpb + x_rows.len() * self.d_model * 4) as u64;
         self.scratch_pass = Some(ScratchPass {
             layer,
             seqs: seqs.iter().map(|s| s.0).collect(),

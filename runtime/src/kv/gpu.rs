@@ -318,6 +318,20 @@ impl GpuTier {
             .collect())
     }
 
+    /// Page-locks the arena chunks holding the first `bytes` of each of `slots` (those not yet),
+    /// ahead of the GPU's reads of them in place.
+    pub fn page_lock_slots(
+        &mut self,
+        host: &mut ArenaSlots,
+        slots: &[SlotId],
+        bytes: usize,
+    ) -> Result<(), KvError> {
+        for &slot in slots {
+            self.register_slot(host, slot, bytes)?;
+        }
+        Ok(())
+    }
+
     /// Records that the kernels enqueued so far read host slots in place: nothing writes,
     /// reuses or frees a host slot before they have run ([`GpuTier::settle_reads`]).
     pub fn mark_reads(&mut self) -> Result<(), KvError> {
