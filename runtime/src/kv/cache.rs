@@ -947,6 +947,18 @@ impl KvCache {
                 Vec::new()
             });
         }
+        // A block switching to hidden states gets one for each of its tokens, or the rows
+        // would land shifted.
+        let bt = self.g.block_tokens;
+        for (p, held) in h.parts.iter().zip(&before) {
+            let rows = held.len() / d + p.rows.len();
+            if p.slot.is_some() && rows != bt {
+                return Err(KvError::Gpu(format!(
+                    "{:?} in layer {layer}: hidden states of {rows} tokens for a block of {bt}",
+                    p.seq
+                )));
+            }
+        }
         let to_slots: Vec<SlotId> = h.parts.iter().filter_map(|p| p.slot).collect();
         let host = &mut self.host;
         let writable = &mut self.writable_hidden;
@@ -980,8 +992,7 @@ impl KvCache {
         if self.scratch_reads_host_slots()
             && let Some(gpu) = self.gpu.as_mut()
         {
-            let bytes = self.g.block_tokens * d * 4;
-            gpu.page_lock_slots(&mut self.host, &to_slots, bytes)?;
+            gpu.page_lock_slots(&mut self.host, &to_slots, bt * d * 4)?;
         }
         Ok(())
     }
