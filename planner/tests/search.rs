@@ -267,8 +267,12 @@ fn nothing_fits_names_the_short_tier() {
     assert!(err.to_string().contains("gpu memory is short by"), "{err}");
 }
 
+/// The search visits every policy of its space, so its time follows the space's size: about
+/// 5 million policies for the largest workloads, which `strata plan` searches in under a second
+/// (it prints the time; `bench/RESULTS.md`). A timed assertion here failed on a loaded
+/// two-core CI machine, so this bounds the size instead and prints the time.
 #[test]
-fn search_returns_in_under_a_second_for_big_models() {
+fn search_space_of_big_models_stays_under_six_million_policies() {
     for (m, w, b) in [
         (
             opt_175b(),
@@ -288,7 +292,12 @@ fn search_returns_in_under_a_second_for_big_models() {
             "{}: {} policies ({} feasible) in {elapsed:?}",
             m.name, plan.considered, plan.feasible
         );
-        assert!(elapsed.as_secs_f64() < 1.0, "{}: {elapsed:?}", m.name);
+        assert!(
+            plan.considered <= 6_000_000,
+            "{}: {} policies",
+            m.name,
+            plan.considered
+        );
     }
 }
 

@@ -1031,6 +1031,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
         host_bytes: a.host_mem.unwrap_or(profile.host_bytes),
         disk_bytes: a.disk_mem.unwrap_or(profile.disk_bytes),
     };
+    let searching = std::time::Instant::now();
     let plan = match &a.policy {
         Some(file) => {
             let policy = read_policy_file(file, &workload)?;
@@ -1057,6 +1058,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             &policy_exec::search_space(),
         )?,
     };
+    let search_s = searching.elapsed().as_secs_f64();
     if a.json {
         let out = serde_json::json!({
             "model": spec,
@@ -1073,6 +1075,7 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
             "alternatives": plan.alternatives,
             "considered": plan.considered,
             "feasible": plan.feasible,
+            "search_seconds": search_s,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -1230,8 +1233,10 @@ fn run_plan(a: &PlanArgs) -> anyhow::Result<()> {
     match &a.policy {
         Some(file) => println!("searched:   none (the policy in {file})"),
         None => println!(
-            "searched:   {} policies, {} within the budgets",
-            plan.considered, plan.feasible
+            "searched:   {} policies, {} within the budgets, in {:.0} ms",
+            plan.considered,
+            plan.feasible,
+            search_s * 1e3
         ),
     }
     if a.explain && a.policy.is_none() {

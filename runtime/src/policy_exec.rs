@@ -126,24 +126,36 @@ pub fn executable(p: &Policy, layers: usize) -> Result<Executable, String> {
 /// when they agree, or when only one tier holds cold KV (or recompute applies to the GPU tier's
 /// cold share only when all of it is there).
 fn recompute_share(p: &Policy) -> Result<f64, String> {
-    let holding: Vec<Tier> = Tier::ALL
+    if let Some(share) = one_recompute_share(p) {
+        return Ok(share);
+    }
+    let listed: Vec<String> = Tier::ALL
         .into_iter()
         .filter(|&t| p.kv.cold.get(t) > 0.0)
-        .collect();
-    let shares: Vec<f64> = holding.iter().map(|&t| p.recompute.get(t)).collect();
-    let first = shares.first().copied().unwrap_or(0.0);
-    if shares.iter().all(|&r| (r - first).abs() < 1e-9) {
-        return Ok(first);
-    }
-    let listed: Vec<String> = holding
-        .iter()
-        .map(|t| format!("recompute.{} = {}", t.name(), p.recompute.get(*t)))
+        .map(|t| format!("recompute.{} = {}", t.name(), p.recompute.get(t)))
         .collect();
     Err(format!(
         "{}: different recompute shares for tiers that all hold cold KV are not built yet (the \
          executor stores hidden states for one share of every cold block)",
         listed.join(", ")
     ))
+}
+
+/// The recompute share every tier holding cold KV agrees on (0 when none holds any), or `None`
+/// when they differ. Allocates nothing: the planner's search asks it of every policy.
+fn one_recompute_share(p: &Policy) -> Option<f64> {
+    let mut share: Option<f64> = None;
+    for t in Tier::ALL {
+        if p.kv.cold.get(t) > 0.0 {
+            let r = p.recompute.get(t);
+            match share {
+                Some(s) if (r - s).abs() >= 1e-9 => return None,
+                Some(_) => {}
+                None => share = Some(r),
+            }
+        }
+    }
+    Some(share.unwrap_or(0.0))
 }
 
 /// Whether this executor can run `p` on a model of spec `m`, and run it near its prediction:
@@ -161,7 +173,10 @@ pub fn runnable(p: &Policy, m: &ModelSpec) -> bool {
         let holds_kv = p.kv.cold.get(t) > 0.0 || (p.kv.hot_tier == t && p.kv.hot_window_tokens > 0);
         holds_kv && p.attention(t) != Attention::AttendNear
     });
-    executable(p, m.layers as usize).is_ok()
+    // `executable`'s refusals, checked without building its error messages: the search asks
+    // this of every policy it enumerates.
+    p.num_gpu_batches > 0
+        && one_recompute_share(p).is_some()
         && !fetches
         // Hidden states for recompute need a cache without a GPU KV tier, so a policy with
         // recompute runs only when it keeps none there (and then `generate` makes none).
@@ -570,6 +585,48 @@ mod tests {
         assert!(!runnable(&cold_gpu, &spec("opt-6.7b", 2)));
         hot_gpu.recompute.disk = 0.0;
         assert!(runnable(&hot_gpu, &spec("opt-6.7b", 2)));
+    }
+
+    /// `runnable` checks `executable`'s refusals without building its messages: over a grid of
+    /// cold-KV splits, recompute shares and GPU batch counts, the two agree.
+    #[test]
+    fn runnable_refuses_exactly_what_executable_refuses() {
+        let m = model_spec(
+            "opt-6.7b",
+            &crate::model::synthetic::config("opt-6.7b").unwrap(),
+        );
+        let splits = [
+            TierSplit::all_on(Tier::Host),
+            TierSplit::all_on(Tier::Disk),
+            TierSplit {
+                gpu: 0.0,
+                host: 0.5,
+                disk: 0.5,
+            },
+        ];
+        let shares = [0.0, 0.5, 1.0];
+        let (mut refused, mut taken) = (0, 0);
+        for cold in splits {
+            for (host, disk) in shares.iter().flat_map(|&h| shares.map(|d| (h, d))) {
+                for batches in [0, 1, 2] {
+                    let mut p = gpu_only();
+                    p.kv.cold = cold;
+                    p.kv.hot_tier = Tier::Host;
+                    p.kv.hot_window_tokens = 64;
+                    p.recompute.host = host;
+                    p.recompute.disk = disk;
+                    p.num_gpu_batches = batches;
+                    let ok = executable(&p, m.layers as usize).is_ok();
+                    assert_eq!(runnable(&p, &m), ok, "{p:?}");
+                    if ok {
+                        taken += 1;
+                    } else {
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > 0 && taken > 0, "{refused} refused, {taken} taken");
     }
 
     /// The workload of the tier-size tests: 4 prompts of 4000 tokens, 16 generated.
