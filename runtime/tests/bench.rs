@@ -428,6 +428,18 @@ fn a_tiny_bench_runs_every_policy_with_the_same_tokens_and_writes_its_reports() 
     );
 }
 
+/// Checks that a one-configuration bench with `--resume` succeeded and carried over `n` of its
+/// configuration; returns its output.
+fn carried(o: &Output, n: usize) -> String {
+    let out = text(o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("{n} of 1 configuration(s) carried over")),
+        "{out}"
+    );
+    out
+}
+
 fn ran_count(c: &Value) -> usize {
     c["runs"]
         .as_array()
@@ -702,13 +714,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     let a = report(&d, "a.json");
     assert_eq!(ran_count(&a["configs"][0]), 2);
 
-    let again = both(&["--json", "b.json", "--resume", "a.json"]);
-    let out = text(&again);
-    assert!(again.status.success(), "{out}");
-    assert!(
-        out.contains("1 of 1 configuration(s) carried over"),
-        "{out}"
-    );
+    let out = carried(&both(&["--json", "b.json", "--resume", "a.json"]), 1);
     assert!(
         !out.contains("done: prefill"),
         "a carried configuration ran again: {out}"
@@ -733,13 +739,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     partial["configs"][0]["runs"][1]["status"] = "not_run".into();
     partial["configs"][0]["runs"][1]["measured"] = Value::Null;
     std::fs::write(d.path("p.json"), partial.to_string()).unwrap();
-    let rerun = both(&["--json", "c.json", "--resume", "p.json"]);
-    let out = text(&rerun);
-    assert!(rerun.status.success(), "{out}");
-    assert!(
-        out.contains("0 of 1 configuration(s) carried over"),
-        "{out}"
-    );
+    carried(&both(&["--json", "c.json", "--resume", "p.json"]), 0);
     let c = report(&d, "c.json");
     assert_eq!(ran_count(&c["configs"][0]), 2, "both policies ran again");
     assert!(c["configs"][0]["carried_from"].is_null());
@@ -750,11 +750,7 @@ fn resume_carries_over_finished_configurations_and_reruns_the_rest() {
     let merged = both(&[
         "--batch", "2", "--json", "y.json", "--resume", "a.json", "--resume", "x.json",
     ]);
-    let out = text(&merged);
-    assert!(
-        out.contains("1 of 1 configuration(s) carried over"),
-        "{out}"
-    );
+    carried(&merged, 1);
     let y = report(&d, "y.json");
     assert!(
         y["configs"][0]["carried_from"]

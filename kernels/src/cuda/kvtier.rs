@@ -600,14 +600,20 @@ impl CudaBackend {
         } else {
             self.gather_blocks(op, pool, ids, pool.dtype())?
         };
-        let ready = be
-            .stream
-            .record_event(None)
-            .map_err(|e| device_err(op, e))?;
-        be.spill.wait(&ready).map_err(|e| device_err(op, e))?;
-        // The PendingDownload owns the gathered blocks until their copy has landed.
-        let mut p = be.download_words_on(&be.spill, op, &gathered, words)?;
-        p.device = Some(gathered);
+        self.download_owned_on_spill(op, gathered, words)
+    }
+
+    /// The first `words` words of `src`, which nothing else owns, down on the spill stream after
+    /// the compute stream's work so far; the download owns `src` until its copy has landed.
+    fn download_owned_on_spill(
+        &self,
+        op: &'static str,
+        src: CudaSlice<f32>,
+        words: usize,
+    ) -> Result<PendingDownload> {
+        let be = &self.inner;
+        let mut p = be.download_words_on(&be.spill, op, &src, words)?;
+        p.device = Some(src);
         Ok(p)
     }
 
@@ -617,18 +623,13 @@ impl CudaBackend {
     /// (a prompt pass's hidden states), without holding up the small-transfer stream. The
     /// download owns `t` until the copy has landed.
     pub fn download_tensor_async(&self, t: CudaTensor) -> Result<PendingDownload> {
-        let be = &self.inner;
         let op = "download_tensor";
         let words = t.rows * t.cols;
-        let src = be.buf(op, &t)?;
-        let ready = be
-            .stream
-            .record_event(None)
-            .map_err(|e| device_err(op, e))?;
-        be.spill.wait(&ready).map_err(|e| device_err(op, e))?;
-        let mut p = be.download_words_on(&be.spill, op, src, words)?;
-        p.device = t.data;
-        Ok(p)
+        self.inner.buf(op, &t)?;
+        let src = t
+            .data
+            .ok_or_else(|| device_err(op, "tensor has no storage"))?;
+        self.download_owned_on_spill(op, src, words)
     }
 
     /// A new device buffer holding pool blocks `ids` (non-empty, checked to be inside the pool)

@@ -169,8 +169,9 @@ impl Inner {
         self.timed_copy_on(&self.copy, op, dir, bytes, enqueue)
     }
 
-    /// Copies the first `words` f32 words of `src` into page-locked staging on `stream` (which
-    /// must already wait for their producer) and returns the pending download.
+    /// Copies the first `words` f32 words of `src` into page-locked staging on `stream`, ordered
+    /// after the compute stream's work so far (which produced them, and nothing enqueued
+    /// later), and returns the pending download.
     pub(crate) fn download_words_on(
         &self,
         stream: &CudaStream,
@@ -178,6 +179,11 @@ impl Inner {
         src: &CudaSlice<f32>,
         words: usize,
     ) -> Result<PendingDownload> {
+        let ready = self
+            .stream
+            .record_event(None)
+            .map_err(|e| device_err(op, e))?;
+        stream.wait(&ready).map_err(|e| device_err(op, e))?;
         // The staging buffer is taken out of the log while in use; a second download in flight
         // gets a buffer of its own.
         let mut host = self.take_download_staging(op)?;
@@ -188,7 +194,7 @@ impl Inner {
                     let (ptr, _sync) = src.device_ptr(s);
                     let dst = &mut buf.as_mut_slice().map_err(|e| device_err(op, e))?[..words];
                     // SAFETY: `src` holds at least `words` f32 (the caller's buffer), `dst` as
-                    // many; the copy is ordered after the producer by the caller's wait, and the
+                    // many; the copy is ordered after the producer by the wait above, and the
                     // staging buffer moves into the PendingDownload, which waits for the copy
                     // before it reads, reuses or frees it (the caller keeps `src` alive as long).
                     unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, s.cu_stream()) }
@@ -266,13 +272,7 @@ impl CudaBackend {
         let be = &self.inner;
         let op = "download";
         let src = be.buf(op, t)?;
-        let n = t.rows * t.cols;
-        let ready = be
-            .stream
-            .record_event(None)
-            .map_err(|e| device_err(op, e))?;
-        be.xfer.wait(&ready).map_err(|e| device_err(op, e))?;
-        be.download_words_on(&be.xfer, op, src, n)
+        be.download_words_on(&be.xfer, op, src, t.rows * t.cols)
     }
 
     /// Waits for a download started by [`CudaBackend::download_async`] and returns its values.

@@ -798,7 +798,8 @@ impl KvCache {
     }
 
     /// Collects the writable block's hidden states; when block `j` is full and chosen for
-    /// recompute, its slot switches from K and V to them.
+    /// recompute, its slot switches from K and V to them. Its callers have landed every prompt
+    /// pass first (`land_appends`), so a pass's hidden states are in the buffer already.
     fn keep_hidden(
         &mut self,
         seq: SeqId,
@@ -814,10 +815,6 @@ impl KvCache {
                 "recompute: the append of layer {layer} carried no hidden states of {d} values"
             )));
         };
-        if self.landing.iter().any(|l| l.hidden.is_some()) {
-            // A prompt pass's hidden states still coming down may extend this buffer first.
-            self.land()?;
-        }
         let buf = self.writable_hidden.entry((seq, layer)).or_default();
         if t == 0 {
             buf.clear();
@@ -963,25 +960,21 @@ impl KvCache {
         let host = &mut self.host;
         let writable = &mut self.writable_hidden;
         be.wait_download_with(h.pending, |x| {
-            let views = host.slots_f32_mut(&to_slots)?;
-            let mut jobs = Vec::with_capacity(views.len());
-            let mut views = views.into_iter();
-            for (p, held) in h.parts.iter().zip(before) {
+            // `to_slots` is the parts with a slot, in order: each takes the next view.
+            let mut views = host.slots_f32_mut(&to_slots)?.into_iter();
+            let mut jobs = Vec::with_capacity(to_slots.len());
+            for (p, mut held) in h.parts.iter().zip(before) {
                 let rows = &x[p.rows.start * d..p.rows.end * d];
-                match p.slot {
-                    Some(_) => jobs.push((views.next(), held, rows)),
-                    None => {
-                        let mut buf = held;
-                        buf.extend_from_slice(rows);
-                        writable.insert((p.seq, layer), buf);
-                    }
+                if p.slot.is_none() {
+                    held.extend_from_slice(rows);
+                    writable.insert((p.seq, layer), held);
+                } else if let Some(slot) = views.next() {
+                    jobs.push((slot, held, rows));
                 }
             }
             jobs.into_par_iter().for_each(|(slot, held, rows)| {
-                if let Some(slot) = slot {
-                    slot[..held.len()].copy_from_slice(&held);
-                    slot[held.len()..held.len() + rows.len()].copy_from_slice(rows);
-                }
+                slot[..held.len()].copy_from_slice(&held);
+                slot[held.len()..held.len() + rows.len()].copy_from_slice(rows);
             });
             Ok::<(), KvError>(())
         })
@@ -1722,8 +1715,9 @@ impl KvCache {
             .collect();
         let mut next_id = scratch.start + blocks.len() as u32;
         let mut row_slots = Vec::with_capacity(at.len());
-        // Blocks going down: (scratch id, host slot), and for each its sequence, index in the
-        // layer, whether it was the writable block before the pass, and the pass's rows in it.
+        // Blocks going down: (scratch id, host slot); with recompute, for each also its sequence,
+        // index in the layer, whether it was the writable block before the pass, and the
+        // pass's rows in it.
         let mut moves: Vec<(u32, SlotId)> = Vec::new();
         let mut moved: Vec<(SeqId, usize, bool, Vec<usize>)> = Vec::new();
         let mut move_of: HashMap<(SeqId, usize), usize> = HashMap::new();
@@ -1743,9 +1737,11 @@ impl KvCache {
                 });
                 index.insert((seq, start), blocks.len());
                 blocks.push((seq, next_id, start, 0));
-                move_of.insert((seq, start), moves.len());
+                if recompute {
+                    move_of.insert((seq, start), moves.len());
+                    moved.push((seq, layer_blocks.len() - 1, false, Vec::new()));
+                }
                 moves.push((next_id, slot));
-                moved.push((seq, layer_blocks.len() - 1, false, Vec::new()));
                 next_id += 1;
             }
             let i = *index.get(&(seq, start)).ok_or_else(|| {
@@ -1764,11 +1760,13 @@ impl KvCache {
             };
             if pos == first[&seq] && pos != start {
                 // The part-full tail goes down whole with the rows added to it.
-                move_of.insert((seq, start), moves.len());
+                if recompute {
+                    move_of.insert((seq, start), moves.len());
+                    moved.push((seq, j, true, Vec::new()));
+                }
                 moves.push((blocks[i].1, *slot));
-                moved.push((seq, j, true, Vec::new()));
             }
-            if let Some(&m) = move_of.get(&(seq, start)) {
+            if recompute && let Some(&m) = move_of.get(&(seq, start)) {
                 moved[m].3.push(r);
             }
             *filled += 1;
