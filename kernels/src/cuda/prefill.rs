@@ -12,7 +12,8 @@
 //! - **Rows.** [`DeviceQueryRows`]: `(sequence, position)` per query row, uploaded once per
 //!   forward call; a sequence's rows are consecutive and in increasing position (a prompt
 //!   chunk, which may start mid-sequence). Cut at upload into tiles of 64 and of 128 rows of one
-//!   sequence, ordered by decreasing last position (the heaviest tiles start first).
+//!   sequence, grouped by sequence (a sequence's K and V then stay in L2 across its tiles), the
+//!   heaviest sequence first and within one the heaviest tile first.
 //! - **Attention.** [`CudaBackend::prefill_attention`]: every row of `q: [rows, n_heads *
 //!   head_dim] f32` attends causally (key position <= row position) over its sequence's listed
 //!   blocks; GQA maps query head `h` to KV head `h / (n_heads / kv_heads)` (KV never
@@ -24,7 +25,8 @@
 //!   cores (wgmma, `prefill_hopper.cu`). Every other pool (f32, other head dims up to 256,
 //!   older GPUs): a generic kernel in f32 math.
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -336,7 +338,15 @@ fn cut_tiles(rows: &[(u32, u32)], size: usize) -> (usize, Vec<u32>) {
         ]);
         start = end;
     }
-    tiles.sort_by_key(|t| std::cmp::Reverse(t[4]));
+    // A sequence's tiles run next to each other, so that its K and V come from DRAM once and
+    // from L2 for the rest of its tiles; the heaviest sequence first, and within a sequence the
+    // heaviest tile first, so that the grid ends on light tiles.
+    let mut last_pos: HashMap<u32, u32> = HashMap::new();
+    for t in &tiles {
+        let p = last_pos.entry(t[2]).or_default();
+        *p = (*p).max(t[4]);
+    }
+    tiles.sort_by_key(|t| (Reverse(last_pos[&t[2]]), t[2], Reverse(t[4])));
     (tiles.len(), tiles.concat())
 }
 
@@ -723,5 +733,54 @@ impl CudaBackend {
         }
         let visible = (tokens * (tokens + 1) / 2) as f64;
         Ok(4.0 * width as f64 * visible / (best * 1e-3) / 1e12)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of sequences with these `(sequence, first position, rows)` chunks, in order.
+    fn rows_of(chunks: &[(u32, u32, u32)]) -> Vec<(u32, u32)> {
+        chunks
+            .iter()
+            .flat_map(|&(b, p0, n)| (p0..p0 + n).map(move |p| (b, p)))
+            .collect()
+    }
+
+    #[test]
+    fn tiles_run_sequence_by_sequence_heaviest_first() {
+        // Sequence 0: a 100-row chunk from position 0; sequence 1: 300 rows from 0; sequence 2:
+        // 64 rows from position 1000 (a later chunk of a long prompt).
+        let rows = rows_of(&[(0, 0, 100), (1, 0, 300), (2, 1000, 64)]);
+        let (n, data) = cut_tiles(&rows, 64);
+        let tiles: Vec<&[u32]> = data.chunks(TILE_WORDS).collect();
+        assert_eq!(n, 2 + 5 + 1);
+        let order: Vec<(u32, u32)> = tiles.iter().map(|t| (t[2], t[4])).collect();
+        assert_eq!(
+            order,
+            [
+                (2, 1063),
+                (1, 299),
+                (1, 255),
+                (1, 191),
+                (1, 127),
+                (1, 63),
+                (0, 99),
+                (0, 63)
+            ]
+        );
+        // Every row is in exactly one tile, and a tile's rows are its sequence's, consecutive.
+        let mut covered = vec![0; rows.len()];
+        for t in &tiles {
+            let (row0, nrows) = (t[0] as usize, t[1] as usize);
+            assert!((1..=64).contains(&nrows));
+            for r in row0..row0 + nrows {
+                covered[r] += 1;
+                assert_eq!(rows[r].0, t[2]);
+            }
+            assert_eq!((t[3], t[4]), (rows[row0].1, rows[row0 + nrows - 1].1));
+        }
+        assert!(covered.iter().all(|&c| c == 1));
     }
 }
