@@ -232,7 +232,11 @@ impl Case {
         if self.dtype != DType::F32 && [64, 128].contains(&self.g.head_dim) {
             k.extend([PrefillKernel::Mma64, PrefillKernel::Mma128]);
             if gpu.device_info().compute_capability == (9, 0) {
-                k.extend([PrefillKernel::Wgmma64, PrefillKernel::Wgmma128]);
+                k.extend([
+                    PrefillKernel::Wgmma64,
+                    PrefillKernel::Wgmma64K32,
+                    PrefillKernel::Wgmma128,
+                ]);
             }
         }
         k
@@ -628,6 +632,7 @@ fn prefill_rejects_bad_inputs() {
     for kernel in [
         PrefillKernel::Mma64,
         PrefillKernel::Wgmma64,
+        PrefillKernel::Wgmma64K32,
         PrefillKernel::Wgmma128,
     ] {
         assert!(
@@ -637,7 +642,11 @@ fn prefill_rejects_bad_inputs() {
     }
     // wgmma anywhere but Hopper.
     if gpu.device_info().compute_capability != (9, 0) {
-        for kernel in [PrefillKernel::Wgmma64, PrefillKernel::Wgmma128] {
+        for kernel in [
+            PrefillKernel::Wgmma64,
+            PrefillKernel::Wgmma64K32,
+            PrefillKernel::Wgmma128,
+        ] {
             assert!(
                 gpu.prefill_attention_with(pool, &tables, &q, &rows, 8, 0.125, kernel)
                     .is_err()

@@ -18,7 +18,7 @@
 //!
 //! `gpu-prefill [--reps 10] [--warmup 2] [--calls 3] [--shapes 64:512,16:2048,4:8192,1:16384]
 //! [--dtypes bf16,f16] [--kernels auto] [--block-tokens 32] [--json FILE]` (`--kernels` takes
-//! `auto`, `mma64`, `mma128`, `wgmma64` and `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU;
+//! `auto`, `mma64`, `mma128`, `wgmma64`, `wgmma64k32` and `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU;
 //! without one it says why and exits with status 2).
 
 use std::fmt::Write as _;
@@ -55,7 +55,7 @@ struct Args {
     /// Pool dtypes, comma-separated (bf16, f16).
     #[arg(long, default_value = "bf16,f16", value_delimiter = ',')]
     dtypes: Vec<String>,
-    /// Kernels, comma-separated: auto, mma64, mma128, wgmma64, wgmma128 (the wgmma kernels on
+    /// Kernels, comma-separated: auto, mma64, mma128, wgmma64, wgmma64k32, wgmma128 (the wgmma kernels on
     /// Hopper only), generic.
     #[arg(long, default_value = "auto", value_delimiter = ',')]
     kernels: Vec<String>,
@@ -107,10 +107,11 @@ fn parse_kernel(s: &str) -> Result<PrefillKernel, String> {
         "mma64" => Ok(PrefillKernel::Mma64),
         "mma128" => Ok(PrefillKernel::Mma128),
         "wgmma64" => Ok(PrefillKernel::Wgmma64),
+        "wgmma64k32" => Ok(PrefillKernel::Wgmma64K32),
         "wgmma128" => Ok(PrefillKernel::Wgmma128),
         "generic" => Ok(PrefillKernel::Generic),
         _ => Err(format!(
-            "kernel `{s}`: expected auto, mma64, mma128, wgmma64, wgmma128 or generic"
+            "kernel `{s}`: expected auto, mma64, mma128, wgmma64, wgmma64k32, wgmma128 or generic"
         )),
     }
 }
@@ -226,6 +227,7 @@ fn kernel_name(k: PrefillKernel) -> &'static str {
         PrefillKernel::Mma64 => "mma64",
         PrefillKernel::Mma128 => "mma128",
         PrefillKernel::Wgmma64 => "wgmma64",
+        PrefillKernel::Wgmma64K32 => "wgmma64k32",
         PrefillKernel::Wgmma128 => "wgmma128",
         PrefillKernel::Generic => "generic",
     }

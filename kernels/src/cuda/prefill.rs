@@ -51,7 +51,8 @@ const TILE_WORDS: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
     /// Where the pool allows the tensor-core kernel: on Hopper `Wgmma128`, or `Wgmma64` for
-    /// prompts of at most 512 tokens or when `Wgmma128` would not give every SM two CTAs;
+    /// prompts of at most 512 tokens or when `Wgmma128` would not give every SM two CTAs, and
+    /// `Wgmma64K32` for prompts of at most 512 tokens that make at least 8 waves of its CTAs;
     /// elsewhere `Mma128`, or `Mma64` in the second case; else the generic kernel.
     Auto,
     /// The tensor-core kernel, 64 query rows per CTA (4 warps of 16 rows, Q in registers).
@@ -64,6 +65,9 @@ pub enum PrefillKernel {
     /// warpgroup) and key tiles of 64, small enough for two CTAs per SM. Compute capability 9.0
     /// only.
     Wgmma64,
+    /// `Wgmma64` with key tiles of 32: fewer registers and half the shared memory, so three
+    /// CTAs share an SM. Compute capability 9.0 only.
+    Wgmma64K32,
     /// Hopper's warpgroup tensor cores: 128 query rows per CTA (two warpgroups of 64), key
     /// tiles of 128, the softmax of one key tile beside the tensor cores' product of the
     /// previous one; one CTA per SM. Compute capability 9.0 only.
@@ -205,13 +209,16 @@ fn mma_smem_bytes(head_dim: usize, rows: usize, q_in_regs: bool) -> usize {
 
 /// The wgmma kernel shapes (prefill_hopper.cu's `PW_KERNEL`s): (kernel, entry-point prefix,
 /// query rows per CTA, key slots per tile). A CTA runs a warpgroup (128 threads) per 64 rows.
-const WGMMA_SHAPES: [(PrefillKernel, &str, usize, usize); 2] = [
+const WGMMA_SHAPES: [(PrefillKernel, &str, usize, usize); 3] = [
     (PrefillKernel::Wgmma64, "wgmma64", 64, 64),
+    (PrefillKernel::Wgmma64K32, "wgmma64k32", 64, 32),
     (PrefillKernel::Wgmma128, "wgmma128", 128, 128),
 ];
 
 /// `Auto` takes `Wgmma64` for calls whose rows all sit below this position.
 const WGMMA64_MAX_POS: u32 = 512;
+/// ... and `Wgmma64K32` instead when its CTAs fill every SM (three each) this many times over.
+const WGMMA64K32_MIN_WAVES: usize = 8;
 
 /// Dynamic shared memory of the wgmma kernel: Q, K twice, V three times, three slot tables of
 /// rows and positions, and 1 KiB to align the swizzle atoms.
@@ -508,7 +515,12 @@ impl CudaBackend {
         // stores a large share of its time: on an H100, 2-17% faster up to 512-token prompts,
         // about even at 1K, 9-19% slower from 2K (`gpu-prefill`, bench/RESULTS.md).
         let short = rows.max_pos.is_some_and(|p| p < WGMMA64_MAX_POS);
+        // Wgmma64K32 (three CTAs per SM) wins on many short prompts, where each CTA waits on its
+        // loads and more CTAs in flight hide more of it: on an H100 6-10% faster than Wgmma64 at
+        // 16 and 64 × 512, level at 4 × 512, 15% slower at 1 × 512 (`gpu-prefill`).
+        let many = rows.tiles64.n * n_heads >= WGMMA64K32_MIN_WAVES * 3 * sms;
         match (has(PrefillKernel::Mma64), has(PrefillKernel::Mma128)) {
+            _ if short && many && has(PrefillKernel::Wgmma64K32) => PrefillKernel::Wgmma64K32,
             _ if (few || short) && has(PrefillKernel::Wgmma64) => PrefillKernel::Wgmma64,
             _ if has(PrefillKernel::Wgmma128) => PrefillKernel::Wgmma128,
             (true, _) if few => PrefillKernel::Mma64,

@@ -2,11 +2,13 @@
 // program is compiled for compute_90a there). Same inputs, outputs and tiles as prefill.cu's
 // kernels; this file only changes how a tile is computed.
 //
-// prefill_wgmma{128,64}_{dtype}_d{64,128}: one CTA per (tile of query rows, query head). wgmma128:
+// prefill_wgmma{128,64,64k32}_{dtype}_d{64,128}: one CTA per (tile of query rows, query head). wgmma128:
 // tiles of 128 rows, two warpgroups of 64, key tiles of BN = 128 slots, one CTA per SM (its
 // registers); wgmma64: one warpgroup, 64 rows, key tiles of 64, half the shared memory, so that
 // two CTAs share an SM and one's loads and stores run beside the other's products (short prompts,
-// where a CTA's first loads and last stores are a large part of its time). Key tiles are gathered
+// where a CTA's first loads and last stores are a large part of its time); wgmma64k32: wgmma64
+// with key tiles of 32, small enough in registers and shared memory for three CTAs per SM (many
+// short prompts, where more CTAs in flight hide more of each one's latency). Key tiles are gathered
 // from the listed blocks with cp.async (all threads) into shared memory in the layout wgmma
 // reads without a copy: each 64-element half of a row is a 128-byte line, lines XOR-swizzled in
 // 1024-byte atoms (the hardware's 128-byte swizzle), so Q and K are K-major operands and V an
@@ -34,7 +36,9 @@
 #define PW_D8(o)                                                                                   \
     "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]),                                    \
         "+f"(d[o + 4]), "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7])
-#define PW_D32(o) PW_D8(o), PW_D8(o + 8), PW_D8(o + 16), PW_D8(o + 24)
+#define PW_D16(o) PW_D8(o), PW_D8(o + 8)
+#define PW_D32(o) PW_D16(o), PW_D16(o + 16)
+#define PW_R16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define PW_R32                                                                                     \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                       \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -62,6 +66,14 @@
         : PW_D32(0)                                                                                \
         : "l"(da), "l"(db), "r"(acc));
 
+#define PW_SS_N32(TY)                                                                              \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" PW_R16                        \
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                                         \
+        : PW_D16(0)                                                                                \
+        : "l"(da), "l"(db), "r"(acc));
+
 #define PW_RS_N128(TY)                                                                             \
     asm volatile(                                                                                  \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
@@ -86,6 +98,10 @@
     __device__ __forceinline__ void pw_ss(float* d, u64 da, u64 db, u32 acc, const T*,        \
                                           int (*)[64]) {                                      \
         PW_SS_N64(TY)                                                                         \
+    }                                                                                         \
+    __device__ __forceinline__ void pw_ss(float* d, u64 da, u64 db, u32 acc, const T*,        \
+                                          int (*)[32]) {                                      \
+        PW_SS_N32(TY)                                                                         \
     }                                                                                         \
     __device__ __forceinline__ void pw_rs(float* d, const u32* a, u64 db, u32 acc, const T*,  \
                                           int (*)[128]) {                                     \
@@ -385,7 +401,8 @@ __device__ __forceinline__ void prefill_wgmma(
 #define PW_BODY(T, D, WGS, BN) __trap();
 #endif
 
-// MINB: CTAs per SM that the registers must allow (wgmma64 is meant to run two to an SM).
+// MINB: CTAs per SM that the registers must allow (wgmma64 is meant to run two to an SM,
+// wgmma64k32 three).
 #define PW_KERNEL(NAME, T, D, WGS, BN, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(128 * WGS, MINB) NAME(PF_TC_PARAMS(T)) { \
         PW_BODY(T, D, WGS, BN)                                                              \
@@ -399,3 +416,7 @@ PW_KERNEL(prefill_wgmma64_f16_d64, f16, 64, 1, 64, 2)
 PW_KERNEL(prefill_wgmma64_f16_d128, f16, 128, 1, 64, 2)
 PW_KERNEL(prefill_wgmma64_bf16_d64, bf16, 64, 1, 64, 2)
 PW_KERNEL(prefill_wgmma64_bf16_d128, bf16, 128, 1, 64, 2)
+PW_KERNEL(prefill_wgmma64k32_f16_d64, f16, 64, 1, 32, 3)
+PW_KERNEL(prefill_wgmma64k32_f16_d128, f16, 128, 1, 32, 3)
+PW_KERNEL(prefill_wgmma64k32_bf16_d64, bf16, 64, 1, 32, 3)
+PW_KERNEL(prefill_wgmma64k32_bf16_d128, bf16, 128, 1, 32, 3)
