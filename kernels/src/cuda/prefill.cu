@@ -109,42 +109,50 @@ __device__ __forceinline__ u32 pf_swz(u32 r, u32 ch) {
     return r * (D * 2) + ((ch ^ (r & 7u)) << 4);
 }
 
-// Q's f32 chunk `ch` (8 values) of the tile's row `r`, zero for a row past the tile (of
-// `nrows`); the tensor-core kernels here and in prefill_hopper.cu load Q so.
+// Q's f32 values 4 c .. 4 c + 3 of the tile's rows (row-major, D per row), zero for a row past
+// the tile (of `nrows`); the tensor-core kernels here and in prefill_hopper.cu load Q so. Thread
+// t takes c = t + i * threads: a warp's loads cover whole 32-byte sectors (two loads of one
+// thread's 8 consecutive values would each use half of every sector they touch).
 template <int D>
-__device__ __forceinline__ void pf_load_q8(float4 (&x)[2], const float* q, u32 r, u32 ch,
-                                           u32 row0, u32 nrows, u64 q_stride, u32 h) {
-    x[0] = x[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < nrows) {
-        const float* src = q + (row0 + r) * q_stride + h * D + ch * 8;
-        x[0] = *reinterpret_cast<const float4*>(src);
-        x[1] = *reinterpret_cast<const float4*>(src + 4);
-    }
+__device__ __forceinline__ float4 pf_load_q4(const float* q, u32 c, u32 row0, u32 nrows,
+                                             u64 q_stride, u32 h) {
+    const u32 r = c / (D / 4), c4 = c % (D / 4);
+    if (r >= nrows) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    return *reinterpret_cast<const float4*>(q + (row0 + r) * q_stride + h * D + 4 * c4);
 }
 
-// Those 8 values scaled and rounded to T, as the 16 bytes Q's shared copy holds.
+// Those 4 values scaled and rounded to T: the 8 bytes that Q's shared copy holds at byte
+// `((c % (D / 4)) & 1) * 8` of the 16-byte chunk `(c % (D / 4)) / 2` of row `c / (D / 4)`.
 template <typename T>
-__device__ __forceinline__ uint4 pf_pack_q8(const float4 (&x)[2], float scale, const T* t) {
-    uint4 v;
-    v.x = pf_pack(x[0].x * scale, x[0].y * scale, t);
-    v.y = pf_pack(x[0].z * scale, x[0].w * scale, t);
-    v.z = pf_pack(x[1].x * scale, x[1].y * scale, t);
-    v.w = pf_pack(x[1].z * scale, x[1].w * scale, t);
-    return v;
+__device__ __forceinline__ uint2 pf_pack_q4(float4 x, float scale, const T* t) {
+    return make_uint2(pf_pack(x.x * scale, x.y * scale, t), pf_pack(x.z * scale, x.w * scale, t));
+}
+
+// The number of entries of the increasing `starts[0 .. n)` that are at most `x`, by one warp
+// (every lane must call it, with the same arguments): each round the 32 lanes probe evenly
+// spaced entries at once, so a search over n entries waits for ceil(log32 n) loads, not log2 n.
+__device__ __forceinline__ u32 pf_count_at_most(const u32* starts, u32 n, u32 x) {
+    const u32 lane = threadIdx.x & 31u;
+    u32 lo = 0, hi = n;  // the count lies in [lo, hi]
+    while (lo < hi) {
+        const u32 step = (hi - lo + 31u) / 32u;
+        const u32 i = lo + lane * step;
+        const bool le = i < hi && starts[i] <= x;
+        const u32 k = __popc(__ballot_sync(0xffffffffu, le));  // the probes at most x: a prefix
+        if (k == 0) break;
+        const u32 next_lo = lo + (k - 1) * step + 1;
+        hi = min(hi, lo + k * step);
+        lo = next_lo;
+    }
+    return lo;
 }
 
 // Key slots of sequence b that a tile whose last row sits at `max_pos` reads: those of the
 // listed blocks (from `first`, `n_listed` of them) that start at or before max_pos (starts
-// increase), at most the sequence's `tokens`.
+// increase), at most the sequence's `tokens`. Called by whole warps (pf_count_at_most).
 __device__ __forceinline__ u32 pf_listed_slots(const u32* blk_starts, u32 first, u32 n_listed,
                                                u32 max_pos, u32 bt, u32 tokens) {
-    u32 lo = 0, hi = n_listed;
-    while (lo < hi) {
-        const u32 mid = (lo + hi) >> 1;
-        if (blk_starts[first + mid] <= max_pos) lo = mid + 1;
-        else hi = mid;
-    }
-    return min(lo * bt, tokens);
+    return min(pf_count_at_most(blk_starts + first, n_listed, max_pos) * bt, tokens);
 }
 
 // Key slot `s`'s position and K row in the pool (in rows of head_dim elements; its V row is
@@ -158,6 +166,34 @@ __device__ __forceinline__ void pf_slot(u32 s, u32 n_slots, const u32* blk_start
         const u32 e = s / bt, o = s - e * bt;
         kpos = blk_starts[first + e] + o;
         krow = (blk_ids[first + e] * 2 * kv_heads + kvh) * bt + o;
+    }
+}
+
+// The slots of key tiles 0 and 1 (slots `s` and `bn + s`, bounded by the listed blocks only),
+// looked up before the search for the tile's slot count ends, so that their loads wait beside
+// the search's instead of behind it; pf_first_slots_store then bounds them by that count into
+// slot buffers 0 and 1 (layout `[buf][bn]`).
+struct PfFirstSlots {
+    u32 kpos[2], krow[2];
+};
+__device__ __forceinline__ PfFirstSlots pf_first_slots_load(u32 s, u32 bn, u32 n_listed,
+                                                            const u32* blk_starts,
+                                                            const u32* blk_ids, u32 first, u32 bt,
+                                                            u32 kv_heads, u32 kvh) {
+    PfFirstSlots f;
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+        pf_slot(t * bn + s, n_listed * bt, blk_starts, blk_ids, first, bt, kv_heads, kvh,
+                f.kpos[t], f.krow[t]);
+    return f;
+}
+__device__ __forceinline__ void pf_first_slots_store(const PfFirstSlots& f, u32 s, u32 bn,
+                                                     u32 n_slots, u32* s_kpos, u32* s_krow) {
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        const bool in = t * bn + s < n_slots;
+        s_kpos[t * bn + s] = in ? f.kpos[t] : PF_NONE;
+        s_krow[t * bn + s] = in ? f.krow[t] : PF_NONE;
     }
 }
 
@@ -225,18 +261,16 @@ __device__ __forceinline__ void prefill_mma(
     const u32 kvh = h / (n_heads / kv_heads);
 
     // The loads that depend only on the tile go first, so that they are in flight during the
-    // chain of dependent loads below (tables, binary search, slot addresses): Q (f32; rows past
+    // chain of dependent loads below (tables, search, slot addresses): Q (f32; rows past
     // the tile are zero), the positions of this thread's rows (wr + 16 mt + g, and + 8; rows
     // past the tile take its last position, computed, never stored) and of the warp's first and
     // last rows.
-    constexpr int QCH = BM * CPR / THREADS;  // 16-byte chunks of Q (as T) per thread
+    constexpr int Q4 = BM * (D / 4) / THREADS;  // float4 of Q per thread
     const u64 q_stride = (u64)n_heads * D;
-    float4 qx[QCH][2];
+    float4 qx[Q4];
 #pragma unroll
-    for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * THREADS;
-        pf_load_q8<D>(qx[i], q, c / CPR, c % CPR, row0, nrows, q_stride, h);
-    }
+    for (int i = 0; i < Q4; i++)
+        qx[i] = pf_load_q4<D>(q, tid + i * THREADS, row0, nrows, q_stride, h);
     const u32 wr = warp * WR;
     const bool warp_rows = wr < nrows;
     const u32 last_row = nrows - 1;
@@ -249,9 +283,12 @@ __device__ __forceinline__ void prefill_mma(
     const u32 warp_min = row_pos[row0 + min(wr, last_row)];
     const u32 warp_max = row_pos[row0 + min(wr + WR - 1, last_row)];
 
-    const u32 first = seq_first[b];
-    const u32 n_slots =
-        pf_listed_slots(blk_starts, first, seq_first[b + 1] - first, max_pos, bt, seq_tokens[b]);
+    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
+    PfFirstSlots first_slots;
+    if (tid < PF_BN)
+        first_slots = pf_first_slots_load(tid, PF_BN, n_listed, blk_starts, blk_ids, first, bt,
+                                          kv_heads, kvh);
+    const u32 n_slots = pf_listed_slots(blk_starts, first, n_listed, max_pos, bt, seq_tokens[b]);
     const u32 n_ktiles = (n_slots + PF_BN - 1) / PF_BN;
     const u32 v_rows = kv_heads * bt;  // from a K row to its V row
 
@@ -281,8 +318,7 @@ __device__ __forceinline__ void prefill_mma(
     };
 
     // Key tile 0 is requested before Q is stored, so that its copy overlaps that work.
-    slot_info(0, 0);
-    slot_info(1, 1);
+    if (tid < PF_BN) pf_first_slots_store(first_slots, tid, PF_BN, n_slots, s_kpos, s_krow);
     __syncthreads();
     if (n_ktiles > 0) load_kv(0, base, 0);
     pf_cp_commit();
@@ -290,10 +326,10 @@ __device__ __forceinline__ void prefill_mma(
     pf_cp_commit();
     // Q, scaled and rounded to T (zero rows stay zero).
 #pragma unroll
-    for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * THREADS;
-        *reinterpret_cast<uint4*>(s_q + pf_swz<D>(c / CPR, c % CPR)) =
-            pf_pack_q8(qx[i], scale_log2, pool);
+    for (int i = 0; i < Q4; i++) {
+        const u32 c = tid + i * THREADS, c4 = c % (D / 4);
+        *reinterpret_cast<uint2*>(s_q + pf_swz<D>(c / (D / 4), c4 >> 1) + (c4 & 1u) * 8) =
+            pf_pack_q4(qx[i], scale_log2, pool);
     }
     __syncthreads();
 

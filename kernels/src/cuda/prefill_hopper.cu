@@ -29,6 +29,7 @@
 #define PW_KSTAGES 2
 #define PW_VSTAGES 3
 #define PW_INFO 3  // slot tables in flight: the tile computed, the one gathered, the next
+#define PW_PREFETCH_KEYS 2048  // keys a CTA attends at most for it to prefetch the next Q
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -162,8 +163,9 @@ __device__ __forceinline__ float pw_tree(float* t) {
     return PwTree<MAX, N / 2>::run(t);
 }
 
-// WGS warpgroups of 64 query rows; key tiles of BN slots.
-template <typename T, int D, int WGS, int BN>
+// WGS warpgroups of 64 query rows; key tiles of BN slots; RES CTAs resident per SM (1: the
+// next CTA's Q is prefetched).
+template <typename T, int D, int WGS, int BN, int RES>
 __device__ __forceinline__ void prefill_wgmma(
     float* __restrict__ out_o, float* __restrict__ out_lse, const float* __restrict__ q,
     const T* __restrict__ pool, const u32* __restrict__ tiles, const u32* __restrict__ row_pos,
@@ -197,17 +199,33 @@ __device__ __forceinline__ void prefill_wgmma(
     const u32 row0 = td.x, nrows = td.y, b = td.z;
     const u32 max_pos = tiles[8 * (u64)tile + 4];
     const u32 kvh = h / (n_heads / kv_heads);
+    // With one CTA per SM, nothing hides a CTA's first loads: the Q rows of the CTA that starts
+    // about when this one ends (a wave later: %nsmid SMs on) are asked into L2 during this
+    // CTA's last key tile, so that its loads find them there instead of waiting on DRAM (a
+    // guess that costs only bandwidth when wrong). Only for CTAs of at most PW_PREFETCH_KEYS
+    // keys: longer ones end too unevenly for the guess (on an H100 the prefetch took 32 x 1K
+    // from 265 to 277 TFLOP/s and cost 4 x 8K 4%).
+    u32 next_row0 = 0, next_rows = 0, next = 0;
+    if (RES == 1) {
+        u32 nsm;
+        asm("mov.u32 %0, %%nsmid;" : "=r"(nsm));
+        next = blockIdx.x + nsm;
+        if (next < gridDim.x) {
+            const uint2 nt = reinterpret_cast<const uint2*>(tiles)[4 * (u64)(next / n_heads)];
+            next_row0 = nt.x;
+            next_rows = nt.y;
+        }
+    }
+    const float* next_q = q + (u64)(next % n_heads) * D;
 
     // Q first (f32; rows past the tile are zero), so that it is in flight during the dependent
     // loads below.
-    constexpr int QCH = BM * CPR / THREADS;
+    constexpr int Q4 = BM * (D / 4) / THREADS;  // float4 of Q per thread
     const u64 q_stride = (u64)n_heads * D;
-    float4 qx[QCH][2];
+    float4 qx[Q4];
 #pragma unroll
-    for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * THREADS;
-        pf_load_q8<D>(qx[i], q, c / CPR, c % CPR, row0, nrows, q_stride, h);
-    }
+    for (int i = 0; i < Q4; i++)
+        qx[i] = pf_load_q4<D>(q, tid + i * THREADS, row0, nrows, q_stride, h);
     // This thread's rows: wr + 16 wi + g and + 8 (rows past the tile take its last position).
     const u32 wr = wg * 64;
     const u32 last_row = nrows - 1;
@@ -215,9 +233,12 @@ __device__ __forceinline__ void prefill_wgmma(
     const u32 pos1 = row_pos[row0 + min(wr + 16 * wi + g + 8, last_row)];
     const u32 warp_min = row_pos[row0 + min(wr + 16 * wi, last_row)];
 
-    const u32 first = seq_first[b];
-    const u32 n_slots =
-        pf_listed_slots(blk_starts, first, seq_first[b + 1] - first, max_pos, bt, seq_tokens[b]);
+    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
+    PfFirstSlots first_slots;
+    if (tid < BN)
+        first_slots = pf_first_slots_load(tid, BN, n_listed, blk_starts, blk_ids, first, bt,
+                                          kv_heads, kvh);
+    const u32 n_slots = pf_listed_slots(blk_starts, first, n_listed, max_pos, bt, seq_tokens[b]);
     // Broadcast from lane 0: the compiler then knows that the loop's branches do not diverge
     // inside a warp, and keeps wgmma asynchronous across them.
     const u32 n_ktiles = __shfl_sync(0xffffffffu, (n_slots + BN - 1) / BN, 0);
@@ -253,16 +274,16 @@ __device__ __forceinline__ void prefill_wgmma(
         pf_cp_commit();
     };
 
-    slot_info(0);
-    slot_info(1);
+    static_assert(PW_INFO >= 2, "key tiles 0 and 1 take slot buffers 0 and 1");
+    if (tid < BN) pf_first_slots_store(first_slots, tid, BN, n_slots, s_kpos, s_krow);
     __syncthreads();
     if (n_ktiles > 0) load_kv(0);
     // Q, scaled and rounded to T (zero rows stay zero).
 #pragma unroll
-    for (int i = 0; i < QCH; i++) {
-        const u32 c = tid + i * THREADS;
-        *reinterpret_cast<uint4*>(smem + pw_swz<BM>(c / CPR, c % CPR)) =
-            pf_pack_q8(qx[i], scale_log2, pool);
+    for (int i = 0; i < Q4; i++) {
+        const u32 c = tid + i * THREADS, c4 = c % (D / 4);
+        *reinterpret_cast<uint2*>(smem + pw_swz<BM>(c / (D / 4), c4 >> 1) + (c4 & 1u) * 8) =
+            pf_pack_q4(qx[i], scale_log2, pool);
     }
 
     // Accumulator layout (per warp, as mma.sync's m16n8): element 4 n + e of S or O is row
@@ -290,6 +311,12 @@ __device__ __forceinline__ void prefill_wgmma(
         __syncthreads();
         if (j + 1 < n_ktiles) load_kv(j + 1);
         if (j + 2 < n_ktiles) slot_info(j + 2);
+        if (RES == 1 && j + 1 == n_ktiles && n_ktiles * BN <= PW_PREFETCH_KEYS) {
+            constexpr u32 LINES = D * 4 / 128;  // 128-byte lines of an f32 Q row
+            for (u32 i = tid; i < next_rows * LINES; i += THREADS)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(
+                    next_q + (u64)(next_row0 + i / LINES) * q_stride + (i % LINES) * 32));
+        }
 
         // Every warpgroup computes every key tile: with prompts aligned to 128 tokens every key
         // tile of a query tile reaches both of its halves, and a skipped tile would put wgmma
@@ -395,17 +422,17 @@ __device__ __forceinline__ void prefill_wgmma(
     }
 }
 
-#define PW_BODY(T, D, WGS, BN) prefill_wgmma<T, D, WGS, BN>(PF_TC_ARGS);
+#define PW_BODY(T, D, WGS, BN, RES) prefill_wgmma<T, D, WGS, BN, RES>(PF_TC_ARGS);
 #else
 // Not compiled for sm_90a: the host never launches these (see prefill.rs).
-#define PW_BODY(T, D, WGS, BN) __trap();
+#define PW_BODY(T, D, WGS, BN, RES) __trap();
 #endif
 
 // MINB: CTAs per SM that the registers must allow (wgmma64 is meant to run two to an SM,
 // wgmma64k32 three).
 #define PW_KERNEL(NAME, T, D, WGS, BN, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(128 * WGS, MINB) NAME(PF_TC_PARAMS(T)) { \
-        PW_BODY(T, D, WGS, BN)                                                              \
+        PW_BODY(T, D, WGS, BN, MINB)                                                        \
     }
 
 PW_KERNEL(prefill_wgmma128_f16_d64, f16, 64, 2, 128, 1)
