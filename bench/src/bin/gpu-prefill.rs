@@ -18,8 +18,8 @@
 //!
 //! `gpu-prefill [--reps 10] [--warmup 2] [--calls 3] [--shapes 64:512,16:2048,4:8192,1:16384]
 //! [--dtypes bf16,f16] [--kernels auto] [--block-tokens 32] [--json FILE]` (`--kernels` takes
-//! `auto`, `mma64`, `mma128`, `wgmma64`, `wgmma64k32` and `wgmma128` (Hopper), `generic`; needs an NVIDIA GPU;
-//! without one it says why and exits with status 2).
+//! `auto`, `mma64`, `mma128`, `wgmma64`, `wgmma64k32` and `wgmma128` (Hopper), `generic`;
+//! needs an NVIDIA GPU; without one it says why and exits with status 2).
 
 use std::fmt::Write as _;
 
@@ -55,8 +55,8 @@ struct Args {
     /// Pool dtypes, comma-separated (bf16, f16).
     #[arg(long, default_value = "bf16,f16", value_delimiter = ',')]
     dtypes: Vec<String>,
-    /// Kernels, comma-separated: auto, mma64, mma128, wgmma64, wgmma64k32, wgmma128 (the wgmma kernels on
-    /// Hopper only), generic.
+    /// Kernels, comma-separated: auto, mma64, mma128, wgmma64, wgmma64k32, wgmma128 (the wgmma
+    /// kernels on Hopper only), generic.
     #[arg(long, default_value = "auto", value_delimiter = ',')]
     kernels: Vec<String>,
     /// Tokens per KV block.

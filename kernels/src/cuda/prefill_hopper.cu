@@ -2,17 +2,17 @@
 // program is compiled for compute_90a there). Same inputs, outputs and tiles as prefill.cu's
 // kernels; this file only changes how a tile is computed.
 //
-// prefill_wgmma{128,64,64k32}_{dtype}_d{64,128}: one CTA per (tile of query rows, query head). wgmma128:
-// tiles of 128 rows, two warpgroups of 64, key tiles of BN = 128 slots, one CTA per SM (its
-// registers); wgmma64: one warpgroup, 64 rows, key tiles of 64, half the shared memory, so that
-// two CTAs share an SM and one's loads and stores run beside the other's products (short prompts,
-// where a CTA's first loads and last stores are a large part of its time); wgmma64k32: wgmma64
-// with key tiles of 32, small enough in registers and shared memory for three CTAs per SM (many
-// short prompts, where more CTAs in flight hide more of each one's latency). Key tiles are gathered
-// from the listed blocks with cp.async (all threads) into shared memory in the layout wgmma
-// reads without a copy: each 64-element half of a row is a 128-byte line, lines XOR-swizzled in
-// 1024-byte atoms (the hardware's 128-byte swizzle), so Q and K are K-major operands and V an
-// MN-major one (transposed by the instruction). Per key tile j, a warpgroup:
+// prefill_wgmma{128,64,64k32}_{dtype}_d{64,128}: one CTA per (tile of query rows, query head).
+// wgmma128: tiles of 128 rows, two warpgroups of 64, key tiles of BN = 128 slots, one CTA per SM
+// (its registers); wgmma64: one warpgroup, 64 rows, key tiles of 64, half the shared memory, so
+// that two CTAs share an SM and one's loads and stores run beside the other's products (short
+// prompts, where a CTA's first loads and last stores are a large part of its time); wgmma64k32:
+// wgmma64 with key tiles of 32, small enough in registers and shared memory for three CTAs per SM
+// (many short prompts, where more CTAs in flight hide more of each one's latency). Key tiles are
+// gathered from the listed blocks with cp.async (all threads) into shared memory in the layout
+// wgmma reads without a copy: each 64-element half of a row is a 128-byte line, lines
+// XOR-swizzled in 1024-byte atoms (the hardware's 128-byte swizzle), so Q and K are K-major
+// operands and V an MN-major one (transposed by the instruction). Per key tile j, a warpgroup:
 //   1. issues S = Q K_j^T (m64nBN, both operands in shared memory) and, behind it,
 //      O += P_{j-1} V_{j-1} (m64nD, P from registers) for the previous tile;
 //   2. waits for S only, and runs the masking and the online softmax of tile j on the CUDA cores
