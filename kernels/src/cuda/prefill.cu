@@ -169,23 +169,35 @@ __device__ __forceinline__ void pf_slot(u32 s, u32 n_slots, const u32* blk_start
     }
 }
 
-// The slots of key tiles 0 and 1 (slots `s` and `bn + s`, bounded by the listed blocks only),
-// looked up before the search for the tile's slot count ends, so that their loads wait beside
-// the search's instead of behind it; pf_first_slots_store then bounds them by that count into
-// slot buffers 0 and 1 (layout `[buf][bn]`).
+// What a CTA's key tiles cover, for a tile of sequence `b` whose last row sits at `max_pos`:
+// the sequence's first listed entry, the key slots the tile reads (pf_listed_slots; every
+// thread must call this), and, for threads s = tid < bn, the slots of key tiles 0 and 1
+// (slots s and bn + s, bounded by the listed blocks only). Those are looked up before the
+// search ends, so that their loads wait beside the search's instead of behind it;
+// pf_first_slots_store then bounds them by the slot count into slot buffers 0 and 1 (layout
+// `[buf][bn]`).
 struct PfFirstSlots {
     u32 kpos[2], krow[2];
 };
-__device__ __forceinline__ PfFirstSlots pf_first_slots_load(u32 s, u32 bn, u32 n_listed,
-                                                            const u32* blk_starts,
-                                                            const u32* blk_ids, u32 first, u32 bt,
-                                                            u32 kv_heads, u32 kvh) {
-    PfFirstSlots f;
+struct PfTileKeys {
+    u32 first, n_slots;
+    PfFirstSlots slots;
+};
+__device__ __forceinline__ PfTileKeys pf_tile_keys(u32 tid, u32 bn, u32 b, u32 max_pos,
+                                                   const u32* seq_first, const u32* seq_tokens,
+                                                   const u32* blk_starts, const u32* blk_ids,
+                                                   u32 bt, u32 kv_heads, u32 kvh) {
+    PfTileKeys k;
+    k.first = seq_first[b];
+    const u32 n_listed = seq_first[b + 1] - k.first;
+    if (tid < bn) {
 #pragma unroll
-    for (int t = 0; t < 2; t++)
-        pf_slot(t * bn + s, n_listed * bt, blk_starts, blk_ids, first, bt, kv_heads, kvh,
-                f.kpos[t], f.krow[t]);
-    return f;
+        for (int t = 0; t < 2; t++)
+            pf_slot(t * bn + tid, n_listed * bt, blk_starts, blk_ids, k.first, bt, kv_heads, kvh,
+                    k.slots.kpos[t], k.slots.krow[t]);
+    }
+    k.n_slots = pf_listed_slots(blk_starts, k.first, n_listed, max_pos, bt, seq_tokens[b]);
+    return k;
 }
 __device__ __forceinline__ void pf_first_slots_store(const PfFirstSlots& f, u32 s, u32 bn,
                                                      u32 n_slots, u32* s_kpos, u32* s_krow) {
@@ -283,12 +295,9 @@ __device__ __forceinline__ void prefill_mma(
     const u32 warp_min = row_pos[row0 + min(wr, last_row)];
     const u32 warp_max = row_pos[row0 + min(wr + WR - 1, last_row)];
 
-    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
-    PfFirstSlots first_slots;
-    if (tid < PF_BN)
-        first_slots = pf_first_slots_load(tid, PF_BN, n_listed, blk_starts, blk_ids, first, bt,
-                                          kv_heads, kvh);
-    const u32 n_slots = pf_listed_slots(blk_starts, first, n_listed, max_pos, bt, seq_tokens[b]);
+    const PfTileKeys keys = pf_tile_keys(tid, PF_BN, b, max_pos, seq_first, seq_tokens,
+                                         blk_starts, blk_ids, bt, kv_heads, kvh);
+    const u32 first = keys.first, n_slots = keys.n_slots;
     const u32 n_ktiles = (n_slots + PF_BN - 1) / PF_BN;
     const u32 v_rows = kv_heads * bt;  // from a K row to its V row
 
@@ -318,7 +327,7 @@ __device__ __forceinline__ void prefill_mma(
     };
 
     // Key tile 0 is requested before Q is stored, so that its copy overlaps that work.
-    if (tid < PF_BN) pf_first_slots_store(first_slots, tid, PF_BN, n_slots, s_kpos, s_krow);
+    if (tid < PF_BN) pf_first_slots_store(keys.slots, tid, PF_BN, n_slots, s_kpos, s_krow);
     __syncthreads();
     if (n_ktiles > 0) load_kv(0, base, 0);
     pf_cp_commit();

@@ -233,12 +233,9 @@ __device__ __forceinline__ void prefill_wgmma(
     const u32 pos1 = row_pos[row0 + min(wr + 16 * wi + g + 8, last_row)];
     const u32 warp_min = row_pos[row0 + min(wr + 16 * wi, last_row)];
 
-    const u32 first = seq_first[b], n_listed = seq_first[b + 1] - first;
-    PfFirstSlots first_slots;
-    if (tid < BN)
-        first_slots = pf_first_slots_load(tid, BN, n_listed, blk_starts, blk_ids, first, bt,
-                                          kv_heads, kvh);
-    const u32 n_slots = pf_listed_slots(blk_starts, first, n_listed, max_pos, bt, seq_tokens[b]);
+    const PfTileKeys keys = pf_tile_keys(tid, BN, b, max_pos, seq_first, seq_tokens, blk_starts,
+                                         blk_ids, bt, kv_heads, kvh);
+    const u32 first = keys.first, n_slots = keys.n_slots;
     // Broadcast from lane 0: the compiler then knows that the loop's branches do not diverge
     // inside a warp, and keeps wgmma asynchronous across them.
     const u32 n_ktiles = __shfl_sync(0xffffffffu, (n_slots + BN - 1) / BN, 0);
@@ -275,7 +272,7 @@ __device__ __forceinline__ void prefill_wgmma(
     };
 
     static_assert(PW_INFO >= 2, "key tiles 0 and 1 take slot buffers 0 and 1");
-    if (tid < BN) pf_first_slots_store(first_slots, tid, BN, n_slots, s_kpos, s_krow);
+    if (tid < BN) pf_first_slots_store(keys.slots, tid, BN, n_slots, s_kpos, s_krow);
     __syncthreads();
     if (n_ktiles > 0) load_kv(0);
     // Q, scaled and rounded to T (zero rows stay zero).
